@@ -25,6 +25,12 @@
   objects unsaved (as 0.7 did), and waiting on them polled jobs without ids for ever (until the
   timeout, if any). It now raises at once (``as_completed()`` at the call, not at the first
   ``next()``), as ``done()`` does, saying what to wait on instead.
+- ``Site("n", "/p")``, ``BatchJob(2, 10, "mpi", ...)``, ``Session(site_id)``: 0.7's constructors took
+  the positionals its ``create()`` did; they said ``BalsamModel.__init__() takes 1 positional
+  argument``. The 0.x job hint: ``--url-in URL`` printed ``-s SLOT=ALIAS:/path URL`` (a line that
+  exits 2), a repeated ``--args`` gave both, ``--args --yes`` took ``--yes`` as the value, an empty
+  ``--args`` gave the program one empty argument, ``--application say-hello`` named no class the
+  app hint writes (``sayhello``).
 """
 
 from __future__ import annotations
@@ -111,7 +117,7 @@ def test_objects_create_takes_the_fields_0_7_required_positionally_in_its_order(
             stored.queue) == (2, 10, "mpi", site.id, "proj", "debug")
     # 0.7's third positional of Job is not known for sure: refused, naming the keywords; nothing created.
     with pytest.raises(TypeError, match=r"^Job\.objects\.create\(\) takes at most 2 positional field\(s\): "
-                                        r"workdir, app_id \(those Balsam 0\.7 required, in its order\); got 3: give "
+                                        r"workdir, app_id \(those Balsam 0\.7 took first, in its order\); got 3: give "
                                         r"the others by keyword \(site_name=\.\.\., parameters=\.\.\., .*tags=\.\.\."):
         Job.objects.create("w/3", hello.__app_id__, {"k": "v"})
     with pytest.raises(TypeError, match=r"^Site\.objects\.create\(\) got name both positionally and by keyword$"):
@@ -120,6 +126,84 @@ def test_objects_create_takes_the_fields_0_7_required_positionally_in_its_order(
     # The model that cannot be created says so first.
     with pytest.raises(TypeError, match=r"^EventLog records are created by the server, not by the API$"):
         EventLog.objects.create(1)
+
+
+def test_model_constructors_take_the_positionals_create_takes(tmp_path: Path) -> None:
+    """0.7's generated ``__init__`` took the fields its ``create()`` did (no server needed)."""
+    from balsam.api import BatchJob, Job, Site
+    from balsam._api.models import Session
+
+    assert (Site("n", str(tmp_path)).name, Site("n", str(tmp_path)).path) == ("n", tmp_path)
+    batch = BatchJob(2, 10, "mpi", 1, "proj", "q")
+    assert (batch.num_nodes, batch.wall_time_min, batch.job_mode, batch.site_id, batch.project, batch.queue) == (
+        2, 10, "mpi", 1, "proj", "q")
+    assert (Session(1).site_id, Session(1, 7).batch_job_id) == (1, 7)
+    with pytest.raises(TypeError, match=r"^Session\(\) takes at most 2 positional field\(s\): site_id, batch_job_id "
+                                        r"\(those Balsam 0\.7 took first, in its order\); got 3$"):
+        Session(1, 2, 3)
+    with pytest.raises(TypeError, match=r"^Site\(\) got name both positionally and by keyword$"):
+        Site("a", name="b")
+    # Job keeps its own constructor; its third positional is refused the same way, naming Job(). The
+    # keywords offered are a user's, not the launcher's (serialized_*, state, return_code, ...).
+    with pytest.raises(TypeError, match=r"^Job\(\) takes at most 2 positional field\(s\): workdir, app_id .*"
+                                        r"\(site_name=\.\.\., parameters=\.\.\., transfers=\.\.\., data=") as refused:
+        Job("w", 1, {"k": "v"})
+    for internal in ("serialized_", "state=", "return_code=", "batch_job_id=", "pending_file_cleanup="):
+        assert internal not in str(refused.value)
+    with pytest.raises(TypeError, match=r"^BatchJob\(\) takes at most 6 .*\(filter_tags=\.\.\., optional_params=\.\.\., "
+                                        r"partitions=\.\.\.\)$"):
+        BatchJob(2, 10, "mpi", 1, "proj", "q", "x")
+
+
+def test_app_and_session_objects_create_take_0_7_positionals(site: Any, hello: Any) -> None:
+    from balsam.api import BatchJob
+    from balsam._api.models import App, Session
+
+    stored = App.objects.get(id=hello.__app_id__)
+    app = App.objects.create(site.id, "Other", stored.serialized_class, stored.source_code)
+    assert (App.objects.get(id=app.id).name, App.objects.get(id=app.id).site_id) == ("Other", site.id)
+    batch = BatchJob.objects.create(1, 5, "mpi", site.id, "proj", "debug")
+    session = Session.objects.create(site.id, batch.id)
+    assert (session.site_id, session.batch_job_id) == (site.id, batch.id)
+    session.delete()
+
+
+def test_0x_job_hint_options_translate_as_0x_argparse_read_them(site: Any) -> None:
+    """The app hint without --executable, then a job hint with a name that is no identifier, a
+    repeated --args (the last counts), a stage-in URL (a note: the line still runs) and a value
+    that looks like an option (no value: argparse refused it)."""
+    from balsam.api import ApplicationDefinition, Job
+
+    app_hint = _balsam("app", "--name", "say-hello")
+    assert "class sayhello(ApplicationDefinition):" in app_hint.output, app_hint.output
+    assert "command_template = 'my-program {{ args }}'" in app_hint.output, app_hint.output
+    job_hint = _balsam("job", "--name", "st", "--application", "say-hello", "--args", "a b", "--url-in",
+                       "globus://ep/in.dat", "--args", "c", "--yes")
+    line = _hint_line(job_hint.output)
+    assert line == "balsam job create -w st -a sayhello -p args=c -y", job_hint.output
+    assert ("Note: stage-in is `-s SLOT=ALIAS:/path`: the app's transfer slot and an alias of the site's "
+            "transfer_locations (docs/transfers.md); the 0.x URL given: globus://ep/in.dat") in job_hint.output
+    site_name = site.name
+
+    class sayhello(ApplicationDefinition):  # noqa: N801 (the name the hint writes)
+        site = site_name
+        command_template = "printf [%s] {{ args }}"
+
+    sayhello.sync()
+    created = _balsam(*shlex.split(line)[1:], "--site", site.name)
+    assert created.exit_code == 0, (line, created.output)
+    assert Job.objects.get(workdir__contains="st", site_id=site.id).get_parameters() == {"args": "c"}
+
+    refused = _balsam("job", "--name", "n", "--application", "A", "--args", "--yes")
+    assert _hint_line(refused.output) == "balsam job create -w n -a A -y", refused.output
+    assert ("(no value for --args: 0.x refused this line too, \"expected one argument\"; a value that starts "
+            "with - is given as --args=VALUE)") in refused.output
+    # An empty --args gave the program no argument: no -p args (which would give it one, '').
+    empty = _balsam("job", "--name", "e", "--application", "A", "--args", "  ", "--yes")
+    assert _hint_line(empty.output) == "balsam job create -w e -a A -y", empty.output
+    assert "--args is empty: no -p args; the app's command_template must not contain `{{ args }}`" in empty.output
+    shell = _balsam("job", "--name", "v", "--application", "A", "--args", "$HOME/in.dat")
+    assert "A -p value is passed literally: $VARIABLES, globs and ; | & in it are not expanded" in shell.output
 
 
 def test_the_0x_readme_lines_get_hints_that_work_together(site: Any) -> None:

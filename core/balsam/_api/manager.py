@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Optional, Sequence, TypeVar
 
@@ -68,39 +67,17 @@ class Manager(Generic[T]):
 
     # ------------------------------------------------------------------ writes
     def create(self, *args: Any, **kwargs: Any) -> T:
-        """Build and save a record from keyword fields. Positional ones are the fields Balsam 0.7's
-        generated ``create()`` took first, the ones it required, in its order (``_create_positional``
-        of the model: ``Job.objects.create(workdir, app_id, ...)``); the order of its optional ones
-        is not known here, so more positionals are a TypeError naming the keywords, never a value
-        bound to a field it was not meant for."""
+        """Build and save a record. Positional fields are those the model's constructor takes
+        positionally (``_create_positional``: Balsam 0.7's order, ``Job.objects.create(workdir,
+        app_id, ...)``); they are bound here so that an error names this call."""
         model = self._model
         if not model._creatable:  # before the positionals: their error would hide this one
             raise TypeError(f"{model.__name__} records are created by the server, not by the API")
         if args:
-            kwargs = self._positional_fields(args, kwargs)
+            kwargs = model._positional_fields(args, kwargs, f"{model.__name__}.objects.create()")
         obj = model(**kwargs)
         obj.save()
         return obj
-
-    def _positional_fields(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        model = self._model
-        name = model.__name__
-        order: tuple[str, ...] = getattr(model, "_create_positional", ())
-        if len(args) > len(order):
-            # The constructor's keyword-only names too (Job's site_name, parameters).
-            own = [p.name for p in inspect.signature(model.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
-            keywords = ", ".join(f"{k}=..." for k in dict.fromkeys([*own, *sorted(model._create_fields)]) if k not in order)
-            if order:
-                raise TypeError(
-                    f"{name}.objects.create() takes at most {len(order)} positional field(s): {', '.join(order)} "
-                    f"(those Balsam 0.7 required, in its order); got {len(args)}: give the others by keyword "
-                    f"({keywords})")
-            raise TypeError(f"{name}.objects.create() takes keyword fields ({keywords})")
-        fields = dict(zip(order, args))
-        both = sorted(set(fields) & set(kwargs))
-        if both:
-            raise TypeError(f"{name}.objects.create() got {', '.join(both)} both positionally and by keyword")
-        return {**fields, **kwargs}
 
     def bulk_create(self, objs: Iterable[T], progress: ProgressFn = None) -> list[T]:
         """Create many records; returns them. (Only Job has a bulk route: see JobManager.)"""

@@ -16,6 +16,7 @@ import copy
 import datetime as dt
 import difflib
 import enum
+import inspect
 import json
 import os
 import sys
@@ -412,6 +413,13 @@ class BalsamModel:
     #: the filters that positional arguments of ``get()``/``filter()`` give, in order: Balsam 0.7's
     #: (its generated managers' signatures)
     _positional: ClassVar[tuple[str, ...]] = ("id",)
+    #: the fields the constructor and ``objects.create()`` take positionally: those Balsam 0.7's
+    #: generated ``__init__``/``create()`` took first (the ones it required, in its order); see
+    #: :meth:`_positional_fields`
+    _create_positional: ClassVar[tuple[str, ...]] = ()
+    #: create fields the server, launcher or agent sets, left out of the keywords a positional
+    #: error suggests (still accepted by keyword)
+    _create_internal: ClassVar[frozenset[str]] = frozenset()
     #: fields cleared back to their default after every successful save (event payloads)
     _reset_after_save: ClassVar[tuple[str, ...]] = ()
     #: the list route's order when none is asked for (list filters split over several requests
@@ -557,9 +565,34 @@ class BalsamModel:
         return getattr(models, name)
 
     # ------------------------------------------------------------------ construction
-    def __init__(self, **kwargs: Any) -> None:
+    @classmethod
+    def _positional_fields(cls, args: tuple[Any, ...], kwargs: dict[str, Any], call: str) -> dict[str, Any]:
+        """``kwargs`` with ``args`` bound to ``_create_positional`` in order. The order of 0.7's
+        optional fields is not known here, so more positionals are a TypeError naming the keywords,
+        never a value bound to a field it was not meant for. ``call``: how the error names the call."""
+        order = cls._create_positional
+        if len(args) > len(order):
+            # The constructor's keyword-only names too (Job's site_name, parameters).
+            own = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+            names = dict.fromkeys([*own, *sorted(cls._create_fields - cls._create_internal)])
+            keywords = ", ".join(f"{k}=..." for k in names if k not in order)
+            if order:
+                others = f": give the others by keyword ({keywords})" if keywords else ""
+                raise TypeError(
+                    f"{call} takes at most {len(order)} positional field(s): {', '.join(order)} "
+                    f"(those Balsam 0.7 took first, in its order); got {len(args)}{others}")
+            raise TypeError(f"{call} takes keyword fields ({keywords})")
+        fields = dict(zip(order, args))
+        both = sorted(set(fields) & set(kwargs))
+        if both:
+            raise TypeError(f"{call} got {', '.join(both)} both positionally and by keyword")
+        return {**fields, **kwargs}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if not self._creatable:
             raise TypeError(f"{type(self).__name__} records are created by the server, not by the API")
+        if args:  # Balsam 0.7's generated __init__ took the fields its create() did, positionally
+            kwargs = self._positional_fields(args, kwargs, f"{type(self).__name__}()")
         self._stored = False
         self._dirty: set[str] = set()
         self._snapshots: dict[str, Any] = {}

@@ -52,6 +52,7 @@ class Site(BalsamModel):
     #: ``objects.create()``'s positional fields: those Balsam 0.7's generated create() took first (the
     #: fields it required, in the order of its OpenAPI schema's ``required``); see Manager.create
     _create_positional = ("name", "path")
+    _create_internal = frozenset({"backfill_windows", "queued_jobs"})  # the site agent's reports
     objects: SiteManager  # type: ignore[assignment]
 
     @classmethod
@@ -601,6 +602,9 @@ class Job(BalsamModel):
                    "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup")
     #: 0.7's required fields, in its order (see Site._create_positional)
     _create_positional = ("workdir", "app_id")
+    # parameters= sets serialized_parameters; the rest are the launcher's and the server's
+    _create_internal = frozenset({"serialized_parameters", "serialized_return_value", "serialized_exception",
+                                  "state", "pending_file_cleanup", "batch_job_id", "return_code"})
     _reset_after_save = ("state_timestamp", "state_data")
     _create_as_list = True
     objects: JobManager  # type: ignore[assignment]
@@ -632,12 +636,14 @@ class Job(BalsamModel):
         self,
         workdir: Union[str, Path, None] = None,
         app_id: Union[int, str, type, None] = None,
-        *,
+        *more: Any,
         site_name: Optional[str] = None,
         parameters: Optional[dict[str, Any]] = None,
         transfers: Optional[dict[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
+        if more:  # the error BalsamModel.__init__ gives, naming the keywords, not Python's bare count
+            self._positional_fields((workdir, app_id, *more), kwargs, "Job()")
         if workdir is None:
             raise TypeError("Job() missing required field: workdir")
         if app_id is None:
@@ -960,6 +966,7 @@ class BatchJob(BalsamModel):
                    "end_time_before", "end_time_after", "filter_tags")
     #: 0.7's required fields, in its order (see Site._create_positional)
     _create_positional = ("num_nodes", "wall_time_min", "job_mode", "site_id", "project", "queue")
+    _create_internal = frozenset({"scheduler_id", "state", "status_info", "start_time", "end_time"})  # the agent's
     objects: BatchJobManager  # type: ignore[assignment]
 
     if TYPE_CHECKING:  # pragma: no cover
@@ -1012,8 +1019,8 @@ class Session(BalsamModel):
     _updatable = False
     _paginated = False
     _filters = frozenset({"id"})
-    #: 0.7's required fields, in its order (see Site._create_positional)
-    _create_positional = ("site_id",)
+    #: 0.7's required field, then its only other create field (see Site._create_positional)
+    _create_positional = ("site_id", "batch_job_id")
 
     if TYPE_CHECKING:  # pragma: no cover
         id: Optional[int]

@@ -7,6 +7,7 @@ with the command to use instead, their options translated where there is an equi
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Callable, Optional, Union
 
@@ -34,27 +35,55 @@ def _args(value: str) -> tuple[list[Option], str]:
         words = shlex.split(value)
     except ValueError:  # an unbalanced quote, which 0.x's shlex.split refused too: split on spaces
         words = value.split()
-    if len(words) <= 1:
-        return [("-p", f"args={words[0] if words else value}")], ""
+    # 0.x's MPI mode ran the line through /bin/bash; a -p value reaches the program as it is.
+    shell = (" A -p value is passed literally: $VARIABLES, globs and ; | & in it are not expanded or run "
+             "(0.x's MPI mode ran the line through bash): give the expanded value, or put the shell syntax in "
+             "the command_template") if any(ch in value for ch in "$*?;|&<>`") else ""
+    if not words:  # an empty --args gave the program no argument; -p args= would give it one, ''
+        return [], ("--args is empty: no -p args; the app's command_template must not contain `{{ args }}` "
+                    "(the `balsam app` hint adds it)")
+    if len(words) == 1:
+        return [("-p", f"args={words[0]}")], shell.lstrip()
     names = [f"arg{i}" for i in range(1, len(words) + 1)]
     template = " ".join(f"{{{{ {n} }}}}" for n in names)
     note = (f"each -p value reaches the program as one quoted argument (no command_template form splits a value "
             f"into words), so the {len(words)} words of --args are {len(words)} parameters: the app's "
-            f"command_template takes `{template}` where the `balsam app` hint has `{{{{ args }}}}`")
+            f"command_template takes `{template}` where the `balsam app` hint has `{{{{ args }}}}`.{shell}")
     return [("-p", f"{n}={w}") for n, w in zip(names, words)], note
+
+
+def _app_class_name(name: str) -> str:
+    """An app's name now is its ApplicationDefinition class's: a 0.x name as a Python identifier."""
+    name = "".join(ch for ch in name if ch.isalnum() or ch == "_") or "MyApp"
+    return "App" + name if name[0].isdecimal() else name
+
+
+def _app(value: str) -> tuple[list[Option], str]:
+    """0.x ``--application say-hello`` -> ``-a sayhello``, the class the ``balsam app`` hint writes."""
+    return [("-a", _app_class_name(value))], ""
+
+
+def _stage(direction: str) -> Callable[[str], tuple[list[Option], str]]:
+    """0.x ``--url-in URL``: a 0.x URL is no ``-s`` value (a slot of the app and an alias of the
+    site's transfer_locations), so it goes in a note and the printed line still runs."""
+    return lambda value: ([], f"stage-{direction} is `-s SLOT=ALIAS:/path`: the app's transfer slot and an alias "
+                              f"of the site's transfer_locations (docs/transfers.md); the 0.x URL given: {value}")
+
+
+_stage_in, _stage_out = _stage("in"), _stage("out")
 
 
 #: Options of 0.x ``balsam job`` (create a BalsamJob) -> ``balsam job create`` options.
 _JOB_OPTIONS: dict[str, Translation] = {
-    "--name": "-w", "--workflow": _key_value("--tag", "workflow"), "--application": "-a", "--app": "-a",
+    "--name": "-w", "--workflow": _key_value("--tag", "workflow"), "--application": _app, "--app": _app,
     # The app hint below appends `{{ args }}` to a 0.x --executable, so the job hint names that
     # parameter: a user following both hints, as the 0.x README's SayHello lines do, gets a job
     # that runs instead of a placeholder to guess.
     "--args": _args,
     "--description": None, "--wall-time-minutes": "-t", "--num-nodes": "-n", "--ranks-per-node": "-rpn",
     "--threads-per-rank": "-tpr", "--threads-per-core": "-tpc", "--node-packing-count": "-npc",
-    "--cpu-affinity": _key_value("-lp", "cpu_bind"), "--yes": "-y", "--stage-in-url": "-s SLOT=ALIAS:/path",
-    "--url-in": "-s SLOT=ALIAS:/path", "--stage-out-url": "-s SLOT=ALIAS:/path", "--url-out": "-s SLOT=ALIAS:/path",
+    "--cpu-affinity": _key_value("-lp", "cpu_bind"), "--yes": "-y", "--stage-in-url": _stage_in,
+    "--url-in": _stage_in, "--stage-out-url": _stage_out, "--url-out": _stage_out,
 }
 _JOB_FLAGS = {"--yes"}
 
@@ -119,12 +148,26 @@ LEGACY_SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("server", "down"): ("balsam server stop", "a shared deployment: stop the uvicorn/gunicorn processes you started"),
 }
 
+#: New options given once per value (``balsam job rm --id 1 --id 2``): every 0.x occurrence is kept.
+#: Of any other option 0.x's argparse kept the last occurrence, and so does the printed line.
+_REPEATABLE = {"--id"}
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def _looks_like_option(word: str) -> bool:
+    """argparse's rule: after an option that takes a value, such a word is not taken as the value
+    (0.x exited with "expected one argument"; ``--args=-n`` gave it)."""
+    return word.startswith("-") and word != "-" and " " not in word and not _NEGATIVE_NUMBER.match(word)
+
+
 def _translate(target: str, options: dict[str, Translation], flags: set[str],
-               args: list[str]) -> tuple[str, list[str], list[str]]:
-    """The new command line, the 0.x options without an equivalent, and the translations' notes."""
-    parts = [target]
+               args: list[str]) -> tuple[str, list[str], list[str], list[str]]:
+    """The new command line, the 0.x options without an equivalent, those given no value, and the
+    translations' notes."""
+    # what a 0.x option's place (its translation: aliases share it) gives: (printed options, note)
+    given: dict[object, tuple[list[str], str]] = {}
     dropped: list[str] = []
-    notes: list[str] = []
+    missing: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -132,34 +175,44 @@ def _translate(target: str, options: dict[str, Translation], flags: set[str],
         if not name.startswith("-"):
             i += 1
             continue
+        new = options.get(name, "?")
         if name in flags:
             value = ""
             i += 1
         elif eq:
             value = inline
             i += 1
-        else:
-            value = args[i + 1] if i + 1 < len(args) else ""
+        elif i + 1 < len(args) and not _looks_like_option(args[i + 1]):
+            value = args[i + 1]
             i += 2
-        new = options.get(name, "?")
+        else:
+            # an unknown option may be a flag: only a known one is short of its value
+            (dropped if new == "?" else missing).append(name)
+            i += 1
+            continue
         if new == "?" or new is None:
             dropped.append(name)
-        elif callable(new):
+            continue
+        if callable(new):
             produced, note = new(value)
-            parts.extend(f"{option} {shlex.quote(text)}" for option, text in produced)
-            if note:
-                notes.append(note)
+            printed = [f"{option} {shlex.quote(text)}" for option, text in produced]
         else:
-            parts.append(new if name in flags else f"{new} {shlex.quote(value)}")
-    return " ".join(parts), dropped, notes
+            printed, note = [new if name in flags else f"{new} {shlex.quote(value)}"], ""
+        given[(new, i) if new in _REPEATABLE else new] = (printed, note)
+    parts = [target, *(text for printed, _ in given.values() for text in printed)]
+    notes = [note for _, note in given.values() if note]
+    return " ".join(parts), list(dict.fromkeys(dropped)), list(dict.fromkeys(missing)), notes
 
 
 def _message(command: str, target: str, options: dict[str, Translation], flags: set[str], note: str,
              args: list[str]) -> str:
-    line, dropped, notes = _translate(target, options, flags, args)
+    line, dropped, missing, notes = _translate(target, options, flags, args)
     text = f"`balsam {command}` is a Balsam 0.x command line. Use instead:\n  {line}"
     if dropped:
         text += f"\n(no equivalent for {', '.join(dropped)})"
+    if missing:
+        text += (f"\n(no value for {', '.join(missing)}: 0.x refused this line too, \"expected one argument\"; "
+                 f"a value that starts with - is given as {missing[0]}=VALUE)")
     for each in [note, *notes]:
         if each:
             text += f"\nNote: {each}"
@@ -171,18 +224,16 @@ def _option_values(args: list[str]) -> dict[str, str]:
     for i, arg in enumerate(args):
         name, eq, inline = arg.partition("=")
         if name.startswith("--"):
-            values[name] = inline if eq else (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "")
+            values[name] = inline if eq else (args[i + 1] if i + 1 < len(args) and not _looks_like_option(args[i + 1])
+                                              else "")
     return values
 
 
 def _app_message(args: list[str]) -> str:
     """0.x ``balsam app --name N --executable CMD`` -> the ApplicationDefinition to write instead."""
     values = _option_values(args)
-    name = values.get("--name") or "MyApp"
-    name = "".join(ch for ch in name if ch.isalnum() or ch == "_") or "MyApp"
-    if name[0].isdecimal():
-        name = "App" + name
-    command = values.get("--executable") or "my-program {{ arg }}"
+    name = _app_class_name(values.get("--name") or "MyApp")
+    command = values.get("--executable") or "my-program {{ args }}"
     if "{{" not in command:
         command += " {{ args }}"
     return (f"`balsam app --name ...` is a Balsam 0.x command line. Apps are Python classes now "
