@@ -477,19 +477,26 @@ def _logger_levels_restored() -> Iterator[None]:
     """Code under test sets logger levels for the whole process (the CLI's and the agent's logging
     set-up: ``balsam`` at WARNING, the root logger at the site's level); undo that after each test,
     so a later test's ``caplog.set_level(INFO)`` on the root logger still sees balsam's INFO lines
-    (a full run lost two tests' INFO records to an earlier test's WARNING on ``balsam``)."""
+    (a full run lost two tests' INFO records to an earlier test's WARNING on ``balsam``).
+
+    Their filters too: `balsam launcher` run in-process (CliRunner) adds its retry-notice filter to
+    ``balsam.client.rest`` once per process and never removes it (a command's process ends), and
+    it then swallowed the retry lines that 11 later tests in 3 files look for."""
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
                                        if name == "balsam" or name.startswith("balsam.")]
-    saved = [(logger, logger.level, logger.disabled) for logger in loggers]
+    saved = [(logger, logger.level, logger.disabled, list(logger.filters)) for logger in loggers]
     yield
-    for logger, level, disabled in saved:
+    for logger, level, disabled, filters in saved:
         logger.setLevel(level)
         logger.disabled = disabled
+        if logger.filters != filters:
+            logger.filters = filters
     for name in list(logging.Logger.manager.loggerDict):  # balsam loggers made during the test
         if name == "balsam" or name.startswith("balsam."):
             logger = logging.getLogger(name)
-            if all(logger is not kept for kept, _, _ in saved):
+            if all(logger is not kept for kept, *_ in saved):
                 logger.setLevel(logging.NOTSET)
+                logger.filters = []
 
 
 @pytest.fixture

@@ -157,16 +157,48 @@ def plain_decimal(text: str, *, fraction: bool = False) -> "int | float | None":
     return value if math.isfinite(value) else None
 
 
+def plain_decimal_text(value: float) -> str:
+    """``value`` (finite, not negative) as the fixed-point digits that :func:`plain_decimal` reads
+    back to the same float (``0.00001``, ``10000000000000000``, ``30``), for a number Balsam writes
+    into a child's environment: ``repr()`` wrote ``1e-05`` and ``1e+16``, which no reader takes,
+    and ``%.6f`` rounds. ValueError for a value that has no such text (negative, nan or inf, or
+    longer than :data:`MAX_DECIMAL_CHARS`: no setting is)."""
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{value!r} has no plain decimal text (a finite number from 0)")
+    text = repr(value + 0.0)  # + 0.0: -0.0 is 0.0
+    if "e" in text:  # repr()'s shortest digits that read back to value, with the point moved
+        mantissa, exponent = text.split("e")
+        whole, _, fraction = mantissa.partition(".")
+        digits, point = whole + fraction, len(whole) + int(exponent)
+        if point <= 0:
+            text = "0." + "0" * -point + digits
+        elif point >= len(digits):
+            text = digits + "0" * (point - len(digits))
+        else:
+            text = f"{digits[:point]}.{digits[point:]}"
+    text = text.removesuffix(".0")
+    if len(text) > MAX_DECIMAL_CHARS:
+        raise ValueError(f"{value!r} is longer than {MAX_DECIMAL_CHARS} digits in plain decimal text")
+    return text
+
+
 def _plain(number: "int | float") -> str:
     """A number as a user would type it back (``315360000``, ``0.5``: not ``3.1536e+08``)."""
     return str(int(number)) if float(number).is_integer() else repr(float(number))
 
 
 def number_problem(where: str, raw: Any, *, fraction: bool, minimum: "int | float",
-                   maximum: "int | float | None" = None, also: Optional[str] = None) -> str:
+                   maximum: "int | float | None" = None, also: Optional[str] = None,
+                   maximum_text: Optional[str] = None) -> str:
     """The one line that says ``raw`` (given as ``where``) is not a number a setting takes:
-    ``<where>='<raw>' is not a number from <minimum> [to <maximum>] (<spelling>[, or <also>])``."""
-    bounds = f"from {_plain(minimum)}" + (f" to {_plain(maximum)}" if maximum is not None else "")
+    ``<where>='<raw>' is not a number from <minimum> [to <maximum>] (<spelling>[, or <also>])``;
+    ``maximum_text`` says what the maximum is where its number means nothing to a reader (a start
+    time's: ``from 0, at most <maximum_text>``, not an epoch)."""
+    if maximum_text is not None:
+        bounds = f"from {_plain(minimum)}, at most {maximum_text}"
+    else:
+        bounds = f"from {_plain(minimum)}" + (f" to {_plain(maximum)}" if maximum is not None else "")
     kind = "digits with an optional decimal point, e.g. 30 or 0.5" if fraction else "digits only, e.g. 30"
     # A value thousands of digits long is quoted in part: the line stays one readable line.
     shown = repr(raw) if not isinstance(raw, str) or len(raw) <= MAX_DECIMAL_CHARS else \
@@ -192,24 +224,28 @@ def warn_env_once(name: str, raw: str, line: str, warn: Optional[Callable[[str],
 @overload
 def env_number(name: str, default: Number, *, fraction: bool = ..., minimum: "int | float" = ...,
                maximum: "int | float | None" = ..., on_bad: OnBad = ..., words: "Mapping[str, Number] | None" = ...,
-               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...) -> Number: ...
+               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...,
+               instead: Optional[str] = ..., maximum_text: Optional[str] = ...) -> Number: ...
 
 
 @overload
 def env_number(name: str, default: None, *, fraction: Literal[False] = ..., minimum: "int | float" = ...,
                maximum: "int | float | None" = ..., on_bad: OnBad = ..., words: "Mapping[str, int] | None" = ...,
-               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...) -> Optional[int]: ...
+               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...,
+               instead: Optional[str] = ..., maximum_text: Optional[str] = ...) -> Optional[int]: ...
 
 
 @overload
 def env_number(name: str, default: None, *, fraction: Literal[True], minimum: "int | float" = ...,
                maximum: "int | float | None" = ..., on_bad: OnBad = ..., words: "Mapping[str, float] | None" = ...,
-               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...) -> Optional[float]: ...
+               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...,
+               instead: Optional[str] = ..., maximum_text: Optional[str] = ...) -> Optional[float]: ...
 
 
 def env_number(name: str, default: "int | float | None", *, fraction: bool = False, minimum: "int | float" = 0,
                maximum: "int | float | None" = None, on_bad: OnBad = "warn", words: "Mapping[str, Any] | None" = None,
-               environ: "Mapping[str, str] | None" = None, warn: "Callable[[str], Any] | None" = None) -> Any:
+               environ: "Mapping[str, str] | None" = None, warn: "Callable[[str], Any] | None" = None,
+               instead: Optional[str] = None, maximum_text: Optional[str] = None) -> Any:
     """The environment variable ``name`` (in ``environ``, else ``os.environ``) as a plain decimal
     number (:func:`plain_decimal`) from ``minimum`` to ``maximum``, a float with ``fraction``, else
     an int; ``words``: spellings with a meaning of their own (``{"-1": -1}``: no limit); ``default``
@@ -218,7 +254,10 @@ def env_number(name: str, default: "int | float | None", *, fraction: bool = Fal
     A value that is not one: with ``on_bad="raise"`` an :class:`EnvNumberError` (for what a command
     reads at its start: it stops with one line naming the variable and the value); with ``"warn"``
     the same line, once per process and value (:func:`warn_env_once`), and the default (for what a
-    long-running agent, launcher or server reads: it keeps running on the default)."""
+    long-running agent, launcher or server reads: it keeps running on the default). The warning
+    ends ``: using the default <default>``, or ``: <instead>`` where given: what happens instead
+    (needed where the default is None, which is no value to name). ``maximum_text``: see
+    :func:`number_problem`."""
     if on_bad not in _ON_BAD:
         raise TypeError(f"env_number: on_bad={on_bad!r} (expected 'warn' or 'raise')")
     raw = (os.environ if environ is None else environ).get(name)
@@ -230,20 +269,23 @@ def env_number(name: str, default: "int | float | None", *, fraction: bool = Fal
     if value is not None and value >= minimum and (maximum is None or value <= maximum):
         return value
     problem = number_problem(f"environment variable {name}", raw, fraction=fraction, minimum=minimum, maximum=maximum,
-                             also=" or ".join(words) if words else None)
+                             also=" or ".join(words) if words else None, maximum_text=maximum_text)
     if on_bad == "raise":
         raise EnvNumberError(problem)
-    warn_env_once(name, raw, f"{problem}: using the default{'' if default is None else ' ' + _plain(default)}", warn)
+    if instead is None:  # None is no default to name: the variable is then read as unset
+        instead = "taken as unset" if default is None else f"using the default {_plain(default)}"
+    warn_env_once(name, raw, f"{problem}: {instead}", warn)
     return default
 
 
 def session_expire_from_env(default: "float | None", *, on_bad: OnBad,
-                            warn: "Callable[[str], Any] | None" = None) -> "float | None":
+                            warn: "Callable[[str], Any] | None" = None,
+                            instead: Optional[str] = None) -> "float | None":
     """``$BALSAM_SESSION_EXPIRE_SEC``: seconds (a fraction allowed) from
     :data:`MIN_SESSION_EXPIRE_SEC` to :data:`MAX_SETTING_SEC`, the same rule for the server that
-    expires Sessions and the launchers that heartbeat them."""
+    expires Sessions and the launchers that heartbeat them (``instead``: see :func:`env_number`)."""
     return env_number(SESSION_EXPIRE_ENV, default, fraction=True, minimum=MIN_SESSION_EXPIRE_SEC,
-                      maximum=MAX_SETTING_SEC, on_bad=on_bad, warn=warn)
+                      maximum=MAX_SETTING_SEC, on_bad=on_bad, warn=warn, instead=instead)
 
 
 #: The BatchJob a launcher runs in (the job template exports it).
@@ -255,7 +297,8 @@ def batch_job_id_from_env(environ: "Mapping[str, str]") -> Optional[int]:
     value (``-5``, ``1_000``: int() took them and picked some BatchJob) is warned about once and
     ignored, and the launcher looks its BatchJob up by the scheduler's id. One rule for the
     launcher's start, its early Session and :func:`balsam.launcher._api.find_batch_job_id`."""
-    return env_number(BATCH_JOB_ID_ENV, None, environ=environ, warn=logging.getLogger("balsam.launcher").warning)
+    return env_number(BATCH_JOB_ID_ENV, None, environ=environ, warn=logging.getLogger("balsam.launcher").warning,
+                      instead="looking the BatchJob up by the scheduler's id")
 
 
 def to_tuple(value: Any) -> tuple:

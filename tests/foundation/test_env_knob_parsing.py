@@ -78,7 +78,7 @@ def test_the_server_takes_plain_numbers_and_a_fraction_where_it_means_one(monkey
 @pytest.mark.parametrize("name", ["BALSAM_SERVER_CREATE_TABLES", "BALSAM_DASHBOARD_SECURE_COOKIES"])
 def test_the_server_refuses_a_yes_or_no_it_cannot_read(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(name, "ture")
-    with pytest.raises(ValueError, match=f"^environment variable {name}='ture': expected one of"):
+    with pytest.raises(ValueError, match=f"^environment variable {name}='ture' is not one of "):
         server_settings()
     monkeypatch.setenv(name, "On")
     settings = server_settings()
@@ -106,6 +106,8 @@ def test_a_bad_session_expiry_in_a_launcher_is_named_and_ignored(raw: str, monke
     with caplog.at_level(logging.WARNING, logger="balsam.client"):
         assert assumed_expiry_sec(60.0) == FRESH_TICKS * 60.0  # -5 was 0.1 s: every lease looked stale
     assert f"environment variable BALSAM_SESSION_EXPIRE_SEC={raw!r} is not a number from 0.1" in caplog.text
+    # What it does instead ("using the default" named no value: the default is None).
+    assert caplog.records[0].getMessage().endswith(f"): assuming a Session outlives {FRESH_TICKS:g} heartbeat periods")
     monkeypatch.setenv("BALSAM_SESSION_EXPIRE_SEC", "0.4")
     assert assumed_expiry_sec(60.0) == 0.4
 
@@ -117,6 +119,7 @@ def test_a_spawner_count_that_is_no_count_is_named_and_the_default_used(raw: str
     with caplog.at_level(logging.WARNING, logger="balsam.launcher"):
         assert runner.spawner_count(2) == 2
     assert f"environment variable {runner.SPAWNER_ENV}={raw!r} is not a number from 0 to 256" in caplog.text
+    assert caplog.records[0].getMessage().endswith("(digits only, e.g. 30): taken as unset")  # was "using the default"
 
 
 def test_a_server_log_size_in_other_digits_is_named_on_stderr(monkeypatch: pytest.MonkeyPatch,
@@ -133,7 +136,9 @@ def test_a_launcher_start_time_that_is_no_time_stops_it_in_one_line(raw: str, tm
     monkeypatch.setenv("BALSAM_LAUNCHER_START_TIME", raw)
     monkeypatch.setenv("BALSAM_SITE_PATH", str(tmp_path))  # no site: should the time pass, it stops there
     quoted = re.escape(f"environment variable BALSAM_LAUNCHER_START_TIME={raw[:64]!r}")  # a long one is quoted in part
-    with pytest.raises(LauncherError, match=rf"^{quoted}(\.\.\. \(\d+ characters\))? is not a number from 0 to \d+ \("):
+    # The bound in words: the epoch number it showed meant nothing to a reader.
+    with pytest.raises(LauncherError, match=rf"^{quoted}(\.\.\. \(\d+ characters\))? is not a number from 0, at most a "
+                                            r"day past this host's clock \("):
         _start_launcher("mpi", 10.0, [], [], str(tmp_path), 0, None)  # type: ignore[arg-type]
 
 
@@ -178,8 +183,9 @@ def test_a_tick_period_under_the_shortest_is_raised_to_it_with_one_warning(raw: 
     with caplog.at_level(logging.WARNING, logger="balsam.client"):
         assert tick_period_from_env() == MIN_TICK_SEC
         assert tick_period_from_env() == MIN_TICK_SEC
-    assert [r.getMessage() for r in caplog.records] == [
-        f"environment variable BALSAM_LAUNCHER_TICK_SEC={raw!r} is under the shortest heartbeat period: using 0.1"]
+    assert [r.getMessage() for r in caplog.records] == [  # the one form ("is under the shortest ..." was another)
+        f"environment variable BALSAM_LAUNCHER_TICK_SEC={raw!r} is not a number from 0.1 to 86400 (digits with an "
+        "optional decimal point, e.g. 30 or 0.5): using 0.1, the shortest heartbeat period"]
 
 
 def test_a_warning_about_the_environment_is_given_once_however_many_others_came(monkeypatch: pytest.MonkeyPatch,
@@ -200,19 +206,65 @@ def test_env_number_takes_only_warn_or_raise(monkeypatch: pytest.MonkeyPatch) ->
         balsam.util.env_number("BALSAM_LAUNCHER_TICK_SEC", 1.0, on_bad="ignore")  # type: ignore[call-overload]
 
 
-def test_a_start_time_is_passed_to_partitions_in_digits_they_read(monkeypatch: pytest.MonkeyPatch) -> None:
+ROUND_TRIP = [0.0, 1e-05, 1.5e-07, 2.5e-05, 0.5, 30.0, 3600.0, 1733500000.25, 1733500000.0, 1733500000.1234567, 1e16,
+              1.2345e16, 1e-62]
+
+
+def test_a_number_written_for_a_child_is_read_back_the_same() -> None:
     from balsam.launcher.entry import start_time_text
 
-    for start in (1e-05, 1733500000.25, 1733500000.0):  # repr(): '1e-05' (and '1e+16'), refused by every launcher
-        text = start_time_text(start)
-        assert balsam.util.plain_decimal(text, fraction=True) == pytest.approx(start, abs=1e-6), text
+    for value in ROUND_TRIP:  # repr(): '1e-05' and '1e+16', refused by every reader; '%.6f' rounded
+        for text in (balsam.util.plain_decimal_text(value), start_time_text(value)):
+            assert balsam.util.plain_decimal(text, fraction=True) == value, text
+    assert balsam.util.plain_decimal_text(30.0) == "30" and balsam.util.plain_decimal_text(1e-05) == "0.00001"
+    for no_text in (-1.0, float("nan"), float("inf"), 1e-300):  # none is a setting's value
+        with pytest.raises(ValueError):
+            balsam.util.plain_decimal_text(no_text)
+
+
+def test_site_sync_restarts_an_agent_with_a_stop_wait_it_reads(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`balsam site sync` passes the recorded stop wait on (site_ops.start_agent); repr() wrote
+    0.00001 as '1e-05', which the agent refused: it was stopped and not restarted. The child here
+    is a real process that reads it with the agent's own reader and says what it read."""
+    import os
+    import sys
+
+    from balsam.site.agent import STOP_WAIT_ENV
+    from balsam.site.site_ops import SiteError, start_agent
+
+    monkeypatch.delenv(STOP_WAIT_ENV, raising=False)  # sync run from a shell without it
+    reader = tmp_path / "agent"
+    reader.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'from balsam.site.agent import stop_wait_sec; "
+                      "print(\"Error: read\", repr(stop_wait_sec())); raise SystemExit(3)'\n")
+    reader.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(reader))  # start_agent runs [sys.executable, "-m", "balsam.site", ...]
+    site = tmp_path / "site"
+    site.mkdir()
+    for wait in (0.00001, 2.5):
+        with pytest.raises(SiteError, match=rf"exited at start-up: read {wait!r} \(see "):
+            start_agent(site, wait_sec=30, stop_wait_sec=wait)
+    assert STOP_WAIT_ENV not in os.environ
+
+
+def test_a_program_sets_secure_cookies_after_the_settings_are_made() -> None:
+    from types import SimpleNamespace
+
+    from balsam.server.dashboard.views import _secure
+
+    settings = ServerSettings(database_url="sqlite://", secret_key="k" * 40)
+    http = SimpleNamespace(url=SimpleNamespace(scheme="http"))
+    # A yes word set on the field lost Secure cookies; a value nobody can read fails closed (Secure).
+    for given, secure in (("yes", True), ("1", True), (True, True), ("sometimes", True), (None, True),
+                          (" No ", False), (False, False), ("never", False), ("auto", False)):
+        settings.dashboard_secure_cookies = given  # type: ignore[assignment]
+        assert _secure(http, settings) is secure, given  # type: ignore[arg-type]
 
 
 def test_secure_cookies_blank_is_auto_and_errors_quote_the_value_as_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BALSAM_DASHBOARD_SECURE_COOKIES", "   ")  # refused; before it and any blank number: unset
     assert server_settings().dashboard_secure_cookies == "auto"
     monkeypatch.setenv("BALSAM_SERVER_CREATE_TABLES", " Ture ")
-    with pytest.raises(ValueError, match=r"^environment variable BALSAM_SERVER_CREATE_TABLES=' Ture ': expected one of"):
+    with pytest.raises(ValueError, match=r"^environment variable BALSAM_SERVER_CREATE_TABLES=' Ture ' is not one of "):
         server_settings()
 
 
@@ -227,7 +279,7 @@ def test_secure_cookies_are_normalised_once_in_the_settings(given: str, mode: st
     assert settings.dashboard_secure_cookies == mode
     for scheme, secure in (("http", http), ("https", https)):
         assert _secure(SimpleNamespace(url=SimpleNamespace(scheme=scheme)), settings) is secure  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="dashboard_secure_cookies='sometimes'"):
+    with pytest.raises(ValueError, match="^dashboard_secure_cookies='sometimes' is not one of auto, always, never, "):
         ServerSettings(database_url="sqlite://", secret_key="k" * 40, dashboard_secure_cookies="sometimes")
 
 
@@ -258,6 +310,28 @@ def test_the_agents_stop_wait_is_refused_in_the_one_form(raw: str, monkeypatch: 
     assert stop_wait_sec() == 2.5
 
 
+def test_a_program_passes_any_real_number_as_its_connect_wait() -> None:
+    from decimal import Decimal
+    from fractions import Fraction
+
+    import numpy as np
+
+    from balsam.client import RESTClient
+    from balsam.client.rest import ClientSettingsError, parse_connect_wait
+
+    for given, wait in ((np.int64(30), 30.0), (np.float32(0.5), 0.5), (Decimal("2.5"), 2.5), (Fraction(1, 2), 0.5),
+                        (10 ** 400, float("inf"))):  # float() of the last overflows: longer than any wait
+        assert parse_connect_wait(given, "connect_wait") == wait
+    assert RESTClient("http://127.0.0.1:1", connect_wait=np.int64(30)).connect_wait == 30.0
+    for bad in (Decimal("NaN"), Fraction(-1, 2), [30], "1e3", True):
+        with pytest.raises(ClientSettingsError) as caught:
+            RESTClient("http://127.0.0.1:1", connect_wait=bad)
+        if not isinstance(bad, (str, bool)):  # a program's value: no "digits ..." spelling, which it never typed
+            assert str(caught.value) == (f"connect_wait={bad!r} is not a number from 0 (seconds, or math.inf for the "
+                                         "client's retries alone): how long an API call retries a server it cannot "
+                                         "connect to")
+
+
 def test_the_connect_wait_takes_digits_or_inf() -> None:
     from balsam.client.rest import ClientSettingsError, parse_connect_wait
 
@@ -278,15 +352,29 @@ def test_the_mpi_partitions_count_warns_once_instead_of_falling_back_silently(ca
         f"environment variable {MPI_PARTITIONS_ENV}='two'", f"environment variable {MPI_PARTITIONS_ENV}='0'"]
 
 
-@pytest.mark.parametrize(("raw", "found"), [("42", 42), (" 7 ", 7), ("-5", None), ("1_000", None), ("\u0663", None)])
-def test_the_batch_job_id_is_one_rule_for_the_launcher(raw: str, found: "int | None") -> None:
+@pytest.mark.parametrize(("raw", "found"), [("42", 42), (" 7 ", 7), ("-5", None), ("1_000", None), ("\u0663", None),
+                                           ("9" * 5000, None)])
+def test_the_batch_job_id_is_one_rule_for_the_launcher(raw: str, found: "int | None", tmp_path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     from types import SimpleNamespace
 
     from balsam.launcher._api import find_batch_job_id
+    from balsam.site.launcher_credentials import credential_path, use_launcher_credential
 
     platform = SimpleNamespace(scheduler_id=lambda env: None)  # no scheduler id to look a BatchJob up by
     env = {"BALSAM_BATCH_JOB_ID": raw}
-    assert find_batch_job_id(1, env, platform) == found == balsam.util.batch_job_id_from_env(env)  # int() took -5, 1_000
+    with caplog.at_level(logging.WARNING, logger="balsam.launcher"):
+        assert find_batch_job_id(1, env, platform) == found == balsam.util.batch_job_id_from_env(env)  # int() took -5, 1_000
+    if found is None:  # what the launcher does instead ("using the default" named no value)
+        assert caplog.records[0].getMessage().endswith("): looking the BatchJob up by the scheduler's id")
+    # The launcher's credential reader, the same rule: isdecimal() took '\u0663' for BatchJob 3's
+    # credential, and int() raised a traceback on 5,000 digits.
+    for batch_job_id in (3, 7, 42, 1000):
+        path = credential_path(tmp_path, batch_job_id)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("api_root: http://127.0.0.1:1\n")
+    assert use_launcher_credential(tmp_path, env) == (None if found is None else credential_path(tmp_path, found))
+    assert env.get("BALSAM_CLIENT_PATH") == (None if found is None else str(credential_path(tmp_path, found)))
 
 
 def test_a_recursion_error_that_is_not_the_yamls_is_not_relabelled(monkeypatch: pytest.MonkeyPatch) -> None:

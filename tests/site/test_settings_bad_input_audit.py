@@ -21,7 +21,8 @@ import balsam.site.agent as agent_module
 from balsam.cli.site_commands import sync
 from balsam.config import SettingsError, load_settings
 
-DEEP_PROBLEM = "invalid YAML: lists or mappings nested too deeply to read (more than 100 levels inside one another)"
+#: Valid YAML, but no settings file (it was called "invalid YAML"): the line where level 101 opens.
+DEEP_PROBLEM = "2: lists or mappings nested more than 100 levels inside one another (a settings file nests five or so)"
 
 
 def deep_file(tmp_path: Path, depth: int, kind: str) -> Path:
@@ -36,7 +37,7 @@ def test_settings_nested_too_deeply_are_one_located_error(tmp_path: Path, depth:
     path = deep_file(tmp_path, depth, kind)
     with pytest.raises(SettingsError) as caught:
         load_settings(path)
-    assert caught.value.errors == [f"{path}: {DEEP_PROBLEM}"]
+    assert caught.value.errors == [f"{path}:{DEEP_PROBLEM}"]
 
 
 def test_sync_of_a_file_nested_too_deeply_names_it_and_keeps_the_running_agent(tmp_path: Path,
@@ -50,5 +51,14 @@ def test_sync_of_a_file_nested_too_deeply_names_it_and_keeps_the_running_agent(t
     result = CliRunner().invoke(sync, [str(site)])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: {site / 'settings.yml'}: {DEEP_PROBLEM} (nothing was pushed; the running site agent [pid 4242] "
+        f"Error: {site / 'settings.yml'}:{DEEP_PROBLEM} (nothing was pushed; the running site agent [pid 4242] "
         "keeps its current settings)"]
+
+
+def test_settings_nested_too_deeply_in_block_style_name_the_line_of_level_101(tmp_path: Path) -> None:
+    path = tmp_path / "settings.yml"  # valid YAML ("invalid YAML" it was called), not a settings file
+    path.write_text("scheduler:\n" + "".join("  " * depth + "a:\n" for depth in range(1, 110)) + "  " * 110 + "b: 1\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path)
+    assert caught.value.errors == [f"{path}:101: lists or mappings nested more than 100 levels inside one another "
+                                   "(a settings file nests five or so)"]

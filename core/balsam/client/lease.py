@@ -62,7 +62,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import RUNNABLE_STATES, JobState
-from balsam.util import MIN_SESSION_EXPIRE_SEC, env_number, session_expire_from_env, warn_env_once
+from balsam.util import MIN_SESSION_EXPIRE_SEC, env_number, number_problem, session_expire_from_env, warn_env_once
 
 from .rest import new_idempotency_key
 from .status_updater import send_spooled
@@ -102,9 +102,12 @@ def tick_period_from_env() -> float:
     server expired the Session of a launcher still running its jobs), "-5" (0.1 s) and "1_000"."""
     period = env_number(TICK_ENV, DEFAULT_TICK_SEC, fraction=True, maximum=MAX_TICK_SEC, warn=logger.warning)
     if period < MIN_TICK_SEC:
-        warn_env_once(TICK_ENV, os.environ.get(TICK_ENV, ""),
-                      f"environment variable {TICK_ENV}={os.environ.get(TICK_ENV)!r} is under the shortest "
-                      f"heartbeat period: using {MIN_TICK_SEC:g}", logger.warning)
+        raw = os.environ.get(TICK_ENV, "")
+        # The one form of env_number's warnings, with the bounds that hold here and what is used.
+        problem = number_problem(f"environment variable {TICK_ENV}", raw, fraction=True, minimum=MIN_TICK_SEC,
+                                 maximum=MAX_TICK_SEC)
+        warn_env_once(TICK_ENV, raw, f"{problem}: using {MIN_TICK_SEC:g}, the shortest heartbeat period",
+                      logger.warning)
         return MIN_TICK_SEC
     return period
 
@@ -115,7 +118,8 @@ def assumed_expiry_sec(tick_period: float) -> float:
     rule, :func:`balsam.util.session_expire_from_env`: float() took "nan", which min() then
     ignored, and "-5", which made every lease look stale)."""
     window = FRESH_TICKS * tick_period
-    expiry = session_expire_from_env(None, on_bad="warn", warn=logger.warning)
+    expiry = session_expire_from_env(None, on_bad="warn", warn=logger.warning,
+                                     instead=f"assuming a Session outlives {FRESH_TICKS:g} heartbeat periods")
     return max(MIN_SESSION_EXPIRE_SEC, window if expiry is None else min(window, expiry))
 
 

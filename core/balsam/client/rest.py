@@ -41,6 +41,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import random
 import sys
@@ -277,13 +278,25 @@ def parse_connect_wait(raw: Any, where: str = f"environment variable {CONNECT_WA
     """``raw`` as a connect wait in seconds (from 0; ``inf``: the retries alone bound it), or a
     one-line :class:`ClientSettingsError` naming ``where``. Text (the environment, client.yml) is
     plain decimal digits (:func:`balsam.util.plain_decimal`: not ``1e3``, ``1_000``, ``nan``) or
-    the word ``inf``; a number passed in by a program is taken as it is, if not NaN or negative."""
-    if isinstance(raw, str):
-        value = math.inf if raw.strip().lower() == "inf" else plain_decimal(raw, fraction=True)
-    else:  # True is no number of seconds
-        value = None if isinstance(raw, bool) or not isinstance(raw, (int, float)) else float(raw)
-    if value is None or math.isnan(value) or value < 0:
+    the word ``inf``; a number passed in by a program (any real number: int, float, numpy's,
+    Decimal, Fraction) is taken as it is, if not NaN or negative."""
+    if isinstance(raw, (str, bool)):  # True is no number of seconds (client.yml's yes or true, as a rule)
+        if isinstance(raw, bool):
+            value = None
+        else:
+            value = math.inf if raw.strip().lower() == "inf" else plain_decimal(raw, fraction=True)
         problem = number_problem(where, raw, fraction=True, minimum=0, also="inf for the client's retries alone")
+    else:
+        # Real numbers, and Decimal: a Number that is not Complex (registered so, unlike Real).
+        real = isinstance(raw, numbers.Real) or (isinstance(raw, numbers.Number)
+                                                 and not isinstance(raw, numbers.Complex))
+        try:
+            value = float(raw) if real else None
+        except OverflowError:  # an int (or Decimal) past float's range: longer than any wait
+            value = math.inf
+        # Not number_problem's "digits ..." spelling: a program passed a value, it typed no text.
+        problem = f"{where}={raw!r} is not a number from 0 (seconds, or math.inf for the client's retries alone)"
+    if value is None or math.isnan(value) or value < 0:
         raise ClientSettingsError(f"{problem}: how long an API call retries a server it cannot connect to")
     return value
 

@@ -802,11 +802,11 @@ def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Co
         # Lists or mappings nested ~1,000 deep ("a: [[[[...]]]]"): the YAML loaders recursed, and the
         # RecursionError named no file ("Error: maximum recursion depth exceeded while calling a
         # Python object" from `balsam site check-settings`, `sync`, the agent).
-        raise SettingsError([f"{source}: {_TOO_DEEP}"]) from None
+        raise SettingsError([_too_deep(text, source)]) from None
     if _nesting_exceeds(data, MAX_SETTINGS_NESTING):
         # Read, but deeper than the checks (and the line map) should recurse: refused here, so a
         # RecursionError from them (or a plugin's validator) is a bug shown as one, not relabelled.
-        raise SettingsError([f"{source}: {_TOO_DEEP}"])
+        raise SettingsError([_too_deep(text, source)])
     duplicates: list[tuple[tuple, int, int]] = []
     try:
         lines = _line_map(text, duplicates)
@@ -828,8 +828,28 @@ def _load_yaml(text: str, source: str) -> Any:
 
 #: How deep lists and mappings in settings.yml may nest (a real file: five levels or so).
 MAX_SETTINGS_NESTING = 100
-_TOO_DEEP = (f"invalid YAML: lists or mappings nested too deeply to read (more than {MAX_SETTINGS_NESTING} levels "
-             "inside one another)")
+_TOO_DEEP = (f"lists or mappings nested more than {MAX_SETTINGS_NESTING} levels inside one another (a settings "
+             "file nests five or so)")
+
+
+def _too_deep(text: str, source: str) -> str:
+    """The one line for a file nested more than :data:`MAX_SETTINGS_NESTING` deep (valid YAML, but
+    no settings file), at the line where that level opens when the YAML events find it: they
+    are read one at a time without recursing, and only on this error path. libyaml refuses flow
+    collections ~1,000 deep itself; the pure-Python parser then reads them."""
+    for loader in dict.fromkeys((_FAST_YAML_LOADER, yaml.SafeLoader)):
+        depth = 0
+        try:
+            for event in yaml.parse(text, Loader=loader):
+                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                    depth += 1
+                    if depth > MAX_SETTINGS_NESTING:
+                        return f"{source}:{event.start_mark.line + 1}: {_TOO_DEEP}"
+                elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                    depth -= 1
+        except yaml.YAMLError:
+            continue
+    return f"{source}: {_TOO_DEEP}"
 
 
 def _nesting_exceeds(data: Any, limit: int) -> bool:

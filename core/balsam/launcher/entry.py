@@ -26,7 +26,8 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from balsam.platform import NodeInfo
-from balsam.util import EnvNumberError, batch_job_id_from_env, env_number, log_file_handler, resume_gc_after_start_up
+from balsam.util import (EnvNumberError, batch_job_id_from_env, env_number, log_file_handler, plain_decimal_text,
+                         resume_gc_after_start_up)
 
 logger = logging.getLogger("balsam.launcher")
 
@@ -40,8 +41,9 @@ MPI_PARTITIONS_ENV = "BALSAM_LAUNCHER_MPI_PARTITIONS"
 
 def start_time_text(start_time: float) -> str:
     """``start_time`` as ``$BALSAM_LAUNCHER_START_TIME`` for a partition's launcher: fixed-point
-    digits, which every launcher reads (repr() wrote 1e-05 and 1e+16, which none took)."""
-    return f"{start_time:.6f}"
+    digits, which every launcher reads back to the same float (repr() wrote 1e-05 and 1e+16, which
+    none took)."""
+    return plain_decimal_text(start_time)
 
 
 #: The longest ``-t`` taken (ten years): no allocation lasts longer, and beyond about 292 years the
@@ -337,7 +339,7 @@ def _start_launcher(job_mode: str, wall_time_min: float, tags: Sequence[str], pa
     now = time.time()
     try:
         start_time = env_number(START_TIME_ENV, now, fraction=True, maximum=float(int(now) + MAX_START_AHEAD_SEC),
-                                on_bad="raise")
+                                on_bad="raise", maximum_text="a day past this host's clock")
     except EnvNumberError as exc:
         raise LauncherError(f"{exc}: the allocation's start in seconds since the epoch") from None
     # Not only "> 0": -t nan passed that test and the launcher stopped at once, exit 0, "done (wall

@@ -42,6 +42,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..util import MAX_SETTING_SEC, env_number, session_expire_from_env
 
@@ -110,6 +111,12 @@ SECURE_COOKIE_MODES = {"auto": "auto", "always": "always", "never": "never",
                        **{word: "always" for word in _TRUE_WORDS}, **{word: "never" for word in _FALSE_WORDS}}
 
 
+def secure_cookie_mode(value: Any) -> "str | None":
+    """``value`` (a mode or a yes/no word, any case, spaces around it ignored; True and False too)
+    as ``auto``, ``always`` or ``never``; None for anything else."""
+    return SECURE_COOKIE_MODES.get(str(value).strip().lower())
+
+
 def _choice_env(name: str, choices: "tuple[str, ...]", default: str) -> str:
     """One of ``choices`` (any case, spaces around it ignored); unset or blank: ``default``; else
     a ValueError quoting the value as it was set."""
@@ -118,7 +125,7 @@ def _choice_env(name: str, choices: "tuple[str, ...]", default: str) -> str:
     if not value:
         return default
     if value not in choices:
-        raise ValueError(f"environment variable {name}={raw!r}: expected one of {', '.join(choices)}")
+        raise ValueError(f"environment variable {name}={raw!r} is not one of {', '.join(choices)}")
     return value
 
 
@@ -174,9 +181,9 @@ class ServerSettings:
     dashboard_secure_cookies: str = "auto"
 
     def __post_init__(self) -> None:
-        mode = SECURE_COOKIE_MODES.get(str(self.dashboard_secure_cookies).strip().lower())
+        mode = secure_cookie_mode(self.dashboard_secure_cookies)
         if mode is None:
-            raise ValueError(f"dashboard_secure_cookies={self.dashboard_secure_cookies!r}: expected one of "
+            raise ValueError(f"dashboard_secure_cookies={self.dashboard_secure_cookies!r} is not one of "
                              f"{', '.join(SECURE_COOKIE_MODES)}")
         self.dashboard_secure_cookies = mode
 

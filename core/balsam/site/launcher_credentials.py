@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from ..client.settings import ClientSettings, ClientSettingsError
+from ..util import batch_job_id_from_env
 from .api_util import list_all
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,12 @@ def credential_path(site_path: Path, batch_job_id: int) -> Path:
 def use_launcher_credential(site_path: Path, env: "dict[str, str]") -> Optional[Path]:
     """Point ``BALSAM_CLIENT_PATH`` (in ``env``) at this BatchJob's credential if the agent wrote
     one; returns its path (None: the launcher uses the user's login, as before)."""
-    raw = env.get("BALSAM_BATCH_JOB_ID", "").strip()
-    if not raw.isdecimal():
+    # One rule with the launcher's own reading (isdecimal() took '\u0663' for 3, and int() raised
+    # a traceback on 5,000 digits): a value it ignores selects no credential either.
+    batch_job_id = batch_job_id_from_env(env)
+    if batch_job_id is None:
         return None
-    path = credential_path(site_path, int(raw))
+    path = credential_path(site_path, batch_job_id)
     if not path.is_file():
         return None
     env["BALSAM_CLIENT_PATH"] = str(path)

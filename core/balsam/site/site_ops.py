@@ -24,7 +24,7 @@ from .agent import (
     read_pid_record, recorded_agent_alive,
 )
 from ..scheduler import UNREPORTED_MAX_QUEUED_JOBS
-from ..util import process_start_time, same_process, terminate_processes
+from ..util import plain_decimal_text, process_start_time, same_process, terminate_processes
 from .job_template import default_template_for
 
 SITE_ID_FILE = ".balsam-site"
@@ -530,7 +530,7 @@ def start_agent(site_path: Path, *, wait_sec: float = 20.0, force: bool = False,
     console = log_dir / "agent-console.out"
     env = {**os.environ, "BALSAM_SITE_PATH": str(site_path)}
     if stop_wait_sec is not None and not env.get(STOP_WAIT_ENV, "").strip():
-        env[STOP_WAIT_ENV] = repr(float(stop_wait_sec))
+        env[STOP_WAIT_ENV] = plain_decimal_text(stop_wait_sec)  # repr(): 1e-05, which the agent refuses
     with open(console, "ab") as out:
         offset = out.tell()
         proc = subprocess.Popen(

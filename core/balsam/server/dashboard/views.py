@@ -38,6 +38,7 @@ from ..http import ID_AFTER, QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
 from ..routes.events import EV_FIELDS, events_select
 from ..routing import PUBLIC_BODY_LIMIT_BYTES, Ctx, read_body, route
+from ..settings import secure_cookie_mode
 from ..tables import apps, credentials, job_parents, jobs, log_events, sites, users
 from . import session as sessions
 from .plots import plot_data
@@ -247,8 +248,10 @@ def _app_root(request: Request) -> str:
 
 
 def _secure(request: Request, settings: Any) -> bool:
-    # ServerSettings stores the mode normalised (always, never or auto: its yes/no words mapped there).
-    mode = settings.dashboard_secure_cookies
+    # ServerSettings normalises the mode when made, but a program may set the field after ("yes",
+    # "1", True): read through the same mapping here, and a value it cannot read gives Secure
+    # cookies (fail closed: a typo must not send the session cookie over plain HTTP).
+    mode = secure_cookie_mode(settings.dashboard_secure_cookies) or "always"
     return mode == "always" or (mode == "auto" and request.url.scheme == "https")
 
 
