@@ -119,7 +119,8 @@ def test_a_spawner_count_that_is_no_count_is_named_and_the_default_used(raw: str
     with caplog.at_level(logging.WARNING, logger="balsam.launcher"):
         assert runner.spawner_count(2) == 2
     assert f"environment variable {runner.SPAWNER_ENV}={raw!r} is not a number from 0 to 256" in caplog.text
-    assert caplog.records[0].getMessage().endswith("(digits only, e.g. 30): taken as unset")  # was "using the default"
+    assert caplog.records[0].getMessage().endswith(
+        "(digits only, e.g. 30): using the default (a spawner per CPU of the node, up to 4)")  # says what happens
 
 
 def test_a_server_log_size_in_other_digits_is_named_on_stderr(monkeypatch: pytest.MonkeyPatch,

@@ -1254,7 +1254,8 @@ MAX_SPAWNERS = 256
 def spawner_setting() -> Optional[int]:
     """``BALSAM_LAUNCHER_SPAWNER`` as a whole number from 0 to :data:`MAX_SPAWNERS`, or None when it
     is unset or not one (warned about once, with its value: the launcher runs on with the default)."""
-    return env_number(SPAWNER_ENV, None, maximum=MAX_SPAWNERS, warn=logger.warning)
+    return env_number(SPAWNER_ENV, None, maximum=MAX_SPAWNERS, warn=logger.warning,
+                      instead=f"using the default (a spawner per CPU of the node, up to {MAX_AUTO_SPAWNERS})")
 
 
 def local_pool(error_tail_num_lines: int, wake: threading.Event, *, sigpipe_ignored: bool = False,
