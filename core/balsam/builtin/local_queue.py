@@ -57,6 +57,12 @@ class QueueError(Exception):
     """A request the queue refuses (unknown job id, missing script)."""
 
 
+class QueueStorageError(QueueError):
+    """The state directory cannot be written (full, over quota, read-only): exit status 1, which the
+    local scheduler takes for a failure to try again (as it took the traceback this replaces), not
+    2, a refusal for good."""
+
+
 def first_job_id(host: str, state_dir: Path, nonce: bytes) -> int:
     """The first job id of a new state directory, in [FIRST_ID_MIN, FIRST_ID_MAX).
 
@@ -154,9 +160,17 @@ class LocalQueue:
 
     def _write(self, db: dict[str, Any]) -> None:
         tmp = self.db_path.with_suffix(".json.tmp")
-        with open(tmp, "w") as fp:
-            json.dump(db, fp, indent=1, sort_keys=True)
-        os.replace(tmp, self.db_path)
+        try:
+            with open(tmp, "w") as fp:
+                json.dump(db, fp, indent=1, sort_keys=True)
+            os.replace(tmp, self.db_path)
+        except OSError as exc:
+            # One line naming the file (it was a traceback), and no partial tmp left on a full disk.
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise QueueStorageError(f"cannot write {self.db_path}: {exc.strerror or exc}") from None
 
     def _exit_file(self, job_id: int) -> Path:
         return self.state_dir / "jobs" / f"{job_id}.exit"
@@ -262,6 +276,11 @@ class LocalQueue:
                 for k, v in db["jobs"].items()
                 if v.get("state") != "finished" or now - v.get("end_time", now) < KEEP_FINISHED_SEC
             }
+            # The id is recorded before the job starts: a state directory that cannot be written
+            # (full, over quota) fails the submit here, with nothing started. Written only after
+            # the start, the job ran unrecorded while the submit failed: the agent submitted again
+            # (two launchers), and neither status nor delete knew the first.
+            self._write(db)
             exit_file = self._exit_file(job_id)
             exit_file.unlink(missing_ok=True)
             env = {**os.environ, **(extra_env or {})}
@@ -299,7 +318,13 @@ class LocalQueue:
                 "start_time": now,
                 "state": "running",
             }
-            self._write(db)
+            try:
+                self._write(db)
+            except QueueStorageError as exc:
+                # The disk filled since the write above: end the job rather than leave it running
+                # unrecorded (the submit fails and is tried again).
+                self._kill_tree(proc.pid, create_time)
+                raise QueueStorageError(f"{exc}; job {job_id} ended, not submitted") from None
             return job_id
 
     def status(self) -> dict[str, Any]:
@@ -337,7 +362,12 @@ class LocalQueue:
                     "start_time": record["start_time"],
                 }
             if changed:
-                self._write(db)
+                try:
+                    self._write(db)
+                except QueueStorageError:
+                    # A full disk: the listing is still right (the ended jobs are left out); their
+                    # records are settled again, and stored, at a poll that can write them.
+                    pass
             return listing
 
     def delete(self, job_id: int) -> None:
@@ -437,6 +467,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps(queue.find(args.script, args.name)))
         elif command == "history":
             print(json.dumps({str(job_id): queue.history(job_id) for job_id in args.job_ids}))
+    except QueueStorageError as exc:
+        print(f"local queue: {exc}", file=sys.stderr)
+        return 1
     except QueueError as exc:
         print(f"local queue: {exc}", file=sys.stderr)
         return 2

@@ -1193,7 +1193,12 @@ class BulkStatusUpdater:
         try:
             path = write_spool(self.spool_dir, updates)
         except OSError as exc:
-            logger.error("%s: cannot spool %d job updates to %s: %s", self.name, len(updates), self.spool_dir, exc)
+            # A full or over-quota site directory: say what is lost and what follows (it said only
+            # that it could not spool). Their jobs come back when their Session ends, as after a kill.
+            ids = [str(i) for i in dict.fromkeys(_record_id(u) for u in updates)]
+            logger.error("%s: cannot spool %d job updates to %s: %s; lost (jobs %s%s are run or processed again "
+                         "once their Session ends)", self.name, len(updates), self.spool_dir, exc.strerror or exc,
+                         ", ".join(ids[:10]), " ..." if len(ids) > 10 else "")
             return
         self.spooled += len(updates)
         self.spool_files.append(path)
@@ -1843,12 +1848,21 @@ def write_spool(spool_dir: "Path | str", updates: list[dict[str, Any]]) -> Path:
 def _write_updates(path: Path, updates: list[dict[str, Any]]) -> None:
     """Write ``updates`` to ``path``, one JSON line each, complete or not at all (write, then rename)."""
     tmp = path.with_name(f".{path.stem}.tmp")
-    with open(tmp, "w") as fh:
-        for update in updates:
-            fh.write(json.dumps(update, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            for update in updates:
+                fh.write(json.dumps(update, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full or over-quota disk: the part written is removed (it was left, taking the room
+        # the next try needs, and no replay ever reads a .tmp).
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 
 class SpoolReplayer:

@@ -389,8 +389,8 @@ def write_pid_file(site_path: Path) -> Path:
         # A temp name of this process's own: a shared one was replaced from under a concurrent start
         # (FileNotFoundError in os.replace).
         tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        tmp.write_text(f"{socket.gethostname()}\n{os.getpid()}\n{psutil.Process().create_time():.3f}\n")
-        os.replace(tmp, path)
+        _replace_with_text(tmp, path,
+                           f"{socket.gethostname()}\n{os.getpid()}\n{psutil.Process().create_time():.3f}\n")
     except BaseException:
         release_agent_lock(site_path)
         raise
@@ -415,8 +415,21 @@ def record_started_settings(site_path: Path, settings_text: Optional[bytes],
     if not added:
         return
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines[:3] + added))
-    os.replace(tmp, path)
+    _replace_with_text(tmp, path, "".join(f"{line}\n" for line in lines[:3] + added))
+
+
+def _replace_with_text(tmp: Path, path: Path, text: str) -> None:
+    """Write ``text`` to ``tmp``, then rename it to ``path``. On a full or over-quota disk the
+    error names ``path`` and ``tmp`` is removed (an empty one was left at every start)."""
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def kill_descendants(grace_sec: float = 3.0) -> list[int]:

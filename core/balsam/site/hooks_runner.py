@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import errno
+import io
 import json
 import os
 import sys
@@ -267,26 +269,77 @@ def _snapshot(job_obj: Any) -> dict:
     return snap
 
 
+#: errnos of a write to a file system with no room (full, over quota).
+NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+class _LogSink(io.RawIOBase):
+    """A file descriptor of the job's balsam.log, for the hook's ``sys.stdout``/``sys.stderr``: a
+    write the disk has no room for is dropped. A hook's ``print`` raised ``OSError: [Errno 28]``
+    on a full disk and failed its job, whose run had succeeded; the log is balsam's, not the app's."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: Any) -> int:
+        try:
+            return os.write(self._fd, data)
+        except OSError as exc:
+            if exc.errno in NO_ROOM_ERRNOS:
+                return len(data)  # dropped
+            raise
+
+
+def _log_stream(fd: int, like: Any, write_through: bool) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BufferedWriter(_LogSink(fd)), encoding=getattr(like, "encoding", None) or "utf-8",
+                            errors=getattr(like, "errors", None) or "strict", write_through=write_through)
+
+
 @contextlib.contextmanager
 def redirected_output(log_path: Path) -> Iterator[Any]:
-    """Send this process's stdout and stderr (also of its children) to ``log_path`` (append)."""
+    """Send this process's stdout and stderr (also of its children) to ``log_path`` (append). What
+    this process writes there through ``sys.stdout``/``sys.stderr`` is dropped if the disk has no
+    room (:class:`_LogSink`); its children's writes fail in them, as anywhere."""
     sys.stdout.flush()
     sys.stderr.flush()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     saved = os.dup(1), os.dup(2)
+    streams = sys.stdout, sys.stderr
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        sys.stdout, sys.stderr = _log_stream(1, streams[0], False), _log_stream(2, streams[1], True)
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # that output is lost, not the hook's result (_note); ValueError: a hook closed it
+        sys.stdout, sys.stderr = streams
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
         os.close(fd)
+
+
+def _note(text: str) -> None:
+    """Write a line of the job's balsam.log. A full or over-quota disk loses the line, not the
+    job: raised here, outside the hook's own try, it failed the worker's whole chunk ("the hook
+    worker process died: [Errno 28] No space left on device"), hooks that had run included."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        pass
 
 
 def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_path: Path, tail_num_lines: int = 10) -> dict:
@@ -321,7 +374,7 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
         base["serialized_exception"] = job["serialized_exception"] = exc_text
     cwd = os.getcwd()
     with output:
-        print(f"#BALSAM Running {hook} for Job {job['id']} at {now_iso()}", flush=True)
+        _note(f"#BALSAM Running {hook} for Job {job['id']} at {now_iso()}")
         try:
             if app_cls is None:
                 raise RuntimeError("the app could not be loaded")
@@ -337,7 +390,7 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
             after = _snapshot(job_obj)
         except BaseException as exc:  # a hook may raise anything, even SystemExit
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            print(text, flush=True)
+            _note(text)
             # api_json: an exception's text may hold a NUL (a hook parsing binary output), and the
             # server refused the whole FAILED for it.
             return api_json({
@@ -372,7 +425,7 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
             problem = check_hook_state(state, update.get("state"))
         if problem is not None:
             problem = problem.replace("\n", " ")[:1000]
-            print(f"#BALSAM {problem}; the job is FAILED", flush=True)
+            _note(f"#BALSAM {problem}; the job is FAILED")
             # The hook's other changes (data, tags ...) are kept: e.g. a retry counter in data.
             update.update(state=JobState.failed.value, state_timestamp=now_iso(), state_data={"message": problem})
     return api_json(update)

@@ -75,8 +75,6 @@ class LauncherCredentials:
     def _write(self, batch_job_id: int, answer: dict) -> Path:
         from ..serialization import parse_datetime
 
-        self.directory.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.directory, 0o700)
         client = self.client
         settings = ClientSettings(
             api_root=client.api_root,
@@ -90,7 +88,13 @@ class LauncherCredentials:
             server_certificate=getattr(client, "server_certificate", None),
             allow_insecure_http=bool(getattr(client, "allow_insecure_http", False)),
         )
-        return settings.save(credential_path(self.site_path, batch_job_id))
+        path = credential_path(self.site_path, batch_job_id)
+        try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+            return settings.save(path)
+        except OSError as exc:  # a full or over-quota site directory: say which file (it named none)
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
 
     def mint(self, batch_job: dict) -> Optional[Path]:
         """A credential for this BatchJob's launcher (before its submission). API errors propagate:
@@ -117,7 +121,17 @@ class LauncherCredentials:
                 logger.warning("the server has no launcher credentials (%s): launchers use your login", exc)
                 return None
             raise
-        path = self._write(int(batch_job["id"]), answer)
+        try:
+            path = self._write(int(batch_job["id"]), answer)
+        except OSError:
+            # A full or over-quota site directory: the credential just minted is revoked, or every
+            # cycle minted another that no file kept (one a second, live for days, in a real run).
+            try:
+                self.client.delete(f"/auth/credentials/{answer['id']}")
+            except Exception as revoke_exc:
+                logger.warning("BatchJob %s: could not revoke launcher credential %s that could not be stored (it "
+                               "expires on its own): %s", batch_job["id"], answer["id"], revoke_exc)
+            raise
         logger.info("BatchJob %s: launcher credential %s valid until %s", batch_job["id"], answer["id"], answer["expiration"])
         return path
 
@@ -173,7 +187,13 @@ class LauncherCredentials:
                 logger.warning("BatchJob %s: could not renew launcher credential %s: %s", batch_job["id"],
                                stored.credential_id, exc)
                 continue
-            self._write(int(batch_job["id"]), answer)
+            try:
+                self._write(int(batch_job["id"]), answer)
+            except OSError as exc:
+                # Renewed on the server all the same; the other BatchJobs are still renewed.
+                logger.warning("BatchJob %s: launcher credential %s renewed, not stored: %s", batch_job["id"],
+                               stored.credential_id, exc.strerror or exc)
+                continue
             renewed.append(int(batch_job["id"]))
             logger.info("BatchJob %s: launcher credential %s renewed until %s", batch_job["id"], stored.credential_id,
                         answer["expiration"])

@@ -549,6 +549,14 @@ def start_agent(site_path: Path, *, wait_sec: float = 20.0, force: bool = False,
                 fh.seek(offset)
                 said = fh.read().decode(errors="replace").strip().splitlines()
             detail = said[-1] if said else f"exit code {proc.returncode}"
+            if not said:
+                # A full or over-quota site directory: the agent's error could not be written to
+                # its console either (it said only "exit code 1"). Imported here: an error path.
+                from ..launcher.runner import disk_full_note
+
+                note = disk_full_note(site_path)
+                if note:
+                    detail = f"{detail}; {note}"
             if detail.startswith("Error: "):
                 detail = detail[len("Error: "):]
             raise SiteError(f"the site agent exited at start-up: {detail} (see {console})")
