@@ -133,12 +133,14 @@ def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = N
     local or UTC-aware like the BatchJobs' own times).
 
     ``first_runs`` (BatchJob id -> when its first job started RUNNING, see :func:`first_runs_query`):
-    an allocation held its nodes from then at the latest. The site agent records a BatchJob's
-    start_time (the scheduler's own start where its status poll gives one, else its sighting)
-    only when its next status poll sees it running (seconds after its launcher may have started
-    jobs), and none while the API still says queued: without this, a running campaign read busy
-    nodes where no node was held (``Busy 0.2``, ``Nodes held 0.0``) until that poll, and, where
-    start_time is the sighting, until the scheduler's history corrected it once the BatchJob ended."""
+    an allocation held its nodes from then at the latest. A BatchJob's start_time is the earliest
+    of when its launcher opened its first Session (recorded by the server, even while the API
+    still says queued) and the site agent's record at the status poll that sees it running (the
+    scheduler's own start where the poll gives one, else its sighting), so the runs of its jobs come
+    after it on the server's clock. This still counts them where ``batchjob_query`` was read before
+    start_time was recorded (a queued copy without one), or where runs are stamped on a launcher
+    clock that runs behind the server's: without it such a campaign read busy nodes where no node
+    was held (``Busy 0.2``, ``Nodes held 0.0``)."""
     changes: list[tuple[dt.datetime, int]] = []
     for bj in batchjob_query:
         start = bj.start_time

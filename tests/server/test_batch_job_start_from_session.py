@@ -165,6 +165,68 @@ def test_a_session_created_while_the_agents_patch_holds_the_row_still_lowers_it(
         api.close()
 
 
+@pytest.mark.postgres
+def test_the_agents_patch_waiting_for_a_session_create_keeps_the_sessions_start(
+        _live_server_pg_obj: Any, register: Any) -> None:
+    """PostgreSQL, the other order, both through the real routes: a launcher's Session create holds
+    the BatchJob row (its start_time UPDATE done, uncommitted) while the agent's bulk PATCH (state
+    running, its later sighting) waits for the row; the create commits first, and the PATCH,
+    reading the row under its lock, keeps the Session's start. Deterministic: a side connection
+    holds the launcher's credential, so the create stops right after its UPDATE (at its credential
+    FOR SHARE, the lock order's next step) until the PATCH waits behind it."""
+    api = Api(_live_server_pg_obj.url, register)
+    engine = sa.create_engine(_live_server_pg_obj.database_url)
+    holder, look = engine.connect(), engine.connect()
+    tx = None
+    threads: list[threading.Thread] = []
+    try:
+        site = api.site()
+        bj = _batch_job(api, site["id"])
+        cred = api.ok("POST", "/auth/credentials", 201, json={"site_id": site["id"], "ttl_sec": 600,
+                                                               "batch_job_id": bj["id"]})
+        launcher = {"Authorization": f"Bearer {cred['access_token']}"}
+        assert api.http.get("/sites/", headers=launcher).status_code == 200  # its token checked and cached
+        tx = holder.begin()
+        holder.execute(sa.text("SELECT id FROM credentials WHERE id = :id FOR UPDATE"), {"id": cred["id"]})
+        hpid = holder.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        out: dict[str, Any] = {}
+
+        def create() -> None:
+            out["before"] = dt.datetime.now(dt.timezone.utc)
+            out["create"] = api.http.post("/sessions/", headers=launcher, json={"site_id": site["id"]})
+            out["after"] = dt.datetime.now(dt.timezone.utc)
+
+        threads.append(threading.Thread(target=create))
+        threads[-1].start()
+        wait_blocked_by(look, hpid, 15, "the Session create never waited for its credential")
+        look.rollback()
+        [cpid] = look.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                              {"pid": hpid}).scalars().all()
+        sighting = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10)
+        threads.append(threading.Thread(target=lambda: out.update(patch=api.http.patch(
+            "/batch-jobs/", json=[{"id": bj["id"], "state": "running", "start_time": _iso(sighting)}]))))
+        threads[-1].start()
+        wait_blocked_by(look, cpid, 15, "the agent's PATCH never waited for the Session create's BatchJob row")
+        tx.rollback()  # the credential as it was: the create goes on and commits, then the PATCH
+        for thread in threads:
+            thread.join(60)
+        assert out["create"].status_code == 201, out["create"].text
+        assert out["patch"].status_code == 200, out["patch"].text
+        [answer] = out["patch"].json()
+        start = _start(api, bj["id"])
+        assert start is not None and out["before"] - SLACK <= start <= out["after"] + SLACK < sighting
+        assert answer["state"] == "running" and _utc(answer["start_time"]) == start
+    finally:
+        if tx is not None and tx.is_active:
+            tx.rollback()
+        for thread in threads:
+            thread.join(60)
+        holder.close()
+        look.close()
+        engine.dispose()
+        api.close()
+
+
 @pytest.fixture
 def env(db_kind: str, request: pytest.FixtureRequest) -> Any:
     """The Python API as a fresh user of the same live server as ``api`` (SQLite, PostgreSQL)."""
@@ -231,3 +293,111 @@ def test_runs_of_an_allocation_seen_started_late_count_from_its_sessions_start(e
     dash_times = [dt.datetime.fromtimestamp(t) for t in util["t"]]
     assert step_at(dash_times, util["available"], runs["behind"]) == nodes["behind"]
     assert step_at(dash_times, util["available"], runs["in_step"]) == nodes["behind"] + nodes["in_step"]
+
+
+@pytest.fixture
+def database_url_of_api(db_kind: str, request: pytest.FixtureRequest) -> str:
+    """The database of the live server ``api`` talks to (SQLite, PostgreSQL)."""
+    return request.getfixturevalue("_live_server_obj" if db_kind == "sqlite" else "_live_server_pg_obj").database_url
+
+
+def test_a_wrong_start_time_is_replaced_or_cleared_by_the_administrator(
+        api: Api, database_url_of_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo's early date stays through the API (a later or null start_time is not stored, the
+    answer shows the stored one); ``balsam server set-start-time`` on the database replaces or
+    clears it. Before: no way at all (the command did not exist)."""
+    import os
+
+    from click.testing import CliRunner
+
+    from balsam.cli import main
+
+    for key in [k for k in os.environ if k.startswith("BALSAM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BALSAM_DATABASE_URL", database_url_of_api)
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(main, ["server", "set-start-time", *args], catch_exceptions=False)
+
+    site = api.site()
+    bj = _batch_job(api, site["id"])
+    typo = dt.datetime(2016, 12, 6, 22, 0, tzinfo=dt.timezone.utc)
+    meant = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(minutes=5)
+    assert _utc(api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"start_time": _iso(typo)})["start_time"]) == typo
+    # Through the API the typo stays: the answer shows what is kept.
+    assert _utc(api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"start_time": _iso(meant)})["start_time"]) == typo
+
+    done = run(str(bj["id"]), _iso(meant))
+    assert done.exit_code == 0, done.output
+    assert f"BatchJob {bj['id']} (site {site['id']}, queued): start_time 2016-12-06 22:00:00 UTC -> " \
+           f"{meant:%Y-%m-%d %H:%M:%S} UTC" in done.output
+    assert _start(api, bj["id"]) == meant
+    # Written without a zone: UTC, as the API reads it.
+    naive = meant - dt.timedelta(minutes=1)
+    assert run(str(bj["id"]), naive.replace(tzinfo=None).isoformat()).exit_code == 0
+    assert _start(api, bj["id"]) == naive
+
+    cleared = run(str(bj["id"]), "--clear")
+    assert cleared.exit_code == 0 and "-> none" in cleared.output, cleared.output
+    assert _start(api, bj["id"]) is None
+    before, after = _open_session(api, site["id"], bj["id"])  # recorded again as at first
+    start = _start(api, bj["id"])
+    assert start is not None and before - SLACK <= start <= after + SLACK
+
+    # Refused with one line, nothing changed: a start after now, after its end, no such BatchJob,
+    # neither or both of WHEN and --clear, a WHEN that is no time.
+    future = run(str(bj["id"]), _iso(dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)))
+    assert future.exit_code == 1 and "is later than now" in future.output, future.output
+    ended = _batch_job(api, site["id"], state="running", start_time=_iso(meant))
+    api.ok("PUT", f"/batch-jobs/{ended['id']}", json={"state": "finished", "end_time": _iso(meant + dt.timedelta(minutes=1))})
+    late = run(str(ended["id"]), _iso(meant + dt.timedelta(minutes=2)))
+    assert late.exit_code == 1 and "later than its end_time" in late.output, late.output
+    assert _start(api, ended["id"]) == meant and _start(api, bj["id"]) == start
+    missing = run("2000000000", _iso(meant))
+    assert missing.exit_code == 1 and "no BatchJob 2000000000" in missing.output, missing.output
+    assert run(str(bj["id"])).exit_code == 2 and run(str(bj["id"]), _iso(meant), "--clear").exit_code == 2
+    garbage = run(str(bj["id"]), "yesterday")
+    assert garbage.exit_code == 2 and "ISO-8601" in garbage.output, garbage.output
+
+
+def test_a_later_start_time_not_stored_is_logged_once_at_info(caplog: pytest.LogCaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stored start is kept silently no longer: the server logs the first such request of its
+    process at INFO (naming the command that replaces a wrong one), the others at DEBUG; a null or
+    the stored value re-sent (a client re-sending its copy) is not logged."""
+    import logging
+    from types import SimpleNamespace
+
+    from balsam.server.routes import batch_jobs as routes
+
+    monkeypatch.setattr(routes, "_start_kept_logged", False)
+    stored = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    current = {1: SimpleNamespace(start_time=stored), 2: SimpleNamespace(start_time=stored)}
+    with caplog.at_level(logging.DEBUG, logger=routes.__name__):
+        for sent in (None, stored, stored + dt.timedelta(hours=1), stored + dt.timedelta(hours=2)):
+            patches = {1: {"start_time": sent}}
+            routes._keep_earliest_start(current, patches)
+            assert patches == {1: {}}
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in levels] == [logging.INFO, logging.DEBUG], levels
+    assert "BatchJob 1: start_time 2026-01-01T01:00:00+00:00 sent, 2026-01-01T00:00:00+00:00 kept" in levels[0][1]
+    assert "balsam server set-start-time" in levels[0][1]
+
+
+def test_ordering_by_start_time_lists_never_started_batch_jobs_last_and_first_reversed(api: Api) -> None:
+    """``ordering=start_time``: BatchJobs without a start last; ``-start_time``: first (Balsam 0.7
+    on PostgreSQL). Before, SQLite listed them at the other end each time."""
+    site = api.site()
+    early, late = (dt.datetime(2026, month, 1, tzinfo=dt.timezone.utc) for month in (1, 6))
+    names = {}
+    for name, start in (("none-1", None), ("late", late), ("none-2", None), ("early", early)):
+        bj = _batch_job(api, site["id"], **({"start_time": _iso(start)} if start else {}))
+        names[bj["id"]] = name
+
+    def listed(ordering: str) -> list[str]:
+        page = api.ok("GET", "/batch-jobs/", params={"site_id": site["id"], "ordering": ordering})
+        return [names[bj["id"]] for bj in page["results"]]
+
+    assert listed("start_time") == ["early", "late", "none-1", "none-2"]
+    assert listed("-start_time") == ["none-1", "none-2", "late", "early"]

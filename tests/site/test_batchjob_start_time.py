@@ -28,7 +28,7 @@ import pytest
 
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.models import SchedulerJobStatus
-from balsam.scheduler import Command, CommandResult, Scheduler, SchedulerError, StatusPoll, SubmitRequest
+from balsam.scheduler import Command, CommandResult, JobHistory, Scheduler, SchedulerError, StatusPoll, SubmitRequest
 from balsam.serialization import parse_datetime
 from balsam.site.modules.scheduler import START_TIME_SKEW_SEC, SchedulerModule
 from balsam.states import BatchJobState
@@ -197,6 +197,35 @@ def test_a_requeued_job_keeps_its_first_start(setup, client):
     fake.run_job(sid, _utcnow())
     module.run_cycle()
     assert batch_job(client, record["id"])["state"] == "running" and _start(client, record) == first
+
+
+def test_a_job_seen_running_only_in_its_history_after_its_launchers_session_gets_the_schedulers_start(
+        setup, client):
+    """The server recorded the launcher's first Session while the BatchJob was queued; the poll then
+    misses the job (a cut qstat, Cobalt's .cobaltlog) and its history says it runs. That stored start
+    is not a requeued job's first start: the history's exact, earlier start is sent and kept, and no
+    last_start_time is written (before: it went to status_info as if the job had been requeued).
+    A history start later than the Session's (the scheduler's clock behind) changes nothing."""
+    site, fake, module = setup
+    records = _submitted(client, site, module, count=2)
+    started = _utcnow()  # the scheduler started both right after their submission
+    for record in records:
+        client.post("/sessions/", json={"site_id": site.site_id, "batch_job_id": record["id"]})
+    early, late = records
+    session_start = _start(client, late)
+    assert session_start is not None and session_start > started
+    histories = {early["scheduler_id"]: started, late["scheduler_id"]: session_start + dt.timedelta(seconds=5)}
+    for sid in histories:
+        del fake.queue[sid]
+    fake.get_histories = lambda jobs, last_poll=None: {
+        sid: JobHistory(scheduler_id=sid, state=R, start_time=histories[sid]) for sid in jobs}
+    module.run_cycle()
+    for record in records:
+        after = batch_job(client, record["id"])
+        assert after["state"] == "running"
+        assert "last_start_time" not in after["status_info"], after["status_info"]
+    assert _start(client, early) == started
+    assert _start(client, late) == session_start
 
 
 def test_real_local_scheduler_start_is_its_queues_record(make_site, client, tmp_path):

@@ -1,4 +1,4 @@
-"""``balsam server start|stop|status|login|set-password|user|credentials|revoke|migrate``.
+"""``balsam server start|stop|status|login|set-password|user|credentials|revoke|set-start-time|migrate``.
 
 ``start`` runs the embedded server in the background with SQLite under ``$BALSAM_HOME/server``
 (nothing to install or configure). Clients reach it through a Unix socket in a private directory
@@ -682,6 +682,40 @@ def revoke(username: Optional[str], ids: tuple[int, ...], kinds: tuple[str, ...]
         except AdminError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"Revoked {len(revoked)} credential(s)" + (f": {', '.join(map(str, revoked))}" if revoked else ""))
+
+
+def _utc_text(when: "dt.datetime | None") -> str:
+    return "none" if when is None else f"{when.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+
+
+@server_group.command("set-start-time")
+@click.argument("batch_job_id", type=int)
+@click.argument("when", required=False, default=None)
+@click.option("--clear", is_flag=True, help="Clear it instead (recorded again by its launcher's next Session, "
+                                            "the site agent or the scheduler's history).")
+def set_start_time(batch_job_id: int, when: Optional[str], clear: bool) -> None:
+    """Replace a BatchJob's start_time with WHEN (ISO 8601; without a zone, UTC), or --clear it.
+
+    The API only moves a recorded start_time earlier (a later or null one sent is not stored), so
+    a wrong one, such as a typo's early date, is corrected here, on the server's database."""
+    from balsam.serialization import parse_datetime
+    from balsam.server.admin import Admin, AdminError
+
+    if clear == (when is not None):
+        raise click.UsageError("give either WHEN or --clear")
+    start = None
+    if when is not None:
+        try:
+            start = parse_datetime(when)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="WHEN") from None
+    with Admin(_admin_database_url()) as admin:
+        try:
+            done = admin.set_batch_job_start(batch_job_id, start)
+        except AdminError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"BatchJob {done['id']} (site {done['site_id']}, {done['state']}): start_time "
+               f"{_utc_text(done['old'])} -> {_utc_text(done['new'])}")
 
 
 @server_group.command("stop")

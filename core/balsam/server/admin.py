@@ -1,5 +1,6 @@
 """Administration straight on the database (``balsam server user ...``, ``balsam server revoke``,
-the embedded server's local login): whoever can open the database is the administrator."""
+``balsam server set-start-time``, the embedded server's local login): whoever can open the
+database is the administrator."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sqlalchemy as sa
 
 from .auth import create_token, hash_password, issue_credential, password_problem, revoke_credentials, utcnow
 from .db import create_db_engine, read_tx, write_tx
-from .tables import credentials, users
+from .tables import batch_jobs, credentials, users
 
 
 class AdminError(RuntimeError):
@@ -170,3 +171,41 @@ class Admin:
                 raise AdminError("say what to revoke: --user NAME, --id N or both")
             rows = revoke_credentials(conn, sa.and_(*clauses))
         return sorted(r.id for r in rows)
+
+    # -- BatchJobs ---------------------------------------------------------------------------
+    def set_batch_job_start(self, batch_job_id: int, start: Optional[dt.datetime]) -> dict[str, Any]:
+        """Replace BatchJob ``batch_job_id``'s start_time with ``start`` (a time without a zone is
+        UTC), or clear it (None). The API only moves a stored start_time earlier (routes/batch_jobs.py,
+        ``_keep_earliest_start``): the site agent's late sighting, PATCHed from a copy read before the
+        launcher's Session recorded the start, must not replace it, and the server cannot tell that
+        request from a user's (a Balsam 0.7 client sends the same). So a wrong one (a typo's early
+        date) is corrected here, by whoever administers the database, as a user's password is.
+        Cleared, it is recorded again as at first: by the next Session of its launcher, the agent's
+        next sighting of it starting, or the scheduler's history once it ends.
+
+        Refused (:class:`AdminError`): a BatchJob that does not exist, a start later than now (the
+        database host's clock on PostgreSQL, this process's on SQLite, as the Session's start), or
+        later than the BatchJob's end_time. Returns ``{"id", "site_id", "state", "old", "new"}``."""
+        if start is not None and start.tzinfo is None:
+            start = start.replace(tzinfo=dt.timezone.utc)
+        with write_tx(self.engine) as conn:
+            stmt = sa.select(batch_jobs.c.id, batch_jobs.c.site_id, batch_jobs.c.state, batch_jobs.c.start_time,
+                             batch_jobs.c.end_time).where(batch_jobs.c.id == batch_job_id)
+            if conn.dialect.name == "postgresql":
+                # The row lock a BatchJob update takes (NO KEY UPDATE: leases and sessions referring
+                # to it go on), so the checks below hold until this commits. One row, no other lock.
+                stmt = stmt.with_for_update(key_share=True, of=batch_jobs)
+            row = conn.execute(stmt).first()
+            if row is None:
+                raise AdminError(f"no BatchJob {batch_job_id}")
+            if start is not None:
+                now = (conn.execute(sa.select(sa.func.now())).scalar_one() if conn.dialect.name == "postgresql"
+                       else utcnow())
+                if start > now:
+                    raise AdminError(f"BatchJob {batch_job_id}: start_time {start:%Y-%m-%d %H:%M:%S} UTC is later "
+                                     f"than now ({now.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC)")
+                if row.end_time is not None and start > row.end_time:
+                    raise AdminError(f"BatchJob {batch_job_id}: start_time {start:%Y-%m-%d %H:%M:%S} UTC is later "
+                                     f"than its end_time ({row.end_time:%Y-%m-%d %H:%M:%S} UTC)")
+            conn.execute(sa.update(batch_jobs).where(batch_jobs.c.id == batch_job_id).values(start_time=start))
+        return {"id": row.id, "site_id": row.site_id, "state": row.state, "old": row.start_time, "new": start}

@@ -281,8 +281,9 @@ def launcher_credential_problem(conn: sa.Connection, user: AuthUser, *, share_lo
       came first, the heartbeat waits for it and finds the session deleted (404); otherwise that
       read waits for the acquire's commit and the revoke then ends the session with the jobs just
       leased. A ``FOR SHARE`` read there would deadlock: a revoke holds the credential then waits
-      for the sessions, while a finishing or deleted BatchJob's update holds its sessions, then
-      revokes the credential (routes/batch_jobs.py); an acquire holds its session.
+      for the sessions, while an acquire holds its session and would then wait for the credential.
+      (A finishing or deleted BatchJob's update revokes its credentials before it ends their
+      sessions, routes/batch_jobs.py: the revoke's own order.)
     """
     if user.site_id is None:
         return None

@@ -31,7 +31,8 @@ know an answer was lost, and a launcher that did get it would then run jobs it n
 
 Lock order (PostgreSQL; SQLite runs one write transaction at a time). Every transaction that
 locks more than one kind of row takes them in one order, each kind in id order:
-BatchJobs, then sessions, then jobs, then a job's transfer items (and other rows of its own):
+BatchJobs, then credentials, then sessions, then jobs, then a job's transfer items (and other
+rows of its own):
 
 - the expiry sweep locks the stale sessions (``FOR UPDATE SKIP LOCKED``: one a request holds is
   left to it), then their RUNNING jobs (:func:`release_session_jobs`), then deletes the sessions.
@@ -48,9 +49,20 @@ BatchJobs, then sessions, then jobs, then a job's transfer items (and other rows
   without a lock, so the heartbeat may find it deleted by the sweep it waited for: that is 404
   (:func:`heartbeat`), the answer a launcher replaces its session on (leasing jobs to the deleted
   session was a foreign-key violation, 409);
-- a launcher credential's session create reads its credential ``FOR SHARE`` first (a revoke's
-  UPDATE of it waits, then ends the new session); its acquire and tick read it without a lock,
-  after the heartbeat locked the session (auth.launcher_credential_problem says why);
+- a launcher credential's session create reads its credential ``FOR SHARE`` before any session
+  (a revoke's UPDATE of it waits, then ends the new session), after its BatchJob's start_time
+  ``UPDATE`` (:func:`note_batch_job_start`); its acquire and tick read it without a lock, after
+  the heartbeat locked the session (auth.launcher_credential_problem says why);
+- a BatchJob comes before its credentials everywhere: that create; a BatchJob's finish or delete
+  (locked, then its credentials revoked); a site's delete (routes/sites.py), which locks the
+  site's BatchJobs (id order, ``FOR NO KEY UPDATE``, which a lease's key-share lock on one does
+  not wait for) before its credentials ``FOR UPDATE``, apps and jobs, its cascade then deleting
+  the rest. It used to lock the credentials first and reach the BatchJobs in its cascade, last:
+  with a create holding the BatchJob and waiting for its credential, a deadlock (503). A revoke
+  alone (``balsam server revoke``, ``DELETE /auth/credentials/{id}``) locks no BatchJob, and its
+  credentials before the sessions it ends (auth.revoke_credentials); a BatchJob's finish or delete
+  now does too (it ended the sessions first and then revoked the credentials: with a concurrent
+  revoke, a deadlock);
 - job updates lock their jobs (id order) before anything of theirs; a transfer update locks its
   items' jobs before writing the items (a job's delete locks the job, then its cascade the items);
   a job create reads its parents ``FOR SHARE`` (a parent finishing meanwhile waits for the links,
@@ -183,9 +195,10 @@ commits first and the other reads its value, and both keep the minimum, so the r
 earliest of the two whatever the order. A PATCH never raises or clears a stored start_time, so a
 row this ``UPDATE`` finds with an earlier start (it then takes no lock) cannot become later under
 it. Lock order: the create takes the BatchJob first (before its credential ``FOR SHARE`` and any
-session or job), as a BatchJob update or delete takes it before its sessions and credentials. Taken
-after the credential, it and a PATCH finishing the BatchJob (holding the BatchJob, then revoking
-the credential) would each wait for the other: a deadlock, which PostgreSQL ends with a 503.
+session or job), as a BatchJob update or delete takes it before its credentials and sessions, and
+a site's delete takes its BatchJobs before its credentials. Taken after the credential, it and a
+PATCH finishing the BatchJob (holding the BatchJob, then revoking the credential) would each wait
+for the other: a deadlock, which PostgreSQL ends with a 503.
 """
 
 from __future__ import annotations

@@ -59,13 +59,15 @@ def available_series(conn: sa.Connection, user_id: int, q: QueryParams,
     (an allocation that runs any job, or only jobs with these tags).
 
     An active BatchJob holds its nodes from its first job's start at the latest (``first_runs``,
-    as the Python API's ``first_runs_query``): the site agent records start_time (the scheduler's
-    own start where its status poll gives one, else when the poll sees the job running) only at its
-    next status poll, up to ``scheduler.sync_period`` after the launcher started jobs, and the plot
-    showed busy nodes where none were held until then. A run more than ``FIRST_RUN_LOOKBACK``
-    (2 min) before a start_time that is the agent's late sighting (a scheduler that reports no
-    start, a sync period above 2 min, an agent that was down) is not counted: held from
-    start_time."""
+    as the Python API's ``first_runs_query``): start_time is recorded when the allocation's
+    launcher opens its first Session (the server, sessions_logic.note_batch_job_start) or at the
+    site agent's status poll that sees it running (the scheduler's own start where the poll gives
+    one, which is kept when earlier), and a run may be stamped before it (on a launcher's clock
+    behind the server's). A run more than ``FIRST_RUN_LOOKBACK`` (2 min) before start_time is not
+    counted (another allocation's run of a job re-run here, or a launcher clock that far behind):
+    held from start_time. The agent's late sighting (a scheduler that reports no start, a sync
+    period above 2 min, an agent that was down) is the start only of an allocation whose launcher
+    never opened a Session."""
     stmt, _order = batch_jobs_select(user_id, q, conn.dialect.name)
     stmt = stmt.where(sa.or_(batch_jobs.c.start_time.is_not(None), batch_jobs.c.state.in_(sorted(ACTIVE_BATCH_JOB_STATES))),
                       batch_jobs.c.state.not_in(_NEVER_STARTED))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,6 +22,8 @@ from ..jobs_logic import BATCH_JOB_ENDED_MSG, json_contains, owned_site_ids, sit
 from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sessions, sites
+
+logger = logging.getLogger(__name__)
 
 BJ_FIELDS = ["id", "site_id", "scheduler_id", "project", "queue", "optional_params", "num_nodes", "wall_time_min",
              "job_mode", "partitions", "filter_tags", "state", "status_info", "start_time", "end_time"]
@@ -92,7 +95,11 @@ def batch_jobs_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Se
     if ordering == "-id":
         order = [batch_jobs.c.id.desc()]
     elif ordering in ("start_time", "-start_time"):
-        order = [batch_jobs.c.start_time.desc() if ordering.startswith("-") else batch_jobs.c.start_time.asc(), batch_jobs.c.id]
+        # Never-started BatchJobs (no start_time) last, latest first when reversed: Balsam 0.7's
+        # order on PostgreSQL, where that is the default. SQLite's default puts NULLs first
+        # ascending, so the two backends listed them at opposite ends; said on both.
+        start = batch_jobs.c.start_time
+        order = [start.desc().nulls_first() if ordering.startswith("-") else start.asc().nulls_last(), batch_jobs.c.id]
     return stmt, order
 
 
@@ -201,6 +208,10 @@ def _check_frozen_fields(current: dict[int, Any], patches: dict[int, dict[str, A
                        refused_ids=refused)
 
 
+#: Whether this process logged a start_time not stored at INFO yet (:func:`_keep_earliest_start`).
+_start_kept_logged = False
+
+
 def _keep_earliest_start(current: dict[int, Any], patches: dict[int, dict[str, Any]]) -> None:
     """A sent start_time is stored only where the stored one is NULL or later: start_time is the
     allocation's first start, and each writer knows it no earlier than it happened (the agent's
@@ -211,7 +222,12 @@ def _keep_earliest_start(current: dict[int, Any], patches: dict[int, dict[str, A
     lock). The server cannot tell that PATCH from a user's (the same Balsam 0.7 request, the same
     token), so a later start_time is not stored from anyone, and a sent null (a client re-sending a
     copy read before the start was known) keeps the stored one; the answer shows what is stored.
-    An earlier one is stored (the scheduler's history once the BatchJob ended)."""
+    An earlier one is stored (the scheduler's history once the BatchJob ended). A wrong stored one
+    (a typo's early date) is replaced or cleared by the server's administrator, on the database:
+    ``balsam server set-start-time`` (admin.Admin.set_batch_job_start). A later one not stored is
+    also logged: the first per server process at INFO (the agent's late sighting makes most of
+    them: logged each, the log would fill with the expected case), the others at DEBUG."""
+    global _start_kept_logged
     for bj_id, patch in patches.items():
         if "start_time" not in patch:
             continue
@@ -219,6 +235,14 @@ def _keep_earliest_start(current: dict[int, Any], patches: dict[int, dict[str, A
         # Both aware: the parser reads a time without a zone as UTC, tables.UTCDateTime returns UTC.
         if stored is not None and (sent is None or sent >= stored):
             del patch["start_time"]
+            if sent is not None and sent != stored:
+                first, _start_kept_logged = not _start_kept_logged, True
+                logger.log(logging.INFO if first else logging.DEBUG,
+                           "BatchJob %s: start_time %s sent, %s kept: a stored start_time only moves earlier "
+                           "(the site agent's sighting of a job its launcher's Session already started is such "
+                           "a case); `balsam server set-start-time` replaces a wrong one%s", bj_id,
+                           sent.isoformat(), stored.isoformat(),
+                           " (further such cases are logged at DEBUG)" if first else "")
 
 
 def _update_many(conn: sa.Connection, user_id: int,
@@ -237,7 +261,8 @@ def _update_many(conn: sa.Connection, user_id: int,
         # queued). Rows in id order (two bulk updates cannot deadlock); NO KEY UPDATE, the lock
         # the UPDATE below takes anyway, so a session or a lease referring to the BatchJob (a
         # key-share lock) does not wait. The lock order of this path: BatchJobs, then their
-        # sessions, then jobs (see sessions_logic). (SQLite serializes writers.)
+        # credentials (a finish revokes them), sessions, then jobs (see sessions_logic). (SQLite
+        # serializes writers.)
         stmt = stmt.order_by(batch_jobs.c.id).with_for_update(key_share=True, of=batch_jobs)
     stored = {row.id: row for row in conn.execute(stmt)}
     missing = set(ids) - stored.keys()
@@ -252,9 +277,14 @@ def _update_many(conn: sa.Connection, user_id: int,
                 if values.get("state") == BJ.finished.value and current[bj_id] != BJ.finished.value]
     revoked: list[int] = []
     if finished:
-        end_batch_job_sessions(conn, finished)
-        # Launcher credentials end with their allocation.
+        # Launcher credentials end with their allocation, and its sessions: the credentials first,
+        # as a revoke alone (DELETE /auth/credentials/{id}, `balsam server revoke`) takes them
+        # before the sessions it ends (auth.revoke_credentials, which ends those of the launcher
+        # credentials' BatchJobs here too). Sessions first, then the credentials, this and a
+        # concurrent revoke each held what the other waited for (a deadlock, 503). The rest (a
+        # user's sessions naming the BatchJob) after.
         revoked = [r.id for r in revoke_credentials(conn, credentials.c.batch_job_id.in_(finished))]
+        end_batch_job_sessions(conn, finished)
     rows = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id.in_(ids)).order_by(batch_jobs.c.id))
     return [bj_dict(r) for r in rows], revoked
 
@@ -311,16 +341,17 @@ def bulk_update(ctx: Ctx) -> Response:
 def delete_batch_job(ctx: Ctx) -> Response:
     bj_id = ctx.path_int("batch_job_id")
     with ctx.write() as conn:
-        # Locked first, as an update of it locks it first (the lock order BatchJob, sessions, jobs):
-        # a concurrent update (its finish) and this delete take their turns instead of each
-        # holding what the other waits for. NO KEY UPDATE, as the update takes: a lease of a job
+        # Locked first, as an update of it locks it first (the lock order BatchJob, credentials,
+        # sessions, jobs): a concurrent update (its finish) and this delete take their turns
+        # instead of each holding what the other waits for. NO KEY UPDATE, as the update takes: a lease of a job
         # to one of its sessions (a key-share lock on it) goes on; the DELETE below waits for it.
         _get_owned(conn, ctx.user.id, bj_id, lock=True)
-        # As when it finishes: its launcher can no longer report, so its sessions end now (RUNNING
-        # jobs -> RUN_TIMEOUT, the others freed) rather than keep their jobs leased, and its
-        # credentials stop. Their rows go with the BatchJob: their ids are read first.
-        end_batch_job_sessions(conn, [bj_id])
+        # As when it finishes: its launcher can no longer report, so its credentials stop and its
+        # sessions end now (RUNNING jobs -> RUN_TIMEOUT, the others freed) rather than keep their
+        # jobs leased; the credentials first, as there. Their rows go with the BatchJob: their ids
+        # are read first.
         revoke_credentials(conn, credentials.c.batch_job_id == bj_id)
+        end_batch_job_sessions(conn, [bj_id])
         cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.batch_job_id == bj_id)).scalars())
         conn.execute(sa.delete(batch_jobs).where(batch_jobs.c.id == bj_id))
     ctx.forget_credentials(cred_ids)

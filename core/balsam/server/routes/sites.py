@@ -18,7 +18,7 @@ from ..http import PAGINATION, json_response, no_content, pagination, wire_datet
 from ..idempotency import replay_one
 from ..jobs_logic import delete_jobs_of, like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
-from ..tables import credentials, sites
+from ..tables import batch_jobs, credentials, sites
 
 SITE_FIELDS = [f for f in ("id", "name", "path", "globus_endpoint_id", "backfill_windows", "queued_jobs",
                            "optional_batch_job_params", "allowed_projects", "allowed_queues", "transfer_locations",
@@ -169,11 +169,24 @@ def delete_site(ctx: Ctx) -> Response:
     site_id = ctx.path_int("site_id")
     with ctx.write() as conn:
         get_owned_site(conn, ctx.user.id, site_id)
+        if conn.dialect.name == "postgresql":
+            # The lock order (sessions_logic's module docstring): the site's BatchJobs first (id
+            # order, as a bulk BatchJob update takes them), then its credentials, apps, jobs, and
+            # the cascade's rows. A launcher's session create locks its BatchJob (the start_time
+            # UPDATE, note_batch_job_start) and then its credential FOR SHARE; a BatchJob's delete
+            # or finish locks it and then revokes its credentials. Taken by the cascade at the end,
+            # after the credentials below, the BatchJob row was the second lock here and the first
+            # there: each waited for the other (a deadlock, 503). NO KEY UPDATE, the lock those
+            # take: the key-share locks of a lease, a session or a credential referring to the
+            # BatchJob do not wait for it (the DELETE at the end does, as before).
+            conn.execute(sa.select(batch_jobs.c.id).where(batch_jobs.c.site_id == site_id)
+                         .order_by(batch_jobs.c.id).with_for_update(key_share=True, of=batch_jobs)).all()
         # The site's launcher credentials go with it: read their ids first, so that this process
         # stops trusting them now rather than when its credential cache would check again.
-        # Locked first (PostgreSQL): a launcher's session create holds its credential FOR SHARE and
-        # then checks its site (FOR KEY SHARE): deleting the site row first, whose cascade then waited
-        # for that credential, took the two locks in the other order (a deadlock, 503).
+        # Locked before the site's row (PostgreSQL): a launcher's session create holds its
+        # credential FOR SHARE and then checks its site (FOR KEY SHARE): deleting the site row
+        # first, whose cascade then waited for that credential, took the two locks in the other
+        # order (a deadlock, 503).
         cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.site_id == site_id)
                                      .with_for_update()).scalars())
         # Its jobs first, as a job delete does: their waiting children on the user's other sites

@@ -1180,11 +1180,19 @@ class SchedulerModule(AgentModule):
             if not batch_job.get("start_time"):
                 update["start_time"] = format_datetime(started or utcnow())
             elif history.start_time is not None:
-                # A requeued BatchJob runs again: start_time keeps the first start (as in
-                # _record_requeue); this run's start is status_info's last_start_time.
+                # As _left_queue: a stored start is not always a requeued job's first one. The
+                # server records the launcher's first Session while the BatchJob is still queued
+                # (sessions_logic.note_batch_job_start), later than the scheduler's exact start:
+                # an earlier history start is sent (the server keeps the earlier). A requeued
+                # BatchJob runs again: start_time keeps the first start (as in _record_requeue),
+                # and this run's later start is status_info's last_start_time.
+                stored = _aware(parse_datetime(batch_job["start_time"]))
                 info = dict(update.get("status_info") or batch_job.get("status_info") or {})
-                info["last_start_time"] = format_datetime(history.start_time)
-                update["status_info"] = info
+                if _aware(history.start_time) < stored:
+                    update["start_time"] = format_datetime(history.start_time)
+                elif info.get("requeue_count") and _aware(history.start_time) > stored:
+                    info["last_start_time"] = format_datetime(history.start_time)
+                    update["status_info"] = info
             self.logger.info("BatchJob %s: queued -> running (from the scheduler's history)", batch_job["id"])
         self.logger.debug("BatchJob %s: scheduler job %s not in the status poll, but its history says %s",
                           batch_job["id"], batch_job["scheduler_id"], history.state.value)
