@@ -126,7 +126,7 @@ class Processing:
         self.error = ""
         try:
             from balsam.config import SiteConfig
-            from balsam.launcher._api import default_client
+            from balsam.launcher.service_calls import default_client
             from balsam.site.modules.processing import ProcessingModule
 
             site_config = SiteConfig(site_path)

@@ -332,7 +332,7 @@ def submit_batch_jobs(site_id: int, run_id: str, wall_time_min: int,
 
 
 def job_rows(client: Any, run_id: str) -> list[dict]:
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     return list_all(client, "/jobs/", {"tags": f"demo_run:{run_id}"})
 
@@ -443,7 +443,7 @@ def watch(client: Any, run_id: str, total: int, timeout: float,
 def throughput(client: Any, run_id: str) -> Optional[tuple[float, float, int]]:
     """(seconds from the first RUNNING to the last JOB_FINISHED, jobs/s, jobs finished) from the event log."""
     from balsam.serialization import parse_datetime
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     started = list_all(client, "/events/", {"tags": f"demo_run:{run_id}", "to_state": "RUNNING"})
     finished = list_all(client, "/events/", {"tags": f"demo_run:{run_id}", "to_state": "JOB_FINISHED"})

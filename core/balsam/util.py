@@ -296,7 +296,7 @@ def batch_job_id_from_env(environ: "Mapping[str, str]") -> Optional[int]:
     """``$BALSAM_BATCH_JOB_ID`` in ``environ`` as a BatchJob id (plain digits), else None: another
     value (``-5``, ``1_000``: int() took them and picked some BatchJob) is warned about once and
     ignored, and the launcher looks its BatchJob up by the scheduler's id. One rule for the
-    launcher's start, its early Session and :func:`balsam.launcher._api.find_batch_job_id`."""
+    launcher's start, its early Session and :func:`balsam.launcher.service_calls.find_batch_job_id`."""
     return env_number(BATCH_JOB_ID_ENV, None, environ=environ, warn=logging.getLogger("balsam.launcher").warning,
                       instead="looking the BatchJob up by the scheduler's id")
 

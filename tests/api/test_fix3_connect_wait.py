@@ -189,15 +189,15 @@ def test_a_script_that_ipython_runs_is_no_interactive_session(monkeypatch):
 
 def test_launchers_and_agents_make_their_clients_without_the_interactive_wait(monkeypatch):
     from balsam.client.default import set_default_client
-    from balsam.launcher import _api
-    from balsam.site.api_util import load_site_client
+    from balsam.launcher import service_calls
+    from balsam.site.service_client import load_site_client
 
     monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)  # a launcher taken for a prompt (IPython)
     made = RESTClient("unix:///nowhere/balsam.sock")
     assert made.connect_wait == rest.INTERACTIVE_SESSION_CONNECT_WAIT_S
     set_default_client(made)
     try:
-        assert _api.default_client() is made and made.connect_wait == math.inf
+        assert service_calls.default_client() is made and made.connect_wait == math.inf
     finally:
         set_default_client(None)
     site = types.SimpleNamespace(client=lambda: RESTClient("unix:///nowhere/balsam.sock"))
@@ -208,7 +208,7 @@ def test_launchers_and_agents_make_their_clients_without_the_interactive_wait(mo
 
 
 def test_a_bad_connect_wait_is_logged_by_the_agent(monkeypatch, caplog):
-    from balsam.site.api_util import load_site_client
+    from balsam.site.service_client import load_site_client
 
     caplog.set_level(logging.ERROR, logger="balsam.site.agent")
     monkeypatch.setattr("balsam.client.load_client", lambda: RESTClient("unix:///x/b.sock"))

@@ -1,5 +1,5 @@
 """Keyset paging (``id__gt``) where the client pages on its own, outside ``Query``: ``balsam job ls``,
-``balsam.site.api_util.list_all`` (the agent's lists) and the transfers module's pages of pending
+``balsam.site.service_client.list_all`` (the agent's lists) and the transfers module's pages of pending
 items. All go through ``balsam._api.query.read_pages``. Before, each paged by offset: records that
 left the filter between two pages moved every later one back, and as many unchanged records were
 skipped at the next page's start (``job ls`` read a page again when the count fell, so a departure
@@ -131,25 +131,25 @@ def test_job_ls_misses_no_job_when_one_leaves_and_one_arrives_between_pages(
 # ---------------------------------------------------------------------------------------- list_all
 def test_list_all_misses_no_job_that_stays(env: Any, tmp_path: Path, gets: Any,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import balsam.site.api_util as api_util
+    import balsam.site.service_client as service_client
     from balsam.client import load_client
 
-    monkeypatch.setattr(api_util, "MAX_PAGE_SIZE", PAGE)
+    monkeypatch.setattr(service_client, "MAX_PAGE_SIZE", PAGE)
     ids = _make_jobs(tmp_path, 17)
     client = load_client()
     # Before the second page, 3 jobs of the first (already read) leave the filter.
     sent = gets("/jobs/", {1: lambda: _set_state(env, ids[:3], "FAILED")})
-    rows = api_util.list_all(client, "/jobs/", {"state": "STAGED_IN"})
+    rows = service_client.list_all(client, "/jobs/", {"state": "STAGED_IN"})
     assert [row["id"] for row in rows] == ids, (sorted(set(ids) - {row["id"] for row in rows}), sent)
     assert [(p.get("offset"), p.get("id__gt"), p["limit"]) for p in sent] == [
         (0, None, 5), (None, ids[4], 5), (None, ids[9], 5), (None, ids[14], 5)]
     # A limit ends the read at that many rows (the last page asks for what is left); other
     # orderings page by offset.
     sent.clear()
-    assert [row["id"] for row in api_util.list_all(client, "/jobs/", {"state": "STAGED_IN"}, limit=7)] == ids[3:10]
+    assert [row["id"] for row in service_client.list_all(client, "/jobs/", {"state": "STAGED_IN"}, limit=7)] == ids[3:10]
     assert [(p.get("offset"), p.get("id__gt"), p["limit"]) for p in sent] == [(0, None, 5), (None, ids[7], 2)]
     sent.clear()
-    newest = api_util.list_all(client, "/jobs/", {"state": "STAGED_IN", "ordering": "-id"})
+    newest = service_client.list_all(client, "/jobs/", {"state": "STAGED_IN", "ordering": "-id"})
     assert [row["id"] for row in newest] == ids[:2:-1]
     assert all("id__gt" not in p for p in sent), sent
 
@@ -163,7 +163,7 @@ def test_transfers_pending_pages_go_on_by_id_across_cycles(env: Any, tmp_path: P
     items just past the last read were skipped that cycle."""
     from balsam.api import ApplicationDefinition, Job
     from balsam.client import load_client
-    from balsam.site.api_util import bulk_patch
+    from balsam.site.service_client import bulk_patch
     from balsam.site.modules.transfers import PENDING_PAGES_PER_CYCLE, TransfersModule, TransfersOptions
 
     site = _site(tmp_path, transfer_locations={"shared": "local://"})
@@ -205,12 +205,12 @@ def test_a_client_remembers_a_server_that_ignores_id__gt(env: Any, tmp_path: Pat
     """Balsam 0.7's server ignores unknown parameters: the first listing of several pages spends
     one request finding out (its second page comes back from the start); later ones of the same
     client page by offset at once. Another client asks again."""
-    import balsam.site.api_util as api_util
+    import balsam.site.service_client as service_client
     from balsam.api import Job
     from balsam.client import load_client
 
     monkeypatch.setattr(Query, "page_size", PAGE)
-    monkeypatch.setattr(api_util, "MAX_PAGE_SIZE", PAGE)
+    monkeypatch.setattr(service_client, "MAX_PAGE_SIZE", PAGE)
     ids = _make_jobs(tmp_path, 12)
     sent = gets("/jobs/", drop=("id__gt",))
     client = Job._get_client()
@@ -220,12 +220,12 @@ def test_a_client_remembers_a_server_that_ignores_id__gt(env: Any, tmp_path: Pat
     assert client.lacks_id_after is True
     sent.clear()
     assert [job.id for job in Job.objects.all()] == ids
-    assert [row["id"] for row in api_util.list_all(client, "/jobs/")] == ids
+    assert [row["id"] for row in service_client.list_all(client, "/jobs/")] == ids
     assert [(p.get("offset"), p.get("id__gt")) for p in sent] == [(0, None), (5, None), (10, None)] * 2
     sent.clear()
     other = load_client()
     assert other.lacks_id_after is False
-    assert [row["id"] for row in api_util.list_all(other, "/jobs/")] == ids
+    assert [row["id"] for row in service_client.list_all(other, "/jobs/")] == ids
     assert [(p.get("offset"), p.get("id__gt")) for p in sent] == [(0, None), (None, ids[4]), (5, None), (10, None)]
 
 
@@ -236,7 +236,7 @@ def test_a_client_remembers_a_server_older_than_id__gt(database_url: str, monkey
     with the filter taken out of its list of job filters. The refusal costs the first listing one
     request; the client's later listings (Python API, list_all, job ls) page by offset at once."""
     import balsam.cli.job as job_cli
-    import balsam.site.api_util as api_util
+    import balsam.site.service_client as service_client
     from balsam._api.model import reset_default_client, set_default_client
     from balsam.api import Job
     from balsam.server import jobs_logic
@@ -245,7 +245,7 @@ def test_a_client_remembers_a_server_older_than_id__gt(database_url: str, monkey
 
     monkeypatch.setattr(jobs_logic, "JOB_FILTERS", jobs_logic.JOB_FILTERS - {"id__gt"})
     monkeypatch.setattr(Query, "page_size", PAGE)
-    monkeypatch.setattr(api_util, "MAX_PAGE_SIZE", PAGE)
+    monkeypatch.setattr(service_client, "MAX_PAGE_SIZE", PAGE)
     monkeypatch.setattr(job_cli, "LIST_PAGE_SIZE", PAGE)
     url = serve_in_process(create_app(
         settings=ServerSettings(database_url=database_url, registration="open",
@@ -260,7 +260,7 @@ def test_a_client_remembers_a_server_older_than_id__gt(database_url: str, monkey
     try:
         ids = _make_jobs(tmp_path, 12)
         sent = gets("/jobs/")
-        assert [row["id"] for row in api_util.list_all(client, "/jobs/")] == ids
+        assert [row["id"] for row in service_client.list_all(client, "/jobs/")] == ids
         assert [(p.get("offset"), p.get("id__gt")) for p in sent] == [(0, None), (None, ids[4]), (5, None), (10, None)]
         assert client.lacks_id_after is True
         sent.clear()

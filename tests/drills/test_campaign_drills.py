@@ -58,7 +58,7 @@ def campaign(site_name: str, runs: Path, count: int, *, seconds: float = 0.0, pa
              tags: "dict[str, str] | None" = None, runnable: bool = False) -> list[int]:
     """``count`` jobs appending their id to ``runs`` (then sleeping ``seconds``); returns their ids."""
     from balsam.api import ApplicationDefinition, Job
-    from balsam.launcher._api import default_client
+    from balsam.launcher.service_calls import default_client
 
     class Drill(ApplicationDefinition):
         site = site_name
@@ -79,7 +79,7 @@ def campaign(site_name: str, runs: Path, count: int, *, seconds: float = 0.0, pa
 
 
 def state_count(site_name: str, state: str) -> int:
-    from balsam.launcher._api import default_client
+    from balsam.launcher.service_calls import default_client
 
     client = default_client()
     if site_name not in _site_ids:
@@ -174,8 +174,8 @@ def stop_launchers(procs: list[Any]) -> None:
 
 
 def events_to(ids: list[int], state: str) -> collections.Counter:
-    from balsam.launcher._api import default_client
-    from balsam.site.api_util import list_all
+    from balsam.launcher.service_calls import default_client
+    from balsam.site.service_client import list_all
 
     rows = list_all(default_client(), "/events/", {"to_state": state})
     wanted = set(ids)

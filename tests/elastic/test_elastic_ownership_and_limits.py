@@ -210,9 +210,9 @@ def test_a_cycle_reads_with_the_same_requests_whatever_the_backlog_size(make_sit
     """Runnable jobs within and beyond the limits, and jobs running in its own BatchJob: the
     cycle's reads are a fixed set of aggregate requests, for 10 jobs as for 300 (the module used to
     list the runnable jobs page by page, and GET the running jobs of each BatchJob)."""
-    import balsam.site.api_util as api_util
+    import balsam.site.service_client as service_client
 
-    monkeypatch.setattr(api_util, "MAX_PAGE_SIZE", 100)  # listing 300 jobs would take pages
+    monkeypatch.setattr(service_client, "MAX_PAGE_SIZE", 100)  # listing 300 jobs would take pages
     reads = {}
     for n in (10, 300):
         site = make_site()

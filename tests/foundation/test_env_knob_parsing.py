@@ -359,7 +359,7 @@ def test_the_batch_job_id_is_one_rule_for_the_launcher(raw: str, found: "int | N
                                                        caplog: pytest.LogCaptureFixture) -> None:
     from types import SimpleNamespace
 
-    from balsam.launcher._api import find_batch_job_id
+    from balsam.launcher.service_calls import find_batch_job_id
     from balsam.site.launcher_credentials import credential_path, use_launcher_credential
 
     platform = SimpleNamespace(scheduler_id=lambda env: None)  # no scheduler id to look a BatchJob up by

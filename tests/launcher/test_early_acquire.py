@@ -45,7 +45,7 @@ def _jobs_and_batch_job(name: str, trace: Path, count: int) -> tuple[list[int], 
 def _free_now(site_id: int, count: int) -> list[int]:
     """The ids a new Session of the site leases now (one acquire, no retry, no wait); the Session is
     deleted after, which gives them back."""
-    from balsam.launcher._api import open_raw_lease
+    from balsam.launcher.service_calls import open_raw_lease
 
     lease = open_raw_lease(site_id, None)
     try:
@@ -219,8 +219,8 @@ def late(self, *a, **k):
     time.sleep(1.0)
     return got
 lease.JobLease.acquire = late
-from balsam.launcher import _api
-_api.DISCARD_GRACE_SEC = 60.0  # (a SIGINT gives the server a grace; here the answer always comes)
+from balsam.launcher import service_calls
+service_calls.DISCARD_GRACE_SEC = 60.0  # (a SIGINT gives the server a grace; here the answer always comes)
 from balsam.launcher.modes.mpi import MPIMode
 built = MPIMode.__init__
 def init(self, context):
@@ -269,7 +269,7 @@ def test_the_give_back_waits_for_an_early_acquire_answered_late(new_site, tmp_pa
     """The start-up fails at once, while the early acquire's answer is still on its way (committed on
     the server, 1 s late): the Session is deleted after that answer, not under it (an acquire in
     flight could lease the jobs after the deletion), and the log says what was given back."""
-    caplog.set_level(logging.INFO, logger="balsam.launcher._api")
+    caplog.set_level(logging.INFO, logger="balsam.launcher.service_calls")
 
     from balsam.api import Site
     from balsam.client.lease import JobLease
@@ -380,7 +380,7 @@ def test_the_log_file_is_written_before_a_start_up_signal_is_raised_again(tmp_pa
         signal.raise_signal(signal.SIGTERM)
         time.sleep(0)
         assert signals.received == [signal.SIGTERM]
-        logging.getLogger("balsam.launcher._api").info("the discard's last line")
+        logging.getLogger("balsam.launcher.service_calls").info("the discard's last line")
         signals.end()
         time.sleep(0)
     finally:
@@ -398,9 +398,9 @@ def test_a_hurried_discard_says_the_session_is_released_when_it_expires(caplog) 
     waiting for the server never deletes the Session, so the log must not say it does."""
     import logging
 
-    from balsam.launcher._api import EarlyLease
+    from balsam.launcher.service_calls import EarlyLease
 
-    caplog.set_level(logging.INFO, logger="balsam.launcher._api")
+    caplog.set_level(logging.INFO, logger="balsam.launcher.service_calls")
     opening = EarlyLease(1, 1)  # its thread not started: the opening is never answered
     opening.discard(hurried=lambda: True, grace_sec=0.05)
 
@@ -414,7 +414,7 @@ def test_a_hurried_discard_says_the_session_is_released_when_it_expires(caplog) 
         acquiring.discard(hurried=lambda: True, grace_sec=0.05)
     finally:
         answered.set()
-    said = [r.getMessage() for r in caplog.records if r.name == "balsam.launcher._api"]
+    said = [r.getMessage() for r in caplog.records if r.name == "balsam.launcher.service_calls"]
     assert len(said) == 2, said
     assert "the opening of its early Session got no answer within 0.05 s" in said[0], said
     assert "its early acquire got no answer within 0.05 s" in said[1], said

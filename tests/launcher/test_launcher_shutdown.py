@@ -34,7 +34,7 @@ def doomed_server_env(live_server_factory: Any, register: Any, tmp_path: Path, m
 def test_session_delete_at_shutdown_gives_up_quickly_when_the_api_is_gone(doomed_server_env: Any, tmp_path: Path):
     from balsam._api.model import get_default_client
     from balsam.client.lease import SHUTDOWN_RETRY_COUNT
-    from balsam.launcher._api import open_lease
+    from balsam.launcher.service_calls import open_lease
 
     client = get_default_client()
     assert client.retry_count == 10

@@ -307,7 +307,7 @@ def test_mpi_mode_acquire_returns_prepared_jobs_and_the_unbuildable_end_failed(t
 
 
 def test_early_lease_takes_the_filters_of_the_settings_read_after_it_opened(monkeypatch) -> None:
-    from balsam.launcher import _api
+    from balsam.launcher import service_calls
 
     class Lease:
         filter_tags: dict = {}
@@ -333,30 +333,30 @@ def test_early_lease_takes_the_filters_of_the_settings_read_after_it_opened(monk
     opened = Lease()
     # The Session is opened with the REST client alone; the models come after it (their import
     # overlaps its round trip), then the site's apps are prefetched by the same thread.
-    monkeypatch.setattr(_api, "open_raw_lease", lambda site_id, batch_job_id: opened)
-    monkeypatch.setattr(_api, "api_models", lambda: Models)
-    early = _api.EarlyLease.start(3, 7)
+    monkeypatch.setattr(service_calls, "open_raw_lease", lambda site_id, batch_job_id: opened)
+    monkeypatch.setattr(service_calls, "api_models", lambda: Models)
+    early = service_calls.EarlyLease.start(3, 7)
     assert early.matches(3, 7) and not early.matches(3, 8)
     lease = early.take({"experiment": "xpcs"}, "long_large_first")
     assert lease is opened and lease.filter_tags == {"experiment": "xpcs"} and lease.sort_by == "long_large_first"
     assert lease.wrap({"id": 1}) == ("job", {"id": 1})
     early.join()
-    assert prefetched == [(3, _api.APP_PREFETCH_LIMIT)] and early.apps_prefetched == 0
+    assert prefetched == [(3, service_calls.APP_PREFETCH_LIMIT)] and early.apps_prefetched == 0
     early.discard()  # taken: discarding leaves it open for its owner
     assert not opened.closed
-    unused = _api.EarlyLease.start(3, 7)
+    unused = service_calls.EarlyLease.start(3, 7)
     unused.discard()
     assert opened.closed
 
 
 def test_early_lease_hands_over_the_open_error_and_a_failed_app_prefetch_is_harmless(monkeypatch) -> None:
-    from balsam.launcher import _api
+    from balsam.launcher import service_calls
 
     def refused(site_id, batch_job_id):
         raise RuntimeError("no session for you")
 
-    monkeypatch.setattr(_api, "open_raw_lease", refused)
-    early = _api.EarlyLease.start(3, 7)
+    monkeypatch.setattr(service_calls, "open_raw_lease", refused)
+    early = service_calls.EarlyLease.start(3, 7)
     with pytest.raises(RuntimeError, match="no session for you"):
         early.take({}, None)
 
@@ -377,9 +377,9 @@ def test_early_lease_hands_over_the_open_error_and_a_failed_app_prefetch_is_harm
                 raise ConnectionError("API gone")
 
     opened = Lease()
-    monkeypatch.setattr(_api, "open_raw_lease", lambda site_id, batch_job_id: opened)
-    monkeypatch.setattr(_api, "api_models", lambda: Models)
-    early = _api.EarlyLease.start(3, 7)
+    monkeypatch.setattr(service_calls, "open_raw_lease", lambda site_id, batch_job_id: opened)
+    monkeypatch.setattr(service_calls, "api_models", lambda: Models)
+    early = service_calls.EarlyLease.start(3, 7)
     assert early.take({}, None) is opened
     early.join()
     assert early.apps_prefetched is None and not opened.closed

@@ -32,7 +32,7 @@ from balsam.builtin.default_platform import DefaultPlatform
 from balsam.client.lease import JobLease
 from balsam.client.rest import APIError
 from balsam.client.status_updater import BulkStatusUpdater
-from balsam.launcher._api import lease_session
+from balsam.launcher.service_calls import lease_session
 from balsam.launcher.app_run import PreparedJob
 from balsam.launcher.job_mode import StopConditions
 from balsam.launcher.modes.serial_worker import Master

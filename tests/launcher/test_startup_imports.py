@@ -41,7 +41,7 @@ settings = entry._load_settings(site)
 entry._platform(settings).discover_nodes(dict(os.environ))
 entry._job_mode_class("mpi")
 entry._job_mode_class("serial")
-import balsam.launcher._api as api
+import balsam.launcher.service_calls as api
 api.api_models()  # the early lease's: balsam.api (Job objects) and the app codec
 import balsam.launcher.app_run, balsam.client.lease, balsam.client.status_updater
 print(json.dumps(sorted(sys.modules)))

@@ -41,7 +41,7 @@ def test_updates_are_stamped_with_the_session_unless_they_have_one() -> None:
 
 def test_the_session_may_be_set_later_or_follow_a_lease() -> None:
     from balsam.client.status_updater import BulkStatusUpdater
-    from balsam.launcher._api import lease_session
+    from balsam.launcher.service_calls import lease_session
 
     class Lease:
         session_id: Any = None
@@ -92,7 +92,7 @@ def test_a_launchers_update_of_a_job_the_user_moved_is_refused_and_dropped(balsa
     from balsam._api.model import get_default_client, reset_default_client
     from balsam.client.lease import JobLease
     from balsam.client.status_updater import BulkStatusUpdater
-    from balsam.launcher._api import lease_session
+    from balsam.launcher.service_calls import lease_session
 
     reset_default_client()
     client = get_default_client()

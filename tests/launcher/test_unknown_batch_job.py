@@ -35,7 +35,7 @@ def test_unknown_batch_job_is_one_error_line(mode, new_site) -> None:
 
 def test_the_refusal_is_told_apart_from_other_errors() -> None:
     from balsam.client.rest import APIError
-    from balsam.launcher._api import UnknownBatchJob, unknown_batch_job
+    from balsam.launcher.service_calls import UnknownBatchJob, unknown_batch_job
 
     refused = APIError("POST", "http://x/sessions/", 404, "BatchJob 42 not found at site 2")
     found = unknown_batch_job(refused, 42)

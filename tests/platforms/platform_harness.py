@@ -89,7 +89,7 @@ def run_spans(client, site_id: int) -> dict[str, tuple[int, float, float]]:
     """``{workdir: (job id, RUNNING time, RUN_DONE time)}`` from the jobs' events."""
     import datetime as dt
 
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     workdirs = {row["id"]: row["workdir"] for row in list_all(client, "/jobs/", {"site_id": site_id})}
     times: dict[int, dict[str, float]] = {}

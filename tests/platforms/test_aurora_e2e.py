@@ -139,7 +139,7 @@ def install_getting_started(home: Path) -> None:
 
 
 def job_states(client, site_id: int) -> dict[str, str]:
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     return {row["workdir"]: row["state"] for row in list_all(client, "/jobs/", {"site_id": site_id})}
 

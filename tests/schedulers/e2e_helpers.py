@@ -57,7 +57,7 @@ def wait_batch_job(client: Any, batch_job_id: int, states: set[str], timeout: fl
 
 
 def jobs_by_id(client: Any, ids: list[int]) -> dict[int, dict]:
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     return {row["id"]: row for row in list_all(client, "/jobs/", {"id": ids})}
 

@@ -77,7 +77,7 @@ def stop_agent_and_end_batch_jobs(client: Any, site_config: Any) -> None:
     which the module finds (markers, the driver's find_submitted) and deletes. One cycle, here:
     waiting for the agent to do it takes two scheduler sync cycles and a launcher's exit, 3-5 s a
     test. Stopped first, the agent submits nothing more meanwhile."""
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
     from balsam.site.site_ops import stop_agent
 
     site_path = Path(site_config.site_path)
@@ -127,7 +127,7 @@ def end_agent_daemons(client: Any, started: list) -> None:
 
 
 def job_rows(client: Any, **params: Any) -> list[dict]:
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     return list_all(client, "/jobs/", params)
 
@@ -142,7 +142,7 @@ def all_done(client: Any, expected: int, **params: Any) -> bool:
 
 
 def events(client: Any, **params: Any) -> list[dict]:
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     return sorted(list_all(client, "/events/", params), key=lambda e: (e["timestamp"], e["id"]))
 

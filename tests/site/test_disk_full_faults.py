@@ -148,7 +148,7 @@ def test_local_queue_status_lists_on_a_full_disk(tmp_path: Path, batch_script: P
 def test_mint_revokes_the_credential_it_cannot_store(make_site: Any, client: Any,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from balsam.client.settings import ClientSettings
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
     from balsam.site.launcher_credentials import LauncherCredentials
 
     site = make_site()

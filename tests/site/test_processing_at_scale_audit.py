@@ -38,7 +38,7 @@ from site_test_utils import job_rows
 
 
 def job_events(client: Any, **params: Any) -> list[dict]:
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     return list_all(client, "/events/", params)
 

@@ -45,7 +45,7 @@ def _start_launcher(monkeypatch, site_path: Path, job_mode: str) -> str:
     """One launcher start through the real entry (site, settings, logging, the mode chosen), with a
     fake platform and a job mode that returns at once; the launcher's log file and stderr."""
     from balsam.config import SiteConfig
-    from balsam.launcher import _api, entry
+    from balsam.launcher import service_calls, entry
     from balsam.platform import NodeInfo
 
     class Mode:
@@ -66,7 +66,7 @@ def _start_launcher(monkeypatch, site_path: Path, job_mode: str) -> str:
 
     monkeypatch.setattr(entry, "_platform", lambda settings: Platform())
     monkeypatch.setattr(entry, "_job_mode_class", lambda name: Mode)
-    monkeypatch.setattr(_api, "find_batch_job_id", lambda site_id, env, platform: 7)
+    monkeypatch.setattr(service_calls, "find_batch_job_id", lambda site_id, env, platform: 7)
     monkeypatch.delenv(entry.NODES_ENV, raising=False)
     for name in ("BALSAM_LAUNCHER_NODES", "BALSAM_JOB_MODE"):
         monkeypatch.setenv(name, "")

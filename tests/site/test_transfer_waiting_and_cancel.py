@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import balsam.builtin.local_transfer as local_transfer
-from balsam.site.api_util import bulk_patch
+from balsam.site.service_client import bulk_patch
 from balsam.site.modules.transfers import PENDING_PAGES_PER_CYCLE, TASKS_NAME, TransfersModule, TransfersOptions
 from site_test_utils import input_stager, job_rows
 

@@ -472,7 +472,7 @@ def _is_active(site: dict) -> bool:
 def ls(verbose: bool, as_json: bool) -> None:
     """List your sites (Active = the site record was refreshed within the last 2 minutes: by its agent, or by
     `balsam site init/sync/mv/rename`)."""
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     from ._site_selector import dump_yaml
 
@@ -520,7 +520,7 @@ def _print_sites_json(sites: list[dict]) -> None:
 
 
 def _find_site_by_path(client: Any, path: Path) -> dict:
-    from balsam.site.api_util import list_all
+    from balsam.site.service_client import list_all
 
     matches = [s for s in list_all(client, "/sites/", {"path": str(path)}) if Path(s["path"]) == path]
     if not matches:
@@ -533,7 +533,7 @@ ACTIVE_BATCH_JOB_STATES = ["queued", "running", "pending_deletion"]
 
 
 def _active_batch_jobs(client: Any, site_id: int) -> int:
-    from balsam.site.api_util import count
+    from balsam.site.service_client import count
 
     return count(client, "/batch-jobs/", {"site_id": site_id, "state": ACTIVE_BATCH_JOB_STATES})
 
@@ -557,7 +557,7 @@ RM_SEARCH_DIRS = 100_000
 def rm(site_path: str, force: bool, yes: bool) -> None:
     """Delete a site: its API record (with all its apps, jobs and BatchJobs) and its directory."""
     from balsam.site.agent import agent_running
-    from balsam.site.api_util import count
+    from balsam.site.service_client import count
     from balsam.site.site_ops import check_other_host_agent, read_site_id, search_below, site_label
 
     client = _client()

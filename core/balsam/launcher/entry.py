@@ -471,7 +471,7 @@ def _start_early_lease(site_id: int, partitions: Sequence[Partition]) -> Any:
     batch_job_id = batch_job_id_from_env(os.environ)
     if len(partitions) != 1 or batch_job_id is None:
         return None
-    from ._api import EarlyLease
+    from .service_calls import EarlyLease
 
     return EarlyLease.start(site_id, batch_job_id)
 
@@ -504,7 +504,7 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
             _job_mode_class(p.job_mode)  # fail fast on a misspelt mode, before anything starts
         node_groups = split_nodes(nodes, partitions)
 
-        from ._api import find_batch_job_id
+        from .service_calls import find_batch_job_id
         from .job_mode import LauncherContext
 
         batch_job_id = find_batch_job_id(site_config.site_id, env, platform)
@@ -566,7 +566,7 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
     try:
         logger.info("launcher %s: site %s, batch job %s, %d nodes", partition.job_mode, site_config.site_path, batch_job_id, len(context.nodes))
         resume_gc_after_start_up()  # start-up is over (see balsam.launcher.__main__)
-        from ._api import UnknownBatchJob
+        from .service_calls import UnknownBatchJob
 
         try:
             code = int(mode.run() or 0)

@@ -290,7 +290,7 @@ class LauncherContext:
     start_time: float = attrs.Factory(time.time)
     #: Names this launcher's files: unique per launcher process (see :func:`launcher_stamp`).
     timestamp: str = attrs.Factory(lambda: launcher_stamp())
-    #: A Session the launcher began to open during its start-up (``balsam.launcher._api.EarlyLease``).
+    #: A Session the launcher began to open during its start-up (``balsam.launcher.service_calls.EarlyLease``).
     early_lease: Any = None
 
     def open_lease(self, sort_by: Optional[str] = None) -> Any:
@@ -301,7 +301,7 @@ class LauncherContext:
             return early.take(self.filter_tags, sort_by)
         if early is not None:
             early.discard()
-        from ._api import open_lease
+        from .service_calls import open_lease
 
         return open_lease(self.site_id, self.batch_job_id, self.filter_tags, sort_by=sort_by)
 
@@ -370,7 +370,7 @@ class JobMode(abc.ABC):
         agent replays the spool under the Session, which must still hold the jobs then
         (:meth:`balsam.client.lease.JobLease.close`).
         """
-        from ._api import open_updater
+        from .service_calls import open_updater
 
         ctx = self.context
         source = ctx.open_lease(sort_by=ctx.setting("sort_by"))

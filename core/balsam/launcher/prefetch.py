@@ -129,7 +129,7 @@ import attrs
 from balsam.client.rest import new_idempotency_key
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
 
-from ._api import UnknownBatchJob
+from .service_calls import UnknownBatchJob
 from .app_run import JobBuildError, PreparedJob, SiteFaults, WorkdirUnavailable
 from .gone import acquire_generation
 from .node_manager import Demand, UnsatisfiableJob

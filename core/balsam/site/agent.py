@@ -53,7 +53,7 @@ from ..plugins.report import CONFLICT, FAILED
 from ..serialization import show
 from ..util import (START_TIME_TOLERANCE_SEC, EnvNumberError, env_number, log_file_handler, same_process, terminate_processes,
                     try_exclusive_flock)
-from .api_util import is_api_outage, load_site_client
+from .service_client import is_api_outage, load_site_client
 from .module import AgentModule
 
 logger = logging.getLogger("balsam.site.agent")

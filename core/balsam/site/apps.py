@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Iterable, Optional
 
-from .api_util import list_all
+from .service_client import list_all
 
 logger = logging.getLogger(__name__)
 

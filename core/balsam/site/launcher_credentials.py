@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from ..client.settings import ClientSettings, ClientSettingsError
 from ..util import batch_job_id_from_env
-from .api_util import list_all
+from .service_client import list_all
 
 logger = logging.getLogger(__name__)
 

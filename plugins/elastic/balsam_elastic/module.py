@@ -66,7 +66,7 @@ from balsam.models import SUBMITTED_BY_KEY, BackfillWindow
 from balsam.options import build_options
 from balsam.scheduler import ANY_QUEUE, REFUSED_FOR_GOOD
 from balsam.serialization import parse_datetime
-from balsam.site.api_util import bulk_patch, list_all, utcnow
+from balsam.site.service_client import bulk_patch, list_all, utcnow
 from balsam.site.module import AgentModule
 from balsam.site.modules.scheduler import WITHDRAW_IF_QUEUED
 from balsam.states import BatchJobState, JobState

@@ -84,7 +84,7 @@ import attrs
 from balsam.platform import LaunchLimit, LaunchSpec, deliver_signal
 from balsam.util import clip, env_number, format_threads_cpu, threads_cpu_seconds
 
-from .._api import default_client, largest_active_batch_job, note_batch_job
+from ..service_calls import default_client, largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
 from ..gone import Acquired, GoneJobs, acquire_generation, lease_is_fresh
 from ..app_run import (

@@ -56,7 +56,7 @@ import attrs
 from balsam.platform import LaunchSpec
 from balsam.util import api_text, same_process, tail_file
 
-from .._api import default_client, note_batch_job, report_batch_job_error
+from ..service_calls import default_client, note_batch_job, report_batch_job_error
 from ..job_mode import (
     RUNNABLE_NOTE_WAIT_SEC, RUNNABLE_SCAN_LIMIT, JobMode, gpuless_acquire_filter, longest_offered_min, runnable_jobs_page,
     too_long_note,

@@ -119,7 +119,7 @@ from balsam.config import LoggingSettings
 from balsam.platform import NodeInfo
 from balsam.util import format_threads_cpu, threads_cpu_seconds
 
-from .._api import note_batch_job, open_lease, open_updater
+from ..service_calls import note_batch_job, open_lease, open_updater
 from ..entry import _platform, configure_logging
 from ..gone import GoneJobs, lease_is_fresh
 from ..app_run import JobPreparer, PreparedJob, shell_line

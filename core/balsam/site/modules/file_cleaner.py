@@ -23,7 +23,7 @@ import attrs
 
 from ...options import option
 from ...states import JobState
-from ..api_util import bulk_patch, is_api_outage, list_all
+from ..service_client import bulk_patch, is_api_outage, list_all
 from ..apps import AppCache
 from ..module import AgentModule
 

@@ -40,7 +40,7 @@ from ...options import option
 from ...scheduler import REFUSED_FOR_GOOD
 from ...serialization import parse_datetime
 from ...states import ACTIVE_BATCH_JOB_STATES, BatchJobState
-from ..api_util import count, utcnow
+from ..service_client import count, utcnow
 from ..module import AgentModule
 
 

@@ -59,7 +59,7 @@ from ...scheduler import (
 )
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
-from ..api_util import bulk_patch, chunks, iso_now, list_all, results, utcnow
+from ..service_client import bulk_patch, chunks, iso_now, list_all, results, utcnow
 from ..job_template import (JobTemplateError, PluginHookFailed, ScriptValueRefused, build_context, read_template,
                             render_job_script, template_platform_options)
 from ..launcher_credentials import LauncherCredentials

@@ -180,7 +180,7 @@ from ...transfer import (
 from ..._api.query import read_pages
 from ...client.status_updater import http_status, isolate_refused
 from ...models import MAX_PAGE_SIZE
-from ..api_util import chunks, list_all, page_fetcher, results
+from ..service_client import chunks, list_all, page_fetcher, results
 from ..module import AgentModule
 
 __all__ = ["TransfersModule", "TransfersOptions", "item_transfer_paths"]
