@@ -8,7 +8,9 @@ are ever reported.
 
 Each job runs ``<script>`` (or ``bash <script>`` when the script is not executable) in a new
 session, with ``BALSAM_LOCAL_JOB_ID`` in its environment and stdout+stderr in ``<script>.output``.
-A small ``sh`` wrapper records the exit status in ``DIR/jobs/<id>.exit`` when the script ends.
+A small ``sh`` wrapper records the exit status in ``DIR/jobs/<id>.exit`` when the script ends. It
+runs the script only once ``submit`` has stored the job's record and written ``go`` to its stdin: a
+submit that fails or dies before that closes the pipe, and the wrapper exits with the script unrun.
 
 Job ids count up from a start drawn once per state directory (:func:`first_job_id`), not from 1,
 so that sites on other hosts or with other directories, sharing one API server, get other ids.
@@ -49,8 +51,15 @@ FIRST_ID_MIN = 1 << 20
 FIRST_ID_MAX = 1 << 30
 MAX_JOB_ID = (1 << 31) - 1
 
-# The wrapper runs the script, then writes "<exit status> <epoch seconds>" next to the records.
-_WRAPPER = '"$@"; rc=$?; echo "$rc $(date +%s.%N)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc'
+# The wrapper waits for "go" on its stdin (a pipe from submit), runs the script with stdin from
+# /dev/null, then writes "<exit status> <epoch seconds>" next to the records. Without "go" (submit
+# could not store the record, or died: the pipe closes) the script never runs and no exit file is
+# written.
+_WRAPPER = ('IFS= read -r go; [ "$go" = go ] || exit 125; exec </dev/null; '
+            '"$@"; rc=$?; echo "$rc $(date +%s.%N)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc')
+#: The record of how a job ended when the records could not be stored then (a full disk): an empty
+#: file, which a full disk still takes (as it took the wrapper's exit file, empty), read by _settle.
+_END_MARKERS = {"CANCELLED": "deleted", "TIMEOUT": None}
 
 
 class QueueError(Exception):
@@ -58,9 +67,10 @@ class QueueError(Exception):
 
 
 class QueueStorageError(QueueError):
-    """The state directory cannot be written (full, over quota, read-only): exit status 1, which the
-    local scheduler takes for a failure to try again (as it took the traceback this replaces), not
-    2, a refusal for good."""
+    """The state directory cannot be written (full, over quota, read-only): exit status 1, not 2 (a
+    refusal for good). The site agent keeps a BatchJob whose submit failed for a full or over-quota
+    disk waiting until there is room (docs/reliability.md, "When the disk is full"); other failures
+    with status 1 are tried again up to 3 times, then the BatchJob is submit_failed."""
 
 
 def first_job_id(host: str, state_dir: Path, nonce: bytes) -> int:
@@ -175,6 +185,18 @@ class LocalQueue:
     def _exit_file(self, job_id: int) -> Path:
         return self.state_dir / "jobs" / f"{job_id}.exit"
 
+    def _end_marker(self, job_id: int, native_state: str) -> Path:
+        return self.state_dir / "jobs" / f"{job_id}.{native_state.lower()}"
+
+    def _mark_ended(self, job_id: int, native_state: str) -> None:
+        """Leave an empty marker that job ``job_id`` was ended here (``native_state``), for records
+        a full disk had no room for: the job settles so at a later poll that can store it (not as
+        LOST). An empty file, which a full disk still takes; best effort: the job is ended anyway."""
+        try:
+            os.close(os.open(self._end_marker(job_id, native_state), os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            pass
+
     # -- process checks -------------------------------------------------------------------------
     @staticmethod
     def _process(record: dict[str, Any]) -> Optional[int]:
@@ -202,17 +224,35 @@ class LocalQueue:
         exit_file = self._exit_file(job_id)
         record["state"] = "finished"
         record["end_time"] = now
-        if exit_file.exists():
+        for native_state, message in _END_MARKERS.items():
+            # Ended here (delete, wall time) when the records could not be stored: _mark_ended.
+            if self._end_marker(job_id, native_state).exists():
+                record["native_state"] = native_state
+                record["message"] = message or (f"killed after exceeding its wall time of "
+                                                f"{record.get('wall_time_min')} min")
+                return
+        try:
             parts = exit_file.read_text().split()
-            if parts:
-                record["exit_code"] = int(parts[0])
-                record["native_state"] = "COMPLETED" if parts[0] == "0" else "FAILED"
+        except FileNotFoundError:
+            parts = None
+        except (OSError, ValueError):  # unreadable, or not text: as empty
+            parts = []
+        # An exit file is written "<status> <time>" by the wrapper; one the disk had no room for is
+        # empty (created, then nothing written). Read as "finished" it made COMPLETED of any exit.
+        code = parts[0] if parts else ""
+        if code.lstrip("-").isdecimal():
+            record["exit_code"] = int(code)
+            record["native_state"] = "COMPLETED" if int(code) == 0 else "FAILED"
             if len(parts) > 1:
                 try:
                     record["end_time"] = float(parts[1])
                 except ValueError:  # a `date` without %N support: keep the time we noticed the end
                     pass
             record["end_time"] = max(record["end_time"], record["start_time"])
+        elif parts is not None:
+            record["native_state"] = "LOST"
+            record["message"] = (f"exit status not recorded (its exit file is "
+                                 f"{'empty' if not parts else 'unreadable'}: disk full?)")
         else:
             record.setdefault("native_state", "LOST")
             record.setdefault("message", "the job's process ended without recording an exit status")
@@ -277,9 +317,10 @@ class LocalQueue:
                 if v.get("state") != "finished" or now - v.get("end_time", now) < KEEP_FINISHED_SEC
             }
             # The id is recorded before the job starts: a state directory that cannot be written
-            # (full, over quota) fails the submit here, with nothing started. Written only after
-            # the start, the job ran unrecorded while the submit failed: the agent submitted again
-            # (two launchers), and neither status nor delete knew the first.
+            # (full, over quota) fails the submit here, with nothing started. The job's own record
+            # is stored before its script runs (the wrapper waits for "go"): a job that ran
+            # unrecorded while the submit failed was submitted again by the agent (two launchers),
+            # and neither status nor delete knew the first.
             self._write(db)
             exit_file = self._exit_file(job_id)
             exit_file.unlink(missing_ok=True)
@@ -293,7 +334,7 @@ class LocalQueue:
                     ["/bin/sh", "-c", _WRAPPER, f"balsam-local-{job_id}", *command],
                     cwd=script.parent,
                     env=env,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE,  # "go" once the record is stored (_WRAPPER)
                     stdout=output,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -320,11 +361,20 @@ class LocalQueue:
             }
             try:
                 self._write(db)
-            except QueueStorageError as exc:
-                # The disk filled since the write above: end the job rather than leave it running
-                # unrecorded (the submit fails and is tried again).
-                self._kill_tree(proc.pid, create_time)
-                raise QueueStorageError(f"{exc}; job {job_id} ended, not submitted") from None
+            except BaseException as exc:
+                # The disk filled since the write above (or the submit is interrupted): the pipe
+                # closes without "go", and the wrapper exits with the script unrun. A submit killed
+                # outright closes the pipe too (the kernel closes its descriptors).
+                proc.stdin.close()
+                proc.wait()
+                if isinstance(exc, QueueStorageError):
+                    raise QueueStorageError(f"{exc}; job {job_id} not started") from None
+                raise
+            try:
+                proc.stdin.write(b"go\n")
+                proc.stdin.close()
+            except OSError:
+                pass  # the wrapper is gone already (killed from outside): settled LOST at a poll
             return job_id
 
     def status(self) -> dict[str, Any]:
@@ -334,6 +384,7 @@ class LocalQueue:
             now = time.time()
             listing = {}
             changed = False
+            timed_out: list[int] = []
             for key, record in db["jobs"].items():
                 if record.get("state") == "finished":
                     continue
@@ -348,6 +399,7 @@ class LocalQueue:
                     record.update(state="finished", end_time=time.time(), native_state="TIMEOUT")
                     record["message"] = f"killed after exceeding its wall time of {record['wall_time_min']} min"
                     changed = True
+                    timed_out.append(int(key))
                     continue
                 listing[key] = {
                     "state": "running",
@@ -366,8 +418,10 @@ class LocalQueue:
                     self._write(db)
                 except QueueStorageError:
                     # A full disk: the listing is still right (the ended jobs are left out); their
-                    # records are settled again, and stored, at a poll that can write them.
-                    pass
+                    # records are settled again, and stored, at a poll that can write them (jobs
+                    # killed here for their wall time by their markers, not as LOST).
+                    for job_id in timed_out:
+                        self._mark_ended(job_id, "TIMEOUT")
             return listing
 
     def delete(self, job_id: int) -> None:
@@ -383,9 +437,19 @@ class LocalQueue:
                 self._kill_tree(pid, record["create_time"])
                 record.update(state="finished", end_time=time.time(), native_state="CANCELLED")
                 record["message"] = "deleted"
+                # The job is ended, which is what was asked: a full disk does not fail the delete
+                # (the agent tried again, and the record later settled LOST, not CANCELLED).
+                try:
+                    self._write(db)
+                except QueueStorageError:
+                    self._mark_ended(job_id, "CANCELLED")
             else:
                 self._settle(job_id, record, time.time())
-            self._write(db)
+                try:
+                    self._write(db)
+                except QueueStorageError:
+                    pass  # settled again, and stored, by a later command that can write
+
 
     def find(self, script: Path, job_name: str) -> list[int]:
         """The ids of the jobs submitted from ``script`` under ``job_name`` (any state, while their
@@ -405,7 +469,12 @@ class LocalQueue:
                 return None
             if record.get("state") != "finished" and self._process(record) is None:
                 self._settle(job_id, record, time.time())
-                self._write(db)
+                try:
+                    self._write(db)
+                except QueueStorageError:
+                    # A full disk: answered from memory, as status does (it failed every cycle, and
+                    # ended BatchJobs stayed running in the API); stored by a later command.
+                    pass
             return dict(record, id=job_id)
 
 

@@ -298,8 +298,13 @@ class _LogSink(io.RawIOBase):
 
 
 def _log_stream(fd: int, like: Any, write_through: bool) -> io.TextIOWrapper:
+    # Line-buffered as the stream it stands in for (stderr always, as Python's own since 3.9): a
+    # buffered stderr reordered a hook's lines against its children's (which write fd 2 directly),
+    # and lost them when the agent SIGKILLed a hung hook.
+    line_buffering = fd == 2 or bool(getattr(like, "line_buffering", False))
     return io.TextIOWrapper(io.BufferedWriter(_LogSink(fd)), encoding=getattr(like, "encoding", None) or "utf-8",
-                            errors=getattr(like, "errors", None) or "strict", write_through=write_through)
+                            errors=getattr(like, "errors", None) or "strict", line_buffering=line_buffering,
+                            write_through=write_through)
 
 
 @contextlib.contextmanager

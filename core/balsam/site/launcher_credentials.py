@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -32,6 +33,9 @@ CREDENTIALS_DIR = ".credentials"
 QUEUE_ALLOWANCE_SEC = 3 * 24 * 3600
 #: Renew once less than the BatchJob's wall time plus this is left.
 RENEW_AHEAD_SEC = 24 * 3600
+#: A renewal that could not be stored (a full or over-quota disk) is tried again after this long, not
+#: at every scheduler cycle (a WARNING and a server call each, 86,400 a day at a 1 s sync_period).
+RENEW_STORE_RETRY_SEC = 600.0
 #: The server's default cap on one credential's lifetime (BALSAM_AUTH_LAUNCHER_MAX_TTL_SEC).
 MAX_TTL_SEC = 30 * 24 * 3600
 
@@ -71,6 +75,8 @@ class LauncherCredentials:
         #: False once the server showed it has no credential routes (an older server): launchers
         #: then use the user's login.
         self.supported = True
+        #: BatchJob id -> when (time.monotonic()) a renewal that could not be stored is tried again.
+        self._renew_retry: dict[int, float] = {}
 
     def _write(self, batch_job_id: int, answer: dict) -> Path:
         from ..serialization import parse_datetime
@@ -129,8 +135,11 @@ class LauncherCredentials:
             try:
                 self.client.delete(f"/auth/credentials/{answer['id']}")
             except Exception as revoke_exc:
+                # Not retried: no file names it, and the server revokes the BatchJob's credentials
+                # when the BatchJob ends (or it expires).
                 logger.warning("BatchJob %s: could not revoke launcher credential %s that could not be stored (it "
-                               "expires on its own): %s", batch_job["id"], answer["id"], revoke_exc)
+                               "is revoked when the BatchJob ends, or expires): %s", batch_job["id"], answer["id"],
+                               revoke_exc)
             raise
         logger.info("BatchJob %s: launcher credential %s valid until %s", batch_job["id"], answer["id"], answer["expiration"])
         return path
@@ -180,6 +189,10 @@ class LauncherCredentials:
             needed = dt.timedelta(seconds=int(batch_job.get("wall_time_min") or 0) * 60 + RENEW_AHEAD_SEC)
             if expiry - now > needed:
                 continue
+            bj_id = int(batch_job["id"])
+            retry_at = self._renew_retry.get(bj_id)
+            if retry_at is not None and time.monotonic() < retry_at:
+                continue  # its renewal was not stored a moment ago (full disk): said once, tried later
             try:
                 answer = self.client.post(f"/auth/credentials/{stored.credential_id}/renew",
                                           json={"ttl_sec": _ttl_for(batch_job)})
@@ -188,12 +201,18 @@ class LauncherCredentials:
                                stored.credential_id, exc)
                 continue
             try:
-                self._write(int(batch_job["id"]), answer)
+                self._write(bj_id, answer)
             except OSError as exc:
-                # Renewed on the server all the same; the other BatchJobs are still renewed.
-                logger.warning("BatchJob %s: launcher credential %s renewed, not stored: %s", batch_job["id"],
-                               stored.credential_id, exc.strerror or exc)
+                # Renewed on the server all the same; the other BatchJobs are still renewed. Said
+                # once while it lasts, and tried again after RENEW_STORE_RETRY_SEC.
+                if bj_id not in self._renew_retry:
+                    logger.warning("BatchJob %s: launcher credential %s renewed, not stored: %s (tried again every "
+                                   "%.0f s until it is)", bj_id, stored.credential_id, exc.strerror or exc,
+                                   RENEW_STORE_RETRY_SEC)
+                self._renew_retry[bj_id] = time.monotonic() + RENEW_STORE_RETRY_SEC
                 continue
+            if self._renew_retry.pop(bj_id, None) is not None:
+                logger.info("BatchJob %s: launcher credential %s renewal stored again", bj_id, stored.credential_id)
             renewed.append(int(batch_job["id"]))
             logger.info("BatchJob %s: launcher credential %s renewed until %s", batch_job["id"], stored.credential_id,
                         answer["expiration"])

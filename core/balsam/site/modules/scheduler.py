@@ -38,6 +38,7 @@ when the scheduler no longer gives one. No scheduler exception escapes a cycle.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import re
@@ -301,6 +302,15 @@ _SUBMIT_RETRY = "submit failed (attempt "
 #: Seconds between two log lines about an outage that lasts (status poll, lookups by name), and
 #: between two summaries of an error that repeats (a broken plugin hook, an unexpected error).
 OUTAGE_LOG_EVERY_S = 300.0
+
+#: errnos of a write to a file system with no room (full, over quota).
+_NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+#: How a scheduler command's message says the same (the local queue's one line, a tool's strerror).
+_NO_ROOM_TEXTS = tuple(os.strerror(e) for e in _NO_ROOM_ERRNOS)
+
+
+def _says_no_room(message: str) -> bool:
+    return any(text in message for text in _NO_ROOM_TEXTS)
 
 #: The longest wait between two renderings of a BatchJob whose plugin hook failed (the wait
 #: doubles from ``sync_period`` at each failure).
@@ -1246,15 +1256,15 @@ class SchedulerModule(AgentModule):
         try:
             self.credentials.mint(batch_job)
         except Exception as exc:
-            # No submission without a way for its launcher to report: try again next cycle.
-            message = f"waiting: cannot mint the launcher credential: {exc}"
-            if (batch_job.get("status_info") or {}).get("waiting") != message:
-                update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": message}
-            self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+            # No submission without a way for its launcher to report: try again next cycle. Logged
+            # when the wait starts or its reason changes (a full disk lasts many cycles).
+            self._waiting_lookup(batch_job, update, f"waiting: cannot mint the launcher credential: {exc}")
             return
         token = self._submit_token(batch_job, update)
         if token is None:
             return
+        pending_existed = pending.exists()
+        writing = script
         try:
             script.parent.mkdir(parents=True, exist_ok=True)
             script.write_text(text)
@@ -1262,8 +1272,12 @@ class SchedulerModule(AgentModule):
             # Written before the submit command runs and removed once its outcome is known: found
             # on a later cycle (the agent stopped, or the command timed out), it says that a job
             # may be in the queue already, and the scheduler is asked before submitting again.
+            writing = pending
             pending.write_text(f"{iso_now()} {token}{' ' + _EARLIER_UNKNOWN if earlier_unknown else ''}\n")
         except OSError as exc:
+            if exc.errno in _NO_ROOM_ERRNOS:
+                self._no_room_for_submit(batch_job, update, writing, exc, keep_files=pending_existed)
+                return
             update["state"] = BatchJobState.submit_failed.value
             self._error(update, batch_job, f"job template: {exc}")
             return
@@ -1280,6 +1294,14 @@ class SchedulerModule(AgentModule):
                 return
             if permanent and not earlier_unknown:  # the scheduler refused the request: nothing reached its queue
                 pending.unlink(missing_ok=True)
+            if not permanent and _says_no_room(message):
+                # A full or over-quota disk (the local queue's state directory, a spool): not a try
+                # of the 3, which a few seconds apart ended the BatchJob over a disk that was full
+                # for a minute. It waits for room; the .submitting marker stays (the next try asks
+                # the scheduler first, as after any submit whose outcome is unknown).
+                self._waiting_lookup(batch_job, update, f"waiting: no room on disk to submit ({message}); "
+                                                        f"submitted once there is room")
+                return
             failures = self.submit_failures.get(batch_job["id"], 0) + 1
             self.submit_failures[batch_job["id"]] = failures
             if not permanent and failures >= self.threshold and self._last_try_reached_queue(
@@ -1482,8 +1504,9 @@ class SchedulerModule(AgentModule):
             update["status_info"] = {**info, "waiting": message}
 
     def _waiting_lookup(self, batch_job: dict, update: dict, message: str) -> None:
-        """A lookup by name that failed: the BatchJob waits. Said (status_info, one log line) when the
-        wait starts or its text changes, not every cycle while the scheduler stays unreachable."""
+        """A lookup by name that failed (also a credential, batch script or submit with no room on
+        disk): the BatchJob waits. Said (status_info, one log line) when the wait starts or its text
+        changes, not every cycle while the scheduler stays unreachable (or the disk full)."""
         message = clean_text(message)
         if (batch_job.get("status_info") or {}).get("waiting") == message:
             self.logger.debug("BatchJob %s: %s", batch_job["id"], message)
@@ -1728,6 +1751,28 @@ class SchedulerModule(AgentModule):
                                "found in the scheduler after an interrupted submission", marker=marker, pending=pending,
                                since=pending)
         return True
+
+    def _no_room_for_submit(self, batch_job: dict, update: dict, path: Path, exc: OSError, *,
+                            keep_files: bool) -> None:
+        """The batch script or its ``.submitting`` marker found no room (ENOSPC, EDQUOT): nothing was
+        submitted, and the BatchJob waits for room, as when its credential finds none (it went
+        submit_failed at once). The file is named; the partial files are removed (an empty marker
+        said "a job may be queued" and kept the credential live), and the credential is revoked
+        (minted again at the next try). Not where a ``.submitting`` marker was there before this try
+        (``keep_files``): a job of an earlier try may be queued, and need the script and credential."""
+        if not keep_files:
+            script = self.script_path(batch_job["id"])
+            for partial in (script.with_name(script.name + ".submitting"), script):
+                try:
+                    partial.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            try:
+                self.credentials.revoke_unused([batch_job["id"]])
+            except Exception:  # never let credential housekeeping stop the scheduler cycle
+                self.logger.exception("BatchJob %s: revoking its unused launcher credential failed", batch_job["id"])
+        self._waiting_lookup(batch_job, update, f"waiting: cannot write {path}: {exc.strerror or exc}; submitted "
+                                                f"once there is room")
 
     def _record_submitted(self, batch_job: dict, script: Path, scheduler_id: int, update: dict, how: str, *,
                           marker: Optional[Path] = None, pending: Optional[Path] = None,
