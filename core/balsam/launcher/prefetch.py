@@ -134,7 +134,7 @@ from .app_run import JobBuildError, PreparedJob, SiteFaults, WorkdirUnavailable
 from .gone import acquire_generation
 from .node_manager import Demand, UnsatisfiableJob
 from .placement import log_too_late, split_too_late
-from .runner import report_failed
+from .runner import disk_wait, report_failed
 from .wake import WakeEvent
 
 logger = logging.getLogger(__name__)
@@ -521,6 +521,11 @@ class Prefetcher:
                 self._resume_release()
             if self.site_faults.tripped:
                 self.exhausted = True
+                self._stopping.wait(self.retry_sec)
+                continue
+            if disk_wait.paused():
+                # The workdirs' file system is full: runs ending there are given back (runner.DiskWait);
+                # no job is acquired until it has room. Not exhausted: acquiring resumes then.
                 self._stopping.wait(self.retry_sec)
                 continue
             if self._releasing:

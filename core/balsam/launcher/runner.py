@@ -158,6 +158,92 @@ def disk_full_note(path: Any) -> str:
     return ""
 
 
+#: How a run's error tail names a full workdir file system (:func:`disk_full_note`, added by
+#: :func:`finished_record`): the path, and how little room was left.
+_DISK_FULL_LINE = re.compile(r"^No space left on device: the file system of (?P<path>.+) has (?:\d+ bytes free|no free inodes)$")
+#: While paused for a full disk, how often the launcher looks at that file system again.
+DISK_RECHECK_SEC = 5.0
+
+
+class DiskWait:
+    """The launcher's pause while the file system of its jobs' workdirs is full.
+
+    A run that ends nonzero on a full file system failed for the site's fault, not the job's (it
+    could not write): reported RUN_ERROR, the default ``handle_error`` FAILED it, and a full
+    ``data/`` failed the whole backlog in seconds. Such a run is reported RUN_TIMEOUT instead (the
+    processing module's default ``handle_timeout`` makes it RESTART_READY: it runs again) and the
+    launcher stops acquiring jobs until the file system has room again, looked at every
+    :data:`DISK_RECHECK_SEC`: only the jobs running when the disk filled are given back, none loops.
+    One WARNING when the pause starts, one INFO when it ends. Shared by the threads of the
+    launcher process (the loop reports exits, the acquirer asks :meth:`paused`): under a lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.path: Optional[str] = None
+        self.since: Optional[float] = None
+        self._checked = 0.0
+        self.given_back = 0
+
+    def note_full(self, path: str, note: str) -> None:
+        with self._lock:
+            self.given_back += 1
+            self._checked = time.monotonic()
+            if self.path is not None:
+                return
+            self.path, self.since = path, time.monotonic()
+        logger.warning("%s: runs ending there are given back (RUN_TIMEOUT, run again), and no more jobs are acquired "
+                       "until it has room (looked at every %g s)", note, DISK_RECHECK_SEC)
+
+    def paused(self) -> bool:
+        """Whether acquiring waits for room; looks at the full file system again when due."""
+        if self.path is None:
+            return False
+        with self._lock:
+            path = self.path
+            if path is None or time.monotonic() - self._checked < DISK_RECHECK_SEC:
+                return path is not None
+            self._checked = time.monotonic()
+        if disk_full_note(path):
+            return True
+        with self._lock:
+            if self.path is None:
+                return False
+            since, given_back = self.since or time.monotonic(), self.given_back
+            self.path, self.since, self.given_back = None, None, 0
+        logger.info("the file system of %s has room again (%d bytes free) after %.0f s: acquiring jobs again "
+                    "(%d runs were given back meanwhile)", path, disk_free_bytes(path), time.monotonic() - since, given_back)
+        return False
+
+
+#: The launcher process's :class:`DiskWait` (the disk is the same for every thread of it).
+disk_wait = DiskWait()
+
+
+def disk_free_bytes(path: Any) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full_exit(tail: str) -> Optional[tuple[str, str]]:
+    """``(path, note)`` when a failed run's error tail ends with :func:`finished_record`'s note of a
+    full workdir file system and that file system is still full now (read again: a job that printed
+    such a line itself, its workdir having room, is not taken for one), else None. What a job prints
+    about another file system ("No space left on device" of a write elsewhere) is not that note; only
+    a job whose last line of output is the note itself, naming a file system full at the time, would
+    be: it runs again, as the launcher could not tell it from one that found no room."""
+    lines = tail.rstrip("\n").split("\n")
+    while len(lines) > 1 and lines[-1].startswith("balsam: relaunched "):  # relaunch_note, after it
+        lines.pop()
+    match = _DISK_FULL_LINE.match(lines[-1])
+    if match is None:
+        return None
+    note = disk_full_note(match["path"])
+    return (match["path"], note) if note else None
+
+
 def report_running(updater: Any, prepared: PreparedJob, when: Optional[float] = None) -> None:
     ts = dt.datetime.fromtimestamp(when, dt.timezone.utc) if when else None
     updater.put(prepared.id, JobState.running, state_timestamp=ts, state_data={"num_nodes": prepared.footprint})
@@ -232,6 +318,16 @@ def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Opt
     if lost_with_spawner(returncode, tail):
         report_timeout(updater, job_id, f"{tail}; the job runs again (its task may still run until then: a later "
                                         "run of it on this host ends that first)")
+        return
+    full = disk_full_exit(tail) if returncode != 0 else None
+    if full is not None:
+        # The site's fault (the job could not write), not the job's: run again once there is room
+        # (see DiskWait); never FAILED by the default handle_error.
+        path, note = full
+        disk_wait.note_full(path, note)
+        logger.debug("job %s exited %s on a full disk: RUN_TIMEOUT, it runs again", job_id, returncode)
+        report_timeout(updater, job_id, f"{note}; the run ended (exit code {returncode}) with no room to write: "
+                                        "the job runs again once there is room")
         return
     ts = dt.datetime.fromtimestamp(when, dt.timezone.utc) if when else None
     if returncode == 0 and postprocess:
@@ -507,16 +603,19 @@ def finished_record(proc: Any, error_tail_num_lines: int) -> tuple[int, int, str
     if rc != 0:
         tail = proc.tail(error_tail_num_lines)
         full = disk_full_note(proc.workdir)
-        if full:
-            # The job could not even write its error to job.out: say why in the event and the log.
-            logger.error("job %s exited %s: %s", proc.job_id, rc, full)
-            tail = f"{tail}\n{full}" if tail.strip() else full
-        elif not tail and not os.path.isdir(proc.workdir):
+        if not full and not tail and not os.path.isdir(proc.workdir):
             # Removed while the job ran (by the job itself, or a purge): an empty error said nothing.
             tail = f"{JOB_OUTPUT_NAME} missing: workdir {os.fspath(proc.workdir)} no longer exists"
         killed = signal_note(rc)
         if killed:
             tail = f"{tail}\n{killed}" if tail.strip() else killed
+        if full:
+            # The job could not even write its error to job.out: say why. The last line, where
+            # report_exit (in the master, for a worker rank's exit too) finds it: a run that ended
+            # on a full disk is given back, not failed. One line per such exit: only the jobs
+            # running as the disk filled end so (DiskWait stops the acquiring, logged once).
+            logger.warning("job %s exited %s: %s", proc.job_id, rc, full)
+            tail = f"{tail}\n{full}" if tail.strip() else full
     return (proc.job_id, rc, tail, getattr(proc, "end_time", None) or time.time())
 
 

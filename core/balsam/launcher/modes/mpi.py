@@ -97,7 +97,7 @@ from ..job_mode import (
 from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
 from ..placement import DrainForLarge, TooLateJobs, acquire_size_limits, place_pending
 from ..runner import (
-    _launch_hook, ended_by_stop, launch_environment, local_pool, report_exit, report_failed, report_running, report_timeout,
+    _launch_hook, disk_wait, ended_by_stop, launch_environment, local_pool, report_exit, report_failed, report_running, report_timeout,
     send_first_running, stopped_reason,
 )
 
@@ -442,7 +442,7 @@ class MPIMode(JobMode):
 
     def _request_for(self, queued: Any, running: bool) -> Optional[dict[str, Any]]:
         """:meth:`_acquire_request` given the jobs queued in the spawner and whether any runs."""
-        if self.site_faults.tripped:
+        if self.site_faults.tripped or disk_wait.paused():  # a full disk: see runner.DiskWait
             return None
         nm = self.node_manager
         waiting = sum(p.footprint for p in self.pending) + sum(p.footprint for p in queued.values())

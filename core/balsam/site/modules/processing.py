@@ -73,6 +73,7 @@ tracker then exit by themselves (see :func:`_end_with_agent`).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import fcntl
 import itertools
 import json
@@ -174,6 +175,15 @@ _NEW_LOCK_SUFFIX = ".lock.new"
 #: (Lustre ``localflock``, NFS ``local_lock=flock``), an agent on another host takes the folder for
 #: a dead agent's only once the lock has not been touched for the agent silence limit.
 LOCK_TOUCH_SEC = 10.0
+#: A job whose workdir cannot be prepared for want of room (ENOSPC, EDQUOT: the site's fault, not
+#: the job's) is given back as the launcher gives such jobs back: not FAILED, held (still leased to
+#: this module's session, released with it at stop) and tried again this often, a WARNING when the
+#: first is held and an INFO once one is prepared again (:meth:`ProcessingModule._hold_no_room`).
+NO_ROOM_RETRY_SEC = 10.0
+_NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+#: The hook worker's error for a workdir it could not prepare (hooks_runner.run_hook_on_job):
+#: ``cannot prepare workdir 'w/5': OSError: [Errno 122] Disk quota exceeded: '.../job.out'``.
+_NO_ROOM_WORKER_ERROR = re.compile(r"^cannot prepare workdir .*: \w+: \[Errno (\d+)\] ", re.S)
 
 
 #: The agent's end of the "agent alive" pipe, and the process it belongs to (see :func:`_agent_alive`).
@@ -369,6 +379,16 @@ class ProcessingModule(AgentModule):
         #: Sends those results (see _replay_updater).
         self.replay_updater: Optional[BulkStatusUpdater] = None
         self.processed = 0
+        #: Jobs given back for want of room to prepare their workdirs (see NO_ROOM_RETRY_SEC), when
+        #: they are tried again (monotonic), and the ids of those tried again without a result yet.
+        #: ``_no_room_since``: when the first was held (None: the disk has room as far as we know).
+        self.no_room: list[dict] = []
+        self._no_room_retry_at = 0.0
+        self._no_room_since: Optional[float] = None
+        self._no_room_ids: set[int] = set()
+        #: The jobs handed to the hook workers, by id, until their result is sent: a result that
+        #: says the workdir had no room gives its job back (_take_no_room).
+        self._hook_jobs: dict[int, dict] = {}
         #: When a cycle last acquired jobs (monotonic seconds; None: never).
         self._last_arrival: Optional[float] = None
 
@@ -509,8 +529,62 @@ class ProcessingModule(AgentModule):
             self._last_sequence = updater.put(job_id, state, timestamp, state_data, **fields)
         updater.send_soon()  # a cycle's results come together: nothing to wait for
         self.processed += len(updates)
+        for update in updates:
+            self._hook_jobs.pop(update["id"], None)
+        if self._no_room_ids:
+            settled = self._no_room_ids.intersection(update["id"] for update in updates)
+            if settled:
+                # A job given back for want of room got a result (no-room ones never reach here):
+                # its workdir was prepared, the disk has room again.
+                self._no_room_ids.difference_update(settled)
+                if self._no_room_since is not None and not self.no_room:
+                    self.logger.info("job workdirs can be prepared again in %s after %.0f s: the jobs given back "
+                                     "for want of room are processed", self.data_path, time.monotonic() - self._no_room_since)
+                    self._no_room_since = None
         if self.requeued:
             self.requeued.difference_update(update["id"] for update in updates)
+
+    def _hold_no_room(self, job: dict, error: str) -> None:
+        """Give ``job`` back for want of room to prepare its workdir: held, tried again every
+        NO_ROOM_RETRY_SEC, never FAILED; logged once (a WARNING naming the path and the room left)
+        while the disk stays full, not once per job."""
+        self.no_room.append(job)
+        self._no_room_ids.add(job["id"])
+        if not self._no_room_retry_at:
+            self._no_room_retry_at = time.monotonic() + NO_ROOM_RETRY_SEC
+        if self._no_room_since is None:
+            self._no_room_since = time.monotonic()
+            try:
+                st = os.statvfs(self.data_path)
+                room = f"{st.f_bavail * st.f_frsize} bytes free"
+            except OSError as exc:
+                room = f"free space unknown: {exc}"
+            self.logger.warning("job %s: %s; %s has %s: the jobs whose workdirs cannot be prepared are given back, "
+                                "not FAILED, and tried again every %g s until there is room", job["id"], error,
+                                self.data_path, room, NO_ROOM_RETRY_SEC)
+        else:
+            self.logger.debug("job %s given back for want of room: %s", job["id"], error)
+
+    def _take_no_room(self, updates: list[dict]) -> list[dict]:
+        """``updates`` less the hook workers' FAILED results of a workdir that could not be
+        prepared for want of room: those jobs are given back (:meth:`_hold_no_room`)."""
+        kept = []
+        for update in updates:
+            error = (update.get("state_data") or {}).get("error") if update.get("state") == JobState.failed.value else None
+            match = _NO_ROOM_WORKER_ERROR.match(error) if isinstance(error, str) else None
+            job = self._hook_jobs.pop(update.get("id"), None) if match and int(match[1]) in _NO_ROOM_ERRNOS else None
+            if job is None:
+                kept.append(update)
+            else:
+                self._hold_no_room(job, error)
+        return kept
+
+    def _retry_no_room(self) -> None:
+        """The jobs given back for want of room go back to the backlog when due."""
+        if self.no_room and time.monotonic() >= self._no_room_retry_at:
+            self.backlog.extend(self.no_room)
+            self.no_room = []
+            self._no_room_retry_at = 0.0
 
     def _harvest(self) -> list[dict]:
         updates = self._read_progress()
@@ -1062,14 +1136,17 @@ class ProcessingModule(AgentModule):
             self._recovered = True
         self._recheck_skipped()
         harvested = self._harvest()
+        if harvested and self._hook_jobs:
+            harvested = self._take_no_room(harvested)
         if harvested:
             self._send(harvested)
+        self._retry_no_room()
         self._retire()
         # Workers freed since the last cycle. A feed that fails (an app record that cannot be
         # fetched, a pool that cannot start) holds back no other job: raised once the cycle is done.
         feed_error = self._feed_safely()
         hook_jobs = self.in_flight() + self.waiting()
-        held = hook_jobs + len(self.backlog)
+        held = hook_jobs + len(self.backlog) + len(self.no_room)
         room = self.prefetch_depth - held
         if room <= 0 and hook_jobs:
             # Hook jobs waiting for the workers (slow hooks, hung ones) take all of prefetch_depth:
@@ -1086,6 +1163,8 @@ class ProcessingModule(AgentModule):
             # not at all while hook jobs wait for a worker: the cycle's sleep feeds them (_feed_while_waiting).
             queued = self.queued or self.alone_queue
             wait = None if self.backlog or queued else min(self.period, HOOKS_POLL_SEC) if self.pending else self.period
+            if self.no_room and wait is not None:  # not past the retry of the jobs given back for want of room
+                wait = min(wait, max(0.0, self._no_room_retry_at - time.monotonic()))
             began = time.monotonic()
             acquired = self._acquire(room, wait)
             waited = time.monotonic() - began
@@ -1124,6 +1203,9 @@ class ProcessingModule(AgentModule):
         # The time the acquire waited counts as sleep (a server that does not wait answers at once,
         # and the module then sleeps as it always did).
         sleep = max(0.0, (self.period if delay is None else delay) - waited) if waited else delay
+        if self.no_room:  # woken to try the jobs given back for want of room
+            due = max(0.0, self._no_room_retry_at - time.monotonic())
+            sleep = min(self.period if sleep is None else sleep, due)
         if self.queued or self.alone_queue:
             return self._feed_while_waiting(self.period if sleep is None else sleep)
         return sleep
@@ -1181,6 +1263,9 @@ class ProcessingModule(AgentModule):
                     updates.append(default_update(job, info.python_app, self.data_path, self.tail_num_lines,
                                                   timeout_reason=reasons.get(job["id"])))
                 except Exception as exc:
+                    if isinstance(exc, OSError) and exc.errno in _NO_ROOM_ERRNOS:  # the disk's fault: given back
+                        self._hold_no_room(job, f"cannot prepare workdir {job['workdir']!r}: {type(exc).__name__}: {exc}")
+                        continue
                     self.logger.exception("job %s: default %s failed", job["id"], HOOK_FOR_STATE[state])
                     updates.append(
                         {
@@ -1197,6 +1282,7 @@ class ProcessingModule(AgentModule):
                 else:
                     self.queued.setdefault(app_id, deque()).append(job)
                 handed.add(job["id"])
+                self._hook_jobs[job["id"]] = job
         return updates
 
     def _timeout_reasons(self, jobs: list[dict]) -> dict[int, str]:
