@@ -354,6 +354,20 @@ def test_a_wrong_start_time_is_replaced_or_cleared_by_the_administrator(
     late = run(str(ended["id"]), _iso(meant + dt.timedelta(minutes=2)))
     assert late.exit_code == 1 and "later than its end_time" in late.output, late.output
     assert _start(api, ended["id"]) == meant and _start(api, bj["id"]) == start
+    # A BatchJob that may have run is not cleared: nothing would record its start again (the agent
+    # sends one only on its move to running, its launcher opens no new Session). Before: cleared,
+    # and empty for the rest of its run (for good once ended).
+    running = _batch_job(api, site["id"], state="running", start_time=_iso(meant))
+    for started, state in ((running, "running"), (ended, "finished")):
+        refused = run(str(started["id"]), "--clear")
+        assert refused.exit_code == 1 and f"is {state}: its start_time cannot be cleared" in refused.output, \
+            refused.output
+        assert _start(api, started["id"]) == meant
+    # Nor set before 2000-01-01 (a typo's year 1, or 1970). Before: stored.
+    for ancient in ("0001-01-01T00:00:00", "1970-01-01T00:00:00Z"):
+        refused = run(str(bj["id"]), ancient)
+        assert refused.exit_code == 1 and "earlier than 2000-01-01" in refused.output, refused.output
+    assert _start(api, bj["id"]) == start
     missing = run("2000000000", _iso(meant))
     assert missing.exit_code == 1 and "no BatchJob 2000000000" in missing.output, missing.output
     assert run(str(bj["id"])).exit_code == 2 and run(str(bj["id"]), _iso(meant), "--clear").exit_code == 2

@@ -691,13 +691,15 @@ def _utc_text(when: "dt.datetime | None") -> str:
 @server_group.command("set-start-time")
 @click.argument("batch_job_id", type=int)
 @click.argument("when", required=False, default=None)
-@click.option("--clear", is_flag=True, help="Clear it instead (recorded again by its launcher's next Session, "
-                                            "the site agent or the scheduler's history).")
+@click.option("--clear", is_flag=True, help="Clear it instead: only while the BatchJob has not started "
+                                            "(pending_submission, queued, submit_failed), whose start is then "
+                                            "recorded as at first; give WHEN for one that ran.")
 def set_start_time(batch_job_id: int, when: Optional[str], clear: bool) -> None:
     """Replace a BatchJob's start_time with WHEN (ISO 8601; without a zone, UTC), or --clear it.
 
     The API only moves a recorded start_time earlier (a later or null one sent is not stored), so
-    a wrong one, such as a typo's early date, is corrected here, on the server's database."""
+    a wrong one, such as a typo's early date, is corrected here, on the server's database. WHEN may
+    not be later than now or the BatchJob's end_time, nor earlier than 2000-01-01."""
     from balsam.serialization import parse_datetime
     from balsam.server.admin import Admin, AdminError
 

@@ -9,9 +9,20 @@ from typing import Any, Iterator, Optional
 
 import sqlalchemy as sa
 
+from balsam.states import BatchJobState
+
 from .auth import create_token, hash_password, issue_credential, password_problem, revoke_credentials, utcnow
 from .db import create_db_engine, read_tx, write_tx
 from .tables import batch_jobs, credentials, users
+
+#: States whose BatchJob's start_time may be cleared (set_batch_job_start): its allocation has not
+#: run, so its start is recorded later as at first. (pending_deletion may follow a run.)
+CLEARABLE_START_STATES = frozenset(s.value for s in (BatchJobState.pending_submission, BatchJobState.queued,
+                                                      BatchJobState.submit_failed))
+#: The earliest start_time set_batch_job_start accepts. A BatchJob row keeps no creation time, and
+#: its status_info's submit_time is client-writable (a wrong one would block the very correction
+#: this is for): a fixed date before any Balsam allocation, which refuses a typo's year 1 or 1970.
+EARLIEST_START = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 
 
 class AdminError(RuntimeError):
@@ -180,12 +191,15 @@ class Admin:
         launcher's Session recorded the start, must not replace it, and the server cannot tell that
         request from a user's (a Balsam 0.7 client sends the same). So a wrong one (a typo's early
         date) is corrected here, by whoever administers the database, as a user's password is.
-        Cleared, it is recorded again as at first: by the next Session of its launcher, the agent's
-        next sighting of it starting, or the scheduler's history once it ends.
+        Cleared only while the BatchJob has not started (``CLEARABLE_START_STATES``): its start is
+        then recorded as at first, by its launcher's first Session or the agent's sighting of its
+        move to running. A running or ended one would keep no start at all: the agent sends one only
+        on that move, and a launcher opens a new Session only after losing its old one.
 
-        Refused (:class:`AdminError`): a BatchJob that does not exist, a start later than now (the
-        database host's clock on PostgreSQL, this process's on SQLite, as the Session's start), or
-        later than the BatchJob's end_time. Returns ``{"id", "site_id", "state", "old", "new"}``."""
+        Refused (:class:`AdminError`): a BatchJob that does not exist, a clear of one that may have
+        started, a start later than now (the database host's clock on PostgreSQL, this process's on
+        SQLite, as the Session's start), later than the BatchJob's end_time, or earlier than
+        ``EARLIEST_START`` (a typo's year 1 or 1970). Returns ``{"id", "site_id", "state", "old", "new"}``."""
         if start is not None and start.tzinfo is None:
             start = start.replace(tzinfo=dt.timezone.utc)
         with write_tx(self.engine) as conn:
@@ -198,6 +212,12 @@ class Admin:
             row = conn.execute(stmt).first()
             if row is None:
                 raise AdminError(f"no BatchJob {batch_job_id}")
+            if start is None and row.state not in CLEARABLE_START_STATES:
+                raise AdminError(f"BatchJob {batch_job_id} is {row.state}: its start_time cannot be cleared (it "
+                                 f"would not be recorded again); give the time it started instead")
+            if start is not None and start < EARLIEST_START:
+                raise AdminError(f"BatchJob {batch_job_id}: start_time {start:%Y-%m-%d %H:%M:%S} UTC is earlier "
+                                 f"than {EARLIEST_START:%Y-%m-%d} (a mistyped year?)")
             if start is not None:
                 now = (conn.execute(sa.select(sa.func.now())).scalar_one() if conn.dialect.name == "postgresql"
                        else utcnow())

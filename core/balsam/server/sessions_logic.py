@@ -37,7 +37,15 @@ rows of its own):
 - the expiry sweep locks the stale sessions (``FOR UPDATE SKIP LOCKED``: one a request holds is
   left to it), then their RUNNING jobs (:func:`release_session_jobs`), then deletes the sessions.
   Its clock restart after a start or an outage skips locked sessions too. So the sweep never waits
-  for a session row, and waits for jobs only while holding sessions;
+  for a session row, and waits for jobs only while holding sessions. A request's own sweep
+  (:func:`maybe_sweep`: create, acquire, tick) runs in a transaction of its own, committed before
+  the request's write transaction begins, so it holds no row of the request. Inside the request's
+  transaction, first, it left the stale sessions it swept (and their jobs) locked while the request
+  then locked its own session with the heartbeat: out of id order, and a BatchJob's finish or
+  delete (:func:`end_batch_job_sessions`, which locks the BatchJob's sessions in id order and does
+  not skip) holding that session and waiting for a swept one was a deadlock (503). Its own
+  transaction also keeps its expiries when the request is then refused (a tick of the session it
+  expired: 404, which used to roll the sweep back);
 - ``DELETE /sessions/{id}`` locks the session (``get_owned_session(lock=True)``) before its jobs,
   and a finished or deleted BatchJob is locked (``FOR NO KEY UPDATE``, which a lease's key-share
   lock on it does not wait for) before its sessions (``end_batch_job_sessions``), which are locked
@@ -56,9 +64,13 @@ rows of its own):
 - a BatchJob comes before its credentials everywhere: that create; a BatchJob's finish or delete
   (locked, then its credentials revoked); a site's delete (routes/sites.py), which locks the
   site's BatchJobs (id order, ``FOR NO KEY UPDATE``, which a lease's key-share lock on one does
-  not wait for) before its credentials ``FOR UPDATE``, apps and jobs, its cascade then deleting
-  the rest. It used to lock the credentials first and reach the BatchJobs in its cascade, last:
-  with a create holding the BatchJob and waiting for its credential, a deadlock (503). A revoke
+  not wait for) before its credentials ``FOR UPDATE`` (id order), its sessions (id order, ``FOR
+  UPDATE``), apps and jobs, its cascade then deleting the rest. It used to lock the credentials
+  first and reach the BatchJobs in its cascade, last: with a create holding the BatchJob and
+  waiting for its credential, a deadlock (503); and it reached the sessions in its cascade too,
+  after locking their jobs: with a release, tick or session delete (the session, then its jobs)
+  or the expiry sweep, a deadlock. A request of a session it holds waits, then finds it gone (404);
+  the sweep skips those sessions. A revoke
   alone (``balsam server revoke``, ``DELETE /auth/credentials/{id}``) locks no BatchJob, and its
   credentials before the sessions it ends (auth.revoke_credentials); a BatchJob's finish or delete
   now does too (it ended the sessions first and then revoked the credentials: with a concurrent
@@ -215,7 +227,7 @@ import sqlalchemy as sa
 from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQUIRE, SessionAcquire
 from balsam.states import BatchJobState, JobState
 
-from .db import id_in, ids_in_param, ids_param
+from .db import id_in, ids_in_param, ids_param, write_tx
 from .errors import NotFound, ValidationFailed
 from .http import INT64_MAX, INT64_MIN, check_int_fields, is_json_int, wire_datetime
 from .jobs_logic import (
@@ -430,8 +442,8 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
         ids = list(conn.execute(stale).scalars())
         restarted = conn.execute(sa.update(sessions).where(id_in(sessions.c.id, ids, conn.dialect.name))
                                  .values(heartbeat=now, clock_restarted=True)).rowcount if ids else 0
-        # Done once it has committed: a request's sweep (maybe_sweep) runs in the request's own
-        # transaction, which a 404 (a tick of a session deleted meanwhile), 401 or 409 rolls back.
+        # Done once it has committed: a sweep's transaction may be rolled back (it used to be a
+        # request's own, which a 404, 401 or 409 rolls back; a deadlock or an outage still can).
         # Counted done at once, the restart rolled back was never done again, and the next sweep
         # expired every session the downtime had made stale, live launchers' too.
         # (A later transaction of the same connection, after a rollback, does not count.)
@@ -467,16 +479,20 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
     return len(expired)
 
 
-def maybe_sweep(conn: sa.Connection, settings: Any, user_id: int) -> int:
+def maybe_sweep(engine: sa.Engine, settings: Any, user_id: int) -> int:
     """Sweep the user's stale sessions, at most once per sweep period per process (the
-    background task sweeps everyone on the same period); how many expired."""
+    background task sweeps everyone on the same period); how many expired. In a write transaction
+    of its own, committed before the request's (see "Lock order"): run inside the request's, it
+    held the stale sessions it swept while the request then locked its own session. Call it
+    outside any write transaction (on SQLite a second one would wait for the first)."""
     period = min(settings.session_sweep_sec, settings.session_expire_sec / 2)
     key = (id(settings), user_id)
     now = time.monotonic()
     if now - _last_user_sweep.get(key, 0.0) < period:
         return 0
-    expired = sweep_expired(conn, settings.session_expire_sec, user_id)
-    _last_user_sweep[key] = now
+    with write_tx(engine) as conn:
+        expired = sweep_expired(conn, settings.session_expire_sec, user_id)
+    _last_user_sweep[key] = now  # once committed: a sweep that failed is tried again by the next request
     return expired
 
 

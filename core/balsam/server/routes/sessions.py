@@ -62,6 +62,7 @@ def create_session(ctx: Ctx) -> Response:
     site_id, batch_job_id = int(site_id), None if batch_job_id is None else int(batch_job_id)
     data = {**data, "site_id": site_id, "batch_job_id": batch_job_id}
     check_int_fields(data, ["site_id", "batch_job_id"], ["body"])
+    _sweep(ctx)
     with ctx.write() as conn:
         own = None
         if ctx.user.site_id is not None and ctx.user.credential_id is not None:
@@ -95,8 +96,6 @@ def create_session(ctx: Ctx) -> Response:
             ).first()
             if bj is None:
                 raise NotFound(f"BatchJob {batch_job_id} not found at site {site_id}")
-        if maybe_sweep(conn, ctx.settings, ctx.user.id):
-            ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # a retried create: the same session, not an orphan beside it
             row = replay_one(earlier, "Session", lambda sid: get_owned_session(conn, ctx.user.id, sid))
@@ -151,12 +150,20 @@ class _TakenFirst(Exception):
     """A waiting acquire's lease found nothing after its look found jobs (rolls its transaction back)."""
 
 
+def _sweep(ctx: Ctx) -> int:
+    """The request's expiry sweep (:func:`maybe_sweep`), committed before its write transaction
+    begins: inside it, the stale sessions it locked came before the request's own session (see
+    sessions_logic, "Lock order")."""
+    swept = maybe_sweep(ctx.engine, ctx.settings, ctx.user.id)
+    if swept:
+        ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
+    return swept
+
+
 def _lease(ctx: Ctx, session_id: int, spec: SessionAcquire, deadline: "float | None") -> Response:
     """The write of an acquire; ``deadline``: of a wait not over yet (:class:`_TakenFirst`)."""
+    swept = _sweep(ctx)
     with ctx.write() as conn:
-        swept = maybe_sweep(conn, ctx.settings, ctx.user.id)
-        if swept:
-            ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         session = get_owned_session(conn, ctx.user.id, session_id)
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # the answer was lost: the same jobs again (see sessions_logic)
@@ -169,7 +176,7 @@ def _lease(ctx: Ctx, session_id: int, spec: SessionAcquire, deadline: "float | N
         # Checked by acquire once its heartbeat holds the session, before the lease.
         result = acquire(conn, session, spec, check=lambda: _refuse_dead_launcher(ctx, conn))
         if not result and not swept and deadline is not None and time.monotonic() < deadline:
-            raise _TakenFirst  # (a sweep's expiries are kept: they commit with an empty answer)
+            raise _TakenFirst  # (after a sweep answered at once, as before: it freed jobs just now)
         ctx.idempotency.record(conn, 200, "acquire", [job["id"] for job in result])
     return json_response(result)
 
@@ -178,9 +185,8 @@ def tick(ctx: Ctx) -> Response:
     session_id = ctx.path_int("session_id")
     # Without a body, or without job_ids (Balsam 0.7 sends {}), the heartbeat alone, as before.
     job_ids = parse_tick(ctx.json()) if ctx.body else None
+    _sweep(ctx)
     with ctx.write() as conn:
-        if maybe_sweep(conn, ctx.settings, ctx.user.id):
-            ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         get_owned_session(conn, ctx.user.id, session_id)
         now = heartbeat(conn, session_id, utcnow())  # 404 if the sweep deleted the session meanwhile
         # After the heartbeat, as the acquire (the session locked first): a revoked launcher no

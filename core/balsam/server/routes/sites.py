@@ -18,7 +18,7 @@ from ..http import PAGINATION, json_response, no_content, pagination, wire_datet
 from ..idempotency import replay_one
 from ..jobs_logic import delete_jobs_of, like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
-from ..tables import batch_jobs, credentials, sites
+from ..tables import batch_jobs, credentials, sessions, sites
 
 SITE_FIELDS = [f for f in ("id", "name", "path", "globus_endpoint_id", "backfill_windows", "queued_jobs",
                            "optional_batch_job_params", "allowed_projects", "allowed_queues", "transfer_locations",
@@ -188,7 +188,15 @@ def delete_site(ctx: Ctx) -> Response:
         # first, whose cascade then waited for that credential, took the two locks in the other
         # order (a deadlock, 503).
         cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.site_id == site_id)
-                                     .with_for_update()).scalars())
+                                     .order_by(credentials.c.id).with_for_update()).scalars())
+        if conn.dialect.name == "postgresql":
+            # Then its sessions (id order), before its jobs: a launcher's release, tick or session
+            # delete and the expiry sweep lock a session and then its jobs. Reached only through
+            # the site row's cascade, after delete_jobs_of below locked the jobs, a session was the
+            # last lock here and the first there: each waited for the other (a deadlock, 503). A
+            # request of a session held here waits, then finds it gone (404).
+            conn.execute(sa.select(sessions.c.id).where(sessions.c.site_id == site_id)
+                         .order_by(sessions.c.id).with_for_update(of=sessions)).all()
         # Its jobs first, as a job delete does: their waiting children on the user's other sites
         # are re-checked (the cascade alone left them waiting for ever).
         released: list[int] = []
