@@ -128,14 +128,23 @@ class SchedulerError(Exception):
     lists none of the user's jobs means that the request alone exceeds the limit, which no wait
     clears. A limit of a group, account, association or project, or of the whole queue, counts other
     users' jobs, which the poll does not list: never "alone". False where the driver cannot tell.
+
+    ``no_room`` says the submission failed only because a file system the submit command itself
+    writes (the local queue's state directory) is full or over quota, as the scheduler signals it in
+    a way of its own (not a message that merely contains "No space left on device", which a remote
+    controller's submit plugin may print for a quota of the job's): nothing reached the queue, and
+    the same request is accepted once there is room. The agent keeps the BatchJob waiting, trying
+    again after a wait that doubles up to 5 minutes (docs/reliability.md, "When the disk is full").
+    False where the driver does not know.
     """
 
     def __init__(self, message: str, *, permanent: bool = False, at_queue_limit: bool = False,
-                 per_user_limit: bool = False) -> None:
+                 per_user_limit: bool = False, no_room: bool = False) -> None:
         super().__init__(message)
-        self.permanent = permanent and not at_queue_limit
+        self.permanent = permanent and not at_queue_limit and not no_room
         self.at_queue_limit = at_queue_limit
         self.per_user_limit = at_queue_limit and per_user_limit
+        self.no_room = no_room
 
 
 @attrs.frozen

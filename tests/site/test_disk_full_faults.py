@@ -87,12 +87,13 @@ def test_local_queue_submit_on_a_full_state_dir_starts_nothing(tmp_path: Path, b
             _submit(queue, batch_script)
         assert refused and not started, "a job was started that the queue could not record"
         assert not (tmp_path / "lq" / "jobs.json.tmp").exists()
-        # The CLI the local scheduler runs: one line, exit status 1 (try again), not 2 (refused for good).
+        # The CLI the local scheduler runs: one line, the exit status that says "no room" (wait for
+        # room), not 2 (refused for good).
         err = io.StringIO()
         with redirect_stderr(err):
             code = local_queue.main(["--state-dir", str(tmp_path / "lq"), "submit", str(batch_script), "--queue",
                                      "local", "--project", "p", "--nodes", "1", "--walltime", "1", "--name", "x"])
-        assert code == 1
+        assert code == local_queue.EXIT_NO_ROOM
         assert err.getvalue().count("\n") == 1 and "jobs.json: No space left on device" in err.getvalue()
     finally:
         for proc in started:
@@ -290,15 +291,18 @@ def test_batch_script_or_marker_with_no_room_waits(make_site: Any, client: Any, 
     """The credential fits, the batch script or its .submitting marker does not: the BatchJob went
     submit_failed at once (not "waiting ... until there is room"), an empty marker was left, and the
     minted credential stayed live (the marker said a job may be queued). Now it waits, the file is
-    named (once in the log), nothing partial is left and the credential is revoked."""
-    from balsam.site.modules.scheduler import SchedulerModule
+    named (once in the log), nothing partial is left and the credential is revoked; tried again after
+    a wait that doubles (each try minted and revoked a credential, every cycle)."""
+    from balsam.site.modules import scheduler as scheduler_module
     from site_test_utils import batch_job
     from test_site_scheduler_module import ScriptedScheduler
 
+    clock = _Clock()
+    monkeypatch.setattr(scheduler_module, "time", clock)
     site = make_site()
     fake = ScriptedScheduler()
     fake.names = {}
-    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    module = scheduler_module.SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
     bj = create_batch_job(client, site.site_id)
     real_write_text = Path.write_text
 
@@ -308,9 +312,20 @@ def test_batch_script_or_marker_with_no_room_waits(make_site: Any, client: Any, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write_text(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", full)
-    for _ in range(3):
-        module.run_cycle()
+    tries: list[Path] = []
+    real_write_replacing = scheduler_module._write_replacing
+
+    def counted(path: Path, text: str) -> None:
+        tries.append(path)
+        real_write_replacing(path, text)
+
+    with monkeypatch.context() as disk_full:
+        disk_full.setattr(Path, "write_text", full)
+        disk_full.setattr(scheduler_module, "_write_replacing", counted)
+        for _ in range(6):
+            module.run_cycle()
+            clock.offset += 1.0
+    assert 2 <= sum(p.name == "qlaunch%05d.sh" % bj["id"] for p in tries) <= 3  # 1 s, 2 s, 4 s apart: not 6
     record = batch_job(client, bj["id"])
     assert record["state"] == "pending_submission", record
     waiting = record["status_info"]["waiting"]
@@ -320,18 +335,76 @@ def test_batch_script_or_marker_with_no_room_waits(make_site: Any, client: Any, 
     assert _live_credentials(client, site.site_id, bj["id"]) == []
     script = module.script_path(bj["id"])
     assert not script.exists() and not script.with_name(script.name + ".submitting").exists()
+    assert not [p.name for p in script.parent.iterdir() if p.name.startswith(".tmp-")]
     assert fake.submitted == []
-    monkeypatch.undo()
+    clock.offset += scheduler_module.NO_ROOM_RETRY_MAX_SEC
     module.run_cycle()  # room again
     record = batch_job(client, bj["id"])
     assert record["state"] == "queued" and "waiting" not in record["status_info"], record
     assert len(fake.submitted) == 1 and len(_live_credentials(client, site.site_id, bj["id"])) == 1
 
 
-def test_submit_with_no_room_waits_not_counted_as_a_try(make_site: Any, client: Any,
+class _Clock:
+    """The scheduler module's ``time`` with a ``monotonic`` that a test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def test_submit_with_no_room_waits_not_counted_as_a_try(make_site: Any, client: Any, monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    """A submit command that fails for a full or over-quota disk (the local queue's state directory)
-    was one of the 3 tries, a few seconds apart: a disk full for a minute ended the BatchJob."""
+    """A submit command that fails for a full or over-quota disk (the local queue's state directory,
+    SchedulerError.no_room) was one of the 3 tries, a few seconds apart: a disk full for a minute ended
+    the BatchJob. It waits; its tries back off (a wait doubling up to NO_ROOM_RETRY_MAX_SEC: a submit
+    command, a credential renewal and two INFO lines every cycle for hours), said once."""
+    import logging
+
+    from balsam.scheduler import SchedulerError
+    from balsam.site.modules import scheduler as scheduler_module
+    from site_test_utils import batch_job
+    from test_site_scheduler_module import ScriptedScheduler
+
+    clock = _Clock()
+    monkeypatch.setattr(scheduler_module, "time", clock)
+    caplog.set_level(logging.INFO)
+    site = make_site()
+    fake = ScriptedScheduler()
+    fake.names = {}
+    module = scheduler_module.SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    bj = create_batch_job(client, site.site_id)
+    full = "local scheduler could not submit: local queue: cannot write /q/jobs.json: Disk quota exceeded"
+    fake.submit_errors = [SchedulerError(full, no_room=True) for _ in range(100)]
+    caplog.clear()
+    for _ in range(40):  # 40 cycles over 20 minutes
+        module.run_cycle()
+        clock.offset += 30.0
+    tries = 100 - len(fake.submit_errors)
+    assert 4 <= tries <= 12, tries  # waits of 1, 2, 4, ... 256, then 300 s (cycles 30 s apart): 11 of 40
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "pending_submission", record
+    assert record["status_info"]["waiting"] == f"waiting: no room on disk to submit ({full}); submitted once there is room"
+    assert "error" not in record["status_info"]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO
+            and ("did not reach" in r.getMessage() or "no room on disk" in r.getMessage())]
+    assert len(said) == 1, said
+    fake.submit_errors = []
+    clock.offset += scheduler_module.NO_ROOM_RETRY_MAX_SEC  # room again, at the next try
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued" and "waiting" not in record["status_info"], record
+    assert len(fake.submitted) == 1
+
+
+def test_no_room_in_a_submit_errors_text_is_not_a_wait(make_site: Any, client: Any) -> None:
+    """Only the scheduler's own signal (SchedulerError.no_room) makes a wait for room: a submit refused
+    with "No space left on device" in its text (a Slurm submit plugin's quota check on a remote
+    controller) waited for ever, its submit command run every cycle. It is a try of the 3."""
     from balsam.scheduler import SchedulerError
     from balsam.site.modules.scheduler import SchedulerModule
     from site_test_utils import batch_job
@@ -342,18 +415,35 @@ def test_submit_with_no_room_waits_not_counted_as_a_try(make_site: Any, client: 
     fake.names = {}
     module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
     bj = create_batch_job(client, site.site_id)
-    full = "local scheduler could not submit: local queue: cannot write /q/jobs.json: Disk quota exceeded"
-    fake.submit_errors = [SchedulerError(full) for _ in range(module.threshold + 2)]
-    for _ in range(module.threshold + 2):
+    text = ("slurm scheduler could not submit: sbatch: error: Batch job submission failed: Job submit plugin "
+            "rejected: /lus/proj quota check: No space left on device")
+    fake.submit_errors = [SchedulerError(text) for _ in range(10)]
+    for _ in range(module.threshold + 1):
         module.run_cycle()
     record = batch_job(client, bj["id"])
-    assert record["state"] == "pending_submission", record
-    assert record["status_info"]["waiting"] == f"waiting: no room on disk to submit ({full}); submitted once there is room"
-    assert "error" not in record["status_info"]
-    assert sum("no room on disk to submit" in r.getMessage() for r in caplog.records) == 1
-    module.run_cycle()  # room again
-    record = batch_job(client, bj["id"])
-    assert record["state"] == "queued" and "waiting" not in record["status_info"], record
+    assert record["state"] == "submit_failed", record
+    assert 10 - len(fake.submit_errors) == module.threshold
+
+
+def test_local_scheduler_says_no_room_by_its_exit_status(tmp_path: Path, batch_script: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local queue's "no room" is its exit status EXIT_NO_ROOM, which the local scheduler reads as
+    SchedulerError.no_room; another failure that names the same words is not one."""
+    from balsam.builtin.local_scheduler import LocalScheduler
+    from balsam.scheduler import CommandResult, SchedulerError
+
+    refused = _full_for(monkeypatch, local_queue, ".json.tmp")
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = local_queue.main(["--state-dir", str(tmp_path / "lq"), "submit", str(batch_script), "--name", "x"])
+    assert refused and code == local_queue.EXIT_NO_ROOM
+    driver = LocalScheduler(state_dir=tmp_path / "lq")
+    with pytest.raises(SchedulerError) as info:
+        driver.parse_submit(CommandResult(("q",), code, "", err.getvalue()))
+    assert getattr(info.value, "no_room", False) is True and info.value.permanent is False
+    with pytest.raises(SchedulerError) as info:
+        driver.parse_submit(CommandResult(("q",), 1, "", "local queue: No space left on device"))
+    assert getattr(info.value, "no_room", False) is False
 
 
 def test_a_renewal_that_cannot_be_stored_is_not_repeated_every_cycle(make_site: Any, client: Any,
@@ -535,3 +625,105 @@ def test_site_start_on_a_full_disk_names_it(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(runner, "DISK_FULL_BYTES", 0)
     with pytest.raises(site_ops.SiteError, match=r"exited at start-up: exit code 1 \(see "):
         site_ops.start_agent(tmp_path, wait_sec=10)
+
+
+def test_a_kept_marker_is_not_truncated_by_a_write_with_no_room(make_site: Any, client: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .submitting marker kept for an earlier try whose outcome is unknown (a scheduler that cannot
+    look jobs up by name) was rewritten in place: a write with no room truncated it, its note was
+    lost, and a later refusal then removed it and revoked the credential that the earlier try's queued
+    launcher needs. The marker is now written whole or not at all."""
+    from balsam.scheduler import SchedulerError
+    from balsam.site.modules import scheduler as scheduler_module
+    from site_test_utils import batch_job
+    from test_site_scheduler_module import ScriptedScheduler
+
+    clock = _Clock()
+    monkeypatch.setattr(scheduler_module, "time", clock)
+    site = make_site()
+    fake = ScriptedScheduler()  # names None: it cannot look jobs up by name
+    module = scheduler_module.SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    bj = create_batch_job(client, site.site_id)
+    script = module.script_path(bj["id"])
+    pending = script.with_name(script.name + ".submitting")
+    fake.errors_after_accept = [SchedulerError("qsub timed out after 60 s")]  # queued, outcome unknown
+    module.run_cycle()
+    assert list(fake.queue) and pending.is_file()
+    real_write_text = Path.write_text
+
+    def full(self: Path, *args: Any, **kwargs: Any) -> int:
+        if ".submitting" in self.name:
+            real_write_text(self, "")  # created or truncated, then no room
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(self, *args, **kwargs)
+
+    with monkeypatch.context() as disk_full:
+        disk_full.setattr(Path, "write_text", full)
+        module.run_cycle()
+    note = pending.read_text()
+    assert note.strip() and scheduler_module._pending_earlier_unknown(pending), repr(note)
+    refused = SchedulerError("qsub: Unknown queue", permanent=True)
+    fake.submit_errors = [refused]
+    clock.offset += scheduler_module.NO_ROOM_RETRY_MAX_SEC
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "submit_failed" and "may be in its queue" in record["status_info"]["error"], record
+    assert pending.is_file(), "the marker of the try whose job may be queued was removed"
+    assert len(_live_credentials(client, site.site_id, bj["id"])) == 1, "its queued launcher's credential was revoked"
+
+
+def test_local_queue_submit_killed_after_its_record_says_never_started(tmp_path: Path, batch_script: Path) -> None:
+    """The submit dies (SIGKILL) after storing the job's record, before writing "go": the script does
+    not run, and the record read as if it had run and died ("ended without recording an exit
+    status"). Its wrapper leaves <id>.unstarted: "never started (submit ended before it)"."""
+    from balsam.builtin.local_scheduler import LocalScheduler
+
+    state = tmp_path / "lq"
+    code = (
+        "import os, signal, sys\n"
+        "from balsam.builtin import local_queue\n"
+        "real, calls = local_queue.LocalQueue._write, []\n"
+        "def write(self, db):\n"
+        "    calls.append(1)\n"
+        "    real(self, db)\n"
+        "    if len(calls) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "local_queue.LocalQueue._write = write\n"
+        "local_queue.main(sys.argv[1:])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "--state-dir", str(state), "submit", str(batch_script),
+                             "--name", "bj"], capture_output=True, timeout=60)
+    assert result.returncode == -9
+    queue = local_queue.LocalQueue(state)
+    [job_id] = queue.find(batch_script, "bj")
+    _ended(queue, job_id)
+    record = queue.history(job_id)
+    assert record["message"] == "never started (submit ended before it)", record
+    assert not (tmp_path / "ran.txt").exists()
+    history = LocalScheduler._history(job_id, record)
+    assert history is not None and history.message == "never started (submit ended before it)"
+
+
+def test_local_queue_removes_the_files_of_a_pruned_record(tmp_path: Path, batch_script: Path) -> None:
+    """A record kept KEEP_FINISHED_SEC after its job ended is pruned; its exit and marker files in
+    jobs/ were kept for ever (a file per job ever run). They go with it."""
+    state = tmp_path / "lq"
+    queue = local_queue.LocalQueue(state)
+    short = tmp_path / "short.sh"
+    short.write_text("#!/bin/sh\nexit 0\n")
+    short.chmod(0o755)
+    old = _submit(queue, short)
+    _ended(queue, old)
+    queue.status()  # settles it
+    jobs = state / "jobs"
+    for ending in ("cancelled", "timeout", "unstarted"):
+        (jobs / f"{old}.{ending}").touch()
+    (jobs / "12345.unstarted").touch()  # a submit killed before it stored the record
+    assert (jobs / f"{old}.exit").is_file()
+    db = queue._read()
+    db["jobs"][str(old)]["end_time"] -= local_queue.KEEP_FINISHED_SEC + 1
+    queue._write(db)
+    new = _submit(queue, short)
+    assert str(old) not in queue._read()["jobs"]
+    assert sorted(p.name for p in jobs.iterdir() if not p.name.startswith(f"{new}.")) == []
+    _ended(queue, new)

@@ -10,7 +10,8 @@ Each job runs ``<script>`` (or ``bash <script>`` when the script is not executab
 session, with ``BALSAM_LOCAL_JOB_ID`` in its environment and stdout+stderr in ``<script>.output``.
 A small ``sh`` wrapper records the exit status in ``DIR/jobs/<id>.exit`` when the script ends. It
 runs the script only once ``submit`` has stored the job's record and written ``go`` to its stdin: a
-submit that fails or dies before that closes the pipe, and the wrapper exits with the script unrun.
+submit that fails or dies before that closes the pipe, and the wrapper exits with the script unrun
+(leaving ``DIR/jobs/<id>.unstarted``: a record stored before the submit died says "never started").
 
 Job ids count up from a start drawn once per state directory (:func:`first_job_id`), not from 1,
 so that sites on other hosts or with other directories, sharing one API server, get other ids.
@@ -53,13 +54,24 @@ MAX_JOB_ID = (1 << 31) - 1
 
 # The wrapper waits for "go" on its stdin (a pipe from submit), runs the script with stdin from
 # /dev/null, then writes "<exit status> <epoch seconds>" next to the records. Without "go" (submit
-# could not store the record, or died: the pipe closes) the script never runs and no exit file is
-# written.
-_WRAPPER = ('IFS= read -r go; [ "$go" = go ] || exit 125; exec </dev/null; '
-            '"$@"; rc=$?; echo "$rc $(date +%s.%N)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc')
+# could not store the record, or died: the pipe closes) the script never runs, no exit file is
+# written, and an empty <id>.unstarted is: a submit killed after storing the record (a runner's
+# timeout, the OOM killer) left a record of a running job whose end read as "ended without recording
+# an exit status", as if the script had run and died.
+_WRAPPER = ('IFS= read -r go; [ "$go" = go ] || { : > "${BALSAM_LOCAL_EXIT_FILE%.exit}.unstarted"; exit 125; }; '
+            'exec </dev/null; "$@"; rc=$?; echo "$rc $(date +%s.%N)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc')
 #: The record of how a job ended when the records could not be stored then (a full disk): an empty
-#: file, which a full disk still takes (as it took the wrapper's exit file, empty), read by _settle.
+#: file, read by _settle. Best effort: a full tmpfs takes an empty file, but ext4 or xfs may need a
+#: directory block, and an inode quota refuses any new file; without it the job settles LOST (it is
+#: ended all the same).
 _END_MARKERS = {"CANCELLED": "deleted", "TIMEOUT": None}
+#: The endings of a job's files in DIR/jobs, removed with its record (KEEP_FINISHED_SEC after its end).
+_JOB_FILE_ENDINGS = ("exit", "unstarted", *(state.lower() for state in _END_MARKERS))
+#: submit's exit status when the state directory has no room (ENOSPC, EDQUOT): nothing was started,
+#: and the same submit works once there is room. The local scheduler reads it as a typed "no room"
+#: (SchedulerError.no_room); 1 is any other failure to try again, 2 a refusal for good.
+EXIT_NO_ROOM = 3
+_NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
 class QueueError(Exception):
@@ -67,10 +79,14 @@ class QueueError(Exception):
 
 
 class QueueStorageError(QueueError):
-    """The state directory cannot be written (full, over quota, read-only): exit status 1, not 2 (a
-    refusal for good). The site agent keeps a BatchJob whose submit failed for a full or over-quota
-    disk waiting until there is room (docs/reliability.md, "When the disk is full"); other failures
-    with status 1 are tried again up to 3 times, then the BatchJob is submit_failed."""
+    """The state directory cannot be written (full, over quota, read-only): exit status
+    :data:`EXIT_NO_ROOM` for a full or over-quota disk (``no_room``), which the site agent waits out
+    (docs/reliability.md, "When the disk is full"), else 1, not 2 (a refusal for good): tried again
+    up to 3 times, then the BatchJob is submit_failed."""
+
+    def __init__(self, message: str, *, no_room: bool = False) -> None:
+        super().__init__(message)
+        self.no_room = no_room
 
 
 def first_job_id(host: str, state_dir: Path, nonce: bytes) -> int:
@@ -180,7 +196,8 @@ class LocalQueue:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-            raise QueueStorageError(f"cannot write {self.db_path}: {exc.strerror or exc}") from None
+            raise QueueStorageError(f"cannot write {self.db_path}: {exc.strerror or exc}",
+                                    no_room=exc.errno in _NO_ROOM_ERRNOS) from None
 
     def _exit_file(self, job_id: int) -> Path:
         return self.state_dir / "jobs" / f"{job_id}.exit"
@@ -224,6 +241,11 @@ class LocalQueue:
         exit_file = self._exit_file(job_id)
         record["state"] = "finished"
         record["end_time"] = now
+        if self._end_marker(job_id, "unstarted").exists():
+            # Its wrapper got no "go": the submit ended (killed) after storing this record.
+            record["native_state"] = "LOST"
+            record["message"] = "never started (submit ended before it)"
+            return
         for native_state, message in _END_MARKERS.items():
             # Ended here (delete, wall time) when the records could not be stored: _mark_ended.
             if self._end_marker(job_id, native_state).exists():
@@ -322,8 +344,11 @@ class LocalQueue:
             # unrecorded while the submit failed was submitted again by the agent (two launchers),
             # and neither status nor delete knew the first.
             self._write(db)
+            # Files go with their records (they were kept for ever: a file per job ever run), and
+            # so do those of jobs never recorded (a submit killed before it stored the record).
+            self._remove_unrecorded_files(db["jobs"])
             exit_file = self._exit_file(job_id)
-            exit_file.unlink(missing_ok=True)
+            self._remove_job_files(job_id)
             env = {**os.environ, **(extra_env or {})}
             env["BALSAM_LOCAL_JOB_ID"] = str(job_id)
             env["BALSAM_LOCAL_EXIT_FILE"] = str(exit_file)
@@ -359,23 +384,51 @@ class LocalQueue:
                 "start_time": now,
                 "state": "running",
             }
+            stored = False
             try:
                 self._write(db)
+                stored = True
             except BaseException as exc:
                 # The disk filled since the write above (or the submit is interrupted): the pipe
                 # closes without "go", and the wrapper exits with the script unrun. A submit killed
-                # outright closes the pipe too (the kernel closes its descriptors).
+                # outright closes the pipe too (the kernel closes its descriptors); the wrapper then
+                # leaves <id>.unstarted, which a stored record settles by ("never started").
                 proc.stdin.close()
                 proc.wait()
+                self._remove_job_files(job_id)  # no record of it: nothing to settle
                 if isinstance(exc, QueueStorageError):
-                    raise QueueStorageError(f"{exc}; job {job_id} not started") from None
+                    raise QueueStorageError(f"{exc}; job {job_id} not started", no_room=exc.no_room) from None
                 raise
-            try:
-                proc.stdin.write(b"go\n")
-                proc.stdin.close()
-            except OSError:
-                pass  # the wrapper is gone already (killed from outside): settled LOST at a poll
+            finally:
+                if stored:
+                    # Once the record says running, the script is started, whatever interrupts
+                    # the submit now (an exception raised here still reaches its caller).
+                    try:
+                        proc.stdin.write(b"go\n")
+                        proc.stdin.close()
+                    except OSError:
+                        pass  # the wrapper is gone already (killed from outside): settled LOST at a poll
             return job_id
+
+    def _remove_unrecorded_files(self, records: dict[str, Any]) -> None:
+        try:
+            names = os.listdir(self.state_dir / "jobs")
+        except OSError:
+            return
+        for name in names:
+            key, _, ending = name.partition(".")
+            if ending in _JOB_FILE_ENDINGS and key not in records:
+                try:
+                    os.unlink(self.state_dir / "jobs" / name)
+                except OSError:
+                    pass  # best effort, as _remove_job_files
+
+    def _remove_job_files(self, job_id: int) -> None:
+        for ending in _JOB_FILE_ENDINGS:
+            try:
+                (self.state_dir / "jobs" / f"{job_id}.{ending}").unlink(missing_ok=True)
+            except OSError:
+                pass  # best effort: a file left behind costs an inode, and is read by no record
 
     def status(self) -> dict[str, Any]:
         """Jobs still running (finished ones leave the listing, as on a real scheduler)."""
@@ -538,7 +591,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps({str(job_id): queue.history(job_id) for job_id in args.job_ids}))
     except QueueStorageError as exc:
         print(f"local queue: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_NO_ROOM if exc.no_room else 1
     except QueueError as exc:
         print(f"local queue: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
+from balsam.builtin.local_queue import EXIT_NO_ROOM
 from balsam.config.paths import balsam_home
 from balsam.models import SchedulerJobStatus
 from balsam.scheduler import (
@@ -90,7 +91,11 @@ class LocalScheduler(Scheduler):
         if result.returncode != 0:
             said = (result.stderr.strip() or result.stdout.strip()).splitlines()
             text = said[-1] if said else f"exit status {result.returncode}"
-            raise SchedulerError(f"local scheduler could not {what}: {text}", permanent=permanent or result.returncode == 2)
+            # 2: the queue refused for good; EXIT_NO_ROOM: its state directory is full or over
+            # quota, nothing was started (the agent waits for room rather than count a try).
+            raise SchedulerError(f"local scheduler could not {what}: {text}",
+                                 permanent=permanent or result.returncode == 2,
+                                 no_room=result.returncode == EXIT_NO_ROOM)
 
     # -- submit ---------------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:

@@ -102,12 +102,15 @@ class Refusal:
     """A submission the batch system refused: a fragment of the SchedulerError message, whether
     retrying the same request is pointless (``permanent``; None: not checked), and whether it was
     refused only because a queue limit is reached (``at_queue_limit``; None: not checked), and whether
-    that limit counts the user's own jobs only (``per_user_limit``; None: not checked)."""
+    that limit counts the user's own jobs only (``per_user_limit``; None: not checked), and whether
+    it was refused only for a full or over-quota disk the submit command writes (``no_room``; None:
+    not checked)."""
 
     match: str
     permanent: Optional[bool] = None
     at_queue_limit: Optional[bool] = None
     per_user_limit: Optional[bool] = None
+    no_room: Optional[bool] = None
 
 
 @attrs.frozen
@@ -282,6 +285,9 @@ class SchedulerContract:
             if refusal.per_user_limit is not None:
                 assert info.value.per_user_limit is refusal.per_user_limit, (
                     f"{name}: per_user_limit={info.value.per_user_limit}")
+            if refusal.no_room is not None:
+                assert getattr(info.value, "no_room", False) is refusal.no_room, (
+                    f"{name}: no_room={getattr(info.value, 'no_room', False)}")
 
     def test_status_outputs(self):
         assert self.status_outputs, "record at least one status poll (status_outputs)"

@@ -305,12 +305,27 @@ OUTAGE_LOG_EVERY_S = 300.0
 
 #: errnos of a write to a file system with no room (full, over quota).
 _NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
-#: How a scheduler command's message says the same (the local queue's one line, a tool's strerror).
-_NO_ROOM_TEXTS = tuple(os.strerror(e) for e in _NO_ROOM_ERRNOS)
+#: The longest wait between two tries of a BatchJob waiting for room on disk (the wait doubles from
+#: ``sync_period``): each try costs a credential renewal and a submit command, once a cycle for hours.
+NO_ROOM_RETRY_MAX_SEC = 300.0
 
 
-def _says_no_room(message: str) -> bool:
-    return any(text in message for text in _NO_ROOM_TEXTS)
+def _write_replacing(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a write that fails (no room) leaves the file as it was,
+    not truncated (a ``.submitting`` marker kept for an earlier try lost its note that the try's
+    outcome is unknown, and a later refusal then removed it and revoked the credential that try's
+    queued launcher needs). The temporary file starts with ``.tmp-``, so that it still ends as
+    ``path`` does."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 #: The longest wait between two renderings of a BatchJob whose plugin hook failed (the wait
 #: doubles from ``sync_period`` at each failure).
@@ -545,6 +560,9 @@ class SchedulerModule(AgentModule):
         #: BatchJob id -> (failed renderings in a row because a plugin hook failed, when
         #: (time.monotonic()) it is rendered again).
         self._hook_retry: dict[int, tuple[int, float]] = {}
+        #: BatchJob id -> (tries in a row that found no room on disk, when (time.monotonic()) it is
+        #: tried again).
+        self._no_room_retry: dict[int, tuple[int, float]] = {}
         self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -591,6 +609,7 @@ class SchedulerModule(AgentModule):
         )
         active_ids = {b["id"] for b in batch_jobs}
         self._hook_retry = {k: v for k, v in self._hook_retry.items() if k in active_ids}
+        self._no_room_retry = {k: v for k, v in self._no_room_retry.items() if k in active_ids}
         statuses, poll_error = self._poll()
         self._poll_answered = statuses is not None
         self._statuses = statuses
@@ -1242,6 +1261,9 @@ class SchedulerModule(AgentModule):
             self._set_waiting(batch_job, update, f"waiting: settings.yml does not load, so its launcher could "
                                                  f"not start (fix the file): {problem}")
             return
+        retry = self._no_room_retry.get(batch_job["id"])
+        if retry is not None and time.monotonic() < retry[1]:
+            return  # waiting for room on disk: its status_info says so (_wait_for_room)
         request = self._submit_request(batch_job, script)
         pending = script.with_name(script.name + ".submitting")
         if pending.is_file() and self._adopt_earlier_submission(batch_job, request, pending, marker, update):
@@ -1256,8 +1278,10 @@ class SchedulerModule(AgentModule):
         try:
             self.credentials.mint(batch_job)
         except Exception as exc:
-            # No submission without a way for its launcher to report: try again next cycle. Logged
-            # when the wait starts or its reason changes (a full disk lasts many cycles).
+            # No submission without a way for its launcher to report: try again next cycle (later
+            # when the file found no room). Logged when the wait starts or its reason changes.
+            if isinstance(exc, OSError) and exc.errno in _NO_ROOM_ERRNOS:
+                self._wait_for_room(batch_job)
             self._waiting_lookup(batch_job, update, f"waiting: cannot mint the launcher credential: {exc}")
             return
         token = self._submit_token(batch_job, update)
@@ -1267,13 +1291,14 @@ class SchedulerModule(AgentModule):
         writing = script
         try:
             script.parent.mkdir(parents=True, exist_ok=True)
-            script.write_text(text)
+            # Whole or not at all (_write_replacing): an earlier try's queued job may run this file.
+            _write_replacing(script, text)
             os.chmod(script, 0o755)
             # Written before the submit command runs and removed once its outcome is known: found
             # on a later cycle (the agent stopped, or the command timed out), it says that a job
             # may be in the queue already, and the scheduler is asked before submitting again.
             writing = pending
-            pending.write_text(f"{iso_now()} {token}{' ' + _EARLIER_UNKNOWN if earlier_unknown else ''}\n")
+            _write_replacing(pending, f"{iso_now()} {token}{' ' + _EARLIER_UNKNOWN if earlier_unknown else ''}\n")
         except OSError as exc:
             if exc.errno in _NO_ROOM_ERRNOS:
                 self._no_room_for_submit(batch_job, update, writing, exc, keep_files=pending_existed)
@@ -1292,16 +1317,25 @@ class SchedulerModule(AgentModule):
                 self._hold_queue(batch_job, queued_counts, message, update,
                                  per_user=bool(getattr(exc, "per_user_limit", False)))
                 return
-            if permanent and not earlier_unknown:  # the scheduler refused the request: nothing reached its queue
-                pending.unlink(missing_ok=True)
-            if not permanent and _says_no_room(message):
-                # A full or over-quota disk (the local queue's state directory, a spool): not a try
-                # of the 3, which a few seconds apart ended the BatchJob over a disk that was full
-                # for a minute. It waits for room; the .submitting marker stays (the next try asks
-                # the scheduler first, as after any submit whose outcome is unknown).
+            if getattr(exc, "no_room", False):
+                # The scheduler's own signal (SchedulerError.no_room: the local queue's state
+                # directory is full or over quota), never its message's words: a remote controller's
+                # "No space left on device" for a quota of the job's waited for ever, a submit
+                # command every cycle. Nothing reached the queue: not a try of the 3 (which a few
+                # seconds apart ended the BatchJob over a disk full for a minute), no marker kept
+                # (unless an earlier try's outcome is unknown); tried again after a wait that
+                # doubles up to NO_ROOM_RETRY_MAX_SEC. Not ended after some limit: each try costs
+                # one command every 5 minutes, the wait and its reason are in status_info, and a
+                # BatchJob ended would be replaced (by the elastic queue) by another that waits for
+                # the same room; delete it to give up.
+                if not earlier_unknown:
+                    pending.unlink(missing_ok=True)
+                self._wait_for_room(batch_job)
                 self._waiting_lookup(batch_job, update, f"waiting: no room on disk to submit ({message}); "
                                                         f"submitted once there is room")
                 return
+            if permanent and not earlier_unknown:  # the scheduler refused the request: nothing reached its queue
+                pending.unlink(missing_ok=True)
             failures = self.submit_failures.get(batch_job["id"], 0) + 1
             self.submit_failures[batch_job["id"]] = failures
             if not permanent and failures >= self.threshold and self._last_try_reached_queue(
@@ -1741,8 +1775,10 @@ class SchedulerModule(AgentModule):
                 self.logger.warning("BatchJob %s: cannot note the unknown outcome in %s: %s", batch_job["id"], pending, exc)
             return False
         if not found:
-            self.logger.info("BatchJob %s: the earlier submission of %s did not reach the scheduler: submitting",
-                             batch_job["id"], request.job_name)
+            # At DEBUG while the BatchJob waits for room on disk: said at every try, once in 5 min for hours.
+            self.logger.log(logging.DEBUG if batch_job["id"] in self._no_room_retry else logging.INFO,
+                            "BatchJob %s: the earlier submission of %s did not reach the scheduler: submitting",
+                            batch_job["id"], request.job_name)
             return False
         if len(found) > 1:
             self.logger.warning("BatchJob %s: the scheduler has %d jobs named %s (%s); tracking %s",
@@ -1771,8 +1807,16 @@ class SchedulerModule(AgentModule):
                 self.credentials.revoke_unused([batch_job["id"]])
             except Exception:  # never let credential housekeeping stop the scheduler cycle
                 self.logger.exception("BatchJob %s: revoking its unused launcher credential failed", batch_job["id"])
+        self._wait_for_room(batch_job)
         self._waiting_lookup(batch_job, update, f"waiting: cannot write {path}: {exc.strerror or exc}; submitted "
                                                 f"once there is room")
+
+    def _wait_for_room(self, batch_job: dict) -> None:
+        """The BatchJob's try found no room on disk: its next try waits ``sync_period``, doubled at
+        each try in a row that finds none, up to :data:`NO_ROOM_RETRY_MAX_SEC`."""
+        tries = self._no_room_retry.get(batch_job["id"], (0, 0.0))[0] + 1
+        wait = min(NO_ROOM_RETRY_MAX_SEC, max(1.0, self.period) * 2 ** min(tries - 1, 20))
+        self._no_room_retry[batch_job["id"]] = (tries, time.monotonic() + wait)
 
     def _record_submitted(self, batch_job: dict, script: Path, scheduler_id: int, update: dict, how: str, *,
                           marker: Optional[Path] = None, pending: Optional[Path] = None,
@@ -1783,6 +1827,7 @@ class SchedulerModule(AgentModule):
         running for hours: a submit_time of now made the scheduler's true start look "before its
         submission" (not taken), and hid its first runs from ``first_runs_query``."""
         submitted = _marker_time(since) if since is not None else None
+        self._no_room_retry.pop(batch_job["id"], None)  # its wait for room (if any) is over
         if marker is not None:
             try:
                 marker.write_text(_marker_text(scheduler_id, batch_job))
