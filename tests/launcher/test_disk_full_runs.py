@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -104,7 +105,7 @@ def test_a_run_ending_on_a_full_workdir_disk_runs_again_and_pauses_acquiring(
 def test_a_run_that_fails_with_room_on_its_disk_is_unchanged(tmp_path: Path, disk: Disk) -> None:
     """Its own failure: RUN_ERROR (the default handle_error fails it), no pause; also a job that
     printed "No space left" about another file system (full), and one that printed balsam's own
-    note about its workdir while that has room (the file system is read again at the report)."""
+    note about its workdir while that has room (the fact is finished_record's statvfs, not the text)."""
     updater = Updater()
     elsewhere = tmp_path / "scratch"
     elsewhere.mkdir()
@@ -163,7 +164,8 @@ def test_the_prefetcher_acquires_nothing_while_the_disk_is_full(tmp_path: Path, 
     f = Prefetcher(lambda: lease, lambda job: prepared(job.id), lambda demand: None, None, depth=4,
                    remaining_min=lambda: 60, retry_sec=0.0)
     f._run()
-    assert turns == {"paused": 3, "acquired_while_full": 0, "exhausted_while_paused": False}
+    # Exhausted while paused (nothing comes): a serial launcher ends at its idle time on a full disk.
+    assert turns == {"paused": 3, "acquired_while_full": 0, "exhausted_while_paused": True}
 
 
 def test_the_mpi_mode_asks_for_no_job_while_the_disk_is_full(tmp_path: Path, disk: Disk) -> None:
@@ -178,3 +180,73 @@ def test_the_mpi_mode_asks_for_no_job_while_the_disk_is_full(tmp_path: Path, dis
 
     # The gate is the first thing _request_for looks at: nothing else of the loop is needed.
     assert mpi.MPIMode._request_for(Loop(), {}, running=False) is None  # type: ignore[arg-type]
+
+
+def test_a_forged_disk_note_or_a_pseudo_file_system_pauses_nothing(tmp_path: Path, disk: Disk) -> None:
+    """The disk fact is the statvfs of the job's own workdir, carried beside the tail: a job whose
+    last line is balsam's note naming a full file system (not its workdir's), or /proc, /sys,
+    /dev/pts (no blocks: not a file system that fills), fails as itself and pauses nothing."""
+    full = tmp_path / "full"
+    full.mkdir()
+    disk.full.append(full)
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    updater = Updater()
+    for path in (full, "/proc", "/sys", "/dev/pts"):
+        output = f"ValueError\nNo space left on device: the file system of {path} has 0 bytes free"
+        _id, state, data = _exit(5, workdir, 1, output, updater)
+        assert state == JobState.run_error, (path, data)
+        runner.report_exit(updater, 5, 1, output)  # a plain tail (as from any other path): the same
+        assert updater.puts[-1][1] == JobState.run_error, path
+    assert not runner.disk_wait.paused()
+    for path in ("/proc", "/sys", "/dev/pts"):
+        assert runner.disk_full_note(path) == "", path
+
+
+def test_the_disk_fact_survives_a_worker_ranks_report_and_a_relaunch_note(tmp_path: Path, disk: Disk) -> None:
+    """A serial worker rank's exits reach the master pickled (mpi4py): the fact goes with them."""
+    disk.full.append(tmp_path)
+    record = runner.finished_record(Proc(3, tmp_path, 1, "oops"), 10)
+    (record,) = runner._note_relaunches([pickle.loads(pickle.dumps(record))], {3: 1}, runner.relaunch_rule())
+    assert record[2].disk_full == (str(tmp_path), runner.disk_full_note(tmp_path))
+    updater = Updater()
+    runner.report_exit(updater, *record)
+    assert updater.puts[-1][1] == JobState.run_timeout
+
+
+def test_a_launcher_started_on_a_full_disk_acquires_nothing_and_says_so_once(tmp_path: Path, disk: Disk,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """watch() before the first acquire: a new launcher on a still-full disk (a job that filled it
+    itself would run, fill it and be given back, launcher after launcher) leases nothing and is
+    exhausted (it ends at its idle time); the BatchJob hears once at the pause and once at its end,
+    not once per run given back."""
+    disk.full.append(tmp_path)
+    notes: list[str] = []
+    runner.disk_wait.watch(tmp_path, notes.append)
+    assert runner.disk_wait.paused() and len(notes) == 1 and notes[0].startswith("paused at ") and str(tmp_path) in notes[0]
+    for job_id in (1, 2):
+        runner.report_exit(Updater(), *runner.finished_record(Proc(job_id, tmp_path, 1, ""), 10))
+    assert len(notes) == 1
+    lease = Lease()
+    acquired: list[int] = []
+    turns = [0]
+    real_paused = runner.disk_wait.paused
+
+    def paused() -> bool:
+        turns[0] += 1
+        if turns[0] == 3:
+            f.stop()
+        return real_paused()
+
+    monkeypatch.setattr(runner.disk_wait, "paused", paused)
+    lease.acquire = lambda count, **kw: acquired.append(count) or []  # type: ignore[method-assign]
+    f = Prefetcher(lambda: lease, lambda job: prepared(job.id), lambda demand: None, None, depth=4,
+                   remaining_min=lambda: 60, retry_sec=0.0)
+    f._run()
+    assert acquired == [] and f.exhausted
+    monkeypatch.setattr(runner, "DISK_RECHECK_SEC", 0.0)
+    disk.full.clear()
+    assert not real_paused()
+    assert len(notes) == 2 and notes[1].startswith("resumed at ") and "2 runs given back" in notes[1]
+    runner.disk_wait.watch(tmp_path)  # room: no pause
+    assert not real_paused() and len(notes) == 2

@@ -100,3 +100,34 @@ def test_a_hook_workers_no_room_result_gives_the_job_back(module: Any, monkeypat
     mod._hook_jobs[6] = dict(job, id=6)
     assert mod._take_no_room([update, other]) == [other]
     assert mod.no_room == [job] and mod._hook_jobs == {6: dict(job, id=6)}
+
+
+def test_jobs_held_for_want_of_room_do_not_hold_back_the_run_done_ones(
+        module: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held jobs that fill ``prefetch_depth`` leave the hook overflow open: a launcher's RUN_DONE
+    (the default postprocess, no disk needed) still reaches JOB_FINISHED, and with it the file
+    cleaner that may free the room (it waited for the disk it could free)."""
+    from balsam.api import ApplicationDefinition, Job
+
+    site, mod = module
+    site_id = site.site_id
+    monkeypatch.setattr(type(mod), "prefetch_depth", property(lambda self: 3))
+    monkeypatch.setattr(hooks_runner, "create_job_output", _no_room(errno.ENOSPC))
+    monkeypatch.setattr(processing, "NO_ROOM_RETRY_SEC", 60.0)  # held throughout the test
+    _plain_jobs(site_id, 3)
+    process_until(mod, lambda: len(mod.no_room) == 3, timeout=10)
+
+    class Other(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+
+    Other.sync()
+    done = [j.id for j in Job.objects.bulk_create([Job(f"d/{i}", Other) for i in range(2)])]
+    client.patch("/jobs/", json=[{"id": i, "state": "PREPROCESSED"} for i in done])
+    session = client.post("/sessions/", json={"site_id": site_id})["id"]
+    client.post(f"/sessions/{session}", json={"max_num_jobs": 10, "filter_tags": {}})  # a launcher's acquire
+    for state in ("RUNNING", "RUN_DONE"):
+        client.patch("/jobs/", json=[{"id": i, "state": state} for i in done])
+    client.delete(f"/sessions/{session}")
+    process_until(mod, lambda: set(_states(client, done).values()) == {"JOB_FINISHED"}, timeout=10)
+    assert len(mod.no_room) == 3  # still held: the disk is still full

@@ -525,7 +525,9 @@ class Prefetcher:
                 continue
             if disk_wait.paused():
                 # The workdirs' file system is full: runs ending there are given back (runner.DiskWait);
-                # no job is acquired until it has room. Not exhausted: acquiring resumes then.
+                # no job is acquired until it has room. Exhausted (nothing comes): the launcher
+                # ends at its idle time if the disk stays full; the next acquire with jobs clears it.
+                self.exhausted = True
                 self._stopping.wait(self.retry_sec)
                 continue
             if self._releasing:

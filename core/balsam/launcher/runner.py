@@ -150,6 +150,10 @@ def disk_full_note(path: Any) -> str:
         st = os.statvfs(path)
     except OSError:
         return ""
+    if st.f_blocks == 0:
+        # A pseudo file system (/proc, /sys, /dev/pts): no blocks at all, never "full". Counted as
+        # full, a job's line naming one paused its launcher.
+        return ""
     free = st.f_bavail * st.f_frsize
     if free < DISK_FULL_BYTES:
         return f"No space left on device: the file system of {path} has {free} bytes free"
@@ -158,9 +162,29 @@ def disk_full_note(path: Any) -> str:
     return ""
 
 
-#: How a run's error tail names a full workdir file system (:func:`disk_full_note`, added by
-#: :func:`finished_record`): the path, and how little room was left.
-_DISK_FULL_LINE = re.compile(r"^No space left on device: the file system of (?P<path>.+) has (?:\d+ bytes free|no free inodes)$")
+class ErrorTail(str):
+    """A failed run's error tail (:func:`finished_record`) that ended on a full workdir file system:
+    ``disk_full`` is ``(workdir, note)``, the statvfs finished_record made of the job's own workdir.
+    Carried beside the text, never read from it: a job that printed such a line itself (naming
+    any file system) is not taken for one. A str, so every path that passes a tail on (Exit
+    records, a worker rank's pickled report to the master) passes this too."""
+
+    disk_full: Optional[tuple[str, str]] = None
+
+    def __new__(cls, text: str, disk_full: Optional[tuple[str, str]] = None) -> "ErrorTail":
+        tail = super().__new__(cls, text)
+        tail.disk_full = disk_full
+        return tail
+
+    def __reduce__(self) -> Any:
+        return (ErrorTail, (str(self), self.disk_full))
+
+
+def with_note(tail: str, note: str) -> str:
+    """``tail`` with ``note`` as a last line, keeping an :class:`ErrorTail`'s disk fact."""
+    text = f"{tail}\n{note}" if tail.strip() else note
+    full = getattr(tail, "disk_full", None)
+    return ErrorTail(text, full) if full else text
 #: While paused for a full disk, how often the launcher looks at that file system again.
 DISK_RECHECK_SEC = 5.0
 
@@ -173,9 +197,14 @@ class DiskWait:
     ``data/`` failed the whole backlog in seconds. Such a run is reported RUN_TIMEOUT instead (the
     processing module's default ``handle_timeout`` makes it RESTART_READY: it runs again) and the
     launcher stops acquiring jobs until the file system has room again, looked at every
-    :data:`DISK_RECHECK_SEC`: only the jobs running when the disk filled are given back, none loops.
-    One WARNING when the pause starts, one INFO when it ends. Shared by the threads of the
-    launcher process (the loop reports exits, the acquirer asks :meth:`paused`): under a lock."""
+    :data:`DISK_RECHECK_SEC`. A launcher looks at its data directory before its first acquire
+    (:meth:`watch`): one started on a still-full disk acquires nothing, idles and ends at its idle
+    time. The jobs already leased and waiting to start when the disk filled still start (and end
+    there, given back too). A job that fills the disk itself runs again once room is made, and
+    pauses its launcher again each time it fills it: nothing bounds its give-backs. One WARNING when
+    the pause starts, one INFO when it ends, and the BatchJob's ``status_info["disk_full"]`` set at
+    each (:meth:`watch`'s ``on_change``). Shared by the threads of the launcher process (the loop
+    reports exits, the acquirer asks :meth:`paused`): under a lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -183,16 +212,34 @@ class DiskWait:
         self.since: Optional[float] = None
         self._checked = 0.0
         self.given_back = 0
+        self._on_change: Optional[Any] = None
+
+    def watch(self, data_path: Any, on_change: Optional[Any] = None) -> None:
+        """Before the first acquire: pause at once if ``data_path``'s file system is full (a new
+        launcher would acquire, run onto the full disk and give back, again and again).
+        ``on_change(message)`` is called once when a pause starts and once when it ends (the
+        mode records it on its BatchJob); it may block (an HTTP call), never under the lock."""
+        self._on_change = on_change
+        note = disk_full_note(data_path)
+        if note:
+            self._pause(os.fspath(data_path), note, "no job is acquired")
 
     def note_full(self, path: str, note: str) -> None:
         with self._lock:
             self.given_back += 1
+        self._pause(path, note, "runs ending there are given back (RUN_TIMEOUT, run again), and no more jobs are acquired")
+
+    def _pause(self, path: str, note: str, what: str) -> None:
+        with self._lock:
             self._checked = time.monotonic()
             if self.path is not None:
                 return
             self.path, self.since = path, time.monotonic()
-        logger.warning("%s: runs ending there are given back (RUN_TIMEOUT, run again), and no more jobs are acquired "
-                       "until it has room (looked at every %g s)", note, DISK_RECHECK_SEC)
+            on_change = self._on_change
+        logger.warning("%s: %s until it has room (looked at every %g s)", note, what, DISK_RECHECK_SEC)
+        if on_change is not None:
+            on_change(f"paused at {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}: {note}; "
+                      "no job is acquired until it has room")
 
     def paused(self) -> bool:
         """Whether acquiring waits for room; looks at the full file system again when due."""
@@ -210,8 +257,13 @@ class DiskWait:
                 return False
             since, given_back = self.since or time.monotonic(), self.given_back
             self.path, self.since, self.given_back = None, None, 0
+            on_change = self._on_change
+        waited = time.monotonic() - since
         logger.info("the file system of %s has room again (%d bytes free) after %.0f s: acquiring jobs again "
-                    "(%d runs were given back meanwhile)", path, disk_free_bytes(path), time.monotonic() - since, given_back)
+                    "(%d runs were given back meanwhile)", path, disk_free_bytes(path), waited, given_back)
+        if on_change is not None:
+            on_change(f"resumed at {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} after a {waited:.0f} s "
+                      f"pause for a full disk ({path}; {given_back} runs given back)")
         return False
 
 
@@ -228,20 +280,10 @@ def disk_free_bytes(path: Any) -> int:
 
 
 def disk_full_exit(tail: str) -> Optional[tuple[str, str]]:
-    """``(path, note)`` when a failed run's error tail ends with :func:`finished_record`'s note of a
-    full workdir file system and that file system is still full now (read again: a job that printed
-    such a line itself, its workdir having room, is not taken for one), else None. What a job prints
-    about another file system ("No space left on device" of a write elsewhere) is not that note; only
-    a job whose last line of output is the note itself, naming a file system full at the time, would
-    be: it runs again, as the launcher could not tell it from one that found no room."""
-    lines = tail.rstrip("\n").split("\n")
-    while len(lines) > 1 and lines[-1].startswith("balsam: relaunched "):  # relaunch_note, after it
-        lines.pop()
-    match = _DISK_FULL_LINE.match(lines[-1])
-    if match is None:
-        return None
-    note = disk_full_note(match["path"])
-    return (match["path"], note) if note else None
+    """``(workdir, note)`` when ``tail`` is :func:`finished_record`'s :class:`ErrorTail` of a run
+    that ended with its own workdir's file system full (that statvfs, not a second one), else None.
+    What a job prints (a "No space left on device" line of its own, naming any path) is never it."""
+    return getattr(tail, "disk_full", None)
 
 
 def report_running(updater: Any, prepared: PreparedJob, when: Optional[float] = None) -> None:
@@ -587,7 +629,7 @@ def _note_relaunches(finished: list[tuple[int, int, str, float]], relaunched: di
             job_id, rc, tail, when = record
             if rc:
                 note = relaunch_note(count, rc, rule)
-                record = (job_id, rc, f"{tail}\n{note}" if tail.strip() else note, when)
+                record = (job_id, rc, with_note(tail, note), when)
             else:
                 logger.info("job %s finished after %d relaunch(es)", job_id, count)
         out.append(record)
@@ -610,12 +652,12 @@ def finished_record(proc: Any, error_tail_num_lines: int) -> tuple[int, int, str
         if killed:
             tail = f"{tail}\n{killed}" if tail.strip() else killed
         if full:
-            # The job could not even write its error to job.out: say why. The last line, where
-            # report_exit (in the master, for a worker rank's exit too) finds it: a run that ended
-            # on a full disk is given back, not failed. One line per such exit: only the jobs
-            # running as the disk filled end so (DiskWait stops the acquiring, logged once).
+            # The job could not even write its error to job.out: say why (the last line). The
+            # fact travels as ErrorTail.disk_full to report_exit (in the master, for a worker rank's
+            # exit too): a run that ended on a full disk is given back, not failed. One line per
+            # such exit (DiskWait stops the acquiring, logged once).
             logger.warning("job %s exited %s: %s", proc.job_id, rc, full)
-            tail = f"{tail}\n{full}" if tail.strip() else full
+            tail = ErrorTail(f"{tail}\n{full}" if tail.strip() else full, (os.fspath(proc.workdir), full))
     return (proc.job_id, rc, tail, getattr(proc, "end_time", None) or time.time())
 
 

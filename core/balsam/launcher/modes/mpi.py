@@ -339,6 +339,9 @@ class MPIMode(JobMode):
                                         hardware_threads_per_core=int(
                                             getattr(context.platform, "hardware_threads_per_core", 0) or 0))
         self.preparer = JobPreparer(context.data_path, default_postprocess=bool(context.setting("default_postprocess_in_launcher")))
+        # Before the first acquire: a launcher started on a still-full disk acquires nothing (it
+        # would run each job onto the full disk and give it back), and the pause shows on the BatchJob.
+        disk_wait.watch(context.data_path, lambda text: note_batch_job(context.batch_job_id, "disk_full", text))
         #: Started jobs whose successful exit is reported with POSTPROCESSED (PreparedJob.postprocess_on_exit)
         self._postprocess_on_exit: set[int] = set()
         self.pending: deque[PreparedJob] = deque()

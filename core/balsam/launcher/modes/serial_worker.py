@@ -129,7 +129,7 @@ from ..node_manager import NodeManager, Placement
 from ..placement import TooLateJobs, place_pending
 from ..prefetch import Prefetcher
 from ..runner import (
-    ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, ended_by_stop, env_difference, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, disk_wait, ended_by_stop, env_difference, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
     stopped_reason,
 )
 from ..wake import WakeEvent
@@ -1103,6 +1103,9 @@ def build_master(
     gone = GoneJobs(wake)
     open_source = lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"]))
     preparer = JobPreparer(Path(config["data_path"]), default_postprocess=bool(launcher["default_postprocess_in_launcher"]))
+    # Before the first acquire: on a still-full disk nothing is leased (the prefetcher is exhausted
+    # while paused: the master ends at its idle time), and the pause shows on the BatchJob.
+    disk_wait.watch(config["data_path"], lambda text: note_batch_job(config.get("batch_job_id"), "disk_full", text))
     prefetcher = Prefetcher(
         lambda: gone.attach(open_source()),  # heartbeats ask which held jobs are gone (Master._held_ids)
         preparer.prepare,

@@ -1148,10 +1148,12 @@ class ProcessingModule(AgentModule):
         hook_jobs = self.in_flight() + self.waiting()
         held = hook_jobs + len(self.backlog) + len(self.no_room)
         room = self.prefetch_depth - held
-        if room <= 0 and hook_jobs:
+        if room <= 0 and (hook_jobs or self.no_room):
             # Hook jobs waiting for the workers (slow hooks, hung ones) take all of prefetch_depth:
             # the jobs behind them (in the server's order) whose app keeps the default hook need no
-            # worker, and are not held back by them; a bounded number a cycle, up to max_held.
+            # worker, and are not held back by them; a bounded number a cycle, up to max_held. So
+            # with jobs held for want of room: the RUN_DONEs behind them (their JOB_FINISHED, the
+            # file cleaner that frees room) would wait for the disk they may free.
             room = min(HOOK_OVERFLOW_ACQUIRE, self.max_held - held)
         room = min(room, MAX_JOBS_PER_SESSION_ACQUIRE)
         acquired: list[dict] = []
@@ -1371,7 +1373,11 @@ class ProcessingModule(AgentModule):
         waiting = self.waiting() + len(self.backlog)
         if waiting:
             self.logger.info("stopping: %d jobs whose hooks had not started are released", waiting)
+        if self.no_room:
+            # Held for want of room: released with the session too, tried by the next agent.
+            self.logger.info("stopping: %d jobs held for want of room in %s are released", len(self.no_room), self.data_path)
         self.backlog = []
+        self.no_room = []
         self.queued = {}
         self.alone_queue = deque()
         if updates:
