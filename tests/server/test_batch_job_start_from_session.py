@@ -23,6 +23,8 @@ import pytest
 import sqlalchemy as sa
 from server_testlib import Api, wait_blocked_by
 
+from balsam.server.admin import Admin, AdminError
+
 sys.path.insert(0, str(Path(__file__).parent.parent / "dashboard"))
 
 from dashboard_helpers import logged_in_client  # noqa: E402  (tests/dashboard)
@@ -415,3 +417,24 @@ def test_ordering_by_start_time_lists_never_started_batch_jobs_last_and_first_re
 
     assert listed("start_time") == ["early", "late", "none-1", "none-2"]
     assert listed("-start_time") == ["none-1", "none-2", "late", "early"]
+
+
+def test_the_start_of_a_requeued_batch_job_cannot_be_cleared(_live_server_obj: Any, register: Any) -> None:
+    """A requeued BatchJob is queued again but has run: start_time keeps its first start, and a
+    clear would let the agent record the next run's start as the allocation's first."""
+    api = Api(_live_server_obj.url, register)
+    admin = Admin(_live_server_obj.database_url)
+    try:
+        site = api.site()
+        bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site["id"], "project": "p", "queue": "q",
+                                                        "num_nodes": 1, "wall_time_min": 30, "job_mode": "mpi"})
+        api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"state": "running", "start_time": "2026-01-01T00:00:00Z"})
+        # What the agent sends for a requeue (scheduler._record_requeue).
+        api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"state": "queued",
+                                                       "status_info": {"requeue_count": "1", "requeue_time": "x"}})
+        with pytest.raises(AdminError, match="requeued"):
+            admin.set_batch_job_start(bj["id"], None)
+        assert api.ok("GET", f"/batch-jobs/{bj['id']}")["start_time"] is not None
+    finally:
+        admin.close()
+        api.close()

@@ -15,11 +15,14 @@ the user's first session request in the server process, the one whose sweep runs
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from server_testlib import Api, runnable, wait_blocked_by
+
+from balsam.server.acquire_waits import MAX_WAIT_SEC
 
 pytestmark = pytest.mark.postgres
 
@@ -95,5 +98,48 @@ def test_a_requests_sweep_holds_no_stale_session_when_it_locks_its_own(
             thread.join(60)
         holder.close()
         look.close()
+        engine.dispose()
+        api.close()
+
+
+@pytest.mark.parametrize("tick_target", ["live", "stale_itself"])
+def test_jobs_a_requests_own_sweep_frees_wake_waiting_acquires_even_when_the_request_fails(
+        _live_server_pg_obj: Any, register: Any, tick_target: str) -> None:
+    """The sweep commits in its own transaction: a tick of the very Session it expired (404) still
+    freed the stale Session's job, and a waiting acquire must hear of it at once, not at its
+    ``Prefer: wait`` deadline (the wake was read only after a handler returned normally)."""
+    api = Api(_live_server_pg_obj.url, register)
+    engine = sa.create_engine(_live_server_pg_obj.database_url)
+    out: dict[str, Any] = {}
+    try:
+        site = api.site()
+        app = api.app(site["id"])
+        job_id, = runnable(api, app["id"])
+        ins = "INSERT INTO sessions (site_id, heartbeat, clock_restarted) VALUES (:s, {}, true) RETURNING id"
+        with engine.begin() as c:
+            waiter = c.execute(sa.text(ins.format("clock_timestamp()")), {"s": site["id"]}).scalar()
+            live = c.execute(sa.text(ins.format("clock_timestamp()")), {"s": site["id"]}).scalar()
+            stale = c.execute(sa.text(ins.format("now() - interval '1 day'")), {"s": site["id"]}).scalar()
+            c.execute(sa.text("UPDATE jobs SET session_id = :s WHERE id = :j"), {"s": stale, "j": job_id})
+
+        def wait_acquire() -> None:
+            t0 = time.monotonic()
+            r = api.http.post(f"/sessions/{waiter}", json={"max_num_jobs": 1, "filter_tags": {}},
+                              headers={"Prefer": "wait=30"}, timeout=90)
+            out["acq"] = (r.status_code, [j["id"] for j in r.json()] if r.status_code == 200 else r.text,
+                          time.monotonic() - t0)
+
+        th = threading.Thread(target=wait_acquire)
+        th.start()
+        time.sleep(1.0)  # its look found nothing: it waits (had it not yet looked, it finds the job)
+        tick = api.http.put(f"/sessions/{live if tick_target == 'live' else stale}", timeout=60)
+        th.join(90)
+        assert tick.status_code == (200 if tick_target == "live" else 404)
+        code, got, took = out["acq"]
+        assert (code, got) == (200, [job_id])
+        # Woken by the sweep, not at the server's cap on a wait (MAX_WAIT_SEC, 10 s): a liveness
+        # check with a wide margin (the wake takes milliseconds after the tick at +1 s).
+        assert took < MAX_WAIT_SEC / 2, f"the waiting acquire heard of job {job_id} only at its deadline ({took:.1f} s)"
+    finally:
         engine.dispose()
         api.close()

@@ -204,7 +204,7 @@ class Admin:
             start = start.replace(tzinfo=dt.timezone.utc)
         with write_tx(self.engine) as conn:
             stmt = sa.select(batch_jobs.c.id, batch_jobs.c.site_id, batch_jobs.c.state, batch_jobs.c.start_time,
-                             batch_jobs.c.end_time).where(batch_jobs.c.id == batch_job_id)
+                             batch_jobs.c.end_time, batch_jobs.c.status_info).where(batch_jobs.c.id == batch_job_id)
             if conn.dialect.name == "postgresql":
                 # The row lock a BatchJob update takes (NO KEY UPDATE: leases and sessions referring
                 # to it go on), so the checks below hold until this commits. One row, no other lock.
@@ -215,6 +215,11 @@ class Admin:
             if start is None and row.state not in CLEARABLE_START_STATES:
                 raise AdminError(f"BatchJob {batch_job_id} is {row.state}: its start_time cannot be cleared (it "
                                  f"would not be recorded again); give the time it started instead")
+            if start is None and (row.status_info or {}).get("requeue_count"):
+                # Requeued: it ran before (start_time keeps the first start); cleared, the next run's
+                # start would be taken for the allocation's first.
+                raise AdminError(f"BatchJob {batch_job_id} was requeued (it ran before): its start_time cannot be "
+                                 f"cleared; give the time it first started instead")
             if start is not None and start < EARLIEST_START:
                 raise AdminError(f"BatchJob {batch_job_id}: start_time {start:%Y-%m-%d %H:%M:%S} UTC is earlier "
                                  f"than {EARLIEST_START:%Y-%m-%d} (a mistyped year?)")

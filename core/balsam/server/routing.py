@@ -252,9 +252,11 @@ def _authenticated_call(handler: Handler, ctx: Ctx) -> "Response | WaitForJobs":
     finally:
         ctx.release()
         SITE_SCOPE.reset(token)
-    bridge = state.wake_bridge
-    if ctx.woke and bridge is not None:  # committed: tell the other server processes (acquire_notify.py)
-        bridge.publish(user.id)
+        # Also when the handler then failed: a write committed before its error (a request's own
+        # expiry sweep) freed jobs all the same.
+        bridge = state.wake_bridge
+        if ctx.woke and bridge is not None:  # committed: tell the other server processes (acquire_notify.py)
+            bridge.publish(user.id)
     return response
 
 
@@ -287,9 +289,11 @@ def route(path: str, methods: dict[str, Handler], *, public: bool = False,
             body = await read_body(request, limit)
         while True:
             ctx = Ctx(request, body, user, replayed=request.method in replayed)
-            response = await run_in_threadpool(_authenticated_call, handler, ctx)
-            if ctx.woke and user is not None:
-                request.app.state.acquire_waits.wake(user.id)
+            try:
+                response = await run_in_threadpool(_authenticated_call, handler, ctx)
+            finally:  # also after an error answer (see _authenticated_call)
+                if ctx.woke and user is not None:
+                    request.app.state.acquire_waits.wake(user.id)
             if not isinstance(response, WaitForJobs):
                 return response
             # Nothing to lease yet: wait on the event loop (no thread held, no transaction open),
