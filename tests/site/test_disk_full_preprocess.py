@@ -102,11 +102,14 @@ def test_a_hook_workers_no_room_result_gives_the_job_back(module: Any, monkeypat
     assert mod.no_room == [job] and mod._hook_jobs == {6: dict(job, id=6)}
 
 
+@pytest.mark.parametrize("backlog", ["depth", "more_than_max_held"])
 def test_jobs_held_for_want_of_room_do_not_hold_back_the_run_done_ones(
-        module: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        module: Any, client: Any, monkeypatch: pytest.MonkeyPatch, backlog: str) -> None:
     """Held jobs that fill ``prefetch_depth`` leave the hook overflow open: a launcher's RUN_DONE
     (the default postprocess, no disk needed) still reaches JOB_FINISHED, and with it the file
-    cleaner that may free the room (it waited for the disk it could free)."""
+    cleaner that may free the room (it waited for the disk it could free). With more jobs to
+    prepare than ``max_held`` behind them, the overflow leases no more of those while the disk is
+    full (each overflow acquire held more, until max_held was reached and the RUN_DONEs waited)."""
     from balsam.api import ApplicationDefinition, Job
 
     site, mod = module
@@ -114,7 +117,7 @@ def test_jobs_held_for_want_of_room_do_not_hold_back_the_run_done_ones(
     monkeypatch.setattr(type(mod), "prefetch_depth", property(lambda self: 3))
     monkeypatch.setattr(hooks_runner, "create_job_output", _no_room(errno.ENOSPC))
     monkeypatch.setattr(processing, "NO_ROOM_RETRY_SEC", 60.0)  # held throughout the test
-    _plain_jobs(site_id, 3)
+    _plain_jobs(site_id, 3 if backlog == "depth" else mod.max_held + 10)
     process_until(mod, lambda: len(mod.no_room) == 3, timeout=10)
 
     class Other(ApplicationDefinition):
@@ -130,4 +133,4 @@ def test_jobs_held_for_want_of_room_do_not_hold_back_the_run_done_ones(
         client.patch("/jobs/", json=[{"id": i, "state": state} for i in done])
     client.delete(f"/sessions/{session}")
     process_until(mod, lambda: set(_states(client, done).values()) == {"JOB_FINISHED"}, timeout=10)
-    assert len(mod.no_room) == 3  # still held: the disk is still full
+    assert len(mod.no_room) == 3  # still held (the disk is still full), and no more leased to prepare

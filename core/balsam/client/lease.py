@@ -520,8 +520,10 @@ class JobLease:
         serial_only: bool = False,
         wait_sec: Optional[float] = None,
         max_gpus_per_node: Optional[float] = None,
+        states: Optional[Iterable["JobState | str"]] = None,
     ) -> list[Any]:
-        """Lease up to ``max_num_jobs`` jobs (at most 2,048) in the lease's states.
+        """Lease up to ``max_num_jobs`` jobs (at most 2,048) in the lease's states (``states``: in
+        these instead, for this acquire only).
 
         ``max_gpus_per_node``: only jobs asking at most that many GPUs per node (0: a launcher
         whose nodes have none leaves the GPU jobs to others).
@@ -550,7 +552,8 @@ class JobLease:
                 body = acquire_request(
                     min(int(max_num_jobs), MAX_JOBS_PER_SESSION_ACQUIRE), max_wall_time_min=max_wall_time_min,
                     max_nodes_per_job=max_nodes_per_job, max_aggregate_nodes=max_aggregate_nodes,
-                    serial_only=serial_only, sort_by=self.sort_by, filter_tags=self.filter_tags, states=self.states,
+                    serial_only=serial_only, sort_by=self.sort_by, filter_tags=self.filter_tags,
+                    states=self.states if states is None else states,
                     app_ids=self.app_ids, max_gpus_per_node=None if self._no_gpu_filter else max_gpus_per_node,
                 )
                 self.pending = (new_idempotency_key(), body)

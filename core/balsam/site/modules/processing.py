@@ -90,7 +90,7 @@ import time
 from collections import deque
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import attrs
 
@@ -180,6 +180,8 @@ LOCK_TOUCH_SEC = 10.0
 #: this module's session, released with it at stop) and tried again this often, a WARNING when the
 #: first is held and an INFO once one is prepared again (:meth:`ProcessingModule._hold_no_room`).
 NO_ROOM_RETRY_SEC = 10.0
+#: What the module leases while jobs wait for room: its states whose hooks make no workdir.
+NO_WORKDIR_STATES: frozenset[JobState] = PROCESSABLE_STATES - {JobState.staged_in}
 _NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 #: The hook worker's error for a workdir it could not prepare (hooks_runner.run_hook_on_job):
 #: ``cannot prepare workdir 'w/5': OSError: [Errno 122] Disk quota exceeded: '.../job.out'``.
@@ -431,7 +433,8 @@ class ProcessingModule(AgentModule):
     def session_id(self) -> Optional[int]:
         return self.lease.session_id if self.lease is not None else None
 
-    def _acquire(self, max_jobs: int, wait_sec: Optional[float] = None) -> list[dict]:
+    def _acquire(self, max_jobs: int, wait_sec: Optional[float] = None,
+                 states: Optional[Iterable[JobState]] = None) -> list[dict]:
         if self.lease is None:
             self.lease = JobLease(
                 self.client, self.site_id, filter_tags=self._filter_tags(), states=PROCESSABLE_STATES,
@@ -440,7 +443,7 @@ class ProcessingModule(AgentModule):
             )
         self._note_session()  # before it holds any job
         try:
-            return self.lease.acquire(max_jobs, wait_sec=wait_sec)
+            return self.lease.acquire(max_jobs, wait_sec=wait_sec, states=states)
         finally:
             self._note_session()  # a session replaced during the acquire
 
@@ -1154,7 +1157,9 @@ class ProcessingModule(AgentModule):
             # worker, and are not held back by them; a bounded number a cycle, up to max_held. So
             # with jobs held for want of room: the RUN_DONEs behind them (their JOB_FINISHED, the
             # file cleaner that frees room) would wait for the disk they may free.
-            room = min(HOOK_OVERFLOW_ACQUIRE, self.max_held - held)
+            # The jobs held for want of room are left out of that bound: they would fill it (each
+            # overflow acquire leased more jobs to prepare) and stop the RUN_DONEs behind them again.
+            room = min(HOOK_OVERFLOW_ACQUIRE, self.max_held - (held - len(self.no_room)))
         room = min(room, MAX_JOBS_PER_SESSION_ACQUIRE)
         acquired: list[dict] = []
         waited = 0.0
@@ -1168,7 +1173,9 @@ class ProcessingModule(AgentModule):
             if self.no_room and wait is not None:  # not past the retry of the jobs given back for want of room
                 wait = min(wait, max(0.0, self._no_room_retry_at - time.monotonic()))
             began = time.monotonic()
-            acquired = self._acquire(room, wait)
+            # While jobs wait for room, no more jobs to prepare (STAGED_IN: each needs a workdir on
+            # the full disk) are leased: the RUN_DONE, RUN_ERROR, RUN_TIMEOUT ones need none.
+            acquired = self._acquire(room, wait, states=NO_WORKDIR_STATES if self.no_room else None)
             waited = time.monotonic() - began
             self.backlog.extend(acquired)
         if self.backlog:
