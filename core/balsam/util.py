@@ -138,6 +138,11 @@ _ON_BAD = ("warn", "raise")
 Number = TypeVar("Number", int, float)
 
 
+#: The errors of a full or over-quota file system (EDQUOT where the platform has it): the site's
+#: fault, not the job's, waited out where they are met (docs/reliability.md, "When the disk is full").
+NO_ROOM_ERRNOS: frozenset[int] = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
 def plain_decimal(text: str, *, fraction: bool = False) -> "int | float | None":
     """``text`` (spaces around it ignored) as a plain decimal number, else None: ASCII digits, and
     with ``fraction`` one point among them (``30``, ``0.5``, ``.5``, ``5.``), at most

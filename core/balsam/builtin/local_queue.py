@@ -71,6 +71,8 @@ _JOB_FILE_ENDINGS = ("exit", "unstarted", *(state.lower() for state in _END_MARK
 #: and the same submit works once there is room. The local scheduler reads it as a typed "no room"
 #: (SchedulerError.no_room); 1 is any other failure to try again, 2 a refusal for good.
 EXIT_NO_ROOM = 3
+#: balsam.util.NO_ROOM_ERRNOS, again: this module stays off balsam.util (its logging set-up) for the
+#: start-up cost of the status poll the agent runs every sync_period.
 _NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 

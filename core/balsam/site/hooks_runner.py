@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
-import errno
 import io
 import json
 import os
@@ -29,7 +28,7 @@ from typing import Any, Iterator, Optional
 from .._api.run_markers import MarkerScan  # the client API owns the marker format, and its one scanner
 from ..models import job_workdir
 from ..states import JobState, allowed_targets
-from ..util import api_text, create_job_output, tail_file
+from ..util import NO_ROOM_ERRNOS, api_text, create_job_output, tail_file
 
 HOOK_FOR_STATE: dict[JobState, str] = {
     JobState.staged_in: "preprocess",
@@ -270,7 +269,6 @@ def _snapshot(job_obj: Any) -> dict:
 
 
 #: errnos of a write to a file system with no room (full, over quota).
-NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
 class _LogSink(io.RawIOBase):

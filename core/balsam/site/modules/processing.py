@@ -73,7 +73,6 @@ tracker then exit by themselves (see :func:`_end_with_agent`).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import errno
 import fcntl
 import itertools
 import json
@@ -100,7 +99,7 @@ from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...options import option
 from ...states import PROCESSABLE_STATES, JobState
 from ...launcher.spawner import boot_id  # stdlib only: the spawner's own identity of this kernel
-from ...util import START_TIME_TOLERANCE_SEC, process_start_time
+from ...util import NO_ROOM_ERRNOS, START_TIME_TOLERANCE_SEC, process_start_time
 from ..apps import AppCache
 from ..hooks_runner import HOOK_FOR_STATE, api_json, default_update, now_iso, read_results, run_hooks
 from ..module import AgentModule
@@ -182,7 +181,6 @@ LOCK_TOUCH_SEC = 10.0
 NO_ROOM_RETRY_SEC = 10.0
 #: What the module leases while jobs wait for room: its states whose hooks make no workdir.
 NO_WORKDIR_STATES: frozenset[JobState] = PROCESSABLE_STATES - {JobState.staged_in}
-_NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 #: The hook worker's error for a workdir it could not prepare (hooks_runner.run_hook_on_job):
 #: ``cannot prepare workdir 'w/5': OSError: [Errno 122] Disk quota exceeded: '.../job.out'``.
 _NO_ROOM_WORKER_ERROR = re.compile(r"^cannot prepare workdir .*: \w+: \[Errno (\d+)\] ", re.S)
@@ -575,7 +573,7 @@ class ProcessingModule(AgentModule):
         for update in updates:
             error = (update.get("state_data") or {}).get("error") if update.get("state") == JobState.failed.value else None
             match = _NO_ROOM_WORKER_ERROR.match(error) if isinstance(error, str) else None
-            job = self._hook_jobs.pop(update.get("id"), None) if match and int(match[1]) in _NO_ROOM_ERRNOS else None
+            job = self._hook_jobs.pop(update.get("id"), None) if match and int(match[1]) in NO_ROOM_ERRNOS else None
             if job is None:
                 kept.append(update)
             else:
@@ -1272,7 +1270,7 @@ class ProcessingModule(AgentModule):
                     updates.append(default_update(job, info.python_app, self.data_path, self.tail_num_lines,
                                                   timeout_reason=reasons.get(job["id"])))
                 except Exception as exc:
-                    if isinstance(exc, OSError) and exc.errno in _NO_ROOM_ERRNOS:  # the disk's fault: given back
+                    if isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNOS:  # the disk's fault: given back
                         self._hold_no_room(job, f"cannot prepare workdir {job['workdir']!r}: {type(exc).__name__}: {exc}")
                         continue
                     self.logger.exception("job %s: default %s failed", job["id"], HOOK_FOR_STATE[state])

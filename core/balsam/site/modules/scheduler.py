@@ -38,7 +38,6 @@ when the scheduler no longer gives one. No scheduler exception escapes a cycle.
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import logging
 import os
 import re
@@ -60,6 +59,7 @@ from ...scheduler import (
 )
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
+from ...util import NO_ROOM_ERRNOS
 from ..service_client import bulk_patch, chunks, iso_now, list_all, results, utcnow
 from ..job_template import (JobTemplateError, PluginHookFailed, ScriptValueRefused, build_context, read_template,
                             render_job_script, template_platform_options)
@@ -304,7 +304,6 @@ _SUBMIT_RETRY = "submit failed (attempt "
 OUTAGE_LOG_EVERY_S = 300.0
 
 #: errnos of a write to a file system with no room (full, over quota).
-_NO_ROOM_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 #: The longest wait between two tries of a BatchJob waiting for room on disk (the wait doubles from
 #: ``sync_period``): each try costs a credential renewal and a submit command, once a cycle for hours.
 NO_ROOM_RETRY_MAX_SEC = 300.0
@@ -1280,7 +1279,7 @@ class SchedulerModule(AgentModule):
         except Exception as exc:
             # No submission without a way for its launcher to report: try again next cycle (later
             # when the file found no room). Logged when the wait starts or its reason changes.
-            if isinstance(exc, OSError) and exc.errno in _NO_ROOM_ERRNOS:
+            if isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNOS:
                 self._wait_for_room(batch_job)
             self._waiting_lookup(batch_job, update, f"waiting: cannot mint the launcher credential: {exc}")
             return
@@ -1300,7 +1299,7 @@ class SchedulerModule(AgentModule):
             writing = pending
             _write_replacing(pending, f"{iso_now()} {token}{' ' + _EARLIER_UNKNOWN if earlier_unknown else ''}\n")
         except OSError as exc:
-            if exc.errno in _NO_ROOM_ERRNOS:
+            if exc.errno in NO_ROOM_ERRNOS:
                 self._no_room_for_submit(batch_job, update, writing, exc, keep_files=pending_existed)
                 return
             update["state"] = BatchJobState.submit_failed.value
