@@ -38,26 +38,16 @@ from __future__ import annotations
 import ast
 import shlex
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
+sys.path.insert(0, str(Path(__file__).parent.parent / "cli"))
 
-@pytest.fixture(autouse=True)
-def _fresh_api_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """No site from the environment or the working directory, no client or app class cached."""
-    from balsam._api.app import ApplicationDefinition
-    from balsam._api.model import reset_default_client
-
-    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
-    monkeypatch.chdir(tmp_path)
-    reset_default_client()
-    ApplicationDefinition.clear_cache()
-    yield
-    reset_default_client()
+from cli_test_utils import balsam, fresh_api_state  # noqa: F401, E402 (fresh_api_state: autouse; tests/cli)
 
 
 @pytest.fixture
@@ -82,12 +72,6 @@ def hello(site: Any) -> Any:
 
     Hello.sync()
     return Hello
-
-
-def _balsam(*args: str) -> Any:
-    from balsam.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def _hint_line(output: str) -> str:
@@ -174,10 +158,10 @@ def test_0x_job_hint_options_translate_as_0x_argparse_read_them(site: Any) -> No
     that looks like an option (no value: argparse refused it)."""
     from balsam.api import ApplicationDefinition, Job
 
-    app_hint = _balsam("app", "--name", "say-hello")
+    app_hint = balsam("app", "--name", "say-hello")
     assert "class sayhello(ApplicationDefinition):" in app_hint.output, app_hint.output
     assert "command_template = 'my-program {{ args }}'" in app_hint.output, app_hint.output
-    job_hint = _balsam("job", "--name", "st", "--application", "say-hello", "--args", "a b", "--url-in",
+    job_hint = balsam("job", "--name", "st", "--application", "say-hello", "--args", "a b", "--url-in",
                        "globus://ep/in.dat", "--args", "c", "--yes")
     line = _hint_line(job_hint.output)
     assert line == "balsam job create -w st -a sayhello -p args=c -y", job_hint.output
@@ -190,30 +174,30 @@ def test_0x_job_hint_options_translate_as_0x_argparse_read_them(site: Any) -> No
         command_template = "printf [%s] {{ args }}"
 
     sayhello.sync()
-    created = _balsam(*shlex.split(line)[1:], "--site", site.name)
+    created = balsam(*shlex.split(line)[1:], "--site", site.name)
     assert created.exit_code == 0, (line, created.output)
     assert Job.objects.get(workdir__contains="st", site_id=site.id).get_parameters() == {"args": "c"}
 
-    refused = _balsam("job", "--name", "n", "--application", "A", "--args", "--yes")
+    refused = balsam("job", "--name", "n", "--application", "A", "--args", "--yes")
     assert _hint_line(refused.output) == "balsam job create -w n -a A -y", refused.output
     assert ("(no value for --args: 0.x refused this line too, \"expected one argument\"; a value that starts "
             "with - is given as --args=VALUE)") in refused.output
     # An empty --args gave the program no argument: no -p args (which would give it one, '').
-    empty = _balsam("job", "--name", "e", "--application", "A", "--args", "  ", "--yes")
+    empty = balsam("job", "--name", "e", "--application", "A", "--args", "  ", "--yes")
     assert _hint_line(empty.output) == "balsam job create -w e -a A -y", empty.output
     assert "--args is empty: no -p args; the app's command_template must not contain `{{ args }}`" in empty.output
-    shell = _balsam("job", "--name", "v", "--application", "A", "--args", "$HOME/in.dat")
+    shell = balsam("job", "--name", "v", "--application", "A", "--args", "$HOME/in.dat")
     assert "A -p value is passed literally: $VARIABLES, globs and ; | & in it are not expanded" in shell.output
 
 
 def test_the_0x_readme_lines_get_hints_that_work_together(site: Any) -> None:
     from balsam.api import ApplicationDefinition, Job
 
-    app_hint = _balsam("app", "--name", "SayHello", "--executable", "echo hello,")
+    app_hint = balsam("app", "--name", "SayHello", "--executable", "echo hello,")
     assert app_hint.exit_code == 2
     assert "command_template = 'echo hello, {{ args }}'" in app_hint.output, app_hint.output
 
-    job_hint = _balsam("job", "--name", "hi", "--workflow", "test", "--application", "SayHello",
+    job_hint = balsam("job", "--name", "hi", "--workflow", "test", "--application", "SayHello",
                        "--args", "world!", "--yes")
     assert job_hint.exit_code == 2
     line = _hint_line(job_hint.output)
@@ -227,7 +211,7 @@ def test_the_0x_readme_lines_get_hints_that_work_together(site: Any) -> None:
         command_template = "echo hello, {{ args }}"
 
     SayHello.sync()
-    created = _balsam(*shlex.split(line)[1:], "--site", site.name)
+    created = balsam(*shlex.split(line)[1:], "--site", site.name)
     assert created.exit_code == 0, created.output
     job = Job.objects.get(workdir__contains="hi", site_id=site.id)
     assert (job.tags, job.get_parameters()) == ({"workflow": "test"}, {"args": "world!"})
@@ -238,9 +222,9 @@ def test_0x_args_of_several_words_reach_the_program_as_separate_words(site: Any)
     gives it one (every -p value is rendered shell-quoted)."""
     from balsam.api import ApplicationDefinition, Job
 
-    app_hint = _balsam("app", "--name", "Prog", "--executable", "printf [%s]")
+    app_hint = balsam("app", "--name", "Prog", "--executable", "printf [%s]")
     template = next(ln for ln in app_hint.output.splitlines() if "command_template" in ln).split(" = ", 1)[1]
-    job_hint = _balsam("job", "--name", "run1", "--application", "Prog", "--args", "world 1", "--yes")
+    job_hint = balsam("job", "--name", "run1", "--application", "Prog", "--args", "world 1", "--yes")
     # The hint names the template the words need, in place of the app hint's {{ args }}.
     words = job_hint.output.split("command_template takes `", 1)[1].split("`", 1)[0]
     followed = ast.literal_eval(template).replace("{{ args }}", words)
@@ -252,7 +236,7 @@ def test_0x_args_of_several_words_reach_the_program_as_separate_words(site: Any)
         command_template = followed
 
     Prog.sync()
-    created = _balsam(*shlex.split(_hint_line(job_hint.output))[1:], "--site", site.name)
+    created = balsam(*shlex.split(_hint_line(job_hint.output))[1:], "--site", site.name)
     assert created.exit_code == 0, created.output
     cmd = Prog(Job.objects.get(workdir__contains="run1", site_id=site.id)).get_arg_str()
     assert cmd == "printf [%s] world 1"
@@ -263,7 +247,7 @@ def test_0x_args_of_several_words_reach_the_program_as_separate_words(site: Any)
 def test_0x_option_values_with_spaces_print_a_line_that_runs(site: Any) -> None:
     from balsam.api import ApplicationDefinition, Job
 
-    job_hint = _balsam("job", "--name", "sp", "--workflow", "my wf", "--application", "Say", "--args", "'hello world'",
+    job_hint = balsam("job", "--name", "sp", "--workflow", "my wf", "--application", "Say", "--args", "'hello world'",
                        "--cpu-affinity", "depth 2", "--yes")
     line = _hint_line(job_hint.output)
     site_name = site.name
@@ -273,15 +257,15 @@ def test_0x_option_values_with_spaces_print_a_line_that_runs(site: Any) -> None:
         command_template = "echo {{ args }}"
 
     Say.sync()
-    created = _balsam(*shlex.split(line)[1:], "--site", site.name)
+    created = balsam(*shlex.split(line)[1:], "--site", site.name)
     assert created.exit_code == 0, (line, created.output)
     job = Job.objects.get(workdir__contains="sp", site_id=site.id)
     # 0.x's shell read the quoted --args as one word: one parameter, one argument.
     assert (job.tags, job.launch_params, job.get_parameters()) == (
         {"workflow": "my wf"}, {"cpu_bind": "depth 2"}, {"args": "hello world"})
     # The other 0.x lines that carry a value into a KEY=VALUE option.
-    assert shlex.split(_hint_line(_balsam("ls", "--wf", "my wf").output))[-2:] == ["-t", "workflow=my wf"]
-    submit = _balsam("submit-launch", "--wf-filter", "a;b", "-n", "1")
+    assert shlex.split(_hint_line(balsam("ls", "--wf", "my wf").output))[-2:] == ["-t", "workflow=my wf"]
+    submit = balsam("submit-launch", "--wf-filter", "a;b", "-n", "1")
     assert shlex.split(_hint_line(submit.output))[3:5] == ["--tag", "workflow=a;b"], submit.output
 
 
