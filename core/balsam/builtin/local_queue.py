@@ -90,6 +90,11 @@ class QueueStorageError(QueueError):
         super().__init__(message)
         self.no_room = no_room
 
+    @classmethod
+    def of(cls, what: str, exc: OSError) -> "QueueStorageError":
+        """``cannot <what>: <the system's reason>``, one line: no room (ENOSPC, EDQUOT) by its errno."""
+        return cls(f"cannot {what}: {exc.strerror or exc}", no_room=exc.errno in _NO_ROOM_ERRNOS)
+
 
 def first_job_id(host: str, state_dir: Path, nonce: bytes) -> int:
     """The first job id of a new state directory, in [FIRST_ID_MIN, FIRST_ID_MAX).
@@ -134,7 +139,12 @@ class QueueLock:
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "QueueLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            # A new state directory on a full disk has no room for the file (ENOSPC: exit status
+            # EXIT_NO_ROOM), or it cannot be written (EACCES, EROFS): one line, not a traceback.
+            raise QueueStorageError.of(f"open {self.path}", exc) from None
         deadline = time.monotonic() + self.timeout
         try:
             while True:
@@ -160,20 +170,43 @@ class QueueLock:
             os.close(fd)  # closing the descriptor releases the flock
 
 class LocalQueue:
-    def __init__(self, state_dir: Path) -> None:
+    """The queue of one state directory. ``create``: make the directory (and its ``jobs``) now, as
+    submit needs; the command line makes it for submit only: a directory without records has no
+    jobs to list, find, report or delete, and making it (or its lock file) on a full disk failed
+    those commands too."""
+
+    def __init__(self, state_dir: Path, *, create: bool = True) -> None:
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "jobs").mkdir(exist_ok=True)
         self.db_path = self.state_dir / "jobs.json"
         self.lock = QueueLock(self.state_dir / "jobs.json.lock", timeout=LOCK_TIMEOUT_SEC)
+        if create:
+            self._make_dirs()
+
+    def _make_dirs(self) -> None:
+        for folder in (self.state_dir, self.state_dir / "jobs"):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                # A traceback (and exit status 1) where a missing state directory could not be made
+                # on a full disk: now EXIT_NO_ROOM, the agent waits for room; one line naming it.
+                raise QueueStorageError.of(f"create the state directory {folder}", exc) from None
+
+    def _is_missing(self) -> bool:
+        """Neither a lock file nor records (no state directory, or an empty one): no queue command
+        took the lock here yet, so nothing was submitted, and a command that only reads answers so
+        without the lock, whose file it would have to make. Asked without the lock: a submit takes
+        the lock before it writes jobs.json, and neither file goes away once there."""
+        return not self.lock.path.exists() and not self.db_path.exists()
 
     # -- records --------------------------------------------------------------------------------
     def _read(self) -> dict[str, Any]:
-        if not self.db_path.exists():
-            return {"jobs": {}}  # no "next_id": submit draws the directory's first id
         try:
             with open(self.db_path) as fp:
                 return json.load(fp)
+        except FileNotFoundError:
+            return {"jobs": {}}  # no "next_id": submit draws the directory's first id
+        except OSError as exc:  # permission denied, an I/O error: one line naming the file
+            raise QueueStorageError.of(f"read {self.db_path}", exc) from None
         except ValueError as exc:
             # Writes are atomic (os.replace), so this is damage from outside: stop rather than
             # reuse job ids the API already knows. ValueError: JSONDecodeError, and the
@@ -322,6 +355,7 @@ class LocalQueue:
         script = Path(script).resolve()
         if not script.is_file():
             raise QueueError(f"batch script {script} does not exist")
+        self._make_dirs()
         with self.lock:
             db = self._read()
             # A directory from before ids were drawn keeps counting from its own next_id: no id
@@ -355,7 +389,11 @@ class LocalQueue:
             env["BALSAM_LOCAL_JOB_ID"] = str(job_id)
             env["BALSAM_LOCAL_EXIT_FILE"] = str(exit_file)
             command = [str(script)] if os.access(script, os.X_OK) else ["/bin/bash", str(script)]
-            output = open(f"{script}.output", "ab")
+            try:
+                output = open(f"{script}.output", "ab")
+            except OSError as exc:  # nothing started; the id drawn is not given again
+                error = QueueStorageError.of(f"open {script}.output", exc)
+                raise QueueStorageError(f"{error}; job {job_id} not started", no_room=error.no_room) from None
             try:
                 proc = subprocess.Popen(
                     ["/bin/sh", "-c", _WRAPPER, f"balsam-local-{job_id}", *command],
@@ -434,6 +472,8 @@ class LocalQueue:
 
     def status(self) -> dict[str, Any]:
         """Jobs still running (finished ones leave the listing, as on a real scheduler)."""
+        if self._is_missing():
+            return {}
         with self.lock:
             db = self._read()
             now = time.time()
@@ -480,6 +520,8 @@ class LocalQueue:
             return listing
 
     def delete(self, job_id: int) -> None:
+        if self._is_missing():
+            raise QueueError(f"no local job {job_id} (no records in {self.state_dir})")
         with self.lock:
             db = self._read()
             record = db["jobs"].get(str(job_id))
@@ -510,6 +552,8 @@ class LocalQueue:
         """The ids of the jobs submitted from ``script`` under ``job_name`` (any state, while their
         records are kept): how the agent tells whether a submission it lost track of took place."""
         script_text = str(Path(script).resolve())
+        if self._is_missing():
+            return []
         with self.lock:
             jobs = self._read()["jobs"]
         return sorted(int(key) for key, record in jobs.items()
@@ -517,6 +561,8 @@ class LocalQueue:
 
     def history(self, job_id: int) -> Optional[dict[str, Any]]:
         """The job's record (settled if its process is gone); None for a job never submitted here."""
+        if self._is_missing():
+            return None
         with self.lock:
             db = self._read()
             record = db["jobs"].get(str(job_id))
@@ -569,8 +615,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = _parser().parse_args(argv)
         state_dir, command = args.state_dir, args.command
 
-    queue = LocalQueue(state_dir)
     try:
+        # The state directory is made by submit only, in this try (see LocalQueue): one that cannot
+        # be made was a traceback.
+        queue = LocalQueue(state_dir, create=False)
         if command == "status":
             print(json.dumps(queue.status()))
         elif command == "submit":
@@ -597,6 +645,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except QueueError as exc:
         print(f"local queue: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # Any other file the queue could not use (its str names the file): one line, and the
+        # exit status of no room (ENOSPC, EDQUOT) or of a failure to try again, never 2.
+        print(f"local queue: {exc}", file=sys.stderr)
+        return EXIT_NO_ROOM if exc.errno in _NO_ROOM_ERRNOS else 1
     return 0
 
 

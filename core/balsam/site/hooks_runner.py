@@ -9,7 +9,8 @@
   What a hook leaves is checked before it is sent (:func:`check_hook_state`): a state the state
   machine does not allow, or none at all, fails the job with the reason, since the server would
   refuse it and the job would stay leased to the processing session, never processed again.
-Both return update dicts for ``PATCH /jobs/``.
+Both return update dicts for ``PATCH /jobs/``; the worker's FAILED ones of a workdir it did not
+prepare carry one field more, :data:`WORKDIR_KEY`, which the processing module takes off.
 """
 
 from __future__ import annotations
@@ -268,7 +269,15 @@ def _snapshot(job_obj: Any) -> dict:
     return snap
 
 
-#: errnos of a write to a file system with no room (full, over quota).
+#: A field of a hook worker's FAILED update whose job's workdir balsam did not prepare, never sent
+#: (the processing module takes it off first): WORKDIR_NO_ROOM, the file system had no room (ENOSPC,
+#: EDQUOT: the site's fault, not the job's; the processing module gives the job back, not FAILED);
+#: WORKDIR_NOT_MADE, it failed otherwise, or was never tried (the app could not be loaded). Absent:
+#: the workdir was made and the hook ran (the updates that are most of them go as they are). A
+#: field, not the error's text: a hook may set any text of its own, and its job fails as any other.
+WORKDIR_KEY = "_workdir"
+WORKDIR_NO_ROOM = "no_room"
+WORKDIR_NOT_MADE = "not_made"
 
 
 class _LogSink(io.RawIOBase):
@@ -362,13 +371,16 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
         output.enter_context(redirected_output(workdir / "balsam.log"))
     except Exception as exc:
         output.close()
-        return {
+        failed = {
             **base,
             "state": JobState.failed.value,
             "state_timestamp": now_iso(),
             "state_data": {"message": f"An exception occurred in {hook}",
                            "error": f"cannot prepare workdir {job['workdir']!r}: {type(exc).__name__}: {exc}"},
         }
+        no_room = isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNOS
+        failed[WORKDIR_KEY] = WORKDIR_NO_ROOM if no_room else WORKDIR_NOT_MADE  # no_room: given back, not FAILED
+        return failed
     if state in (JobState.run_done, JobState.run_error) and python_app:
         # Both, "" for the one this run's job.out lacks (see default_update): the hook sees, and the
         # job keeps, this run's result only.
@@ -468,6 +480,7 @@ def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, da
                     "state": JobState.failed.value,
                     "state_timestamp": now_iso(),
                     "state_data": {"message": "An exception occurred while loading the app", "error": load_error},
+                    WORKDIR_KEY: WORKDIR_NOT_MADE,
                 }
             else:
                 update = run_hook_on_job(loaded, job, python_app, Path(data_path), tail_num_lines)

@@ -101,7 +101,16 @@ from ...states import PROCESSABLE_STATES, JobState
 from ...launcher.spawner import boot_id  # stdlib only: the spawner's own identity of this kernel
 from ...util import NO_ROOM_ERRNOS, START_TIME_TOLERANCE_SEC, process_start_time
 from ..apps import AppCache
-from ..hooks_runner import HOOK_FOR_STATE, api_json, default_update, now_iso, read_results, run_hooks
+from ..hooks_runner import (
+    HOOK_FOR_STATE,
+    WORKDIR_KEY,
+    WORKDIR_NO_ROOM,
+    api_json,
+    default_update,
+    now_iso,
+    read_results,
+    run_hooks,
+)
 from ..module import AgentModule
 from ..site_ops import agent_silence_limit
 
@@ -177,13 +186,10 @@ LOCK_TOUCH_SEC = 10.0
 #: A job whose workdir cannot be prepared for want of room (ENOSPC, EDQUOT: the site's fault, not
 #: the job's) is given back as the launcher gives such jobs back: not FAILED, held (still leased to
 #: this module's session, released with it at stop) and tried again this often, a WARNING when the
-#: first is held and an INFO once one is prepared again (:meth:`ProcessingModule._hold_no_room`).
+#: first is held and an INFO once the workdirs of those given back are made (:meth:`ProcessingModule._room_again`).
 NO_ROOM_RETRY_SEC = 10.0
 #: What the module leases while jobs wait for room: its states whose hooks make no workdir.
 NO_WORKDIR_STATES: frozenset[JobState] = PROCESSABLE_STATES - {JobState.staged_in}
-#: The hook worker's error for a workdir it could not prepare (hooks_runner.run_hook_on_job):
-#: ``cannot prepare workdir 'w/5': OSError: [Errno 122] Disk quota exceeded: '.../job.out'``.
-_NO_ROOM_WORKER_ERROR = re.compile(r"^cannot prepare workdir .*: \w+: \[Errno (\d+)\] ", re.S)
 
 
 #: The agent's end of the "agent alive" pipe, and the process it belongs to (see :func:`_agent_alive`).
@@ -380,14 +386,15 @@ class ProcessingModule(AgentModule):
         self.replay_updater: Optional[BulkStatusUpdater] = None
         self.processed = 0
         #: Jobs given back for want of room to prepare their workdirs (see NO_ROOM_RETRY_SEC), when
-        #: they are tried again (monotonic), and the ids of those tried again without a result yet.
-        #: ``_no_room_since``: when the first was held (None: the disk has room as far as we know).
+        #: they are tried again (monotonic), and the ids of those given back without a result yet.
+        #: ``_no_room_since``: when the first was held (None: the disk has room as far as we know,
+        #: or nothing given back is left to tell: see _room_again).
         self.no_room: list[dict] = []
         self._no_room_retry_at = 0.0
         self._no_room_since: Optional[float] = None
         self._no_room_ids: set[int] = set()
-        #: The jobs handed to the hook workers, by id, until their result is sent: a result that
-        #: says the workdir had no room gives its job back (_take_no_room).
+        #: The jobs handed to the hook workers, by id, until their result is sent: a result marked
+        #: WORKDIR_NO_ROOM gives its job back (_take_no_room).
         self._hook_jobs: dict[int, dict] = {}
         #: When a cycle last acquired jobs (monotonic seconds; None: never).
         self._last_arrival: Optional[float] = None
@@ -523,6 +530,7 @@ class ProcessingModule(AgentModule):
             state = fields.pop("state", None)
             timestamp = fields.pop("state_timestamp", None)
             state_data = fields.pop("state_data", None)
+            fields.pop(WORKDIR_KEY, None)  # the worker's word to this module (_take_no_room), not a job field
             if state_data:
                 # The server refuses a NUL or a lone surrogate (an exception's text, a job's output):
                 # a refused result leaves its job leased to this session, never processed again.
@@ -533,15 +541,13 @@ class ProcessingModule(AgentModule):
         for update in updates:
             self._hook_jobs.pop(update["id"], None)
         if self._no_room_ids:
-            settled = self._no_room_ids.intersection(update["id"] for update in updates)
-            if settled:
-                # A job given back for want of room got a result (no-room ones never reach here):
-                # its workdir was prepared, the disk has room again.
-                self._no_room_ids.difference_update(settled)
-                if self._no_room_since is not None and not self.no_room:
-                    self.logger.info("job workdirs can be prepared again in %s after %.0f s: the jobs given back "
-                                     "for want of room are processed", self.data_path, time.monotonic() - self._no_room_since)
-                    self._no_room_since = None
+            # Settled, by whatever result: a job given back that is FAILED otherwise (its app cannot
+            # be loaded, its hook raised) says nothing of the room (_room_again says when there is).
+            self._no_room_ids.difference_update(update["id"] for update in updates)
+            if not self._no_room_ids and not self.no_room and self._no_room_since is not None:
+                # Nothing given back is left to tell whether there is room: a full disk met later
+                # is warned of again.
+                self._no_room_since = None
         if self.requeued:
             self.requeued.difference_update(update["id"] for update in updates)
 
@@ -567,18 +573,39 @@ class ProcessingModule(AgentModule):
             self.logger.debug("job %s given back for want of room: %s", job["id"], error)
 
     def _take_no_room(self, updates: list[dict]) -> list[dict]:
-        """``updates`` less the hook workers' FAILED results of a workdir that could not be
-        prepared for want of room: those jobs are given back (:meth:`_hold_no_room`)."""
-        kept = []
+        """``updates`` (hook workers' results) without their ``WORKDIR_KEY``, less those marked
+        WORKDIR_NO_ROOM: balsam's own preparation of the workdir found no room, and those jobs are
+        given back (:meth:`_hold_no_room`). By that field, not by the error's text: a hook whose
+        job's error reads the same (set by the hook itself) is FAILED as any failing hook. A job
+        given back whose result has no mark (its workdir was made, its hook ran) shows that there
+        is room again."""
+        kept, made = [], []
         for update in updates:
-            error = (update.get("state_data") or {}).get("error") if update.get("state") == JobState.failed.value else None
-            match = _NO_ROOM_WORKER_ERROR.match(error) if isinstance(error, str) else None
-            job = self._hook_jobs.pop(update.get("id"), None) if match and int(match[1]) in NO_ROOM_ERRNOS else None
-            if job is None:
-                kept.append(update)
-            else:
-                self._hold_no_room(job, error)
+            mark = update.get(WORKDIR_KEY)
+            if mark is not None:
+                update = {key: value for key, value in update.items() if key != WORKDIR_KEY}
+            job = self._hook_jobs.pop(update.get("id"), None) if mark == WORKDIR_NO_ROOM else None
+            if job is not None:
+                self._hold_no_room(job, (update.get("state_data") or {}).get("error", "no room"))
+                continue
+            # A no-room result of a job not known here (none is expected) is sent as the FAILED it is.
+            kept.append(update)
+            if mark is None and update.get("id") in self._no_room_ids:
+                made.append(update["id"])
+        if made:
+            self._room_again(made)
         return kept
+
+    def _room_again(self, made: list[int]) -> None:
+        """The workdirs of ``made``, jobs given back for want of room, were made now: the disk has
+        room again, said once (INFO) when no job is held any more. Only then: a job given back that
+        gets another result (FAILED: its app cannot be loaded, its workdir is refused otherwise)
+        says nothing of the room, and the INFO came on any result."""
+        self._no_room_ids.difference_update(made)
+        if self._no_room_since is not None and not self.no_room:
+            self.logger.info("job workdirs can be prepared again in %s after %.0f s: the jobs given back "
+                             "for want of room are processed", self.data_path, time.monotonic() - self._no_room_since)
+            self._no_room_since = None
 
     def _retry_no_room(self) -> None:
         """The jobs given back for want of room go back to the backlog when due."""
@@ -589,6 +616,7 @@ class ProcessingModule(AgentModule):
 
     def _harvest(self) -> list[dict]:
         updates = self._read_progress()
+        ended: list[dict] = []  # the FAILEDs this module makes for the jobs of hooks that did not return
         shared_pool, isolation_pool = self.pool, self.isolation_pool  # as they are now
         stopped: set[int] = set()
         # The pools that this module broke itself, killing the worker of a hook that timed out: the
@@ -632,7 +660,7 @@ class ProcessingModule(AgentModule):
                 # and is not run again (it would hang again); the rest go the way of any death.
                 hung = [j for j in jobs if j["id"] in self.timed_out]
                 if hung:
-                    updates.extend(_failed(j, self.timed_out[j["id"]]) for j in hung)
+                    ended.extend(_failed(j, self.timed_out[j["id"]]) for j in hung)
                     self.alone.difference_update(j["id"] for j in hung)
                     jobs = [j for j in jobs if j["id"] not in self.timed_out]
                 if future is self.isolated:
@@ -669,7 +697,7 @@ class ProcessingModule(AgentModule):
                     jobs = [j for j in jobs if j not in again]
                 if jobs:
                     self.logger.error("hook worker failed for jobs %s: %s", [j["id"] for j in jobs], exc)
-                updates.extend(_failed(j, f"the hook worker process died: {exc}") for j in jobs)
+                ended.extend(_failed(j, f"the hook worker process died: {exc}") for j in jobs)
             finally:
                 if results_file is not None:
                     self._spent_files.append(results_file)  # deleted once its results are sent (_retire)
@@ -682,7 +710,11 @@ class ProcessingModule(AgentModule):
             live = {id(t.pool) for t in self.tasks.values()}
             self.timeout_pools = {key: pool for key, pool in self.timeout_pools.items() if key in live}
         self._watch_hooks()
-        return updates
+        # Here, for every caller (the cycle, the feeding between cycles, the stop): the feeding sent
+        # the results it harvested as they were, and a no-room result FAILED its job. The workers'
+        # results only: the FAILEDs made here (a hook timed out, its worker died) say nothing of the
+        # room (an unmarked result says its workdir was made: _room_again).
+        return self._take_no_room(updates) + ended
 
     def _read_progress(self) -> list[dict]:
         """The results of the hooks completed since the last read, from the results files of the
@@ -1004,6 +1036,9 @@ class ProcessingModule(AgentModule):
                 session_id = int(match.group(1))
                 # The completed hooks' updates (a start line has no "id"; a torn last line is skipped).
                 for record in _new_lines(path, _HookTask(None)):
+                    mark = record.pop(WORKDIR_KEY, None)
+                    if mark == WORKDIR_NO_ROOM:
+                        continue  # given back, not FAILED (_take_no_room): released with the dead session
                     if type(record.get("id")) is int:
                         update = api_json({**record, SESSION_KEY: session_id})
                         updater = updater or self._replay_updater()
@@ -1137,8 +1172,6 @@ class ProcessingModule(AgentModule):
             self._recovered = True
         self._recheck_skipped()
         harvested = self._harvest()
-        if harvested and self._hook_jobs:
-            harvested = self._take_no_room(harvested)
         if harvested:
             self._send(harvested)
         self._retry_no_room()
@@ -1236,6 +1269,7 @@ class ProcessingModule(AgentModule):
         handle_timeout get their launcher's reason in the message (:meth:`_timeout_reasons`)."""
         updates: list[dict] = []
         custom: dict[int, list[dict]] = {}
+        made: list[int] = []  # given back for want of room, their workdirs made now
         reasons = self._timeout_reasons(jobs)
         for job in jobs:
             state = JobState(job["state"])
@@ -1282,6 +1316,11 @@ class ProcessingModule(AgentModule):
                             "state_data": {"message": f"An exception occurred in {HOOK_FOR_STATE[state]}", "error": str(exc)},
                         }
                     )
+                else:
+                    if state == JobState.staged_in and job["id"] in self._no_room_ids:
+                        made.append(job["id"])
+        if made:
+            self._room_again(made)
         for app_id, app_jobs in custom.items():
             for job in app_jobs:
                 if job["id"] in self.alone:
@@ -1371,7 +1410,7 @@ class ProcessingModule(AgentModule):
                 jobs = self.pending.pop(future)
                 results_file = self.results_files.pop(future, None)
                 self.tasks.pop(future, None)
-                updates.extend(read_results(results_file, jobs).values())
+                updates.extend(self._take_no_room(list(read_results(results_file, jobs).values())))
         updates += self._harvest()
         # Jobs of a dead worker to be run again alone, and the hook jobs still queued for a worker
         # (their hooks never started): released with the session below, run by the next agent.

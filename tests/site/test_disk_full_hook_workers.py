@@ -1,0 +1,260 @@
+"""A hook worker's "no room" is a field of its result, not its text (docs/reliability.md, "When the
+disk is full").
+
+- The processing module told a hook worker's workdir that had no room (ENOSPC, EDQUOT) by the error's
+  text (``cannot prepare workdir ...: [Errno 28]``): a hook that set that text on its own job's
+  FAILED was held, tried again every ``NO_ROOM_RETRY_SEC`` for ever, never FAILED. Now the worker
+  marks its result (``hooks_runner.WORKDIR_KEY``), the module takes the mark off before the PATCH,
+  and such a hook's job is FAILED as any failing hook.
+- The results the module harvested while feeding queued hook jobs to the workers (between cycles)
+  were sent as they were: a no-room result there FAILED its job. Now every harvest takes them.
+- A dead agent's worker's no-room result was sent by the next agent (its job FAILED). Now it is not:
+  the job is released with the dead session, and given back.
+- "job workdirs can be prepared again" (INFO) came on any result of a job given back: one whose
+  workdir then failed for another reason said the disk had room. Now it comes once the workdirs of
+  those given back are made.
+
+Real components: a real API server, the real hook workers, and a real full tmpfs (no free inode: no
+workdir can be made in it; mounted as root, else those tests are skipped, as in tests/launcher).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from balsam.site import hooks_runner
+from balsam.site.modules import processing
+from balsam.site.modules.processing import ProcessingModule
+from site_test_utils import events, job_rows, process_until
+
+#: A job's own error that reads as balsam's no-room one (what the module matched before).
+LOOKALIKE_ERROR = "cannot prepare workdir 'mine': OSError: [Errno 28] No space left on device: 'scratch/out'"
+
+
+def _states(client: Any, ids: list[int]) -> dict[int, str]:
+    return {r["id"]: r["state"] for r in job_rows(client, id=ids)}
+
+
+@pytest.fixture
+def module(make_site: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, ProcessingModule]]:
+    # Cycles of 0.1 s, not 1 s: an idle cycle's acquire waits up to the period for jobs to come.
+    monkeypatch.setattr(ProcessingModule, "period", property(lambda self: 0.1))
+    site = make_site(overrides={"processing": {"num_workers": 1}})
+    made = ProcessingModule(site, site.settings.processing, client)
+    yield site, made
+    made.close()
+
+
+class FullTmpfs:
+    """A real tmpfs whose inodes are all taken: making a directory or a file in it fails ENOSPC."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fillers: list[Path] = []
+
+    def fill(self) -> None:
+        for i in range(1000):
+            filler = self.path / f".filler-{i}"
+            try:
+                filler.touch()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                return
+            self.fillers.append(filler)
+        raise AssertionError(f"{self.path}: still room after 1000 files")
+
+    def make_room(self) -> None:
+        for filler in self.fillers:
+            filler.unlink()
+        self.fillers = []
+
+
+@pytest.fixture
+def full_dir(module: Any) -> Iterator[FullTmpfs]:
+    """``<data>/full``: a tmpfs of 64 inodes, all taken."""
+    site, _ = module
+    mount_point = Path(site.data_path) / "full"
+    mount_point.mkdir(parents=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=64", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        tmpfs = FullTmpfs(mount_point)
+        tmpfs.fill()
+        yield tmpfs
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def _hook_app(site_id: int, name: str, error: str = "") -> Any:
+    """An app of the site with a preprocess of its own (run in a hook worker): PREPROCESSED, or its
+    job FAILED with ``error`` as the job's own error text (printed to its balsam.log too)."""
+    from balsam.api import ApplicationDefinition
+
+    class HookApp(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        own_error = error
+
+        def preprocess(self) -> None:
+            if self.own_error:
+                print(self.own_error)
+                self.job.state = "FAILED"
+                self.job.state_data = {"message": "the app's own check", "error": self.own_error}
+            else:
+                self.job.state = "PREPROCESSED"
+
+    HookApp.__name__ = HookApp.__qualname__ = name
+    HookApp.sync()
+    return HookApp
+
+
+def _jobs(app: Any, workdirs: list[str]) -> list[int]:
+    from balsam.api import Job
+
+    return [j.id for j in Job.objects.bulk_create([Job(w, app) for w in workdirs])]
+
+
+def test_a_hook_that_sets_the_no_room_text_itself_fails(module: Any, client: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: held as if its workdir had no room, tried again for ever, never FAILED."""
+    site, mod = module
+    monkeypatch.setattr(processing, "NO_ROOM_RETRY_SEC", 0.0)  # held jobs tried again at every cycle
+    app = _hook_app(site.site_id, "SaysNoRoom", LOOKALIKE_ERROR)
+    ids = _jobs(app, ["mine/0", "mine/1"])
+    process_until(mod, lambda: set(_states(client, ids).values()) == {"FAILED"}, "FAILED (before: held, tried "
+                  "again at every cycle)", timeout=15)
+    assert not mod.no_room
+    failed = [e for e in events(client, job_id=ids) if e["to_state"] == "FAILED"]
+    assert len(failed) == 2 and all(LOOKALIKE_ERROR in str(e["data"]) for e in failed), failed
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every update queued on a status updater (the module's, its replay of a dead agent's results)."""
+    from balsam.client.status_updater import BulkStatusUpdater
+
+    queued: list[dict] = []
+    real = BulkStatusUpdater.put_update
+
+    def spy(self: Any, update: dict, **kwargs: Any) -> int:
+        queued.append(dict(update))
+        return real(self, update, **kwargs)
+
+    monkeypatch.setattr(BulkStatusUpdater, "put_update", spy)
+    return queued
+
+
+def test_a_dead_agents_no_room_result_is_not_sent(module: Any, full_dir: FullTmpfs, client: Any,
+                                                  sent: list[dict]) -> None:
+    """A dead agent's worker recorded a no-room result (a workdir in the full tmpfs) and a completed
+    one: the next agent sends the completed one (without the mark) and not the other (before: sent,
+    FAILED); that job is released with the dead session and given back by this module."""
+    from balsam.client.lease import JobLease
+    from balsam.states import PROCESSABLE_STATES
+
+    site, mod = module
+    app = _hook_app(site.site_id, "DeadAgents")
+    no_room, done = _jobs(app, ["full/0", "ok/0"])
+    lease = JobLease(client, site.site_id, states=PROCESSABLE_STATES, name="processing session", heartbeat_thread=False)
+    jobs = lease.acquire(10)
+    assert sorted(j["id"] for j in jobs) == sorted([no_room, done])
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is gone: an agent of this host that certainly died
+    name = f"{socket.gethostname()}-{dead.pid}-{time.time_ns()}"
+    folder = Path(site.spool_path) / processing.HOOK_RESULTS_DIR / name
+    folder.mkdir(parents=True)
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    (folder.parent / f"{name}.lock").write_text(f"boot {boot}\nprocessing {lease.session_id}\n")
+    # What the dead agent's hook worker recorded: the real worker entry, in this process.
+    record = client.get(f"/apps/{app.__app_id__}")
+    hooks_runner.run_hooks(record, sorted(jobs, key=lambda j: j["id"]), False, str(site.data_path),
+                           results_path=str(folder / f"0-s{lease.session_id}.jsonl"))
+    process_until(mod, lambda: _states(client, [done])[done] == "PREPROCESSED" and len(mod.no_room) == 1
+                  or _states(client, [no_room])[no_room] == "FAILED", "the results of the dead agent", timeout=30)
+    assert _states(client, [no_room, done]) == {no_room: "STAGED_IN", done: "PREPROCESSED"}
+    assert [j["id"] for j in mod.no_room] == [no_room]
+    assert not [u for u in sent if hooks_runner.WORKDIR_KEY in u], sent
+
+
+def test_a_full_tmpfs_gives_hook_jobs_back_also_between_cycles(
+        module: Any, full_dir: FullTmpfs, client: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Workdirs in a real full tmpfs, made by the hook worker (a preprocess of the app's own): given
+    back, none FAILED, whichever harvest took their results (one job a chunk, one worker: most are
+    harvested while the module feeds the queued ones between cycles, where before they were sent as
+    FAILED); then preprocessed once the tmpfs has room, with one INFO."""
+    site, mod = module
+    monkeypatch.setattr(processing, "WORKER_CHUNK", 1)
+    monkeypatch.setattr(processing, "NO_ROOM_RETRY_SEC", 3600.0)  # held until the test makes room
+    app = _hook_app(site.site_id, "HookInFull")
+    ids = _jobs(app, [f"full/{i}" for i in range(6)])
+    with caplog.at_level(logging.INFO):
+        process_until(mod, lambda: len(mod.no_room) == 6 or "FAILED" in _states(client, ids).values(),
+                      "the 6 jobs given back", timeout=30)
+        assert _states(client, ids) == {i: "STAGED_IN" for i in ids}, "given back, not FAILED"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "[Errno 28]" in warnings[0], warnings
+
+        full_dir.make_room()
+        mod._no_room_retry_at = 0.0  # due now
+        process_until(mod, lambda: set(_states(client, ids).values()) == {"PREPROCESSED"}, "PREPROCESSED", timeout=30)
+    assert all((full_dir.path / str(i) / "job.out").exists() for i in range(6))
+    assert sum("can be prepared again" in r.getMessage() for r in caplog.records) == 1
+    assert not mod.no_room
+
+
+@pytest.mark.parametrize("hooks", ["default", "worker"])
+def test_room_again_is_said_only_once_a_workdir_is_made(
+        module: Any, full_dir: FullTmpfs, client: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, sent: list[dict], hooks: str) -> None:
+    """Given back for want of room, then tried again where the workdir fails otherwise (its parent
+    is a file now: ENOTDIR): FAILED, with the worker's reason (its mark taken off: the server
+    refuses a field it does not know, 422), and no "can be prepared again" (before: said on that
+    FAILED). A job prepared later says it."""
+    from balsam.api import ApplicationDefinition
+
+    site, mod = module
+    site_id = site.site_id
+    monkeypatch.setattr(processing, "NO_ROOM_RETRY_SEC", 3600.0)
+    if hooks == "worker":
+        app = _hook_app(site_id, "WorkerHook")
+    else:
+        class DefaultHook(ApplicationDefinition):  # the default preprocess: in the agent process
+            site = site_id
+            command_template = "true"
+
+        app = DefaultHook
+        app.sync()
+    ids = _jobs(app, ["full/parent/0"])
+    with caplog.at_level(logging.INFO):
+        process_until(mod, lambda: len(mod.no_room) == 1 or "FAILED" in _states(client, ids).values(),
+                      "given back", timeout=20)
+        full_dir.make_room()
+        (full_dir.path / "parent").write_text("a file where the workdir's parent should be\n")
+        mod._no_room_retry_at = 0.0
+        process_until(mod, lambda: set(_states(client, ids).values()) == {"FAILED"}, "FAILED", timeout=20)
+        failed = [e for e in events(client, job_id=ids) if e["to_state"] == "FAILED"]
+        assert len(failed) == 1 and "Not a directory" in str(failed[0]["data"]), failed
+        assert not any("can be prepared again" in r.getMessage() for r in caplog.records)
+
+        # Full again: a new WARNING (nothing given back was left), and room once a workdir is made.
+        full_dir.fill()
+        more = _jobs(app, ["full/again/0"])
+        process_until(mod, lambda: len(mod.no_room) == 1, "given back", timeout=20)
+        assert sum(r.levelno >= logging.WARNING and "given back" in r.getMessage() for r in caplog.records) == 2
+        full_dir.make_room()
+        mod._no_room_retry_at = 0.0
+        process_until(mod, lambda: set(_states(client, more).values()) == {"PREPROCESSED"}, "PREPROCESSED", timeout=20)
+    assert sum("can be prepared again" in r.getMessage() for r in caplog.records) == 1
+    assert sorted(u["id"] for u in sent) == sorted(ids + more)
+    assert not [u for u in sent if hooks_runner.WORKDIR_KEY in u], sent
