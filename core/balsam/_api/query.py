@@ -249,6 +249,17 @@ class Query(Generic[T]):
             raise IndexError("query index out of range")
         return results[0]
 
+    def __setitem__(self, k: int, value: T) -> None:
+        """``q[i] = obj``, as Balsam 0.7's Query: item ``i`` of this query's fetched records
+        (fetched first if not yet) becomes ``obj``; iterating, indexing and ``len()`` of this
+        query then see it. Nothing is sent to the server (``obj.save()`` or
+        ``Manager.bulk_update`` sends changes); a new query fetches the stored records. As in
+        0.7, the index is a list's (a negative one counts from the end; out of range:
+        IndexError) and a slice is refused."""
+        if not isinstance(k, int):
+            raise TypeError(f"query item assignment takes an int index, not {type(k).__name__}")
+        self._evaluate()[k] = value
+
     # ------------------------------------------------------------------ evaluation
     def _chunked_params(self) -> list[dict[str, Any]]:
         long_keys = [k for k, v in self._params.items() if isinstance(v, list) and len(v) > self.filter_chunk_size]

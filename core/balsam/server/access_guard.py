@@ -1,7 +1,8 @@
-"""What guards the server's doors before the app: the access log's redaction of one-time login
-links (installed by every app, see ``create_app``) and the embedded server's loopback-only
-``Host`` check (against DNS rebinding). Standard library only, so that app.py and embedded.py
-import it at once (the CLI imports embedded.py for its helpers; it need not load starlette)."""
+"""What guards the server's doors before the app: the access log's redaction of secrets in
+request targets (one-time login links, credentials sent in a query string; installed by every
+app, see ``create_app``) and the embedded server's loopback-only ``Host`` check (against DNS
+rebinding). Standard library only, so that app.py and embedded.py import it at once (the CLI
+imports embedded.py for its helpers; it need not load starlette)."""
 
 from __future__ import annotations
 
@@ -17,21 +18,38 @@ from balsam.netnames import is_loopback_host
 _TARGET_WITH_QUERY = re.compile(r'(/[^\s?"]*)\?([^\s"]*)')
 #: The last path segment of the dashboard's one-time login link (``/dashboard/ticket?t=<ticket>``).
 _SECRET_QUERY_SEGMENT = "ticket"
+#: Query parameters whose values are credentials, on any path (compared decoded, case-blind). No
+#: route reads a credential from the query (tokens go in ``Authorization``, passwords and refresh
+#: codes in the body), so such a request is refused (401, 422), but uvicorn logged its target
+#: first: a client that put its token (``?access_token=...``, as some OAuth2 clients do), its
+#: password or its refresh code there left a working secret in the log for whoever reads it.
+SECRET_QUERY_NAMES = frozenset({
+    "access_token", "refresh_token", "id_token", "token", "password", "passwd", "client_secret", "secret",
+    "invitation", "api_key", "apikey", "authorization",
+})
+
+
+def _redacted(part: str) -> str:
+    return part.split("=", 1)[0] + "=[redacted]" if "=" in part else "[redacted]" if part else part
 
 
 def redact_request_targets(text: str) -> str:
-    """``text`` with the query values of one-time login links replaced by ``[redacted]``: whoever
-    reads the log within the ticket's two minutes could log in with one not yet redeemed. The
-    path is compared decoded (``/dashboard/%74icket`` is routed as ``/dashboard/ticket``), and
-    every value goes, whatever its (possibly encoded) name."""
+    """``text`` with secrets of request targets replaced by ``[redacted]``: every query value of
+    one-time login links (whoever reads the log within the ticket's two minutes could log in with
+    one not yet redeemed; the path is compared decoded, ``/dashboard/%74icket`` is routed as
+    ``/dashboard/ticket``, and every value goes, whatever its possibly encoded name), and on any
+    path the values of :data:`SECRET_QUERY_NAMES` (names compared decoded and case-blind)."""
 
     def redact(match: "re.Match[str]") -> str:
         path, query = match.group(1), match.group(2)
-        if unquote(path).rstrip("/").rsplit("/", 1)[-1] != _SECRET_QUERY_SEGMENT:
+        if unquote(path).rstrip("/").rsplit("/", 1)[-1] == _SECRET_QUERY_SEGMENT:
+            return f"{path}?{'&'.join(_redacted(part) for part in query.split('&'))}"
+        parts = query.split("&")
+        secret = [unquote(part.split("=", 1)[0].replace("+", " ")).strip().lower() in SECRET_QUERY_NAMES
+                  for part in parts]
+        if not any(secret):
             return match.group(0)
-        parts = (part.split("=", 1)[0] + "=[redacted]" if "=" in part else "[redacted]" if part else part
-                 for part in query.split("&"))
-        return f"{path}?{'&'.join(parts)}"
+        return f"{path}?{'&'.join(_redacted(p) if s else p for p, s in zip(parts, secret))}"
 
     return _TARGET_WITH_QUERY.sub(redact, text) if "?" in text else text
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import ast
+import logging
 import re
 import typing
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import attrs
+import sqlalchemy as sa
 
 from balsam.serialization import PayloadError, partial_from_dict
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -148,3 +153,137 @@ def parse_partial(cls: type, data: Any, allowed: "set[str]", loc: list[Any]) -> 
     except PayloadError as exc:
         raise payload_errors(exc, loc) from None
     return check_partial(cls, values, loc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The database's refusals (IntegrityError) as answers a user can act on. A route checks what a
+# request refers to before it writes, but on PostgreSQL a concurrent delete may commit between
+# that check and the write (a Session create and its site's delete): the foreign key then refused
+# the write, and the app's last-resort handler answered 409 with the DBAPI's text ("insert or
+# update on table ... violates foreign key constraint ..."), which names no record the user knows.
+# Routes wrap their write transactions in :func:`refusals_answered`, which answers as the check
+# does when the record was already gone (404 naming it), or a unique key taken meanwhile as 409.
+# ---------------------------------------------------------------------------------------------
+
+#: What the rows of each table are called in answers.
+ROW_NAMES = {"sites": "Site", "apps": "App", "batch_jobs": "BatchJob", "sessions": "Session", "jobs": "Job",
+             "users": "User", "credentials": "Credential", "transfer_items": "TransferItem", "log_events": "EventLog"}
+#: Foreign keys whose referenced row has a better name than its table's: a job's parents.
+_FK_ROW_NAMES = {"fk_job_parents_parent_id_jobs": "Parent job"}
+_PG_NOT_PRESENT = re.compile(r'Key \(([^)]*)\)=\(([^)]*)\) is not present in table "([^"]+)"')
+_PG_REFERENCED = re.compile(r'Key \(([^)]*)\)=\(([^)]*)\) is still referenced from table "([^"]+)"')
+_PG_EXISTS = re.compile(r'Key \(([^)]*)\)=\((.*)\) already exists')
+_SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.+)")
+_SQLITE_NOT_NULL = re.compile(r"NOT NULL constraint failed: (\w+)\.(\w+)")
+
+
+@attrs.frozen
+class Refusal:
+    """What the database refused, read from its IntegrityError. ``kind``: ``missing`` (a row the
+    write refers to does not exist: ``table``, its API ``name`` and ``key``, the id, where the
+    database says them: PostgreSQL does, SQLite names nothing), ``referenced`` (a row still
+    referenced), ``duplicate`` (a unique key is taken: ``table``, ``columns``, ``key`` their
+    values' text where known), ``not_null`` (``table``, ``columns``), ``other``."""
+
+    kind: str
+    table: Optional[str] = None
+    name: Optional[str] = None
+    columns: tuple = ()
+    key: Optional[str] = None
+
+    @property
+    def id(self) -> Optional[int]:
+        """The key as an id (None when the database did not say it, or it is not one)."""
+        return int(self.key) if self.key is not None and self.key.isdecimal() else None
+
+
+def database_refusal(exc: sa.exc.IntegrityError) -> Refusal:
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "pgcode", None)
+    if code is not None:  # PostgreSQL (psycopg2): the SQLSTATE and the error's fields
+        diag = orig.diag
+        detail, table, constraint = diag.message_detail or "", diag.table_name, diag.constraint_name
+        if code == "23503":
+            found = _PG_NOT_PRESENT.search(detail)
+            if found:
+                parent = found.group(3)
+                name = _FK_ROW_NAMES.get(constraint or "") or ROW_NAMES.get(parent, parent)
+                return Refusal("missing", parent, name, (found.group(1),), found.group(2))
+            found = _PG_REFERENCED.search(detail)
+            return Refusal("referenced", table, ROW_NAMES.get(table or "", table), (),
+                           found.group(2) if found else None)
+        if code == "23505":
+            found = _PG_EXISTS.search(detail)
+            columns = tuple(c.strip() for c in found.group(1).split(",")) if found else ()
+            return Refusal("duplicate", table, ROW_NAMES.get(table or "", table), columns,
+                           found.group(2) if found else None)
+        if code == "23502":
+            return Refusal("not_null", table, ROW_NAMES.get(table or "", table), (diag.column_name,))
+        return Refusal("other", table, ROW_NAMES.get(table or "", table))
+    text = str(orig if orig is not None else exc)
+    if "FOREIGN KEY constraint failed" in text:  # SQLite names neither the table nor the key
+        return Refusal("missing")
+    found = _SQLITE_UNIQUE.search(text)
+    if found:
+        pairs = [c.strip().split(".", 1) for c in found.group(1).split(",")]
+        table = pairs[0][0] if pairs and len(pairs[0]) == 2 else None
+        return Refusal("duplicate", table, ROW_NAMES.get(table or "", table), tuple(p[-1] for p in pairs))
+    found = _SQLITE_NOT_NULL.search(text)
+    if found:
+        return Refusal("not_null", found.group(1), ROW_NAMES.get(found.group(1), found.group(1)), (found.group(2),))
+    return Refusal("other")
+
+
+def refusal_answer(refusal: Refusal) -> APIError:
+    """The answer to a refusal no route answers better: one line naming the record (and its id
+    where the database said it), never the DBAPI's text."""
+    if refusal.kind == "missing":
+        if refusal.id is not None:
+            return not_found_ids(refusal.name or "Record", [refusal.id])
+        return NotFound("A record this request refers to (its site, app, BatchJob or parent jobs) no longer exists")
+    if refusal.kind == "duplicate":
+        what = refusal.name or "record"
+        columns = ", ".join(refusal.columns) or "key"
+        value = f" ({refusal.key})" if refusal.key is not None else ""
+        return Conflict(f"A {what} with this {columns}{value} already exists")
+    if refusal.kind == "referenced":
+        which = f"{refusal.name or 'record'} {refusal.key}" if refusal.key is not None else (refusal.name or "record")
+        return Conflict(f"The {which} is still referred to by other records: it cannot change")
+    if refusal.kind == "not_null":
+        return APIError(f"{refusal.name or 'A record'} needs a value for {', '.join(map(str, refusal.columns))}", 422)
+    return Conflict("The change conflicts with existing data (a concurrent request changed it first): retry")
+
+
+#: A route's answer to a refusal: an APIError, or None to leave it to :func:`refusal_answer`.
+RefusalAnswer = Callable[[Refusal], Optional[APIError]]
+
+
+@contextmanager
+def refusals_answered(answer: "RefusalAnswer | None" = None) -> Iterator[None]:
+    """Answer the database's IntegrityError raised inside as ``answer`` says (else
+    :func:`refusal_answer`). Wraps a write transaction from outside (``with
+    refusals_answered(...), ctx.write() as conn:``), so that the transaction has rolled back,
+    nothing of the request applied, when the answer is made. The DBAPI's text goes to the log."""
+    try:
+        yield
+    except sa.exc.IntegrityError as exc:
+        refusal = database_refusal(exc)
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        logger.info("The database refused a write (%s): %s", refusal.kind,
+                    text.splitlines()[0] if text else type(exc).__name__)
+        raise (answer(refusal) if answer is not None else None) or refusal_answer(refusal) from exc
+
+
+def missing_answers(messages: "dict[str, str]") -> RefusalAnswer:
+    """An answer naming the missing record as the route's own check does: ``messages`` by the
+    referenced table (``{"sites": "Site 3 not found"}``); where the database did not say which
+    (SQLite), the message of the only table given."""
+    def answer(refusal: Refusal) -> Optional[APIError]:
+        if refusal.kind != "missing":
+            return None
+        if refusal.table in messages:
+            return NotFound(messages[refusal.table])
+        if refusal.table is None and len(messages) == 1:
+            return NotFound(next(iter(messages.values())))
+        return None
+    return answer

@@ -217,7 +217,12 @@ class IdempotentRequest:
         if self.key is None:
             return None
         request = self.ctx.request
-        self._fingerprint = request_fingerprint(request.method, request.url.path, request.url.query, self.ctx.body)
+        # Keys are per user, but a launcher credential is scoped to one site: its scope is part of
+        # the fingerprint, so a key the user recorded under another scope is "reused with a
+        # different request" (422) here, not a replay of records outside this credential's site.
+        scope = self.ctx.user.site_id
+        query = request.url.query if scope is None else f"{request.url.query}\x00site={scope}"
+        self._fingerprint = request_fingerprint(request.method, request.url.path, query, self.ctx.body)
         user_id = self.ctx.user.id
         params = {"b_user": user_id, "b_key": self.key, "b_hash": self._fingerprint}
         # Each pass ends in a claim or an answer, except when another transaction changed the key's

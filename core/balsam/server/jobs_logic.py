@@ -491,10 +491,11 @@ def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams, *,
 
     On PostgreSQL the window is read in the order of the index ``(site_id, id)`` whatever the
     planner's statistics say (see :func:`_in_index_order`): never every job of the site, so never
-    slower than counting all of them. A filter with a rare tag (see :data:`RARE_TAG_SHARE`; the
-    per-tag counters tell) is counted over every job through the tag index instead, exactly: fewer
-    rows to read than the window's."""
-    from .job_counts import counts_by_state, jobs_with_each_tag
+    slower than counting all of them. A filter with a tag rare among the user's jobs (see
+    :data:`RARE_TAG_SHARE`; the per-tag counters of their sites tell) is counted over all of them
+    instead, exactly: through the tag index when few jobs of any user carry it (fewer rows to read
+    than the window's). What the answer is depends on the user's own jobs only."""
+    from .job_counts import count_matching, counts_by_state, jobs_with_each_tag
 
     names = set(q.params.keys()) - {"state", "ordering"}
     tags = q.key_values("tags") if "tags" in names else None
@@ -506,15 +507,23 @@ def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams, *,
                                tag=next(iter(tags.items())) if tags else None), True
     others = QueryParams(_without(q.params, "state"))
     condition = apply_job_filters(sa.select(jobs.c.id), others, conn.dialect.name).whereclause
-    by_tag = False
+    by_tag = through_tag_index = False
     if window is not None and tags and conn.dialect.name == "postgresql":
-        carrying = jobs_with_each_tag(conn, tags)
-        by_tag = min(carrying.get(tag, 0) for tag in tags.items()) <= window // RARE_TAG_SHARE
+        # Counted exactly or over the window: decided on the user's own jobs (the per-tag counters
+        # of their sites). Decided on every user's, the answer (exact, or the newest window's) told
+        # a user with a window's worth of jobs whether more than window // RARE_TAG_SHARE jobs of
+        # *other* users carry a tag. Every user's count only picks the index (the tag index returns
+        # every job carrying the tag, whoever owns it): it when that is few, else the planner's.
+        rare = window // RARE_TAG_SHARE
+        by_tag = min(count_matching(conn, owned_site_ids(user_id), tag=tag) for tag in tags.items()) <= rare
+        if by_tag:
+            carrying = jobs_with_each_tag(conn, tags)
+            through_tag_index = min(carrying.get(tag, 0) for tag in tags.items()) <= rare
     if window is None or by_tag:
         # By tag: the site test as `site_id + 0`, which no index serves, so that the planner reads the
         # tag index (the few jobs carrying the rare tag), not every job of the site when its
         # statistics say the site has few (a table filled since its last ANALYZE).
-        site = jobs.c.site_id + 0 if by_tag else jobs.c.site_id
+        site = jobs.c.site_id + 0 if through_tag_index else jobs.c.site_id
         scan = sa.select(jobs.c.state).where(site.in_(owned_site_ids(user_id)))
         if condition is not None:
             scan = scan.where(condition)

@@ -60,7 +60,10 @@ rows of its own):
 - a launcher credential's session create reads its credential ``FOR SHARE`` before any session
   (a revoke's UPDATE of it waits, then ends the new session), after its BatchJob's start_time
   ``UPDATE`` (:func:`note_batch_job_start`); its acquire and tick read it without a lock, after
-  the heartbeat locked the session (auth.launcher_credential_problem says why);
+  the heartbeat locked the session (auth.launcher_credential_problem says why). Any Session
+  create holds the BatchJob it names ``FOR SHARE`` right after that ``UPDATE``
+  (:func:`hold_batch_job`), and checks its site ``FOR KEY SHARE`` after the credential: a delete of
+  either committed meanwhile is then a 404 naming it, not a foreign key violation at the INSERT;
 - a BatchJob comes before its credentials everywhere: that create; a BatchJob's finish or delete
   (locked, then its credentials revoked); a site's delete (routes/sites.py), which locks the
   site's BatchJobs (id order, ``FOR NO KEY UPDATE``, which a lease's key-share lock on one does
@@ -339,6 +342,34 @@ def note_batch_job_start(conn: sa.Connection, user_id: int, site_id: int, batch_
                sa.or_(batch_jobs.c.start_time.is_(None), batch_jobs.c.start_time > when))
         .values(start_time=when)
     )
+
+
+def hold_batch_job(conn: sa.Connection, batch_job_id: int, *, user_id: int, site_id: int) -> None:
+    """A Session create's hold on the BatchJob its new row refers to: ``FOR SHARE`` (PostgreSQL;
+    SQLite runs one write transaction at a time), right after :func:`note_batch_job_start` (the
+    BatchJob first in the lock order). The create's check that follows then sees a delete of it
+    committed meanwhile (404 naming it, as when it was gone before the request), and its site
+    is checked ``FOR KEY SHARE`` after the credential (routes/sessions.py), as the site delete takes
+    the credentials before the site row.
+
+    Why: the checks read both unlocked, and a site's or BatchJob's delete that committed between a
+    check and the INSERT made the INSERT's foreign key refuse it: answered 409 with PostgreSQL's
+    text ("insert or update on table "sessions" violates foreign key constraint ..."), where the
+    same request a moment later is a 404 the launcher acts on. ``FOR SHARE``, not the foreign
+    key's ``KEY SHARE``: a BatchJob's delete or finish (``FOR NO KEY UPDATE`` first,
+    routes/batch_jobs.py) then waits for this create to commit, and its later statements end the
+    new Session with the BatchJob's others; under a key-share lock only its final DELETE waited,
+    and a Session committed after the delete had ended the BatchJob's sessions outlived it (its
+    ``batch_job_id`` set NULL by the delete's cascade)."""
+    if conn.dialect.name == "postgresql":
+        # Only the user's own BatchJob at ``site_id`` (the one the Session may refer to), as
+        # note_batch_job_start: the id comes from the request, and locking another user's row
+        # made this create wait for that user's writers (telling their activity, a 404 coming
+        # late only for ids that exist) and theirs wait for it.
+        conn.execute(sa.select(batch_jobs.c.id).where(
+            batch_jobs.c.id == batch_job_id, batch_jobs.c.site_id == site_id,
+            batch_jobs.c.site_id.in_(sa.select(sites.c.id).where(site_owned_by(user_id))),
+        ).with_for_update(read=True, of=batch_jobs)).all()
 
 
 def note_outage(engine: sa.Engine) -> None:

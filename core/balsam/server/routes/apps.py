@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 from starlette.responses import Response
@@ -11,7 +11,7 @@ from balsam.models import MAX_SERIALIZED_CLASS_CHARS, App, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 
 from ..db import count_and_page, where_in
-from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
+from ..errors import APIError, Conflict, NotFound, Refusal, ValidationFailed, parse_partial, refusals_answered
 from ..idempotency import replay_one
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
 from ..jobs_logic import delete_jobs_of, like_escape, site_owned_by
@@ -66,12 +66,28 @@ def _check_site(conn: sa.Connection, user_id: int, site_id: int) -> None:
         raise NotFound(f"Site {site_id} not found")
 
 
+_DUPLICATE_NAME = "An app with this site_id and name already exists"
+
+
 def _check_unique(conn: sa.Connection, site_id: int, name: str, exclude_id: "int | None" = None) -> None:
     stmt = sa.select(apps.c.id).where(apps.c.site_id == site_id, apps.c.name == name)
     if exclude_id is not None:
         stmt = stmt.where(apps.c.id != exclude_id)
     if conn.execute(stmt).first() is not None:
-        raise Conflict("An app with this site_id and name already exists")
+        raise Conflict(_DUPLICATE_NAME)
+
+
+def _refused(site_id: "int | None") -> "Callable[[Refusal], APIError | None]":
+    """The answers of the checks above to what the database refused (PostgreSQL: a request
+    committed between a check and the write): the app's site deleted meanwhile (404), its name
+    taken meanwhile by a concurrent create or rename (409)."""
+    def answer(refusal: Refusal) -> "APIError | None":
+        if refusal.kind == "missing" and site_id is not None and refusal.table in ("sites", None):
+            return NotFound(f"Site {site_id} not found")
+        if refusal.kind == "duplicate" and refusal.table in ("apps", None):
+            return Conflict(_DUPLICATE_NAME)
+        return None
+    return answer
 
 
 def list_apps(ctx: Ctx) -> Response:
@@ -102,7 +118,7 @@ def create_app_record(ctx: Ctx) -> Response:
     values = {k: v for k, v in to_dict(app).items() if k in WRITABLE}
     check_int_fields(values, ["site_id"], ["body"])
     _validate(values)
-    with ctx.write() as conn:
+    with refusals_answered(_refused(values["site_id"])), ctx.write() as conn:
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:
             row = replay_one(earlier, "App", lambda app_id: get_owned_app(conn, ctx.user.id, app_id))
@@ -130,7 +146,7 @@ def update_app(ctx: Ctx) -> Response:
     values = _json_values(parse_partial(App, data, WRITABLE, ["body"]))
     check_int_fields(values, ["site_id"], ["body"])
     _validate(values)
-    with ctx.write() as conn:
+    with refusals_answered(_refused(None)), ctx.write() as conn:
         current = get_owned_app(conn, ctx.user.id, app_id)
         if "site_id" in values and values["site_id"] != current.site_id:
             raise ValidationFailed.field(["body", "site_id"], "an app cannot move to another site (create a new one)")

@@ -26,7 +26,8 @@ from ..auth import (
     utcnow,
 )
 from ..db import count_and_page
-from ..errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
+from ..errors import (APIError, BadRequest, Conflict, Forbidden, NotFound, Refusal, Unauthorized, ValidationFailed,
+                      missing_answers, refusals_answered)
 from ..http import PAGINATION, is_json_int, json_response, no_content, pagination, reject_nul, wire_datetime
 from ..jobs_logic import site_owned_by
 from ..routing import Ctx, route
@@ -166,7 +167,13 @@ def register(ctx: Ctx) -> Response:
     if settings.registration == "invitation" and not invitation:
         raise Forbidden("Registration needs an invitation on this server (`balsam register` asks for its code)")
     hashed = hash_password(password)
-    with ctx.write() as conn:
+
+    def taken(refusal: Refusal) -> "APIError | None":
+        # Registered by a concurrent request between the check below and the INSERT (PostgreSQL):
+        # the answer of the check, not the unique key's text.
+        return Conflict(f"Username {username!r} already taken") if refusal.kind == "duplicate" else None
+
+    with refusals_answered(taken), ctx.write() as conn:
         if invitation:
             row = redeem_code(conn, invitation, "invitation")
             invited = conn.execute(sa.select(users.c.username).where(users.c.id == row.user_id)).scalar_one()
@@ -273,7 +280,11 @@ def create_credential(ctx: Ctx) -> Response:
     data = _parse_launcher_request(ctx, ctx.json(), create=True)
     user = ctx.user
     site_id, bj_id = data["site_id"], data.get("batch_job_id")
-    with ctx.write() as conn:
+    # Its site or BatchJob deleted by a request that committed after the checks below: 404, as
+    # the checks answer (the INSERT's foreign key refused it, answered with PostgreSQL's text).
+    gone = missing_answers({"sites": f"Site {site_id} not found",
+                            "batch_jobs": f"BatchJob {bj_id} not found at site {site_id}"})
+    with refusals_answered(gone), ctx.write() as conn:
         if conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(user.id))).first() is None:
             raise NotFound(f"Site {site_id} not found")
         if bj_id is not None and conn.execute(

@@ -14,7 +14,7 @@ from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 
 from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
-from ..errors import Conflict, NotFound, ValidationFailed, not_found_ids, parse_partial
+from ..errors import Conflict, NotFound, ValidationFailed, missing_answers, not_found_ids, parse_partial, refusals_answered
 from ..http import (ID_AFTER, PAGINATION, QueryParams, check_int_fields, is_json_int, json_response, no_content, pagination,
                     parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
@@ -126,7 +126,9 @@ def create_batch_job(ctx: Ctx) -> Response:
     _validate_numbers(values, ["body"])
     # The server decides the initial state (as Balsam 0.7 did).
     values["state"] = BJ.pending_submission.value
-    with ctx.write() as conn:
+    # Its site deleted by a request that committed after the check below: 404, as the check (the
+    # INSERT's foreign key refused it, answered with PostgreSQL's text).
+    with refusals_answered(missing_answers({"sites": f"Site {values['site_id']} not found"})), ctx.write() as conn:
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # a retried create: the same allocation, never a second one
             row = replay_one(earlier, "BatchJob", lambda bj_id: _get_owned(conn, ctx.user.id, bj_id))

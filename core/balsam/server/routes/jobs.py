@@ -19,7 +19,7 @@ from balsam.util import paused_gc
 
 from .. import jobs_logic as logic
 from ..db import read_tx, write_tx
-from ..errors import APIError, BadRequest, NotFound, ValidationFailed
+from ..errors import APIError, BadRequest, NotFound, ValidationFailed, refusals_answered
 from ..http import MINIMAL_APPLIED, PAGINATION, dumps, is_json_int, json_response, no_content, pagination, require_list
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER, Replay, check_reservation_budget, reserve_job_keys
 from ..limits import check_field_sizes
@@ -70,7 +70,9 @@ def bulk_create(ctx: Ctx) -> Response:
         specs = logic.parse_job_creates(payload)
     minimal = ctx.prefers_minimal()
     headers = {MINIMAL_APPLIED[0]: MINIMAL_APPLIED[1]} if minimal else None
-    with ctx.write() as conn:
+    # An app or BatchJob the checks found, deleted by a request committed before the INSERT's
+    # foreign key check (PostgreSQL): 404 naming it, as the check answers (not the database's text).
+    with refusals_answered(), ctx.write() as conn:
         earlier = ctx.idempotency.claim(conn, reservable=True)
         if earlier is not None:  # a retry of a create that was applied: the same jobs, not new ones
             replay = logic.fetch_created(conn, earlier.ids, minimal=minimal)
@@ -132,7 +134,8 @@ def bulk_update(ctx: Ctx) -> Response:
             check_field_sizes(payload, len(ctx.body or b""))
             require_list(payload, "job updates", MAX_ITEMS_PER_BULK_OP)
         patches, items = logic.parse_job_patches(payload)
-    with ctx.write() as conn, _paused_gc_under_lock(conn):
+    # A batch_job_id deleted after its check (PostgreSQL): 404 naming it, as bulk_create.
+    with refusals_answered(), ctx.write() as conn, _paused_gc_under_lock(conn):
         count = logic.update_jobs(conn, ctx.user.id, patches)
     _wake_if_states_moved(ctx, items)
     return json_response(count)
@@ -151,7 +154,7 @@ def _paused_gc_under_lock(conn: sa.Connection) -> "AbstractContextManager[None]"
 def query_update(ctx: Ctx) -> Response:
     q = ctx.query(logic.JOB_FILTERS)
     patch = logic.parse_job_patch(ctx.json(), ["body"], allow_id=False)
-    with ctx.write() as conn:
+    with refusals_answered(), ctx.write() as conn:  # as bulk_update
         ids = logic.matching_job_ids(conn, ctx.user.id, q)
         if len(ids) > MAX_ITEMS_PER_BULK_OP:
             raise BadRequest(
@@ -165,7 +168,7 @@ def query_update(ctx: Ctx) -> Response:
 def update_one(ctx: Ctx) -> Response:
     job_id = ctx.path_int("job_id")
     patch = logic.parse_job_patch(ctx.json(), ["body"], allow_id=False)
-    with ctx.write() as conn:
+    with refusals_answered(), ctx.write() as conn:  # as bulk_update
         count = logic.update_jobs(conn, ctx.user.id, {job_id: patch})
     _wake_if_states_moved(ctx, [patch])
     return json_response(count)

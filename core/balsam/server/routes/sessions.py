@@ -12,14 +12,16 @@ from balsam.models import SessionAcquire
 from ..acquire_waits import WaitForJobs
 from ..auth import launcher_credential_problem
 from ..db import count_and_page, where_in
-from ..errors import Forbidden, NotFound, Unauthorized, ValidationFailed
+from ..errors import (APIError, Forbidden, NotFound, Refusal, Unauthorized, ValidationFailed, missing_answers,
+                      refusals_answered)
 from ..http import PAGINATION, check_int_fields, is_json_int, json_response, no_content, pagination, wire_datetime
 from ..jobs_logic import SESSION_DELETED_MSG, owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, note_batch_job_start, note_held,
-    parse_acquire, parse_release, parse_tick, reacquire, release_jobs, release_session_jobs, session_clock, session_dict,
+    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, hold_batch_job, maybe_sweep, note_batch_job_start,
+    note_held, parse_acquire, parse_release, parse_tick, reacquire, release_jobs, release_session_jobs, session_clock,
+    session_dict,
 )
 from ..tables import batch_jobs, credentials, idempotency_keys, sessions, sites
 
@@ -63,7 +65,14 @@ def create_session(ctx: Ctx) -> Response:
     data = {**data, "site_id": site_id, "batch_job_id": batch_job_id}
     check_int_fields(data, ["site_id", "batch_job_id"], ["body"])
     _sweep(ctx)
-    with ctx.write() as conn:
+    # A site or BatchJob deleted by a request committed meanwhile: 404 naming it, as the checks
+    # below answer (their locks make them see the delete, sessions_logic.hold_batch_job; this
+    # answers whatever else the database refuses as one line, never its text).
+    def gone(refusal: Refusal) -> "APIError | None":  # batch_job_id as the create leaves it (a launcher's own)
+        return missing_answers({"sites": f"Site {site_id} not found",
+                                "batch_jobs": f"BatchJob {batch_job_id} not found at site {site_id}"})(refusal)
+
+    with refusals_answered(gone), ctx.write() as conn:
         own = None
         if ctx.user.site_id is not None and ctx.user.credential_id is not None:
             # A launcher credential opens sessions of its own BatchJob only: a revoke ends the
@@ -78,6 +87,8 @@ def create_session(ctx: Ctx) -> Response:
             # start from its launcher's first Session"). The BatchJob first, before the credential
             # and any session or job (the lock order); rolled back with a refused create.
             note_batch_job_start(conn, ctx.user.id, site_id, int(started), utcnow())
+            # FOR SHARE: its delete or finish waits for this create (the user's own BatchJob only).
+            hold_batch_job(conn, int(started), user_id=ctx.user.id, site_id=site_id)
         # Then the credential (FOR SHARE) before any session: a revoke waits for this create and
         # then ends its session, or this create reads the revocation.
         _refuse_dead_launcher(ctx, conn, share_lock=True)
@@ -87,7 +98,13 @@ def create_session(ctx: Ctx) -> Response:
             elif batch_job_id != own:
                 raise Forbidden(f"this launcher credential is BatchJob {own}'s: it cannot open a session "
                                 f"for BatchJob {batch_job_id}")
-        owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(ctx.user.id))).first()
+        site = sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(ctx.user.id))
+        if conn.dialect.name == "postgresql":
+            # FOR KEY SHARE (the INSERT's foreign key takes it anyway), after the credential, as
+            # the site delete takes them: a delete of the site committed meanwhile is seen here
+            # (404), not by the INSERT's foreign key (409 with PostgreSQL's text); see hold_batch_job.
+            site = site.with_for_update(read=True, key_share=True, of=sites)
+        owned = conn.execute(site).first()
         if owned is None:
             raise NotFound(f"Site {site_id} not found")
         if batch_job_id is not None:

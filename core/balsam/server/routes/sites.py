@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 from starlette.responses import Response
@@ -13,7 +13,7 @@ from balsam.states import JobState
 
 from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, NodeShape, backlog_by_state
 from ..db import count_and_page, where_in
-from ..errors import Conflict, Forbidden, NotFound, ValidationFailed, parse_partial
+from ..errors import APIError, Conflict, Forbidden, NotFound, Refusal, ValidationFailed, parse_partial, refusals_answered
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
 from ..idempotency import replay_one
 from ..jobs_logic import delete_jobs_of, like_escape, site_owned_by, utcnow
@@ -75,6 +75,19 @@ def get_owned_site(conn: sa.Connection, user_id: int, site_id: int) -> sa.Row:
     return row
 
 
+def _name_taken(ctx: Ctx, name: "str | None") -> "Callable[[Refusal], APIError | None]":
+    """The answer of the name checks below when a concurrent create or rename took the name
+    between the check and the write (PostgreSQL): the unique key refused it, answered with
+    PostgreSQL's text. The same 409 as the check, read once this transaction has rolled back."""
+    def answer(refusal: Refusal) -> "APIError | None":
+        if refusal.kind != "duplicate" or refusal.table not in ("sites", None) or name is None:
+            return None
+        with ctx.read() as conn:
+            dup = conn.execute(sa.select(sites.c.id).where(sites.c.owner_id == ctx.user.id, sites.c.name == name)).first()
+        return Conflict(f"A site named {name!r} already exists" + (f" (id {dup.id})" if dup is not None else ""))
+    return answer
+
+
 def list_sites(ctx: Ctx) -> Response:
     q = ctx.query({"name", "path", "id", "last_refresh_after"} | PAGINATION)
     limit, offset = pagination(q)
@@ -103,7 +116,7 @@ def create_site(ctx: Ctx) -> Response:
     values = {k: v for k, v in to_dict(site).items() if k in WRITABLE}
     _validate(values)
     now = utcnow()
-    with ctx.write() as conn:
+    with refusals_answered(_name_taken(ctx, values["name"])), ctx.write() as conn:
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:
             row = replay_one(earlier, "Site", lambda site_id: get_owned_site(conn, ctx.user.id, site_id))
@@ -137,7 +150,7 @@ def update_site(ctx: Ctx) -> Response:
     values = _stored(parse_partial(Site, data, WRITABLE, ["body"]))
     # A whole record sent back may repeat a name stored before the rule (checked below).
     _validate({k: v for k, v in values.items() if k != "name" or not site_name_problem(str(v))})
-    with ctx.write() as conn:
+    with refusals_answered(_name_taken(ctx, values.get("name"))), ctx.write() as conn:
         stored = get_owned_site(conn, ctx.user.id, site_id)
         if ctx.user.site_id is not None:
             # Sent back unchanged (a whole record) is fine; a change is the user's to make. Besides
