@@ -13,11 +13,12 @@ import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import jinja2
 import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.datastructures import QueryParams as StarletteQueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -154,7 +155,8 @@ class View:
     def params(self, names: Iterable[str]) -> StarletteQueryParams:
         """The page's query string limited to ``names``, without empty values (HTML forms send
         ``state=`` for "any"), tag fields split on spaces and commas outside quotes (``a:1, b:2``,
-        ``"exp:a b" c:1``: see :func:`split_tags`). A tags value with an unbalanced quote is refused."""
+        ``"exp:a b" c:1``: see :func:`split_tags`). A tags value with an unbalanced quote is refused,
+        and so are more than :data:`MAX_TAG_FILTERS` tags."""
         wanted = set(names)
         items: list[tuple[str, str]] = []
         for key, value in self.request.query_params.multi_items():
@@ -162,6 +164,9 @@ class View:
                 continue
             parts = split_tags(value) if key == "tags" else [value.strip()]
             items.extend((key, p) for p in parts if p)
+        n_tags = sum(1 for key, _ in items if key == "tags")
+        if n_tags > MAX_TAG_FILTERS:
+            raise ValidationFailed.field(["query", "tags"], f"at most {MAX_TAG_FILTERS} tags, got {n_tags}")
         return StarletteQueryParams(items)
 
     def filters(self, names: Iterable[str]) -> tuple[StarletteQueryParams, str, str]:
@@ -202,6 +207,9 @@ class View:
 
 
 _TAG_SEPARATORS = re.compile(r"[\s,]")
+#: The most tags a page filters by. Each is one clause of the query: some 500 made SQLite refuse the
+#: statement ("Expression tree is too large"), which the pages answered as a database outage (503).
+MAX_TAG_FILTERS = 100
 
 
 def split_tags(text: str) -> list[str]:
@@ -265,17 +273,41 @@ def _set_session_cookie(response: Response, request: Request, value: str) -> Non
                         path=_cookie_path(request), httponly=True, samesite="lax", secure=_secure(request, settings))
 
 
+#: The headers of every dashboard answer, its static files included (an SVG opened by itself is a
+#: document too; ``nosniff`` keeps a browser from running a file as other than its type).
+SECURITY_HEADERS = (
+    ("Content-Security-Policy",
+     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("X-Frame-Options", "DENY"),
+)
+
+
 def _security_headers(response: Response) -> Response:
-    response.headers.setdefault(
-        "Content-Security-Policy",
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'",
-    )
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
-    response.headers.setdefault("X-Frame-Options", "DENY")
+    for name, value in SECURITY_HEADERS:
+        response.headers.setdefault(name, value)
     response.headers.setdefault("Cache-Control", "no-store")
     return response
+
+
+class _StaticWithSecurityHeaders:
+    """StaticFiles answering with :data:`SECURITY_HEADERS` (the pages' own; they had none). Not
+    ``no-store``: the pages ask for the files with the version in the query (``?v=``)."""
+
+    def __init__(self, app: StaticFiles) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS:
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def _same_origin(request: Request) -> bool:
@@ -321,10 +353,16 @@ def _start_session(view: "View", conn: sa.Connection, user: AuthUser, how: str) 
 
 
 def _safe_next(view_base: str, target: Optional[str]) -> str:
-    """Only a path inside the dashboard (no scheme, no host, no ``//``): no open redirect."""
-    if target and target.startswith(view_base + "/") and "//" not in target and "\\" not in target:
-        return target
-    return view_base + "/"
+    """Only a path inside the dashboard (no scheme, no host, no ``//``): no open redirect. No ``.``
+    or ``..`` segment either, encoded (``%2e``) or not: a browser resolves ``/dashboard/../x`` to
+    ``/x``, out of the dashboard (to another application behind the same host). A browser drops
+    tabs and line breaks from a URL: dropped here too before looking for those segments."""
+    if not target or not target.startswith(view_base + "/") or "//" in target or "\\" in target:
+        return view_base + "/"
+    path = re.sub(r"[\t\n\r]", "", unquote(re.split(r"[?#]", target, maxsplit=1)[0]))
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return view_base + "/"
+    return target
 
 
 Handler = Callable[[View], Response]
@@ -390,8 +428,13 @@ def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, l
     async def endpoint(request: Request) -> Response:
         form: dict[str, str] = {}
         if request.method == "POST":
-            # Read before any login check, so bounded: a form is a few fields (413 beyond the bound).
-            body = await read_body(request, FORM_BODY_LIMIT_BYTES)
+            # Read before any login check, so bounded: a form is a few fields (413 beyond the bound,
+            # as a page: it was the API's JSON, without the pages' headers).
+            try:
+                body = await read_body(request, FORM_BODY_LIMIT_BYTES)
+            except APIError as exc:
+                return _security_headers(View(request, None, {}).render(
+                    "error.html", exc.status_code, title="Refused", show_login=False, message=error_text(exc.detail)))
             form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         try:
             response = await run_in_threadpool(_dispatch, request, form)
@@ -508,7 +551,9 @@ def jobs_page(view: View) -> Response:
         if not error:  # else tags that cannot be split: nothing to count or list
             try:
                 limit = pq.int("limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=max(PAGE_SIZES)) or DEFAULT_PAGE_SIZE
-                before, after = pq.int("before", minimum=0), pq.int("after", minimum=0)
+                # job ids are 64-bit (as the Events page's event ids): a 32-bit bound refused the
+                # "Older" link of a job id past 2**31
+                before, after = pq.int("before", minimum=0, bits=64), pq.int("after", minimum=0, bits=64)
                 q = view.query(raw)
                 # Checked here, as the API checks it: when the counts say nothing matches, the page is
                 # not read, and an unknown state would otherwise read as "0 matching jobs".
@@ -845,24 +890,30 @@ def logout(view: View) -> Response:
     return response
 
 
+def _no_referrer(response: Response) -> Response:
+    """``response`` sent with ``Referrer-Policy: no-referrer``: a page whose address holds a login
+    ticket names it to nobody (not even this server's own stylesheet and links)."""
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
 def ticket_login(view: View) -> Response:
     ticket = sessions.read_ticket(view.request.query_params.get("t"), view.settings.secret_key)
     if ticket is None or not _user_exists(view.engine, ticket.user.id):
-        return view.render("error.html", 401, title="Link expired",
-                           message="This login link is invalid or has expired (links last two minutes): run "
-                                   "`balsam dashboard` again, or log in with a password.")
+        return _no_referrer(view.render("error.html", 401, title="Link expired",
+                                        message="This login link is invalid or has expired (links last two minutes): run "
+                                                "`balsam dashboard` again, or log in with a password."))
     # One-time: a link seen by someone else (a shared screen, a proxy's log) must not log them in too.
     with write_tx(view.engine) as conn:
         first_use = sessions.redeem_ticket(conn, ticket)
         cookie = _start_session(view, conn, ticket.user, "login link") if first_use else None
     if cookie is None:
-        return view.render("error.html", 401, title="Link already used",
-                           message="This login link has already been used (each link logs in once): run "
-                                   "`balsam dashboard` again, or log in with a password.")
+        return _no_referrer(view.render("error.html", 401, title="Link already used",
+                                        message="This login link has already been used (each link logs in once): run "
+                                                "`balsam dashboard` again, or log in with a password."))
     response = RedirectResponse(view.url(""), status_code=303)
     _set_session_cookie(response, view.request, cookie)
-    response.headers["Referrer-Policy"] = "no-referrer"
-    return response
+    return _no_referrer(response)
 
 
 def login_link(ctx: Ctx) -> Response:
@@ -905,7 +956,7 @@ def dashboard_routes() -> list[BaseRoute]:
         _page("/logout", logout, ("POST",)),
         _page("/ticket", ticket_login, login=False),
         route("/login-link", {"POST": login_link}),
-        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="dashboard_static"),
+        Mount("/static", app=_StaticWithSecurityHeaders(StaticFiles(directory=HERE / "static")), name="dashboard_static"),
     ]
     return [
         Route("/dashboard", _redirect_home, methods=["GET"]),
