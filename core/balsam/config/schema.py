@@ -117,7 +117,7 @@ class LauncherSettings:
     serial_mode_prefetch_per_rank: int = setting(
         64, "Bound of one lease of free room by a serial-mode launcher, per CPU of its partition (in all at least 64, "
         "at most 2,048). A launcher leases only what its free slots can start now, in chunks of at most this, plus "
-        "a short lookahead (a quarter second of work at the rate its jobs end, at least 8 jobs); with its partition full it "
+        "a short lookahead (half a second of work at the rate its jobs end, at least 8 jobs); with its partition full it "
         "holds only the lookahead, so the rest stays visible to the elastic queue and to other BatchJobs."
     )
     sort_by: Optional[str] = setting(

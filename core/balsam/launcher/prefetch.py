@@ -31,8 +31,8 @@ Thread contract (two threads, nothing else shared):
   lease them), so jobs leased long before they can start kept nodes idle while the first launcher
   held the whole campaign. Why the rate: every acquire costs the server a fixed ~3 ms of CPU
   besides its jobs (a request, a write transaction, an idempotency record), so short tasks run at
-  1,000 a second leased 64 at a time spent a tenth of the server's CPU on acquires; a quarter
-  second of work ahead makes them a few hundred each. Without ``floor`` (the default) the floor is
+  1,000 a second leased 64 at a time spent a tenth of the server's CPU on acquires; half a second
+  of work ahead makes them a few hundred each. Without ``floor`` (the default) the floor is
   ``depth`` and the room is not used: ``depth`` ahead at all times, raised by the rate.
 * Copies: each acquire's jobs carry the lease's number for it (``lease.generation``, read by the
   prefetch thread right after the acquire, stored per job in ``_ready_generations``, in step with

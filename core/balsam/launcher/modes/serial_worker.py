@@ -153,7 +153,10 @@ EXIT_START_FAILED = 3
 MIN_PREFETCH, MAX_PREFETCH = 64, 2048
 #: The prefetcher keeps at least this much work leased ahead, at the rate jobs are being started
 #: (short tasks: fewer, larger acquires; see :class:`~balsam.launcher.prefetch.Prefetcher`).
-PREFETCH_LOOKAHEAD_SEC = 0.25
+#: Half a second: each top-up (at half of it) then leases a quarter second of work. With a quarter
+#: second, 5,000 no-op jobs on a loaded 2-CPU VM took 78-178 acquires, each ~3.5-6 ms of server CPU
+#: besides its jobs (0.06-0.2 ms a job); with half a second 36-64 (docs/performance.md, 7 December).
+PREFETCH_LOOKAHEAD_SEC = 0.5
 #: ... and at least this many jobs, whatever the size of the partition: enough that a slot that
 #: frees starts a held job at once while the top-up (at half of it) is leased, few enough that a
 #: full launcher with long jobs holds only a handful beyond what runs (the rest stays visible to
