@@ -578,10 +578,18 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
             raise LauncherError(str(refusal))
         return code
     finally:
-        if signals is not None:
-            signals.hand_over(None)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        try:
+            # The mode's notes on its BatchJob (status_info) are written by the note writer's
+            # thread: before the exit, bounded (batch_job_notes.FLUSH_SEC, not again after a flush
+            # that timed out); here, while the log file is open for its warning.
+            from .batch_job_notes import flush_notes
+
+            flush_notes()
+        finally:
+            if signals is not None:
+                signals.hand_over(None)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 #: Seconds after a forwarded SIGTERM before a partition's launcher still running is killed: a child

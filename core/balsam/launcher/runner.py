@@ -203,8 +203,9 @@ class DiskWait:
     there, given back too). A job that fills the disk itself runs again once room is made, and
     pauses its launcher again each time it fills it: nothing bounds its give-backs. One WARNING when
     the pause starts, one INFO when it ends, and the BatchJob's ``status_info["disk_full"]`` set at
-    each (:meth:`watch`'s ``on_change``). Shared by the threads of the launcher process (the loop
-    reports exits, the acquirer asks :meth:`paused`): under a lock."""
+    each (:meth:`watch`'s ``on_change``: the launcher's note writer, in order, never blocking).
+    Shared by the threads of the launcher process (the loop reports exits, the acquirer asks
+    :meth:`paused`): under a lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -218,7 +219,10 @@ class DiskWait:
         """Before the first acquire: pause at once if ``data_path``'s file system is full (a new
         launcher would acquire, run onto the full disk and give back, again and again).
         ``on_change(message)`` is called once when a pause starts and once when it ends (the
-        mode records it on its BatchJob); it may block (an HTTP call), never under the lock."""
+        mode records it on its BatchJob: ``service_calls.note_batch_job``, which returns at once).
+        It is called under the lock, so that a pause's message and its end's come in the order
+        of the pause and its end (called after the lock, a pause's message could follow its end's
+        from another thread); it must not block."""
         self._on_change = on_change
         note = disk_full_note(data_path)
         if note:
@@ -235,11 +239,10 @@ class DiskWait:
             if self.path is not None:
                 return
             self.path, self.since = path, time.monotonic()
-            on_change = self._on_change
+            if self._on_change is not None:
+                self._on_change(f"paused at {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}: {note}; "
+                                "no job is acquired until it has room")
         logger.warning("%s: %s until it has room (looked at every %g s)", note, what, DISK_RECHECK_SEC)
-        if on_change is not None:
-            on_change(f"paused at {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}: {note}; "
-                      "no job is acquired until it has room")
 
     def paused(self) -> bool:
         """Whether acquiring waits for room; looks at the full file system again when due."""
@@ -257,13 +260,12 @@ class DiskWait:
                 return False
             since, given_back = self.since or time.monotonic(), self.given_back
             self.path, self.since, self.given_back = None, None, 0
-            on_change = self._on_change
-        waited = time.monotonic() - since
+            waited = time.monotonic() - since
+            if self._on_change is not None:
+                self._on_change(f"resumed at {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} after a "
+                                f"{waited:.0f} s pause for a full disk ({path}; {given_back} runs given back)")
         logger.info("the file system of %s has room again (%d bytes free) after %.0f s: acquiring jobs again "
                     "(%d runs were given back meanwhile)", path, disk_free_bytes(path), waited, given_back)
-        if on_change is not None:
-            on_change(f"resumed at {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} after a {waited:.0f} s "
-                      f"pause for a full disk ({path}; {given_back} runs given back)")
         return False
 
 

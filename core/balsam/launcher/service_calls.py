@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from balsam.util import batch_job_id_from_env
 
+from .batch_job_notes import notes_for
+
 logger = logging.getLogger(__name__)
 
 #: A launcher's updater gives up this long after stopping began once a call fails (a healthy, slow API: 30 s more), then spools.
@@ -337,17 +339,13 @@ def find_batch_job_id(site_id: int, env: Mapping[str, str], platform: Any) -> Op
 def note_batch_job(batch_job_id: Optional[int], key: str, message: str) -> None:
     """Set ``status_info[key] = message`` on the launcher's BatchJob (shown by ``balsam queue ls -v``).
 
-    Best effort: a launcher without a BatchJob, or an API that does not answer, only logs it.
+    Returns at once: the process's one note writer (:mod:`balsam.launcher.batch_job_notes`) writes
+    it in its thread, in order, the latest message per key, tried again through an outage; the
+    launcher's exit waits a few seconds for it. Nothing for a launcher without a BatchJob.
     """
     if batch_job_id is None:
         return
-    try:
-        client = default_client()
-        current = client.get(f"/batch-jobs/{int(batch_job_id)}")
-        info = {**dict((current or {}).get("status_info") or {}), key: message}
-        client.put(f"/batch-jobs/{int(batch_job_id)}", json={"status_info": info})
-    except Exception as exc:
-        logger.warning("could not record %r on BatchJob %s: %s", key, batch_job_id, exc)
+    notes_for(batch_job_id).note(key, message)
 
 
 #: BatchJob states in which a batch job may still run jobs.
@@ -363,9 +361,7 @@ def largest_active_batch_job(site_id: int, exclude_id: Optional[int]) -> int:
 
 def report_batch_job_error(batch_job_id: int, message: str) -> None:
     """Record a launcher failure in the BatchJob's ``status_info`` (``error``, ``error_time``: the
-    keys the scheduler module uses, which ``balsam queue ls -v`` shows)."""
-    batch_job = api_models().BatchJob.objects.get(id=batch_job_id)
-    info = dict(batch_job.status_info or {})
-    info.update(error=message, error_time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    batch_job.status_info = info
-    batch_job.save()
+    keys the scheduler module uses, which ``balsam queue ls -v`` shows), through the note writer
+    (:func:`note_batch_job`): both keys in one write."""
+    notes_for(batch_job_id).note("error", message,
+                                 error_time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))

@@ -196,8 +196,17 @@ BATCH_JOB_FIELDS = {
 BATCH_JOB_CREATE = obj({**BATCH_JOB_FIELDS, "site_id": int32()},
                        ["site_id", "project", "queue", "num_nodes", "wall_time_min", "job_mode"],
                        read_only={"id": {}, "state": {}})
-BATCH_JOB_UPDATE = obj({**BATCH_JOB_FIELDS, "state": _ref("BatchJobState")}, read_only={"id": {}, "site_id": {}})
-BATCH_JOB_PATCH = obj({"id": int32(), **BATCH_JOB_FIELDS, "state": _ref("BatchJobState")}, ["id"])
+#: An extension of Balsam 0.7's update (routes/batch_jobs.STATUS_INFO_MERGE): changes only the
+#: status_info keys it names, atomically on the server; never with status_info in the same update.
+STATUS_INFO_MERGE = {**str_map(nullable(text())), "description": (
+    "Balsam extension: an RFC 7396-style merge into the stored status_info, applied under the row's "
+    "lock: a key set to a string is set, a key set to null is removed, every other key is kept (status_info "
+    "replaces the whole object, as in Balsam 0.7). Refused (422) beside status_info")}
+NOT_BOTH_STATUS_INFO = {"not": {"required": ["status_info", "status_info_merge"]}}
+BATCH_JOB_UPDATE = {**obj({**BATCH_JOB_FIELDS, "status_info_merge": STATUS_INFO_MERGE, "state": _ref("BatchJobState")},
+                          read_only={"id": {}, "site_id": {}}), **NOT_BOTH_STATUS_INFO}
+BATCH_JOB_PATCH = {**obj({"id": int32(), **BATCH_JOB_FIELDS, "status_info_merge": STATUS_INFO_MERGE,
+                          "state": _ref("BatchJobState")}, ["id"]), **NOT_BOTH_STATUS_INFO}
 
 TRANSFER_FIELDS = {"state": _ref("TransferItemState"), "task_id": text(), "transfer_info": JSON_OBJECT}
 

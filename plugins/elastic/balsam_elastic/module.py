@@ -148,7 +148,7 @@ class ElasticQueueModule(AgentModule):
         #: Its own BatchJobs of other queues that have not started, read by the last snapshot
         #: ({id: state}; see :meth:`left_over`): withdrawn by the cycle.
         self.left_over_ids: dict[int, BatchJobState] = {}
-        #: The rows :meth:`still_cancellable` read again last (their status_info for :meth:`withdrawal`).
+        #: The rows :meth:`still_cancellable` read again last (their state for :meth:`withdrawal`).
         self._reread: dict[int, dict] = {}
         #: The last snapshot's status poll (None: not read, or it failed; see _polled), and the
         #: scheduler ids of the site's BatchJobs it read (for :meth:`read_others_waiting`).
@@ -866,7 +866,9 @@ class ElasticQueueModule(AgentModule):
     def withdrawal(self, batch_job_id: int) -> dict[str, Any]:
         """The PATCH that withdraws one of :meth:`still_cancellable`'s BatchJobs. One waiting for its
         submission goes pending_deletion (no job of it is in the scheduler). A queued one only gets
-        ``status_info[WITHDRAW_IF_QUEUED]`` (added to the status_info just read again): the
+        ``status_info[WITHDRAW_IF_QUEUED]``, sent as ``status_info_merge`` (the server adds the key
+        under the row's lock and keeps the others: the whole status_info re-sent from the copy read
+        again just before lost the keys a launcher or the scheduler module wrote in between): the
         scheduler module deletes it only if its own status poll, in its next cycle, shows it still
         waiting. Marked pending_deletion from this cycle's poll, a request that started before then
         (up to sync_period later) was deleted with its launcher and the jobs it had leased: a
@@ -874,9 +876,7 @@ class ElasticQueueModule(AgentModule):
         row = self._reread.get(batch_job_id) or {}
         if row.get("state") != BatchJobState.queued.value:
             return {"id": batch_job_id, "state": BatchJobState.pending_deletion.value}
-        info = dict(row.get("status_info") or {})
-        info[WITHDRAW_IF_QUEUED] = f"{utcnow().isoformat()} by {SUBMITTED_BY}"
-        return {"id": batch_job_id, "status_info": info}
+        return {"id": batch_job_id, "status_info_merge": {WITHDRAW_IF_QUEUED: f"{utcnow().isoformat()} by {SUBMITTED_BY}"}}
 
     def still_cancellable(self, snapshot: Snapshot, cancel: list[int],
                           was: Optional[Mapping[int, BatchJobState]] = None) -> list[int]:

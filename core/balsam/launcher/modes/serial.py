@@ -56,6 +56,7 @@ import attrs
 from balsam.platform import LaunchSpec
 from balsam.util import api_text, same_process, tail_file
 
+from ..batch_job_notes import flush_notes
 from ..service_calls import default_client, note_batch_job, report_batch_job_error
 from ..job_mode import (
     RUNNABLE_NOTE_WAIT_SEC, RUNNABLE_SCAN_LIMIT, JobMode, gpuless_acquire_filter, longest_offered_min, runnable_jobs_page,
@@ -279,6 +280,9 @@ class SerialMode(JobMode):
             note = threading.Thread(target=self.note_multi_rank_jobs, name="multi-rank-note", daemon=True)
             note.start()
             note.join(MULTI_RANK_NOTE_WAIT_SEC)
+        # The BatchJob's notes (an error, the note above) are written by the note writer's thread:
+        # on the server when this returns (bounded: batch_job_notes.FLUSH_SEC, once per outage).
+        flush_notes()
         return code
 
     def _run(self) -> int:

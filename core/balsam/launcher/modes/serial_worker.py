@@ -532,10 +532,9 @@ class Master:
         #: Worker ranks taken out as hung -> why; those that reported again since (logged once).
         self.ranks_out: dict[int, str] = {}
         self._spoke_again: set[int] = set()
-        #: Sets the BatchJob's ``status_info["nodes_out"]`` (the key mpi mode's node take-out uses).
+        #: Sets the BatchJob's ``status_info["nodes_out"]`` (the key mpi mode's node take-out uses);
+        #: returns at once (build_master's hands it to the launcher's note writer, balsam.launcher.batch_job_notes).
         self._record_nodes_out = record_nodes_out
-        self._recorders: list[threading.Thread] = []
-        self._record_lock = threading.Lock()
         #: Taken jobs set aside because they waited for a slot until the time left ran short (never
         #: started; given back at once where the server has the release route, _release_too_late;
         #: the prefetcher holds back those it never handed over).
@@ -633,23 +632,17 @@ class Master:
                            "reports are dropped (its jobs were reported RUN_TIMEOUT)", rank, self.ranks_out[rank])
 
     def _record_out(self) -> None:
-        """Every rank taken out so far, in the BatchJob's ``status_info["nodes_out"]``, from a thread
-        (an API call must not hold up the loop)."""
+        """Every rank taken out so far, in the BatchJob's ``status_info["nodes_out"]``. Handed to the
+        launcher's note writer (``service_calls.note_batch_job``), which returns at once and writes
+        in its own thread, in order (the latest text, naming every rank, is written last), tried
+        again through an outage, waited for at the process's exit: no thread per note here."""
         if self._record_nodes_out is None:
             return
         text = "; ".join(f"{reason}: taken out" for reason in self.ranks_out.values())
-
-        def record() -> None:
-            with self._record_lock:  # in order: the last one written names every rank
-                try:
-                    assert self._record_nodes_out is not None
-                    self._record_nodes_out(text)
-                except Exception as exc:  # the log says it already
-                    logger.warning("could not record the nodes taken out: %s", exc)
-
-        thread = threading.Thread(target=record, name="record-nodes-out", daemon=True)
-        thread.start()
-        self._recorders.append(thread)
+        try:
+            self._record_nodes_out(text)
+        except Exception as exc:  # the log says it already: the loop goes on
+            logger.warning("could not record the nodes taken out: %s", exc)
 
     # -- one loop turn -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
@@ -1028,8 +1021,6 @@ class Master:
                 self.prefetcher.close_lease(quick=bool(getattr(self.updater, "gave_up", False)))
                 self.session_record.closed(reason)
                 self._log_unstarted()
-                for thread in self._recorders:
-                    thread.join(FINAL_SEND_RESERVE_SEC)
 
     def _log_unstarted(self) -> None:
         """Say how many leased jobs never started: nothing is reported for them, the Session's

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import sqlalchemy as sa
 from starlette.responses import Response
@@ -39,6 +39,14 @@ BJ = BatchJobState
 #: change is refused (409). The same value is accepted: a client that re-sends a whole object (0.7's
 #: save() sends every field set since it was read, changed or not) keeps working.
 FROZEN_AFTER_SUBMISSION = ("num_nodes", "wall_time_min", "queue", "project", "job_mode")
+#: The extension field of a BatchJob update (an item of the bulk PATCH, the PUT's body): a merge of
+#: ``status_info`` in the manner of RFC 7396 (a key set to a string is set, a key set to null is
+#: removed, the keys not named are kept), applied to the stored status_info in the UPDATE that
+#: applies the rest of the update, under the row's lock. ``status_info`` itself replaces the whole
+#: object (the Balsam 0.7 contract, kept for 0.7 clients), so two writers of different keys (a
+#: launcher's note, the site agent's scheduler cycle) each wiped the other's key, or put back a
+#: stale one from the copy they had read; each sends only its own keys this way, and both stay.
+STATUS_INFO_MERGE = "status_info_merge"
 
 
 def bj_dict(row: Any) -> dict[str, Any]:
@@ -160,10 +168,46 @@ def read_batch_job(ctx: Ctx) -> Response:
     return json_response(bj_dict(row))
 
 
+def _parse_merge(data: dict[str, Any], loc: list[Any]) -> dict[str, Optional[str]]:
+    """``data``'s :data:`STATUS_INFO_MERGE`, checked: an object of strings and nulls, never beside
+    ``status_info`` (which of the two would the stored object be?)."""
+    merge = data[STATUS_INFO_MERGE]
+    if "status_info" in data:
+        raise ValidationFailed.field(loc + [STATUS_INFO_MERGE], "cannot be sent with status_info (status_info "
+                                     "replaces the whole object, status_info_merge changes the keys it names): "
+                                     "send one of them")
+    if not isinstance(merge, dict):
+        raise ValidationFailed.field(loc + [STATUS_INFO_MERGE], f"must be an object of strings (a null removes its "
+                                     f"key), got {type(merge).__name__}")
+    bad = [(loc + [STATUS_INFO_MERGE, key], f"must be a string (or null: removes the key), got {type(value).__name__}")
+           for key, value in merge.items() if value is not None and not isinstance(value, str)]
+    if bad:
+        raise ValidationFailed(bad)
+    return merge
+
+
 def _parse_patch(data: Any, loc: list[Any]) -> dict[str, Any]:
+    merge = None
+    if isinstance(data, dict) and STATUS_INFO_MERGE in data:
+        merge = _parse_merge(data, loc)
+        data = {k: v for k, v in data.items() if k != STATUS_INFO_MERGE}
     values = parse_partial(BatchJob, data, UPDATABLE, loc)
     _validate_numbers(values, loc)
-    return _json_values(values)
+    out = _json_values(values)
+    if merge is not None:
+        out[STATUS_INFO_MERGE] = merge
+    return out
+
+
+def _merge_status_info(stored: dict[str, Any], merge: dict[str, Optional[str]]) -> dict[str, Any]:
+    """``stored`` with ``merge`` applied (:data:`STATUS_INFO_MERGE`): a null removes its key."""
+    out = dict(stored or {})
+    for key, value in merge.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def _apply_state_rules(current: dict[int, str], patches: dict[int, dict[str, Any]]) -> None:
@@ -252,8 +296,12 @@ def _update_many(conn: sa.Connection, user_id: int,
     """The updated BatchJobs, and the ids of the launcher credentials revoked because theirs finished
     (for the caller to forget in the credential cache once committed)."""
     ids = list(patches)
+    # Read (and, on PostgreSQL, locked) with the rows below: applied to the stored status_info
+    # under that lock, a merge is atomic with every other writer's update of the row.
+    merges = {bj_id: patch.pop(STATUS_INFO_MERGE) for bj_id, patch in patches.items() if STATUS_INFO_MERGE in patch}
     frozen = [batch_jobs.c[name] for name in FROZEN_AFTER_SUBMISSION]
-    stmt = sa.select(batch_jobs.c.id, batch_jobs.c.state, batch_jobs.c.start_time, *frozen).where(
+    stmt = sa.select(batch_jobs.c.id, batch_jobs.c.state, batch_jobs.c.start_time, batch_jobs.c.status_info,
+                     *frozen).where(
         batch_jobs.c.id.in_(ids), batch_jobs.c.site_id.in_(owned_site_ids(user_id))
     )
     if conn.dialect.name == "postgresql":
@@ -274,6 +322,9 @@ def _update_many(conn: sa.Connection, user_id: int,
     current = {bj_id: row.state for bj_id, row in stored.items()}
     _apply_state_rules(current, patches)
     _keep_earliest_start(stored, patches)
+    for bj_id, merge in merges.items():
+        if merge:
+            patches[bj_id]["status_info"] = _merge_status_info(stored[bj_id].status_info, merge)
     update_rows_by_id(conn, batch_jobs, patches)
     finished = [bj_id for bj_id, values in patches.items()
                 if values.get("state") == BJ.finished.value and current[bj_id] != BJ.finished.value]

@@ -13,13 +13,18 @@ Each cycle (``scheduler.sync_period`` seconds):
    a queued BatchJob marked ``status_info[WITHDRAW_IF_QUEUED]`` only while this cycle's poll shows
    it still waiting (deleted, then pending_deletion); one that started keeps running, its marker
    dropped (see :meth:`SchedulerModule._withdraw_if_queued`; a marker written while the cycle
-   ran is kept by its PATCH, :meth:`SchedulerModule._keep_withdrawals`);
+   ran is kept: the cycle's PATCH changes only the status_info keys it changed, see 5.);
 4. copies queued/running from the scheduler (``start_time``: the scheduler's own start time of
    the job where the poll gives one, ``StatusPoll.start_times``); a BatchJob that left the queue
    is looked up in the scheduler's history (start/end times, final native state) before it is
    declared finished (a lookup that fails leaves it as it is until one answers);
 5. sends all BatchJob changes in one bulk PATCH and updates the Site (``queued_jobs``,
-   ``backfill_windows``; the update also refreshes ``last_refresh``, the "active" flag);
+   ``backfill_windows``; the update also refreshes ``last_refresh``, the "active" flag). A
+   BatchJob's status_info goes as ``status_info_merge`` (docs/rest-api.md), the keys this cycle
+   set or removed and no other (:func:`status_info_merge`): the server applies them under the
+   row's lock, so the keys others wrote since this cycle's read (a launcher's notes, the elastic
+   queue's withdrawal marker) are kept, and none of theirs is put back from this cycle's older
+   copy (the whole status_info sent, a launcher's note written meanwhile was lost or reverted);
 6. keeps the launcher credentials of queued and running BatchJobs alive (each BatchJob's launcher
    gets a site-scoped credential minted before its submission; see
    :mod:`balsam.site.launcher_credentials`).
@@ -60,7 +65,7 @@ from ...scheduler import (
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
 from ...util import NO_ROOM_ERRNOS
-from ..service_client import bulk_patch, chunks, iso_now, list_all, results, utcnow
+from ..service_client import bulk_patch, iso_now, list_all, utcnow
 from ..job_template import (JobTemplateError, PluginHookFailed, ScriptValueRefused, build_context, read_template,
                             render_job_script, template_platform_options)
 from ..launcher_credentials import LauncherCredentials
@@ -281,9 +286,6 @@ SUBMIT_TOKEN = "submit_token"
 #: jobs. ``balsam queue term`` (state pending_deletion) still deletes unconditionally.
 WITHDRAW_IF_QUEUED = "withdraw_if_queued"
 
-#: Most BatchJob ids in one ``GET /batch-jobs/?id=...`` (see SchedulerModule._keep_withdrawals).
-MAX_IDS_PER_GET = 32
-
 #: The start of the error written while the scheduler's status poll keeps failing.
 _STATUS_UNAVAILABLE = "scheduler status unavailable"
 
@@ -329,6 +331,31 @@ def _write_replacing(path: Path, text: str) -> None:
 #: The longest wait between two renderings of a BatchJob whose plugin hook failed (the wait
 #: doubles from ``sync_period`` at each failure).
 HOOK_RETRY_MAX_SEC = 300.0
+
+
+def status_info_merge(stored: Any, wanted: Any) -> dict[str, Optional[str]]:
+    """The ``status_info_merge`` (docs/rest-api.md) that turns ``stored`` (the status_info this
+    cycle read) into ``wanted`` (what this cycle made of it): the keys set or changed, and the keys
+    removed as null. Only those: a key nobody here touched is not sent, so the server keeps the
+    value another writer stored since the read."""
+    stored, wanted = dict(stored or {}), dict(wanted or {})
+    merge: dict[str, Optional[str]] = {key: value for key, value in wanted.items()
+                                       if key not in stored or stored[key] != value}
+    merge.update({key: None for key in stored if key not in wanted})
+    return merge
+
+
+def as_merge(update: dict, stored: Any) -> dict:
+    """``update`` (``{"id": ..., field: value}``, its ``status_info`` the whole object this cycle
+    wants) with its status_info sent as ``status_info_merge`` against ``stored``; no status_info
+    field when this cycle changed no key."""
+    if "status_info" not in update:
+        return update
+    out = {k: v for k, v in update.items() if k != "status_info"}
+    merge = status_info_merge(stored, update["status_info"])
+    if merge:
+        out["status_info_merge"] = merge
+    return out
 
 
 class _RepeatLog:
@@ -670,10 +697,13 @@ class SchedulerModule(AgentModule):
 
         try:
             if updates:
-                self._keep_withdrawals(batch_jobs, updates)
-                refused = bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
+                # batch_job["status_info"]: this module's copy of what the server holds (read at the
+                # cycle's start, replaced, never changed in place, where a token was stored since).
+                by_id = {b["id"]: b for b in batch_jobs}
+                sent = [as_merge(u, by_id[i].get("status_info")) for i, u in updates.items()]
+                refused = bulk_patch(self.client, "/batch-jobs/", [u for u in sent if len(u) > 1])
                 if refused:
-                    self._record_refusals(refused, {b["id"]: b for b in batch_jobs})
+                    self._record_refusals(refused, by_id)
                 self._revoke_unused_credentials(updates, {update["id"] for update, _ in refused})
             if self.logger.isEnabledFor(logging.DEBUG):
                 self.logger.debug(
@@ -688,30 +718,6 @@ class SchedulerModule(AgentModule):
             # ends a running launcher's work (its renewal call has its own error handling).
             self._keep_launcher_credentials(batch_jobs, updates)
         return None
-
-    def _keep_withdrawals(self, batch_jobs: list[dict], updates: dict[int, dict]) -> None:
-        """Carry a ``status_info[WITHDRAW_IF_QUEUED]`` written since this cycle read its BatchJobs
-        into the updates that replace their status_info. The elastic queue marks its requests
-        between this module's read and its PATCH (seconds of scheduler commands): the status_info
-        written from the copy read before replaced the marker, and the withdrawal was lost until the
-        elastic queue asked again. One bulk GET of those BatchJobs (:data:`MAX_IDS_PER_GET` ids a
-        request), only in a cycle that rewrites a status_info without the marker."""
-        read = {b["id"]: b for b in batch_jobs}
-        ids = [i for i, u in updates.items() if "status_info" in u
-               and WITHDRAW_IF_QUEUED not in (read.get(i, {}).get("status_info") or {})
-               and WITHDRAW_IF_QUEUED not in u["status_info"]]
-        for chunk in chunks(ids, MAX_IDS_PER_GET):
-            try:
-                rows = results(self.client.get("/batch-jobs/", params={"id": list(chunk), "limit": len(chunk)}))
-            except Exception as exc:  # the PATCH goes on as before: the elastic queue asks again
-                self.logger.warning("reading BatchJobs %s again for withdrawals failed: %s", list(chunk),
-                                    clean_text(exc, 300))
-                return
-            for row in rows:
-                marker = (row.get("status_info") or {}).get(WITHDRAW_IF_QUEUED)
-                if marker is not None and int(row["id"]) in updates:
-                    updates[int(row["id"])]["status_info"] = {**updates[int(row["id"])]["status_info"],
-                                                              WITHDRAW_IF_QUEUED: marker}
 
     def _revoke_unused_credentials(self, updates: dict[int, dict], refused: "set[int]") -> None:
         """The credentials of BatchJobs that went submit_failed this cycle are revoked, unless a
@@ -754,7 +760,8 @@ class SchedulerModule(AgentModule):
             batch_job = by_id.get(update["id"], {"id": update["id"]})
             note: dict = {}
             self._error(note, batch_job, f"the API refused this BatchJob's update: {clean_text(str(error), 500)}")
-            notes.append({"id": update["id"], "status_info": note["status_info"]})
+            notes.append(as_merge({"id": update["id"], "status_info": note["status_info"]},
+                                  batch_job.get("status_info")))
         bulk_patch(self.client, "/batch-jobs/", notes)
 
     def _poll(self) -> tuple[Optional[dict], Optional[str]]:
@@ -1584,7 +1591,8 @@ class SchedulerModule(AgentModule):
             return
         infos = {b["id"]: {**(b.get("status_info") or {}), SUBMIT_TOKEN: uuid.uuid4().hex} for b in candidates}
         try:
-            refused = bulk_patch(self.client, "/batch-jobs/", [{"id": i, "status_info": v} for i, v in infos.items()])
+            refused = bulk_patch(self.client, "/batch-jobs/", [{"id": i, "status_info_merge": {SUBMIT_TOKEN: v[SUBMIT_TOKEN]}}
+                                                               for i, v in infos.items()])
         except Exception as exc:
             refused = [({"id": i}, exc) for i in infos]
         errors = {update["id"]: error for update, error in refused}
@@ -1616,7 +1624,7 @@ class SchedulerModule(AgentModule):
         token = uuid.uuid4().hex
         info[SUBMIT_TOKEN] = token
         try:
-            refused = bulk_patch(self.client, "/batch-jobs/", [{"id": batch_job["id"], "status_info": info}])
+            refused = bulk_patch(self.client, "/batch-jobs/", [{"id": batch_job["id"], "status_info_merge": {SUBMIT_TOKEN: token}}])
         except Exception as exc:
             refused = [({}, exc)]
         if refused:
