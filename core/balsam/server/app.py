@@ -34,7 +34,7 @@ from .acquire_notify import WakeBridge, supports_notify
 from .acquire_waits import AcquireWaits
 from .auth import CredentialCache, LoginThrottle
 from .db import create_db_engine, write_tx
-from .errors import APIError, Conflict
+from .errors import APIError, database_refusal, refusal_answer
 from .http import JSONResponse, error_response
 from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, transfers
 from .routing import Ctx, route
@@ -79,8 +79,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _integrity_error(request: Request, exc: Exception) -> Response:
-    logger.warning("Integrity error on %s %s: %s", request.method, request.url.path, exc)
-    return error_response(Conflict(f"The change conflicts with existing data: {str(exc.orig).splitlines()[0]}"))
+    """A refusal of the database no route wrapped (errors.refusals_answered): answered as that
+    would answer it, one line naming the record, never the DBAPI's text (which goes to the log)."""
+    assert isinstance(exc, sa.exc.IntegrityError)
+    refusal = database_refusal(exc)
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    logger.warning("Integrity error on %s %s (%s): %s", request.method, request.url.path, refusal.kind,
+                   text.splitlines()[0] if text else type(exc).__name__)
+    return error_response(refusal_answer(refusal))
 
 
 async def _data_error(request: Request, exc: Exception) -> Response:

@@ -232,7 +232,7 @@ from balsam.states import BatchJobState, JobState
 
 from .db import id_in, ids_in_param, ids_param, write_tx
 from .errors import NotFound, ValidationFailed
-from .http import INT64_MAX, INT64_MIN, check_int_fields, is_json_int, wire_datetime
+from .http import INT64_MAX, INT64_MIN, MAX_TAG_FILTERS, check_int_fields, is_json_int, wire_datetime
 from .jobs_logic import (
     BATCH_JOB_ENDED_MSG, JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, owned_sites_clause, owner_params, set_states, site_owned_by,
     utcnow,
@@ -637,6 +637,9 @@ def parse_acquire(payload: Any) -> SessionAcquire:
                       "app_ids": spec.app_ids}, ["max_wall_time_min", "max_nodes_per_job", "app_ids"], ["body"])
     if not 1 <= spec.max_num_jobs <= MAX_JOBS_PER_SESSION_ACQUIRE:
         raise ValidationFailed.field(["body", "max_num_jobs"], f"must be between 1 and {MAX_JOBS_PER_SESSION_ACQUIRE}, got {spec.max_num_jobs}")
+    if len(spec.filter_tags) > MAX_TAG_FILTERS:
+        # One clause each, as the listings' tags= (http.MAX_TAG_FILTERS): some 500 were a 503 on SQLite.
+        raise ValidationFailed.field(["body", "filter_tags"], f"at most {MAX_TAG_FILTERS} tags, got {len(spec.filter_tags)}")
     if spec.sort_by not in SORT_BY_CHOICES:
         raise ValidationFailed.field(["body", "sort_by"], f"expected null or 'long_large_first', got {spec.sort_by!r}")
     if spec.max_aggregate_nodes is not None and spec.max_aggregate_nodes < 0:

@@ -35,7 +35,7 @@ from ..auth import (AuthUser, authenticate_password, client_address, issue_crede
                     revoke_credentials)
 from ..db import count_and_page, read_tx, write_tx
 from ..errors import APIError, NotFound, Unauthorized, ValidationFailed
-from ..http import ID_AFTER, QueryParams, json_response
+from ..http import ID_AFTER, MAX_TAG_FILTERS, QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
 from ..routes.events import EV_FIELDS, events_select
 from ..routing import PUBLIC_BODY_LIMIT_BYTES, Ctx, read_body, route
@@ -207,9 +207,6 @@ class View:
 
 
 _TAG_SEPARATORS = re.compile(r"[\s,]")
-#: The most tags a page filters by. Each is one clause of the query: some 500 made SQLite refuse the
-#: statement ("Expression tree is too large"), which the pages answered as a database outage (503).
-MAX_TAG_FILTERS = 100
 
 
 def split_tags(text: str) -> list[str]:

@@ -13,6 +13,8 @@ from urllib.parse import parse_qs
 import sqlalchemy as sa
 from starlette.responses import Response
 
+from balsam.states import BatchJobState
+
 from ..auth import (
     CREDENTIAL_KINDS,
     client_address,
@@ -287,10 +289,22 @@ def create_credential(ctx: Ctx) -> Response:
     with refusals_answered(gone), ctx.write() as conn:
         if conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(user.id))).first() is None:
             raise NotFound(f"Site {site_id} not found")
-        if bj_id is not None and conn.execute(
-            sa.select(batch_jobs.c.id).where(batch_jobs.c.id == bj_id, batch_jobs.c.site_id == site_id)
-        ).first() is None:
-            raise NotFound(f"BatchJob {bj_id} not found at site {site_id}")
+        if bj_id is not None:
+            # The BatchJob held FOR SHARE (PostgreSQL; SQLite runs one write transaction at a
+            # time) before the credential is inserted, BatchJobs first in the lock order
+            # (sessions_logic): its finish (FOR NO KEY UPDATE, then the revoke of its launcher
+            # credentials) waits for this create and revokes the new credential too, or this
+            # create waits for the finish and reads it. Read unlocked, a finish committed between
+            # the read and the INSERT left a live credential for a finished BatchJob.
+            bj = sa.select(batch_jobs.c.state).where(batch_jobs.c.id == bj_id, batch_jobs.c.site_id == site_id,
+                                                     batch_jobs.c.site_id.in_(sa.select(sites.c.id).where(site_owned_by(user.id))))
+            if conn.dialect.name == "postgresql":
+                bj = bj.with_for_update(read=True, of=batch_jobs)
+            state = conn.execute(bj).scalar()
+            if state is None:
+                raise NotFound(f"BatchJob {bj_id} not found at site {site_id}")
+            if state == BatchJobState.finished.value:
+                raise Conflict(f"BatchJob {bj_id} has finished: its launcher credentials are revoked, and no new one is issued")
         label = data.get("label") or (f"launcher of BatchJob {bj_id}" if bj_id else f"launcher at site {site_id}")
         cred_id, expires, _ = issue_credential(conn, user.id, "launcher", label, data["ttl_sec"], site_id=site_id,
                                                batch_job_id=bj_id)
