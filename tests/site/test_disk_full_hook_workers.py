@@ -13,6 +13,12 @@ disk is full").
 - "job workdirs can be prepared again" (INFO) came on any result of a job given back: one whose
   workdir then failed for another reason said the disk had room. Now it comes once the workdirs of
   those given back are made.
+- No-room results harvested by ``close()``: their jobs stay STAGED_IN, released with the session,
+  nothing with the mark sent (checked on a copy without close()'s harvest taking them: FAILED); the
+  WARNING promising retries "every 10 s until there is room" came just before "stopping: ... are
+  released": now a DEBUG line. A dead agent's ``not_made`` result goes with its mark taken off.
+- The hold's WARNING told of statvfs(data_path), not of the file system where the workdir failed
+  (a tmpfs without a free inode read 'data has 82 GB free'): now that one, bytes and inodes free.
 
 Real components: a real API server, the real hook workers, and a real full tmpfs (no free inode: no
 workdir can be made in it; mounted as root, else those tests are skipped, as in tests/launcher).
@@ -20,6 +26,7 @@ workdir can be made in it; mounted as root, else those tests are skipped, as in 
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import socket
@@ -124,20 +131,6 @@ def _jobs(app: Any, workdirs: list[str]) -> list[int]:
     return [j.id for j in Job.objects.bulk_create([Job(w, app) for w in workdirs])]
 
 
-def test_a_hook_that_sets_the_no_room_text_itself_fails(module: Any, client: Any,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Before: held as if its workdir had no room, tried again for ever, never FAILED."""
-    site, mod = module
-    monkeypatch.setattr(processing, "NO_ROOM_RETRY_SEC", 0.0)  # held jobs tried again at every cycle
-    app = _hook_app(site.site_id, "SaysNoRoom", LOOKALIKE_ERROR)
-    ids = _jobs(app, ["mine/0", "mine/1"])
-    process_until(mod, lambda: set(_states(client, ids).values()) == {"FAILED"}, "FAILED (before: held, tried "
-                  "again at every cycle)", timeout=15)
-    assert not mod.no_room
-    failed = [e for e in events(client, job_id=ids) if e["to_state"] == "FAILED"]
-    assert len(failed) == 2 and all(LOOKALIKE_ERROR in str(e["data"]) for e in failed), failed
-
-
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Every update queued on a status updater (the module's, its replay of a dead agent's results)."""
@@ -164,10 +157,12 @@ def test_a_dead_agents_no_room_result_is_not_sent(module: Any, full_dir: FullTmp
 
     site, mod = module
     app = _hook_app(site.site_id, "DeadAgents")
-    no_room, done = _jobs(app, ["full/0", "ok/0"])
+    # not_made: a workdir that fails otherwise (its parent a file: ENOTDIR), marked WORKDIR_NOT_MADE.
+    (Path(site.data_path) / "afile").write_text("a file where the workdir's parent should be\n")
+    no_room, done, not_made = _jobs(app, ["full/0", "ok/0", "afile/0"])
     lease = JobLease(client, site.site_id, states=PROCESSABLE_STATES, name="processing session", heartbeat_thread=False)
     jobs = lease.acquire(10)
-    assert sorted(j["id"] for j in jobs) == sorted([no_room, done])
+    assert sorted(j["id"] for j in jobs) == sorted([no_room, done, not_made])
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid is gone: an agent of this host that certainly died
     name = f"{socket.gethostname()}-{dead.pid}-{time.time_ns()}"
@@ -180,9 +175,16 @@ def test_a_dead_agents_no_room_result_is_not_sent(module: Any, full_dir: FullTmp
     hooks_runner.run_hooks(record, sorted(jobs, key=lambda j: j["id"]), False, str(site.data_path),
                            results_path=str(folder / f"0-s{lease.session_id}.jsonl"))
     process_until(mod, lambda: _states(client, [done])[done] == "PREPROCESSED" and len(mod.no_room) == 1
+                  and _states(client, [not_made])[not_made] == "FAILED"
                   or _states(client, [no_room])[no_room] == "FAILED", "the results of the dead agent", timeout=30)
-    assert _states(client, [no_room, done]) == {no_room: "STAGED_IN", done: "PREPROCESSED"}
+    assert _states(client, [no_room, done, not_made]) == {no_room: "STAGED_IN", done: "PREPROCESSED",
+                                                          not_made: "FAILED"}
     assert [j["id"] for j in mod.no_room] == [no_room]
+    # The not_made result went with its mark taken off (with it, the server refused the PATCH, 422,
+    # and the job was FAILED for that refusal, its reason lost), as the worker's reason.
+    failed = [e for e in events(client, job_id=[not_made]) if e["to_state"] == "FAILED"]
+    assert len(failed) == 1 and "Not a directory" in str(failed[0]["data"]), failed
+    assert "refused" not in str(failed[0]["data"]), failed
     assert not [u for u in sent if hooks_runner.WORKDIR_KEY in u], sent
 
 
@@ -192,23 +194,40 @@ def test_a_full_tmpfs_gives_hook_jobs_back_also_between_cycles(
     """Workdirs in a real full tmpfs, made by the hook worker (a preprocess of the app's own): given
     back, none FAILED, whichever harvest took their results (one job a chunk, one worker: most are
     harvested while the module feeds the queued ones between cycles, where before they were sent as
-    FAILED); then preprocessed once the tmpfs has room, with one INFO."""
+    FAILED); then preprocessed once the tmpfs has room, with one INFO. The WARNING names the tmpfs,
+    with its bytes and inodes free.
+
+    Among them, a hook that sets balsam's no-room text on its own job's FAILED: FAILED as any failing
+    hook (before: held as if its workdir had no room, tried again for ever, never FAILED)."""
     site, mod = module
     monkeypatch.setattr(processing, "WORKER_CHUNK", 1)
     monkeypatch.setattr(processing, "NO_ROOM_RETRY_SEC", 3600.0)  # held until the test makes room
     app = _hook_app(site.site_id, "HookInFull")
-    ids = _jobs(app, [f"full/{i}" for i in range(6)])
+    says_no_room = _hook_app(site.site_id, "SaysNoRoom", LOOKALIKE_ERROR)
+    ids = _jobs(app, [f"full/{i}" for i in range(4)])
+    own = _jobs(says_no_room, ["mine/0", "mine/1"])
+
+    def own_settled() -> int:
+        return sum(state != "STAGED_IN" for state in _states(client, own).values())
+
     with caplog.at_level(logging.INFO):
-        process_until(mod, lambda: len(mod.no_room) == 6 or "FAILED" in _states(client, ids).values(),
-                      "the 6 jobs given back", timeout=30)
+        process_until(mod, lambda: len(mod.no_room) + own_settled() == 6 or "FAILED" in _states(client, ids).values(),
+                      "the 4 jobs given back, the 2 others FAILED", timeout=30)
         assert _states(client, ids) == {i: "STAGED_IN" for i in ids}, "given back, not FAILED"
+        assert _states(client, own) == {i: "FAILED" for i in own}, "a hook's own error: FAILED, not held"
+        assert sorted(j["id"] for j in mod.no_room) == sorted(ids)
+        failed = [e for e in events(client, job_id=own) if e["to_state"] == "FAILED"]
+        assert len(failed) == 2 and all(LOOKALIKE_ERROR in str(e["data"]) for e in failed), failed
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1 and "[Errno 28]" in warnings[0], warnings
+        # The file system whose room is wanting, the tmpfs (before: the data directory's, with its
+        # bytes free only: 'data has 82 GB free').
+        assert f"; {full_dir.path} has " in warnings[0] and " bytes free and 0 inodes free:" in warnings[0], warnings
 
         full_dir.make_room()
         mod._no_room_retry_at = 0.0  # due now
         process_until(mod, lambda: set(_states(client, ids).values()) == {"PREPROCESSED"}, "PREPROCESSED", timeout=30)
-    assert all((full_dir.path / str(i) / "job.out").exists() for i in range(6))
+    assert all((full_dir.path / str(i) / "job.out").exists() for i in range(4))
     assert sum("can be prepared again" in r.getMessage() for r in caplog.records) == 1
     assert not mod.no_room
 
@@ -258,3 +277,32 @@ def test_room_again_is_said_only_once_a_workdir_is_made(
     assert sum("can be prepared again" in r.getMessage() for r in caplog.records) == 1
     assert sorted(u["id"] for u in sent) == sorted(ids + more)
     assert not [u for u in sent if hooks_runner.WORKDIR_KEY in u], sent
+
+
+def test_no_room_results_harvested_at_stop_are_released_not_sent(
+        module: Any, full_dir: FullTmpfs, client: Any, sent: list[dict], caplog: pytest.LogCaptureFixture) -> None:
+    """Hook workers' no-room results harvested by ``close()`` (the module stops with them in): their
+    jobs stay STAGED_IN and are released with the session (another session acquires them), nothing
+    with the mark is sent, and no WARNING promises retries of a module that is stopping (before, the
+    WARNING said "tried again every 10 s until there is room", then "stopping: ... are released")."""
+    from balsam.client.lease import JobLease
+    from balsam.states import PROCESSABLE_STATES
+
+    site, mod = module
+    app = _hook_app(site.site_id, "StopsFull")
+    ids = _jobs(app, ["full/0", "full/1"])
+    process_until(mod, lambda: mod.in_flight(), "the hooks handed to a worker", timeout=20)
+    with caplog.at_level(logging.DEBUG):
+        # Their results in, not yet harvested (no cycle runs): close() harvests them.
+        concurrent.futures.wait(list(mod.pending), timeout=30)
+        mod.close()
+    assert _states(client, ids) == {i: "STAGED_IN" for i in ids}
+    assert not [u for u in sent if u.get("id") in ids], sent
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("balsam")]
+    assert not [m for level, m in logged if level >= logging.WARNING], logged
+    assert (logging.INFO, f"stopping: 2 jobs held for want of room in {site.data_path} are released") in logged
+    lease = JobLease(client, site.site_id, states=PROCESSABLE_STATES, name="the next agent", heartbeat_thread=False)
+    try:
+        assert sorted(j["id"] for j in lease.acquire(10)) == sorted(ids)
+    finally:
+        lease.close()

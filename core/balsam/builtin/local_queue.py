@@ -23,6 +23,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,13 @@ class QueueError(Exception):
     """A request the queue refuses (unknown job id, missing script)."""
 
 
-class QueueStorageError(QueueError):
+class QueueTransientError(QueueError):
+    """A failure that may pass (the lock held too long by another queue command, a state directory
+    that cannot be reached or used now): exit status 1, a try the local scheduler counts (3, then
+    the BatchJob is submit_failed), not 2, a refusal for good (submit_failed on the first)."""
+
+
+class QueueStorageError(QueueTransientError):
     """The state directory cannot be written (full, over quota, read-only): exit status
     :data:`EXIT_NO_ROOM` for a full or over-quota disk (``no_room``), which the site agent waits out
     (docs/reliability.md, "When the disk is full"), else 1, not 2 (a refusal for good): tried again
@@ -152,11 +159,14 @@ class QueueLock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except OSError as exc:
+                    # Both pass (ENOLCK: the lock server of an NFS mount; a long delete or submit
+                    # holding it): exit status 1, a try, where 2 made a submit_failed BatchJob of
+                    # a first try.
                     if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise QueueError(f"cannot lock {self.path}: {exc.strerror}") from None
+                        raise QueueTransientError(f"cannot lock {self.path}: {exc.strerror}") from None
                     if time.monotonic() >= deadline:
-                        raise QueueError(f"{self.path} is held by another queue command for more than "
-                                         f"{self.timeout:g} s") from None
+                        raise QueueTransientError(f"{self.path} is held by another queue command for more than "
+                                                  f"{self.timeout:g} s") from None
                     time.sleep(0.05)
         except BaseException:
             os.close(fd)
@@ -183,6 +193,8 @@ class LocalQueue:
             self._make_dirs()
 
     def _make_dirs(self) -> None:
+        if not os.path.isdir(self.state_dir):
+            self._check_absent()  # a dangling symlink, a file: its own line (mkdir said "File exists")
         for folder in (self.state_dir, self.state_dir / "jobs"):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -195,8 +207,102 @@ class LocalQueue:
         """Neither a lock file nor records (no state directory, or an empty one): no queue command
         took the lock here yet, so nothing was submitted, and a command that only reads answers so
         without the lock, whose file it would have to make. Asked without the lock: a submit takes
-        the lock before it writes jobs.json, and neither file goes away once there."""
-        return not self.lock.path.exists() and not self.db_path.exists()
+        the lock before it writes jobs.json, and neither file goes away once there.
+
+        Only a directory that truly is not there, or is there and empty, is fresh: a state directory
+        reached through a dangling symlink (scratch or NFS not mounted, a symlinked $BALSAM_HOME)
+        or a path that is no directory answered "no jobs" (Path.exists is False for those too), and
+        the agent ended the BatchJobs of launchers still running (QueueTransientError, exit 1)."""
+        try:
+            st = os.stat(self.state_dir)
+        except FileNotFoundError:
+            self._check_absent()
+            return True
+        except OSError as exc:  # ENOTDIR (a component is a file), ELOOP, EACCES: one line, exit 1
+            raise QueueTransientError(f"cannot use the state directory {self.state_dir}: "
+                                      f"{exc.strerror or exc}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise QueueTransientError(f"the state directory {self.state_dir} is not a directory")
+        for name in (self.lock.path.name, self.db_path.name):
+            try:
+                os.lstat(self.state_dir / name)
+                return False
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise QueueTransientError(f"cannot use {self.state_dir / name}: {exc.strerror or exc}") from None
+        self._check_no_jobs_left()
+        return True
+
+    def _check_absent(self) -> None:
+        """``state_dir`` (not found by stat) is absent, not behind a dangling symlink: the nearest
+        of it and its parents that exists (lstat) must be a directory as stat sees it."""
+        for path in (self.state_dir, *self.state_dir.parents):
+            link = False  # lstat found nothing (FileNotFoundError): look further up
+            try:
+                link = stat.S_ISLNK(os.lstat(path).st_mode)
+                st = os.stat(path)
+            except FileNotFoundError:
+                if not link:
+                    continue
+                # A symlink whose target is gone: scratch or NFS not mounted, $BALSAM_HOME's target
+                # moved. Made afresh here, its jobs would be lost to the agent's polls.
+                raise QueueTransientError(
+                    f"the state directory {self.state_dir} is not reachable: {path} is a symlink to "
+                    f"{os.readlink(path)!r} (No such file or directory): not mounted?") from None
+            except OSError as exc:  # ELOOP, EACCES: one line
+                raise QueueTransientError(f"cannot use the state directory {self.state_dir}: "
+                                          f"{path}: {exc.strerror or exc}") from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise QueueTransientError(f"the state directory {self.state_dir} cannot be made: "
+                                          f"{path} is not a directory")
+            return
+
+    def _check_no_jobs_left(self) -> None:
+        """A state directory without records whose jobs are still there: their files in ``jobs``
+        (an exit status, "never started") or a wrapper still running one. jobs.json and its lock
+        deleted while a job ran answered "no jobs" (rc 0), and the agent ended the BatchJob of a
+        launcher still running. One line (QueueTransientError, exit 1), naming what is left."""
+        jobs_dir = self.state_dir / "jobs"
+        try:
+            names = os.listdir(jobs_dir)
+        except FileNotFoundError:
+            # No submit made it (it makes jobs/ before it takes the lock): nothing ran from here,
+            # and no look at the processes on each poll of a directory that was never used.
+            return
+        except OSError as exc:
+            raise QueueTransientError(f"cannot list {jobs_dir}: {exc.strerror or exc}") from None
+        left = sorted(name for name in names if name.partition(".")[2] in _JOB_FILE_ENDINGS)
+        alive = [] if left else self._live_wrappers()
+        if left or alive:
+            what = (f"{len(left)} job files in {jobs_dir} ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})"
+                    if left else f"the wrapper of job {alive[0][0]} (pid {alive[0][1]}) still runs")
+            raise QueueTransientError(
+                f"{self.db_path} and its lock are missing but {what}: the records were deleted; "
+                f"restore them, or end those jobs and move {self.state_dir} aside")
+
+    def _live_wrappers(self) -> list[tuple[int, int]]:
+        """(job id, pid) of the wrappers (_WRAPPER, named balsam-local-<id>) still running a job of
+        this state directory, as their BALSAM_LOCAL_EXIT_FILE tells. Read only where the records are
+        missing (rare): psutil and a look at every process of this user."""
+        import psutil
+
+        jobs_dir = os.path.realpath(self.state_dir / "jobs")
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info.get("cmdline") or []
+            if len(cmdline) < 4 or cmdline[1] != "-c" or not cmdline[3].startswith("balsam-local-"):
+                continue
+            try:
+                exit_file = proc.environ().get("BALSAM_LOCAL_EXIT_FILE", "")
+                if exit_file and not os.path.isabs(exit_file):
+                    exit_file = os.path.join(proc.cwd(), exit_file)  # where the wrapper writes it
+            except (psutil.Error, OSError):
+                continue  # ended since, or another user's
+            key = cmdline[3][len("balsam-local-"):]
+            if exit_file and os.path.realpath(os.path.dirname(exit_file)) == jobs_dir and key.isdecimal():
+                found.append((int(key), proc.pid))
+        return sorted(found)
 
     # -- records --------------------------------------------------------------------------------
     def _read(self) -> dict[str, Any]:
@@ -642,6 +748,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except QueueStorageError as exc:
         print(f"local queue: {exc}", file=sys.stderr)
         return EXIT_NO_ROOM if exc.no_room else 1
+    except QueueTransientError as exc:
+        print(f"local queue: {exc}", file=sys.stderr)
+        return 1
     except QueueError as exc:
         print(f"local queue: {exc}", file=sys.stderr)
         return 2

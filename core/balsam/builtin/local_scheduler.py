@@ -77,7 +77,10 @@ class LocalScheduler(Scheduler):
         options: Any = None,
     ) -> None:
         super().__init__(runner, user=user, options=options)
-        self.state_dir = Path(state_dir).expanduser().resolve() if state_dir else default_state_dir()
+        # absolute(), not resolve(): a symlink followed once here, at the agent's start, would turn a
+        # link whose target later goes away (an unmounted scratch area) into a plain missing
+        # directory, which the local queue answers as "no jobs yet" (its running jobs taken as gone).
+        self.state_dir = Path(state_dir).expanduser().absolute() if state_dir else default_state_dir()
 
     def _queue_command(self, *args: str, cwd: Optional[Path] = None) -> Command:
         return Command(

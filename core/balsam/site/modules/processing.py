@@ -192,6 +192,21 @@ NO_ROOM_RETRY_SEC = 10.0
 NO_WORKDIR_STATES: frozenset[JobState] = PROCESSABLE_STATES - {JobState.staged_in}
 
 
+def _room_where(workdir: Path) -> tuple[Path, str]:
+    """The file system where ``workdir`` could not be made: its nearest existing directory (itself,
+    if it was a file in it that failed), and the bytes and inodes free there. statvfs(data_path)
+    told of another file system where the workdir's (a tmpfs, a quota'd project directory mounted
+    below data) had no free inode: 'data has 82 GB free'."""
+    where = workdir
+    while not os.path.isdir(where) and where != where.parent:  # os.path: False, not raised, on EACCES
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+    except OSError as exc:
+        return where, f"free space unknown: {exc}"
+    return where, f"{st.f_bavail * st.f_frsize} bytes free and {st.f_favail} inodes free"
+
+
 #: The agent's end of the "agent alive" pipe, and the process it belongs to (see :func:`_agent_alive`).
 _alive_pipe: Optional[tuple[Connection, Connection, int]] = None
 _alive_lock = threading.Lock()
@@ -390,6 +405,8 @@ class ProcessingModule(AgentModule):
         #: ``_no_room_since``: when the first was held (None: the disk has room as far as we know,
         #: or nothing given back is left to tell: see _room_again).
         self.no_room: list[dict] = []
+        #: close() has begun: a job given back now is released with the session, not tried again.
+        self._stopping = False
         self._no_room_retry_at = 0.0
         self._no_room_since: Optional[float] = None
         self._no_room_ids: set[int] = set()
@@ -559,16 +576,16 @@ class ProcessingModule(AgentModule):
         self._no_room_ids.add(job["id"])
         if not self._no_room_retry_at:
             self._no_room_retry_at = time.monotonic() + NO_ROOM_RETRY_SEC
-        if self._no_room_since is None:
+        if self._stopping:
+            # A result harvested while the module stops: released with the session below ("stopping:
+            # N jobs held ... are released"), never tried again here (a WARNING promised retries).
+            self.logger.debug("job %s given back for want of room while stopping (released): %s", job["id"], error)
+        elif self._no_room_since is None:
             self._no_room_since = time.monotonic()
-            try:
-                st = os.statvfs(self.data_path)
-                room = f"{st.f_bavail * st.f_frsize} bytes free"
-            except OSError as exc:
-                room = f"free space unknown: {exc}"
+            where, room = _room_where(self.data_path / job["workdir"])
             self.logger.warning("job %s: %s; %s has %s: the jobs whose workdirs cannot be prepared are given back, "
                                 "not FAILED, and tried again every %g s until there is room", job["id"], error,
-                                self.data_path, room, NO_ROOM_RETRY_SEC)
+                                where, room, NO_ROOM_RETRY_SEC)
         else:
             self.logger.debug("job %s given back for want of room: %s", job["id"], error)
 
@@ -1375,6 +1392,7 @@ class ProcessingModule(AgentModule):
 
     def close(self) -> None:
         began = time.monotonic()
+        self._stopping = True  # the jobs given back from here on are released, not tried again
         pools = [pool for pool in (self.pool, self.isolation_pool) if pool is not None]
         # Taken now: shutdown(wait=False) forgets a pool's processes (Python 3.11 sets ``_processes``
         # to None), and the hung hooks' workers, never ended, ran on beside the next agent's run of
