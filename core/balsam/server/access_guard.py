@@ -18,19 +18,49 @@ from balsam.netnames import is_loopback_host
 _TARGET_WITH_QUERY = re.compile(r'(/[^\s?"]*)\?([^\s"]*)')
 #: The last path segment of the dashboard's one-time login link (``/dashboard/ticket?t=<ticket>``).
 _SECRET_QUERY_SEGMENT = "ticket"
-#: Query parameters whose values are credentials, on any path (compared decoded, case-blind). No
+#: Query parameters whose values are credentials, on any path (compared decoded, case-blind, with
+#: ``_`` and ``-`` left out: ``accessToken``, ``api-key``, ``Access%5FToken`` are these names). No
 #: route reads a credential from the query (tokens go in ``Authorization``, passwords and refresh
 #: codes in the body), so such a request is refused (401, 422), but uvicorn logged its target
 #: first: a client that put its token (``?access_token=...``, as some OAuth2 clients do), its
 #: password or its refresh code there left a working secret in the log for whoever reads it.
 SECRET_QUERY_NAMES = frozenset({
-    "access_token", "refresh_token", "id_token", "token", "password", "passwd", "client_secret", "secret",
-    "invitation", "api_key", "apikey", "authorization",
+    "accesstoken", "refreshtoken", "idtoken", "token", "password", "passwd", "clientsecret", "secret",
+    "invitation", "apikey", "authorization",
 })
+#: How many times a parameter's value is decoded looking for a secret inside it (a value encoded
+#: twice, inside a ``next`` that is itself inside one).
+_NESTED_DEPTH = 3
 
 
 def _redacted(part: str) -> str:
     return part.split("=", 1)[0] + "=[redacted]" if "=" in part else "[redacted]" if part else part
+
+
+def _secret_name(name: str) -> bool:
+    """Whether a (possibly encoded) query parameter name is one of :data:`SECRET_QUERY_NAMES`."""
+    plain = unquote(name.replace("+", " ")).strip().lower()
+    return plain.replace("_", "").replace("-", "") in SECRET_QUERY_NAMES
+
+
+def _carries_secret(part: str, depth: int = _NESTED_DEPTH) -> bool:
+    """Whether a query parameter (``name=value``) is a secret, or its value, decoded, is a request
+    target or query that carries one: the dashboard's login redirect copies the whole target it
+    was sent (``/dashboard/login?next=%2Fjobs%3Faccess_token%3D...``, or a one-time login link)."""
+    name, _eq, value = part.partition("=")
+    return _secret_name(name) or (bool(value) and _value_carries_secret(value, depth))
+
+
+def _value_carries_secret(value: str, depth: int) -> bool:
+    if depth == 0:
+        return False
+    inner = unquote(value.replace("+", " "))
+    path, mark, query = inner.partition("?")
+    if mark and unquote(path).rstrip("/").rsplit("/", 1)[-1] == _SECRET_QUERY_SEGMENT:
+        return True
+    if any(_carries_secret(p, depth - 1) for p in (query if mark else inner).split("&") if "=" in p):
+        return True
+    return inner != value and _value_carries_secret(inner, depth - 1)  # encoded once more
 
 
 def redact_request_targets(text: str) -> str:
@@ -38,15 +68,16 @@ def redact_request_targets(text: str) -> str:
     one-time login links (whoever reads the log within the ticket's two minutes could log in with
     one not yet redeemed; the path is compared decoded, ``/dashboard/%74icket`` is routed as
     ``/dashboard/ticket``, and every value goes, whatever its possibly encoded name), and on any
-    path the values of :data:`SECRET_QUERY_NAMES` (names compared decoded and case-blind)."""
+    path the values of :data:`SECRET_QUERY_NAMES` (names compared decoded, case-blind, ``_`` and
+    ``-`` left out) and the values that carry such a parameter or login link inside them
+    (``next=%2Fjobs%2F%3Faccess_token%3D...``)."""
 
     def redact(match: "re.Match[str]") -> str:
         path, query = match.group(1), match.group(2)
         if unquote(path).rstrip("/").rsplit("/", 1)[-1] == _SECRET_QUERY_SEGMENT:
             return f"{path}?{'&'.join(_redacted(part) for part in query.split('&'))}"
         parts = query.split("&")
-        secret = [unquote(part.split("=", 1)[0].replace("+", " ")).strip().lower() in SECRET_QUERY_NAMES
-                  for part in parts]
+        secret = [_carries_secret(part) for part in parts]
         if not any(secret):
             return match.group(0)
         return f"{path}?{'&'.join(_redacted(p) if s else p for p, s in zip(parts, secret))}"

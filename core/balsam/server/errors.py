@@ -172,6 +172,9 @@ ROW_NAMES = {"sites": "Site", "apps": "App", "batch_jobs": "BatchJob", "sessions
 _FK_ROW_NAMES = {"fk_job_parents_parent_id_jobs": "Parent job"}
 _PG_NOT_PRESENT = re.compile(r'Key \(([^)]*)\)=\(([^)]*)\) is not present in table "([^"]+)"')
 _PG_REFERENCED = re.compile(r'Key \(([^)]*)\)=\(([^)]*)\) is still referenced from table "([^"]+)"')
+#: The referenced (parent) table of a "still referenced" error: PostgreSQL's own sets the error's
+#: table field to the *referencing* one (the 0007 triggers set it to the parent), the message names both.
+_PG_REFERENCED_PARENT = re.compile(r'^update or delete on table "([^"]+)"')
 _PG_EXISTS = re.compile(r'Key \(([^)]*)\)=\((.*)\) already exists')
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.+)")
 _SQLITE_NOT_NULL = re.compile(r"NOT NULL constraint failed: (\w+)\.(\w+)")
@@ -210,7 +213,9 @@ def database_refusal(exc: sa.exc.IntegrityError) -> Refusal:
                 name = _FK_ROW_NAMES.get(constraint or "") or ROW_NAMES.get(parent, parent)
                 return Refusal("missing", parent, name, (found.group(1),), found.group(2))
             found = _PG_REFERENCED.search(detail)
-            return Refusal("referenced", table, ROW_NAMES.get(table or "", table), (),
+            named = _PG_REFERENCED_PARENT.search(diag.message_primary or "")
+            parent = named.group(1) if named else table
+            return Refusal("referenced", parent, ROW_NAMES.get(parent or "", parent), (),
                            found.group(2) if found else None)
         if code == "23505":
             found = _PG_EXISTS.search(detail)

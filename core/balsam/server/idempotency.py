@@ -33,7 +33,13 @@ Why nothing is applied twice:
   A retry that arrives while the original is still running (the client's read timeout fired) is
   therefore answered once the original has committed, never applied beside it.
 - a key is bound to its request (sha256 of method, path, query and body): the same key on a
-  different request is refused (422) rather than answered with an unrelated record.
+  different request is refused (422) rather than answered with an unrelated record. It is bound to
+  the scope of the credential that sent it too (``scope``, migration 0024): a launcher credential,
+  limited to one site, is refused (422) a key its user recorded with their own credential or another
+  site's launcher did (those records may lie outside its site); the user's own credential replays
+  the records of any of their scopes, and a launcher those of its site, whichever credential of it
+  (renewed, or a new one) sends the retry. Records written before migration 0024 (no scope) are
+  replayed to a launcher only when what they made or changed lies within its site.
 - an expired record not swept yet is taken over by the next request with its key (a new life),
   with an ``UPDATE ... WHERE expires <= now``: two requests that both read it expired both reach
   that UPDATE, and on PostgreSQL the second waits for the first's row lock, then re-checks the
@@ -69,6 +75,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Container, Optional
 
@@ -80,7 +87,7 @@ from starlette.responses import Response
 from balsam.models import MAX_CHUNKS_PER_RESERVATION, MAX_ITEMS_PER_BULK_OP
 
 from .errors import Conflict, TooManyRequests, ValidationFailed
-from .tables import idempotency_keys
+from .tables import apps, batch_jobs, idempotency_keys, jobs, sessions, sites
 
 if TYPE_CHECKING:  # pragma: no cover
     from .routing import Ctx
@@ -89,6 +96,14 @@ HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 128
 #: The request_hash of a reserved key not yet taken (a real fingerprint is 64 hex digits).
 RESERVED_HASH = ""
+#: The ``scope`` of a record made with the user's own credential (every site of theirs); a launcher
+#: credential's is ``site:<id>`` (:func:`credential_scope`).
+ALL_SITES = "all"
+
+
+def credential_scope(site_id: "int | None") -> str:
+    """The ``scope`` column's value for a credential limited to ``site_id`` (None: not limited)."""
+    return ALL_SITES if site_id is None else f"site:{int(site_id)}"
 
 
 #: Methods made exactly-once by the routing layer (``Ctx.write``); POST routes claim their keys themselves.
@@ -165,7 +180,8 @@ def request_fingerprint(method: str, path: str, query: str, body: "bytes | None"
 def _claim_stmt(insert: Callable[..., Any]) -> Any:
     return (
         insert(idempotency_keys)
-        .values(user_id=sa.bindparam("b_user"), key=sa.bindparam("b_key"), request_hash=sa.bindparam("b_hash"), status_code=0,
+        .values(user_id=sa.bindparam("b_user"), key=sa.bindparam("b_key"), request_hash=sa.bindparam("b_hash"),
+                scope=sa.bindparam("b_scope"), status_code=0,
                 resource="", resource_ids=[], created=sa.bindparam("b_now", type_=idempotency_keys.c.created.type),
                 expires=sa.bindparam("b_expires", type_=idempotency_keys.c.expires.type))
         .on_conflict_do_nothing(index_elements=["user_id", "key"])
@@ -217,14 +233,12 @@ class IdempotentRequest:
         if self.key is None:
             return None
         request = self.ctx.request
-        # Keys are per user, but a launcher credential is scoped to one site: its scope is part of
-        # the fingerprint, so a key the user recorded under another scope is "reused with a
-        # different request" (422) here, not a replay of records outside this credential's site.
-        scope = self.ctx.user.site_id
-        query = request.url.query if scope is None else f"{request.url.query}\x00site={scope}"
-        self._fingerprint = request_fingerprint(request.method, request.url.path, query, self.ctx.body)
+        self._fingerprint = request_fingerprint(request.method, request.url.path, request.url.query, self.ctx.body)
         user_id = self.ctx.user.id
-        params = {"b_user": user_id, "b_key": self.key, "b_hash": self._fingerprint}
+        # Keys are per user, but a launcher credential is limited to one site: the record keeps the
+        # scope of the credential that made it, and is replayed only within it (``_recorded``).
+        params = {"b_user": user_id, "b_key": self.key, "b_hash": self._fingerprint,
+                  "b_scope": credential_scope(self.ctx.user.site_id)}
         # Each pass ends in a claim or an answer, except when another transaction changed the key's
         # row under us (see the two ``continue``): then the next pass reads what it committed. A
         # third pass would need the key to expire again or be swept again in between: not within
@@ -261,12 +275,22 @@ class IdempotentRequest:
                     self._claimed = True
                     return None
                 continue
-            return self._recorded(row)
+            return self._recorded(conn, row)
         raise Conflict(f"this {HEADER} kept changing under concurrent requests with the same key; retry")
 
-    def _recorded(self, row: sa.Row) -> Recorded:
-        """The earlier request's record (422 if the key was used for a different request)."""
-        if row.request_hash != self._fingerprint:
+    def _recorded(self, conn: sa.Connection, row: sa.Row) -> Recorded:
+        """The earlier request's record (422 if the key was used for a different request, or by a
+        credential whose scope this one's does not hold)."""
+        site_id = self.ctx.user.site_id
+        if row.scope is not None:  # the same request, made within this credential's scope
+            same = row.request_hash == self._fingerprint and (site_id is None or row.scope == credential_scope(site_id))
+        elif site_id is None:  # recorded before migration 0024, replayed to the user's own credential as then
+            same = row.request_hash == self._fingerprint
+        else:
+            # Recorded before migration 0024, without its scope: the same request, made within
+            # this site (what it made or changed lies there).
+            same = row.request_hash == self._fingerprint and self._legacy_within_scope(conn, row, site_id)
+        if not same:
             raise ValidationFailed.field(
                 ["header", HEADER],
                 f"this key was already used for a different request (at {row.created:%Y-%m-%d %H:%M:%S} UTC); "
@@ -275,6 +299,41 @@ class IdempotentRequest:
         return Recorded(int(row.status_code), str(row.resource), [int(i) for i in row.resource_ids],
                         None if row.answer is None else bytes(row.answer), row.answer_type,
                         row.answer_headers or None)
+
+    def _legacy_within_scope(self, conn: sa.Connection, row: sa.Row, site_id: int) -> bool:
+        """Whether every record a request recorded before migration 0024 made (its ids) or changed
+        (the id in its path, the ids of a bulk update's items) is of site ``site_id``, and there is
+        at least one: what a launcher of that site may be answered. A record whose rows cannot all
+        be found (deleted since) or named (a query update) is not."""
+        wanted: "dict[sa.Table, set[int]]" = {}
+        made = _RECORDED_TABLES.get(str(row.resource))
+        if made is not None:
+            wanted.setdefault(made, set()).update(int(i) for i in row.resource_ids)
+        elif row.resource != ANSWER:
+            return False
+        request = self.ctx.request
+        segments = [part for part in request.url.path.split("/") if part]
+        table = _PATH_TABLES.get(segments[0]) if segments else None
+        if table is None:
+            return False
+        if len(segments) >= 2 and segments[1].isdecimal():
+            wanted.setdefault(table, set()).add(int(segments[1]))
+        elif row.resource == ANSWER:
+            items = _body_items(self.ctx.body) if request.method == "PATCH" and len(segments) == 1 else None
+            if not items or request.url.query:
+                return False
+            wanted.setdefault(table, set()).update(items)
+        if not any(wanted.values()):
+            return False
+        for table, ids in wanted.items():
+            if not ids:
+                continue
+            column = table.c.id if table is sites else table.c.site_id
+            found = conn.execute(sa.select(sa.func.count()).select_from(table).where(
+                table.c.id.in_(sorted(ids)), column == site_id)).scalar_one()
+            if found != len(ids):
+                return False
+        return True
 
     def record(self, conn: sa.Connection, status_code: int, resource: str, ids: "list[int]") -> None:
         """Store what this request made (same transaction as the records themselves)."""
@@ -297,7 +356,7 @@ _RENEW = (
     sa.update(idempotency_keys)
     .where(idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"),
            idempotency_keys.c.expires <= sa.bindparam("b_now", type_=idempotency_keys.c.expires.type))
-    .values(request_hash=sa.bindparam("b_hash"), status_code=0, resource="", resource_ids=[],
+    .values(request_hash=sa.bindparam("b_hash"), scope=sa.bindparam("b_scope"), status_code=0, resource="", resource_ids=[],
             created=sa.bindparam("b_now", type_=idempotency_keys.c.created.type),
             expires=sa.bindparam("b_expires", type_=idempotency_keys.c.expires.type), answer=None, answer_type=None,
             answer_headers=sa.null())
@@ -308,9 +367,29 @@ _TAKE_RESERVED = (
     .where(idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"),
            idempotency_keys.c.request_hash == RESERVED_HASH, idempotency_keys.c.status_code == 0,
            idempotency_keys.c.expires > sa.bindparam("b_now", type_=idempotency_keys.c.expires.type))
-    .values(request_hash=sa.bindparam("b_hash"))
+    .values(request_hash=sa.bindparam("b_hash"), scope=sa.bindparam("b_scope"))
     .returning(idempotency_keys.c.resource_ids)
 )
+
+#: The table of the rows a create's record names (its ``resource``), for records without scope.
+_RECORDED_TABLES = {"jobs": jobs, "acquire": jobs, "release": jobs, "Session": sessions, "BatchJob": batch_jobs,
+                    "App": apps, "Site": sites}
+#: The table of the rows a route path's first segment names (``/jobs/7``, a bulk ``PATCH /jobs/``).
+_PATH_TABLES = {"jobs": jobs, "batch-jobs": batch_jobs, "sessions": sessions, "apps": apps, "sites": sites}
+
+
+def _body_items(body: "bytes | None") -> "set[int] | None":
+    """The ``id`` of every item of a bulk update's JSON list, or None if it is not one."""
+    try:
+        items = json.loads(body or b"")
+    except ValueError:
+        return None
+    if not isinstance(items, list) or not items or not all(isinstance(item, dict) for item in items):
+        return None
+    ids = [item.get("id") for item in items]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return None
+    return set(ids)
 
 
 def id_ranges(ids: "list[int]") -> "list[list[int]]":

@@ -331,6 +331,10 @@ idempotency_keys = sa.Table(
     #: in records written before migration 0022 (replayed without headers, as they were then).
     sa.Column("answer_headers", sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql"),
               nullable=True),
+    #: The scope of the credential that made the request (migration 0024): ``all`` (the user's own:
+    #: every site of theirs) or ``site:<id>`` (a launcher's); replayed only to a credential whose scope
+    #: holds it. NULL in records written before (idempotency.IdempotentRequest._legacy_within_scope).
+    sa.Column("scope", sa.String(32), nullable=True),
     # A user's reserved keys not taken yet (``POST /jobs/reservations``, whose budget counts them:
     # idempotency.reserved_budget_use; migration 0017), without reading the user's other keys.
     sa.Index("ix_idempotency_keys_reserved", "user_id", "expires",
