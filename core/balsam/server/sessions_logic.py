@@ -223,7 +223,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import sqlalchemy as sa
 
@@ -651,12 +651,75 @@ def parse_acquire(payload: Any) -> SessionAcquire:
 
 def any_candidates(conn: sa.Connection, site_id: int, spec: SessionAcquire) -> bool:
     """Whether an acquire would find a job to lease now (the same filters, read without locks)."""
-    return bool(conn.execute(sa.select(candidates(site_id, spec, conn.dialect.name, lock=False).exists())).scalar())
+    plan = _acquire_plan(spec, conn.dialect.name, lock=False, batch_job=False)
+    return bool(conn.execute(plan.exists, _candidate_params(site_id, spec)).scalar())
 
 
 def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool = True) -> sa.Select:
     """The jobs an acquire may lease, in the order it takes them (at most ``max_num_jobs``);
-    ``lock``: on PostgreSQL, locked with ``FOR UPDATE SKIP LOCKED`` (for the lease)."""
+    ``lock``: on PostgreSQL, locked with ``FOR UPDATE SKIP LOCKED`` (for the lease). The statement
+    an acquire runs (:func:`_acquire_plan`) with this request's values bound."""
+    plan = _acquire_plan(spec, dialect, lock=lock, batch_job=False)
+    return plan.candidates.params(_candidate_params(site_id, spec))
+
+
+class _AcquirePlan(NamedTuple):
+    """The statements of one shape of acquire, built once, its values as parameters
+    (:func:`_candidate_params`, and ``b_lease_session``, ``b_lease_batch_job`` for the leases)."""
+
+    candidates: sa.Select
+    #: Whether any candidate exists (the waiting acquire's look, :func:`any_candidates`).
+    exists: sa.Select
+    #: The lease of the candidates in one statement (``max_aggregate_nodes`` unset).
+    lease: sa.Update
+    #: The lease of the jobs ``b_ids`` a first fit chose (``max_aggregate_nodes`` set).
+    lease_chosen: sa.Update
+
+
+#: The acquires' statements by shape (:func:`_acquire_shape`). Building them and their SQLAlchemy
+#: cache keys anew took about a third of an acquire's CPU (0.6 of 1.9 ms under cProfile, 300 empty
+#: acquires on SQLite; docs/performance.md, 7 December); a launcher sends one shape again and again,
+#: only its numbers change (the wall time left, how many jobs). Bounded: the tags come from users.
+_ACQUIRE_PLANS: "dict[tuple[Any, ...], _AcquirePlan]" = {}
+_ACQUIRE_PLANS_LOCK = threading.Lock()
+MAX_ACQUIRE_PLANS = 256
+
+
+def _acquire_shape(spec: SessionAcquire, dialect: str, lock: bool, batch_job: bool) -> "tuple[Any, ...]":
+    """What the statements of :func:`_build_acquire_plan` depend on besides their parameters."""
+    return (dialect, lock, batch_job, frozenset(s.value for s in spec.states),
+            tuple(sorted((str(k), str(v)) for k, v in spec.filter_tags.items())), bool(spec.app_ids),
+            spec.max_wall_time_min is None, spec.max_nodes_per_job is None, bool(spec.serial_only),
+            spec.max_gpus_per_node is None, spec.max_aggregate_nodes is None, spec.sort_by)
+
+
+def _candidate_params(site_id: int, spec: SessionAcquire) -> dict[str, Any]:
+    """The values of a plan's candidates (those its shape has)."""
+    params: dict[str, Any] = {"b_site": site_id, "b_limit": spec.max_num_jobs}
+    if spec.app_ids:
+        params["b_apps"] = sorted(spec.app_ids)
+    if spec.max_wall_time_min is not None:
+        params["b_wall"] = spec.max_wall_time_min
+    if spec.max_nodes_per_job is not None:
+        params["b_nodes"] = spec.max_nodes_per_job
+    if spec.max_gpus_per_node is not None:
+        params["b_gpus"] = spec.max_gpus_per_node + 1e-9
+    return params
+
+
+def _acquire_plan(spec: SessionAcquire, dialect: str, *, lock: bool, batch_job: bool) -> _AcquirePlan:
+    shape = _acquire_shape(spec, dialect, lock, batch_job)
+    plan = _ACQUIRE_PLANS.get(shape)
+    if plan is None:
+        plan = _build_acquire_plan(spec, dialect, lock, batch_job)
+        with _ACQUIRE_PLANS_LOCK:
+            if len(_ACQUIRE_PLANS) >= MAX_ACQUIRE_PLANS:
+                del _ACQUIRE_PLANS[next(iter(_ACQUIRE_PLANS))]  # the oldest
+            _ACQUIRE_PLANS[shape] = plan
+    return plan
+
+
+def _build_acquire_plan(spec: SessionAcquire, dialect: str, lock: bool, batch_job: bool) -> _AcquirePlan:
     states = frozenset(s.value for s in spec.states)
     predicate = LEASABLE_PREDICATES.get(states)
     if predicate is not None:
@@ -668,8 +731,9 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool =
         leasable: list[Any] = [sa.text(predicate)]
     else:
         leasable = [jobs.c.session_id.is_(None), jobs.c.released_from_session_id.is_(None),
-                    jobs.c.state.in_(sorted(s.value for s in spec.states))]
-    stmt = sa.select(jobs.c.id, jobs.c.num_nodes, jobs.c.node_packing_count).where(jobs.c.site_id == site_id, *leasable)
+                    jobs.c.state.in_(sorted(states))]
+    stmt = sa.select(jobs.c.id, jobs.c.num_nodes, jobs.c.node_packing_count).where(
+        jobs.c.site_id == sa.bindparam("b_site", type_=jobs.c.site_id.type), *leasable)
     if spec.filter_tags:
         # With a partial index, the tags are tested on its few rows: not with the GIN index (on
         # PostgreSQL), whose bitmap holds every job of the tag, finished ones included.
@@ -688,25 +752,32 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool =
         if order is not None:
             num_nodes = sa.literal_column("+jobs.num_nodes", sa.Integer)
     if spec.app_ids:
-        stmt = stmt.where(app_id.in_(sorted(spec.app_ids)))
+        stmt = stmt.where(app_id.in_(sa.bindparam("b_apps", expanding=True, type_=sa.Integer)))
     if spec.max_wall_time_min is not None:
-        stmt = stmt.where(wall_time_min <= spec.max_wall_time_min)
+        stmt = stmt.where(wall_time_min <= sa.bindparam("b_wall", type_=sa.Integer))
     if spec.max_nodes_per_job is not None:
-        stmt = stmt.where(num_nodes <= spec.max_nodes_per_job)
+        stmt = stmt.where(num_nodes <= sa.bindparam("b_nodes", type_=sa.Integer))
     if spec.serial_only:
         stmt = stmt.where(num_nodes == 1, jobs.c.ranks_per_node == 1)
     if spec.max_gpus_per_node is not None:
         # A launcher whose nodes have no GPU (0): jobs needing one are not leased to it, to be failed
         # there as impossible, but stay for a launcher with GPUs. Tested on the rows read (no index).
-        stmt = stmt.where(jobs.c.ranks_per_node * jobs.c.gpus_per_rank <= spec.max_gpus_per_node + 1e-9)
+        stmt = stmt.where(jobs.c.ranks_per_node * jobs.c.gpus_per_rank <= sa.bindparam("b_gpus", type_=sa.Float))
     if spec.max_aggregate_nodes is not None:
         stmt = stmt.order_by(*RUNNABLE_ORDERS[spec.sort_by])
     else:
         stmt = stmt.order_by(jobs.c.id)
-    stmt = stmt.limit(spec.max_num_jobs)
+    stmt = stmt.limit(sa.bindparam("b_limit", type_=sa.Integer))
     if dialect == "postgresql" and lock:
         stmt = stmt.with_for_update(skip_locked=True, of=jobs)
-    return stmt
+    values: dict[str, Any] = {"session_id": sa.bindparam("b_lease_session", type_=jobs.c.session_id.type)}
+    if batch_job:
+        values["batch_job_id"] = sa.bindparam("b_lease_batch_job", type_=jobs.c.batch_job_id.type)
+    # One statement: lease whatever the (locked, skip-locked) subquery picked.
+    lease = (sa.update(jobs).where(jobs.c.id.in_(sa.select(stmt.subquery().c.id)))
+             .values(**values).returning(*JOB_OUT_COLUMNS))
+    lease_chosen = sa.update(jobs).where(ids_in_param(jobs.c.id, dialect)).values(**values).returning(*JOB_OUT_COLUMNS)
+    return _AcquirePlan(stmt, sa.select(stmt.exists()), lease, lease_chosen)
 
 
 def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire,
@@ -714,30 +785,29 @@ def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire,
     """Lease jobs to ``session``. ``check`` (raises to refuse) runs once the session is locked,
     before the lease: the route's launcher-credential check, which relies on that lock against a
     concurrent revoke (auth.launcher_credential_problem)."""
-    stmt = candidates(session.site_id, spec, conn.dialect.name)
+    dialect = conn.dialect.name
+    plan = _acquire_plan(spec, dialect, lock=True, batch_job=session.batch_job_id is not None)
+    params = _candidate_params(session.site_id, spec)
     now = utcnow()
     # First: it locks the session's row (before its jobs, see "Lock order"), and a session the
     # sweep deleted meanwhile is 404 here, not a lease to a session that no longer exists.
     heartbeat(conn, session.id, now)
     if check is not None:
         check()
-    values: dict[str, Any] = {"session_id": session.id}
+    lease_values: dict[str, Any] = {"b_lease_session": session.id}
     if session.batch_job_id is not None:
-        values["batch_job_id"] = session.batch_job_id
+        lease_values["b_lease_batch_job"] = session.batch_job_id
 
     if spec.max_aggregate_nodes is None:
         # One statement: lease whatever the (locked, skip-locked) subquery picked.
-        ids_subquery = sa.select(stmt.subquery().c.id)
-        leased = conn.execute(
-            sa.update(jobs).where(jobs.c.id.in_(ids_subquery)).values(**values).returning(*JOB_OUT_COLUMNS)
-        )
+        leased = conn.execute(plan.lease, {**params, **lease_values})
         return sorted(job_dicts(leased), key=lambda job: job["id"])
 
     chosen: list[int] = []
     footprint = 0.0
     # First fit in the requested order: a job that does not fit is skipped, so smaller jobs later
     # in the order can still fill the remaining nodes.
-    for row in conn.execute(stmt):
+    for row in conn.execute(plan.candidates, params):
         size = row.num_nodes / row.node_packing_count
         if footprint + size > spec.max_aggregate_nodes + 1e-9:
             continue
@@ -746,7 +816,7 @@ def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire,
     if not chosen:
         return []
     # RETURNING gives the rows in no promised order: the answer keeps the packing order.
-    leased = conn.execute(sa.update(jobs).where(jobs.c.id.in_(chosen)).values(**values).returning(*JOB_OUT_COLUMNS))
+    leased = conn.execute(plan.lease_chosen, {"b_ids": ids_param(chosen, dialect), **lease_values})
     by_id = {d["id"]: d for d in job_dicts(leased)}
     return [by_id[jid] for jid in chosen]
 

@@ -158,9 +158,14 @@ def _key_recorded(ctx: Ctx, conn: sa.Connection) -> bool:
     key = ctx.idempotency.key
     if key is None:
         return False
-    return conn.execute(sa.select(idempotency_keys.c.key).where(
-        idempotency_keys.c.user_id == ctx.user.id, idempotency_keys.c.key == key,
-        idempotency_keys.c.expires > utcnow())).first() is not None
+    return conn.execute(_KEY_RECORDED, {"b_user": ctx.user.id, "b_key": key, "b_now": utcnow()}).first() is not None
+
+
+#: Built once: every look of a waiting acquire with a key runs it (as the acquire's own statements,
+#: sessions_logic._acquire_plan).
+_KEY_RECORDED = sa.select(idempotency_keys.c.key).where(
+    idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"),
+    idempotency_keys.c.expires > sa.bindparam("b_now", type_=idempotency_keys.c.expires.type))
 
 
 class _TakenFirst(Exception):
