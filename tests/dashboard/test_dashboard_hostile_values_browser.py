@@ -2,8 +2,9 @@
 test_dashboard_layout_browser.py): markup and scripts in every value (site names, paths, queues,
 tags, job data, workdirs, error tails, event data, BatchJob fields) show as text and run nothing;
 bidi controls reorder only their own value; names thousands of characters long wrap inside the
-window; odd query parameters get one clear message; the static files carry the pages' security
-headers; a login's ``next`` never leaves the dashboard."""
+window while a name of 20 characters keeps its line; the header wraps in a phone's window; odd
+query parameters get one clear message; the static files carry the pages' security headers; a
+login's ``next`` never leaves the dashboard."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dashboard_helpers import logged_in_client, login  # noqa: E402
-from test_dashboard_layout_browser import _page, chromium  # noqa: E402,F401  (the browser fixture)
+from test_dashboard_layout_browser import VIEWPORT, chromium  # noqa: E402,F401  (the browser fixture)
 
 RLO = "\u202e"  # RIGHT-TO-LEFT OVERRIDE, never closed
 
@@ -39,47 +40,53 @@ def _made(resp: httpx.Response) -> Any:
     return resp.json()
 
 
+#: An app name of 20 characters: on one line in the Jobs table beside workdirs hundreds long.
+SHORT_NAME = "MolecularDynamicsSim"
+
+
+#: A Jobs page filter with markup in it (shown back in the filter form), held by the workdirs of
+#: the jobs of the app named :data:`SHORT_NAME`.
+QUERY = xss("query").replace("/", "_")
+
+
+def hostile(name: str, length: int = 3000) -> str:
+    """Every kind of hostile value at once: markup (:func:`xss`), a bidi override never closed, and
+    ``length`` characters without a space."""
+    return xss(name) + RLO + name[0] * length
+
+
 def _hostile_campaign(api: httpx.Client) -> dict[str, Any]:
-    """Three sites of one user: one with markup in every field, one with bidi controls, one with
-    names and values thousands of characters long without a space."""
+    """One site carrying every kind of hostile value (markup, a bidi override, thousands of
+    characters without a space) in every field; its apps: one named 3,000 characters, one named
+    :data:`SHORT_NAME` whose two jobs have long workdirs holding the filter :data:`QUERY`."""
     tag = uuid.uuid4().hex[:6]
-    queued = lambda queue, message: {"1": {"scheduler_id": 1, "queue": queue, "num_nodes": 1, "wall_time_min": 5,  # noqa: E731
-                                           "project": "p", "state": "queued", "queued_time_min": 1,
-                                           "time_remaining_min": 5, "message": message}}
-    evil = _made(api.post("/sites/", json={
-        "name": f"evil-{tag} " + xss("site-name"), "path": "/tmp/" + xss("site-path").replace("/", "_"),
-        "backfill_windows": {xss("backfill")[:256]: [{"num_nodes": 2, "wall_time_min": 10}]},
-        "allowed_queues": {xss("queue-name")[:256]: {"max_nodes": 4, "max_walltime": 60, "max_queued_jobs": 1}},
-        "queued_jobs": queued(xss("queued-queue"), xss("queued-message"))}))
-    bidi = _made(api.post("/sites/", json={"name": f"bidi-{tag}{RLO}", "path": f"/tmp/bidi{RLO}"}))
-    long = _made(api.post("/sites/", json={
-        "name": "N" * 3000, "path": "/" + "p" * 3000, "backfill_windows": {"b" * 256: [{"num_nodes": 2, "wall_time_min": 10}]},
-        "allowed_queues": {"a" * 256: {"max_nodes": 4, "max_walltime": 60, "max_queued_jobs": 1}},
-        "queued_jobs": queued("q" * 3000, "m" * 3000)}))
-    app = lambda site, name: _made(api.post("/apps/", json={  # noqa: E731
+    site = _made(api.post("/sites/", json={
+        "name": f"evil-{tag} " + hostile("site-name"), "path": "/tmp/" + hostile("site-path").replace("/", "_"),
+        "backfill_windows": {hostile("backfill")[:256]: [{"num_nodes": 2, "wall_time_min": 10}]},
+        "allowed_queues": {hostile("queue-name")[:256]: {"max_nodes": 4, "max_walltime": 60, "max_queued_jobs": 1}},
+        "queued_jobs": {"1": {"scheduler_id": 1, "queue": hostile("queued-queue"), "num_nodes": 1, "wall_time_min": 5,
+                              "project": "p", "state": "queued", "queued_time_min": 1, "time_remaining_min": 5,
+                              "message": hostile("queued-message")}}}))
+    app = lambda name: _made(api.post("/apps/", json={  # noqa: E731
         "site_id": site["id"], "name": name, "serialized_class": xss("class"), "source_code": "", "parameters": {},
         "transfers": {}, "description": xss("description")}))["id"]
-    evil_app, bidi_app, long_app = app(evil, "Sim"), app(bidi, "Sim"), app(long, "A" * 3000)  # an identifier
-    evil_job, bidi_job, long_job = (j["id"] for j in _made(api.post("/jobs/", json=[
-        {"app_id": evil_app, "workdir": "w/" + xss("workdir").replace("/", "_"),
-         "tags": {xss("tag-key")[:256]: xss("tag-value")},
-         "data": {xss("data-key")[:256]: xss("data-value"), "embedded": "</script><script>window.__pwned='json'</script>"}},
-        {"app_id": bidi_app, "workdir": f"run{RLO}/1", "tags": {f"k{RLO}": "v", "next": "after"}},
-        {"app_id": long_app, "workdir": "w" * 3000, "tags": {"k" * 256: "v" * 1024}, "data": {"d" * 256: "x" * 10240}},
-    ])))
-    for job, extra in ((evil_job, xss), (long_job, lambda n: n[0] * 5000)):
-        for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1}),
-                            ("RUN_ERROR", {"returncode": 3, "error": extra("error-tail") + "\n" + RLO, "note": extra("note")}),
-                            ("FAILED", {"message": extra("message"), "reason": extra("reason")})):
-            _made(api.patch("/jobs/", json=[{"id": job, "state": state, "state_data": data}]))
-    for site, job, value in ((evil, evil_job, xss), (long, long_job, lambda n: n[0] * 3000)):
-        bj = _made(api.post("/batch-jobs/", json={
-            "site_id": site["id"], "project": value("project"), "queue": value("queue"), "num_nodes": 1, "wall_time_min": 5,
-            "job_mode": "mpi", "filter_tags": {value("filter-key")[:256]: value("filter-value")[:1024]},
-            "status_info": {"submitted_by": value("submitted-by"), value("status-key")[:256]: value("status-value")}}))
-        _made(api.patch("/jobs/", json=[{"id": job, "batch_job_id": bj["id"]}]))
-    return {"evil": evil, "bidi": bidi, "long": long, "evil_job": evil_job, "bidi_job": bidi_job, "long_job": long_job,
-            "evil_app": evil_app}
+    long_app, short_app = app("A" * 3000), app(SHORT_NAME)  # (an app's name is an identifier)
+    job = _made(api.post("/jobs/", json=[
+        {"app_id": long_app, "workdir": "w/" + hostile("workdir").replace("/", "_"),
+         "tags": {hostile("tag-key")[:256]: hostile("tag-value")[:1024], "next": "after"},
+         "data": {hostile("data-key")[:256]: hostile("data-value"),
+                  "embedded": "</script><script>window.__pwned='json'</script>"}},
+    ] + [{"app_id": short_app, "workdir": "x" * 400 + f"/{i}/" + QUERY, "tags": {"t" * 100: "y" * 300}} for i in range(2)]))[0]["id"]
+    for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1}),
+                        ("RUN_ERROR", {"returncode": 3, "error": hostile("error-tail") + "\n" + RLO, "note": hostile("note")}),
+                        ("FAILED", {"message": hostile("message"), "reason": hostile("reason")})):
+        _made(api.patch("/jobs/", json=[{"id": job, "state": state, "state_data": data}]))
+    bj = _made(api.post("/batch-jobs/", json={
+        "site_id": site["id"], "project": hostile("project"), "queue": hostile("queue"), "num_nodes": 1, "wall_time_min": 5,
+        "job_mode": "mpi", "filter_tags": {hostile("filter-key")[:256]: hostile("filter-value")[:1024]},
+        "status_info": {"submitted_by": hostile("submitted-by"), hostile("status-key")[:256]: hostile("status-value")}}))
+    _made(api.patch("/jobs/", json=[{"id": job, "batch_job_id": bj["id"]}]))
+    return {"site": site, "job": job, "app": long_app}
 
 
 #: Per page: nothing ran, nothing was made of the markup, nothing widened the page past the window.
@@ -91,6 +98,35 @@ _INSPECT = """() => ({
   text: document.querySelector('main').innerText,
 })"""
 
+#: Per cell of a column: on how many lines its text is laid out.
+_LINES = """selector => [...document.querySelectorAll(selector)].map(cell => {
+  const lines = new Set(), texts = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+  for (let text = texts.nextNode(); text; text = texts.nextNode()) {
+    const range = document.createRange(); range.selectNodeContents(text);
+    [...range.getClientRects()].filter(r => r.width > 0).forEach(r => lines.add(Math.round(r.top)));
+  }
+  return lines.size;
+})"""
+
+#: Whether ``after`` (an element or a range) is laid out after ``before``'s last line: to its right
+#: on that line, or on a line below. A bidi override that leaks reverses the order on the line.
+_FOLLOWS = """(before, after) => {
+  const last = [...before.getClientRects()].pop(), first = after.getClientRects()[0];
+  return first.top >= last.bottom - 1 || first.left >= last.right - 1;
+}"""
+
+
+def _ticket_page(chromium: Any, url: str, api: httpx.Client) -> Any:
+    """A logged-in tab, as :func:`_page` but through a one-time login link (no password to check:
+    some 1 s less of the server's CPU)."""
+    page = chromium.new_context(base_url=url, viewport=VIEWPORT).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.errors = errors
+    assert page.goto(_made(api.post("/dashboard/login-link"))["path"]).url == f"{url}/dashboard/"
+    return page
+
 
 def _cells(page: Any, table: str) -> list[int]:
     return page.evaluate(f"() => [...document.querySelectorAll('{table} tbody tr')].map(tr => tr.children.length)")
@@ -101,25 +137,27 @@ def test_hostile_values_show_as_text_on_every_page(chromium: Any, live_server: s
     Site and App selects, the Jobs table's Site and App columns, the site card's queue tables, the
     job page's header); a bidi override in a site's name or path, or in a workdir, reversed the
     text after it ("#12 idle", "agent last heard never", "(stdout and stderr ...)"); a username of
-    150 characters (the most allowed) made every page 518 px too wide."""
+    150 characters (the most allowed) made every page 518 px too wide. Then: the Jobs table broke
+    app names of 20 characters in the middle (its name columns shrank to a character beside long
+    workdirs); at 390 px the header's links made every page 112 px too wide."""
     username = "h" + uuid.uuid4().hex + "u" * 117
-    _username, password, _user_id, token, _ = register(live_server, username)
+    _username, _password, _user_id, token, _ = register(live_server, username)
     api = _api(live_server, token)
     made = _hostile_campaign(api)
-    page = _page(chromium, live_server, username, password)
+    page = _ticket_page(chromium, live_server, api)
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.clock.install()  # (for the live refresh at the end)
     marker = 'onerror="window.__pwned='
     pages = {  # path: (status, whether the page shows the stored markup as text)
         "/dashboard/": (200, True),
         "/dashboard/jobs": (200, True),
-        f"/dashboard/jobs/{made['evil_job']}": (200, True),
-        f"/dashboard/jobs/{made['long_job']}": (200, False),
+        f"/dashboard/jobs/{made['job']}": (200, True),
         "/dashboard/batch-jobs": (200, True),
         "/dashboard/events": (200, True),
         # filters with markup, shown back in the filter form (and in the plots' data URL)
         "/dashboard/plots?" + urlencode({"tags": "'k:\"><img src=x onerror=window.__pwned=1>'"}): (200, False),
-        "/dashboard/jobs?" + urlencode({"workdir__contains": xss("query")}): (200, False),
+        "/dashboard/jobs?" + urlencode({"workdir__contains": QUERY}): (200, True),
         "/dashboard/events?" + urlencode({"tags": xss("bad-tags")}): (422, False),
         "/dashboard/" + quote(xss("address")): (404, True),  # "No page at ..."
     }
@@ -131,33 +169,41 @@ def test_hostile_values_show_as_text_on_every_page(chromium: Any, live_server: s
         assert seen["overflow"] <= 0, (path, seen["overflow"])
         if shows_markup:
             assert marker in seen["text"], path
-        if path == "/dashboard/jobs":  # one row per job, each with its 7 cells: no value broke out of its cell
+        if path == "/dashboard/":
+            # A bidi override reorders only its own value: what follows it keeps its order.
+            card = f"#site-{made['site']['id']}"
+            assert page.evaluate(f"""card => {{
+              const follows = {_FOLLOWS}, c = document.querySelector(card), code = c.querySelector('p.muted code');
+              const after = document.createRange();
+              after.setStartAfter(code); after.setEndBefore(c.querySelector('p.muted time'));
+              return [follows(c.querySelector('h2 bdi'), c.querySelector('h2 .muted')),
+                      follows(c.querySelector('h2 .muted'), c.querySelector('h2 .badge')),
+                      follows(code, after), follows(after, c.querySelector('p.muted time'))];
+            }}""", card) == [True] * 4
+        elif path == "/dashboard/jobs":  # one row per job, each with its 7 cells: no value broke out of its cell
             assert _cells(page, "#jobs-table") == [7, 7, 7]
+        elif path.startswith("/dashboard/jobs/"):
+            assert page.evaluate(f"""() => {{
+              const code = document.getElementById('job-out'), after = document.createRange();
+              after.setStartAfter(code); after.setEndAfter(code.parentNode.lastChild);
+              return ({_FOLLOWS})(code, after);
+            }}""")
         elif path == "/dashboard/batch-jobs":
-            assert _cells(page, "#batch-jobs") == [15, 15]
+            assert _cells(page, "#batch-jobs") == [15]
         elif path == "/dashboard/events":
             assert set(_cells(page, "#events-table")) == {6}
+        elif path.startswith("/dashboard/jobs?"):
+            # the app's name on one line in each row, beside workdirs of 400 characters and more
+            assert page.evaluate(_LINES, "#jobs-table tbody td:nth-child(3)") == [1, 1], path
+            assert page.evaluate(_LINES, "#jobs-table tbody td:nth-child(4)") != [1, 1]
+        elif status == 422:
+            # in a phone's window the header's links wrap: the page is no wider than the window
+            page.set_viewport_size({"width": 390, "height": 800})
+            assert page.evaluate(_INSPECT)["overflow"] <= 0
+            assert page.evaluate("() => document.querySelector('header.top').getBoundingClientRect().right") <= 390
+            page.set_viewport_size(VIEWPORT)
     # no dialog; no script refused by the CSP, none failed (the 422 and 404 pages' own statuses are logged too)
     assert dialogs == [] and [e for e in page.errors if not re.search("status of (422|404)", e)] == []
-
-    # A bidi override reorders only its own value: what follows it keeps its order.
-    page.goto("/dashboard/")
-    card = f"#site-{made['bidi']['id']}"
-    order = page.evaluate("""card => {
-      const c = document.querySelector(card), left = e => e.getBoundingClientRect().left;
-      const code = c.querySelector('p.muted code'), after = document.createRange();
-      after.setStartAfter(code); after.setEndBefore(c.querySelector('p.muted time'));
-      return {id_before_badge: left(c.querySelector('h2 .muted')) < left(c.querySelector('h2 .badge')),
-              text_before_time: after.getBoundingClientRect().right <= left(c.querySelector('p.muted time')) + 1};
-    }""", card)
-    assert order == {"id_before_badge": True, "text_before_time": True}
-    page.goto(f"/dashboard/jobs/{made['bidi_job']}")
-    assert page.evaluate("""() => {
-      const code = document.getElementById('job-out'), after = document.createRange();
-      after.setStartAfter(code); after.setEndAfter(code.parentNode.lastChild);
-      return after.getBoundingClientRect().left >= code.getBoundingClientRect().right - 1;
-    }""")
-    assert [e for e in page.errors if not re.search("status of (422|404)", e)] == []
 
     # The dashboard's one state-changing form (logout), posted by another site's page in this browser.
     page.route("http://attacker.invalid/**", lambda route: route.fulfill(content_type="text/html", body=(
@@ -168,9 +214,7 @@ def test_hostile_values_show_as_text_on_every_page(chromium: Any, live_server: s
     assert page.goto("/dashboard/jobs").url == f"{live_server}/dashboard/jobs"  # still logged in
 
     # A live refresh brings a new job's markup into the page as the server escaped it: nothing runs.
-    page.clock.install()
-    page.goto("/dashboard/jobs")
-    _made(api.post("/jobs/", json=[{"app_id": made["evil_app"], "workdir": "live", "tags": {"live": xss("live-refresh")}}]))
+    _made(api.post("/jobs/", json=[{"app_id": made["app"], "workdir": "live", "tags": {"live": xss("live-refresh")}}]))
     with page.expect_response(lambda response: response.url.endswith("/dashboard/jobs")):
         page.clock.fast_forward(6000)
     page.wait_for_function("() => document.querySelectorAll('#jobs-table tbody tr').length === 4")
@@ -235,9 +279,10 @@ def test_static_files_carry_the_pages_security_headers(live_server: str) -> None
     assert httpx.get(live_server + "/dashboard/static/nope.js").headers.get("x-content-type-options") == "nosniff"
 
 
-def test_login_next_never_leaves_the_dashboard(live_server: str, register: Any) -> None:
+def test_login_next_never_leaves_the_dashboard(chromium: Any, live_server: str, register: Any) -> None:
     """Before: ``next=/dashboard/../../elsewhere`` sent the browser, logged in, to ``/elsewhere`` (a
-    browser resolves the dots): another application behind the same host."""
+    browser resolves the dots): another application behind the same host. Then: ``//`` or ``\\``
+    in the query (``workdir__contains=a//b``) was refused too, as if in the path."""
     username, password, _user_id, _token, _ = register(live_server)
     answer = login(httpx.Client(base_url=live_server), username, password, next_url="/dashboard/../../elsewhere")
     assert (answer.status_code, answer.headers["location"]) == (303, "/dashboard/")
@@ -248,6 +293,38 @@ def test_login_next_never_leaves_the_dashboard(live_server: str, register: Any) 
         assert (answer.status_code, answer.headers["location"]) == (303, "/dashboard/"), target
     kept = "/dashboard/jobs?tags=a:..&x=%2e%2e"  # dots in the query are a filter, not a path
     assert client.get("/dashboard/login", params={"next": kept}).headers["location"] == kept
+    # Before: slashes in the query (a bookmarked filter) landed on /dashboard/ after the login.
+    for kept, location in (("/dashboard/jobs?workdir__contains=a//b", "/dashboard/jobs?workdir__contains=a//b"),
+                           ("/dashboard/jobs?workdir__contains=a\\b", "/dashboard/jobs?workdir__contains=a%5Cb")):
+        assert client.get("/dashboard/login", params={"next": kept}).headers["location"] == location, kept
+    # Where Chromium goes with each Location: inside the dashboard, whatever the target.
+    locations = [client.get("/dashboard/login", params={"next": target}) for target in HOSTILE_NEXT]
+    assert {answer.status_code for answer in locations} == {303}
+    page = chromium.new_page()
+    landed = page.evaluate("([base, locations]) => locations.map(l => new URL(l, base).href)",
+                           [live_server + "/dashboard/login", [answer.headers["location"] for answer in locations]])
+    page.close()
+    assert [url for url in landed if not url.startswith(live_server + "/dashboard/")] == []
+    refused = {target for target, answer in zip(HOSTILE_NEXT, locations) if answer.headers["location"] == "/dashboard/"}
+    assert refused == {  # every dot segment, '//' or '\\' in the path, every address outside the dashboard
+        "/dashboard/\\evil.example", "/dashboard//evil.example", "/dashboard/..%2f..%2fx", "/dashboard/%2e%2e/x",
+        "/dashboard/%2E./x", "/dashboard/.%2e/x", "/dashboard/.\t./x", "/dashboard/.\n./x", "/dashboard/x/..",
+        "/dashboard/x/%2e", "/dashboard/\\/evil", "https://evil.example/dashboard/", "//evil.example/dashboard/"}
+
+
+#: Targets for a login's ``next`` that try to leave the dashboard (a reviewer's list): slashes and
+#: backslashes, encoded or not; dot segments encoded every way (fullwidth and one-dot-leader dots
+#: too); a host after ``@``; ``..;``; tabs and line breaks; NUL; a whole URL; dots in a fragment.
+HOSTILE_NEXT = [
+    "/dashboard/\\evil.example", "/dashboard//evil.example", "/dashboard/%2f%2fevil.example", "/dashboard/%5c%5cevil.example",
+    "/dashboard/..%2f..%2fx", "/dashboard/%2e%2e/x", "/dashboard/%2E./x", "/dashboard/.%2e/x", "/dashboard/%252e%252e/x",
+    "/dashboard/%2e%252e/x", "/dashboard/\uff0e\uff0e/x", "/dashboard/\u2024\u2024/x", "/dashboard/@evil.example",
+    "/dashboard/..;/x", "/dashboard/.\t./x", "/dashboard/.\n./x", "/dashboard/\t/evil.example", "/dashboard/\n/evil.example",
+    "/dashboard/%09/evil.example", "/dashboard/x/..", "/dashboard/x/%2e", "/dashboard/x/.%00.", "/dashboard/\\/evil",
+    "/dashboard/%E3%80%82%E3%80%82/x", "/dashboard/ ../x", "/dashboard/.. /x", "/dashboard/..%20/x", "/dashboard/%20../x",
+    "https://evil.example/dashboard/", "//evil.example/dashboard/", "/dashboard/jobs?x=1#/../..", "/dashboard/x#\\evil",
+    "/dashboard/jobs?workdir__contains=/a/../b", "/dashboard/plots?tags=x:../..", "/dashboard/events?before=123#x",
+]
 
 
 def test_a_refused_login_link_page_sends_no_referrer(live_server: str) -> None:

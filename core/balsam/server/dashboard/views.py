@@ -350,14 +350,21 @@ def _start_session(view: "View", conn: sa.Connection, user: AuthUser, how: str) 
 
 
 def _safe_next(view_base: str, target: Optional[str]) -> str:
-    """Only a path inside the dashboard (no scheme, no host, no ``//``): no open redirect. No ``.``
-    or ``..`` segment either, encoded (``%2e``) or not: a browser resolves ``/dashboard/../x`` to
-    ``/x``, out of the dashboard (to another application behind the same host). A browser drops
-    tabs and line breaks from a URL: dropped here too before looking for those segments."""
-    if not target or not target.startswith(view_base + "/") or "//" in target or "\\" in target:
+    """Only a path inside the dashboard (no scheme, no host, no ``//`` or ``\\`` in the path): no
+    open redirect. No ``.`` or ``..`` segment either, encoded (``%2e``, ``..%2f``) or not: a browser
+    resolves ``/dashboard/../x`` to ``/x``, out of the dashboard (to another application behind the
+    same host). Only the path is checked: the query is a page's filters (``workdir__contains=a//b``,
+    ``tags=a:..``) and, like the fragment, is never resolved as a path.
+
+    Tabs and line breaks: RedirectResponse percent-encodes them (``%09``, ``%0A``), so a browser
+    never gets the raw ones it would drop from a URL; a dot segment split by one (``.<TAB>.``) is
+    refused all the same, so that this check does not rest on how the Location header is encoded."""
+    if not target or not target.startswith(view_base + "/"):
         return view_base + "/"
-    path = re.sub(r"[\t\n\r]", "", unquote(re.split(r"[?#]", target, maxsplit=1)[0]))
-    if any(segment in (".", "..") for segment in path.split("/")):
+    path = re.split(r"[?#]", target, maxsplit=1)[0]
+    if "//" in path or "\\" in path:
+        return view_base + "/"
+    if any(segment in (".", "..") for segment in re.sub(r"[\t\n\r]", "", unquote(path)).split("/")):
         return view_base + "/"
     return target
 
@@ -418,9 +425,11 @@ FORM_BODY_LIMIT_BYTES = PUBLIC_BODY_LIMIT_BYTES
 
 
 def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, login: bool = True,
-          name: Optional[str] = None) -> Route:
+          name: Optional[str] = None, no_referrer: bool = False) -> Route:
     """A dashboard route: session check (redirect to the login page), CSRF check on POST, the
-    handler in the thread pool, errors rendered as pages, security headers on everything."""
+    handler in the thread pool, errors rendered as pages, security headers on everything.
+    ``no_referrer``: every answer, the error pages included, sends ``Referrer-Policy: no-referrer``
+    (a page whose address holds a secret: the login link's ticket)."""
 
     async def endpoint(request: Request) -> Response:
         form: dict[str, str] = {}
@@ -437,7 +446,7 @@ def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, l
             response = await run_in_threadpool(_dispatch, request, form)
         except sa.exc.SQLAlchemyError as exc:
             response = await _database_error_page(request, exc)
-        return _security_headers(response)
+        return _security_headers(_no_referrer(response) if no_referrer else response)
 
     def _dispatch(request: Request, form: dict[str, str]) -> Response:
         settings = request.app.state.settings
@@ -895,22 +904,24 @@ def _no_referrer(response: Response) -> Response:
 
 
 def ticket_login(view: View) -> Response:
+    """``GET /dashboard/ticket?t=...``. Every answer (its route's ``no_referrer``), a database
+    error's page too, sends no Referer: the address holds the ticket, perhaps not yet redeemed."""
     ticket = sessions.read_ticket(view.request.query_params.get("t"), view.settings.secret_key)
     if ticket is None or not _user_exists(view.engine, ticket.user.id):
-        return _no_referrer(view.render("error.html", 401, title="Link expired",
-                                        message="This login link is invalid or has expired (links last two minutes): run "
-                                                "`balsam dashboard` again, or log in with a password."))
+        return view.render("error.html", 401, title="Link expired",
+                           message="This login link is invalid or has expired (links last two minutes): run "
+                                   "`balsam dashboard` again, or log in with a password.")
     # One-time: a link seen by someone else (a shared screen, a proxy's log) must not log them in too.
     with write_tx(view.engine) as conn:
         first_use = sessions.redeem_ticket(conn, ticket)
         cookie = _start_session(view, conn, ticket.user, "login link") if first_use else None
     if cookie is None:
-        return _no_referrer(view.render("error.html", 401, title="Link already used",
-                                        message="This login link has already been used (each link logs in once): run "
-                                                "`balsam dashboard` again, or log in with a password."))
+        return view.render("error.html", 401, title="Link already used",
+                           message="This login link has already been used (each link logs in once): run "
+                                   "`balsam dashboard` again, or log in with a password.")
     response = RedirectResponse(view.url(""), status_code=303)
     _set_session_cookie(response, view.request, cookie)
-    return _no_referrer(response)
+    return response
 
 
 def login_link(ctx: Ctx) -> Response:
@@ -951,7 +962,7 @@ def dashboard_routes() -> list[BaseRoute]:
         _page("/plots/data", plots_data),
         _page("/login", login_page, ("GET", "POST"), login=False),
         _page("/logout", logout, ("POST",)),
-        _page("/ticket", ticket_login, login=False),
+        _page("/ticket", ticket_login, login=False, no_referrer=True),
         route("/login-link", {"POST": login_link}),
         Mount("/static", app=_StaticWithSecurityHeaders(StaticFiles(directory=HERE / "static")), name="dashboard_static"),
     ]
