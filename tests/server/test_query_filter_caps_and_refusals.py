@@ -75,6 +75,24 @@ def test_an_acquire_with_too_many_filter_tags_answers_one_line_422(api: Api, sit
     assert len(api.ok("POST", f"/sessions/{session['id']}", json={"max_num_jobs": 5, "filter_tags": {"k0": "v"}})) == 2
 
 
+def test_a_batch_job_with_too_many_filter_tags_is_refused_where_it_is_made(api: Api, site_app: Any) -> None:
+    """Its launchers' acquires send its filter_tags: a BatchJob that could never lease a job is
+    refused at its create and update (before: created, then every acquire answered 422)."""
+    site, _ = site_app
+    body = {"site_id": site["id"], "project": "p", "queue": "q", "num_nodes": 1, "wall_time_min": 30, "job_mode": "mpi"}
+    many = {f"k{i}": "v" for i in range(MAX_TAG_FILTERS + 1)}
+    resp = api.http.post("/batch-jobs/", json={**body, "filter_tags": many})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "filter_tags"], resp.text[:300]
+    parts = [{"job_mode": "serial", "num_nodes": 1, "filter_tags": many}]
+    resp = api.http.post("/batch-jobs/", json={**body, "partitions": parts})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "partitions", 0, "filter_tags"]
+    bj = api.ok("POST", "/batch-jobs/", 201, json={**body, "filter_tags": dict(list(many.items())[:MAX_TAG_FILTERS])})
+    resp = api.http.patch("/batch-jobs/", json=[{"id": bj["id"], "filter_tags": many}])
+    assert resp.status_code == 422, resp.text[:300]
+    assert resp.json()["detail"][0]["msg"] == f"at most {MAX_TAG_FILTERS} tags, got {MAX_TAG_FILTERS + 1}"
+    assert len(api.ok("GET", f"/batch-jobs/{bj['id']}")["filter_tags"]) == MAX_TAG_FILTERS
+
+
 @pytest.mark.parametrize("text", ["1e3", "5.0", "١٢", "１", "+5", " 5", "1_0", "0x10", "-"])
 def test_query_and_path_integers_are_ascii_decimal_digits(api: Api, site_app: Any, text: str) -> None:
     _, app = site_app

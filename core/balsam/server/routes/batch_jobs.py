@@ -15,8 +15,8 @@ from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, missing_answers, not_found_ids, parse_partial, refusals_answered
-from ..http import (ID_AFTER, PAGINATION, QueryParams, check_int_fields, is_json_int, json_response, no_content, pagination,
-                    parse_bulk_patches, require_list, wire_datetime)
+from ..http import (ID_AFTER, MAX_TAG_FILTERS, PAGINATION, QueryParams, check_int_fields, is_json_int, json_response,
+                    no_content, pagination, parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
 from ..jobs_logic import BATCH_JOB_ENDED_MSG, json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
@@ -77,6 +77,15 @@ def _validate_numbers(values: dict[str, Any], loc: list[Any]) -> None:
     for name in ("num_nodes", "wall_time_min"):
         if name in values and (values[name] is None or values[name] < 1):
             raise ValidationFailed.field(loc + [name], f"must be a positive integer, got {values[name]!r}")
+    # Its launchers send filter_tags in every acquire, which takes at most MAX_TAG_FILTERS: refused
+    # here, not at each acquire of a BatchJob that could never lease a job.
+    tag_sets = [(loc + ["filter_tags"], values.get("filter_tags"))]
+    for index, part in enumerate(values.get("partitions") or []):
+        tags = part.get("filter_tags") if isinstance(part, dict) else getattr(part, "filter_tags", None)
+        tag_sets.append((loc + ["partitions", index, "filter_tags"], tags))
+    for where, tags in tag_sets:
+        if tags and len(tags) > MAX_TAG_FILTERS:
+            raise ValidationFailed.field(where, f"at most {MAX_TAG_FILTERS} tags, got {len(tags)}")
 
 
 def batch_jobs_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Select, list[sa.ColumnElement]]:
