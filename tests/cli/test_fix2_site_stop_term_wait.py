@@ -150,9 +150,15 @@ def test_without_t_the_wait_is_two_sync_periods_and_a_margin(stop, args, waited)
     assert "Warning: BatchJob(s) 24 still await deletion after" in result.stderr
 
 
-def test_no_wait_for_what_the_agent_says_it_cannot_end(stop):
-    outage = _row(24, error="scheduler status unavailable since 2026-12-06T16:00:00+00:00 (the status poll failed 3 "
-                            "times in a row): boom", error_time="2026-12-06T16:00:30+00:00")
+@pytest.mark.parametrize("outage_info", [
+    # The agent's own key for it (`error` is the launcher's too).
+    lambda text: {"scheduler_status_error": text},
+    # As an agent before that key wrote it (an agent upgraded mid-outage leaves it until the poll answers).
+    lambda text: {"error": text, "error_time": "2026-12-06T16:00:30+00:00"},
+], ids=["scheduler_status_error", "older-agent-error"])
+def test_no_wait_for_what_the_agent_says_it_cannot_end(stop, outage_info):
+    outage = _row(24, **outage_info("scheduler status unavailable since 2026-12-06T16:00:00+00:00 (the status poll "
+                                    "failed 3 times in a row): boom"))
     old_error = _row(26, error="an older error", error_time="2026-12-06T15:00:00+00:00")
 
     def rows(read: int) -> list[dict]:

@@ -17,6 +17,7 @@ slow server, at the moment the test picks).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import uuid
@@ -27,6 +28,7 @@ import pytest
 
 from balsam.client.rest import RESTClient
 from balsam.launcher import runner, service_calls
+from balsam.launcher.batch_job_notes import BatchJobNotes
 from balsam.launcher.service_calls import note_batch_job
 from failure_proxy import FailureProxy, wait_until  # tests/failure_proxy.py
 
@@ -244,3 +246,91 @@ def test_a_note_is_tried_again_through_an_outage_and_the_exit_wait_is_bounded(ba
     note_batch_job(batch_job.id, "launcher", "written once it answers")
     assert writer.flush(30)
     assert _status_info(balsam_env, batch_job.id) == {"launcher": "written once it answers"}
+
+
+# -- one refused value loses no other key -------------------------------------------------------
+
+
+def _held_notes(balsam_env: Any, batch_job_id: int, wrap: Any = None) -> tuple[BatchJobNotes, threading.Event]:
+    """A writer whose client is made (its first write starts) only once the returned event is set:
+    the notes made before it are written together, in one request."""
+    go = threading.Event()
+
+    def client() -> Any:
+        assert go.wait(30)
+        real = RESTClient(balsam_env.url, balsam_env.token)
+        return wrap(real) if wrap is not None else real
+
+    return BatchJobNotes(batch_job_id, client=client), go
+
+
+@pytest.mark.parametrize("spoiled", ["node x taken out (job output a\x00b)", "no room on /data/\udcff: 0 bytes free"],
+                         ids=["nul", "lone-surrogate"])
+def test_a_note_with_text_the_server_refuses_is_cleaned_and_keeps_the_other_notes(balsam_env: Any, batch_job: Any,
+                                                                                   spoiled: str) -> None:
+    """A NUL (PostgreSQL text refuses it) or a lone surrogate (not UTF-8: the server answers
+    "malformed JSON") in a note, from a job's output line (mpi mode's node take-out quotes one):
+    before, the server's 422 dropped every note of the request (serial mode's error with it)."""
+    notes, go = _held_notes(balsam_env, batch_job.id)
+    notes.note("error", "launcher failed: real reason", error_time="T")
+    notes.note("nodes_out", spoiled)
+    go.set()
+    assert notes.flush(10)
+    info = _status_info(balsam_env, batch_job.id)
+    assert info["error"] == "launcher failed: real reason" and info["error_time"] == "T", info
+    assert info["nodes_out"] == spoiled.replace("\x00", "\ufffd").replace("\udcff", "\ufffd"), info
+
+
+class SpoilsKey:
+    """The writer's REST client, with the value of one key made one the server refuses (a NUL: the
+    real server answers 422) in every request that holds it: a value refused for any reason."""
+
+    def __init__(self, inner: Any, key: str) -> None:
+        self.inner, self.key = inner, key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def put(self, path: str, json: dict, **kw: Any) -> Any:
+        merge = dict(json["status_info_merge"])
+        if self.key in merge:
+            merge[self.key] = "refused\x00"
+        return self.inner.put(path, json={"status_info_merge": merge}, **kw)
+
+
+def test_a_refused_key_is_dropped_alone_and_named_once(balsam_env: Any, batch_job: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    notes, go = _held_notes(balsam_env, batch_job.id, lambda real: SpoilsKey(real, "nodes_out"))
+    notes.note("error", "launcher failed: real reason", error_time="T")
+    notes.note("nodes_out", "node x taken out")
+    notes.note("launcher", "stopped acquiring")
+    with caplog.at_level(logging.WARNING, logger="balsam.launcher.batch_job_notes"):
+        go.set()
+        assert not notes.flush(10)  # done, but a note was dropped: the exit's flush says so
+        info = _status_info(balsam_env, batch_job.id)
+        assert info == {"error": "launcher failed: real reason", "error_time": "T", "launcher": "stopped acquiring"}
+        refused = [r.getMessage() for r in caplog.records if "could not record" in r.getMessage()]
+        # The batch's refusal is not logged; the key's is, once, with the server's reason.
+        assert len(refused) == 1 and "could not record nodes_out on BatchJob" in refused[0], refused
+        assert "NUL" in refused[0] or "422" in refused[0] or "null" in refused[0].lower(), refused
+        assert any("notes nodes_out were dropped" in r.getMessage() for r in caplog.records)
+        # The writer goes on: the next notes are written, and the flush reports nothing dropped.
+        caplog.clear()
+        notes.note("disk_full", "paused at T0")
+        assert notes.flush(10)
+    assert _status_info(balsam_env, batch_job.id)["disk_full"] == "paused at T0"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_the_launchers_exit_flush_is_imported_at_the_top_of_entry() -> None:
+    """entry.py imported flush_notes inside its exit's ``finally`` (an import that fails there would
+    replace the launcher's own exception); service_calls imports batch_job_notes at its top already."""
+    import ast
+
+    from balsam.launcher import entry
+
+    tree = ast.parse(Path(entry.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "batch_job_notes"]
+    nested = [n.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f) if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("batch_job_notes")]
+    assert top and not nested, nested

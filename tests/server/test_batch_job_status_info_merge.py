@@ -105,3 +105,21 @@ def test_a_bad_merge_is_refused_with_one_clear_422_and_nothing_updated(api):
                                                 {"id": bj["id"], "status_info": {}, "status_info_merge": {}}])
     assert resp.status_code == 422 and '"body",1,"status_info_merge"' in resp.text.replace(" ", ""), resp.text
     assert _info(api, bj["id"]) == {"a": "1"} and _info(api, other["id"]) == {}
+
+
+def test_a_merge_replayed_with_its_idempotency_key_is_not_applied_again(api):
+    """A launcher's note whose answer was lost is sent again with the same Idempotency-Key (as the
+    client's retries do): answered from the record, not merged a second time, so a key another
+    writer set or removed in between is not put back (nor removed by a replayed null)."""
+    site = api.site()
+    bj = api.ok("POST", "/batch-jobs/", 201, json=bj_body(site["id"]))
+    path = f"/batch-jobs/{bj['id']}"
+    api.ok("PUT", path, json={"status_info_merge": {"disk_full": "paused at T0", "old": "x"}})
+    note = {"status_info_merge": {"disk_full": "resumed at T1", "old": None}}
+    first = api.ok("PUT", path, json=note, headers={"Idempotency-Key": "note-1"})
+    assert first["status_info"] == {"disk_full": "resumed at T1"}
+    # Another writer in between: a newer message, and the removed key written again.
+    api.ok("PUT", path, json={"status_info_merge": {"disk_full": "paused at T2", "old": "y"}})
+    again = api.ok("PUT", path, json=note, headers={"Idempotency-Key": "note-1"})
+    assert again["status_info"] == first["status_info"]  # the recorded answer
+    assert _info(api, bj["id"]) == {"disk_full": "paused at T2", "old": "y"}

@@ -30,7 +30,7 @@ def test_site_stop_does_not_wait_for_a_batch_job_the_agent_cannot_end(make_site,
         # The agent records the outage on its running BatchJob after 3 failed polls (1 s apart); the
         # user then ends it. (A BatchJob marked before that gets no such record: the wait then lasts
         # its two sync periods + 5 s.)
-        wait_for(lambda: str((batch_job(client, bj)["status_info"] or {}).get("error", "")).startswith(
+        wait_for(lambda: str((batch_job(client, bj)["status_info"] or {}).get("scheduler_status_error", "")).startswith(
             "scheduler status unavailable"), timeout=60, what="the agent to record the outage")
         client.patch("/batch-jobs/", json=[{"id": bj, "state": "pending_deletion"}])  # `balsam queue term --id`
         assert_site_stop_says_it_cannot_end(site.site_path, bj, "scheduler status unavailable")

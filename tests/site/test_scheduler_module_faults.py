@@ -377,5 +377,5 @@ def test_a_cobalt_poll_with_nothing_readable_is_a_failed_poll(make_site, client)
         module.run_cycle()
     record = batch_job(client, bj)
     assert record["state"] == "queued"
-    assert "scheduler status unavailable" in record["status_info"]["error"]
-    assert "qstat printed nothing readable" in record["status_info"]["error"]
+    assert "scheduler status unavailable" in record["status_info"]["scheduler_status_error"]
+    assert "qstat printed nothing readable" in record["status_info"]["scheduler_status_error"]

@@ -174,7 +174,7 @@ def test_an_outage_is_written_once_logged_rarely_and_cleared_when_it_ends(setup,
     with caplog.at_level(logging.INFO, logger="balsam.site.modules.scheduler"):
         for _ in range(9):
             module.run_cycle()
-        errors = [batch_job(client, i)["status_info"].get("error", "") for i in ids]
+        errors = [batch_job(client, i)["status_info"].get("scheduler_status_error", "") for i in ids]
         assert all("scheduler status unavailable" in e and "Socket timed out" in e for e in errors)
         # Written when the outage reached the threshold (one bulk PATCH), not at every poll.
         assert [c for c in counting.calls if c[0] == "patch"] == [("patch", "/batch-jobs/")]
@@ -184,7 +184,7 @@ def test_an_outage_is_written_once_logged_rarely_and_cleared_when_it_ends(setup,
     assert "answers again" in outage_lines[-1]
     for i in ids:
         info = batch_job(client, i)["status_info"]
-        assert "error" not in info and "error_time" not in info
+        assert "error" not in info and "error_time" not in info and "scheduler_status_error" not in info
 
 
 # -- 5. a requeued BatchJob ran; markers keep their token; one PATCH for a burst's tokens ----------

@@ -67,10 +67,11 @@ def test_pending_deletion_records_the_outage_and_is_deleted_once_it_ends(make_si
         for _ in range(scheduler.status_error_threshold):
             module.run_cycle()
         info = batch_job(client, bj)["status_info"]
-        assert str(info.get("error", "")).startswith(OUTAGE), info
-        assert "Connection refused" in info["error"]
+        # Under a key of its own (`error` is the launcher's too).
+        assert str(info.get("scheduler_status_error", "")).startswith(OUTAGE), info
+        assert "Connection refused" in info["scheduler_status_error"] and "error" not in info
         module.run_cycle()
-        assert batch_job(client, bj)["status_info"]["error_time"] == info["error_time"]
+        assert batch_job(client, bj)["status_info"]["scheduler_status_error"] == info["scheduler_status_error"]
         assert runner.deletes_run == [] and len(_sleeps(mark)) == 1
 
         # The poll answers, the delete fails: the outage note gives way to the delete's error.
@@ -79,6 +80,7 @@ def test_pending_deletion_records_the_outage_and_is_deleted_once_it_ends(make_si
         record = batch_job(client, bj)
         assert record["state"] == "pending_deletion"
         assert record["status_info"]["error"].startswith("delete failed: "), record["status_info"]
+        assert "scheduler_status_error" not in record["status_info"]
         assert "Connection refused" in record["status_info"]["error"]
         assert len(_sleeps(mark)) == 1
 

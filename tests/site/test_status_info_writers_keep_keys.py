@@ -18,7 +18,8 @@ import attrs
 import pytest
 
 from balsam.launcher.batch_job_notes import BatchJobNotes
-from balsam.site.modules.scheduler import WITHDRAW_IF_QUEUED, SchedulerModule
+from balsam.scheduler import SchedulerError
+from balsam.site.modules.scheduler import SCHEDULER_STATUS_ERROR, WITHDRAW_IF_QUEUED, SchedulerModule
 from balsam.states import BatchJobState
 from failure_proxy import wait_until  # tests/failure_proxy.py
 from site_test_utils import batch_job, create_batch_job
@@ -142,3 +143,106 @@ def test_a_withdrawal_marked_while_the_cycle_ran_is_kept_without_reading_again(s
     info = batch_job(client, bj_id)["status_info"]
     assert info.get(WITHDRAW_IF_QUEUED) == "now by elastic" and info.get("scheduler_reason") == "Priority", info
     assert [call for call in counting.calls if call == ("get", "/batch-jobs/")] == [("get", "/batch-jobs/")]
+
+
+# -- the agent's removals (null in its merge) reach the server -------------------------------------
+
+
+@pytest.fixture
+def one_queued(make_site, client):
+    """A site whose queue takes one BatchJob at a time (a second waits, ``status_info.waiting``)."""
+    site = make_site(overrides={"scheduler": {"allowed_queues": {"local": {"max_nodes": 4, "max_walltime": 60,
+                                                                           "max_queued_jobs": 1}}}})
+    fake = ScriptedScheduler()
+    return site, fake, SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+
+
+def test_a_withdrawal_marker_is_removed_once_the_batch_job_runs(setup, client) -> None:
+    site, fake, module = setup
+    bj_id, _scheduler_id = _running(module, fake, client, site.site_id)
+    client.put(f"/batch-jobs/{bj_id}", json={"status_info_merge": {WITHDRAW_IF_QUEUED: "now by elastic"}})
+    module.run_cycle()
+    record = batch_job(client, bj_id)
+    assert record["state"] == "running" and WITHDRAW_IF_QUEUED not in record["status_info"], record
+
+
+def test_waiting_and_a_failed_submits_error_are_removed_once_submitted(one_queued, client) -> None:
+    site, fake, module = one_queued
+    create_batch_job(client, site.site_id)
+    module.run_cycle()  # the first is queued: the queue is full for the second
+    second = create_batch_job(client, site.site_id)["id"]
+    module.run_cycle()
+    assert batch_job(client, second)["status_info"].get("waiting"), batch_job(client, second)
+    fake.queue.clear()  # the first ended: room again, but the next submit fails once
+    fake.history = {}
+    fake.submit_errors.append(SchedulerError("sbatch: Socket timed out"))
+    module.run_cycle()
+    assert batch_job(client, second)["status_info"].get("error"), batch_job(client, second)
+    module.run_cycle()
+    record = batch_job(client, second)
+    assert record["state"] == "queued", record
+    assert "waiting" not in record["status_info"] and "error" not in record["status_info"], record["status_info"]
+    assert record["status_info"].get("submit_token")
+
+
+# -- the scheduler-status outage has a key of its own: the launcher's `error` is its own ----------
+
+
+def _outage(fake: ScriptedScheduler, module: SchedulerModule) -> None:
+    """Status polls fail until the outage is noted on the BatchJobs (the driver's threshold)."""
+    fake.status_errors.extend([SchedulerError("squeue: Socket timed out")] * module.threshold)
+    for _ in range(module.threshold):
+        module.run_cycle()
+
+
+def test_an_outage_keeps_the_launchers_error_and_its_end_does_not_remove_it(setup, client) -> None:
+    site, fake, module = setup
+    bj_id, _scheduler_id = _running(module, fake, client, site.site_id)
+    client.put(f"/batch-jobs/{bj_id}", json={"status_info_merge": {"error": "serial mode did not start: mpiexec: x",
+                                                                   "error_time": "T1"}})
+    _outage(fake, module)
+    info = batch_job(client, bj_id)["status_info"]
+    assert info["error"] == "serial mode did not start: mpiexec: x" and info["error_time"] == "T1", info
+    assert info[SCHEDULER_STATUS_ERROR].startswith("scheduler status unavailable since "), info
+    module.run_cycle()  # the scheduler answers again
+    info = batch_job(client, bj_id)["status_info"]
+    assert info["error"] == "serial mode did not start: mpiexec: x" and SCHEDULER_STATUS_ERROR not in info, info
+
+
+def test_a_launcher_error_written_during_the_recovery_cycle_is_kept(setup, client) -> None:
+    site, fake, module = setup
+    bj_id, _scheduler_id = _running(module, fake, client, site.site_id)
+    _outage(fake, module)
+    assert SCHEDULER_STATUS_ERROR in batch_job(client, bj_id)["status_info"]
+
+    def launcher_error() -> None:  # report_batch_job_error lands during the recovery cycle's poll
+        client.put(f"/batch-jobs/{bj_id}", json={"status_info_merge": {"error": "serial mode did not start",
+                                                                       "error_time": "T1"}})
+
+    _during_the_poll(fake, launcher_error)
+    module.run_cycle()
+    info = batch_job(client, bj_id)["status_info"]
+    assert info.get("error") == "serial mode did not start" and SCHEDULER_STATUS_ERROR not in info, info
+
+
+def test_an_older_agents_outage_error_is_removed_when_the_scheduler_answers(setup, client) -> None:
+    """An agent upgraded mid-outage finds the outage written as `error` by the agent before it: not
+    written again under the new key, and removed once the poll answers."""
+    site, fake, module = setup
+    bj_id, _scheduler_id = _running(module, fake, client, site.site_id)
+    old = "scheduler status unavailable since 2026-12-06T16:00:00+00:00 (the status poll failed 3 times in a row): x"
+    client.put(f"/batch-jobs/{bj_id}", json={"status_info_merge": {"error": old, "error_time": "T0"}})
+    _outage(fake, module)
+    info = batch_job(client, bj_id)["status_info"]
+    assert info.get("error") == old and SCHEDULER_STATUS_ERROR not in info, info
+    module.run_cycle()
+    info = batch_job(client, bj_id)["status_info"]
+    assert "error" not in info and "error_time" not in info and SCHEDULER_STATUS_ERROR not in info, info
+
+
+def test_balsam_queue_ls_gives_the_outage_as_a_queued_batch_jobs_reason() -> None:
+    from balsam.cli.queue import waiting_reason
+
+    outage = {SCHEDULER_STATUS_ERROR: "scheduler status unavailable since T (the status poll failed 3 times): x"}
+    assert waiting_reason("queued", outage).startswith("scheduler status unavailable since T")
+    assert waiting_reason("queued", {**outage, "scheduler_reason": "Priority"}) == "Priority"

@@ -40,9 +40,10 @@ def submitted_by_cell(name: str) -> str:
 
 def waiting_reason(state: str, status_info: dict[str, Any]) -> str:
     """Why a BatchJob is not running, in a few words: the scheduler's reason while it is queued, the
-    agent's ``waiting`` note or last error before submission, the error of a refused one."""
+    agent's ``waiting`` note or last error before submission, the error of a refused one; while
+    queued, the agent's scheduler-status outage (``scheduler_status_error``) where nothing else says."""
     if state == "queued":
-        keys: tuple[str, ...] = ("scheduler_reason", "error")
+        keys: tuple[str, ...] = ("scheduler_reason", "error", "scheduler_status_error")
     elif state == "pending_submission":
         keys = ("waiting", "error")
     elif state == "submit_failed":

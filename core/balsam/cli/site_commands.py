@@ -181,9 +181,11 @@ def _agent_cannot_end(row: dict, since: dt.datetime) -> Optional[str]:
     records in status_info (None: nothing says so): its status poll failing (that error stays
     until the scheduler answers again), or an error recorded since ``since`` (aware), when the wait
     began: a delete that failed, the lookup of a submission never recorded that failed."""
-    from balsam.site.modules.scheduler import _STATUS_UNAVAILABLE
+    from balsam.site.modules.scheduler import _STATUS_UNAVAILABLE, SCHEDULER_STATUS_ERROR
 
     info = row.get("status_info") or {}
+    if info.get(SCHEDULER_STATUS_ERROR):  # the poll's outage (an agent before this key wrote it as `error`)
+        return str(info[SCHEDULER_STATUS_ERROR])
     error = str(info.get("error") or "")
     if not error:
         return None

@@ -8,14 +8,17 @@ a pause's write, slow, landed after its resume's (the BatchJob said "paused" aft
 ended). And mpi mode wrote its notes on its loop thread: an API outage held job launching for the
 client's retries (minutes).
 
-Now :meth:`BatchJobNotes.note` only records the message (the latest per key wins) and wakes the
-writer thread, which writes the pending keys in one request, in order, one write at a time. A
-write that fails for an outage (no answer, 5xx, 429) is tried again after
-:data:`RETRY_FIRST_SEC`, doubling to :data:`RETRY_MAX_SEC` (the notes put meanwhile join it); a
-refusal (another 4xx: the BatchJob deleted, a refused credential) drops those notes with one
-warning. :func:`flush_notes`, at the launcher's exit, waits at most :data:`FLUSH_SEC` for what is
-pending (once per outage: a second flush after one that timed out, with nothing written or noted
-since, does not wait again).
+Now :meth:`BatchJobNotes.note` only records the message (the latest per key wins; its text through
+:func:`balsam.util.api_text`, as job updates: a NUL or a lone surrogate, from a job's output, made
+the server refuse the write) and wakes the writer thread, which writes the pending keys in one
+request, in order, one write at a time. A write that fails for an outage (no answer, 5xx, 429) is
+tried again after :data:`RETRY_FIRST_SEC`, doubling to :data:`RETRY_MAX_SEC` (the notes put
+meanwhile join it). A 404 (the BatchJob deleted) drops those notes with one warning. Another 4xx
+refuses something in the request: its keys are then written one at a time, so that only a key the
+server refuses is dropped (one warning naming the key and the server's reason; one refused value
+lost every other key of its request before). :func:`flush_notes`, at the launcher's exit, waits at
+most :data:`FLUSH_SEC` for what is pending (once per outage: a second flush after one that timed
+out, with nothing written or noted since, does not wait again) and says which notes were dropped.
 
 The write is ``PUT /batch-jobs/{id}`` with ``status_info_merge`` (docs/rest-api.md): the server
 sets the keys sent in the same UPDATE, under the row's lock, and keeps every other key. A
@@ -32,6 +35,8 @@ import logging
 import threading
 import time
 from typing import Any, Callable, Optional
+
+from balsam.util import api_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,18 @@ def _transient(exc: BaseException) -> bool:
     return status is None or status >= 500 or status == 429
 
 
+def _refused_value(exc: BaseException) -> bool:
+    """Whether a failed write refused something in its request (a 4xx other than 404 and 429: a
+    value the server does not take, a refused credential), so that each key is worth trying alone.
+    A 404 is the BatchJob gone: no key of it can be written."""
+    status = _http_status(exc)
+    return status is not None and 400 <= status < 500 and status not in (404, 429)
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]
+
+
 class BatchJobNotes:
     """The notes of one launcher process on BatchJob ``batch_job_id``; see the module docstring.
 
@@ -74,6 +91,8 @@ class BatchJobNotes:
         self._failures = 0
         #: A flush waits for the writer: its attempt starts now, not at the backoff's end, and ends by then.
         self._flush_deadline: Optional[float] = None
+        #: Keys dropped (refused by the server) since the last flush, which reports them.
+        self._dropped: set[str] = set()
         #: A flush timed out and nothing was written or noted since (the API is away): a later flush
         #: returns at once.
         self._flush_gave_up = False
@@ -82,10 +101,12 @@ class BatchJobNotes:
 
     # -- callers (any thread) -------------------------------------------------------------------
     def note(self, key: str, message: str, **more: str) -> None:
-        """Record ``status_info[key] = message`` (and each ``more`` key) to be written; returns at once."""
+        """Record ``status_info[key] = message`` (and each ``more`` key) to be written; returns at once.
+        Each text goes through :func:`balsam.util.api_text` (NUL and lone surrogates, which the
+        server refuses, become U+FFFD): a node take-out quotes a job's last output line."""
+        cleaned = {api_text(str(k)): api_text(str(v)) for k, v in {key: message, **more}.items()}
         with self._cond:
-            self._pending[key] = message
-            self._pending.update(more)
+            self._pending.update(cleaned)
             self._flush_gave_up = False  # a new note is waited for at the next flush
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="batch-job-notes", daemon=True)
@@ -93,13 +114,15 @@ class BatchJobNotes:
             self._cond.notify_all()
 
     def flush(self, timeout: float = FLUSH_SEC) -> bool:
-        """Wait up to ``timeout`` seconds for the pending notes to be written. True when done."""
+        """Wait up to ``timeout`` seconds for the pending notes to be written. True when done and
+        no note was dropped (refused by the server) since the last flush; the dropped keys are
+        logged in one warning."""
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._thread is None:
                 return True
             if self._flush_gave_up:
-                return not self._pending and not self._writing
+                return not self._pending and not self._writing and self._report_dropped()
             self._flush_deadline = deadline
             self._retry_at = min(self._retry_at, time.monotonic())  # one try now, not at the backoff's end
             self._cond.notify_all()
@@ -113,7 +136,16 @@ class BatchJobNotes:
                     return False
                 self._cond.wait(left)
             self._flush_deadline = None
+            return self._report_dropped()
+
+    def _report_dropped(self) -> bool:
+        """(Under the lock.) Log the keys dropped since the last flush; True when none was."""
+        if not self._dropped:
             return True
+        logger.warning("BatchJob %s: notes %s were dropped (refused by the server, see above)", self.batch_job_id,
+                       ", ".join(sorted(self._dropped)))
+        self._dropped = set()
+        return False
 
     # -- the writer thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -130,20 +162,47 @@ class BatchJobNotes:
             try:
                 self._write(batch, deadline)
             except Exception as exc:
-                self._failed(batch, exc)
+                if _refused_value(exc) and len(batch) > 1:
+                    self._write_each(batch, deadline)
+                else:
+                    self._failed(batch, exc)
             else:
-                with self._cond:
-                    if self._failures:
-                        logger.info("BatchJob %s: notes written again after %d failed tries", self.batch_job_id,
-                                    self._failures)
-                    self._failures = 0
-                    self._backoff = RETRY_FIRST_SEC
-                    self._retry_at = 0.0
-                    self._flush_gave_up = False
+                self._written()
             finally:
                 with self._cond:
                     self._writing = False
                     self._cond.notify_all()
+
+    def _written(self) -> None:
+        with self._cond:
+            if self._failures:
+                logger.info("BatchJob %s: notes written again after %d failed tries", self.batch_job_id,
+                            self._failures)
+            self._failures = 0
+            self._backoff = RETRY_FIRST_SEC
+            self._retry_at = 0.0
+            self._flush_gave_up = False
+
+    def _write_each(self, batch: dict[str, str], deadline: Optional[float]) -> None:
+        """The server refused ``batch``'s request: its keys one request each, in order, so that only
+        a key it refuses is dropped. An outage (or a 404) met on the way is handled as for a batch,
+        with the keys not written yet."""
+        keys = list(batch)
+        wrote = False
+        for n, key in enumerate(keys):
+            try:
+                self._write({key: batch[key]}, deadline)
+            except Exception as exc:
+                if _refused_value(exc):
+                    self._failed({key: batch[key]}, exc)
+                    continue
+                if wrote:
+                    self._written()
+                self._failed({k: batch[k] for k in keys[n:]}, exc)
+                return
+            wrote = True
+        if wrote:
+            self._written()
 
     def _write(self, batch: dict[str, str], deadline: Optional[float]) -> None:
         """One request: ``batch``'s keys merged into the stored status_info by the server (the
@@ -162,8 +221,9 @@ class BatchJobNotes:
     def _failed(self, batch: dict[str, str], exc: BaseException) -> None:
         with self._cond:
             if not _transient(exc):
-                logger.warning("could not record %s on BatchJob %s (not tried again): %s",
-                               ", ".join(sorted(batch)), self.batch_job_id, exc)
+                self._dropped.update(batch)
+                logger.warning("could not record %s on BatchJob %s (the server refused it; not tried again): %s",
+                               ", ".join(sorted(batch)), self.batch_job_id, _reason(exc))
                 return
             # Newer notes put meanwhile win over the batch that failed.
             self._pending = {**batch, **self._pending}
@@ -178,6 +238,8 @@ class BatchJobNotes:
 
 
 def _default_client() -> Any:
+    # Imported here, not at the top: service_calls imports this module (notes_for), so a top-level
+    # import back would be circular (whichever is imported first would find the other half-made).
     from .service_calls import default_client
 
     return default_client()

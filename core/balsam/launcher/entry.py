@@ -30,6 +30,8 @@ from balsam.util import (EnvNumberError, batch_job_id_from_env, env_number, log_
                          resume_gc_after_start_up)
 
 logger = logging.getLogger("balsam.launcher")
+from .batch_job_notes import flush_notes
+
 
 START_TIME_ENV = "BALSAM_LAUNCHER_START_TIME"
 #: How far past now ``$BALSAM_LAUNCHER_START_TIME`` may lie (clock differences between hosts).
@@ -582,8 +584,6 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
             # The mode's notes on its BatchJob (status_info) are written by the note writer's
             # thread: before the exit, bounded (batch_job_notes.FLUSH_SEC, not again after a flush
             # that timed out); here, while the log file is open for its warning.
-            from .batch_job_notes import flush_notes
-
             flush_notes()
         finally:
             if signals is not None:

@@ -288,6 +288,12 @@ WITHDRAW_IF_QUEUED = "withdraw_if_queued"
 
 #: The start of the error written while the scheduler's status poll keeps failing.
 _STATUS_UNAVAILABLE = "scheduler status unavailable"
+#: The status_info key of that error: a key of its own, not ``error``, which the launcher's
+#: failure report (``report_batch_job_error``) writes too: the outage overwrote the launcher's
+#: error and the recovery removed it (a launcher error written during the recovery cycle was
+#: deleted by its merge). Agents before this key wrote the outage as ``error``: such an ``error``
+#: is still read as the outage (``balsam site stop``) and removed when the scheduler answers.
+SCHEDULER_STATUS_ERROR = "scheduler_status_error"
 
 #: The start of the error of a pending_deletion BatchJob whose scheduler job the delete command
 #: failed to delete (tried again next cycle).
@@ -801,7 +807,10 @@ class SchedulerModule(AgentModule):
         state = BatchJobState(batch_job["state"])
         scheduler_id = batch_job.get("scheduler_id")
         if statuses is not None:  # the scheduler answers (again): an outage's error is outdated
-            self._clear_error(batch_job, update, _STATUS_UNAVAILABLE)
+            info = update.get("status_info") or batch_job.get("status_info") or {}
+            if SCHEDULER_STATUS_ERROR in info:
+                update["status_info"] = {k: v for k, v in info.items() if k != SCHEDULER_STATUS_ERROR}
+            self._clear_error(batch_job, update, _STATUS_UNAVAILABLE)  # written as `error` by an older agent
         if state == BatchJobState.pending_submission:
             job_tags, site_tags = batch_job.get("filter_tags") or {}, self._site_filter_tags()
             if _tags_match(job_tags, site_tags):
@@ -901,17 +910,19 @@ class SchedulerModule(AgentModule):
 
     def _note_outage(self, batch_job: dict, update: dict, poll_error: Optional[str]) -> None:
         """The status poll failed: say so in the BatchJob's status_info once the outage reaches the
-        driver's threshold of failed polls. Written once (the poll count and the driver's text
+        driver's threshold of failed polls, as ``status_info[SCHEDULER_STATUS_ERROR]`` (not ``error``,
+        the launcher's: see :data:`SCHEDULER_STATUS_ERROR`). Written once (the poll count and the driver's text
         change every poll and are left out of later cycles, so the BatchJobs are not PATCHed each
         cycle); the module logs the outage itself, not once per BatchJob. Removed once the
         scheduler answers again (:meth:`_handle`)."""
         if self.poll_failures < self.threshold:
             return
-        current = str((batch_job.get("status_info") or {}).get("error") or "")
-        if not current.startswith(_STATUS_UNAVAILABLE):
+        info = update.get("status_info") or batch_job.get("status_info") or {}
+        if SCHEDULER_STATUS_ERROR not in info and not str(info.get("error") or "").startswith(_STATUS_UNAVAILABLE):
             since = self._poll_failing_since_iso or iso_now()
-            self._error(update, batch_job, f"{_STATUS_UNAVAILABLE} since {since} (the status poll failed "
-                                           f"{self.poll_failures} times in a row): {poll_error}", log=False)
+            update["status_info"] = {**info, SCHEDULER_STATUS_ERROR: clean_text(
+                f"{_STATUS_UNAVAILABLE} since {since} (the status poll failed {self.poll_failures} times in a row): "
+                f"{poll_error}")}
 
     def _delete(self, batch_job: dict, scheduler_id: int, update: dict) -> None:
         """Delete the scheduler job of a pending_deletion BatchJob the poll still lists. A delete
@@ -1125,8 +1136,9 @@ class SchedulerModule(AgentModule):
                 info["last_start_time"] = format_datetime(history.start_time)
         update["end_time"] = format_datetime(history.end_time or utcnow())
         info.pop("scheduler_reason", None)  # why it waited: outdated once it ended
+        info.pop(SCHEDULER_STATUS_ERROR, None)  # the poll answered
         if (_LOOKUP_FAILING in str(info.get("error") or "")  # outdated now that the lookup answered
-                or str(info.get("error") or "").startswith(_STATUS_UNAVAILABLE)  # and the poll
+                or str(info.get("error") or "").startswith(_STATUS_UNAVAILABLE)  # an older agent's outage
                 or (deleting and str(info.get("error") or "").startswith(_DELETE_FAILED))  # the job is gone
                 or str(info.get("error") or "").startswith(_WITHDRAW_DELETE_FAILED)):  # nothing to withdraw
             info.pop("error", None)
