@@ -29,6 +29,12 @@ UPDATE_ONLY = {"role": "update"}
 MAX_PAGE_SIZE = 100_000
 MAX_ITEMS_PER_BULK_OP = 5_000
 MAX_JOBS_PER_SESSION_ACQUIRE = 2_048
+#: The most ``K:V`` filters (``tags=``, ``data=``, ``filter_tags=`` of a listing, an acquire's
+#: ``filter_tags``, a BatchJob's) one request or record may give. Each is one clause of the query:
+#: some 500 made SQLite refuse the statement ("Expression tree is too large (maximum depth 1000)"),
+#: which was answered, and logged, as a database outage (503). The settings refuse a site's
+#: ``filter_tags`` beyond it, and a launcher whose merged tags exceed it stops at start.
+MAX_TAG_FILTERS = 100
 #: Job ids one session heartbeat (``PUT /sessions/{id}``) may ask about; a launcher holding more
 #: sends a different window of them on each heartbeat.
 MAX_JOB_IDS_PER_SESSION_TICK = 100_000

@@ -25,6 +25,7 @@ from balsam.serialization import show
 __all__ = ["AllowedQueue", "LauncherSettings", "LoggingSettings", "setting"]
 
 
+
 def setting(default: Any = attrs.NOTHING, help: str = "", *, factory: Any = None) -> Any:
     """An attrs field with a help text (``factory`` for mutable defaults)."""
     if factory is not None:

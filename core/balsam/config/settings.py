@@ -36,6 +36,7 @@ from typing import Any, Collection, Iterable, Optional, Union
 import attrs
 import yaml
 
+from ..models import MAX_TAG_FILTERS
 from ..options import NoOptions, option_help
 from ..serialization import show
 from .drivers import DRIVER_OPTION_FIELDS
@@ -595,7 +596,11 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
                 checker.fail((key,), "this section cannot be null (remove the key to use the defaults)")
             continue
         converted = checker.value(value, spec.schema, (key,))
-        if converted is not checker.INVALID:
+        if spec.key == "filter_tags" and converted is not checker.INVALID and len(converted) > MAX_TAG_FILTERS:
+            # Every launcher's acquire sends them, and the API refuses more (each acquire a 422).
+            checker.fail((key,), f"at most {MAX_TAG_FILTERS} tags (the API's limit on an acquire's filter_tags), "
+                         f"got {len(converted)}")
+        elif converted is not checker.INVALID:
             sections[key] = converted
             if spec.disableable:
                 _check_module_periods(key, converted, checker)

@@ -25,13 +25,14 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
+from balsam.models import MAX_TAG_FILTERS
 from balsam.platform import NodeInfo
 from balsam.util import (EnvNumberError, batch_job_id_from_env, env_number, log_file_handler, plain_decimal_text,
                          resume_gc_after_start_up)
 
-logger = logging.getLogger("balsam.launcher")
 from .batch_job_notes import flush_notes
 
+logger = logging.getLogger("balsam.launcher")
 
 START_TIME_ENV = "BALSAM_LAUNCHER_START_TIME"
 #: How far past now ``$BALSAM_LAUNCHER_START_TIME`` may lie (clock differences between hosts).
@@ -85,6 +86,22 @@ def parse_partition(text: str) -> Partition:
         raise LauncherError(f"bad partition {text!r}: needs at least 1 node")
     tags = dict(parse_tag(t) for t in parts[2:] if t)
     return Partition(parts[0], num_nodes, tags)
+
+
+def check_filter_tag_count(settings_tags: dict[str, str], cli_tags: dict[str, str],
+                           partitions: Sequence[Partition]) -> None:
+    """Each partition's acquires send the settings' ``filter_tags``, the ``--tag`` ones (the
+    BatchJob's ``filter_tags``, from its job script) and its ``--part`` tags, merged: the API
+    refuses an acquire with more than :data:`MAX_TAG_FILTERS` (422). Unchecked, the launcher
+    retried that refused acquire for its whole allocation and ran nothing; it stops here at start."""
+    for index, partition in enumerate(partitions):
+        merged = {**settings_tags, **cli_tags, **partition.filter_tags}
+        if len(merged) > MAX_TAG_FILTERS:
+            where = f"settings.yml filter_tags: {len(settings_tags)}, --tag (the BatchJob's filter_tags): {len(cli_tags)}"
+            if partition.filter_tags:
+                where += f", --part {index}'s tags: {len(partition.filter_tags)}"
+            raise LauncherError(f"{len(merged)} filter tags ({where}; keys counted once): an acquire takes at most "
+                                f"{MAX_TAG_FILTERS}")
 
 
 def split_nodes(nodes: Sequence[NodeInfo], partitions: Sequence[Partition]) -> list[list[NodeInfo]]:
@@ -377,7 +394,9 @@ def _start_launcher(job_mode: str, wall_time_min: float, tags: Sequence[str], pa
             if signals is not None:
                 signals.raise_noted()  # one came before the ``try``: the start-up ends here
             settings = _load_settings(site_config)
-            base_tags = {**dict(getattr(settings, "filter_tags", None) or {}), **cli_tags}
+            settings_tags = dict(getattr(settings, "filter_tags", None) or {})
+            check_filter_tag_count(settings_tags, cli_tags, partitions)
+            base_tags = {**settings_tags, **cli_tags}
             return _run_with_site(site_config, settings, credential, partitions, base_tags, wall_time_min, start_time,
                                   partition_index, early_lease, on_credential_refused, held=held, signals=signals)
         finally:

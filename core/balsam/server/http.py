@@ -12,7 +12,7 @@ from starlette.datastructures import QueryParams as StarletteQueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
-from balsam.models import ID_AFTER  # noqa: F401 (the keyset filter, shared with the client; routes import it here)
+from balsam.models import ID_AFTER, MAX_TAG_FILTERS  # noqa: F401 (shared limits; routes import them here)
 from balsam.serialization import parse_datetime
 
 from .errors import APIError, BadRequest, ValidationFailed
@@ -24,11 +24,6 @@ from .limits import MAX_QUERY_VALUE_CHARS
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 #: Ids in a path are 64-bit integers (an id beyond the 32-bit columns simply does not exist: 404).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-#: The most ``K:V`` filters (``tags=``, ``data=``, ``filter_tags=``) one request may give. Each is
-#: one clause of the query: some 500 made SQLite refuse the statement ("Expression tree is too large
-#: (maximum depth 1000)"), which was answered, and logged, as a database outage (503). Lists of
-#: ids or states are one ``IN`` each, bounded by the request line's size: they need no cap.
-MAX_TAG_FILTERS = 100
 
 
 def _default(value: Any) -> Any:
@@ -250,13 +245,11 @@ class QueryParams:
         """``tags=k:v`` (repeated) -> ``{"k": "v"}`` (Balsam 0.7 tag filter syntax).
 
         One key with two values (``tags=a:1&tags=a:2``) is refused: a tag has one value, and
-        keeping the last one silently answered for ``a:2`` alone. The same pair twice is harmless.
-        More than :data:`MAX_TAG_FILTERS` are refused."""
+        keeping the last one silently answered for ``a:2`` alone. The same pair twice is harmless
+        (one filter, one clause). More than :data:`MAX_TAG_FILTERS` distinct pairs are refused."""
         raws = self.params.getlist(name)
         if not raws:
             return None
-        if len(raws) > MAX_TAG_FILTERS:
-            raise ValidationFailed.field(["query", name], f"at most {MAX_TAG_FILTERS} {name} filters, got {len(raws)}")
         out: dict[str, str] = {}
         for raw in raws:
             key, sep, value = raw.partition(":")
@@ -266,6 +259,10 @@ class QueryParams:
                 raise ValidationFailed.field(["query", name], f"key {key!r} given twice with different values "
                                              f"({key}:{out[key]} and {raw}); give each key once")
             out[key] = value
+        # Counted once built: the clauses are the distinct pairs (a pair sent 101 times is one).
+        # The raw list is bounded by the request line's size, as every other parameter's.
+        if len(out) > MAX_TAG_FILTERS:
+            raise ValidationFailed.field(["query", name], f"at most {MAX_TAG_FILTERS} {name} filters, got {len(out)}")
         return out
 
 

@@ -20,7 +20,7 @@ from balsam.models import (MAX_CHUNKS_PER_RESERVATION, MAX_ITEMS_PER_BULK_OP, MA
 from balsam.states import BatchJobMode, BatchJobState, JobState, TransferDirection, TransferItemState
 
 from .auth import CREDENTIAL_KINDS
-from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, JSONResponse
+from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, MAX_TAG_FILTERS, JSONResponse
 from .idempotency import NOT_REPLAYED
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_QUERY_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
                      MAX_TEXT_CHARS)
@@ -100,6 +100,8 @@ JSON_VALUE = {"anyOf": [{"type": "null"}, {"type": "boolean"}, {"type": "number"
 JSON_OBJECT = {"type": "object", "propertyNames": {"maxLength": MAX_KEY_CHARS, "pattern": NO_NUL},
                "additionalProperties": _ref("JsonValue")}
 TAGS = str_map(text(MAX_TAG_VALUE_CHARS))
+#: Tags an acquire filters on (a BatchJob's and its partitions' are sent in its launchers' acquires).
+FILTER_TAGS = {**TAGS, "maxProperties": MAX_TAG_FILTERS}
 REQUEST_DATETIME = {"type": "string", "format": "date-time"}
 STATE_NAMES = [s.value for s in JobState]
 
@@ -186,7 +188,7 @@ BATCH_JOB_FIELDS = {
     "wall_time_min": int32(1),
     "job_mode": _ref("BatchJobMode"),
     "optional_params": str_map(),
-    "filter_tags": TAGS,
+    "filter_tags": FILTER_TAGS,
     "partitions": nullable(array(_ref("BatchJobPartition"))),
     "scheduler_id": nullable(int32()),
     "status_info": str_map(),
@@ -225,7 +227,7 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
                          read_only={"id": {}, "heartbeat": {}}),
     "SessionAcquire": obj({
         "max_num_jobs": int32(1, MAX_JOBS_PER_SESSION_ACQUIRE),
-        "filter_tags": TAGS,
+        "filter_tags": FILTER_TAGS,
         "max_wall_time_min": nullable(int32()),
         "max_nodes_per_job": nullable(int32()),
         "max_aggregate_nodes": nullable({"type": "number", "minimum": 0, "maximum": 1e9}),
@@ -258,7 +260,7 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
                          "recursive": {"type": "boolean"}}, ["required", "direction", "local_path"]),
     "JobTransferItem": obj({"location_alias": text(), "path": text(MAX_PATH_CHARS, pattern="^/[^\\x00]*$")},
                            ["location_alias", "path"]),
-    "BatchJobPartition": obj({"job_mode": _ref("BatchJobMode"), "num_nodes": int32(), "filter_tags": TAGS},
+    "BatchJobPartition": obj({"job_mode": _ref("BatchJobMode"), "num_nodes": int32(), "filter_tags": FILTER_TAGS},
                              ["job_mode", "num_nodes"]),
 }
 

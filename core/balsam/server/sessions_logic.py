@@ -64,13 +64,17 @@ rows of its own):
   create holds the BatchJob it names ``FOR SHARE`` right after that ``UPDATE``
   (:func:`hold_batch_job`), and checks its site ``FOR KEY SHARE`` after the credential: a delete of
   either committed meanwhile is then a 404 naming it, not a foreign key violation at the INSERT;
-- a BatchJob comes before its credentials everywhere: that create; a BatchJob's finish or delete
-  (locked, then its credentials revoked); a site's delete (routes/sites.py), which locks the
-  site's BatchJobs (id order, ``FOR NO KEY UPDATE``, which a lease's key-share lock on one does
-  not wait for) before its credentials ``FOR UPDATE`` (id order), its sessions (id order, ``FOR
-  UPDATE``), apps and jobs, its cascade then deleting the rest. It used to lock the credentials
-  first and reach the BatchJobs in its cascade, last: with a create holding the BatchJob and
-  waiting for its credential, a deadlock (503); and it reached the sessions in its cascade too,
+- a BatchJob comes before its credentials everywhere: that create; a launcher credential's create
+  for a BatchJob (``POST /auth/credentials`` with ``batch_job_id``, routes/auth.py), which reads
+  the BatchJob ``FOR SHARE`` before inserting the credential, so that a finish (``FOR NO KEY
+  UPDATE``, which waits for it) revokes the new credential too, or the create waits for the finish
+  and refuses (409); a BatchJob's finish or delete (locked, then its credentials revoked); a site's
+  delete (routes/sites.py), which locks the site's BatchJobs (id order, ``FOR NO KEY UPDATE``,
+  which a lease's key-share lock on one does not wait for) before its credentials ``FOR UPDATE``
+  (id order), its sessions (id order, ``FOR UPDATE``), apps and jobs, its cascade then deleting
+  the rest. It used to lock the credentials first and reach the BatchJobs in its cascade, last:
+  with a create holding the BatchJob and waiting for its credential, a deadlock (503); and it
+  reached the sessions in its cascade too,
   after locking their jobs: with a release, tick or session delete (the session, then its jobs)
   or the expiry sweep, a deadlock. A request of a session it holds waits, then finds it gone (404);
   the sweep skips those sessions. A revoke

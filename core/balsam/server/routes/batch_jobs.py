@@ -77,15 +77,19 @@ def _validate_numbers(values: dict[str, Any], loc: list[Any]) -> None:
     for name in ("num_nodes", "wall_time_min"):
         if name in values and (values[name] is None or values[name] < 1):
             raise ValidationFailed.field(loc + [name], f"must be a positive integer, got {values[name]!r}")
-    # Its launchers send filter_tags in every acquire, which takes at most MAX_TAG_FILTERS: refused
-    # here, not at each acquire of a BatchJob that could never lease a job.
-    tag_sets = [(loc + ["filter_tags"], values.get("filter_tags"))]
+    # Its launchers send filter_tags in every acquire, a partition's merged with the BatchJob's (the
+    # job script's --tag and --part), which takes at most MAX_TAG_FILTERS: refused here, not at
+    # each acquire of a BatchJob that could never lease a job. (An update of one of the two is
+    # checked alone; the launcher checks the merge again at its start.)
+    own = dict(values.get("filter_tags") or {})
+    tag_sets = [(loc + ["filter_tags"], own)]
     for index, part in enumerate(values.get("partitions") or []):
         tags = part.get("filter_tags") if isinstance(part, dict) else getattr(part, "filter_tags", None)
-        tag_sets.append((loc + ["partitions", index, "filter_tags"], tags))
+        tag_sets.append((loc + ["partitions", index, "filter_tags"], {**own, **dict(tags or {})}))
     for where, tags in tag_sets:
-        if tags and len(tags) > MAX_TAG_FILTERS:
-            raise ValidationFailed.field(where, f"at most {MAX_TAG_FILTERS} tags, got {len(tags)}")
+        if len(tags) > MAX_TAG_FILTERS:
+            raise ValidationFailed.field(where, f"at most {MAX_TAG_FILTERS} tags (a partition's merged with the "
+                                                f"BatchJob's), got {len(tags)}")
 
 
 def batch_jobs_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Select, list[sa.ColumnElement]]:
