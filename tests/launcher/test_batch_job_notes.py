@@ -334,3 +334,26 @@ def test_the_launchers_exit_flush_is_imported_at_the_top_of_entry() -> None:
     nested = [n.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
               for n in ast.walk(f) if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("batch_job_notes")]
     assert top and not nested, nested
+
+
+class _Refused(Exception):
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"HTTP {status_code}")
+        self.status_code = status_code
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_credential_drops_the_batch_at_once(status: int) -> None:
+    """A 401 or 403 refuses the credential, not a value: the batch is dropped in one request. Split
+    key by key, each request renewed the token and stopped the launcher once more."""
+    sent: list[list[str]] = []
+
+    class Client:
+        def put(self, path: str, json: Any, **kw: Any) -> None:
+            sent.append(sorted(json["status_info_merge"]))
+            raise _Refused(status)
+
+    notes = BatchJobNotes(7, client=Client)
+    notes.note("disk_full", "text", error="text", nodes_out="text")  # one batch of three keys
+    assert not notes.flush(5)
+    assert sent == [["disk_full", "error", "nodes_out"]], sent

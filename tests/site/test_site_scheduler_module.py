@@ -15,7 +15,7 @@ import pytest
 
 from balsam.scheduler import Command, CommandResult, JobHistory, Scheduler, SchedulerError, SubmitRequest
 from balsam.models import BackfillWindow, SchedulerJobStatus
-from balsam.site.modules.scheduler import SchedulerModule
+from balsam.site.modules.scheduler import SCHEDULER_STATUS_ERROR, SchedulerModule
 from balsam.states import BatchJobState
 from site_test_utils import SchedulerIdPatchFails, batch_job, create_batch_job
 
@@ -209,13 +209,16 @@ def test_status_poll_failures_are_tolerated_then_reported(setup, client) -> None
     assert batch_job(client, bj["id"])["state"] == "queued"
     fake.status_errors.extend([SchedulerError("squeue: error: slurm_load_jobs error: Socket timed out")] * 2)
     module.run_cycle()
-    assert "error" not in batch_job(client, bj["id"])["status_info"]  # below the threshold: quiet
+    assert SCHEDULER_STATUS_ERROR not in batch_job(client, bj["id"])["status_info"]  # below the threshold: quiet
     module.run_cycle()
     record = batch_job(client, bj["id"])
     assert record["state"] == "queued"  # nothing lost: the job is still tracked
-    assert "Socket timed out" in record["status_info"]["error"]
+    # Its own key: the launcher's `error` is not overwritten by an outage of the scheduler's.
+    assert "Socket timed out" in record["status_info"][SCHEDULER_STATUS_ERROR]
+    assert "error" not in record["status_info"]
     module.run_cycle()  # the scheduler answers again
-    assert batch_job(client, bj["id"])["state"] == "queued"
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued" and SCHEDULER_STATUS_ERROR not in record["status_info"]
 
 
 def test_job_vanishing_without_history_fails_after_threshold(setup, client) -> None:
@@ -382,10 +385,10 @@ def test_scheduler_reason_does_not_hide_an_error(setup, client) -> None:
     module.run_cycle()
     module.run_cycle()
     info = batch_job(client, bj["id"])["status_info"]
-    assert "Socket timed out" in info["error"]
-    module.run_cycle()  # the scheduler answers again, with the reason; the outage's error is outdated
+    assert "Socket timed out" in info[SCHEDULER_STATUS_ERROR]
+    module.run_cycle()  # the scheduler answers again, with the reason; the outage's note is outdated
     info = batch_job(client, bj["id"])["status_info"]
-    assert info["scheduler_reason"] == "JobHeldUser" and "error" not in info
+    assert info["scheduler_reason"] == "JobHeldUser" and SCHEDULER_STATUS_ERROR not in info
 
 
 def test_one_bad_batch_job_does_not_block_the_site(setup, client) -> None:

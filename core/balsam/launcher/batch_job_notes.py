@@ -61,11 +61,12 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _refused_value(exc: BaseException) -> bool:
-    """Whether a failed write refused something in its request (a 4xx other than 404 and 429: a
-    value the server does not take, a refused credential), so that each key is worth trying alone.
-    A 404 is the BatchJob gone: no key of it can be written."""
+    """Whether a failed write refused something in its request (a 4xx other than 401, 403, 404 and
+    429: a value the server does not take), so that each key is worth trying alone. A 404 is the
+    BatchJob gone; a 401 or 403 refuses the credential, not a value: no key of it can be written
+    (tried one by one, each try renewed the token and stopped the launcher once more)."""
     status = _http_status(exc)
-    return status is not None and 400 <= status < 500 and status not in (404, 429)
+    return status is not None and 400 <= status < 500 and status not in (401, 403, 404, 429)
 
 
 def _reason(exc: BaseException) -> str:

@@ -532,6 +532,15 @@ def _show_tags(tags: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(tags.items())) + "}"
 
 
+
+def _current_info(update: dict[str, Any], batch_job: dict[str, Any]) -> dict[str, Any]:
+    """The status_info this cycle's update will leave: the update's own when it has one (an empty
+    one too: ``or`` fell back to the stored copy, writing back a key the cycle had just removed),
+    else the stored one."""
+    if "status_info" in update:
+        return dict(update["status_info"] or {})
+    return dict(batch_job.get("status_info") or {})
+
 class SchedulerModule(AgentModule):
     section = "scheduler"
     default_period = 10.0
@@ -621,7 +630,7 @@ class SchedulerModule(AgentModule):
         return dict(getattr(settings, "filter_tags", None) or {})
 
     def _error(self, update: dict, batch_job: dict, message: str, *, log: bool = True) -> None:
-        info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+        info = _current_info(update, batch_job)
         message = clean_text(message)
         info.update(error=message, error_time=iso_now())
         update["status_info"] = info
@@ -630,7 +639,7 @@ class SchedulerModule(AgentModule):
 
     def _clear_error(self, batch_job: dict, update: dict, prefix: str) -> None:
         """Remove an error of the BatchJob that starts with ``prefix``: its condition ended."""
-        info = update.get("status_info") or batch_job.get("status_info") or {}
+        info = _current_info(update, batch_job)
         if str(info.get("error") or "").startswith(prefix):
             update["status_info"] = {k: v for k, v in info.items() if k not in ("error", "error_time")}
 
@@ -807,7 +816,7 @@ class SchedulerModule(AgentModule):
         state = BatchJobState(batch_job["state"])
         scheduler_id = batch_job.get("scheduler_id")
         if statuses is not None:  # the scheduler answers (again): an outage's error is outdated
-            info = update.get("status_info") or batch_job.get("status_info") or {}
+            info = _current_info(update, batch_job)
             if SCHEDULER_STATUS_ERROR in info:
                 update["status_info"] = {k: v for k, v in info.items() if k != SCHEDULER_STATUS_ERROR}
             self._clear_error(batch_job, update, _STATUS_UNAVAILABLE)  # written as `error` by an older agent
@@ -917,7 +926,7 @@ class SchedulerModule(AgentModule):
         scheduler answers again (:meth:`_handle`)."""
         if self.poll_failures < self.threshold:
             return
-        info = update.get("status_info") or batch_job.get("status_info") or {}
+        info = _current_info(update, batch_job)
         if SCHEDULER_STATUS_ERROR not in info and not str(info.get("error") or "").startswith(_STATUS_UNAVAILABLE):
             since = self._poll_failing_since_iso or iso_now()
             update["status_info"] = {**info, SCHEDULER_STATUS_ERROR: clean_text(
@@ -975,7 +984,7 @@ class SchedulerModule(AgentModule):
                              batch_job["id"], WITHDRAW_IF_QUEUED, info.get(WITHDRAW_IF_QUEUED), scheduler_id)
             return True
         self._clear_error(batch_job, update, _WITHDRAW_DELETE_FAILED)  # no withdrawal any more
-        update["status_info"] = {k: v for k, v in (update.get("status_info") or info).items() if k != WITHDRAW_IF_QUEUED}
+        update["status_info"] = {k: v for k, v in (update["status_info"] if "status_info" in update else info).items() if k != WITHDRAW_IF_QUEUED}
         self.logger.info("BatchJob %s: withdrawal dropped (%s %s): it started (it was %s, scheduler job %s is %s), "
                          "so it goes on running", batch_job["id"], WITHDRAW_IF_QUEUED, info.get(WITHDRAW_IF_QUEUED),
                          state.value, scheduler_id, polled.value)
@@ -987,7 +996,7 @@ class SchedulerModule(AgentModule):
         its status_info counts the requeues (``requeue_count``, ``requeue_time``: the last one seen).
         ``start_time`` keeps the first start (when the allocation first held nodes); the last run's
         start, from the scheduler's history, goes to status_info ``last_start_time`` when it ends."""
-        info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+        info = _current_info(update, batch_job)
         try:
             count = int(info.get("requeue_count") or 0) + 1
         except ValueError:
@@ -1002,7 +1011,7 @@ class SchedulerModule(AgentModule):
         """Keep ``status_info["scheduler_reason"]`` equal to the scheduler's current word on why the job
         waits (Slurm's pending reason, PBS's comment): set, changed, or removed once it has none.
         Only a change goes into the cycle's bulk PATCH."""
-        info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+        info = _current_info(update, batch_job)
         reason = clean_text(reason)
         if info.get("scheduler_reason", "") == reason:
             return
@@ -1234,7 +1243,7 @@ class SchedulerModule(AgentModule):
                 # BatchJob runs again: start_time keeps the first start (as in _record_requeue),
                 # and this run's later start is status_info's last_start_time.
                 stored = _aware(parse_datetime(batch_job["start_time"]))
-                info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+                info = _current_info(update, batch_job)
                 if _aware(history.start_time) < stored:
                     update["start_time"] = format_datetime(history.start_time)
                 elif info.get("requeue_count") and _aware(history.start_time) > stored:
@@ -1545,13 +1554,13 @@ class SchedulerModule(AgentModule):
     def _drop_waiting(self, batch_job: dict, update: dict) -> None:
         """A BatchJob that failed waits for nothing: its "waiting" note (a queue-limit hold's, a
         max_queued_jobs wait's) is outdated beside its error."""
-        info = update.get("status_info") or batch_job.get("status_info") or {}
+        info = _current_info(update, batch_job)
         if "waiting" in info:
             update["status_info"] = {k: v for k, v in info.items() if k != "waiting"}
 
     def _set_waiting(self, batch_job: dict, update: dict, message: str) -> None:
         message = clean_text(message)
-        info = update.get("status_info") or batch_job.get("status_info") or {}
+        info = _current_info(update, batch_job)
         if info.get("waiting") != message:
             update["status_info"] = {**info, "waiting": message}
 
@@ -1563,7 +1572,7 @@ class SchedulerModule(AgentModule):
         if (batch_job.get("status_info") or {}).get("waiting") == message:
             self.logger.debug("BatchJob %s: %s", batch_job["id"], message)
             return
-        update["status_info"] = {**(update.get("status_info") or batch_job.get("status_info") or {}), "waiting": message}
+        update["status_info"] = {**_current_info(update, batch_job), "waiting": message}
         self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
 
     def _store_submit_tokens(self, batch_jobs: list[dict], queued_counts: dict[str, int]) -> None:
