@@ -168,3 +168,74 @@ def test_the_lock_held_too_long_or_refused_is_a_try_not_a_refusal(tmp_path: Path
     # A refusal for good is still 2 (an unknown job).
     monkeypatch.undo()
     assert run(capsys, state, "delete", "5") == (2, "", ["local queue: no local job 5"])
+
+
+def test_submit_refuses_to_recreate_records_deleted_while_a_job_runs(wiped: tuple[Path, int, int], tmp_path: Path,
+                                                                     capsys: Any) -> None:
+    """Before: submit made jobs.json afresh (exit 0), after which status listed only the new job
+    and history answered null for the one still running: the agent ended its launcher's BatchJob."""
+    state, job_id, pid = wiped
+    says = (f"{state / 'jobs.json'} and its lock are missing but the wrapper of job {job_id} (pid {pid}) still "
+            f"runs: the records were deleted; restore them, or end those jobs and move {state} aside")
+    other = tmp_path / "other.sh"
+    other.write_text("#!/bin/sh\nexit 0\n")  # (before the fix it ran: nothing left running)
+    other.chmod(0o755)
+    assert run(capsys, state, "submit", str(other)) == (1, "", [f"local queue: {says}"])
+    assert not (state / "jobs.json").exists() and not (state / "jobs.json.lock").exists()  # nothing made
+    assert_one_line_try(capsys, state, says)  # status, history, ... still refuse
+    # jobs.json alone deleted (the lock file still there): refused under the lock, nothing made.
+    (state / "jobs.json.lock").touch()
+    assert run(capsys, state, "submit", str(other)) == (1, "", [f"local queue: {says}"])
+    assert not (state / "jobs.json").exists()
+
+
+def test_a_directory_no_wrapper_was_started_from_is_not_scanned(tmp_path: Path, capsys: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: every status poll of a state directory holding only an empty jobs/ (a first submit
+    that failed before its lock, e.g. no room) looked at every process of the user."""
+    scans: list[Path] = []
+    real_scan = local_queue.LocalQueue._live_wrappers
+
+    def counted(self: local_queue.LocalQueue) -> list[tuple[int, int]]:
+        scans.append(self.state_dir)
+        return real_scan(self)
+
+    monkeypatch.setattr(local_queue.LocalQueue, "_live_wrappers", counted)
+    state = tmp_path / "lq"
+    (state / "jobs").mkdir(parents=True)
+    assert run(capsys, state, "status") == (0, "{}\n", [])
+    assert run(capsys, state, "history", "5") == (0, '{"5": null}\n', [])
+    assert scans == []
+    # Once submit started a wrapper here (its marker), a directory without records is scanned.
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    code, out, err = run(capsys, state, "submit", str(script))
+    assert code == 0, err
+    pid = json.loads((state / "jobs.json").read_text())["jobs"][out.strip()]["pid"]
+    os.waitpid(pid, 0)  # our child: submit ran in this process
+    assert (state / "jobs" / ".started").exists()
+    for name in ("jobs.json", "jobs.json.lock", f"jobs/{out.strip()}.exit"):
+        (state / name).unlink()
+    assert run(capsys, state, "status") == (0, "{}\n", [])
+    assert scans == [state]
+
+
+def test_a_first_submit_racing_a_status_poll_is_not_missing_records(tmp_path: Path, capsys: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Status looks for the lock and jobs.json, then scans for wrappers: a first submit that made
+    them and started its wrapper in between made a healthy queue answer exit 1 (before)."""
+    state = tmp_path / "lq"
+    (state / "jobs").mkdir(parents=True)
+    (state / "jobs" / ".started").touch()  # left by the racing submit before its wrapper started
+    record = {"pid": os.getpid(), "create_time": 0.0, "state": "running"}
+
+    def racing_submit(self: local_queue.LocalQueue) -> list[tuple[int, int]]:
+        # What the concurrent first submit did meanwhile: its lock, its records, its wrapper.
+        (state / "jobs.json.lock").touch()
+        (state / "jobs.json").write_text(json.dumps({"jobs": {"7": record}, "next_id": 8}))
+        return [(7, os.getpid())]
+
+    monkeypatch.setattr(local_queue.LocalQueue, "_live_wrappers", racing_submit)
+    code, out, err = run(capsys, state, "history", "7")
+    assert (code, err) == (0, []) and json.loads(out)["7"] is not None

@@ -68,6 +68,9 @@ _WRAPPER = ('IFS= read -r go; [ "$go" = go ] || { : > "${BALSAM_LOCAL_EXIT_FILE%
 _END_MARKERS = {"CANCELLED": "deleted", "TIMEOUT": None}
 #: The endings of a job's files in DIR/jobs, removed with its record (KEEP_FINISHED_SEC after its end).
 _JOB_FILE_ENDINGS = ("exit", "unstarted", *(state.lower() for state in _END_MARKERS))
+#: Left in jobs/ by submit before it starts a wrapper, and never removed: the evidence that a job
+#: may still run from this directory (_check_no_jobs_left). Its ending is no job file's.
+_STARTED_MARKER = ".started"
 #: submit's exit status when the state directory has no room (ENOSPC, EDQUOT): nothing was started,
 #: and the same submit works once there is room. The local scheduler reads it as a typed "no room"
 #: (SchedulerError.no_room); 1 is any other failure to try again, 2 a refusal for good.
@@ -223,16 +226,30 @@ class LocalQueue:
                                       f"{exc.strerror or exc}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise QueueTransientError(f"the state directory {self.state_dir} is not a directory")
+        if self._records_present():
+            return False
+        try:
+            self._check_no_jobs_left()
+        except QueueTransientError:
+            # Asked without the lock: a first submit may have made the lock and jobs.json, and
+            # started its wrapper, between the look above and the scan, which then found that
+            # wrapper (a healthy queue answered exit 1). Records there now: not missing.
+            if self._records_present():
+                return False
+            raise
+        return True
+
+    def _records_present(self) -> bool:
+        """The lock file or jobs.json is there (lstat): some queue command took the lock here."""
         for name in (self.lock.path.name, self.db_path.name):
             try:
                 os.lstat(self.state_dir / name)
-                return False
+                return True
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise QueueTransientError(f"cannot use {self.state_dir / name}: {exc.strerror or exc}") from None
-        self._check_no_jobs_left()
-        return True
+        return False
 
     def _check_absent(self) -> None:
         """``state_dir`` (not found by stat) is absent, not behind a dangling symlink: the nearest
@@ -273,7 +290,11 @@ class LocalQueue:
         except OSError as exc:
             raise QueueTransientError(f"cannot list {jobs_dir}: {exc.strerror or exc}") from None
         left = sorted(name for name in names if name.partition(".")[2] in _JOB_FILE_ENDINGS)
-        alive = [] if left else self._live_wrappers()
+        # The process scan (psutil, every process of this user) only where a wrapper was ever
+        # started from here (submit leaves _STARTED_MARKER first): a directory whose first submit
+        # failed before its lock (no room) keeps an empty jobs/, and each status poll of it paid
+        # for a scan growing with the process count.
+        alive = [] if left or _STARTED_MARKER not in names else self._live_wrappers()
         if left or alive:
             what = (f"{len(left)} job files in {jobs_dir} ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})"
                     if left else f"the wrapper of job {alive[0][0]} (pid {alive[0][1]}) still runs")
@@ -462,7 +483,15 @@ class LocalQueue:
         if not script.is_file():
             raise QueueError(f"batch script {script} does not exist")
         self._make_dirs()
+        # Records deleted while a job runs: refused before the lock, whose file would otherwise be
+        # made here and make status read the empty records (exit 0, the running job not listed).
+        self._is_missing()
         with self.lock:
+            if not os.path.lexists(self.db_path):  # (False on an lstat error too: _read then names it)
+                # About to make jobs.json afresh (it alone was deleted): the same check, under the
+                # lock. A submit that recreated it made status and history answer without the job
+                # still running, and the agent ended that launcher's BatchJob.
+                self._check_no_jobs_left()
             db = self._read()
             # A directory from before ids were drawn keeps counting from its own next_id: no id
             # it gave out is given again.
@@ -495,6 +524,11 @@ class LocalQueue:
             env["BALSAM_LOCAL_JOB_ID"] = str(job_id)
             env["BALSAM_LOCAL_EXIT_FILE"] = str(exit_file)
             command = [str(script)] if os.access(script, os.X_OK) else ["/bin/bash", str(script)]
+            try:
+                os.close(os.open(self.state_dir / "jobs" / _STARTED_MARKER, os.O_WRONLY | os.O_CREAT, 0o644))
+            except OSError as exc:  # nothing started; the id drawn is not given again
+                error = QueueStorageError.of(f"create {self.state_dir / 'jobs' / _STARTED_MARKER}", exc)
+                raise QueueStorageError(f"{error}; job {job_id} not started", no_room=error.no_room) from None
             try:
                 output = open(f"{script}.output", "ab")
             except OSError as exc:  # nothing started; the id drawn is not given again
