@@ -19,7 +19,6 @@ permission (as root, with CAP_DAC_OVERRIDE dropped by ``setpriv``; else skipped)
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import pytest
 from balsam.builtin import local_queue
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.scheduler import SchedulerError, SubmitRequest
+from full_tmpfs import FullTmpfs, mounted_tmpfs  # tests/full_tmpfs.py
 
 #: Root without the capabilities that let it ignore file permissions (as any user is).
 DROP_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
@@ -60,42 +60,10 @@ def script_in(folder: Path, marker: Path) -> Path:
     return script
 
 
-class FullTmpfs:
-    """A real tmpfs whose inodes are all taken: a new directory or file in it fails ENOSPC."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fillers: list[Path] = []
-
-    def fill(self) -> None:
-        for i in range(1000):
-            filler = self.path / f".filler-{i}"
-            try:
-                filler.touch()
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-                return
-            self.fillers.append(filler)
-        raise AssertionError(f"{self.path}: still room after 1000 files")
-
-    def make_room(self) -> None:
-        for filler in self.fillers:
-            filler.unlink()
-        self.fillers = []
-
-
 @pytest.fixture
 def full(tmp_path: Path) -> Iterator[FullTmpfs]:
-    mount_point = tmp_path / "full"
-    mount_point.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=32", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
-        yield FullTmpfs(mount_point)
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "full", nr_inodes=32) as tmpfs:
+        yield tmpfs
 
 
 def test_submit_to_a_missing_state_dir_on_a_full_disk_waits_for_room(tmp_path: Path, full: FullTmpfs) -> None:

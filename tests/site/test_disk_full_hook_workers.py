@@ -27,7 +27,6 @@ workdir can be made in it; mounted as root, else those tests are skipped, as in 
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import logging
 import socket
 import subprocess
@@ -40,6 +39,7 @@ import pytest
 from balsam.site import hooks_runner
 from balsam.site.modules import processing
 from balsam.site.modules.processing import ProcessingModule
+from full_tmpfs import FullTmpfs, mounted_tmpfs  # tests/full_tmpfs.py
 from site_test_utils import events, job_rows, process_until
 
 #: A job's own error that reads as balsam's no-room one (what the module matched before).
@@ -60,46 +60,13 @@ def module(make_site: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> Iter
     made.close()
 
 
-class FullTmpfs:
-    """A real tmpfs whose inodes are all taken: making a directory or a file in it fails ENOSPC."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fillers: list[Path] = []
-
-    def fill(self) -> None:
-        for i in range(1000):
-            filler = self.path / f".filler-{i}"
-            try:
-                filler.touch()
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-                return
-            self.fillers.append(filler)
-        raise AssertionError(f"{self.path}: still room after 1000 files")
-
-    def make_room(self) -> None:
-        for filler in self.fillers:
-            filler.unlink()
-        self.fillers = []
-
-
 @pytest.fixture
 def full_dir(module: Any) -> Iterator[FullTmpfs]:
     """``<data>/full``: a tmpfs of 64 inodes, all taken."""
     site, _ = module
-    mount_point = Path(site.data_path) / "full"
-    mount_point.mkdir(parents=True)
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=64", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
-        tmpfs = FullTmpfs(mount_point)
+    with mounted_tmpfs(Path(site.data_path) / "full", nr_inodes=64) as tmpfs:
         tmpfs.fill()
         yield tmpfs
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def _hook_app(site_id: int, name: str, error: str = "") -> Any:
