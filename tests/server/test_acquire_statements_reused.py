@@ -7,10 +7,16 @@ by its own values (wall time, nodes, GPUs, apps, how many, tags), on SQLite and 
 
 from __future__ import annotations
 
+import collections
+import re
+import uuid
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
+from balsam.models import SessionAcquire
+from balsam.server import sessions_logic
 from balsam.server.tables import jobs
 from server_testlib import client_with_session
 
@@ -99,3 +105,84 @@ def test_a_packing_acquire_leases_the_jobs_it_chose(database_url: str) -> None:
             resp = client.post(f"/sessions/{session}", json={"max_num_jobs": 10, "max_aggregate_nodes": 4})
             assert resp.status_code == 200, resp.text
             assert [job["id"] for job in resp.json()] == expected
+
+
+def _unique_tags() -> dict:
+    """Tags no other acquire in this process sends: a shape of its own, whose plan is built here
+    (plans are cached per process, so another test's acquire could have built it otherwise)."""
+    return {"shape": uuid.uuid4().hex}
+
+
+def test_a_plan_is_its_sessions_own_batch_job_or_none(database_url: str) -> None:
+    """A session with a BatchJob and one without, acquiring one shape in turn: each leased job
+    carries its own session's BatchJob (the BatchJob is part of the plan's shape)."""
+    with client_with_session(database_url, SECRET) as s:
+        client, plain, tags = s["client"], s["session"], _unique_tags()
+        bj = client.post("/batch-jobs/", json={"site_id": s["site_id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                               "wall_time_min": 10, "job_mode": "mpi"})
+        assert bj.status_code == 201, bj.text
+        with_bj = client.post("/sessions/", json={"site_id": s["site_id"], "batch_job_id": bj.json()["id"]}).json()["id"]
+        ids = _make_jobs(client, s["app_id"], [{"tags": tags}] * 4)
+        for session, expected_bj, jid in zip([plain, with_bj, plain, with_bj], [None, bj.json()["id"]] * 2, ids):
+            resp = client.post(f"/sessions/{session}", json={"max_num_jobs": 1, "filter_tags": tags})
+            assert resp.status_code == 200, resp.text
+            assert [job["id"] for job in resp.json()] == [jid], resp.text
+            assert client.get(f"/jobs/{jid}").json()["batch_job_id"] == expected_bj, (session, jid)
+
+
+def test_serial_only_is_part_of_a_plans_shape(database_url: str) -> None:
+    """serial_only, all else the same: the serial acquire leases only single-rank jobs, the next
+    acquire without it any job."""
+    with client_with_session(database_url, SECRET) as s:
+        client, session, tags = s["client"], s["session"], _unique_tags()
+        multi, single = _make_jobs(client, s["app_id"], [{"tags": tags, "ranks_per_node": 2}, {"tags": tags}])
+
+        def acquire(serial_only: bool) -> list[int]:
+            resp = client.post(f"/sessions/{session}", json={"max_num_jobs": 1, "filter_tags": tags,
+                                                             "serial_only": serial_only})
+            assert resp.status_code == 200, resp.text
+            return [job["id"] for job in resp.json()]
+
+        assert acquire(True) == [single]
+        assert acquire(False) == [multi]
+
+
+def test_an_acquire_after_a_waiting_look_leases_skip_locked(database_url: str) -> None:
+    """On PostgreSQL a waiting acquire's look (``Prefer: wait``) reads its candidates without a
+    lock; the acquire after it, of the same shape, takes them FOR UPDATE SKIP LOCKED (the lock is
+    part of a plan's shape): without it two launchers could lease one job."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite takes no row locks: its writes are serialized")
+    with client_with_session(database_url, SECRET) as s:
+        client, session, tags = s["client"], s["session"], _unique_tags()
+        [jid] = _make_jobs(client, s["app_id"], [{"tags": tags}])
+        statements: list[str] = []
+
+        def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            statements.append(" ".join(statement.split()))
+
+        sa.event.listen(s["app"].state.engine, "before_cursor_execute", note)
+        resp = client.post(f"/sessions/{session}", json={"max_num_jobs": 1, "filter_tags": tags},
+                           headers={"Prefer": "wait=1"})
+        assert resp.status_code == 200 and [job["id"] for job in resp.json()] == [jid], resp.text
+        leases = [st for st in statements if st.startswith("UPDATE jobs") and "FROM jobs" in st]
+        assert leases, statements
+        assert all(re.search(r"FOR UPDATE (OF \S+ )?SKIP LOCKED", st) for st in leases), leases
+
+
+def test_the_plan_cache_evicts_the_least_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher's plan, used on every acquire, stays while shapes used once (users' tags) come
+    and go: a hit moves its plan to the end, the first is evicted."""
+    monkeypatch.setattr(sessions_logic, "_ACQUIRE_PLANS", collections.OrderedDict())
+    monkeypatch.setattr(sessions_logic, "MAX_ACQUIRE_PLANS", 2)
+
+    def plan(tag: str) -> Any:
+        return sessions_logic._acquire_plan(SessionAcquire(max_num_jobs=1, filter_tags={"c": tag}), "sqlite",
+                                            lock=True, batch_job=False)
+
+    launchers = plan("launcher")
+    plan("once-1")
+    assert plan("launcher") is launchers  # a hit
+    plan("once-2")  # evicts once-1, used less recently than the launcher's
+    assert plan("launcher") is launchers
+    assert len(sessions_logic._ACQUIRE_PLANS) == 2

@@ -18,8 +18,9 @@ from balsam.netnames import is_loopback_host
 _TARGET_WITH_QUERY = re.compile(r'(/[^\s?"]*)\?([^\s"]*)')
 #: The last path segment of the dashboard's one-time login link (``/dashboard/ticket?t=<ticket>``).
 _SECRET_QUERY_SEGMENT = "ticket"
-#: Query parameters whose values are credentials, on any path (compared decoded, case-blind, with
-#: ``_`` and ``-`` left out: ``accessToken``, ``api-key``, ``Access%5FToken`` are these names). No
+#: Query parameters whose values are credentials, on any path (compared decoded, lowercased, with
+#: all but letters and digits left out: ``accessToken``, ``api-key``, ``Access%5FToken``,
+#: ``access.token``, ``token[]`` are these names). No
 #: route reads a credential from the query (tokens go in ``Authorization``, passwords and refresh
 #: codes in the body), so such a request is refused (401, 422), but uvicorn logged its target
 #: first: a client that put its token (``?access_token=...``, as some OAuth2 clients do), its
@@ -31,36 +32,80 @@ SECRET_QUERY_NAMES = frozenset({
 #: How many times a parameter's value is decoded looking for a secret inside it (a value encoded
 #: twice, inside a ``next`` that is itself inside one).
 _NESTED_DEPTH = 3
+#: Characters of one access line's target-looking values decoded looking for a nested secret;
+#: past them such a value is redacted without being decoded.
+_NESTED_BUDGET = 16384
+_NOT_ALPHANUMERIC = re.compile(r"[^0-9a-z]+")
+#: What a decoded target must contain (letters and digits only) to be searched for a secret:
+#: a part of each of :data:`SECRET_QUERY_NAMES` (``api-key`` is ``apikey``), and the login link.
+_SECRET_WORDS = ("token", "passw", "secret", "invitation", "apikey", "authorization", _SECRET_QUERY_SEGMENT)
 
 
 def _redacted(part: str) -> str:
     return part.split("=", 1)[0] + "=[redacted]" if "=" in part else "[redacted]" if part else part
 
 
+def _plain_name(text: str) -> str:
+    """``text`` decoded, lowercased, with everything but letters and digits left out."""
+    if "%" in text:  # unquote only what is encoded: an access line is written for every request
+        text = unquote(text.replace("+", " "))
+    return _NOT_ALPHANUMERIC.sub("", text.lower())
+
+
 def _secret_name(name: str) -> bool:
     """Whether a (possibly encoded) query parameter name is one of :data:`SECRET_QUERY_NAMES`."""
-    plain = unquote(name.replace("+", " ")).strip().lower()
-    return plain.replace("_", "").replace("-", "") in SECRET_QUERY_NAMES
+    return bool(name) and _plain_name(name) in SECRET_QUERY_NAMES
 
 
-def _carries_secret(part: str, depth: int = _NESTED_DEPTH) -> bool:
-    """Whether a query parameter (``name=value``) is a secret, or its value, decoded, is a request
-    target or query that carries one: the dashboard's login redirect copies the whole target it
-    was sent (``/dashboard/login?next=%2Fjobs%3Faccess_token%3D...``, or a one-time login link)."""
+def _looks_like_target(value: str) -> bool:
+    """Whether a raw query value is a request target (``/...``), encoded up to :data:`_NESTED_DEPTH`
+    times: only such values are decoded further (a redirect's ``next``); ordinary data such as
+    ``tags=note:a%26token%3Dx`` is not, so it is neither redacted nor costs a nested decode."""
+    head = value[:3 * _NESTED_DEPTH + 3].lower()
+    for _ in range(_NESTED_DEPTH):
+        if not head.startswith("%25"):
+            break
+        head = "%" + head[3:]
+    return head.startswith(("/", "%2f"))
+
+
+def _carries_secret(part: str, budget: "list[int]", depth: int = _NESTED_DEPTH) -> bool:
+    """Whether a query parameter (``name=value``) is a secret, or its value is a request target
+    that, decoded, carries one: the dashboard's login redirect copies the whole target it was sent
+    (``/dashboard/login?next=%2Fjobs%3Faccess_token%3D...``, or a one-time login link). ``budget``
+    holds the characters of the line's target-looking values still to be decoded; past it, such a
+    value is redacted undecoded (an access line is written in the event loop, for every request)."""
     name, _eq, value = part.partition("=")
-    return _secret_name(name) or (bool(value) and _value_carries_secret(value, depth))
+    if _secret_name(name):
+        return True
+    if depth == 0 or not value or not _looks_like_target(value):
+        return False
+    budget[0] -= len(value)
+    if budget[0] < 0:
+        return True  # past the line's budget: redacted undecoded
+    decoded = value
+    for _ in range(depth):  # cheap and linear: decode until it stops changing
+        inner = unquote(decoded.replace("+", " "))
+        if inner == decoded:
+            break
+        decoded = inner
+    plain = _NOT_ALPHANUMERIC.sub("", decoded.lower())
+    if not any(word in plain for word in _SECRET_WORDS):
+        return False
+    return _nested_carries_secret(value, budget, depth)
 
 
-def _value_carries_secret(value: str, depth: int) -> bool:
+def _nested_carries_secret(value: str, budget: "list[int]", depth: int) -> bool:
+    """Whether a target-looking ``value``, decoded, is a login link or has a secret parameter."""
     if depth == 0:
         return False
     inner = unquote(value.replace("+", " "))
     path, mark, query = inner.partition("?")
     if mark and unquote(path).rstrip("/").rsplit("/", 1)[-1] == _SECRET_QUERY_SEGMENT:
         return True
-    if any(_carries_secret(p, depth - 1) for p in (query if mark else inner).split("&") if "=" in p):
+    if any(_carries_secret(p, budget, depth - 1) for p in (query if mark else inner).split("&") if "=" in p):
         return True
-    return inner != value and _value_carries_secret(inner, depth - 1)  # encoded once more
+    return inner != value and _nested_carries_secret(inner, budget, depth - 1)  # encoded once more
 
 
 def redact_request_targets(text: str) -> str:
@@ -68,16 +113,17 @@ def redact_request_targets(text: str) -> str:
     one-time login links (whoever reads the log within the ticket's two minutes could log in with
     one not yet redeemed; the path is compared decoded, ``/dashboard/%74icket`` is routed as
     ``/dashboard/ticket``, and every value goes, whatever its possibly encoded name), and on any
-    path the values of :data:`SECRET_QUERY_NAMES` (names compared decoded, case-blind, ``_`` and
-    ``-`` left out) and the values that carry such a parameter or login link inside them
-    (``next=%2Fjobs%2F%3Faccess_token%3D...``)."""
+    path the values of :data:`SECRET_QUERY_NAMES` (names compared decoded, lowercased, all but
+    letters and digits left out) and the values that are request targets (``/...``, encoded or
+    not) carrying such a parameter or login link inside them (``next=%2Fjobs%2F%3Faccess_token%3D...``)."""
 
     def redact(match: "re.Match[str]") -> str:
         path, query = match.group(1), match.group(2)
         if unquote(path).rstrip("/").rsplit("/", 1)[-1] == _SECRET_QUERY_SEGMENT:
             return f"{path}?{'&'.join(_redacted(part) for part in query.split('&'))}"
         parts = query.split("&")
-        secret = [_carries_secret(part) for part in parts]
+        budget = [_NESTED_BUDGET]
+        secret = [_carries_secret(part, budget) for part in parts]
         if not any(secret):
             return match.group(0)
         return f"{path}?{'&'.join(_redacted(p) if s else p for p, s in zip(parts, secret))}"

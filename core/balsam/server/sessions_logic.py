@@ -222,6 +222,7 @@ for the other: a deadlock, which PostgreSQL ends with a 503.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 import os
@@ -684,7 +685,8 @@ class _AcquirePlan(NamedTuple):
 #: cache keys anew took about a third of an acquire's CPU (0.6 of 1.9 ms under cProfile, 300 empty
 #: acquires on SQLite; docs/performance.md, 7 December); a launcher sends one shape again and again,
 #: only its numbers change (the wall time left, how many jobs). Bounded: the tags come from users.
-_ACQUIRE_PLANS: "dict[tuple[Any, ...], _AcquirePlan]" = {}
+#: Least recently used first: a hit moves its plan to the end, the first is evicted.
+_ACQUIRE_PLANS: "collections.OrderedDict[tuple[Any, ...], _AcquirePlan]" = collections.OrderedDict()
 _ACQUIRE_PLANS_LOCK = threading.Lock()
 MAX_ACQUIRE_PLANS = 256
 
@@ -713,13 +715,16 @@ def _candidate_params(site_id: int, spec: SessionAcquire) -> dict[str, Any]:
 
 def _acquire_plan(spec: SessionAcquire, dialect: str, *, lock: bool, batch_job: bool) -> _AcquirePlan:
     shape = _acquire_shape(spec, dialect, lock, batch_job)
-    plan = _ACQUIRE_PLANS.get(shape)
-    if plan is None:
-        plan = _build_acquire_plan(spec, dialect, lock, batch_job)
-        with _ACQUIRE_PLANS_LOCK:
-            if len(_ACQUIRE_PLANS) >= MAX_ACQUIRE_PLANS:
-                del _ACQUIRE_PLANS[next(iter(_ACQUIRE_PLANS))]  # the oldest
-            _ACQUIRE_PLANS[shape] = plan
+    with _ACQUIRE_PLANS_LOCK:  # an OrderedDict's reordering is not safe beside other threads' writes
+        plan = _ACQUIRE_PLANS.get(shape)
+        if plan is not None:
+            _ACQUIRE_PLANS.move_to_end(shape)  # the least recently used goes first
+            return plan
+    plan = _build_acquire_plan(spec, dialect, lock, batch_job)  # outside the lock: the slow part
+    with _ACQUIRE_PLANS_LOCK:
+        _ACQUIRE_PLANS[shape] = plan
+        if len(_ACQUIRE_PLANS) > MAX_ACQUIRE_PLANS:
+            _ACQUIRE_PLANS.popitem(last=False)  # the least recently used
     return plan
 
 
