@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import time
 import uuid
 from typing import Any, Iterator
 
 import httpx
 import sqlalchemy as sa
+from uvicorn.protocols.utils import get_path_with_query_string
+
+from balsam.server.access_guard import ACCESS_LOG_REDACTION
 
 #: Sessions of the ``short_expiry_server`` expire after this many seconds without a heartbeat.
 SHORT_EXPIRY_SEC = 2
@@ -133,3 +137,14 @@ def wait_blocked_by(look: sa.Connection, pid: int, timeout: float, what: str) ->
         assert time.monotonic() < deadline, what
         look.rollback()  # pg_stat_activity is read once per transaction
         time.sleep(0.05)
+
+
+def uvicorn_access_line(url: str, status: int = 401) -> str:
+    """The access log line uvicorn writes for a GET of ``url`` answered ``status`` (its format, its
+    target), through the redaction every app installs on the ``uvicorn.access`` logger."""
+    target = httpx.URL(url)
+    scope = {"raw_path": target.raw_path.partition(b"?")[0], "query_string": target.query}
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 0, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", get_path_with_query_string(scope), "1.1", status), None)
+    assert ACCESS_LOG_REDACTION.filter(record)
+    return record.getMessage()

@@ -6,26 +6,14 @@ it was sent into ``next``, so ``/dashboard/jobs?access_token=...`` was logged ag
 
 from __future__ import annotations
 
-import logging
 
 import httpx
 import pytest
-from uvicorn.protocols.utils import get_path_with_query_string
 
 from balsam.server import access_guard
-from balsam.server.access_guard import ACCESS_LOG_REDACTION
+from server_testlib import uvicorn_access_line
 
 SECRET = "eyJ0.eyJ1.c2ln"
-
-
-def _access_line(url: str) -> str:
-    """The line uvicorn's access log writes for a GET of ``url``, through the redaction every app installs."""
-    target = httpx.URL(url)
-    scope = {"raw_path": target.raw_path.partition(b"?")[0], "query_string": target.query}
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 0, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:5000", "GET", get_path_with_query_string(scope), "1.1", 303), None)
-    assert ACCESS_LOG_REDACTION.filter(record)
-    return record.getMessage()
 
 
 @pytest.mark.parametrize("url, logged", [
@@ -50,7 +38,7 @@ def _access_line(url: str) -> str:
     ("http://h/jobs/?workdir__contains=run%3Fpassword%3D1", "/jobs/?workdir__contains=run%3Fpassword%3D1 "),
 ])
 def test_secret_parameters_of_any_spelling_and_nested_are_redacted(url: str, logged: str) -> None:
-    line = _access_line(url)
+    line = uvicorn_access_line(url)
     assert logged in line and "c2ln" not in line, line
 
 
@@ -68,7 +56,7 @@ def test_the_login_redirect_of_a_target_with_a_token_is_logged_redacted(tmp_path
         redirect = client.get(f"/dashboard/jobs?state=RUNNING&accessToken={SECRET}", follow_redirects=False)
     location = redirect.headers["location"]
     assert redirect.status_code in (302, 303) and "next=" in location and "c2ln" in location, location
-    line = _access_line(str(httpx.URL("http://127.0.0.1/").join(location)))
+    line = uvicorn_access_line(str(httpx.URL("http://127.0.0.1/").join(location)))
     assert "next=[redacted]" in line and "c2ln" not in line, line
 
 
@@ -94,7 +82,7 @@ def test_a_long_query_of_ordinary_values_is_not_decoded_further(monkeypatch: pyt
     so a 15,500-character query costs a pass over its names, not a decode of each value's parts."""
     query = (unit * (15_500 // len(unit) + 1))[:15_500]
     seen = _counting_unquote(monkeypatch)
-    line = _access_line(f"http://h/jobs/?{query}")
+    line = uvicorn_access_line(f"http://h/jobs/?{query}")
     assert query in line
     assert seen["calls"] <= 2 and seen["chars"] <= 20, seen  # the path, once
 

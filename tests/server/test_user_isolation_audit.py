@@ -9,7 +9,6 @@ the dashboard's job counts depend on the user's own jobs only."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 import threading
 import time
@@ -19,10 +18,8 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from server_testlib import Api
-from uvicorn.protocols.utils import get_path_with_query_string
+from server_testlib import Api, uvicorn_access_line
 
-from balsam.server.access_guard import ACCESS_LOG_REDACTION
 
 #: An id no record has (far above what the tests create).
 MISSING = 900_000_001
@@ -292,17 +289,6 @@ def test_another_users_records_answer_as_missing(two_users: Any) -> None:
                     if r.status_code != 401] == [], what
 
 
-def _uvicorn_access_line(url: str) -> str:
-    """The access log line uvicorn writes for a GET of ``url`` (its format, its target), through the
-    redaction every app installs on the ``uvicorn.access`` logger."""
-    target = httpx.URL(url)
-    scope = {"raw_path": target.raw_path.partition(b"?")[0], "query_string": target.query}
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 0, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:5000", "GET", get_path_with_query_string(scope), "1.1", 401), None)
-    assert ACCESS_LOG_REDACTION.filter(record)
-    return record.getMessage()
-
-
 @pytest.mark.parametrize("url, logged", [
     ("http://h/jobs/?access_token=eyJ0.eyJ1.c2ln", '"GET /jobs/?access_token=[redacted] HTTP/1.1" 401'),
     ("http://h/sites/?id=1&Token=eyJ0.eyJ1.c2ln", '"GET /sites/?id=1&Token=[redacted] HTTP/1.1" 401'),
@@ -317,7 +303,7 @@ def _uvicorn_access_line(url: str) -> str:
 def test_credentials_in_a_query_string_stay_out_of_the_access_log(url: str, logged: str) -> None:
     """No route takes a credential from the query (the request is refused), but uvicorn logs the
     target first: a client that sent its token, password or refresh code there left it in the log."""
-    line = _uvicorn_access_line(url)
+    line = uvicorn_access_line(url)
     assert logged in line
     assert "c2ln" not in line and "hunter2" not in line and "c2Vj" not in line
 
