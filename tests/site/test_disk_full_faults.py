@@ -214,6 +214,27 @@ def test_local_queue_history_and_delete_on_a_full_disk(tmp_path: Path, batch_scr
     assert queue._read()["jobs"][str(running)]["native_state"] == "CANCELLED"
 
 
+def _submit_killed_at_second_write(state: Path, batch_script: Path, *, stored: bool) -> None:
+    """``local_queue submit`` SIGKILLed at its second records write (the one that stores the job's
+    record), just before it (``stored=False``) or just after it."""
+    kill = "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    code = (
+        "import os, signal, sys\n"
+        "from balsam.builtin import local_queue\n"
+        "real, calls = local_queue.LocalQueue._write, []\n"
+        "def write(self, db):\n"
+        "    calls.append(1)\n"
+        + ("    real(self, db)\n" if stored else "")
+        + "    if len(calls) == 2:\n" + kill
+        + ("" if stored else "    return real(self, db)\n")
+        + "local_queue.LocalQueue._write = write\n"
+        "local_queue.main(sys.argv[1:])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "--state-dir", str(state), "submit", str(batch_script),
+                             "--name", "bj"], capture_output=True, timeout=60)
+    assert result.returncode == -9, result.stderr
+
+
 def test_local_queue_submit_killed_before_its_record_runs_nothing(tmp_path: Path, batch_script: Path) -> None:
     """The submit process dies (SIGKILL: a runner's timeout, the OOM killer) after starting the job's
     wrapper and before storing its record: the script never runs. It ran, unknown to find/status, and
@@ -221,21 +242,7 @@ def test_local_queue_submit_killed_before_its_record_runs_nothing(tmp_path: Path
     import psutil
 
     state = tmp_path / "lq"
-    code = (
-        "import os, signal, sys\n"
-        "from balsam.builtin import local_queue\n"
-        "real, calls = local_queue.LocalQueue._write, []\n"
-        "def write(self, db):\n"
-        "    calls.append(1)\n"
-        "    if len(calls) == 2:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(self, db)\n"
-        "local_queue.LocalQueue._write = write\n"
-        "local_queue.main(sys.argv[1:])\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code, "--state-dir", str(state), "submit", str(batch_script),
-                             "--name", "bj"], capture_output=True, timeout=60)
-    assert result.returncode == -9
+    _submit_killed_at_second_write(state, batch_script, stored=False)
     for _ in range(200):  # the wrapper reads the closed pipe and exits
         if not any(str(batch_script) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
             break
@@ -679,21 +686,7 @@ def test_local_queue_submit_killed_after_its_record_says_never_started(tmp_path:
     from balsam.builtin.local_scheduler import LocalScheduler
 
     state = tmp_path / "lq"
-    code = (
-        "import os, signal, sys\n"
-        "from balsam.builtin import local_queue\n"
-        "real, calls = local_queue.LocalQueue._write, []\n"
-        "def write(self, db):\n"
-        "    calls.append(1)\n"
-        "    real(self, db)\n"
-        "    if len(calls) == 2:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "local_queue.LocalQueue._write = write\n"
-        "local_queue.main(sys.argv[1:])\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code, "--state-dir", str(state), "submit", str(batch_script),
-                             "--name", "bj"], capture_output=True, timeout=60)
-    assert result.returncode == -9
+    _submit_killed_at_second_write(state, batch_script, stored=True)
     queue = local_queue.LocalQueue(state)
     [job_id] = queue.find(batch_script, "bj")
     _ended(queue, job_id)
