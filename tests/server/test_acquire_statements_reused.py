@@ -147,12 +147,12 @@ def test_serial_only_is_part_of_a_plans_shape(database_url: str) -> None:
         assert acquire(False) == [multi]
 
 
+# PostgreSQL only: SQLite takes no row locks (its writes are serialized).
+@pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
 def test_an_acquire_after_a_waiting_look_leases_skip_locked(database_url: str) -> None:
     """On PostgreSQL a waiting acquire's look (``Prefer: wait``) reads its candidates without a
     lock; the acquire after it, of the same shape, takes them FOR UPDATE SKIP LOCKED (the lock is
     part of a plan's shape): without it two launchers could lease one job."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite takes no row locks: its writes are serialized")
     with client_with_session(database_url, SECRET) as s:
         client, session, tags = s["client"], s["session"], _unique_tags()
         [jid] = _make_jobs(client, s["app_id"], [{"tags": tags}])
