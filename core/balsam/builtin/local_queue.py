@@ -147,10 +147,18 @@ class QueueLock:
         self.path = Path(path)
         self.timeout = timeout
         self._fd: Optional[int] = None
+        #: The lock file was there when this command took the lock (not made by it): a queue command
+        #: took the lock here before, so a submit may have started jobs (LocalQueue._read).
+        self.found = False
 
     def __enter__(self) -> "QueueLock":
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                self.found = True
+            except FileNotFoundError:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                self.found = False
         except OSError as exc:
             # A new state directory on a full disk has no room for the file (ENOSPC: exit status
             # EXIT_NO_ROOM), or it cannot be written (EACCES, EROFS): one line, not a traceback.
@@ -275,32 +283,52 @@ class LocalQueue:
                                           f"{path} is not a directory")
             return
 
-    def _check_no_jobs_left(self) -> None:
+    def _check_no_jobs_left(self, *, scan: bool = False, lock_kept: bool = False) -> None:
         """A state directory without records whose jobs are still there: their files in ``jobs``
         (an exit status, "never started") or a wrapper still running one. jobs.json and its lock
         deleted while a job ran answered "no jobs" (rc 0), and the agent ended the BatchJob of a
-        launcher still running. One line (QueueTransientError, exit 1), naming what is left."""
+        launcher still running. One line (QueueTransientError, exit 1), naming what is left.
+
+        ``scan``: look for live wrappers even without the marker submit leaves (_STARTED_MARKER):
+        the caller knows a queue command took the lock here before (a directory used before the
+        marker existed has none). ``lock_kept``: only jobs.json is gone (the line says so)."""
         jobs_dir = self.state_dir / "jobs"
         try:
             names = os.listdir(jobs_dir)
         except FileNotFoundError:
             # No submit made it (it makes jobs/ before it takes the lock): nothing ran from here,
             # and no look at the processes on each poll of a directory that was never used.
-            return
+            names = []
+            if not scan:
+                return
         except OSError as exc:
             raise QueueTransientError(f"cannot list {jobs_dir}: {exc.strerror or exc}") from None
         left = sorted(name for name in names if name.partition(".")[2] in _JOB_FILE_ENDINGS)
         # The process scan (psutil, every process of this user) only where a wrapper was ever
-        # started from here (submit leaves _STARTED_MARKER first): a directory whose first submit
-        # failed before its lock (no room) keeps an empty jobs/, and each status poll of it paid
-        # for a scan growing with the process count.
-        alive = [] if left or _STARTED_MARKER not in names else self._live_wrappers()
+        # started from here (submit leaves _STARTED_MARKER first, and status leaves it in a
+        # directory from before the marker whose records list a job: _mark_started), or where the
+        # caller asks: a directory whose first submit failed before its lock (no room) keeps an
+        # empty jobs/, and each status poll of it paid for a scan growing with the process count.
+        alive = [] if left or not (scan or _STARTED_MARKER in names) else self._live_wrappers()
         if left or alive:
             what = (f"{len(left)} job files in {jobs_dir} ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})"
                     if left else f"the wrapper of job {alive[0][0]} (pid {alive[0][1]}) still runs")
             raise QueueTransientError(
-                f"{self.db_path} and its lock are missing but {what}: the records were deleted; "
+                f"{self.db_path} {'is' if lock_kept else 'and its lock are'} missing but {what}: the records were deleted; "
                 f"restore them, or end those jobs and move {self.state_dir} aside")
+
+    def _mark_started(self) -> None:
+        """Leave _STARTED_MARKER in a directory whose records list jobs (each had a wrapper) but that
+        has none: one used before submit left it. Without it, jobs.json and its lock deleted there
+        while a job ran answered "no jobs" (no scan for its wrapper). Best effort (a full disk:
+        the next poll tries again); a stat per status poll of a directory with records."""
+        marker = self.state_dir / "jobs" / _STARTED_MARKER
+        if os.path.lexists(marker):
+            return
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            pass
 
     def _live_wrappers(self) -> list[tuple[int, int]]:
         """(job id, pid) of the wrappers (_WRAPPER, named balsam-local-<id>) still running a job of
@@ -331,6 +359,15 @@ class LocalQueue:
             with open(self.db_path) as fp:
                 return json.load(fp)
         except FileNotFoundError:
+            # Under the lock, with no records: the directory's first submit (no "next_id": it draws
+            # the first id), or jobs.json deleted. Deleted alone (its lock kept), status answered
+            # "no jobs" and history null while its jobs ran, and the agent ended their BatchJobs
+            # (the server revoked their launchers' credentials: the launchers stopped, their jobs
+            # cut off). A lock file this command found, not made, says a command took the lock
+            # here before: the wrappers are looked for even without the marker, which a directory
+            # used before the marker existed lacks (a scan per poll only while a first submit's
+            # record could not be written, no room: nothing else leaves the lock without records).
+            self._check_no_jobs_left(scan=self.lock.found, lock_kept=self.lock.found)
             return {"jobs": {}}  # no "next_id": submit draws the directory's first id
         except OSError as exc:  # permission denied, an I/O error: one line naming the file
             raise QueueStorageError.of(f"read {self.db_path}", exc) from None
@@ -487,11 +524,9 @@ class LocalQueue:
         # made here and make status read the empty records (exit 0, the running job not listed).
         self._is_missing()
         with self.lock:
-            if not os.path.lexists(self.db_path):  # (False on an lstat error too: _read then names it)
-                # About to make jobs.json afresh (it alone was deleted): the same check, under the
-                # lock. A submit that recreated it made status and history answer without the job
-                # still running, and the agent ended that launcher's BatchJob.
-                self._check_no_jobs_left()
+            # About to make jobs.json afresh if it alone was deleted: _read makes the same check,
+            # under the lock. A submit that recreated it made status and history answer without the
+            # job still running, and the agent ended that launcher's BatchJob.
             db = self._read()
             # A directory from before ids were drawn keeps counting from its own next_id: no id
             # it gave out is given again.
@@ -616,6 +651,8 @@ class LocalQueue:
             return {}
         with self.lock:
             db = self._read()
+            if db["jobs"]:
+                self._mark_started()
             now = time.time()
             listing = {}
             changed = False

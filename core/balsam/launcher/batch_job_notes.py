@@ -34,7 +34,7 @@ import atexit
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from balsam.util import api_text
 
@@ -92,7 +92,8 @@ class BatchJobNotes:
         self._failures = 0
         #: A flush waits for the writer: its attempt starts now, not at the backoff's end, and ends by then.
         self._flush_deadline: Optional[float] = None
-        #: Keys dropped (refused by the server) since the last flush, which reports them.
+        #: Keys dropped (refused by the server) since the last flush, which reports them; a key
+        #: written since under a newer note is not (:meth:`_written`).
         self._dropped: set[str] = set()
         #: A flush timed out and nothing was written or noted since (the API is away): a later flush
         #: returns at once.
@@ -116,8 +117,8 @@ class BatchJobNotes:
 
     def flush(self, timeout: float = FLUSH_SEC) -> bool:
         """Wait up to ``timeout`` seconds for the pending notes to be written. True when done and
-        no note was dropped (refused by the server) since the last flush; the dropped keys are
-        logged in one warning."""
+        no note was dropped (refused by the server) since the last flush, but for a key written
+        since under a newer note; the dropped keys are logged in one warning."""
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._thread is None:
@@ -168,14 +169,18 @@ class BatchJobNotes:
                 else:
                     self._failed(batch, exc)
             else:
-                self._written()
+                self._written(batch)
             finally:
                 with self._cond:
                     self._writing = False
                     self._cond.notify_all()
 
-    def _written(self) -> None:
+    def _written(self, keys: Iterable[str]) -> None:
+        """``keys`` were written: none of them is dropped any more. A key refused once and then
+        written under a newer note (the next take-out's text) was named as dropped at the next
+        flush, which returned False, though the BatchJob holds that key's latest note."""
         with self._cond:
+            self._dropped.difference_update(keys)
             if self._failures:
                 logger.info("BatchJob %s: notes written again after %d failed tries", self.batch_job_id,
                             self._failures)
@@ -189,7 +194,7 @@ class BatchJobNotes:
         a key it refuses is dropped. An outage (or a 404) met on the way is handled as for a batch,
         with the keys not written yet."""
         keys = list(batch)
-        wrote = False
+        wrote: list[str] = []
         for n, key in enumerate(keys):
             try:
                 self._write({key: batch[key]}, deadline)
@@ -198,12 +203,12 @@ class BatchJobNotes:
                     self._failed({key: batch[key]}, exc)
                     continue
                 if wrote:
-                    self._written()
+                    self._written(wrote)
                 self._failed({k: batch[k] for k in keys[n:]}, exc)
                 return
-            wrote = True
+            wrote.append(key)
         if wrote:
-            self._written()
+            self._written(wrote)
 
     def _write(self, batch: dict[str, str], deadline: Optional[float]) -> None:
         """One request: ``batch``'s keys merged into the stored status_info by the server (the
