@@ -2,7 +2,9 @@
 
 Nothing is fetched until the query is iterated, indexed, counted or ``len()``-ed; results are
 cached afterwards. Pagination is transparent (pages of ``page_size``); list filters longer than
-``filter_chunk_size`` values are split into several requests and stitched back together.
+``filter_chunk_size`` values are split into several requests and stitched back together, except
+key/value filters (``tags``), which all apply together: more than ``MAX_TAG_FILTERS`` distinct
+pairs are refused (ValueError) before any request.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import orjson
 from balsam.client.rest import collect_skipped_running, skipped_running_message
 from balsam.client.status_updater import refused_as_unknown
 from balsam.util import paused_gc
-from balsam.models import ID_AFTER, MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
+from balsam.models import ID_AFTER, MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE, MAX_TAG_FILTERS
 
 from . import codec
 from .model import Row, to_aware_utc
@@ -95,6 +97,18 @@ def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) ->
 CONTAINMENT_FILTERS = frozenset({"tags", "data", "filter_tags"})
 
 
+def check_key_value_count(model: str, method: str, key: str, value: Any) -> None:
+    """Refuse more than :data:`MAX_TAG_FILTERS` distinct ``K:V`` pairs in a key/value filter
+    (CONTAINMENT_FILTERS) before any request: the server refuses them (422), counting a pair given
+    twice once, as here. They are never split over requests to fit: a record must hold every pair,
+    and requests of part of them each would return the records holding any part (their union)."""
+    pairs = value if isinstance(value, list) else [value]
+    count = len({str(pair) for pair in pairs})
+    if count > MAX_TAG_FILTERS:
+        raise ValueError(f"{model}.objects.{method}(): at most {MAX_TAG_FILTERS} distinct {key} filters "
+                         f"(key:value pairs, balsam.models.MAX_TAG_FILTERS), got {count}")
+
+
 def _and_filter(model: str, method: str, key: str, old: Any, new: Any) -> tuple[Any, bool]:
     """A filter given again in a chain (``filter(id=a).filter(id=b)``), as both together (a query's
     filters all apply, as in Django): (the value, whether it matches nothing). Balsam 0.7 kept the
@@ -152,7 +166,8 @@ class NegativeIndexError(ValueError, AssertionError):
 class Query(Generic[T]):
     #: page size of list requests (the server's maximum)
     page_size: int = MAX_PAGE_SIZE
-    #: list filters longer than this are split over several requests (URL length)
+    #: list filters longer than this are split over several requests (URL length); key/value
+    #: filters (``tags``) never are (see check_key_value_count)
     filter_chunk_size: int = 500
     #: ids per bulk PATCH in ``update()``
     bulk_chunk_size: int = MAX_ITEMS_PER_BULK_OP
@@ -195,6 +210,8 @@ class Query(Generic[T]):
                 value, none_left = _and_filter(self._model.__name__, method, key, q._params[key], value)
                 empty = empty or none_left
             q._params[key] = value
+            if key in CONTAINMENT_FILTERS:  # counted with the pairs of the chain's earlier filters
+                check_key_value_count(self._model.__name__, method, key, value)
         q._empty = q._empty or empty
         return q
 
@@ -262,7 +279,10 @@ class Query(Generic[T]):
 
     # ------------------------------------------------------------------ evaluation
     def _chunked_params(self) -> list[dict[str, Any]]:
-        long_keys = [k for k, v in self._params.items() if isinstance(v, list) and len(v) > self.filter_chunk_size]
+        # Key/value filters are never split (all their pairs apply together: chunks would match the
+        # records holding any chunk's pairs); there are at most MAX_TAG_FILTERS of them (_narrowed).
+        long_keys = [k for k, v in self._params.items()
+                     if isinstance(v, list) and len(v) > self.filter_chunk_size and k not in CONTAINMENT_FILTERS]
         if not long_keys:
             return [dict(self._params)]
         key = max(long_keys, key=lambda k: len(self._params[k]))

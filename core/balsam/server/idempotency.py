@@ -224,7 +224,9 @@ class IdempotentRequest:
         self.reserved_ids: "list[int] | None" = None
 
     def claim(self, conn: sa.Connection, *, reservable: bool = False) -> Optional[Recorded]:
-        """Claim the key for this transaction; the earlier answer if the key is already recorded.
+        """Claim the key for this transaction; the earlier answer if the key is already recorded
+        (None, the key not claimed, for a delete recorded before migration 0024 that is answered
+        afresh: ``_recorded``).
         ``reservable``: a key reserved by ``reserve_job_keys`` is taken, and its ids are left in
         ``reserved_ids`` (the bulk create of jobs).
 
@@ -275,12 +277,16 @@ class IdempotentRequest:
                     self._claimed = True
                     return None
                 continue
-            return self._recorded(conn, row)
+            recorded = self._recorded(conn, row)
+            if recorded is None:  # a legacy delete answered afresh: the key is not ours (nothing recorded)
+                return None
+            return recorded
         raise Conflict(f"this {HEADER} kept changing under concurrent requests with the same key; retry")
 
-    def _recorded(self, conn: sa.Connection, row: sa.Row) -> Recorded:
+    def _recorded(self, conn: sa.Connection, row: sa.Row) -> Optional[Recorded]:
         """The earlier request's record (422 if the key was used for a different request, or by a
-        credential whose scope this one's does not hold)."""
+        credential whose scope this one's does not hold); None for a delete recorded before
+        migration 0024 that this launcher credential is answered afresh (see below)."""
         site_id = self.ctx.user.site_id
         if row.scope is not None:  # the same request, made within this credential's scope
             same = row.request_hash == self._fingerprint and (site_id is None or row.scope == credential_scope(site_id))
@@ -290,6 +296,29 @@ class IdempotentRequest:
             # Recorded before migration 0024, without its scope: the same request, made within
             # this site (what it made or changed lies there).
             same = row.request_hash == self._fingerprint and self._legacy_within_scope(conn, row, site_id)
+            if not same and row.request_hash == self._fingerprint and self.ctx.request.method == "DELETE":
+                # The same DELETE, sent by the same user (keys are per user) with the same key, method,
+                # path, query and body: a launcher's retry across the upgrade to 0024 (its session's
+                # DELETE at shutdown, a job script's ``job.delete()``). What it deleted is gone, and
+                # nothing left proves that it lay in this launcher's site: the record holds the
+                # answer only (a 204's empty body, a query delete's count), the path an id alone,
+                # and the rows that named the site (the record, its events, its transfers) went
+                # with it. Replaying could tell a launcher about another site's records; a 422 ("a
+                # different request") is false, and the client gives up on it (a launcher warns
+                # that it could not delete its session, which then holds its jobs until it
+                # expires). So the request is answered as a fresh one, within this credential's
+                # site like any other: the key's record stays as it is (the user's own credential
+                # still replays it) and nothing is recorded over it. That is safe for a delete:
+                # ids are never reused (the tables' ids are AUTOINCREMENT and sequences), so the
+                # path names the deleted row or none, and a fresh delete of it answers 404 (our
+                # clients take that as "already gone") and deletes nothing; a query delete
+                # deletes what matches now within the site, as the client's resend without a key
+                # would. A query delete whose claim is not answered yet (status 0: it may still
+                # be running on a server beside this one) is answered as in progress (503 and
+                # Retry-After: ``routes.jobs.query_delete``) until the claim lapses, then taken.
+                if int(row.status_code) != 0:
+                    return None
+                same = True
         if not same:
             raise ValidationFailed.field(
                 ["header", HEADER],
