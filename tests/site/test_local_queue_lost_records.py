@@ -80,12 +80,8 @@ def running(tmp_path: Path, capsys: Any) -> Iterator[tuple[Path, Path, int, int]
             pass
 
 
-@pytest.mark.parametrize("marked", [True, False], ids=["marked", "from-before-the-marker"])
-def test_records_deleted_alone_while_a_job_runs_are_a_try(running: tuple[Path, Path, int, int], capsys: Any,
-                                                           marked: bool) -> None:
+def test_records_deleted_alone_while_a_job_runs_are_a_try(running: tuple[Path, Path, int, int], capsys: Any) -> None:
     state, script, job_id, pid = running
-    if not marked:
-        (state / "jobs" / ".started").unlink()  # as a directory used before the marker existed
     (state / "jobs.json").unlink()  # its lock file kept
     assert_every_read_tries_again(capsys, state, job_id, script,
                                   _says(state, f"the wrapper of job {job_id} (pid {pid}) still runs"))
@@ -103,13 +99,25 @@ def test_records_deleted_alone_while_a_job_runs_are_a_try(running: tuple[Path, P
     assert run(capsys, state, "status") == (1, "", [_says(state, f"1 job files in {state / 'jobs'} ({job_id}.exit)")])
 
 
-def test_only_a_scan_that_finds_nothing_answers_no_jobs(tmp_path: Path, capsys: Any) -> None:
-    """A lock without records and nothing running from here (a first submit whose record a full
-    disk refused leaves that): "no jobs", after a look at the processes, and a submit goes through."""
+def test_a_lock_without_records_or_marker_answers_no_jobs_without_a_scan(tmp_path: Path, capsys: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock without records and no wrapper ever started here (a first submit whose record a full
+    disk refused, or status polls of older versions, leave that): "no jobs", and no look at every
+    process of the user on each poll (that doubled a poll's CPU); a submit then goes through."""
+    scans: list[Path] = []
+    real_scan = local_queue.LocalQueue._live_wrappers
+
+    def counted(self: local_queue.LocalQueue) -> list[tuple[int, int]]:
+        scans.append(self.state_dir)
+        return real_scan(self)
+
+    monkeypatch.setattr(local_queue.LocalQueue, "_live_wrappers", counted)
     state = tmp_path / "lq"
     (state / "jobs").mkdir(parents=True)
     (state / "jobs.json.lock").touch()
     assert run(capsys, state, "status") == (0, "{}\n", [])
+    assert run(capsys, state, "history", "5") == (0, '{"5": null}\n', [])
+    assert scans == []
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o755)
@@ -117,6 +125,26 @@ def test_only_a_scan_that_finds_nothing_answers_no_jobs(tmp_path: Path, capsys: 
     assert code == 0, err
     pid = json.loads((state / "jobs.json").read_text())["jobs"][out.strip()]["pid"]
     os.waitpid(pid, 0)  # our child: submit ran in this process
+
+
+def test_records_gone_between_the_look_and_the_lock_are_looked_for(running: tuple[Path, Path, int, int],
+                                                                   capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """jobs.json and its lock deleted after a read command saw them (unlocked) and before it took
+    the lock, which it then made: its records were there a moment ago, so it looks for the wrappers
+    even without the marker (a directory from before it), rather than answer "no jobs"."""
+    state, script, job_id, pid = running
+    (state / "jobs" / ".started").unlink()
+    real = local_queue.LocalQueue._is_missing
+
+    def then_deleted(self: local_queue.LocalQueue) -> bool:
+        answer = real(self)
+        (state / "jobs.json").unlink(missing_ok=True)
+        (state / "jobs.json.lock").unlink(missing_ok=True)
+        return answer
+
+    monkeypatch.setattr(local_queue.LocalQueue, "_is_missing", then_deleted)
+    assert run(capsys, state, "status") == (
+        1, "", [_says(state, f"the wrapper of job {job_id} (pid {pid}) still runs", lock_kept=False)])
 
 
 def test_status_marks_a_directory_from_before_the_marker(running: tuple[Path, Path, int, int], capsys: Any) -> None:

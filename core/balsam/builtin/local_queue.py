@@ -200,6 +200,8 @@ class LocalQueue:
         self.state_dir = Path(state_dir)
         self.db_path = self.state_dir / "jobs.json"
         self.lock = QueueLock(self.state_dir / "jobs.json.lock", timeout=LOCK_TIMEOUT_SEC)
+        #: _is_missing found the lock file or jobs.json (unlocked): records were there (_read).
+        self._records_seen = False
         if create:
             self._make_dirs()
 
@@ -235,6 +237,7 @@ class LocalQueue:
         if not stat.S_ISDIR(st.st_mode):
             raise QueueTransientError(f"the state directory {self.state_dir} is not a directory")
         if self._records_present():
+            self._records_seen = True
             return False
         try:
             self._check_no_jobs_left()
@@ -243,6 +246,7 @@ class LocalQueue:
             # started its wrapper, between the look above and the scan, which then found that
             # wrapper (a healthy queue answered exit 1). Records there now: not missing.
             if self._records_present():
+                self._records_seen = True
                 return False
             raise
         return True
@@ -290,8 +294,7 @@ class LocalQueue:
         launcher still running. One line (QueueTransientError, exit 1), naming what is left.
 
         ``scan``: look for live wrappers even without the marker submit leaves (_STARTED_MARKER):
-        the caller knows a queue command took the lock here before (a directory used before the
-        marker existed has none). ``lock_kept``: only jobs.json is gone (the line says so)."""
+        the caller saw records a moment ago that are gone now (LocalQueue._read). ``lock_kept``: only jobs.json is gone (the line says so)."""
         jobs_dir = self.state_dir / "jobs"
         try:
             names = os.listdir(jobs_dir)
@@ -363,11 +366,14 @@ class LocalQueue:
             # the first id), or jobs.json deleted. Deleted alone (its lock kept), status answered
             # "no jobs" and history null while its jobs ran, and the agent ended their BatchJobs
             # (the server revoked their launchers' credentials: the launchers stopped, their jobs
-            # cut off). A lock file this command found, not made, says a command took the lock
-            # here before: the wrappers are looked for even without the marker, which a directory
-            # used before the marker existed lacks (a scan per poll only while a first submit's
-            # record could not be written, no room: nothing else leaves the lock without records).
-            self._check_no_jobs_left(scan=self.lock.found, lock_kept=self.lock.found)
+            # cut off): the wrappers are looked for where one was started (the marker; status
+            # leaves it in a directory from before the marker whose records list a job). Not by
+            # the lock file alone: a first submit refused for room, and status polls before the
+            # state directory was checked, leave it without records, and each poll of such a
+            # directory paid for a process scan. A lock file this command made itself, though, is
+            # one whose records were there a moment ago if _is_missing, unlocked, found some (a
+            # first submit's found none): looked for whatever the marker, once.
+            self._check_no_jobs_left(scan=self._records_seen and not self.lock.found, lock_kept=self.lock.found)
             return {"jobs": {}}  # no "next_id": submit draws the directory's first id
         except OSError as exc:  # permission denied, an I/O error: one line naming the file
             raise QueueStorageError.of(f"read {self.db_path}", exc) from None
