@@ -268,7 +268,12 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
     if not batch_jobs:
         if submitted_by_names:
             which = "batch jobs" if history else "active batch jobs"
-            click.echo(f"No {which} submitted by {' or '.join(submitted_by_names)}.")
+            # "-" selects the unmarked ones: "submitted by -." read as a program named "-".
+            named = [name for name in submitted_by_names if name != "-"]
+            parts = [f"submitted by {' or '.join(named)}"] if named else []
+            if "-" in submitted_by_names:
+                parts.append("that no program marked (`--submitted-by -`)")
+            click.echo(f"No {which} {', nor any '.join(parts)}.")
         elif history:
             click.echo("No batch jobs.")
         else:
