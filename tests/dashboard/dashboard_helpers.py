@@ -62,3 +62,35 @@ def text_of(html: str) -> str:
     """The page's visible text, whitespace collapsed (for simple assertions)."""
     html = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", html, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).strip()
+
+
+#: Browser tests, per element of a selector: on how many lines its text is laid out (the tops of
+#: its text's boxes; a name broken inside a word has two).
+LINES_JS = """selector => [...document.querySelectorAll(selector)].map(cell => {
+  const lines = new Set(), texts = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+  for (let text = texts.nextNode(); text; text = texts.nextNode()) {
+    const range = document.createRange(); range.selectNodeContents(text);
+    [...range.getClientRects()].filter(r => r.width > 0).forEach(r => lines.add(Math.round(r.top)));
+  }
+  return lines.size;
+})"""
+
+#: Browser tests, in the window as it is: how far the page is wider than the window (px; <= 0: it
+#: does not scroll sideways), the header's and the filter forms' controls and the pager's links that
+#: lie outside the window, and the table headers broken inside a word (on more lines than words).
+LAYOUT_JS = """() => {
+  const w = window.innerWidth, outside = [], broken = [];
+  const controls = 'header.top a, header.top button, form.filters input:not([type=hidden]), form.filters select, '
+                 + 'form.filters button, form.filters a, nav.pager a';
+  for (const el of document.querySelectorAll(controls)) {
+    const r = el.getBoundingClientRect();
+    if (r.left < -0.5 || r.right > w + 0.5) outside.push(el.outerHTML.slice(0, 80));
+  }
+  for (const th of document.querySelectorAll('main thead th')) {
+    const lines = new Set(), range = document.createRange();
+    range.selectNodeContents(th);
+    [...range.getClientRects()].filter(r => r.width > 0).forEach(r => lines.add(Math.round(r.top)));
+    if (lines.size > th.textContent.trim().split(/[\\s\\u2013-]+/).length) broken.push(th.textContent);
+  }
+  return {overflow: document.documentElement.scrollWidth - w, outside, broken};
+}"""

@@ -19,10 +19,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dashboard_helpers import make_campaign  # noqa: E402
+from balsam.models import SUBMITTED_BY_KEY  # noqa: E402
+
+from dashboard_helpers import LAYOUT_JS, LINES_JS, make_campaign  # noqa: E402
 
 CHROMIUM = os.environ.get("BALSAM_TEST_CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
 LONG_KEY, LONG_VALUE = "k" * 200, "v" * 1024
 LONG_WORKDIR = "w" * 300
 
@@ -39,14 +42,20 @@ def chromium() -> Iterator[Any]:
         browser.close()
 
 
-def _page(chromium: Any, url: str, username: str, password: str, **context: Any) -> Any:
-    """A logged-in tab (through the login form); ``context``: Playwright context options."""
+def _page(chromium: Any, url: str, username: str, password: str, token: str = "", **context: Any) -> Any:
+    """A logged-in tab (through the login form; with the user's API ``token``, through a one-time
+    login link instead: no password hash for the server to check); ``context``: Playwright context options."""
     ctx = chromium.new_context(base_url=url, viewport=VIEWPORT, **context)
     page = ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
     page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
     page.errors = errors
+    if token:
+        link = httpx.post(f"{url}/dashboard/login-link", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert link.status_code == 200, link.text
+        assert page.goto(link.json()["path"]).url == f"{url}/dashboard/"
+        return page
     page.goto("/dashboard/login")
     page.fill("input[name=username]", username)
     page.fill("input[name=password]", password)
@@ -83,6 +92,66 @@ def test_long_tags_and_workdirs_wrap_inside_the_window(chromium: Any, user: dict
         page.goto(path)
         assert LONG_VALUE in page.inner_text("main")  # wrapped, not cut
         assert _overflow(page) <= 2, f"{path} is {_overflow(page)} px wider than the window"
+    assert page.errors == []
+
+
+#: Ordinary names, each on one line wherever it is shown (a site's 20 characters, a queue, an app).
+SITE_NAME, QUEUE, APP_NAME = "theta-gpu-production", "polaris-debug-queue", "MolecularDynamicsSim"
+
+
+def test_every_page_fits_a_phone_and_a_desktop_window(chromium: Any, user: dict) -> None:
+    """Before: at 390 px (a phone) the whole page scrolled sideways, its filters with it: the Sites
+    page was 977 px wide, Jobs 863, a job's page 633, BatchJobs 1,215 and Events 740; at 1280 px
+    the BatchJobs table broke its site, queue, project and "queue_maintainer" inside a word. Now
+    each page is no wider than the window at 390 and 1280 px (a wide table scrolls in its own box),
+    the header, filters and pager lie in the window, no table header is broken inside a word, and
+    names stay on one line."""
+    api = httpx.Client(base_url=user["url"], headers={"Authorization": f"Bearer {user['token']}"}, timeout=30)
+    site = api.post("/sites/", json={
+        "name": SITE_NAME, "path": "/lus/grand/projects/datascience/theta-gpu-production",
+        "backfill_windows": {QUEUE: [{"num_nodes": 2, "wall_time_min": 10}]},
+        "allowed_queues": {QUEUE: {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 1},
+                           "prod": {"max_nodes": 512, "max_walltime": 1440, "max_queued_jobs": 0}},
+        "queued_jobs": {"7": {"scheduler_id": 7, "queue": QUEUE, "num_nodes": 1, "wall_time_min": 5, "project": "p",
+                              "state": "queued", "queued_time_min": 1, "time_remaining_min": 5,
+                              "message": "Priority (waiting for resources with higher priority)"}}})
+    assert site.status_code == 201, site.text
+    site_id = site.json()["id"]
+    app = api.post("/apps/", json={"site_id": site_id, "name": APP_NAME, "serialized_class": "", "source_code": "",
+                                   "parameters": {}, "transfers": {}, "description": ""}).json()["id"]
+    made = api.post("/jobs/", json=[{"app_id": app, "workdir": f"runs/{i}/" + "w" * 60, "tags": {"experiment": "e" * 80}}
+                                    for i in range(2)])
+    assert made.status_code == 201, made.text
+    job = made.json()[0]["id"]
+    bj = api.post("/batch-jobs/", json={"site_id": site_id, "project": "datascience", "queue": QUEUE, "num_nodes": 2,
+                                        "wall_time_min": 30, "job_mode": "mpi", "filter_tags": {"experiment": "e1"},
+                                        "status_info": {SUBMITTED_BY_KEY: "queue_maintainer", "waiting": "Priority"}})
+    assert bj.status_code == 201, bj.text
+    for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1}),
+                        ("RUN_ERROR", {"returncode": 3, "error": "Traceback (most recent call last):\n" + "x" * 200})):
+        assert api.patch("/jobs/", json=[{"id": job, "state": state, "state_data": data}]).status_code == 200
+    assert api.patch("/jobs/", json=[{"id": job, "batch_job_id": bj.json()["id"]}]).status_code == 200
+    api.close()
+    names = {"/dashboard/": ".card td.name",  # the queues
+             "/dashboard/jobs": "#jobs-table tbody td:nth-child(2), #jobs-table tbody td:nth-child(3)",  # site, app
+             # site, submitted by, queue, project
+             "/dashboard/batch-jobs": ", ".join(f"#batch-jobs tbody td:nth-child({n})" for n in (2, 5, 6, 7))}
+    page = _page(chromium, user["url"], user["username"], user["password"], token=user["token"])
+    wrong: dict[tuple[int, str], Any] = {}  # (window width, page): what is wrong there
+    for path in ("/dashboard/", "/dashboard/jobs", f"/dashboard/jobs/{job}", "/dashboard/batch-jobs",
+                 "/dashboard/events", "/dashboard/plots"):
+        page.goto(path)
+        if path == "/dashboard/plots":
+            page.wait_for_selector("#chart-utilization canvas")  # (the charts follow the window's width)
+        for viewport in (PHONE, VIEWPORT):  # one load, both widths: the same session, the same page
+            page.set_viewport_size(viewport)
+            # two frames: the window's resize event has run (plots.js resizes its charts on it)
+            page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+            layout = page.evaluate(LAYOUT_JS)
+            lines = page.evaluate(LINES_JS, names[path]) if path in names else [1]
+            if layout["overflow"] > 0 or layout["outside"] or layout["broken"] or not lines or set(lines) != {1}:
+                wrong[viewport["width"], path] = {**layout, "name lines": lines}
+    assert not wrong, "\n".join(f"{width} px {path}: {what}" for (width, path), what in wrong.items())
     assert page.errors == []
 
 

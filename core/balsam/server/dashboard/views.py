@@ -156,15 +156,23 @@ class View:
         """The page's query string limited to ``names``, without empty values (HTML forms send
         ``state=`` for "any"), tag fields split on spaces and commas outside quotes (``a:1, b:2``,
         ``"exp:a b" c:1``: see :func:`split_tags`). A tags value with an unbalanced quote is refused,
-        and so are more than :data:`MAX_TAG_FILTERS` tags."""
+        and so are more than :data:`MAX_TAG_FILTERS` distinct tags. A tag given twice is one filter,
+        as in the API's listings (``QueryParams.key_values``): kept once, so that the page's limit,
+        its Tags field and its links (count all, states, paging) count and carry distinct pairs."""
         wanted = set(names)
         items: list[tuple[str, str]] = []
+        seen_tags: set[str] = set()
         for key, value in self.request.query_params.multi_items():
             if key not in wanted:
                 continue
             parts = split_tags(value) if key == "tags" else [value.strip()]
-            items.extend((key, p) for p in parts if p)
-        n_tags = sum(1 for key, _ in items if key == "tags")
+            for part in parts:
+                if not part or (key == "tags" and part in seen_tags):
+                    continue
+                items.append((key, part))
+                if key == "tags":
+                    seen_tags.add(part)
+        n_tags = len(seen_tags)
         if n_tags > MAX_TAG_FILTERS:
             raise ValidationFailed.field(["query", "tags"], f"at most {MAX_TAG_FILTERS} tags, got {n_tags}")
         return StarletteQueryParams(items)
