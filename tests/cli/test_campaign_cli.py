@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,9 @@ def test_analytics_wrong_state_is_a_usage_error() -> None:
     (["job", "--name", "hi1", "--workflow", "test", "--application", "SayHello", "--args", "world 1"],
      "balsam job create -w hi1 --tag workflow=test -a SayHello"),
     (["app", "--name", "SayHello", "--executable", "echo hello,"], "class SayHello(ApplicationDefinition):"),
-    (["init", "~/myWorkflow"], "balsam site init PATH -n NAME"),
+    # the user's own path, which a placeholder (`balsam site init PATH -n NAME`) pasted as printed was not
+    (["init", "~/myWorkflow"], f"  balsam site init {shlex.quote(str(Path.home() / 'myWorkflow'))}\nNote: then "
+                               f"`cd {shlex.quote(str(Path.home() / 'myWorkflow'))} && balsam site start`"),
     (["service"], "balsam site start"),
     (["modify", "--id", "3", "--attr", "state", "--value", "RESTART_READY"], "balsam job modify --id ID -s STATE"),
 ])

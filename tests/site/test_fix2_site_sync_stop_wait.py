@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 from click.testing import CliRunner
 
+import balsam.cli.site_commands as site_commands
 import balsam.site.agent
 from balsam.cli.site_commands import sync
 from balsam.site.agent import agent_running
@@ -72,6 +73,8 @@ def test_sync_says_the_agent_was_not_restarted_when_its_stop_outlasts_the_timeou
                  timeout=60, what="the hung qstat")
         # The agent's stop waits 5 s for the hung poll; sync's timeout made shorter than that.
         monkeypatch.setattr(balsam.site.agent, "stop_timeout", lambda stop_wait: 1.0)
+        # stderr a terminal: the counter is redrawn in place (off a terminal: tests/cli/test_cli_output_forms.py)
+        monkeypatch.setattr(site_commands, "_stderr_tty", lambda: True, raising=False)
         result = CliRunner().invoke(sync, [str(path)])
         assert result.exit_code == 1, result.output
         assert (f"Error: the site agent [pid {pid}] did not stop within 1 s and was not restarted: it goes on "

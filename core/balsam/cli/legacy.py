@@ -7,6 +7,7 @@ with the command to use instead, their options translated where there is an equi
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from typing import Callable, Optional, Union
@@ -104,6 +105,32 @@ _LS_FLAGS = {"--verbose", "--by-states", "--history", "--tree"}
 _RM_OPTIONS: dict[str, Translation] = {"--id": "--id", "--all": "--all", "--force": "-y"}
 _RM_FLAGS = {"--all", "--force"}
 
+#: 0.x ``balsam init PATH [--db-type postgres]``: its PATH is the site directory (see :func:`_init_hint`).
+_INIT_OPTIONS: dict[str, Translation] = {"--db-type": None}
+
+
+def _init_hint(args: list[str]) -> tuple[str, str]:
+    """The ``balsam site init`` line and the note for 0.x ``balsam init ARGS``: the user's own path
+    (a placeholder PATH, pasted as printed, created a directory named PATH), ``~`` expanded and
+    shell-quoted; no ``-n``, as site init names the site after the directory."""
+    path = ""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-") and arg != "-":
+            # an option's value is no path (the same reading as _translate's)
+            takes_value = "=" not in arg and i + 1 < len(args) and not _looks_like_option(args[i + 1])
+            i += 2 if takes_value else 1
+            continue
+        path = path or arg
+        i += 1
+    if not path:
+        return "balsam site init PATH", "then `cd PATH && balsam site start`; the site is named after its directory"
+    quoted = shlex.quote(os.path.expanduser(path))
+    return (f"balsam site init {quoted}",
+            f"then `cd {quoted} && balsam site start`; the site is named after its directory (-n NAME for another)")
+
+
 #: 0.x top-level commands: (what to run now, option translations, flags without a value, a note).
 LEGACY_COMMANDS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = {
     "ls": ("balsam job ls", _LS_OPTIONS, _LS_FLAGS,
@@ -111,7 +138,7 @@ LEGACY_COMMANDS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = 
            "apps: `balsam app ls`"),
     "submit-launch": ("balsam queue submit", _SUBMIT_OPTIONS, _SUBMIT_FLAGS,
                       "run it inside a site directory (or pass --site NAME); -j is serial or mpi"),
-    "init": ("balsam site init PATH -n NAME", {}, set(), "then `cd PATH && balsam site start`"),
+    "init": ("balsam site init", _INIT_OPTIONS, set(), ""),  # the path and note: _init_hint
     "service": ("balsam site start", {}, set(),
                 "the site agent submits BatchJobs itself when the elastic queue module is enabled in settings.yml"),
     "modify": ("balsam job modify --id ID -s STATE", {}, set(), "e.g. -s RESTART_READY to run a job again"),
@@ -257,6 +284,8 @@ def legacy_hint(args: list[str], known_commands: "set[str] | frozenset[str]",
     name, rest = args[0], list(args[1:])
     if name not in known_commands and name in LEGACY_COMMANDS:
         target, options, flags, note = LEGACY_COMMANDS[name]
+        if name == "init":
+            target, note = _init_hint(rest)
         return _message(" ".join(args[:1]), target, options, flags, note, rest)
     if rest and (name, rest[0]) in LEGACY_SUBCOMMANDS and rest[0] not in (subcommands or {}).get(name, ()):
         target, note = LEGACY_SUBCOMMANDS[(name, rest[0])]

@@ -40,6 +40,41 @@ def _site_config(path: Optional[str]) -> Any:
     return SiteConfig(path)
 
 
+def _stderr_tty() -> bool:
+    """Whether the progress lines go to a terminal (the one place that asks, so a test can say)."""
+    return sys.stderr.isatty()
+
+
+#: Off a terminal a wait's progress line whose words have not changed is printed again after this long.
+PROGRESS_EVERY_SEC = 10.0
+
+
+class _ProgressLine:
+    """A wait's progress line on stderr. On a terminal it is redrawn in place ('\\r') each time;
+    in a log or a pipe that made one line of 20-40 fragments, so there each line is printed on its
+    own, when its words (``key``, all but the counter) change or after PROGRESS_EVERY_SEC."""
+
+    def __init__(self) -> None:
+        self.tty = _stderr_tty()
+        self.drawn = ""  # the text the terminal shows, "" when no line is open
+        self.key: object = None
+        self.printed_at = 0.0
+
+    def show(self, text: str, key: object, now: float) -> None:
+        if self.tty:
+            click.echo("\r" + text.ljust(len(self.drawn)), nl=False, err=True)
+            self.drawn = text
+        elif key != self.key or now - self.printed_at >= PROGRESS_EVERY_SEC:
+            click.echo(text, err=True)
+            self.key, self.printed_at = key, now
+
+    def end(self) -> None:
+        """End the redrawn line (before the next message: an outcome, a warning, an error)."""
+        if self.drawn:
+            click.echo("", err=True)
+            self.drawn = ""
+
+
 def _name_refusal(exc: Exception, hint: str) -> Optional[click.ClickException]:
     """The server's refusal of a site name (HTTP 409: taken; 422 on ``name``), as its reason and
     ``hint``, without the transport's ``POST unix:///... failed with HTTP 422:`` prefix; else None."""
@@ -84,9 +119,10 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str], sche
         if interactive and len(platforms) > 1:
             names = list(platforms)
             click.echo("Select the platform of this machine:")
+            digits = len(str(len(names)))  # right-aligned: from 10) on the names kept their column
             for index, pname in enumerate(names, 1):
                 mark = "  (this host)" if pname == detected else ""
-                click.echo(f"  {index}) {pname:<20} {platforms[pname]}{mark}")
+                click.echo(f"  {index:>{digits}}) {pname:<20} {platforms[pname]}{mark}")
             default_index = names.index(fallback) + 1 if fallback in names else 1
             choice = click.prompt("Platform", type=click.IntRange(1, len(names)), default=default_index)
             platform_name = names[choice - 1]
@@ -134,6 +170,7 @@ def _stop(path: Path, timeout: float, force: bool, outcome: Optional[dict] = Non
     from balsam.site.site_ops import stop_agent
 
     shown = {"last": -1}
+    line = _ProgressLine()
     outcome = outcome if outcome is not None else {}
     outcome["killed"] = False
 
@@ -144,13 +181,12 @@ def _stop(path: Path, timeout: float, force: bool, outcome: Optional[dict] = Non
         second = int(elapsed)
         if second >= 1 and second != shown["last"]:
             shown["last"] = second
-            click.echo(f"\rWaiting for the site agent to stop... {second:>2d}/{int(total)} s", nl=False, err=True)
+            line.show(f"Waiting for the site agent to stop... {second:>2d}/{int(total)} s", "stop", second)
 
     try:
         return stop_agent(path, timeout=timeout, force=force, progress=progress, echo=click.echo)
     finally:
-        if shown["last"] >= 0:  # ends the progress line, also before the error of a stop that timed out
-            click.echo("", err=True)
+        line.end()  # also before the error of a stop that timed out
 
 
 #: `balsam site stop`'s wait for the BatchJobs `balsam queue term` marked (pending_deletion): the
@@ -252,7 +288,7 @@ def _await_terminations(path: Path, until: float, *, sync_periods: int = TERM_WA
         click.echo(f"Warning: BatchJob(s) {_some_ids([int(r['id']) for r in rows], count)} await deletion, but the "
                    "site's scheduler module is off (`scheduler:` in settings.yml): nothing ends them", err=True)
         return
-    line = ""
+    line = _ProgressLine()
     stuck: dict[int, str] = {}
     try:
         while True:
@@ -263,30 +299,25 @@ def _await_terminations(path: Path, until: float, *, sync_periods: int = TERM_WA
             if left <= 0 or now >= until:
                 break
             if now - began >= 1:  # counted as the agent's stop counts: from its first second
-                text = (f"\rWaiting for the site agent to end {left} BatchJob(s) marked by `balsam queue term` "
-                        f"({_some_ids(waiting, left)})... {int(now - began):>2d}/{int(until - began)} s")
-                click.echo(text.ljust(len(line)), nl=False, err=True)
-                line = text
+                words = (f"Waiting for the site agent to end {left} BatchJob(s) marked by `balsam queue term` "
+                         f"({_some_ids(waiting, left)})...")
+                line.show(f"{words} {int(now - began):>2d}/{int(until - began)} s", words, now - began)
             time.sleep(max(0.0, min(1.0, until - now)))
             if time.monotonic() >= until:
                 break  # no read past the wait's end (it would be refused unsent): the last one tells
             try:
                 count, rows = read()
             except Exception as exc:
-                if line:
-                    click.echo("", err=True)
-                    line = ""
+                line.end()
                 click.echo(f"Warning: cannot read the site's BatchJobs any longer ({error_line(exc)}): stopping the "
                            "site agent", err=True)
                 return
     except KeyboardInterrupt:
-        if line:
-            click.echo("", err=True)
+        line.end()
         click.echo("Interrupted: no longer waiting for the BatchJobs `balsam queue term` marked; stopping the site "
                    "agent (Ctrl-C again to abort)", err=True)
         return
-    if line:
-        click.echo("", err=True)
+    line.end()
     if stuck:
         first = next(iter(stuck.values()))
         click.echo(f"Warning: the site agent cannot end BatchJob(s) {_some_ids(sorted(stuck), len(stuck))} now "
