@@ -14,7 +14,7 @@ import click
 
 from balsam.analytics import _instant, _seconds, from_instant  # standard library only: no start-up cost
 
-from ._site_selector import UpperChoice, current_site_id, format_table, parse_key_values, site_filter, site_names, site_option
+from ._site_selector import UpperChoice, current_site_id, format_table, site_filter, site_names, site_option
 
 
 def _state_type() -> click.Choice:
@@ -26,9 +26,17 @@ def _state_type() -> click.Choice:
 
 
 def _event_filters(site_selector: str, tags: tuple[str, ...]) -> dict[str, Any]:
-    filters: dict[str, Any] = dict(site_filter(site_selector))
+    tag_pairs = None
     if tags:
-        filters["tags"] = parse_key_values(tags, "--tag")
+        # job ls's check of --tag (its count against the API's limit, naming the option), a usage
+        # error before any request. Imported here: the job commands' module takes longer to load
+        # than this one, and is needed only here.
+        from .job import tag_filters
+
+        tag_pairs = tag_filters(tags)
+    filters: dict[str, Any] = dict(site_filter(site_selector))
+    if tag_pairs is not None:
+        filters["tags"] = tag_pairs
     return filters
 
 

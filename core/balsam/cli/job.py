@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional
 import click
 import yaml
 
-from ..models import workdir_problem
+from ..models import MAX_TAG_FILTERS, workdir_problem
 from . import Interrupted
 from ._site_selector import (Progress, UpperChoice, dump_yaml, format_rows, format_table, json_option,
                              json_record, jsonable, parse_key_values, site_filter, site_names, site_option, table_widths,
@@ -62,17 +62,30 @@ def _state_filter(states: tuple[str, ...], excluded: tuple[str, ...]) -> dict[st
     return {}
 
 
+def tag_filters(tags: tuple[str, ...]) -> dict[str, str]:
+    """The ``-t/--tag KEY=VALUE`` options as a ``tags`` filter, at most :data:`MAX_TAG_FILTERS` of
+    them (the API's limit: all apply together, one clause each). Checked here, naming the option:
+    the Python API's refusal named its own call (``Job.objects.filter(): at most 100 distinct tags
+    filters``), which the user never wrote."""
+    pairs = parse_key_values(tags, "--tag")  # one value per key: its length counts distinct pairs
+    if len(pairs) > MAX_TAG_FILTERS:
+        raise click.BadParameter(f"{len(pairs)} tag filters (a KEY=VALUE given twice counted once): a query takes at "
+                                 f"most {MAX_TAG_FILTERS}", param_hint="'-t' / '--tag'")
+    return pairs
+
+
 def _job_filters(ids: tuple[int, ...], tags: tuple[str, ...], states: tuple[str, ...], excluded: tuple[str, ...],
                  site_selector: str, workdir: Optional[str] = None, app_ref: Optional[str] = None) -> dict[str, Any]:
     filters: dict[str, Any] = {}
+    tag_pairs = tag_filters(tags) if tags else None  # a usage error: before any request (the site's)
     # Jobs named by id need no default site restriction (an id is unique across sites), but an
     # explicit --site still narrows (and is checked) as it does without ids.
     if not ids or site_selector:
         filters.update(site_filter(site_selector))
     if ids:
         filters["id"] = list(ids)
-    if tags:
-        filters["tags"] = parse_key_values(tags, "--tag")
+    if tag_pairs is not None:
+        filters["tags"] = tag_pairs
     filters.update(_state_filter(states, excluded))
     if workdir:
         filters["workdir__contains"] = workdir

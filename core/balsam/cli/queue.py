@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import click
 
-from ..models import SUBMITTED_BY_KEY
+from ..models import MAX_TAG_FILTERS, SUBMITTED_BY_KEY
 from ._site_selector import (dump_yaml, format_table, json_option, json_record, parse_key_values, resolve_one_site,
                              site_filter, site_names, site_option, site_option_with, write_json_array)
 
@@ -68,6 +68,21 @@ def parse_partition(text: str) -> dict[str, Any]:
     return {"job_mode": mode, "num_nodes": int(nodes), "filter_tags": parse_key_values(tuple(tags), f"--part {text}")}
 
 
+def check_filter_tag_count(filter_tags: dict[str, str], texts: tuple[str, ...], partitions: list[dict[str, Any]]) -> None:
+    """The BatchJob's launchers acquire with its ``--tag`` filter tags, a partition's (``--part``)
+    merged with them: at most :data:`MAX_TAG_FILTERS` (the server refuses the BatchJob otherwise,
+    naming its body's fields, not the options). ``texts``: the ``--part`` options as given."""
+    if len(filter_tags) > MAX_TAG_FILTERS:
+        raise click.BadParameter(f"{len(filter_tags)} tags (a KEY=VALUE given twice counted once): a launcher "
+                                 f"acquires jobs with at most {MAX_TAG_FILTERS} filter tags", param_hint="'-tag' / '--tag'")
+    for text, partition in zip(texts, partitions):
+        merged = {**filter_tags, **partition["filter_tags"]}
+        if len(merged) > MAX_TAG_FILTERS:
+            raise click.BadParameter(f"{text!r}: {len(merged)} filter tags (--tag: {len(filter_tags)}, this --part's: "
+                                     f"{len(partition['filter_tags'])}; keys counted once): a launcher acquires jobs "
+                                     f"with at most {MAX_TAG_FILTERS}", param_hint="'-p' / '--part'")
+
+
 @click.group("queue")
 def queue() -> None:
     """Request allocations (BatchJobs) at your sites, list and cancel them."""
@@ -89,11 +104,14 @@ def submit(num_nodes: int, wall_time_min: int, queue_name: str, project: str, jo
     """Request an allocation; the site agent submits it to the scheduler."""
     from balsam.api import BatchJob
 
+    filter_tags = parse_key_values(tags, "--tag")
+    partitions = [parse_partition(p) for p in parts]
+    check_filter_tag_count(filter_tags, parts, partitions)
     site = resolve_one_site(site_selector)
     batch_job = BatchJob(
         site_id=site.id, num_nodes=num_nodes, wall_time_min=wall_time_min, queue=queue_name, project=project,
-        job_mode=job_mode, filter_tags=parse_key_values(tags, "--tag"),
-        partitions=[parse_partition(p) for p in parts] or None,
+        job_mode=job_mode, filter_tags=filter_tags,
+        partitions=partitions or None,
         optional_params=parse_key_values(extra, "--extra-param"),
     )
     try:

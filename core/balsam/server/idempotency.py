@@ -223,10 +223,16 @@ class IdempotentRequest:
         #: The job ids reserved for this request's key (``claim(reservable=True)``), else None.
         self.reserved_ids: "list[int] | None" = None
 
+    @property
+    def claimed(self) -> bool:
+        """Whether ``claim`` took the key for this request: only then may the request change the
+        key's row (record its answer; a query delete's lease, renewal or drop)."""
+        return self._claimed
+
     def claim(self, conn: sa.Connection, *, reservable: bool = False) -> Optional[Recorded]:
         """Claim the key for this transaction; the earlier answer if the key is already recorded
-        (None, the key not claimed, for a delete recorded before migration 0024 that is answered
-        afresh: ``_recorded``).
+        (None, the key not claimed: ``claimed`` is False, for a delete by id recorded before
+        migration 0024 that is answered afresh: ``_recorded``).
         ``reservable``: a key reserved by ``reserve_job_keys`` is taken, and its ids are left in
         ``reserved_ids`` (the bulk create of jobs).
 
@@ -277,15 +283,13 @@ class IdempotentRequest:
                     self._claimed = True
                     return None
                 continue
-            recorded = self._recorded(conn, row)
-            if recorded is None:  # a legacy delete answered afresh: the key is not ours (nothing recorded)
-                return None
-            return recorded
+            # None: a legacy delete by id answered afresh, the key not ours (``claimed`` stays False).
+            return self._recorded(conn, row)
         raise Conflict(f"this {HEADER} kept changing under concurrent requests with the same key; retry")
 
     def _recorded(self, conn: sa.Connection, row: sa.Row) -> Optional[Recorded]:
         """The earlier request's record (422 if the key was used for a different request, or by a
-        credential whose scope this one's does not hold); None for a delete recorded before
+        credential whose scope this one's does not hold); None for a delete by id recorded before
         migration 0024 that this launcher credential is answered afresh (see below)."""
         site_id = self.ctx.user.site_id
         if row.scope is not None:  # the same request, made within this credential's scope
@@ -299,26 +303,29 @@ class IdempotentRequest:
             if not same and row.request_hash == self._fingerprint and self.ctx.request.method == "DELETE":
                 # The same DELETE, sent by the same user (keys are per user) with the same key, method,
                 # path, query and body: a launcher's retry across the upgrade to 0024 (its session's
-                # DELETE at shutdown, a job script's ``job.delete()``). What it deleted is gone, and
-                # nothing left proves that it lay in this launcher's site: the record holds the
-                # answer only (a 204's empty body, a query delete's count), the path an id alone,
-                # and the rows that named the site (the record, its events, its transfers) went
-                # with it. Replaying could tell a launcher about another site's records; a 422 ("a
-                # different request") is false, and the client gives up on it (a launcher warns
-                # that it could not delete its session, which then holds its jobs until it
-                # expires). So the request is answered as a fresh one, within this credential's
-                # site like any other: the key's record stays as it is (the user's own credential
-                # still replays it) and nothing is recorded over it. That is safe for a delete:
-                # ids are never reused (the tables' ids are AUTOINCREMENT and sequences), so the
-                # path names the deleted row or none, and a fresh delete of it answers 404 (our
-                # clients take that as "already gone") and deletes nothing; a query delete
-                # deletes what matches now within the site, as the client's resend without a key
-                # would. A query delete whose claim is not answered yet (status 0: it may still
+                # DELETE at shutdown, a job script's ``job.delete()`` or query delete). What it deleted
+                # is gone, and nothing left proves that it lay in this launcher's site: the record
+                # holds the answer only (a 204's empty body, a query delete's count), the path an id
+                # at most, and the rows that named the site (the record, its events, its transfers)
+                # went with it. A 422 ("a different request") is false, and the client gives up on it
+                # (a launcher warns that it could not delete its session, which then holds its jobs
+                # until it expires). A claim not answered yet (status 0: a query delete that may still
                 # be running on a server beside this one) is answered as in progress (503 and
-                # Retry-After: ``routes.jobs.query_delete``) until the claim lapses, then taken.
-                if int(row.status_code) != 0:
+                # Retry-After: ``routes.jobs.query_delete``) until it lapses, then taken.
+                if int(row.status_code) == 0:
+                    same = True
+                elif self._names_one_record():
+                    # A delete by id is answered as a fresh request, within this credential's site
+                    # like any other, unclaimed: the key's record stays as it is (the user's own
+                    # credential still replays it) and nothing is recorded over it. Safe only because
+                    # the path names the row: ids are never reused (the tables' ids are AUTOINCREMENT
+                    # and sequences), so it names the deleted row, which is in no site now, and the
+                    # fresh delete answers 404 and deletes nothing. (The launcher's Session close,
+                    # client/lease.py, takes that 404 as "already gone"; the Python API's
+                    # ``Model.delete()`` raises it, as for any record deleted meanwhile.)
                     return None
-                same = True
+                else:
+                    return self._legacy_query_delete(row)
         if not same:
             raise ValidationFailed.field(
                 ["header", HEADER],
@@ -328,6 +335,30 @@ class IdempotentRequest:
         return Recorded(int(row.status_code), str(row.resource), [int(i) for i in row.resource_ids],
                         None if row.answer is None else bytes(row.answer), row.answer_type,
                         row.answer_headers or None)
+
+    def _names_one_record(self) -> bool:
+        """Whether this request's path names a record by its id (``/jobs/7``), not a query (``/jobs/``)."""
+        segments = [part for part in self.ctx.request.url.path.split("/") if part]
+        return len(segments) >= 2 and segments[1].isdecimal()
+
+    def _legacy_query_delete(self, row: sa.Row) -> Recorded:
+        """A launcher's query delete recorded before migration 0024 and answered since: its recorded
+        count again, or 409 when the answer named jobs left RUNNING (``_recorded``).
+
+        Never run again (a fresh delete would also delete the matching jobs made since: the key
+        promises that a retry deletes nothing). The count is replayed: it names no record (what a
+        record's scope keeps from a launcher is another site's records). Its recorded
+        ``Balsam-*`` header (``Balsam-Skipped-Running``, the jobs left RUNNING) cannot be: its ids
+        may be another site's jobs (nothing proves which credential sent the request), and the
+        answer without the header is not true either (our client warns of the jobs left RUNNING
+        only from it: its user would take every matching job for deleted). So such a record is
+        answered 409, nothing deleted; a resend with a new key is a new request (it deletes what
+        matches then)."""
+        if any(_replayable(name) for name, _value in row.answer_headers or ()):
+            raise Conflict(f"this {HEADER} was recorded before the server's upgrade (at {row.created:%Y-%m-%d %H:%M:%S} "
+                           f"UTC) and its answer cannot be replayed to a launcher; resend with a new key")
+        return Recorded(int(row.status_code), str(row.resource), [], None if row.answer is None else bytes(row.answer),
+                        row.answer_type, None)
 
     def _legacy_within_scope(self, conn: sa.Connection, row: sa.Row, site_id: int) -> bool:
         """Whether every record a request recorded before migration 0024 made (its ids) or changed

@@ -315,7 +315,11 @@ def query_delete(ctx: Ctx) -> Response:
                 if earlier.status_code == 0:  # claimed by a delete that has not answered yet
                     raise _in_progress(conn, ctx)
                 raise Replay(earlier)
-            claim.take(conn)
+            # Only a request that took the key leases, renews, drops or records it: the key's row
+            # is another request's otherwise (renewing it failed, and warned of a lapse that was not).
+            keyed = ctx.idempotency.claimed
+            if keyed:
+                claim.take(conn)
         sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
     try:
         with read_tx(ctx.engine) as reader:
