@@ -2,14 +2,15 @@
 
 Two "nodes" on this host (rank 0 the master, rank 1 a worker); rank 1 is stopped while it runs
 tasks. Its jobs come back RUN_TIMEOUT with the reason once it has been silent for
-``RANK_SILENCE_SEC``, run again on the master's node (the rank's node is out), the launcher goes
-idle and exits with 0 and records the node taken out (it used to hold every job of that rank
-RUNNING, and the whole allocation, until the wall time). The unit tests of the same rules are
-``test_serial_hung_rank.py``.
+``$BALSAM_SERIAL_RANK_SILENCE_SEC`` (10 s here, 30 s by default), run again on the master's node
+(the rank's node is out), the launcher goes idle and exits with 0 and records the node taken out
+(it used to hold every job of that rank RUNNING, and the whole allocation, until the wall time).
+The unit tests of the same rules are ``test_serial_hung_rank.py``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -27,13 +28,13 @@ from balsam.launcher.modes.serial import SerialMode
 from balsam.platform import NodeInfo
 from launcher_helpers import events_of, make_runnable, rerun_timeouts_until_done, worker_rank_pid
 
-pytestmark = [pytest.mark.slow, pytest.mark.mpi]
-
 #: Far beyond the test: a RUN_TIMEOUT here is the launcher's, never the expiry sweep's.
 EXPIRE_SEC = 300
 WALL_MIN = 5
-#: How long the master lets a rank be silent (a default: this test also shows the fault without the fix).
-SILENCE_SEC = getattr(serial_worker, "RANK_SILENCE_SEC", 30.0)
+#: How long the master lets a rank be silent ($BALSAM_SERIAL_RANK_SILENCE_SEC; 30 s by default): over
+#: three heartbeats (serial_worker.HEARTBEAT_SEC, 3 s), so that a rank slowed by a loaded machine is
+#: not taken out before it is stopped, and 20 s shorter than the default for the suite's time.
+SILENCE_SEC = 10.0
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +48,26 @@ def live_server(_long_expiry_server: Any, request: pytest.FixtureRequest) -> str
     return _long_expiry_server.url
 
 
-def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere(new_site: Any) -> None:
+def test_the_silence_is_read_from_the_environment_and_a_bad_value_is_named_and_ignored(monkeypatch: Any,
+                                                                                       caplog: Any) -> None:
+    monkeypatch.delenv(serial_worker.RANK_SILENCE_ENV, raising=False)
+    assert serial_worker.rank_silence_sec() == serial_worker.RANK_SILENCE_SEC == 30.0  # the default
+    monkeypatch.setenv(serial_worker.RANK_SILENCE_ENV, "12.5")
+    assert serial_worker.rank_silence_sec() == 12.5
+    for raw in ("5.5", "1e2"):  # under two heartbeats; not plain digits
+        monkeypatch.setenv(serial_worker.RANK_SILENCE_ENV, raw)
+        with caplog.at_level(logging.WARNING, logger="balsam.launcher.serial"):
+            assert serial_worker.rank_silence_sec() == 30.0
+        assert f"{serial_worker.RANK_SILENCE_ENV}={raw!r} is not a number from 6 to 86400" in caplog.text, caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere(new_site: Any, monkeypatch: Any) -> None:
     from balsam.api import ApplicationDefinition, BatchJob, Job
 
+    assert SILENCE_SEC >= serial_worker.MIN_RANK_SILENCE_SEC
+    monkeypatch.setenv(serial_worker.RANK_SILENCE_ENV, repr(SILENCE_SEC))
     name, path = new_site(idle_ttl_sec=5, delay_sec=1)
 
     class Short(ApplicationDefinition):
@@ -109,6 +127,8 @@ def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere(new_s
             reason = str((event.data or {}).get("reason"))
             assert reason.startswith(f"serial worker rank 1 on {host} unresponsive for "), reason
             assert "its task there may still be running" in reason, reason
+            silent_sec = float(reason.split(" unresponsive for ")[1].split(" s")[0])
+            assert silent_sec >= SILENCE_SEC - 0.5, reason  # taken out only once silent that long (rounded)
         if job_id in requeued:
             # Run again after the take-out: started anew by the master (rank 1's node is out, its
             # reports are dropped), so on the master's node, and done there.

@@ -50,11 +50,12 @@ sets ``wake`` with its answer (a Session found gone hands its jobs over first: t
 not started; :mod:`balsam.client.lease`, "Known alive").
 **Hung workers** (SIGSTOP, a node wedged in D state, a hung file system): a worker sends a report
 at least every :data:`HEARTBEAT_SEC` (an empty one when it has nothing else to say); a rank silent
-for :data:`RANK_SILENCE_SEC` is taken out: its jobs are reported RUN_TIMEOUT (``serial worker rank
-N on HOST unresponsive for X s``) and run again elsewhere (its tasks are not stopped: they may still
-run there, in the same workdirs, see :meth:`Master._take_rank_out`), its node gets no more tasks (the idle
-timeout no longer counts it busy), its late reports are dropped (a job is never reported twice),
-and the BatchJob's ``status_info["nodes_out"]`` says so. The master's own node stays in service.
+for :data:`RANK_SILENCE_SEC` (``$BALSAM_SERIAL_RANK_SILENCE_SEC``) is taken out: its jobs are
+reported RUN_TIMEOUT (``serial worker rank N on HOST unresponsive for X s``) and run again
+elsewhere (its tasks are not stopped: they may still run there, in the same workdirs, see
+:meth:`Master._take_rank_out`), its node gets no more tasks (the idle timeout no longer counts it
+busy), its late reports are dropped (a job is never reported twice), and the BatchJob's
+``status_info["nodes_out"]`` says so. The master's own node stays in service.
 **Jobs that can no longer finish before the wall time** (``wall_time_min`` over the whole minutes
 left, the acquire's own rule: :func:`~balsam.launcher.placement.split_too_late`) are never started:
 the prefetcher holds them back when the master takes them, and the master checks again the jobs
@@ -117,7 +118,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 from balsam.config import LoggingSettings
 from balsam.platform import NodeInfo
-from balsam.util import format_threads_cpu, threads_cpu_seconds
+from balsam.util import env_number, format_threads_cpu, threads_cpu_seconds
 
 from ..service_calls import note_batch_job, open_lease, open_updater
 from ..entry import _platform, configure_logging
@@ -185,7 +186,24 @@ HEARTBEAT_SEC = 3.0
 #: reported RUN_TIMEOUT (run again elsewhere), its node gets no more tasks, its late reports are
 #: dropped. 10 heartbeats, at least 30 s: a rank whose node is overloaded by its own tasks (swapping,
 #: a slow file system under a task's start) may miss a few heartbeats without being lost.
+#: ``$BALSAM_SERIAL_RANK_SILENCE_SEC`` overrides it (:func:`rank_silence_sec`).
 RANK_SILENCE_SEC = max(30.0, 10 * HEARTBEAT_SEC)
+RANK_SILENCE_ENV = "BALSAM_SERIAL_RANK_SILENCE_SEC"
+#: The least silence the variable may ask for: two heartbeats, so that one late heartbeat never
+#: takes a rank out.
+MIN_RANK_SILENCE_SEC = 2 * HEARTBEAT_SEC
+
+
+def rank_silence_sec() -> float:
+    """How long a worker rank may be silent before the master takes it out:
+    ``$BALSAM_SERIAL_RANK_SILENCE_SEC`` (seconds from :data:`MIN_RANK_SILENCE_SEC` to a day; a site
+    whose nodes stall longer under their own tasks raises it, one that wants a hung rank's jobs back
+    sooner lowers it), else :data:`RANK_SILENCE_SEC` (with a warning, once, when it is set but not
+    such a number)."""
+    return env_number(RANK_SILENCE_ENV, RANK_SILENCE_SEC, fraction=True, minimum=MIN_RANK_SILENCE_SEC,
+                      maximum=24 * 3600.0, warn=logger.warning)
+
+
 #: How often the master looks for silent ranks.
 RANK_CHECK_SEC = 1.0
 #: At a stop, the master waits for the workers' last reports at most ``grace + this``, and never
@@ -529,6 +547,8 @@ class Master:
         #: Worker rank -> when the master last heard from it (ranks in service only).
         self._heard: dict[int, float] = {rank: clock() for rank in range(1, transport.size)}
         self._next_rank_check = 0.0
+        #: Read once, at the start: the master runs in the launcher's environment.
+        self.rank_silence_sec = rank_silence_sec()
         #: Worker ranks taken out as hung -> why; those that reported again since (logged once).
         self.ranks_out: dict[int, str] = {}
         self._spoke_again: set[int] = set()
@@ -579,11 +599,11 @@ class Master:
 
     # -- hung worker ranks ---------------------------------------------------------------------
     def _check_ranks(self, now: float) -> None:
-        """Take out every worker rank silent for :data:`RANK_SILENCE_SEC` (each sends at least one
-        report per :data:`HEARTBEAT_SEC`). The master's own node stays in: a hung worker never ends
-        the launcher, whose other nodes go on (the master's, at least)."""
+        """Take out every worker rank silent for ``rank_silence_sec`` (:func:`rank_silence_sec`; each
+        sends at least one report per :data:`HEARTBEAT_SEC`). The master's own node stays in: a hung
+        worker never ends the launcher, whose other nodes go on (the master's, at least)."""
         self._next_rank_check = now + RANK_CHECK_SEC
-        silent = [(rank, now - heard) for rank, heard in self._heard.items() if now - heard > RANK_SILENCE_SEC]
+        silent = [(rank, now - heard) for rank, heard in self._heard.items() if now - heard > self.rank_silence_sec]
         for rank, silent_sec in silent:
             self._take_rank_out(rank, silent_sec)
 
