@@ -108,7 +108,7 @@ def test_analytics_wrong_state_is_a_usage_error() -> None:
     (["init", "~/myWorkflow"], f"  balsam site init {shlex.quote(str(Path.home() / 'myWorkflow'))}\nNote: then "
                                f"`cd {shlex.quote(str(Path.home() / 'myWorkflow'))} && balsam site start`"),
     (["service"], "balsam site start"),
-    (["modify", "--id", "3", "--attr", "state", "--value", "RESTART_READY"], "balsam job modify --id ID -s STATE"),
+    (["modify", "--id", "3", "--attr", "state", "--value", "RESTART_READY"], "balsam job modify --id 3 -s RESTART_READY"),
 ])
 def test_balsam_0x_command_lines_get_the_new_command(argv: list[str], expected: str) -> None:
     out = balsam(*argv)

@@ -85,10 +85,11 @@ def stop(monkeypatch, tmp_path):
                     for i in run.marked(self.reads)]
             return {"count": len(rows), "results": rows}
 
-    def run(*, tty: bool, stops_after: float = 0.0, marked=None):
+    def run(*, tty: bool, stops_after: float = 0.0, marked=None, columns: int = 200):
         run.stops_after, run.marked = stops_after, marked
         settings = SimpleNamespace(sections={"scheduler": SimpleNamespace(sync_period=30)})
         monkeypatch.setattr(site_commands, "_stderr_tty", lambda: tty, raising=False)
+        monkeypatch.setattr(site_commands, "_terminal_columns", lambda: columns, raising=False)
         monkeypatch.setattr(site_commands, "time", SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
         monkeypatch.setattr(site_commands, "_site_path", lambda path: tmp_path)
         monkeypatch.setattr(site_commands, "_site_config", lambda path: SimpleNamespace(site_id=SITE_ID,
@@ -158,3 +159,120 @@ def test_the_platform_menu_stays_aligned_past_item_9(monkeypatch, tmp_path):
     assert {line.index("Platform number") for line in menu} == {27}, menu
     assert menu[0].startswith("   1) ") and menu[11].startswith("  12) ")
     assert "platform plat11" in result.output
+
+
+# --- 4. review of the above: closed stderr, wrapped redraws, messages inside the line, 0.x hints --
+
+def test_site_stop_with_stderr_closed_still_signals_the_agent(monkeypatch, tmp_path):
+    """`balsam site stop 2>&-`: sys.stderr is None; asking it isatty() failed before any signal."""
+    import sys
+
+    import balsam.site.site_ops
+
+    stopped = []
+
+    def stop_agent(path, *, timeout, force, progress=None, echo=None):
+        stopped.append(path)
+        progress(1.5, timeout)  # the progress line writes nowhere, and does not fail either
+        return 4242
+
+    monkeypatch.setattr(balsam.site.site_ops, "stop_agent", stop_agent)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert site_commands._stop(tmp_path, 45.0, False) == 4242
+    assert stopped == [tmp_path]
+
+
+def test_on_a_narrow_terminal_each_redraw_fits_one_row(stop):
+    """A line wider than the terminal wraps and '\\r' returns to its last row: a row per redraw."""
+    stderr = stop(tty=True, marked=lambda read: list(range(1, 9)) if read < 4 else [], columns=60)
+    redraws = stderr.split("\r")[1:]
+    assert redraws == ["Waiting for the site agent to end 8 BatchJob(s) mar  1/65 s",
+                       "Waiting for the site agent to end 8 BatchJob(s) mar  2/65 s\n"], redraws
+    assert all(len(text.rstrip("\n")) <= 59 for text in redraws)
+
+
+def test_the_width_is_the_terminals_of_stderr_or_else_the_default(monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((60, 24)))
+    assert site_commands._terminal_columns() == 60  # stderr (pytest's capture) is no terminal here
+
+
+def test_fit_shortens_the_id_list_before_the_words():
+    text = ("Waiting for the site agent to end 8 BatchJob(s) marked by `balsam queue term` (1, 2, 3, 4, 5 and 3 more)... "
+            "12/65 s")
+    assert site_commands._fit(text, 200) == text
+    # fewer ids first (here "(ids 1, ... 7 more)" is still too wide: their count alone), the counter kept
+    assert site_commands._fit(text, 111) == text.replace("(1, 2, 3, 4, 5 and 3 more)", "(ids 1, 2, ... 6 more)")
+    assert site_commands._fit(text, 110) == text.replace("(1, 2, 3, 4, 5 and 3 more)", "(ids 1, ... 7 more)")
+    assert site_commands._fit(text, 105) == text.replace("(1, 2, 3, 4, 5 and 3 more)", "(8 ids)")
+    assert site_commands._fit(text, 40) == "Waiting for the site agent to en 12/65 s"
+
+
+def test_stop_agents_messages_end_the_open_progress_line_first(monkeypatch, tmp_path):
+    """stop_agent's "Ended N processes..." (from its finally) was glued onto the redrawn line."""
+    import click
+
+    import balsam.site.site_ops
+
+    written: list[tuple[str, bool]] = []
+    monkeypatch.setattr(click, "echo", lambda message="", nl=True, err=False, **kw: written.append(
+        (str(message) + ("\n" if nl else ""), err)))
+    monkeypatch.setattr(site_commands, "_stderr_tty", lambda: True)
+
+    def stop_agent(path, *, timeout, force, progress=None, echo=None):
+        progress(1.2, timeout)
+        echo("Ended 2 processes the site agent left behind")
+        return 4242
+
+    monkeypatch.setattr(balsam.site.site_ops, "stop_agent", stop_agent)
+    assert site_commands._stop(tmp_path, 45.0, False) == 4242
+    assert written == [("\rWaiting for the site agent to stop...  1/45 s", True), ("\n", True),
+                       ("Ended 2 processes the site agent left behind\n", False)], written
+
+
+@pytest.mark.parametrize("args, path", [(["init", "-"], "./-"), (["init", "--", "-x"], "./-x"),
+                                        (["init", "--db-type", "postgres", "--", "-x"], "./-x")])
+def test_0x_init_of_a_path_starting_with_a_dash_prints_a_line_that_goes_there(args, path):
+    from balsam.cli.legacy import legacy_hint
+
+    hint = legacy_hint(args, set())
+    assert f"  balsam site init {path}\n" in hint and f"then `cd {path} && balsam site start`" in hint, hint
+    assert "cd - " not in hint and "(no equivalent for -)" not in hint and "for --)" not in hint, hint
+
+
+@pytest.mark.parametrize("args, line, dropped", [
+    (["kill", "--id", "12"], "balsam job modify -s FAILED --id 12", None),
+    (["killjob", "--id", "12", "--recursive"], "balsam job modify -s FAILED --id 12", "--recursive"),
+    (["mkchild", "--name", "x"], "balsam job create --parent-id ID -w x", None),
+    (["modify", "jobs", "--id", "3", "--attr", "state", "--value", "RUN_DONE"], "balsam job modify --id 3 -s RUN_DONE",
+     None),
+])
+def test_other_0x_commands_translate_the_options_they_share(args, line, dropped):
+    from balsam.cli.legacy import legacy_hint
+
+    hint = legacy_hint(args, set())
+    assert f"Use instead:\n  {line}\n" in hint, hint
+    if dropped:
+        assert f"(no equivalent for {dropped})" in hint, hint
+    else:
+        assert "no equivalent" not in hint, hint
+
+
+def test_an_empty_submitted_by_listing_names_each_program_once(monkeypatch):
+    import balsam.api
+    import balsam.cli.queue as queue
+
+    class Empty:
+        @staticmethod
+        def filter(**filters):
+            return []
+
+    monkeypatch.setattr(balsam.api, "BatchJob", SimpleNamespace(objects=Empty))
+    monkeypatch.setattr(queue, "site_filter", lambda selector: {})
+    out = CliRunner().invoke(queue.ls, ["--submitted-by", "elastic", "--submitted-by", "elastic",
+                                        "--submitted-by", "-", "--submitted-by", "-"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout == ("No active batch jobs submitted by elastic, nor any that no program marked "
+                          "(`--submitted-by -`).\n"), out.stdout

@@ -105,6 +105,19 @@ _LS_FLAGS = {"--verbose", "--by-states", "--history", "--tree"}
 _RM_OPTIONS: dict[str, Translation] = {"--id": "--id", "--all": "--all", "--force": "-y"}
 _RM_FLAGS = {"--all", "--force"}
 
+def _modify_attr(value: str) -> tuple[list[Option], str]:
+    """0.x ``balsam modify --attr A --value V``: only a job's state is set now (``-s V``)."""
+    if value == "state":
+        return [], ""
+    return [], f"only a job's state is set by `balsam job modify` (-s); --attr {value}: from Python, `Job.objects`"
+
+
+#: 0.x ``balsam modify jobs --id ID --attr state --value STATE``.
+_MODIFY_OPTIONS: dict[str, Translation] = {"--id": "--id", "--attr": _modify_attr, "--value": "-s"}
+#: 0.x ``balsam killjob --id ID [--recursive]``: its descendants too, which no option does now.
+_KILL_OPTIONS: dict[str, Translation] = {"--id": "--id", "--recursive": None}
+_KILL_FLAGS = {"--recursive"}
+
 #: 0.x ``balsam init PATH [--db-type postgres]``: its PATH is the site directory (see :func:`_init_hint`).
 _INIT_OPTIONS: dict[str, Translation] = {"--db-type": None}
 
@@ -115,9 +128,14 @@ def _init_hint(args: list[str]) -> tuple[str, str]:
     shell-quoted; no ``-n``, as site init names the site after the directory."""
     path = ""
     i = 0
+    positional = False
     while i < len(args):
         arg = args[i]
-        if arg.startswith("-") and arg != "-":
+        if arg == "--" and not positional:  # argparse's end of options: the words after are paths
+            positional = True
+            i += 1
+            continue
+        if not positional and arg.startswith("-") and arg != "-":
             # an option's value is no path (the same reading as _translate's)
             takes_value = "=" not in arg and i + 1 < len(args) and not _looks_like_option(args[i + 1])
             i += 2 if takes_value else 1
@@ -126,7 +144,10 @@ def _init_hint(args: list[str]) -> tuple[str, str]:
         i += 1
     if not path:
         return "balsam site init PATH", "then `cd PATH && balsam site start`; the site is named after its directory"
-    quoted = shlex.quote(os.path.expanduser(path))
+    path = os.path.expanduser(path)
+    if path.startswith("-"):  # `cd -` goes to the previous directory, `site init -x` reads an option
+        path = "./" + path
+    quoted = shlex.quote(path)
     return (f"balsam site init {quoted}",
             f"then `cd {quoted} && balsam site start`; the site is named after its directory (-n NAME for another)")
 
@@ -141,12 +162,15 @@ LEGACY_COMMANDS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = 
     "init": ("balsam site init", _INIT_OPTIONS, set(), ""),  # the path and note: _init_hint
     "service": ("balsam site start", {}, set(),
                 "the site agent submits BatchJobs itself when the elastic queue module is enabled in settings.yml"),
-    "modify": ("balsam job modify --id ID -s STATE", {}, set(), "e.g. -s RESTART_READY to run a job again"),
-    "kill": ("balsam job modify --id ID -s FAILED", {}, set(), "a running job is stopped by its launcher"),
-    "killjob": ("balsam job modify --id ID -s FAILED", {}, set(), ""),
+    "modify": ("balsam job modify --id ID -s STATE", _MODIFY_OPTIONS, set(),
+               "e.g. -s RESTART_READY to run a job again"),
+    "kill": ("balsam job modify --id ID -s FAILED", _KILL_OPTIONS, _KILL_FLAGS,
+             "a running job is stopped by its launcher"),
+    "killjob": ("balsam job modify --id ID -s FAILED", _KILL_OPTIONS, _KILL_FLAGS, ""),
     "rm": ("balsam job rm", _RM_OPTIONS, _RM_FLAGS,
            "select the jobs with --id ID (repeatable), -t KEY=VALUE, -s STATE or --all; apps: `balsam app rm -n NAME`"),
-    "mkchild": ("balsam job create ... --parent-id ID", {}, set(), ""),
+    "mkchild": ("balsam job create --parent-id ID", _JOB_OPTIONS, _JOB_FLAGS,
+                "the parent is the job that ran mkchild (0.x read its BALSAM_JOB_ID)"),
     "dep": ("balsam job create ... --parent-id ID", {}, set(), "dependencies are given when the child is created"),
     "which": ("balsam site ls", {}, set(), "the server: `balsam server status`"),
     "log": ("balsam job show ID", {}, set(), "agent logs are in the site's log/ directory"),
@@ -198,8 +222,10 @@ def _translate(target: str, options: dict[str, Translation], flags: set[str],
     i = 0
     while i < len(args):
         arg = args[i]
+        if arg == "--":  # argparse's end of options: no option follows
+            break
         name, eq, inline = arg.partition("=")
-        if not name.startswith("-"):
+        if not name.startswith("-") or arg == "-":  # "-" is a value (stdin, a path), no option
             i += 1
             continue
         new = options.get(name, "?")
@@ -226,7 +252,11 @@ def _translate(target: str, options: dict[str, Translation], flags: set[str],
         else:
             printed, note = [new if name in flags else f"{new} {shlex.quote(value)}"], ""
         given[(new, i) if new in _REPEATABLE else new] = (printed, note)
-    parts = [target, *(text for printed, _ in given.values() for text in printed)]
+    produced = [text for printed, _ in given.values() for text in printed]
+    # a placeholder of the target ("--id ID", "-s STATE") goes once the user's own value fills it
+    for option in {text.split(" ", 1)[0] for text in produced}:
+        target = re.sub(rf" {re.escape(option)} [A-Z]+(?= |$)", "", target)
+    parts = [target, *produced]
     notes = [note for _, note in given.values() if note]
     return " ".join(parts), list(dict.fromkeys(dropped)), list(dict.fromkeys(missing)), notes
 
@@ -286,6 +316,8 @@ def legacy_hint(args: list[str], known_commands: "set[str] | frozenset[str]",
         target, options, flags, note = LEGACY_COMMANDS[name]
         if name == "init":
             target, note = _init_hint(rest)
+        elif name == "modify" and _option_values(rest).get("--attr", "state") != "state":
+            options = {**options, "--value": None}  # the value of another attribute is no state
         return _message(" ".join(args[:1]), target, options, flags, note, rest)
     if rest and (name, rest[0]) in LEGACY_SUBCOMMANDS and rest[0] not in (subcommands or {}).get(name, ()):
         target, note = LEGACY_SUBCOMMANDS[(name, rest[0])]

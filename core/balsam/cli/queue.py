@@ -287,9 +287,9 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
         if submitted_by_names:
             which = "batch jobs" if history else "active batch jobs"
             # "-" selects the unmarked ones: "submitted by -." read as a program named "-".
-            named = [name for name in submitted_by_names if name != "-"]
+            named = [name for name in dict.fromkeys(submitted_by_names) if name != NOT_MARKED]  # once each, in order
             parts = [f"submitted by {' or '.join(named)}"] if named else []
-            if "-" in submitted_by_names:
+            if NOT_MARKED in submitted_by_names:
                 parts.append("that no program marked (`--submitted-by -`)")
             click.echo(f"No {which} {', nor any '.join(parts)}.")
         elif history:

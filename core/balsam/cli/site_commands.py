@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
 import shlex
 import shutil
 import socket
@@ -41,8 +43,51 @@ def _site_config(path: Optional[str]) -> Any:
 
 
 def _stderr_tty() -> bool:
-    """Whether the progress lines go to a terminal (the one place that asks, so a test can say)."""
-    return sys.stderr.isatty()
+    """Whether the progress lines go to a terminal (the one place that asks, so a test can say).
+    With stderr closed (``2>&-``) sys.stderr is None: no terminal, and the stop goes on."""
+    try:
+        stream = sys.stderr
+        return stream is not None and stream.isatty()
+    except (ValueError, OSError):  # a closed or broken stream
+        return False
+
+
+def _terminal_columns() -> int:
+    """The width of the terminal stderr is (``site stop | tee log`` leaves stdout none), else the
+    default's (COLUMNS, stdout's terminal, 80)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, ValueError, OSError):  # no stderr, or a file, pipe or test capture
+        return shutil.get_terminal_size().columns
+
+
+#: A list of ids on a progress line: "(1, 2, 3)" or "(1, 2, 3 and 4 more)" (:func:`_some_ids`).
+_ID_LIST = re.compile(r"\((\d+(?:, \d+)*)(?: and (\d+) more)?\)")
+#: A progress line's counter, kept whole when the line is cut: " 12/65 s".
+_COUNTER = re.compile(r" *\d+/\d+ s$")
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` in at most ``width`` columns: a line wider than the terminal wraps, and '\\r' goes
+    back to its last row only, so each redraw added a row. Fewer ids first ("(ids 1, 2, ... 3
+    more)"), then the words are cut before the counter."""
+    if len(text) <= width:
+        return text
+    match = _ID_LIST.search(text)
+    if match:
+        ids, more = match.group(1).split(", "), int(match.group(2) or 0)
+        before, after = text[:match.start()], text[match.end():]
+        for keep in range(len(ids) - 1, -1, -1):
+            rest = len(ids) - keep + more
+            inner = f"ids {', '.join(ids[:keep])}, ... {rest} more" if keep else f"{rest} ids"
+            text = f"{before}({inner}){after}"
+            if len(text) <= width:
+                return text
+    counter = _COUNTER.search(text)
+    tail = counter.group(0) if counter else ""
+    if len(tail) >= width:
+        return text[-width:] if width > 0 else ""
+    return text[:width - len(tail)] + tail
 
 
 #: Off a terminal a wait's progress line whose words have not changed is printed again after this long.
@@ -62,7 +107,10 @@ class _ProgressLine:
 
     def show(self, text: str, key: object, now: float) -> None:
         if self.tty:
-            click.echo("\r" + text.ljust(len(self.drawn)), nl=False, err=True)
+            # One column short of the width: a full row leaves the cursor past its end on some terminals.
+            width = max(1, _terminal_columns() - 1)
+            text = _fit(text, width)
+            click.echo("\r" + text.ljust(min(len(self.drawn), width)), nl=False, err=True)
             self.drawn = text
         elif key != self.key or now - self.printed_at >= PROGRESS_EVERY_SEC:
             click.echo(text, err=True)
@@ -165,6 +213,12 @@ def start(site_path: Optional[str], force: bool) -> None:
     click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()} (logs in {path / 'log'})")
 
 
+def _after_line(line: _ProgressLine, message: str) -> None:
+    """Print ``message`` on its own line, after ending the progress line open on the terminal."""
+    line.end()
+    click.echo(message)
+
+
 def _stop(path: Path, timeout: float, force: bool, outcome: Optional[dict] = None) -> Optional[int]:
     """Stop the agent; ``outcome["killed"]`` says whether --force had to kill it (SIGKILL after the timeout)."""
     from balsam.site.site_ops import stop_agent
@@ -184,7 +238,9 @@ def _stop(path: Path, timeout: float, force: bool, outcome: Optional[dict] = Non
             line.show(f"Waiting for the site agent to stop... {second:>2d}/{int(total)} s", "stop", second)
 
     try:
-        return stop_agent(path, timeout=timeout, force=force, progress=progress, echo=click.echo)
+        # stop_agent's messages ("Ended N processes...") come before the finally's end: end the open line first
+        return stop_agent(path, timeout=timeout, force=force, progress=progress,
+                          echo=lambda msg: _after_line(line, msg))
     finally:
         line.end()  # also before the error of a stop that timed out
 
