@@ -32,7 +32,8 @@ def home_env(tmp_path):
     for key in ("BALSAM_CLIENT_PATH", "BALSAM_DATABASE_URL", "BALSAM_AUTH_SECRET_KEY"):
         env.pop(key, None)
     yield env
-    run(["server", "stop"], env)
+    if (tmp_path / "home" / "server" / "server.pid").exists():  # else `stop` finds nothing to stop
+        run(["server", "stop"], env)
 
 
 def _client(home: Path):
