@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import pytest
 
 from elastic_test_utils import needs_module_sections, runnable_jobs
-from e2e_helpers import FAST, deep_merge, wait_batch_job, wait_jobs_done
+from e2e_helpers import FAST, deep_merge, new_user, selected, wait_batch_job, wait_jobs_done
 from fake_env import fake_batch_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
@@ -53,54 +53,101 @@ def _agent_log(path: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted((path / "log").glob("agent_*.log")))
 
 
+def _start_elastic_site(root: Path, client: Any, setenv: Any, kind: str, elastic: dict,
+                        **fake_settings: str) -> tuple[Path, int, dict]:
+    """A site under ``root`` on that scheduler with the elastic queue on and its agent running
+    (``fake_settings``: FAKE_BATCH_* settings of a fake scheduler, put in the environment with
+    ``setenv``); returns (path, site_id, tags)."""
+    from balsam.plugins.manager import reset_plugin_manager
+    from balsam.site.site_ops import init_site, start_agent
+
+    if kind != "slurm":
+        for key, value in fake_batch_env(f"fake_{kind}", root / f"{kind}-server", FAKE_BATCH_NODES=FAKE_NODES,
+                                         FAKE_COBALT_PROJECTS="proj", **fake_settings).items():
+            setenv(key, value)
+    reset_plugin_manager()
+    spec = SCHEDULERS[kind]
+    tags = {"campaign": f"elastic-{uuid.uuid4().hex[:8]}"}
+    name = f"elastic-{kind}-{uuid.uuid4().hex[:6]}"
+    path = root / name
+    settings = deep_merge(FAST, {
+        "filter_tags": tags,
+        # The launchers drain 1 s after their last job, not FAST's 3 s: the bursts wait for it
+        # (every BatchJob finished) and it is no less a drain.
+        "launcher": {"idle_ttl_sec": 1},
+        "scheduler": {"allowed_queues": {"debug": {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 10}},
+                      "allowed_projects": [spec["project"]]},
+        "elastic_queue": {"service_period": 2, "submit_queue": "debug", "submit_project": spec["project"],
+                          "job_mode": "serial", "min_wall_time_min": 10, "wall_time_pad_min": 2,
+                          "max_wall_time_min": 30, "max_num_nodes": spec["nodes"], "max_queued_jobs": 2, **elastic},
+    })
+    site_id = init_site(path, name, "default", client, settings_overrides=settings, scheduler_name=kind)
+    start_agent(path)
+    return path, site_id, tags
+
+
+def _stop_elastic_site(client: Any, path: Path, site_id: int) -> None:
+    """Its BatchJobs deleted, then its agent stopped."""
+    from balsam.site.site_ops import stop_agent
+
+    try:
+        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
+        if active["results"]:
+            client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
+            wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
+                     60, "teardown deletions")
+    finally:
+        stop_agent(path, timeout=30, force=True)  # also when the deletions time out: no agent outlives the run
+
+
 @pytest.fixture
 def elastic_site(balsam_env, tmp_path, monkeypatch) -> Iterator[Any]:
     """``start(kind, elastic_settings, **fake_settings) -> (path, site_id, client, tags)``: a site on
     that scheduler with the elastic queue on and its agent running (``fake_settings``: FAKE_BATCH_*
     settings of a fake scheduler); BatchJobs deleted and the agent stopped after."""
     from balsam.client import load_client
-    from balsam.plugins.manager import reset_plugin_manager
-    from balsam.site.site_ops import init_site, start_agent, stop_agent
 
     started: list[tuple[Path, int]] = []
     client = load_client()
 
     def start(kind: str, elastic: dict, **fake_settings: str) -> tuple[Path, int, Any, dict]:
-        if kind != "slurm":
-            for key, value in fake_batch_env(f"fake_{kind}", tmp_path / f"{kind}-server", FAKE_BATCH_NODES=FAKE_NODES,
-                                             FAKE_COBALT_PROJECTS="proj", **fake_settings).items():
-                monkeypatch.setenv(key, value)
-        reset_plugin_manager()
-        spec = SCHEDULERS[kind]
-        tags = {"campaign": f"elastic-{uuid.uuid4().hex[:8]}"}
-        name = f"elastic-{kind}-{uuid.uuid4().hex[:6]}"
-        path = tmp_path / name
-        settings = deep_merge(FAST, {
-            "filter_tags": tags,
-            # The launchers drain 1 s after their last job, not FAST's 3 s: the bursts wait for it
-            # (every BatchJob finished) and it is no less a drain.
-            "launcher": {"idle_ttl_sec": 1},
-            "scheduler": {"allowed_queues": {"debug": {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 10}},
-                          "allowed_projects": [spec["project"]]},
-            "elastic_queue": {"service_period": 2, "submit_queue": "debug", "submit_project": spec["project"],
-                              "job_mode": "serial", "min_wall_time_min": 10, "wall_time_pad_min": 2,
-                              "max_wall_time_min": 30, "max_num_nodes": spec["nodes"], "max_queued_jobs": 2, **elastic},
-        })
-        site_id = init_site(path, name, "default", client, settings_overrides=settings, scheduler_name=kind)
-        start_agent(path)
+        path, site_id, tags = _start_elastic_site(tmp_path, client, monkeypatch.setenv, kind, elastic, **fake_settings)
         started.append((path, site_id))
         return path, site_id, client, tags
 
     yield start
     for path, site_id in started:
+        _stop_elastic_site(client, path, site_id)
+
+
+#: The test whose Slurm case waits out a whole minute of queueing with no node in use.
+STALE_SLURM_TEST = "test_a_batch_job_queued_past_the_limit_is_cancelled[slurm]"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_stale_request(request, _live_server_obj, tmp_path_factory) -> Iterator[Any]:
+    """The Slurm case of :func:`test_a_batch_job_queued_past_the_limit_is_cancelled`, started when
+    this module starts (if that test is to run here): Slurm's queued time counts whole minutes, so
+    its request must wait in the queue a minute at least, and the other tests of the module (the
+    bursts and the fake PBS's case; that test runs last) run meanwhile instead of after it, the CI's
+    time. It holds no node (one more than the cluster has: it never starts), and a request that
+    never starts claims no window of another site's elastic queue (backfill.unclaimed_windows), so
+    the Slurm burst runs on the same idle nodes as alone. Its own user, site and agent; yields
+    ``(path, client, stuck BatchJob)`` for the test to check, None when it is not to run here."""
+    if not selected(request, STALE_SLURM_TEST) or shutil.which("sbatch") is None:
+        yield None
+        return
+    from balsam.client import load_client
+
+    root = tmp_path_factory.mktemp("elastic-stale-slurm")
+    with new_user(_live_server_obj.url, root / "balsam-home"):
+        client = load_client()
+        path, site_id, tags = _start_elastic_site(root, client, None, "slurm", {"max_queue_wait_time_min": 0})
         try:
-            active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
-            if active["results"]:
-                client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
-                wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
-                         60, "teardown deletions")
+            stuck, _blocker = _submit_a_stuck_request("slurm", path, site_id, client, tags)
+            yield path, client, stuck
         finally:
-            stop_agent(path, timeout=30, force=True)  # also when the deletions time out: no agent outlives the run
+            _stop_elastic_site(client, path, site_id)
 
 
 @pytest.mark.parametrize("kind", _kinds("pbs", "cobalt"))
@@ -160,10 +207,9 @@ def _run_a_burst(path: Path, site_id: int, client: Any, tags: dict, strategy: st
 # queued_time_min counts whole minutes: on the real Slurm this takes a minute at least; the fake PBS
 # reports its jobs submitted two minutes before they were (FAKE_BATCH_BACKDATE_SEC), so that its
 # qstat output carries the queued time at once. The module does the same on every driver.
-@pytest.mark.parametrize("kind", _kinds("pbs"))
-def test_a_batch_job_queued_past_the_limit_is_cancelled(kind, elastic_site) -> None:
-    path, site_id, client, tags = elastic_site(kind, {"max_queue_wait_time_min": 0},
-                                               **({} if kind == "slurm" else {"FAKE_BATCH_BACKDATE_SEC": "120"}))
+def _submit_a_stuck_request(kind: str, path: Path, site_id: int, client: Any, tags: dict) -> tuple[dict, Any]:
+    """A BatchJob of the elastic queue that cannot start, with a job for it to run; returns it and
+    the fake scheduler's blocker job (None on Slurm)."""
     nodes = SCHEDULERS[kind]["nodes"]
     blocker = None
     if kind == "slurm":
@@ -177,15 +223,36 @@ def test_a_batch_job_queued_past_the_limit_is_cancelled(kind, elastic_site) -> N
         blocker = subprocess.run(blocker_command(kind, nodes, script), capture_output=True, text=True, check=True,
                                  cwd=path).stdout.strip().splitlines()[-1]
         wanted = 1
-    # A job for it to run: with an empty backlog a request not started yet is cancelled as unneeded
-    # before it is stale. Its reserved nodes cover the job, so no other request is submitted.
-    runnable_jobs(client, SimpleNamespace(site_id=site_id), 1, tags=tags)
     try:
+        # A job for it to run: with an empty backlog a request not started yet is cancelled as unneeded
+        # before it is stale. Its reserved nodes cover the job, so no other request is submitted.
+        runnable_jobs(client, SimpleNamespace(site_id=site_id), 1, tags=tags)
         # stamped as the module's own request: it never cancels a BatchJob it did not create
         stuck = client.post("/batch-jobs/", json={"site_id": site_id, "project": SCHEDULERS[kind]["project"],
                                                   "queue": "debug", "num_nodes": wanted, "wall_time_min": 5,
                                                   "job_mode": "serial", "filter_tags": tags,
                                                   "status_info": {"elastic_request": "backfill"}})
+    except BaseException:
+        if blocker:
+            subprocess.run(["qdel", blocker], capture_output=True)
+        raise
+    return stuck, blocker
+
+
+# queued_time_min counts whole minutes: on the real Slurm this takes a minute at least (started with
+# the module: slurm_stale_request); the fake PBS reports its jobs submitted two minutes before they
+# were (FAKE_BATCH_BACKDATE_SEC), so that its qstat output carries the queued time at once. The
+# module does the same on every driver. The Slurm case last: the module's minute runs meanwhile.
+@pytest.mark.parametrize("kind", list(reversed(_kinds("pbs"))))
+def test_a_batch_job_queued_past_the_limit_is_cancelled(kind, elastic_site, slurm_stale_request) -> None:
+    blocker = None
+    if kind == "slurm" and slurm_stale_request is not None:
+        path, client, stuck = slurm_stale_request
+    else:
+        path, site_id, client, tags = elastic_site(kind, {"max_queue_wait_time_min": 0},
+                                                   **({} if kind == "slurm" else {"FAKE_BATCH_BACKDATE_SEC": "120"}))
+        stuck, blocker = _submit_a_stuck_request(kind, path, site_id, client, tags)
+    try:
         # (the fake PBS's job may be cancelled before this looks: the agent's log below says it was queued)
         wait_batch_job(client, stuck["id"], {"queued", "pending_deletion", "finished"}, 60)
         done = wait_batch_job(client, stuck["id"], {"finished"}, 180)  # queued_time_min counts whole minutes

@@ -130,7 +130,9 @@ def _agent_log(site) -> str:
 def test_agent_on_the_local_scheduler_runs_a_burst_then_drains(strategy, make_site, client, agent_daemon) -> None:
     from balsam.api import Job
 
-    site = make_site(overrides={"filter_tags": {"campaign": "burst"},
+    # The launcher drains 1 s after its last job, not FAST_SETTINGS' 3 s: the test waits for it
+    # (every BatchJob finished) and it is no less a drain.
+    site = make_site(overrides={"filter_tags": {"campaign": "burst"}, "launcher": {"idle_ttl_sec": 1},
                                 "elastic_queue": {**LOCAL_ELASTIC, **STRATEGY_SETTINGS[strategy]}})
     App = _app(site.site_id, "Burst")
     App.sync()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+import httpx
+import pytest
+import yaml
 
 from fake_env import wait_for
 
@@ -17,6 +23,32 @@ FAST = {
     "launcher": {"idle_ttl_sec": 3, "delay_sec": 1},
     "processing": {"num_workers": 1},
 }
+
+
+@contextlib.contextmanager
+def new_user(url: str, home: Path) -> Iterator[Path]:
+    """A new user of the API server at ``url`` with its login file in ``home``, in the environment
+    (the Python API's default client, agents started) until the end, as ``balsam_env`` does for one
+    test: for module-scoped fixtures, which cannot use that function-scoped one. Yields the login file."""
+    login = {"username": f"user-{uuid.uuid4().hex[:12]}", "password": uuid.uuid4().hex}
+    httpx.post(f"{url}/auth/password/register", json=login, timeout=30).raise_for_status()
+    token = httpx.post(f"{url}/auth/password/login", data=login, timeout=30).raise_for_status().json()
+    home.mkdir(parents=True, exist_ok=True)
+    client_path = home / "client.yml"
+    with os.fdopen(os.open(client_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:  # a token: the user's only
+        yaml.safe_dump({"api_root": url, "client_class": "balsam.client.RESTClient", "token": token["access_token"],
+                        "token_expiry": token["expiration"], "username": login["username"], "connect_timeout": 6.2,
+                        "read_timeout": 120.0, "retry_count": 3}, fh, sort_keys=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BALSAM_HOME", str(home))
+        mp.setenv("BALSAM_CLIENT_PATH", str(client_path))
+        yield client_path
+
+
+def selected(request: Any, test_name: str) -> bool:
+    """Whether the test ``test_name`` (with its parameters, if any) of the requesting module is to
+    run in this session (this xdist worker's too: a module's tests all run on one worker in the CI)."""
+    return any(item.name == test_name and item.module is request.module for item in request.session.items)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -117,11 +117,13 @@ def test_campaign_in_mpi_and_serial_mode(fake_site):
     assert ("#PBS -l filesystems=home:grand" if kind == "pbs" else "#COBALT --attrs mcdram=cache") in script
 
 
-@pytest.mark.parametrize("fake_minute", ["8"])
+# 4-second minutes: the 1-minute BatchJob is killed 4 s after it starts, and the 10-minute one still
+# has 40 s to be seen running and deleted.
+@pytest.mark.parametrize("fake_minute", ["4"])
 def test_deletion_and_walltime_kill(fake_site):
     kind, name, path, site_id, client = fake_site
     doomed = _new_batch_job(client, site_id, wall_time_min=10, optional_params={"linger": "600"})
-    short = _new_batch_job(client, site_id, wall_time_min=1, optional_params={"linger": "600"})  # 8 s here
+    short = _new_batch_job(client, site_id, wall_time_min=1, optional_params={"linger": "600"})  # 4 s here
     wait_batch_job(client, doomed["id"], {"running"}, 60)
     client.patch("/batch-jobs/", json=[{"id": doomed["id"], "state": "pending_deletion"}])
     deleted = wait_batch_job(client, doomed["id"], {"finished"}, 60)

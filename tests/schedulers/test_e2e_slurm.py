@@ -6,13 +6,14 @@ import contextlib
 import getpass
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from balsam_scheduler_slurm import SlurmScheduler
 
-from e2e_helpers import agent_log, batch_job, create_site, wait_batch_job, wait_jobs_done
+from e2e_helpers import agent_log, batch_job, create_site, new_user, selected, wait_batch_job, wait_jobs_done
 from fake_env import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.mpi]
@@ -185,9 +186,40 @@ def _start_perlmutter_checkpoint_run(name: str, path: Path, site_id: int, client
     return job.id, batch, path / "data" / "ckpt" / "0"
 
 
-def test_pending_deletion_scancels_and_walltime_timeout_is_recorded_and_perlmutter_apps_get_sigterm(balsam_env, tmp_path):
+WALLTIME_TEST = "test_pending_deletion_scancels_and_walltime_timeout_is_recorded_and_perlmutter_apps_get_sigterm"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def walltime_cases(request, _live_server_obj, tmp_path_factory):
+    """The cases of the test below, started when this module starts (if that test is to run here;
+    it is the module's last): each waits out a 1-minute Slurm wall time, and the module's other
+    tests run meanwhile instead of after it, the CI's time. The pending_deletion case runs to its
+    end here, before them: its BatchJob would hold a third node that the campaign's two 2-node
+    BatchJobs wait for; the two 1-minute ones leave two of the 4 nodes free, so the campaign's run
+    one after the other, each on two nodes as alone. Their own user, sites and agents."""
+    if not selected(request, WALLTIME_TEST):
+        yield None
+        return
+    root = tmp_path_factory.mktemp("slurm-walltime")
+    with new_user(_live_server_obj.url, root / "balsam-home"), \
+            running_slurm_site(root, SLURM_SETTINGS) as (_, _, site_id, client), \
+            running_slurm_site(root, SLURM_SETTINGS) as (pm_name, pm_path, pm_site_id, _):
+        # Perlmutter case first: its 1-minute wall time runs while the cases below are checked.
+        job_id, batch, workdir = _start_perlmutter_checkpoint_run(pm_name, pm_path, pm_site_id, client)
+
+        # a launcher with nothing to run but a long idle_ttl is not an option here: linger instead
+        doomed = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=10, optional_params={"linger": "600"})
+        timeout = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=1, optional_params={"linger": "600"})
+        wait_batch_job(client, doomed["id"], {"running"}, 60)
+        client.patch("/batch-jobs/", json=[{"id": doomed["id"], "state": "pending_deletion"}])
+        deleted = wait_batch_job(client, doomed["id"], {"finished"}, 60)
+        yield SimpleNamespace(client=client, deleted=deleted, timeout=timeout, job_id=job_id, batch=batch,
+                              workdir=workdir, pm_path=pm_path)
+
+
+def test_pending_deletion_scancels_and_walltime_timeout_is_recorded_and_perlmutter_apps_get_sigterm(walltime_cases):
     """Two cases that each wait out a 1-minute Slurm wall time, run side by side (one wait, not two:
-    the CI's time), each on its own site and agent:
+    the CI's time), each on its own site and agent, started with the module (walltime_cases):
 
     - pending_deletion scancels a running BatchJob (CANCELLED), and a BatchJob that outlives its
       wall time is recorded as Slurm's TIMEOUT (default platform);
@@ -198,27 +230,19 @@ def test_pending_deletion_scancels_and_walltime_timeout_is_recorded_and_perlmutt
     """
     from balsam.api import EventLog
 
-    with running_slurm_site(tmp_path, SLURM_SETTINGS) as (_, _, site_id, client), \
-            running_slurm_site(tmp_path, SLURM_SETTINGS) as (pm_name, pm_path, pm_site_id, _):
-        # Perlmutter case first: its 1-minute wall time runs while the cases below are checked.
-        job_id, batch, workdir = _start_perlmutter_checkpoint_run(pm_name, pm_path, pm_site_id, client)
+    case = walltime_cases
+    client, deleted, workdir, pm_path = case.client, case.deleted, case.workdir, case.pm_path
+    assert deleted["status_info"]["scheduler_state"].startswith("CANCELLED"), deleted["status_info"]
+    assert deleted["start_time"] and deleted["end_time"]
 
-        # a launcher with nothing to run but a long idle_ttl is not an option here: linger instead
-        doomed = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=10, optional_params={"linger": "600"})
-        timeout = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=1, optional_params={"linger": "600"})
-        wait_batch_job(client, doomed["id"], {"running"}, 60)
-        client.patch("/batch-jobs/", json=[{"id": doomed["id"], "state": "pending_deletion"}])
-        deleted = wait_batch_job(client, doomed["id"], {"finished"}, 60)
-        assert deleted["status_info"]["scheduler_state"].startswith("CANCELLED"), deleted["status_info"]
-        assert deleted["start_time"] and deleted["end_time"]
+    wait_for(lambda: (workdir / "started.txt").exists(), 120, "the app to start", interval=0.5)
+    timed_out = wait_batch_job(client, case.timeout["id"], {"finished"}, 180)
+    assert timed_out["status_info"]["scheduler_state"] == "TIMEOUT", timed_out["status_info"]
+    assert timed_out["start_time"] and timed_out["end_time"]
 
-        wait_for(lambda: (workdir / "started.txt").exists(), 120, "the app to start", interval=0.5)
-        timed_out = wait_batch_job(client, timeout["id"], {"finished"}, 180)
-        assert timed_out["status_info"]["scheduler_state"] == "TIMEOUT", timed_out["status_info"]
-        assert timed_out["start_time"] and timed_out["end_time"]
-
-        done = wait_batch_job(client, batch["id"], {"finished"}, 150)
-        states = [e.to_state for e in EventLog.objects.filter(job_id=[job_id])]
-        assert "RUN_TIMEOUT" in states, (states, agent_log(pm_path))
-        assert (workdir / "checkpoint.txt").exists(), (done["status_info"], agent_log(pm_path))
-        assert (workdir / "checkpoint.txt").read_text() == "saved at signal 15\n"
+    # (the Python API as the cases' user: the fixture's environment)
+    done = wait_batch_job(client, case.batch["id"], {"finished"}, 150)
+    states = [e.to_state for e in EventLog.objects.filter(job_id=[case.job_id])]
+    assert "RUN_TIMEOUT" in states, (states, agent_log(pm_path))
+    assert (workdir / "checkpoint.txt").exists(), (done["status_info"], agent_log(pm_path))
+    assert (workdir / "checkpoint.txt").read_text() == "saved at signal 15\n"
