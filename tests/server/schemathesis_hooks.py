@@ -26,6 +26,12 @@ def filter_failure(context, failure, case, response):
     # (/batch-jobs/None): not a request the document allows, so not a finding.
     if any(value is None or value == "None" for value in (case.path_parameters or {}).values()):
         return False
+    # The same phase reuses numbers it saw in earlier answers (a 422 echoes the body's -634.0) as
+    # path ids, written "-634.0": JSON Schema's integer admits 5.0, but the server takes a path or
+    # query integer as ASCII digits only, as Balsam 0.7 did in queries (docs/rest-api.md), and no
+    # client writes an id so in a URL. Seen only on a quiet machine, where the phase runs long.
+    if any(_integral_float(value) for value in (case.path_parameters or {}).values()):
+        return False
     # A schema-valid job naming a transfer slot its app (made a step earlier) does not have is
     # refused (422) for that reason alone: kept only when some error is not such a rule.
     if getattr(failure, "code", None) == "ST202" and response.status_code == 422:
@@ -36,6 +42,16 @@ def filter_failure(context, failure, case, response):
         if errors and all(any(rule in str(error.get("msg", "")) for rule in CROSS_RECORD_RULES) for error in errors):
             return False
     return True
+
+
+def _integral_float(value):
+    """A number written as a float with no fraction (5.0, "-634.0"), which is not an id in a path."""
+    if isinstance(value, float):
+        return value.is_integer()
+    if isinstance(value, str) and value.lstrip("-").count(".") == 1:
+        whole, _, fraction = value.lstrip("-").partition(".")
+        return whole.isdecimal() and set(fraction) <= {"0"}
+    return False
 
 
 @schemathesis.hook("map_body").apply_to(method="PATCH", path="/jobs/")
