@@ -75,11 +75,23 @@ LINES_JS = """selector => [...document.querySelectorAll(selector)].map(cell => {
   return lines.size;
 })"""
 
+#: Browser tests, in the window as it is: how far each table's box (.table-scroll, which scrolls
+#: sideways where its table is wider than the window) is wider than it shows, for the boxes that
+#: scroll (px, by the table's id or class): the page's own width hides them.
+BOXES_JS = """() => Object.fromEntries([...document.querySelectorAll('.table-scroll')].map((box, i) => {
+  const table = box.querySelector('table');
+  return [table && table.id || `${table && table.className || 'table'} ${i + 1}`, box.scrollWidth - box.clientWidth];
+}).filter(([_, over]) => over > 0))"""
+
 #: Browser tests, in the window as it is: how far the page is wider than the window (px; <= 0: it
-#: does not scroll sideways), the header's and the filter forms' controls and the pager's links that
-#: lie outside the window, and the table headers broken inside a word (on more lines than words).
+#: does not scroll sideways), the tables' boxes that scroll (BOXES_JS), the header's and the filter
+#: forms' controls and the pager's links that lie outside the window, the table headers broken
+#: inside a word (on more lines than words), and the tables' boxes a keyboard cannot reach (to scroll
+#: them with the arrow keys) or a screen reader cannot name (tabindex 0, role region, aria-label).
 LAYOUT_JS = """() => {
   const w = window.innerWidth, outside = [], broken = [];
+  const unreachable = [...document.querySelectorAll('.table-scroll')].filter(box => box.tabIndex !== 0
+    || box.getAttribute('role') !== 'region' || !(box.getAttribute('aria-label') || '').trim()).map(box => box.outerHTML.slice(0, 80));
   const controls = 'header.top a, header.top button, form.filters input:not([type=hidden]), form.filters select, '
                  + 'form.filters button, form.filters a, nav.pager a';
   for (const el of document.querySelectorAll(controls)) {
@@ -92,5 +104,5 @@ LAYOUT_JS = """() => {
     [...range.getClientRects()].filter(r => r.width > 0).forEach(r => lines.add(Math.round(r.top)));
     if (lines.size > th.textContent.trim().split(/[\\s\\u2013-]+/).length) broken.push(th.textContent);
   }
-  return {overflow: document.documentElement.scrollWidth - w, outside, broken};
+  return {overflow: document.documentElement.scrollWidth - w, boxes: (""" + BOXES_JS + """)(), outside, broken, unreachable};
 }"""

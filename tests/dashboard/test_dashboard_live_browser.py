@@ -5,6 +5,7 @@ stale, until the server answers again."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import sys
@@ -86,3 +87,40 @@ def test_a_tab_says_when_the_server_stops_answering(chromium: Any, live_server_f
     assert plots.inner_text("#summary-finished") == "1"
     # the browser logs each refused connection; nothing else went wrong
     assert [e for e in jobs.errors + plots.errors if "ERR_CONNECTION_REFUSED" not in e] == []
+
+
+
+def test_a_refresh_keeps_a_table_scrolled_sideways(chromium: Any, user: dict) -> None:
+    """Before: every refresh replaced each live region (its localized times never equal the server's
+    HTML), so a wide table scrolled sideways in its box (a phone's 390 px) jumped back to its left
+    edge every 5 s (and a link in it lost the focus); a region that did change lost the position.
+
+    The browser's clock is Playwright's fake one (as test_live_refresh_waits_ten_times_a_slow_page):
+    the test moves it to each refresh, which asks the real server; nothing waits on real time."""
+    make_campaign(user["url"], user["token"], n_jobs=3)
+    page = _page(chromium, user["url"], user["username"], user["password"], token=user["token"])
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.clock.install()
+    page.clock.pause_at(dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1))  # an answer takes no time
+    page.goto("/dashboard/jobs")
+    page.evaluate("() => { window.refreshes = 0; document.addEventListener('balsam:refreshed', () => window.refreshes++); }")
+    left = page.evaluate("""() => { const box = document.querySelector('[data-live] .table-scroll');
+        box.scrollLeft = 120; window.scrolledBox = box; return box.scrollLeft; }""")
+    assert left > 50  # the Jobs table is wider than a phone's window
+
+    def refreshed(n: int) -> None:
+        page.clock.run_for(5_000)  # to the next refresh; then its answer (the event, no timer)
+        page.evaluate("""n => new Promise(done => { const seen = () => window.refreshes >= n ? done(true)
+            : document.addEventListener('balsam:refreshed', seen, {once: true}); seen(); })""", n)
+
+    refreshed(1)  # nothing changed: the region is left as it is
+    assert page.evaluate("() => document.querySelector('[data-live] .table-scroll') === window.scrolledBox")
+    assert page.evaluate("() => window.scrolledBox.scrollLeft") == left
+    # the next answer differs (a job's workdir): the region is replaced, its box scrolled as it was
+    page.route(re.compile(r".*/dashboard/jobs$"), lambda route: route.fulfill(
+        response=(answer := route.fetch()), body=answer.text().replace("run/1<", "run/changed<")))
+    refreshed(2)
+    assert page.locator("#jobs-table:has-text('run/changed')").count() == 1
+    assert page.evaluate("() => document.querySelector('[data-live] .table-scroll') !== window.scrolledBox")
+    assert page.evaluate("() => document.querySelector('[data-live] .table-scroll').scrollLeft") == left
+    assert page.errors == []

@@ -58,7 +58,7 @@ def test_who_submitted_each_batch_job(dash: dict) -> None:
     assert page.status_code == 200, page.text
     header = html.unescape(text_of(re.search(r"<thead>(.*?)</thead>", page.text, re.S).group(1)))
     assert "Submitted by" in header
-    cells = {bj: re.search(r'<td class="submitted-by">([^<]*)</td>', re.search(rf'<tr id="bj-{bj}">(.*?)</tr>', page.text, re.S).group(1)).group(1)
+    cells = {bj: re.search(r'<td class="submitted-by"><span>([^<]*)</span></td>', re.search(rf'<tr id="bj-{bj}">(.*?)</tr>', page.text, re.S).group(1)).group(1)
              for bj in (by_maintainer, by_elastic, by_user)}
     assert cells == {by_maintainer: "queue_maintainer", by_elastic: "elastic_queue", by_user: "user"}
     # the other status_info keys stay in the Status column; submitted_by is not repeated there
@@ -67,7 +67,7 @@ def test_who_submitted_each_batch_job(dash: dict) -> None:
     # the Sites page's active BatchJobs say it too
     sites = dash["client"].get("/dashboard/")
     assert sites.status_code == 200
-    assert re.findall(r'<td class="submitted-by">([^<]*)</td>', sites.text)[:3] == ["user", "elastic_queue", "queue_maintainer"]
+    assert re.findall(r'<td class="submitted-by"><span>([^<]*)</span></td>', sites.text)[:3] == ["user", "elastic_queue", "queue_maintainer"]
 
 
 def test_a_queue_minimum_is_shown(dash: dict) -> None:

@@ -62,6 +62,27 @@
 
   window.balsamLive = { updated: updated, failed: failed, period: period };
 
+  // Each live region's HTML as the server last sent it (the page's own at first).
+  var served = {};
+
+  // A wide table scrolls sideways in its box (.table-scroll): a replaced region keeps each box's
+  // position (by its table's id, else its place in the region), as a user reading a column left it.
+  function scrollsOf(region) {
+    return Array.prototype.map.call(region.querySelectorAll(".table-scroll"), function (box, i) {
+      var table = box.querySelector("table");
+      return { key: (table && table.id) || i, left: box.scrollLeft };
+    });
+  }
+
+  function restoreScrolls(region, scrolled) {
+    var boxes = region.querySelectorAll(".table-scroll");
+    scrolled.forEach(function (s) {
+      if (!s.left) return;
+      var box = typeof s.key === "number" ? boxes[s.key] : (document.getElementById(s.key) || {}).parentNode;
+      if (box && box.classList && box.classList.contains("table-scroll")) box.scrollLeft = s.left;
+    });
+  }
+
   function refresh() {
     var regions = document.querySelectorAll("[data-live]");
     if (!regions.length || !liveEnabled()) return Promise.resolve();
@@ -78,10 +99,17 @@
         updated();
         var doc = new DOMParser().parseFromString(html, "text/html");
         regions.forEach(function (region) {
-          var fresh = doc.querySelector('[data-live="' + region.getAttribute("data-live") + '"]');
-          if (fresh && fresh.innerHTML !== region.innerHTML) {
+          var name = region.getAttribute("data-live");
+          var fresh = doc.querySelector('[data-live="' + name + '"]');
+          // Compared with what the server sent last time, not with the region as shown (its times
+          // are localized, so it never equals the server's): an unchanged region is left as it is,
+          // its tables' sideways scroll and the focus with it.
+          if (fresh && fresh.innerHTML !== served[name]) {
+            served[name] = fresh.innerHTML;
+            var scrolled = scrollsOf(region);
             region.innerHTML = fresh.innerHTML;
             localTimes(region);
+            restoreScrolls(region, scrolled);
           }
         });
         document.dispatchEvent(new CustomEvent("balsam:refreshed"));
@@ -97,6 +125,9 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-live]").forEach(function (region) {
+      served[region.getAttribute("data-live")] = region.innerHTML;
+    });
     localTimes(document);
     window.setTimeout(loop, MIN_PERIOD_MS);
   });
