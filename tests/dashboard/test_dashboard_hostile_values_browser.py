@@ -19,7 +19,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dashboard_helpers import logged_in_client, login  # noqa: E402
+from dashboard_helpers import LINES_JS, logged_in_client, login  # noqa: E402
 from test_dashboard_layout_browser import VIEWPORT, chromium  # noqa: E402,F401  (the browser fixture)
 
 RLO = "\u202e"  # RIGHT-TO-LEFT OVERRIDE, never closed
@@ -96,16 +96,6 @@ _INSPECT = """() => ({
         .map(e => e.outerHTML.slice(0, 80)),
   overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
   text: document.querySelector('main').innerText,
-})"""
-
-#: Per cell of a column: on how many lines its text is laid out.
-_LINES = """selector => [...document.querySelectorAll(selector)].map(cell => {
-  const lines = new Set(), texts = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
-  for (let text = texts.nextNode(); text; text = texts.nextNode()) {
-    const range = document.createRange(); range.selectNodeContents(text);
-    [...range.getClientRects()].filter(r => r.width > 0).forEach(r => lines.add(Math.round(r.top)));
-  }
-  return lines.size;
 })"""
 
 #: Whether ``after`` (an element or a range) is laid out after ``before``'s last line: to its right
@@ -194,8 +184,8 @@ def test_hostile_values_show_as_text_on_every_page(chromium: Any, live_server: s
             assert set(_cells(page, "#events-table")) == {6}
         elif path.startswith("/dashboard/jobs?"):
             # the app's name on one line in each row, beside workdirs of 400 characters and more
-            assert page.evaluate(_LINES, "#jobs-table tbody td:nth-child(3)") == [1, 1], path
-            assert page.evaluate(_LINES, "#jobs-table tbody td:nth-child(4)") != [1, 1]
+            assert page.evaluate(LINES_JS, "#jobs-table tbody td:nth-child(3)") == [1, 1], path
+            assert page.evaluate(LINES_JS, "#jobs-table tbody td:nth-child(4)") != [1, 1]
         elif status == 422:
             # in a phone's window the header's links wrap: the page is no wider than the window
             page.set_viewport_size({"width": 390, "height": 800})
