@@ -31,6 +31,7 @@ from filelock import FileLock
 from balsam.builtin import local_queue
 from balsam.builtin.local_scheduler import STATE_DIR_ENV, LocalScheduler
 from balsam.scheduler import SchedulerError
+from local_queue_scans import count_scans  # tests/local_queue_scans.py
 
 
 def run(capsys: Any, state_dir: Path, *args: str) -> tuple[int, str, list[str]]:
@@ -194,14 +195,7 @@ def test_a_directory_no_wrapper_was_started_from_is_not_scanned(tmp_path: Path, 
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: every status poll of a state directory holding only an empty jobs/ (a first submit
     that failed before its lock, e.g. no room) looked at every process of the user."""
-    scans: list[Path] = []
-    real_scan = local_queue.LocalQueue._live_wrappers
-
-    def counted(self: local_queue.LocalQueue) -> list[tuple[int, int]]:
-        scans.append(self.state_dir)
-        return real_scan(self)
-
-    monkeypatch.setattr(local_queue.LocalQueue, "_live_wrappers", counted)
+    scans = count_scans(monkeypatch)
     state = tmp_path / "lq"
     (state / "jobs").mkdir(parents=True)
     assert run(capsys, state, "status") == (0, "{}\n", [])

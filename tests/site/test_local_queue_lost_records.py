@@ -32,6 +32,7 @@ import pytest
 from balsam.builtin import local_queue
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.scheduler import Command, CommandResult, SchedulerError
+from local_queue_scans import count_scans  # tests/local_queue_scans.py
 
 READS = (("status",), ("history", "{id}"), ("find", "{script}", "--name", "bj"), ("delete", "{id}"))
 
@@ -104,14 +105,7 @@ def test_a_lock_without_records_or_marker_answers_no_jobs_without_a_scan(tmp_pat
     """A lock without records and no wrapper ever started here (a first submit whose record a full
     disk refused, or status polls of older versions, leave that): "no jobs", and no look at every
     process of the user on each poll (that doubled a poll's CPU); a submit then goes through."""
-    scans: list[Path] = []
-    real_scan = local_queue.LocalQueue._live_wrappers
-
-    def counted(self: local_queue.LocalQueue) -> list[tuple[int, int]]:
-        scans.append(self.state_dir)
-        return real_scan(self)
-
-    monkeypatch.setattr(local_queue.LocalQueue, "_live_wrappers", counted)
+    scans = count_scans(monkeypatch)
     state = tmp_path / "lq"
     (state / "jobs").mkdir(parents=True)
     (state / "jobs.json.lock").touch()
