@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import pytest
 
 from elastic_test_utils import needs_module_sections, runnable_jobs
-from e2e_helpers import FAST, deep_merge, new_user, selected, wait_batch_job, wait_jobs_done
+from e2e_helpers import FAST, deep_merge, end_site, new_user, selected, wait_batch_job, wait_jobs_done
 from fake_env import fake_batch_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
@@ -88,16 +88,7 @@ def _start_elastic_site(root: Path, client: Any, setenv: Any, kind: str, elastic
 
 def _stop_elastic_site(client: Any, path: Path, site_id: int) -> None:
     """Its BatchJobs deleted, then its agent stopped."""
-    from balsam.site.site_ops import stop_agent
-
-    try:
-        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
-        if active["results"]:
-            client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
-            wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
-                     60, "teardown deletions")
-    finally:
-        stop_agent(path, timeout=30, force=True)  # also when the deletions time out: no agent outlives the run
+    end_site(client, path, site_id)
 
 
 @pytest.fixture

@@ -104,3 +104,19 @@ def wait_jobs_done(client: Any, ids: list[int], timeout: float) -> dict[int, dic
 
 def agent_log(site_path: Path) -> str:
     return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted((site_path / "log").glob("*")) if p.is_file())
+
+
+def end_site(client: Any, path: Path, site_id: int) -> None:
+    """A test site's end: its active BatchJobs deleted (pending_deletion, waited for), then its agent
+    stopped, also when the deletions time out (Slurm unreachable): an agent left running outlived
+    the test run and kept polling its server."""
+    from balsam.site.site_ops import stop_agent
+
+    try:
+        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
+        if active["results"]:
+            client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
+            wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
+                     60, "teardown deletions")
+    finally:
+        stop_agent(path, timeout=30, force=True)

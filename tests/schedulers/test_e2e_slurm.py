@@ -13,7 +13,7 @@ import yaml
 
 from balsam_scheduler_slurm import SlurmScheduler
 
-from e2e_helpers import agent_log, batch_job, create_site, new_user, selected, wait_batch_job, wait_jobs_done
+from e2e_helpers import agent_log, batch_job, create_site, end_site, new_user, selected, wait_batch_job, wait_jobs_done
 from fake_env import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.mpi]
@@ -35,7 +35,7 @@ def running_slurm_site(tmp_path: Path, settings: dict):
     """A site on the real Slurm with its agent running; its BatchJobs are deleted at the end."""
     from balsam.client import load_client
     from balsam.plugins.manager import reset_plugin_manager
-    from balsam.site.site_ops import start_agent, stop_agent
+    from balsam.site.site_ops import start_agent
 
     reset_plugin_manager()
     name, path, site_id = create_site(tmp_path, "slurm", settings, LINGER_TEMPLATE)
@@ -44,16 +44,7 @@ def running_slurm_site(tmp_path: Path, settings: dict):
     try:
         yield name, path, site_id, client
     finally:
-        try:
-            active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
-            if active["results"]:
-                client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
-                wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
-                         60, "teardown deletions")
-        finally:
-            # Also when the deletions time out (Slurm unreachable): an agent left running outlived
-            # the test run and kept polling its server.
-            stop_agent(path, timeout=30, force=True)
+        end_site(client, path, site_id)
 
 
 @pytest.fixture
