@@ -195,8 +195,33 @@ def test_the_width_is_the_terminals_of_stderr_or_else_the_default(monkeypatch):
     import os
     import shutil
 
+    monkeypatch.delenv("COLUMNS", raising=False)
     monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((60, 24)))
     assert site_commands._terminal_columns() == 60  # stderr (pytest's capture) is no terminal here
+
+
+class _ZeroSizedTerminal:
+    """stderr on a pty that reports 0x0 (a new pty, ``ssh -tt`` from a script)."""
+
+    def fileno(self) -> int:
+        return 2
+
+
+@pytest.mark.parametrize("columns, expected", [(None, 72), ("", 72), ("0", 72), ("abc", 72), ("²", 72), ("50", 50)])
+def test_a_terminal_of_width_0_or_columns_in_the_environment_gives_a_usable_width(monkeypatch, columns, expected):
+    """A pty reporting 0 columns gave width 1 and the progress line was cut to "s"; COLUMNS was ignored."""
+    import os
+    import shutil
+    import sys
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr(sys, "stderr", _ZeroSizedTerminal())
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=1: os.terminal_size((0, 0)))
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((72, 24)))
+    assert site_commands._terminal_columns() == expected
 
 
 def test_fit_shortens_the_id_list_before_the_words():
@@ -208,6 +233,25 @@ def test_fit_shortens_the_id_list_before_the_words():
     assert site_commands._fit(text, 110) == text.replace("(1, 2, 3, 4, 5 and 3 more)", "(ids 1, ... 7 more)")
     assert site_commands._fit(text, 105) == text.replace("(1, 2, 3, 4, 5 and 3 more)", "(8 ids)")
     assert site_commands._fit(text, 40) == "Waiting for the site agent to en 12/65 s"
+
+
+def test_fit_never_lengthens_the_id_list_nor_cuts_inside_it():
+    """"(7)" became "(1 ids)" (longer) and was then cut inside: "(1 id 12/65 s"."""
+    import re
+
+    text = "Waiting for the site agent to end 1 BatchJob(s) marked by `balsam queue term` (7)... 12/65 s"
+    assert site_commands._fit(text, 91) == text.replace("(7)...", "(7)..")
+    # a cut inside the parentheses drops them whole
+    cut = "Waiting for the site agent to end 1 BatchJob(s) marked by `balsam queue term` 12/65 s"
+    assert site_commands._fit(text, 88) == cut
+    two = text.replace("end 1", "end 8").replace("(7)", "(1 and 7 more)")
+    assert site_commands._fit(two, len(two) - 1) == two.replace("(1 and 7 more)", "(8 ids)")
+    assert site_commands._fit(two, 85) == cut.replace("end 1", "end 8")
+    for width in range(20, len(two)):
+        for line in (text, two):
+            fitted = site_commands._fit(line, width)
+            # no id list cut short: "(1 id", "(1, 2", "(ids 1, ..."
+            assert len(fitted) <= width and not re.search(r"\((?:\d|ids )[^)]*$", fitted), (width, fitted)
 
 
 def test_stop_agents_messages_end_the_open_progress_line_first(monkeypatch, tmp_path):
@@ -248,12 +292,29 @@ def test_0x_init_of_a_path_starting_with_a_dash_prints_a_line_that_goes_there(ar
     (["mkchild", "--name", "x"], "balsam job create --parent-id ID -w x", None),
     (["modify", "jobs", "--id", "3", "--attr", "state", "--value", "RUN_DONE"], "balsam job modify --id 3 -s RUN_DONE",
      None),
+    # 0.x's own modify forms: `modify jobs ID --attr A --value V` (early), `modify ID ATTR VALUE [--type]` (final)
+    (["modify", "jobs", "3", "--attr", "state", "--value", "RUN_DONE"], "balsam job modify --id 3 -s RUN_DONE", None),
+    (["modify", "3", "state", "RUN_DONE", "--type", "jobs"], "balsam job modify --id 3 -s RUN_DONE", None),
+    # 0.x ids were UUID prefixes, which --id (an integer) refuses: the placeholder stays
+    (["modify", "3f2a", "state", "RUN_DONE"], "balsam job modify --id ID -s RUN_DONE", None),
+    (["modify", "apps", "say", "--attr", "executable", "--value", "x"], "balsam app ls", None),
+    (["killjob", "--id", "3f2a9c"], "balsam job modify -s FAILED --id ID", None),
+    # mkchild required --wall-minutes; without it the line ran with the default -t 1
+    (["mkchild", "--name", "x", "--wall-minutes", "10"], "balsam job create --parent-id ID -w x -t 10", None),
+    # nargs='*' options took every following word
+    (["mkchild", "--name", "x", "--args", "hello", "world", "--yes"],
+     "balsam job create --parent-id ID -w x -p arg1=hello -p arg2=world -y", None),
+    (["job", "--name", "x", "--description", "my", "job", "--input-files", "a.dat", "b.dat",
+      "--stage-out-files", "*.out", "c.out", "--mpi-flags", "--wall-minutes", "5"], "balsam job create -w x -t 5",
+     "--description, --input-files, --stage-out-files, --mpi-flags"),
 ])
 def test_other_0x_commands_translate_the_options_they_share(args, line, dropped):
     from balsam.cli.legacy import legacy_hint
 
     hint = legacy_hint(args, set())
     assert f"Use instead:\n  {line}\n" in hint, hint
+    if "--id ID" in line:
+        assert "job ids are integers now" in hint and "was part of a UUID" in hint, hint
     if dropped:
         assert f"(no equivalent for {dropped})" in hint, hint
     else:

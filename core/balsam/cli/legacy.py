@@ -74,6 +74,15 @@ def _stage(direction: str) -> Callable[[str], tuple[list[Option], str]]:
 _stage_in, _stage_out = _stage("in"), _stage("out")
 
 
+def _job_id(value: str) -> tuple[list[Option], str]:
+    """0.x ``--id 3f2a``: a prefix of a job's UUID, which ``--id`` (an integer now) refuses, so the
+    placeholder stays and a note says why; an id of ASCII digits is kept."""
+    if value.isascii() and value.isdecimal():
+        return [("--id", value)], ""
+    return [("--id", "ID")], (f"job ids are integers now (`balsam job ls` lists them); 0.x's --id {value} was part "
+                              f"of a UUID")
+
+
 #: Options of 0.x ``balsam job`` (create a BalsamJob) -> ``balsam job create`` options.
 _JOB_OPTIONS: dict[str, Translation] = {
     "--name": "-w", "--workflow": _key_value("--tag", "workflow"), "--application": _app, "--app": _app,
@@ -81,12 +90,16 @@ _JOB_OPTIONS: dict[str, Translation] = {
     # parameter: a user following both hints, as the 0.x README's SayHello lines do, gets a job
     # that runs instead of a placeholder to guess.
     "--args": _args,
-    "--description": None, "--wall-time-minutes": "-t", "--num-nodes": "-n", "--ranks-per-node": "-rpn",
+    "--description": None, "--input-files": None, "--stage-out-files": None, "--mpi-flags": None,
+    # 0.x's mkchild and early `balsam job` required --wall-minutes; later ones took --wall-time-minutes
+    "--wall-minutes": "-t", "--wall-time-minutes": "-t", "--num-nodes": "-n", "--ranks-per-node": "-rpn",
     "--threads-per-rank": "-tpr", "--threads-per-core": "-tpc", "--node-packing-count": "-npc",
     "--cpu-affinity": _key_value("-lp", "cpu_bind"), "--yes": "-y", "--stage-in-url": _stage_in,
     "--url-in": _stage_in, "--stage-out-url": _stage_out, "--url-out": _stage_out,
 }
 _JOB_FLAGS = {"--yes"}
+#: 0.x options that took every following word (argparse nargs='*'): ``--args hello world``.
+_SEVERAL_WORDS = {"--args", "--description", "--input-files", "--stage-out-files", "--mpi-flags"}
 
 _SUBMIT_OPTIONS: dict[str, Translation] = {
     "-A": "-A", "--project": "-A", "-q": "-q", "--queue": "-q", "-t": "-t", "--time-minutes": "-t",
@@ -96,13 +109,13 @@ _SUBMIT_OPTIONS: dict[str, Translation] = {
 _SUBMIT_FLAGS = {"--save-only", "--prescheduled-only"}
 
 _LS_OPTIONS: dict[str, Translation] = {
-    "--state": "-s", "--wf": _key_value("-t", "workflow"), "--name": "-w", "--id": "--id", "--verbose": "-v",
+    "--state": "-s", "--wf": _key_value("-t", "workflow"), "--name": "-w", "--id": _job_id, "--verbose": "-v",
     "--by-states": "--by-state", "--history": None, "--tree": None,
 }
 _LS_FLAGS = {"--verbose", "--by-states", "--history", "--tree"}
 
 #: 0.x ``balsam rm jobs --id ID | --all`` (the word ``jobs`` is skipped as any positional word).
-_RM_OPTIONS: dict[str, Translation] = {"--id": "--id", "--all": "--all", "--force": "-y"}
+_RM_OPTIONS: dict[str, Translation] = {"--id": _job_id, "--all": "--all", "--force": "-y"}
 _RM_FLAGS = {"--all", "--force"}
 
 def _modify_attr(value: str) -> tuple[list[Option], str]:
@@ -112,14 +125,45 @@ def _modify_attr(value: str) -> tuple[list[Option], str]:
     return [], f"only a job's state is set by `balsam job modify` (-s); --attr {value}: from Python, `Job.objects`"
 
 
-#: 0.x ``balsam modify jobs --id ID --attr state --value STATE``.
-_MODIFY_OPTIONS: dict[str, Translation] = {"--id": "--id", "--attr": _modify_attr, "--value": "-s"}
+def _modify_type(value: str) -> tuple[list[Option], str]:
+    """0.x ``balsam modify ... --type apps`` (or ``modify apps ...``) changed an ApplicationDefinition."""
+    if value == "apps":
+        return [], "apps are ApplicationDefinition classes now: change the class in Python and .sync() it"
+    return [], ""
+
+
+#: 0.x ``balsam modify jobs ID --attr A --value V`` (early) and ``modify ID ATTR VALUE [--type
+#: jobs|apps]`` (final), as options by :func:`_modify_options`.
+_MODIFY_OPTIONS: dict[str, Translation] = {"--id": _job_id, "--attr": _modify_attr, "--value": "-s",
+                                           "--type": _modify_type}
 #: 0.x ``balsam killjob --id ID [--recursive]``: its descendants too, which no option does now.
-_KILL_OPTIONS: dict[str, Translation] = {"--id": "--id", "--recursive": None}
+_KILL_OPTIONS: dict[str, Translation] = {"--id": _job_id, "--recursive": None}
 _KILL_FLAGS = {"--recursive"}
 
 #: 0.x ``balsam init PATH [--db-type postgres]``: its PATH is the site directory (see :func:`_init_hint`).
 _INIT_OPTIONS: dict[str, Translation] = {"--db-type": None}
+
+
+def _modify_options(args: list[str]) -> list[str]:
+    """0.x ``modify``'s positional words as the options :data:`_MODIFY_OPTIONS` reads: ``jobs 3f2a
+    --attr A --value V`` and ``3f2a state RUN_DONE --type jobs`` (0.x never took ``--id`` there, the
+    hint of an earlier release did: it is read too)."""
+    positional: list[str] = []
+    options: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-") and arg != "-":
+            takes_value = "=" not in arg and i + 1 < len(args) and not _looks_like_option(args[i + 1])
+            options += args[i:i + 2] if takes_value else [arg]
+            i += 2 if takes_value else 1
+            continue
+        positional.append(arg)
+        i += 1
+    if positional and positional[0] in ("jobs", "apps"):
+        options += ["--type", positional.pop(0)]
+    return [word for option, value in zip(("--id", "--attr", "--value"), positional)
+            for word in (option, value)] + options
 
 
 def _init_hint(args: list[str]) -> tuple[str, str]:
@@ -235,6 +279,13 @@ def _translate(target: str, options: dict[str, Translation], flags: set[str],
         elif eq:
             value = inline
             i += 1
+        elif name in _SEVERAL_WORDS and name in options:
+            # 0.x joined --args' words with spaces (its launcher split them again): _args reads that
+            end = i + 1
+            while end < len(args) and not args[end].startswith("-"):
+                end += 1
+            value = " ".join(args[i + 1:end])
+            i = end
         elif i + 1 < len(args) and not _looks_like_option(args[i + 1]):
             value = args[i + 1]
             i += 2
@@ -251,7 +302,7 @@ def _translate(target: str, options: dict[str, Translation], flags: set[str],
             printed = [f"{option} {shlex.quote(text)}" for option, text in produced]
         else:
             printed, note = [new if name in flags else f"{new} {shlex.quote(value)}"], ""
-        given[(new, i) if new in _REPEATABLE else new] = (printed, note)
+        given[(name, i) if name in _REPEATABLE else new] = (printed, note)
     produced = [text for printed, _ in given.values() for text in printed]
     # a placeholder of the target ("--id ID", "-s STATE") goes once the user's own value fills it
     for option in {text.split(" ", 1)[0] for text in produced}:
@@ -316,8 +367,13 @@ def legacy_hint(args: list[str], known_commands: "set[str] | frozenset[str]",
         target, options, flags, note = LEGACY_COMMANDS[name]
         if name == "init":
             target, note = _init_hint(rest)
-        elif name == "modify" and _option_values(rest).get("--attr", "state") != "state":
-            options = {**options, "--value": None}  # the value of another attribute is no state
+        elif name == "modify":
+            rest = _modify_options(rest)
+            if _option_values(rest).get("--type") == "apps":  # no job: the --type note says what to do
+                target, note = "balsam app ls", ""
+                options = {**{key: (lambda value: ([], "")) for key in options}, "--type": _modify_type}
+            elif _option_values(rest).get("--attr", "state") != "state":
+                options = {**options, "--value": None}  # the value of another attribute is no state
         return _message(" ".join(args[:1]), target, options, flags, note, rest)
     if rest and (name, rest[0]) in LEGACY_SUBCOMMANDS and rest[0] not in (subcommands or {}).get(name, ()):
         target, note = LEGACY_SUBCOMMANDS[(name, rest[0])]

@@ -53,12 +53,18 @@ def _stderr_tty() -> bool:
 
 
 def _terminal_columns() -> int:
-    """The width of the terminal stderr is (``site stop | tee log`` leaves stdout none), else the
-    default's (COLUMNS, stdout's terminal, 80)."""
+    """The width for stderr's progress line, read as shutil.get_terminal_size reads stdout's: a
+    positive COLUMNS first, then the terminal stderr is (``site stop | tee log`` leaves stdout none),
+    and where that says 0 (a new pty, ``ssh -tt`` from a script: the line was cut to its last
+    column, "s") the default's (stdout's terminal, 80)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isascii() and columns.isdecimal() and int(columns) > 0:
+        return int(columns)
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
+        width = os.get_terminal_size(sys.stderr.fileno()).columns
     except (AttributeError, ValueError, OSError):  # no stderr, or a file, pipe or test capture
-        return shutil.get_terminal_size().columns
+        width = 0
+    return width or shutil.get_terminal_size().columns
 
 
 #: A list of ids on a progress line: "(1, 2, 3)" or "(1, 2, 3 and 4 more)" (:func:`_some_ids`).
@@ -70,24 +76,32 @@ _COUNTER = re.compile(r" *\d+/\d+ s$")
 def _fit(text: str, width: int) -> str:
     """``text`` in at most ``width`` columns: a line wider than the terminal wraps, and '\\r' goes
     back to its last row only, so each redraw added a row. Fewer ids first ("(ids 1, 2, ... 3
-    more)"), then the words are cut before the counter."""
+    more)"; a form only where it is shorter: "(1 ids)" is not, of "(7)"), then the words are cut
+    before the counter; a cut that would fall inside the parentheses drops them whole."""
     if len(text) <= width:
         return text
     match = _ID_LIST.search(text)
+    span = None
     if match:
         ids, more = match.group(1).split(", "), int(match.group(2) or 0)
         before, after = text[:match.start()], text[match.end():]
         for keep in range(len(ids) - 1, -1, -1):
             rest = len(ids) - keep + more
             inner = f"ids {', '.join(ids[:keep])}, ... {rest} more" if keep else f"{rest} ids"
-            text = f"{before}({inner}){after}"
-            if len(text) <= width:
-                return text
+            candidate = f"{before}({inner}){after}"
+            if len(candidate) < len(text):
+                text = candidate
+                if len(text) <= width:
+                    return text
+        span = (len(before), len(text) - len(after))
     counter = _COUNTER.search(text)
     tail = counter.group(0) if counter else ""
     if len(tail) >= width:
         return text[-width:] if width > 0 else ""
-    return text[:width - len(tail)] + tail
+    cut = width - len(tail)
+    if span and span[0] < cut < span[1]:  # "(1, 2" or "(8 id" reads as an id list cut short
+        cut = len(text[:span[0]].rstrip())
+    return text[:cut] + tail
 
 
 #: Off a terminal a wait's progress line whose words have not changed is printed again after this long.
