@@ -86,11 +86,13 @@ BOXES_JS = """() => Object.fromEntries([...document.querySelectorAll('.table-scr
 #: Browser tests, in the window as it is: how far the page is wider than the window (px; <= 0: it
 #: does not scroll sideways), the tables' boxes that scroll (BOXES_JS), the header's and the filter
 #: forms' controls and the pager's links that lie outside the window, the table headers broken
-#: inside a word (on more lines than words), and the tables' boxes a keyboard cannot reach (to scroll
-#: them with the arrow keys) or a screen reader cannot name (tabindex 0, role region, aria-label).
+#: inside a word (on more lines than words), and the tables' boxes a screen reader cannot name (role
+#: region, aria-label), or whose place in the Tab order is wrong: one that scrolls is a stop (to
+#: scroll it with the arrow keys), one that does not is none (a stop that would do nothing).
 LAYOUT_JS = """() => {
   const w = window.innerWidth, outside = [], broken = [];
-  const unreachable = [...document.querySelectorAll('.table-scroll')].filter(box => box.tabIndex !== 0
+  const unreachable = [...document.querySelectorAll('.table-scroll')].filter(box =>
+    (box.scrollWidth > box.clientWidth ? box.tabIndex !== 0 : box.tabIndex >= 0)
     || box.getAttribute('role') !== 'region' || !(box.getAttribute('aria-label') || '').trim()).map(box => box.outerHTML.slice(0, 80));
   const controls = 'header.top a, header.top button, form.filters input:not([type=hidden]), form.filters select, '
                  + 'form.filters button, form.filters a, nav.pager a';

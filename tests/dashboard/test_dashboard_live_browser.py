@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -119,8 +120,53 @@ def test_a_refresh_keeps_a_table_scrolled_sideways(chromium: Any, user: dict) ->
     # the next answer differs (a job's workdir): the region is replaced, its box scrolled as it was
     page.route(re.compile(r".*/dashboard/jobs$"), lambda route: route.fulfill(
         response=(answer := route.fetch()), body=answer.text().replace("run/1<", "run/changed<")))
+    # a keyboard user is on a job's link in the table (before: the focus fell back to the page)
+    href = page.evaluate("""() => { const a = document.querySelector('#jobs-table a[href*="/dashboard/jobs/"]');
+        a.focus({preventScroll: true}); return a.getAttribute('href'); }""")
     refreshed(2)
     assert page.locator("#jobs-table:has-text('run/changed')").count() == 1
     assert page.evaluate("() => document.querySelector('[data-live] .table-scroll') !== window.scrolledBox")
     assert page.evaluate("() => document.querySelector('[data-live] .table-scroll').scrollLeft") == left
+    assert page.evaluate("() => document.activeElement.getAttribute('href')") == href
+    assert page.evaluate("() => document.querySelector('[data-live]').contains(document.activeElement)")
+    assert page.errors == []
+
+
+def test_a_refresh_keeps_a_sites_box_scrolled_and_focused(chromium: Any, user: dict) -> None:
+    """Before: a replaced Sites region gave each box the scroll of the box at the same place (its
+    tables have no ids), so a table appearing in an earlier place (backfill windows reported) put it
+    on the wrong box; and a focused box lost the focus to the page (the region changes at every
+    refresh: "agent last heard N s ago")."""
+    camp = make_campaign(user["url"], user["token"], n_jobs=1)
+    site, name = camp["site"]["id"], camp["site"]["name"]
+    queued = {"1001": {"scheduler_id": 1001, "state": "queued", "queue": "a-rather-long-queue-name", "num_nodes": 128,
+                       "wall_time_min": 720, "project": "p", "time_remaining_min": 720, "queued_time_min": 33,
+                       "message": "Resources: waiting for nodes to become available in the partition"}}
+    headers = {"Authorization": f"Bearer {user['token']}"}
+    with httpx.Client(base_url=user["url"], headers=headers, timeout=60) as api:
+        assert api.put(f"/sites/{site}", json={"queued_jobs": queued}).status_code == 200
+        page = _page(chromium, user["url"], user["username"], user["password"], token=user["token"])
+        page.set_viewport_size({"width": 320, "height": 800})
+        page.clock.install()
+        page.clock.pause_at(dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1))
+        page.goto("/dashboard/")
+        page.evaluate("() => { window.refreshes = 0; document.addEventListener('balsam:refreshed', () => window.refreshes++); }")
+        label = f"{name}: in the scheduler's queue"
+        box = "[...document.querySelectorAll('[data-live] .table-scroll')].find(b => b.getAttribute('aria-label') === label)"
+        left = page.evaluate(f"label => {{ const b = {box}; b.scrollLeft = 150; b.focus(); return b.scrollLeft; }}", label)
+        assert left > 50  # the queued job's table is wider than the window
+        # a table appears before the scrolled one: every later box moves one place
+        windows = {"debug": [{"num_nodes": 4, "wall_time_min": 30}]}
+        assert api.put(f"/sites/{site}", json={"backfill_windows": windows}).status_code == 200
+    page.clock.run_for(5_000)  # to the next refresh; then its answer (the event, no timer)
+    page.evaluate("() => new Promise(done => window.refreshes ? done(true) : document.addEventListener('balsam:refreshed', done, {once: true}))")
+    assert page.locator(f"[aria-label='{name}: backfill windows']").count() == 1
+    scrolls = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-live] .table-scroll')]
+        .map(b => [b.getAttribute('aria-label'), b.scrollLeft]))""")
+    assert scrolls == {label: left, **{k: 0 for k in scrolls if k != label}}, scrolls
+    assert page.evaluate("() => document.activeElement.getAttribute('aria-label')") == label
+    # the new box does not scroll at 320 px: no Tab stop (before: every box was one)
+    stops = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-live] .table-scroll')]
+        .map(b => [b.getAttribute('aria-label'), b.scrollWidth > b.clientWidth ? b.tabIndex : b.getAttribute('tabindex')]))""")
+    assert stops[label] == 0 and stops[f"{name}: backfill windows"] is None, stops
     assert page.errors == []

@@ -66,20 +66,60 @@
   var served = {};
 
   // A wide table scrolls sideways in its box (.table-scroll): a replaced region keeps each box's
-  // position (by its table's id, else its place in the region), as a user reading a column left it.
-  function scrollsOf(region) {
-    return Array.prototype.map.call(region.querySelectorAll(".table-scroll"), function (box, i) {
-      var table = box.querySelector("table");
-      return { key: (table && table.id) || i, left: box.scrollLeft };
+  // position, as a user reading a column left it. A box is found again by its name (aria-label,
+  // one per box), else its table's id, else its place in the region: on the Sites page a table
+  // that appears in an earlier card moves every later box's place.
+  function boxKey(box, i) {
+    var table = box.querySelector("table");
+    return box.getAttribute("aria-label") || (table && table.id ? "#" + table.id : "@" + i);
+  }
+
+  function boxesByKey(region) {
+    var found = Object.create(null);  // a site may be named "__proto__"
+    Array.prototype.forEach.call(region.querySelectorAll(".table-scroll"), function (box, i) {
+      found[boxKey(box, i)] = box;
     });
+    return found;
+  }
+
+  function scrollsOf(region) {
+    var boxes = boxesByKey(region);
+    return Object.keys(boxes).map(function (key) { return { key: key, left: boxes[key].scrollLeft }; });
   }
 
   function restoreScrolls(region, scrolled) {
-    var boxes = region.querySelectorAll(".table-scroll");
+    var boxes = boxesByKey(region);
     scrolled.forEach(function (s) {
-      if (!s.left) return;
-      var box = typeof s.key === "number" ? boxes[s.key] : (document.getElementById(s.key) || {}).parentNode;
-      if (box && box.classList && box.classList.contains("table-scroll")) box.scrollLeft = s.left;
+      if (s.left && boxes[s.key]) boxes[s.key].scrollLeft = s.left;
+    });
+  }
+
+  // The keyboard's focus in a replaced region (a table's box, or a link) would fall back to the
+  // page itself: it goes to the same box (by its key) or the link with the same address.
+  function focusOf(region) {
+    var el = document.activeElement;
+    if (!el || el === region || !region.contains(el)) return null;
+    if (el.classList.contains("table-scroll")) {
+      var keys = boxesByKey(region);
+      for (var key in keys) if (keys[key] === el) return { box: key };
+    }
+    var href = el.getAttribute("href");
+    return href ? { href: href } : null;
+  }
+
+  function restoreFocus(region, focused) {
+    if (!focused) return;
+    var el = focused.box ? boxesByKey(region)[focused.box] : Array.prototype.find.call(
+      region.querySelectorAll("a[href]"), function (a) { return a.getAttribute("href") === focused.href; });
+    if (el) el.focus({ preventScroll: true });
+  }
+
+  // A box whose table is wider than it is a Tab stop (the arrow keys scroll it); one that does not
+  // scroll would be a stop that does nothing. Its width follows the window's, and its table the data.
+  function tabStops(root) {
+    root.querySelectorAll(".table-scroll").forEach(function (box) {
+      if (box.scrollWidth > box.clientWidth) box.tabIndex = 0;
+      else box.removeAttribute("tabindex");
     });
   }
 
@@ -107,9 +147,12 @@
           if (fresh && fresh.innerHTML !== served[name]) {
             served[name] = fresh.innerHTML;
             var scrolled = scrollsOf(region);
+            var focused = focusOf(region);
             region.innerHTML = fresh.innerHTML;
             localTimes(region);
+            tabStops(region);
             restoreScrolls(region, scrolled);
+            restoreFocus(region, focused);
           }
         });
         document.dispatchEvent(new CustomEvent("balsam:refreshed"));
@@ -129,6 +172,8 @@
       served[region.getAttribute("data-live")] = region.innerHTML;
     });
     localTimes(document);
+    tabStops(document);
+    window.addEventListener("resize", function () { tabStops(document); });
     window.setTimeout(loop, MIN_PERIOD_MS);
   });
 })();
