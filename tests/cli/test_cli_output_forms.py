@@ -301,8 +301,8 @@ def test_0x_init_of_a_path_starting_with_a_dash_prints_a_line_that_goes_there(ar
     (["killjob", "--id", "3f2a9c"], "balsam job modify -s FAILED --id ID", None),
     # mkchild required --wall-minutes; without it the line ran with the default -t 1
     (["mkchild", "--name", "x", "--wall-minutes", "10"], "balsam job create --parent-id ID -w x -t 10", None),
-    # nargs='*' options took every following word
-    (["mkchild", "--name", "x", "--args", "hello", "world", "--yes"],
+    # nargs='*' options took every following word (--args one value: the 0.x README's "--args 'a b'")
+    (["mkchild", "--name", "x", "--args", "hello world", "--yes"],
      "balsam job create --parent-id ID -w x -p arg1=hello -p arg2=world -y", None),
     (["job", "--name", "x", "--description", "my", "job", "--input-files", "a.dat", "b.dat",
       "--stage-out-files", "*.out", "c.out", "--mpi-flags", "--wall-minutes", "5"], "balsam job create -w x -t 5",

@@ -98,8 +98,10 @@ _JOB_OPTIONS: dict[str, Translation] = {
     "--url-in": _stage_in, "--stage-out-url": _stage_out, "--url-out": _stage_out,
 }
 _JOB_FLAGS = {"--yes"}
-#: 0.x options that took every following word (argparse nargs='*'): ``--args hello world``.
-_SEVERAL_WORDS = {"--args", "--description", "--input-files", "--stage-out-files", "--mpi-flags"}
+#: 0.x options that took every following word (argparse nargs='*'). Not ``--args``: the 0.x
+#: README's own lines give it one quoted value, and ``--args --yes`` was refused there ("expected
+#: one argument": tests/compat/test_seed_snippets_audit.py).
+_SEVERAL_WORDS = {"--description", "--input-files", "--stage-out-files", "--mpi-flags"}
 
 _SUBMIT_OPTIONS: dict[str, Translation] = {
     "-A": "-A", "--project": "-A", "-q": "-q", "--queue": "-q", "-t": "-t", "--time-minutes": "-t",
@@ -280,7 +282,7 @@ def _translate(target: str, options: dict[str, Translation], flags: set[str],
             value = inline
             i += 1
         elif name in _SEVERAL_WORDS and name in options:
-            # 0.x joined --args' words with spaces (its launcher split them again): _args reads that
+            # every word up to the next option (what has no equivalent is listed as one)
             end = i + 1
             while end < len(args) and not args[end].startswith("-"):
                 end += 1
