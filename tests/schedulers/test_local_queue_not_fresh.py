@@ -31,7 +31,7 @@ from filelock import FileLock
 from balsam.builtin import local_queue
 from balsam.builtin.local_scheduler import STATE_DIR_ENV, LocalScheduler
 from balsam.scheduler import SchedulerError
-from local_queue_scans import count_scans  # tests/local_queue_scans.py
+from local_queue_testlib import count_scans, running_sleep_job  # tests/local_queue_testlib.py
 
 
 def run(capsys: Any, state_dir: Path, *args: str) -> tuple[int, str, list[str]]:
@@ -105,27 +105,10 @@ def test_a_state_dir_behind_a_dangling_symlink_or_a_file_is_not_fresh(tmp_path: 
 def wiped(tmp_path: Path, capsys: Any) -> Iterator[tuple[Path, int, int]]:
     """A state directory with a job running (``sleep``), its jobs.json and lock then deleted:
     (state dir, job id, the wrapper's pid), the job's process group killed at the end."""
-    state = tmp_path / "lq"
-    script = tmp_path / "job.sh"
-    script.write_text("#!/bin/sh\nsleep 60\n")
-    script.chmod(0o755)
-    code, out, err = run(capsys, state, "submit", str(script), "--name", "bj")
-    assert code == 0, err
-    job_id = int(out)
-    pid = json.loads((state / "jobs.json").read_text())["jobs"][str(job_id)]["pid"]
-    try:
+    with running_sleep_job(tmp_path, capsys) as (state, _script, job_id, pid):
         (state / "jobs.json").unlink()
         (state / "jobs.json.lock").unlink()
         yield state, job_id, pid
-    finally:
-        try:
-            os.killpg(pid, signal.SIGKILL)  # its own session and process group (start_new_session)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(pid, 0)  # our child: submit ran in this process
-        except ChildProcessError:
-            pass
 
 
 def test_records_deleted_while_a_job_runs_are_not_a_fresh_directory(wiped: tuple[Path, int, int], capsys: Any) -> None:

@@ -32,7 +32,7 @@ import pytest
 from balsam.builtin import local_queue
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.scheduler import Command, CommandResult, SchedulerError
-from local_queue_scans import count_scans  # tests/local_queue_scans.py
+from local_queue_testlib import count_scans, running_sleep_job  # tests/local_queue_testlib.py
 
 READS = (("status",), ("history", "{id}"), ("find", "{script}", "--name", "bj"), ("delete", "{id}"))
 
@@ -60,25 +60,8 @@ def assert_every_read_tries_again(capsys: Any, state: Path, job_id: int, script:
 def running(tmp_path: Path, capsys: Any) -> Iterator[tuple[Path, Path, int, int]]:
     """A job running (``sleep``) from state directory ``lq``: (state dir, script, job id, the
     wrapper's pid); its process group killed at the end."""
-    state = tmp_path / "lq"
-    script = tmp_path / "job.sh"
-    script.write_text("#!/bin/sh\nsleep 60\n")
-    script.chmod(0o755)
-    code, out, err = run(capsys, state, "submit", str(script), "--name", "bj")
-    assert code == 0, err
-    job_id = int(out)
-    pid = json.loads((state / "jobs.json").read_text())["jobs"][str(job_id)]["pid"]
-    try:
-        yield state, script, job_id, pid
-    finally:
-        try:
-            os.killpg(pid, signal.SIGKILL)  # its own session and process group (start_new_session)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(pid, 0)  # our child: submit ran in this process
-        except ChildProcessError:
-            pass
+    with running_sleep_job(tmp_path, capsys) as job:
+        yield job
 
 
 def test_records_deleted_alone_while_a_job_runs_are_a_try(running: tuple[Path, Path, int, int], capsys: Any) -> None:
