@@ -146,15 +146,18 @@ _KILL_FLAGS = {"--recursive"}
 _INIT_OPTIONS: dict[str, Translation] = {"--db-type": None}
 
 
-def _modify_options(args: list[str]) -> list[str]:
-    """0.x ``modify``'s positional words as the options :data:`_MODIFY_OPTIONS` reads: ``jobs 3f2a
-    --attr A --value V`` and ``3f2a state RUN_DONE --type jobs`` (0.x never took ``--id`` there, the
-    hint of an earlier release did: it is read too)."""
+def _split_words(args: list[str], *, end_of_options: bool = False) -> tuple[list[str], list[str]]:
+    """0.x words as (positional words, options with their values), read as _translate reads them
+    (an option's value is no positional word; "-" is one). ``end_of_options``: after "--" every
+    word is positional, as argparse reads it."""
     positional: list[str] = []
     options: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
+        if end_of_options and arg == "--":
+            positional += args[i + 1:]
+            break
         if arg.startswith("-") and arg != "-":
             takes_value = "=" not in arg and i + 1 < len(args) and not _looks_like_option(args[i + 1])
             options += args[i:i + 2] if takes_value else [arg]
@@ -162,6 +165,14 @@ def _modify_options(args: list[str]) -> list[str]:
             continue
         positional.append(arg)
         i += 1
+    return positional, options
+
+
+def _modify_options(args: list[str]) -> list[str]:
+    """0.x ``modify``'s positional words as the options :data:`_MODIFY_OPTIONS` reads: ``jobs 3f2a
+    --attr A --value V`` and ``3f2a state RUN_DONE --type jobs`` (0.x never took ``--id`` there, the
+    hint of an earlier release did: it is read too)."""
+    positional, options = _split_words(args)
     if positional and positional[0] in ("jobs", "apps"):
         options += ["--type", positional.pop(0)]
     return [word for option, value in zip(("--id", "--attr", "--value"), positional)
@@ -172,22 +183,8 @@ def _init_hint(args: list[str]) -> tuple[str, str]:
     """The ``balsam site init`` line and the note for 0.x ``balsam init ARGS``: the user's own path
     (a placeholder PATH, pasted as printed, created a directory named PATH), ``~`` expanded and
     shell-quoted; no ``-n``, as site init names the site after the directory."""
-    path = ""
-    i = 0
-    positional = False
-    while i < len(args):
-        arg = args[i]
-        if arg == "--" and not positional:  # argparse's end of options: the words after are paths
-            positional = True
-            i += 1
-            continue
-        if not positional and arg.startswith("-") and arg != "-":
-            # an option's value is no path (the same reading as _translate's)
-            takes_value = "=" not in arg and i + 1 < len(args) and not _looks_like_option(args[i + 1])
-            i += 2 if takes_value else 1
-            continue
-        path = path or arg
-        i += 1
+    positional, _options = _split_words(args, end_of_options=True)
+    path = positional[0] if positional else ""
     if not path:
         return "balsam site init PATH", "then `cd PATH && balsam site start`; the site is named after its directory"
     path = os.path.expanduser(path)
