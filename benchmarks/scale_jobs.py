@@ -20,12 +20,31 @@ small size and again after growing to the large one, through the routes the Pyth
   the launchers' acquires and the processing module's (its states, id order);
 - **server RSS** after all of it.
 
+With ``--other-paths`` (``--jobs 100000`` is enough: each size gets a database of its own, made
+and, on PostgreSQL, dropped after), the paths beyond those targets instead, each beside the same
+call at ``--small`` jobs: the site is filled as above, plus nine events per job (a second apart,
+over days) and a DAG (a tenth of the jobs children of others); then through the REST routes the
+Python API and the site agent use:
+
+- events: of one job (``EventLog.objects.filter(job_id=...)``), of one state (``to_state``), of one
+  hour (``timestamp_after/_before``): pages of 100, count included;
+- ``GET /jobs/?parent_id=`` (a DAG's children; the file cleaner's busy-children check);
+- ``last_update``: a poll for the jobs changed since a time (100 changed just before:
+  ``Job.objects.filter(last_update_after=t)``) and the page of the jobs changed last
+  (``order_by("-last_update")``);
+- bulk writes, once each: ``PUT /jobs/?state=FAILED`` to RESTART_READY (1 % of the jobs), a
+  ``PATCH`` of 5,000 jobs' ``data``, ``DELETE /jobs/?tags=campaign:c0`` (10 % of the jobs, with
+  their events and children);
+- server RSS at the end.
+
     python benchmarks/scale_jobs.py [--jobs 1000000] [--small 10000] [--backends sqlite,postgresql] [--repeat 9]
+    python benchmarks/scale_jobs.py --other-paths --jobs 100000 [--small 10000] [--repeat 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import shutil
 import signal
@@ -38,8 +57,9 @@ from typing import Any, Callable
 
 import httpx
 import psutil
+import sqlalchemy as sa
 
-from bench_server import open_user_site, prepare_pg, start_server
+from bench_server import drop_pg, open_user_site, prepare_pg, start_server
 from dashboard_jobs_page import fill
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench_scale"
@@ -187,6 +207,121 @@ def run_backend(name: str, database_url: str, small: int, large: int, repeat: in
         engine.dispose()
 
 
+def median_ms(fn: Callable[[], Any], repeat: int) -> float:
+    return timed_ms(fn, repeat)[0]
+
+
+def once_ms(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def fill_events_and_dag(engine: sa.Engine, n: int) -> list[int]:
+    """Nine events per job, a second apart going back from now, and job ``n/2 + i`` a child of
+    job ``i`` for the first tenth; the jobs' ids in order."""
+    pg = engine.dialect.name == "postgresql"
+    with engine.begin() as conn:
+        if pg:
+            conn.exec_driver_sql(
+                "INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) SELECT j.id, "
+                "now() - ((j.id * 10 + k) || ' seconds')::interval, 'RUNNING', "
+                "CASE WHEN k %% 3 = 0 THEN 'RUN_DONE' ELSE 'RUNNING' END, '{}'::jsonb FROM jobs j, generate_series(1, 9) k")
+        else:
+            conn.exec_driver_sql(
+                "INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) SELECT j.id, "
+                "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || (j.id * 10 + k.i) || ' seconds'), 'RUNNING', "
+                "CASE WHEN k.i % 3 = 0 THEN 'RUN_DONE' ELSE 'RUNNING' END, '{}' FROM jobs j, "
+                "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 9) SELECT i FROM n) k")
+        ids = [row[0] for row in conn.exec_driver_sql("SELECT id FROM jobs ORDER BY id")]
+        conn.execute(sa.text("INSERT INTO job_parents (child_id, parent_id) VALUES (:c, :p)"),
+                     [{"c": ids[n // 2 + i], "p": ids[i]} for i in range(n // 10)])
+    if pg:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE")
+    else:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE")
+    return ids
+
+
+def other_paths_size(name: str, database_url: str, n: int, repeat: int, workdir: Path) -> dict[str, float]:
+    from balsam.server.db import create_db_engine
+    from balsam.server.migrate import upgrade_engine
+
+    if name == "postgresql":
+        prepare_pg(database_url)
+    engine = create_db_engine(database_url)
+    upgrade_engine(engine)
+    proc, url = start_server(workdir, database_url, home=workdir / "home", create_tables=False)
+    out: dict[str, float] = {}
+    try:
+        api, site, app, *_ = open_user_site(url, f"other{n}")
+        for start in range(0, n, 50_000):  # in batches: one statement per 50,000 jobs
+            fill(engine, app["id"], site["id"], start, min(50_000, n - start))
+        ids = fill_events_and_dag(engine, n)
+
+        def get(path: str, **params: Any) -> Any:
+            answer = api.get(path, params=params)
+            answer.raise_for_status()
+            return answer.json()
+
+        now = dt.datetime.now(dt.timezone.utc)
+        hour = {"timestamp_after": (now - dt.timedelta(hours=2)).isoformat(), "timestamp_before": (now - dt.timedelta(hours=1)).isoformat()}
+        out["ev_job"] = median_ms(lambda: get("/events/", job_id=ids[n // 3], limit=100), repeat)
+        out["ev_state"] = median_ms(lambda: get("/events/", to_state="RUN_DONE", limit=100), repeat)
+        out["ev_hour"] = median_ms(lambda: get("/events/", limit=100, **hour), repeat)
+        out["children"] = median_ms(lambda: get("/jobs/", parent_id=",".join(map(str, ids[:100])), limit=100), repeat)
+        since = dt.datetime.now(dt.timezone.utc).isoformat()
+        api.patch("/jobs/", json=[{"id": i, "data": {"seen": 1}} for i in ids[1::n // 100][:100]]).raise_for_status()
+        out["poll"] = median_ms(lambda: get("/jobs/", last_update_after=since, limit=100), repeat)
+        out["latest"] = median_ms(lambda: get("/jobs/", ordering="-last_update", limit=100), repeat)
+        out["put_state"] = once_ms(lambda: api.put("/jobs/", params={"state": "FAILED"}, json={"state": "RESTART_READY"}).raise_for_status())
+        some = ids[5::10][:5000]
+        out["patch_data"] = once_ms(lambda: api.patch("/jobs/", json=[{"id": i, "data": {"k": i}} for i in some]).raise_for_status())
+        out["delete"] = once_ms(lambda: api.request("DELETE", "/jobs/", params={"tags": "campaign:c0"}).raise_for_status())
+        out["rss"] = psutil.Process(proc.pid).memory_info().rss / 2**20
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        engine.dispose()
+        if name == "postgresql":
+            drop_pg(database_url)
+    return out
+
+
+OTHER_ROWS = [
+    ("ev_job", "events of one job, page of 100"),
+    ("ev_state", "events to_state=RUN_DONE, page of 100 (exact count of all)"),
+    ("ev_hour", "events of one hour, page of 100"),
+    ("children", "jobs ?parent_id= (100 parents)"),
+    ("poll", "jobs ?last_update_after= (100 changed since)"),
+    ("latest", "jobs ?ordering=-last_update, page of 100"),
+    ("put_state", "PUT ?state=FAILED -> RESTART_READY (1 % of jobs), once"),
+    ("patch_data", "PATCH 5,000 jobs' data, once"),
+    ("delete", "DELETE ?tags=campaign:c0 (10 %, events, children), once"),
+]
+
+
+def run_other_paths(backend: str, pg_url: str, small: int, large: int, repeat: int) -> None:
+    """``--other-paths``: each size in a database of its own (PostgreSQL's made and dropped)."""
+    results = {}
+    for n in (small, large):
+        workdir = Path(tempfile.mkdtemp(prefix=f"balsam-other-{backend}-"))
+        try:
+            url = f"sqlite:///{workdir / 'balsam.db'}" if backend == "sqlite" else pg_url
+            results[n] = other_paths_size(backend, url, n, repeat, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n[{backend}] other paths, median ms; peer: the same call at {small:,} jobs, this run; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'figure':<62} {small:>10,} {large:>10,}   ratio (jobs x{large / small:.0f})")
+    for key, label in OTHER_ROWS:
+        a, b = results[small][key], results[large][key]
+        print(f"{label:<62} {a:>10.1f} {b:>10.1f}   x{b / max(a, 1e-3):.1f}")
+    print(f"{'server RSS at the end, MiB':<62} {results[small]['rss']:>10.0f} {results[large]['rss']:>10.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1_000_000)
@@ -194,12 +329,21 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--pg-url", default=os.environ.get("BALSAM_BENCH_DATABASE_URL", PG_DEFAULT))
+    parser.add_argument("--other-paths", action="store_true",
+                        help="the paths beyond the targets instead (events, children, last_update, bulk writes; see above)")
     args = parser.parse_args()
+    if args.other_paths and args.jobs > 500_000:
+        # Its PUT moves the FAILED jobs (1 %) in one call, at most 5,000 (the bulk routes' cap).
+        parser.error(f"--other-paths takes at most 500,000 --jobs ({args.jobs:,})")
     if args.jobs < args.small + 2000:
         # Each size's measurement appends 2,000 new jobs; the large fill starts after them.
         parser.error(f"--jobs ({args.jobs:,}) must be at least --small + 2,000 ({args.small + 2000:,})")
     # SIGTERM unwinds through the finally blocks: servers stopped, temp dirs removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.other_paths:
+        for backend in args.backends.split(","):
+            run_other_paths(backend, args.pg_url, args.small, args.jobs, args.repeat)
+        return
     for backend in args.backends.split(","):
         workdir = Path(tempfile.mkdtemp(prefix=f"balsam-scale-{backend}-"))
         try:

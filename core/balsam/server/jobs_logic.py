@@ -449,7 +449,32 @@ def _job_page(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
     # id order for a page instead of joining sites and sorting every match (10^6 jobs: 2 vs 130 ms).
     site_ids = list(conn.execute(owned_site_ids(user_id)).scalars())
     stmt = sa.select(*columns).where(jobs.c.site_id.in_(site_ids))
-    return count, apply_job_filters(stmt, q, dialect).order_by(*job_ordering(q)).limit(limit).offset(offset)
+    order = job_ordering(q)
+    if dialect == "sqlite" and count <= FEW_CHANGED and _by_last_update_only(q):
+        # A poll for the jobs changed since a time (last_update_after), in id order: SQLite's
+        # planner, which cannot tell how few jobs a time range matches, walked the site's jobs in
+        # id order (ix_jobs_site_id_id) until the page filled: every job when few match (10^5
+        # jobs: 25 ms). The count is known: as few as these are read from ix_jobs_last_update_id
+        # and sorted (an expression, not a column, is no index's order); more, and the walk finds
+        # its page soon enough.
+        order = [jobs.c.id + 0]
+    return count, apply_job_filters(stmt, q, dialect).order_by(*order).limit(limit).offset(offset)
+
+
+#: At most this many matches of a ``last_update`` range are read by their index and sorted for a
+#: page in id order on SQLite (``_job_page``); the walk in id order reads about limit x jobs /
+#: matches rows, no more than these at 10^6 jobs and 10^4 matches.
+FEW_CHANGED = 10_000
+
+
+def _by_last_update_only(q: QueryParams) -> bool:
+    """Whether a listing in id order filters on ``last_update`` and not on a few ids (``id``,
+    ``parent_id``: their rows are looked up by key whatever the order)."""
+    if q.choice("ordering", JOB_ORDERINGS) not in (None, "id"):
+        return False
+    if q.datetime("last_update_after") is None and q.datetime("last_update_before") is None:
+        return False
+    return not (q.params.get("id") or q.params.get("parent_id"))
 
 
 #: Filters the trigger-kept counters can answer (balsam.server.job_counts); others need a scan.

@@ -192,6 +192,9 @@ jobs = sa.Table(
     sa.Index("ix_jobs_site_id_state_id", "site_id", "state", "id"),
     # A site's jobs newest first (the dashboard's keyset pages) without reading other sites' jobs.
     sa.Index("ix_jobs_site_id_id", "site_id", "id"),
+    # Polls for the jobs changed since a time (``last_update_after``) and listings of the jobs
+    # changed last (``-last_update``, ties by id) read only their rows, not every job (0025).
+    sa.Index("ix_jobs_last_update_id", "last_update", "id"),
     # Most jobs are in no session and no BatchJob: partial indexes cost their insert nothing and
     # still serve every lookup by a session or BatchJob (migration 0006).
     *[sa.Index(f"ix_jobs_{name}", name, postgresql_where=sa.text(f"{name} IS NOT NULL"),
