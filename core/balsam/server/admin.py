@@ -175,6 +175,11 @@ class Admin:
                     raise AdminError(f"no user {username!r}")
                 clauses.append(credentials.c.user_id == user_id)
             if ids:
+                # An id that names no credential (a typo) is said, not answered "Revoked 0".
+                known = set(conn.execute(sa.select(credentials.c.id).where(credentials.c.id.in_(ids))).scalars())
+                unknown = sorted(set(ids) - known)
+                if unknown:
+                    raise AdminError(f"no credential {', '.join(map(str, unknown))} (see balsam server credentials --all)")
                 clauses.append(credentials.c.id.in_(ids))
             if kinds:
                 clauses.append(credentials.c.kind.in_(kinds))

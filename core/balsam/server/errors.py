@@ -45,6 +45,8 @@ class BadRequest(APIError):
 
 class Unauthorized(APIError):
     status_code = 401
+    #: RFC 7235 3.1: a 401 names the scheme it wants (as Balsam 0.7's FastAPI server did).
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(APIError):
@@ -79,13 +81,29 @@ class Conflict(APIError):
     status_code = 409
 
 
+#: A 422 lists at most this many problems, then one item counting the others. Listing them all,
+#: a body with a mistake in each of its many entries (a site's ``queued_jobs`` of 40,000 empty
+#: objects, 500 KB) got an answer of 31 MB, some 60 times its size: up to gigabytes, built in one
+#: server process, for the 64 MiB a body may have.
+MAX_REPORTED_ERRORS = 100
+
+
 class ValidationFailed(APIError):
     """422 with FastAPI-style items: ``{"loc": [...], "msg": reason, "type": "value_error"}``."""
 
     status_code = 422
 
-    def __init__(self, errors: Iterable[tuple[list[Any], str]]) -> None:
-        items = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in errors]
+    def __init__(self, errors: Iterable[tuple[list[Any], str]], *, more: int = 0) -> None:
+        """``more``: problems beyond ``errors`` that the caller left out (counted, not listed)."""
+        items = []
+        for loc, msg in errors:
+            if len(items) < MAX_REPORTED_ERRORS:
+                items.append({"loc": list(loc), "msg": msg, "type": "value_error"})
+            else:
+                more += 1
+        if more:
+            items.append({"loc": items[-1]["loc"][:1] if items else ["body"], "type": "value_error",
+                          "msg": f"and {more} more problems (the first {len(items)} are listed)"})
         super().__init__(items, 422)
 
     @classmethod
@@ -115,7 +133,9 @@ def split_path(path: str) -> list[Any]:
 
 
 def payload_errors(exc: PayloadError, prefix: list[Any]) -> "ValidationFailed":
-    return ValidationFailed((list(prefix) + split_path(path), msg) for path, msg in exc.errors)
+    shown = exc.errors[:MAX_REPORTED_ERRORS]  # split_path only what is listed
+    return ValidationFailed(((list(prefix) + split_path(path), msg) for path, msg in shown),
+                            more=len(exc.errors) - len(shown))
 
 
 def not_found_ids(kind: str, ids: Iterable[int], *, of_request: bool = False) -> NotFound:
@@ -243,6 +263,10 @@ def refusal_answer(refusal: Refusal) -> APIError:
     """The answer to a refusal no route answers better: one line naming the record (and its id
     where the database said it), never the DBAPI's text."""
     if refusal.kind == "missing":
+        if refusal.table == "users":
+            # The request's own user was deleted (by an administrator, in the database) after its
+            # credential was last checked (the revocation cache): what any request of it now gets.
+            return Unauthorized("This token's user no longer exists")
         if refusal.id is not None:
             return not_found_ids(refusal.name or "Record", [refusal.id])
         return NotFound("A record this request refers to (its site, app, BatchJob or parent jobs) no longer exists")

@@ -74,6 +74,12 @@ def _validate_numbers(values: dict[str, Any], loc: list[Any]) -> None:
     for index, part in enumerate(values.get("partitions") or []):
         number = part.get("num_nodes") if isinstance(part, dict) else getattr(part, "num_nodes", None)
         check_int_fields({"num_nodes": number}, ["num_nodes"], loc + ["partitions", index])
+        # As the BatchJob's own (below): a partition of 0 or -1 nodes passed the site agent's
+        # check when the sizes still added up ([2, -1] of 1 node), waited in the queue, and its
+        # launcher refused it at the start ("needs at least 1 node"): the allocation was lost.
+        if number is not None and number < 1:
+            raise ValidationFailed.field(loc + ["partitions", index, "num_nodes"],
+                                         f"must be a positive integer, got {number!r}")
     for name in ("num_nodes", "wall_time_min"):
         if name in values and (values[name] is None or values[name] < 1):
             raise ValidationFailed.field(loc + [name], f"must be a positive integer, got {values[name]!r}")

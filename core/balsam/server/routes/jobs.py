@@ -160,9 +160,25 @@ def query_update(ctx: Ctx) -> Response:
             raise BadRequest(
                 f"The filters match {len(ids)} jobs; update at most {MAX_ITEMS_PER_BULK_OP} per call (narrow the filters)"
             )
-        count = logic.update_jobs(conn, ctx.user.id, {job_id: dict(patch) for job_id in ids})
+        count = _update_matching(conn, ctx.user.id, ids, patch)
     _wake_if_states_moved(ctx, [patch])
     return json_response(count)
+
+
+def _update_matching(conn: sa.Connection, user_id: int, ids: list[int], patch: dict) -> int:
+    """update_jobs of the jobs a query matched. The ids were read unlocked (PostgreSQL, READ
+    COMMITTED): a delete that committed before update_jobs locked them leaves some gone, and the
+    client named none of them, so they are dropped (they no longer match) rather than refusing the
+    whole update with 404. update_jobs checks that every job exists before it writes anything (it
+    has only locked rows then), so trying again with the rest in the same transaction is safe."""
+    while True:
+        try:
+            return logic.update_jobs(conn, user_id, {job_id: dict(patch) for job_id in ids})
+        except NotFound as exc:
+            gone = set(exc.refused_ids or ())
+            if not gone or not gone <= set(ids):
+                raise  # another record (a BatchJob named by the patch) is missing
+            ids = [job_id for job_id in ids if job_id not in gone]
 
 
 def update_one(ctx: Ctx) -> Response:
