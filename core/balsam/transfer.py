@@ -115,10 +115,25 @@ class TransferLocation:
                 f"transfer location {alias!r}: expected protocol://address (e.g. globus://<endpoint-id>), got {url!r}",
                 retryable=False,
             )
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # "Invalid IPv6 URL" (rsync://me@[::1/p): a settings error, not a traceback
+            raise TransferError(f"transfer location {alias!r}: {exc} in {url!r}", retryable=False) from None
         protocol = parts.scheme.lower()
         if not protocol:
             raise TransferError(f"transfer location {alias!r}: no protocol in {url!r}", retryable=False)
+        rest = url.partition("://")[2]
+        cut = min((rest.index(c) for c in "?#" if c in rest), default=-1)
+        if cut >= 0:
+            # urlsplit takes what follows for a query or a fragment, which no backend reads:
+            # local:///data/run#1 was the directory /data/run, without a word.
+            mark, dropped = rest[cut], rest[cut:]
+            raise TransferError(
+                f"transfer location {alias!r}: {mark!r} in {url!r} starts a URL "
+                f"{'query' if mark == '?' else 'fragment'}, which no backend reads ({dropped!r} would be "
+                f"dropped); for a directory named with it, end the location above that directory and write "
+                f"the rest in the jobs' paths",
+                retryable=False)
         return cls(alias=alias, url=url, protocol=protocol, netloc=parts.netloc, path=parts.path)
 
     @property
@@ -131,8 +146,30 @@ class TransferLocation:
         return self.path.rstrip("/")
 
     def remote_path(self, path: str) -> str:
-        """``path`` as a job wrote it (``alias:/abs/path``), inside the location's prefix."""
-        return self.prefix + path if self.prefix else path
+        """``path`` as a job wrote it (``alias:/abs/path``), inside the location's prefix. Raises a
+        non-retryable :class:`TransferError` for a path whose ``..`` climbs out of the prefix
+        (``/../x`` under ``local:///scratch/me`` was ``/scratch/x``, outside the location's directory)."""
+        if not self.prefix:
+            return path
+        if _climbs_out(path):
+            raise TransferError(
+                f"remote path {path!r} leads outside the directory {self.prefix} of transfer location "
+                f"{self.alias!r} (its '..' climbs above {self.alias}:/)", retryable=False)
+        return self.prefix + path
+
+
+def _climbs_out(path: str) -> bool:
+    """Whether ``path``, read from its root, climbs above it with ``..`` (as written: nothing on the
+    location's side is looked at, its links included)."""
+    depth = 0
+    for part in path.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
 
 
 def backend_name_for(protocol: str) -> str:

@@ -216,6 +216,11 @@ LOG_EXAMPLES = 3
 #: :meth:`TransfersModule._file_key`). Stable (it names the path, not the task waited for): a waiting
 #: row is PATCHed once, not every cycle; and such an item is no work in hand for :meth:`_read_items`.
 SAME_FILE_WAIT = "waiting for an earlier transfer that writes the same file"
+#: The start of the reason of a due pending item that waits for a submission slot (every one of
+#: ``max_concurrent_transfers`` taken by tasks in flight or this cycle's submissions): without it
+#: such an item showed no reason at all, as one no agent had read. Stable (PATCHed once per item,
+#: not every cycle); submitting the item clears it.
+SLOT_WAIT = "waiting for a free transfer slot"
 #: Tries of a cancel that fails for a reason retrying may fix (a task of deleted jobs, or of items
 #: held again), ``retry_backoff_sec`` apart and doubling (up to ``retry_backoff_max_sec``); then
 #: the task is left to its service, untracked, with one WARNING naming it. So are the tries of a
@@ -1497,7 +1502,11 @@ class TransfersModule(AgentModule):
         location = self.locations.get(str(alias or ""))
         if location is None:
             return _dest_key(direction, f"alias {alias}", dest)
-        kind, _, path = _dest_key(direction, "", location.remote_path(dest))
+        try:
+            remote = location.remote_path(dest)
+        except TransferError:
+            remote = location.prefix + dest  # (its item fails before submission: compared as written)
+        kind, _, path = _dest_key(direction, "", remote)
         home = path == "/~" or path.startswith("/~/")
         return kind, _location_address(location, home, self._address(location)), path
 
@@ -1683,6 +1692,9 @@ class TransfersModule(AgentModule):
         # stable sort), so that their try never takes the slots of locations that work; after that
         # they take their turn (see _held_back).
         units.sort(key=lambda unit: self._held_back(unit[0], now))
+        slot_wait = (f"{SLOT_WAIT}: transfers.max_concurrent_transfers ({opts.max_concurrent_transfers}) "
+                     "tasks are in flight")
+        ready_items = set(self._ready_files.values())
         data_path = Path(self.site_config.data_path)
         left_tasks = self._left_items()
         submitted = calls = 0
@@ -1712,7 +1724,14 @@ class TransfersModule(AgentModule):
                 submitted += bool(outcome)
                 continue
             if full:
-                continue  # (not break: journaled batches further on must stay in the journal)
+                # (not break: journaled batches further on must stay in the journal.) Its items say
+                # why they wait; a reason one already shows (a location's refusal, a same-file wait)
+                # is kept, and an item just made ready behind a same-file wait (its reason cleared,
+                # see _end_stale_waits, which finds it by that) stays as it is until it goes.
+                for item in batch:
+                    if not (item.get("transfer_info") or {}).get("reason") and item["id"] not in ready_items:
+                        self._wait(item, slot_wait, updates)
+                continue
             if alias in blocked:
                 # Trying its other batches would fail the same way: they wait with the reason,
                 # without taking the slots of other locations' batches.
@@ -1763,6 +1782,9 @@ class TransfersModule(AgentModule):
                     continue
                 try:
                     local, spec = item_transfer_paths(item, data_path / workdir_rel)
+                    # A remote path whose '..' leaves the location's prefix fails its own item here
+                    # (the backend would refuse the whole batch, or copy from outside the prefix).
+                    location.remote_path(str(item["remote_path"]))
                     if direction == TransferDirection.stage_in.value:
                         # The workdir itself too: a recursive "." slot then merges into it.
                         (data_path / workdir_rel).mkdir(parents=True, exist_ok=True)
