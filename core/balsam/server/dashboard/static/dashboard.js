@@ -60,7 +60,8 @@
     return Math.max(Math.min(MIN_PERIOD_MS * Math.pow(2, Math.max(0, failures - 1)), MAX_BACKOFF_MS), SLOWDOWN * (took || 0));
   }
 
-  window.balsamLive = { updated: updated, failed: failed, period: period };
+  // tabStops (below): plots.js marks its charts' boxes by the same rule once drawn.
+  window.balsamLive = { updated: updated, failed: failed, period: period, tabStops: tabStops };
 
   // Each live region's HTML as the server last sent it (the page's own at first).
   var served = {};
@@ -111,16 +112,28 @@
     if (!focused) return;
     var el = focused.box ? boxesByKey(region)[focused.box] : Array.prototype.find.call(
       region.querySelectorAll("a[href]"), function (a) { return a.getAttribute("href") === focused.href; });
-    if (el) el.focus({ preventScroll: true });
+    if (!el) return;
+    if (focused.box) tabStop(el, true);  // its new table may no longer scroll: focusable all the same
+    el.focus({ preventScroll: true });
   }
 
-  // A box whose table is wider than it is a Tab stop (the arrow keys scroll it); one that does not
-  // scroll would be a stop that does nothing. Its width follows the window's, and its table the data.
+  // A box whose content is wider than it is a Tab stop (the arrow keys scroll it); one that does not
+  // scroll would be a stop that does nothing. Its width follows the window's, and its content the
+  // data: a table's box (.table-scroll), a chart's (.chart, plots.js). A box that stops scrolling
+  // while it has the keyboard's focus (a refresh made its table narrower, the window got wider)
+  // keeps the focus, focusable but no longer a stop (tabindex -1), until the focus leaves it
+  // (focusout, below): without a tabindex it could not be focused, and the focus would fall back
+  // to the page itself, the keyboard user's place lost.
+  var BOXES = ".table-scroll, .chart";
+
+  function tabStop(box, focused) {
+    if (box.scrollWidth > box.clientWidth) box.tabIndex = 0;
+    else if (focused) box.tabIndex = -1;
+    else box.removeAttribute("tabindex");
+  }
+
   function tabStops(root) {
-    root.querySelectorAll(".table-scroll").forEach(function (box) {
-      if (box.scrollWidth > box.clientWidth) box.tabIndex = 0;
-      else box.removeAttribute("tabindex");
-    });
+    root.querySelectorAll(BOXES).forEach(function (box) { tabStop(box, box === document.activeElement); });
   }
 
   function refresh() {
@@ -174,6 +187,12 @@
     localTimes(document);
     tabStops(document);
     window.addEventListener("resize", function () { tabStops(document); });
+    // The focus left a box kept focusable while focused: a stop again only if it scrolls. (The
+    // window losing the focus leaves the box the page's active element: it keeps its tabindex.)
+    document.addEventListener("focusout", function (event) {
+      var box = event.target;
+      if (box.matches && box.matches(BOXES) && box !== document.activeElement) tabStop(box, false);
+    });
     window.setTimeout(loop, MIN_PERIOD_MS);
   });
 })();

@@ -9,8 +9,20 @@
   var SLOWDOWN = 10;
   var charts = {};
 
+  // A chart is as wide as its box's content, so its whole time axis is in view down to a phone's
+  // 320 px window; below MIN_WIDTH (narrower than any phone) it would be unreadable: it keeps
+  // MIN_WIDTH and scrolls in its box, a Tab stop then (dashboard.js's rule for the tables' boxes).
+  var MIN_WIDTH = 200;
+
   function size(el) {
-    return { width: Math.max(320, el.clientWidth - 10), height: 260 };
+    var style = window.getComputedStyle(el);
+    var inner = el.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+    return { width: Math.max(MIN_WIDTH, Math.floor(inner)), height: 260 };
+  }
+
+  function tabStops() {
+    var live = window.balsamLive;
+    if (live && live.tabStops) live.tabStops(document.getElementById("plots"));
   }
 
   // Both charts show one time window: from the first point of either series to now (the data's
@@ -86,6 +98,7 @@
           { label: "available", stroke: "#9a6700", width: 2, dash: [6, 4], paths: uPlot.paths.stepped({ align: 1 }) },
         ],
       }, util);
+      tabStops();
     } else {
       charts.throughput.setData(thr);
       charts.utilization.setData(util);
@@ -148,6 +161,7 @@
         var el = document.getElementById("chart-" + k);
         charts[k].setSize(size(el));
       });
+      tabStops();
     });
   });
 })();

@@ -1,0 +1,134 @@
+"""The live refresh and the keyboard in a real headless Chromium (Playwright, as
+test_dashboard_live_browser.py) against a real uvicorn server, the page's timers on Playwright's
+clock (each refresh asks the real server; nothing waits on real time): a job's page refreshes its
+header with its history, a focused box keeps the focus when it stops scrolling, and a chart fits a
+phone's window."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dashboard_helpers import make_campaign  # noqa: E402
+from test_dashboard_layout_browser import SMALL_PHONE, _page, chromium  # noqa: E402,F401  (the browser fixture)
+
+WAIT_MS = 60_000
+#: Counts the answered refreshes (dashboard.js fires balsam:refreshed after each).
+COUNT_REFRESHES = "() => { window.refreshes = 0; document.addEventListener('balsam:refreshed', () => window.refreshes++); }"
+
+
+@pytest.fixture
+def user(live_server: str, register: Any) -> dict[str, Any]:
+    username, password, _user_id, token, _ = register(live_server)
+    return {"url": live_server, "username": username, "password": password, "token": token}
+
+
+def _live_page(chromium: Any, user: dict, path: str, viewport: "dict | None" = None) -> Any:
+    page = _page(chromium, user["url"], user["username"], user["password"], token=user["token"])
+    if viewport:
+        page.set_viewport_size(viewport)
+    page.clock.install()
+    page.clock.pause_at(dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1))  # an answer takes no time
+    page.goto(path)
+    page.evaluate(COUNT_REFRESHES)
+    return page
+
+
+def _refreshed(page: Any, n: int) -> None:
+    """Move the clock to the next refresh and wait for its answer (the event, no timer)."""
+    page.clock.run_for(5_000)
+    page.wait_for_function(f"() => window.refreshes >= {n}", timeout=WAIT_MS)
+
+
+def test_a_job_page_refreshes_its_header_with_its_history(chromium: Any, user: dict) -> None:
+    """Before: the state badge, "last update" and the parents and children were outside the page's
+    live region: after a state change the history said RUNNING and the header STAGED_IN until a
+    reload. Regions the server did not change are still left as they are, focus kept."""
+    camp = make_campaign(user["url"], user["token"], n_jobs=2)
+    job = camp["jobs"][1]["id"]
+    page = _live_page(chromium, user, f"/dashboard/jobs/{job}")
+    assert page.inner_text("#job-state") == "STAGED_IN"
+    # a keyboard user is on the header's link to the site; the Fields table is held to see it kept
+    href = page.evaluate("""() => { const a = document.querySelector('main a[href*="#site-"]');
+        a.focus({preventScroll: true}); window.fieldsBox = document.querySelector('[aria-label="Fields"]');
+        return a.getAttribute('href'); }""")
+    before = page.get_attribute("main time", "datetime")
+    with httpx.Client(base_url=user["url"], headers={"Authorization": f"Bearer {user['token']}"}, timeout=60) as api:
+        for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1})):
+            assert api.patch("/jobs/", json=[{"id": job, "state": state, "state_data": data}]).status_code == 200
+    _refreshed(page, 1)
+    assert page.locator("#events td:text-is('RUNNING')").count() == 1  # the history (always was)
+    assert page.inner_text("#job-state") == "RUNNING"  # and now the header with it
+    assert page.get_attribute("main time", "datetime") != before  # "last update"
+    assert page.evaluate("() => document.activeElement.getAttribute('href')") == href
+    # the Fields table did not change (the state and the times are not among its fields): not rebuilt
+    assert page.evaluate("() => document.querySelector('[aria-label=\"Fields\"]') === window.fieldsBox")
+    assert page.errors == []
+
+
+def test_a_focused_box_keeps_the_focus_when_it_stops_scrolling(chromium: Any, user: dict) -> None:
+    """Before: a focused table's box that no longer scrolled (a refresh made its table narrower, or
+    the window wider) lost its tabindex and so the focus, to the page itself. Now it keeps the focus
+    (focusable, tabindex -1: not a Tab stop) until the keyboard leaves it; then it is no stop."""
+    make_campaign(user["url"], user["token"], n_jobs=3)
+    page = _live_page(chromium, user, "/dashboard/jobs", {"width": 390, "height": 844})
+    box = "document.querySelector('[aria-label=\"Jobs\"]')"
+    assert page.evaluate(f"() => {{ const b = {box}; b.focus(); return [b.scrollWidth > b.clientWidth, b.tabIndex]; }}") == [True, 0]
+    # the next answer's table fits a phone (its long columns gone)
+    page.route(re.compile(r".*/dashboard/jobs$"), lambda route: route.fulfill(
+        response=(answer := route.fetch()), body=re.sub(r'(<table[^>]*id="jobs-table"[^>]*>).*?</table>',
+                                                        r"\1<tbody><tr><td>1</td></tr></tbody></table>", answer.text(), flags=re.S)))
+    _refreshed(page, 1)
+    assert page.evaluate(f"() => {{ const b = {box}; return [b.scrollWidth > b.clientWidth, b.getAttribute('tabindex'), b === document.activeElement]; }}") \
+        == [False, "-1", True]
+    page.keyboard.press("Tab")  # leaves it: no longer a stop of any kind
+    assert page.evaluate(f"() => [{box}.getAttribute('tabindex'), document.activeElement === document.body]") == [None, False]
+    # the same when the window gets wider: a page whose table scrolls, focused, then a desktop's width
+    page.unroute(re.compile(r".*/dashboard/jobs$"))
+    _refreshed(page, 2)
+    assert page.evaluate(f"() => {{ const b = {box}; b.focus(); return [b.scrollWidth > b.clientWidth, b.tabIndex]; }}") == [True, 0]
+    # (the page's requestAnimationFrame is Playwright's paused clock's: the resize event itself is awaited,
+    # its listener added after dashboard.js's, which has run when it is called)
+    page.evaluate("() => { window.resized = new Promise(r => window.addEventListener('resize', r, {once: true})); }")
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.evaluate("() => window.resized")
+    assert page.evaluate(f"() => {{ const b = {box}; return [b.scrollWidth > b.clientWidth, b.getAttribute('tabindex'), b === document.activeElement]; }}") \
+        == [False, "-1", True]
+    assert page.errors == []
+
+
+def test_a_chart_fits_a_small_phone(chromium: Any, user: dict) -> None:
+    """Before: plots.js drew each chart at least 320 px wide, so at 320 px it scrolled sideways in
+    its box, which no key could reach (only the tables' boxes were Tab stops). Now a chart is drawn
+    at its box's width (its whole time axis in view), down to 200 px; below that its box scrolls, a
+    named Tab stop as a table's box."""
+    make_campaign(user["url"], user["token"], n_jobs=2, finished=True)
+    page = _page(chromium, user["url"], user["username"], user["password"], token=user["token"])
+    page.set_viewport_size(SMALL_PHONE)
+    page.goto("/dashboard/plots")
+    page.wait_for_selector("#plot-status:has-text('jobs finished')", timeout=WAIT_MS)
+    charts_js = """() => [...document.querySelectorAll('.chart')].map(c => ({label: c.getAttribute('aria-label'),
+        role: c.getAttribute('role'), over: c.scrollWidth - c.clientWidth, stop: c.getAttribute('tabindex'),
+        canvas: c.querySelector('canvas').getBoundingClientRect().width}))"""
+    charts = page.evaluate(charts_js)
+    assert [(c["label"], c["role"], c["over"], c["stop"]) for c in charts] == [
+        ("Throughput chart", "region", 0, None), ("Utilization chart", "region", 0, None)], charts
+    assert all(200 <= c["canvas"] < 300 for c in charts), charts
+    assert page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 0
+    # narrower than any phone: the chart keeps 200 px and scrolls in its box, a Tab stop
+    page.set_viewport_size({"width": 200, "height": 568})
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    charts = page.evaluate(charts_js)
+    assert all(c["over"] > 0 and c["stop"] == "0" for c in charts), charts
+    page.set_viewport_size(SMALL_PHONE)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    assert [(c["over"], c["stop"]) for c in page.evaluate(charts_js)] == [(0, None), (0, None)]
+    assert page.errors == []
