@@ -453,6 +453,15 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
                 _WARNED_UNUSED_PARAMS.add(key)
                 logger.warning("%s.submit(): parameters %s are not in its command template (parameters: %s): "
                                "stored with the job, not rendered", cls.__name__, unknown, sorted(cls.parameters))
+        missing = sorted(k for k, v in cls.parameters.items() if v.get("required") and k not in app_params)
+        if missing:
+            # Created, as in Balsam 0.7 (a preprocess() hook may set them), but otherwise the job
+            # fails only when a launcher renders it, maybe hours later in a queue: said now, once.
+            key = (cls, ("<missing>", *missing))
+            if key not in _WARNED_UNUSED_PARAMS:
+                _WARNED_UNUSED_PARAMS.add(key)
+                logger.warning("%s.submit(): required parameters %s not given: the job fails when it is launched "
+                               "unless its preprocess() sets them", cls.__name__, missing)
         JobModel = cls._client.Job if cls._client is not None else _job_model()
         job = JobModel(
             workdir=workdir, app_id=app_id, tags=tags, data=data, return_code=return_code, num_nodes=num_nodes,

@@ -423,7 +423,6 @@ def app_payload_python_version(payload: str) -> Optional[str]:
 
 
 def deserialize_app_class(payload: str, *, name: str = "?", app_id: Any = None) -> type:
-    label = f"App(id={app_id}, name={name})"
     data = _unb64(payload)
     envelope: Any = None
     try:
@@ -431,7 +430,11 @@ def deserialize_app_class(payload: str, *, name: str = "?", app_id: Any = None) 
         envelope = pickle.loads(data)
     except Exception:  # noqa: BLE001 - not an envelope
         envelope = None
-    if isinstance(envelope, dict) and envelope.get(APP_ENVELOPE_KEY) == 1:
+    is_envelope = isinstance(envelope, dict) and envelope.get(APP_ENVELOPE_KEY) == 1
+    if name == "?" and is_envelope and isinstance(envelope.get("name"), str):
+        name = envelope["name"]  # the class's name, recorded when it was serialized (the runner knows no other)
+    label = f"App(id={app_id}, name={name})"
+    if is_envelope:
         version = str(envelope.get("python"))
         if version != PYTHON_VERSION:
             raise DeserializeError(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Optional, Se
 from balsam.client.rest import APIError, AuthenticationError, _detail_text
 from balsam.models import MAX_ITEMS_PER_BULK_OP
 
-from .query import Query
+from .query import Query, not_a_query_method
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import BalsamModel
@@ -40,6 +40,11 @@ class Manager(Generic[T]):
     def __repr__(self) -> str:
         return f"<{self._model.__name__}.objects>"
 
+    def __getattr__(self, name: str) -> Any:
+        # Only for names not found otherwise: a Django method's error says what to use instead.
+        model = self.__dict__.get("_model")
+        raise not_a_query_method(self, f"{getattr(model, '__name__', '?')}.objects", name)
+
     @property
     def _client(self) -> Any:
         return self._model._get_client()
@@ -62,8 +67,8 @@ class Manager(Generic[T]):
     def first(self) -> Optional[T]:
         return Query(self).first()
 
-    def order_by(self, field: Optional[str]) -> Query[T]:
-        return Query(self).order_by(field)
+    def order_by(self, field: Optional[str], *more: str) -> Query[T]:
+        return Query(self).order_by(field, *more)
 
     # ------------------------------------------------------------------ writes
     def create(self, *args: Any, **kwargs: Any) -> T:

@@ -428,6 +428,10 @@ class BalsamModel:
     #: how the list route breaks ties of a descending ordering (``-field``): by id descending
     #: (jobs, events) or ascending (BatchJob's ``-start_time``); merged split filters follow it
     _desc_ties_by_id_desc: ClassVar[bool] = True
+    #: filters the server matches as a substring of a field (Balsam 0.7's Site ``path``): filter
+    #: name -> that field. ``get()`` given one resolves several matches to the record whose field
+    #: is exactly the value (see Query.get)
+    _substring_filters: ClassVar[dict[str, str]] = {}
     #: set by delete(): save() then never creates the record again (see save())
     _deleted: bool = False
 
@@ -761,7 +765,22 @@ class BalsamModel:
 
     def _update_payload(self) -> dict[str, Any]:
         self._warn_unsaved_attributes()
+        self._refuse_fixed_fields_changed_in_place()
         return {key: self._field_json(key) for key in sorted(self._changed_fields())}
+
+    def _refuse_fixed_fields_changed_in_place(self) -> None:
+        """AttributeError for a field that cannot be updated but was changed in place
+        (``job.parent_ids.add(7)``, ``job.transfers[...] = ...``), as assigning it raises: save()
+        sent the other changes and dropped this one silently (in-place changes of the fields that
+        can be updated are sent)."""
+        for key, snap in self._snapshots.items():
+            if key in self._update_fields:
+                continue
+            if _fingerprint(getattr(self._record, key), self._fields[key].type) != snap:
+                name = type(self).__name__
+                what = f"{name} is read-only" if not self._updatable else f"{name}.{key} cannot be changed after creation"
+                raise AttributeError(f"{what}: it was changed in place, and save() cannot store that "
+                                     f"(refresh_from_db() restores the stored value)")
 
     def _warn_unsaved_attributes(self) -> None:
         """Warn (:class:`UnsavedAttributeWarning`) about an attribute of the object's own whose name

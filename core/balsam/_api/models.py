@@ -48,6 +48,7 @@ class Site(BalsamModel):
     _manager_cls = SiteManager
     _field_checks = {"path": records.site_path_problem}
     _filters = frozenset({"name", "path", "id", "last_refresh_after"})
+    _substring_filters = {"path": "path"}
     _positional = ("name", "path", "id", "last_refresh_after")
     #: ``objects.create()``'s positional fields: those Balsam 0.7's generated create() took first (the
     #: fields it required, in the order of its OpenAPI schema's ``required``); see Manager.create
@@ -447,12 +448,14 @@ class JobManager(Manager["Job"]):
         jobs = list(jobs)
         _require_saved(jobs)
         deadline = None if timeout is None else time.monotonic() + timeout
+        report = _WaitReport(self, len(jobs))
         while True:
             self._poll([j for j in jobs if not _completed(j)])
             done = [j for j in jobs if _completed(j)]
             not_done = [j for j in jobs if not _completed(j)]
             if not not_done or (return_when == "FIRST_COMPLETED" and done):
                 return JobWaitResult(done, not_done)
+            report(not_done)
             if deadline is not None and time.monotonic() >= deadline:
                 return JobWaitResult(done, not_done)
             sleep = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic()))
@@ -472,6 +475,7 @@ class JobManager(Manager["Job"]):
     def _as_completed(self, pending: list["Job"], timeout: Optional[float], poll_interval: float) -> Iterator["Job"]:
         total = len(pending)
         deadline = None if timeout is None else time.monotonic() + timeout
+        report = _WaitReport(self, total)
         while pending:
             self._poll(pending)
             still = []
@@ -483,6 +487,7 @@ class JobManager(Manager["Job"]):
             pending = still
             if not pending:
                 return
+            report(pending)
             if deadline is not None and time.monotonic() >= deadline:
                 raise concurrent.futures.TimeoutError(_not_completed_message(pending, total, timeout))
             sleep = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic()))
@@ -539,6 +544,51 @@ def _not_completed_message(pending: Sequence["Job"], total: int, timeout: Option
     counts = collections.Counter(getattr(job.state, "value", job.state) for job in pending)
     states = ", ".join(f"{n} {state}" for state, n in counts.most_common())
     return f"{len(pending)} of {total} jobs not completed in {timeout} s: {'; '.join([states] + _waits_for(counts))}"
+
+
+#: Seconds between the WARNING lines that wait(), as_completed() and result() log while jobs stay
+#: pending (the first after as long). Without them a wait with no timeout on a child of a FAILED
+#: parent (which runs only once that parent is re-run) polled for ever and said nothing.
+WAIT_REPORT_INTERVAL_S = 600.0
+
+
+class _WaitReport:
+    """``report(pending)`` at each poll of a wait: every :data:`WAIT_REPORT_INTERVAL_S`, one line of
+    how many jobs are pending, their states (as just read), what they wait for, and the FAILED
+    parents holding AWAITING_PARENTS ones (one bulk read of their parents, then only)."""
+
+    def __init__(self, manager: "JobManager", total: int) -> None:
+        self._manager = manager
+        self._total = total
+        self._start = time.monotonic()
+        self._due = self._start + WAIT_REPORT_INTERVAL_S
+
+    def __call__(self, pending: Sequence["Job"]) -> None:
+        now = time.monotonic()
+        if now < self._due:
+            return
+        self._due = now + WAIT_REPORT_INTERVAL_S
+        counts = collections.Counter(getattr(job.state, "value", job.state) for job in pending)
+        states = ", ".join(f"{n} {state}" for state, n in counts.most_common())
+        parts = [states] + _waits_for(counts) + self._failed_parents(pending)
+        logger.warning("still waiting after %.0f s for %d of %d jobs: %s", now - self._start, len(pending),
+                       self._total, "; ".join(parts))
+
+    def _failed_parents(self, pending: Sequence["Job"]) -> list[str]:
+        waiting = [job for job in pending if job.state == JobState.awaiting_parents]
+        parent_ids = sorted({p for job in waiting for p in job.parent_ids})
+        if not parent_ids:
+            return []
+        try:
+            failed = {job.id for job in self._manager.filter(id=parent_ids, state="FAILED")}
+        except Exception as exc:  # noqa: BLE001 - a report never ends the wait it describes
+            return [f"(their parents could not be read: {(str(exc).splitlines() or [type(exc).__name__])[0]})"]
+        if not failed:
+            return []
+        blocked = sum(1 for job in waiting if failed.intersection(job.parent_ids))
+        ids = " ".join(f"-i {p}" for p in sorted(failed)[:5]) + (" ..." if len(failed) > 5 else "")
+        return [f"{blocked} of them wait for a FAILED parent, which keeps them waiting until it is re-run "
+                f"(`balsam job modify {ids} -s RESTART_READY`)"]
 
 
 def _waits_for(states: Iterable[str]) -> list[str]:
@@ -656,7 +706,7 @@ class Job(BalsamModel):
         if parameters is not None:
             if not isinstance(parameters, dict):
                 raise TypeError(f"Job parameters must be a dict, got {type(parameters).__name__}")
-            kwargs["serialized_parameters"] = codec.serialize(parameters)
+            kwargs["serialized_parameters"] = _serialize_parameters(parameters)
         super().__init__(**kwargs)
         if by_name:
             # The id came from a cache of names: a create refused with "App not found" looks again.
@@ -766,7 +816,7 @@ class Job(BalsamModel):
     def set_parameters(self, parameters: dict[str, Any]) -> None:
         if not isinstance(parameters, dict):
             raise TypeError(f"Job parameters must be a dict, got {type(parameters).__name__}")
-        self.serialized_parameters = codec.serialize(parameters)
+        self.serialized_parameters = _serialize_parameters(parameters)
 
     parameters = property(get_parameters, set_parameters, doc="The app parameters (stored dill+base64).")
 
@@ -927,6 +977,21 @@ class Job(BalsamModel):
                 and not self.serialized_return_value):
             raise self.NoResult(self._no_result_message(self._failure_reason()))
         return self.result_nowait()
+
+
+def _serialize_parameters(parameters: dict[str, Any]) -> str:
+    """``codec.serialize(parameters)``; its error names the parameter that cannot be serialized
+    ("cannot serialize dict: TypeError: cannot pickle 'generator' object" named none: a submit()
+    of twenty parameters left the user to find which). Each is tried alone on that path only."""
+    try:
+        return codec.serialize(parameters)
+    except codec.SerializeError:
+        for key, value in parameters.items():
+            try:
+                codec.serialize(value)
+            except codec.SerializeError as exc:
+                raise codec.SerializeError(f"Job parameter {key!r} cannot be serialized: {exc}") from None
+        raise
 
 
 def _parse_transfer(slot: str, item: Any) -> Any:

@@ -63,7 +63,8 @@ def load(argv: list[str]) -> tuple[type[ApplicationDefinition], Any]:
     job_text = "".join(argv[2 + n_app :])
     # The base64 of the JSON (python_runner_command), or the JSON itself (a line built before).
     job_data = json.loads(job_text if job_text.startswith("{") else base64.b64decode(job_text, validate=True))
-    cls = codec.deserialize_app_class(app_payload, app_id=app_id, name=str(job_data.get("app_id", "?")))
+    # No name given: the payload's own (the job's JSON has the app's id only, which named it "1" here).
+    cls = codec.deserialize_app_class(app_payload, app_id=app_id)
     if not (isinstance(cls, type) and issubclass(cls, ApplicationDefinition)):
         raise SystemExit(f"app {app_id} does not hold an ApplicationDefinition")
     cls.__app_id__ = app_id

@@ -158,6 +158,35 @@ def positional_filters(model: Any, method: str, args: tuple, kwargs: dict[str, A
     return out
 
 
+#: Django query methods that Balsam queries do not have (nor had 0.7's): what to use instead, said
+#: in the AttributeError (Python's own named the attribute only, and a user coming from Django
+#: was left to guess that ``exclude(state=...)`` is ``filter(state__ne=...)``).
+NOT_QUERY_METHODS = {
+    "exclude": "use filter(state__ne=STATE) to leave out a state (the only negated filter)",
+    "exists": "use bool(query) or query.count()",
+    "values": "iterate the query and read the fields (job.id, job.state)",
+    "values_list": "iterate the query and read the fields (job.id, job.state)",
+    "last": "use order_by('-id').first()",
+    "latest": "use order_by('-FIELD').first()",
+    "earliest": "use order_by('FIELD').first()",
+    "limit": "slice the query: query[:N]",
+    "in_bulk": "use filter(id=[...]) (list filters match any of their values)",
+    "distinct": "records are listed once each",
+    "annotate": "iterate the query and compute in Python",
+    "aggregate": "iterate the query and compute in Python (balsam.analytics has reports of EventLog queries)",
+}
+
+
+def not_a_query_method(obj: Any, owner: str, name: str) -> AttributeError:
+    """The AttributeError of ``obj.name`` (a query or manager, ``owner`` in words, lacking ``name``):
+    Python's, or for a Django query method (:data:`NOT_QUERY_METHODS`) one with a hint."""
+    hint = NOT_QUERY_METHODS.get(name)
+    if hint is None:
+        return AttributeError(f"{type(obj).__name__!r} object has no attribute {name!r}")
+    return AttributeError(f"{owner} has no {name}() (a Django query method; Balsam queries, as 0.7's, take "
+                          f"filter, get, order_by, count, first, slicing, update, delete): {hint}")
+
+
 class NegativeIndexError(ValueError, AssertionError):
     """A negative index or slice bound on a query: not supported (the query's length is not known
     before it is read). A ValueError, and an AssertionError, which Balsam 0.7's check raised."""
@@ -183,6 +212,11 @@ class Query(Generic[T]):
         self._sliced = False
         self._cache: Optional[list[T]] = None
         self._count_cache: Optional[int] = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names not found otherwise: a Django method's error says what to use instead.
+        model = self.__dict__.get("_model")
+        raise not_a_query_method(self, f"{getattr(model, '__name__', '?')} query", name)
 
     def _clone(self) -> "Query[T]":
         q = type(self)(self._manager)
@@ -215,7 +249,10 @@ class Query(Generic[T]):
         q._empty = q._empty or empty
         return q
 
-    def order_by(self, field: Optional[str]) -> "Query[T]":
+    def order_by(self, field: Optional[str], *more: str) -> "Query[T]":
+        if more:  # Django's order_by("state", "-id"): Python's "takes 2 positional arguments" said less
+            raise TypeError(f"{self._model.__name__}.objects.order_by() takes one field name, got {1 + len(more)} "
+                            f"({', '.join(map(repr, (field, *more)))}): the server orders by one field, ties by id")
         if self._sliced:
             raise AttributeError("cannot re-order a query after slicing it")
         if field is not None and not isinstance(field, str):
@@ -467,16 +504,42 @@ class Query(Generic[T]):
 
     def get(self, *args: Any, **kwargs: Any) -> T:
         kwargs = positional_filters(self._model, "get", args, kwargs)
+        if kwargs and all(value is None for value in kwargs.values()):
+            # A filter given as None is no filter (as in 0.7): ``get(id=job_id)`` with job_id None
+            # returned whichever record was the only one (a test site's one job), silently.
+            given = ", ".join(f"{key}=None" for key in kwargs)
+            raise ValueError(f"{self._model.__name__}.objects.get({given}): a filter given as None is no filter, so "
+                             f"this would return any one record: pass a value (or get() with no filter for that)")
         q = self._narrowed("get", (), kwargs) if kwargs else self
         results = q[0:2]._evaluate() if q._cache is None else q._cache
         if not results:
             raise self._model.DoesNotExist(f"no {self._model.__name__} matches {_describe(kwargs or q._params)}")
         if len(results) > 1:
+            exact = q._exact_substring_match()
+            if exact is not None:
+                return exact
             n = q.count()
             raise self._model.MultipleObjectsReturned(
                 f"{n} {self._model.__name__} records match {_describe(kwargs or q._params)}; expected one"
             )
         return results[0]
+
+    def _exact_substring_match(self) -> Optional[T]:
+        """The one record of several matches whose field is exactly the value of a substring filter
+        of this query (``_substring_filters``), or None. ``Site.objects.get(path=os.getcwd())`` at
+        ``/proj/site`` also matched ``/proj/site2`` (the path filter is a substring, as in 0.7) and
+        raised MultipleObjectsReturned for a path that names one site exactly. Reads every match
+        (a user's sites: a few records)."""
+        def plain(value: Any) -> str:  # "/proj/site/" is "/proj/site"
+            return str(value).rstrip("/") or "/"
+
+        wanted = {key: plain(self._params[key]) for key in self._model._substring_filters
+                  if isinstance(self._params.get(key), str)}  # as sent (encode_filter_value: a Path as str)
+        if not wanted:
+            return None
+        exact = [obj for obj in (self._cache if self._cache is not None else self._clone()._evaluate())
+                 if all(plain(getattr(obj, self._model._substring_filters[key])) == value for key, value in wanted.items())]
+        return exact[0] if len(exact) == 1 else None
 
     # ------------------------------------------------------------------ bulk writes
     def _ids(self) -> list[int]:
