@@ -297,6 +297,10 @@ def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[th
         raise FileNotFoundError(f"no such file or directory: {src}")
     if src.is_dir() and not recursive:
         raise IsADirectoryError(f"{src} is a directory (the transfer slot is not recursive)")
+    if recursive and not src.is_dir():
+        # A directory slot given a file: the file was written where the directory should be and
+        # reported done (rsync fails it: "change_dir ... Not a directory").
+        raise NotADirectoryError(f"{src} is not a directory (the transfer slot is recursive)")
     if dest.is_dir() and not src.is_dir():
         raise IsADirectoryError(f"destination {dest} is a directory")
     dest.parent.mkdir(parents=True, exist_ok=True)

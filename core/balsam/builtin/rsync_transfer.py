@@ -23,11 +23,21 @@ dangling.
 Each rsync runs in a session of its own (``start_new_session``): a timeout, a cancel (the agent's,
 or ``transfers.task_timeout_sec``) or :meth:`RsyncTransfer.close` (the agent stopping) kill its
 whole process group, the ssh it started included. After a file timed out or ssh itself failed
-(exit 255: host unreachable, login refused) the task's remaining files fail at once with that
-reason, untried: a batch to a hung host costs one ``timeout_sec``, not one per file (rsync's exit
-statuses 10, 12, 30 and 35 say the same as ssh's 255: see ``CONNECTION_FAILED``). Nothing else ends
-such a session when the agent dies: each running rsync is recorded in the site
+(exit 255: host unreachable, login refused) the task's remaining files are not tried (rsync's exit
+statuses 10, 12, 30 and 35 say the same as ssh's 255: see ``CONNECTION_FAILED``): listed in the
+task's ``info[NOT_TRIED]`` (the agent submits them again, no try used) when the host had answered
+since its last such failure, the file that timed out running last in its next task, so one slow
+file does not fail its batch; failing a try when it had not (no answer twice in a row), so a hung
+host costs one ``timeout_sec`` per task, not one per file (see :meth:`RsyncTransfer._run_task`).
+Nothing else ends such a session when the agent dies: each running rsync is recorded in the site
 (:class:`RunningRsyncs`), and the next agent's backend ends those of a dead agent when it is built.
+
+A source or destination on this machine is looked at before rsync runs, with the ``local``
+backend's words for the same faults: a missing source (``--mkpath`` created the destination's
+directories first, and left them), a recursive item given a file, a file item whose destination is
+a directory (rsync writes ``<dir>/<name>``, a path the job never named). A remote stage-out file is
+sent by name into its destination's directory, so that a non-empty directory of that name is
+refused (an empty one is replaced); see :meth:`RsyncTransfer._explain`.
 
 Remote names holding wildcard characters (``run[1].h5``) are taken literally, although the remote
 rsync expands wildcards even with ``--protect-args``: escaped in a source, sent as a link of that
@@ -51,7 +61,7 @@ import tempfile
 import threading
 import unicodedata
 from pathlib import Path, PurePosixPath
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import attrs
 
@@ -98,7 +108,8 @@ class RsyncOptions:
                                    factory=list, validator=_string_list)
     timeout_sec: int = option(
         3600, "A single rsync (one file or directory) is stopped after this many seconds (more than 0); the task's "
-        "remaining files then fail untried.", validator=_positive)
+        "remaining files are then not tried: submitted again without using a try, unless the host got no answer "
+        "twice in a row (then they fail a try).", validator=_positive)
     threads: int = option(4, "Tasks running at the same time (one thread each); at least 1.", validator=at_least_one)
     skip_unchanged: bool = option(
         False, "Skip files whose size and modification time match the destination (rsync's quick check): faster "
@@ -111,6 +122,27 @@ class RsyncOptions:
 
 #: What rsync prints (exit 0) for a directory source without --recursive: nothing was copied.
 SKIPPED_DIRECTORY = "skipping directory"
+#: What the remote sender says of a recursive item's source that is a file (``src/`` is not a directory).
+SOURCE_NOT_A_DIRECTORY = re.compile(r'change_dir "(?P<path>.*)" failed: Not a directory \(20\)$', re.MULTILINE)
+#: What rsync says when a file sent by name (a link named as the destination, into its directory)
+#: meets a non-empty directory of that name: it does not write into it, and without --force it does
+#: not delete it either.
+DEST_IS_A_DIRECTORY = re.compile(r"^(?:cannot delete non-empty directory|could not make way for new regular file): (.*)$",
+                                 re.MULTILINE)
+
+#: What one rsync says of its host (see :meth:`RsyncTransfer._run_task`): it answered (the file was
+#: copied, or failed for a reason of its own), it did not (ssh or the connection failed), it timed
+#: out (``timeout_sec``: no answer either), or no rsync ran (a file error found before running one,
+#: a cancel): that says nothing of the host.
+ANSWERED, NO_ANSWER, TIMED_OUT, NOT_RUN = "answered", "no answer", "timed out", "not run"
+#: ``TaskStatus.info`` key: the ``file_errors`` keys of the files a task did not try because an
+#: earlier file got no answer, when the host had answered since its last such failure (the transfers
+#: module puts their items back to pending without using a try). Files not tried because the host
+#: got no answer twice in a row are not listed: they fail a try, so a hung host costs one
+#: ``timeout_sec`` per task, not one per file.
+NOT_TRIED = "not_tried"
+#: Files remembered as having timed out (run last in their next task): at most this many.
+TIMED_OUT_MEMORY = 10_000
 
 
 def split_address(netloc: str) -> tuple[str, Optional[int]]:
@@ -203,6 +235,9 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
     link_name = remote_dest_link_name(options, location, direction, f)
     if link_name is not None and (link is None or PurePosixPath(link).name != link_name):
         raise ValueError(f"the destination {f.dest} needs a link named {link_name!r} to its source")
+    sent_as_link = link is not None and direction == TransferDirection.stage_out and not local_mode and not f.recursive
+    if sent_as_link and PurePosixPath(link).name != PurePosixPath(location.remote_path(f.dest)).name:
+        raise ValueError(f"the link sent for {f.dest} must be named as it, not {PurePosixPath(link).name!r}")
     args = [options.rsync, "--links", "--perms", "--times", "--protect-args", "--mkpath"]
     if f.recursive:
         # Links out of the tree would dangle at the destination: their targets are copied instead.
@@ -223,8 +258,9 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
         src = location.remote_path(src) if local_mode else f"{address}:{remote_source(location.remote_path(src))}"
     elif local_mode:
         dest = location.remote_path(dest)
-    elif link is not None and link_name is not None:  # (checked above: link is given when needed)
-        # The link (named as the destination) into the destination's directory.
+    elif sent_as_link:  # (checked above: given when the name needs it, named as the destination)
+        # The link (named as the destination) into the destination's directory: the name travels in
+        # rsync's file list, so a directory there is refused, not written into (see RsyncTransfer._run_one).
         src, dest = link, f"{address}:{location.remote_path(dest).rpartition('/')[0]}/"
     else:
         dest = f"{address}:{location.remote_path(dest)}"
@@ -266,8 +302,23 @@ def _last_error_line(text: str) -> str:
     return _unescape_names(meaningful[0]) if meaningful else "no output"
 
 
-def _not_recursive(f: TransferFile) -> str:
-    return f"{f.src} is a directory (the transfer slot is not recursive)"
+def _not_recursive(src: str) -> str:
+    return f"{src} is a directory (the transfer slot is not recursive)"
+
+
+def _not_a_directory(src: str) -> str:
+    # The local backend's words: a recursive slot given a file wrote the file where the directory
+    # should be (local) or failed with rsync's "change_dir ... Not a directory" (rsync).
+    return f"{src} is not a directory (the transfer slot is recursive)"
+
+
+def _dest_is_a_directory(dest: str) -> str:
+    return f"destination {dest} is a directory"
+
+
+def _quoted(path: str) -> str:
+    """``path`` in double quotes, as rsync quotes the paths of its errors."""
+    return f'"{path}"'
 
 
 #: rsync's temporary file for ``NAME``: ``.NAME.`` and six characters of mkstemp's (``.big.bin.VV5L5J``).
@@ -541,22 +592,91 @@ class RsyncTransfer(TransferBackend):
                     logger.warning("rsync: ended %d processes (rsync and its ssh) that a previous agent left running "
                                    "(pids %s); their items are copied again", len(ended), ", ".join(map(str, ended)))
         self._tasks = ThreadedTasks(self.options.threads, "balsam-rsync")
+        self._hosts_lock = threading.Lock()
+        #: The hosts (a location's netloc; "" for local mode) whose last rsync got no answer (timed
+        #: out, ssh or the connection failed), none having answered since (see :meth:`_run_task`).
+        self._unanswered: set[str] = set()
+        #: Files whose last rsync timed out, by (location URL, direction, src, dest): their next
+        #: task runs them last, so that one slow file does not hold up the files batched with it
+        #: again (oldest forgotten first, past TIMED_OUT_MEMORY; a success forgets one).
+        self._timed_out: dict[tuple[str, str, str, str], None] = {}
+
+    @staticmethod
+    def _host(options: RsyncOptions, location: TransferLocation) -> str:
+        return "" if _local_mode(options, location) else location.netloc
+
+    def _file_key(self, location: TransferLocation, direction: TransferDirection, f: TransferFile) -> tuple[str, str, str, str]:
+        return (location.url, TransferDirection(direction).value, f.src, f.dest)
+
+    def _slow_last(self, location: TransferLocation, direction: TransferDirection,
+                   files: Sequence[TransferFile]) -> list[TransferFile]:
+        """``files`` with those that timed out last time at the end (else in their order)."""
+        with self._hosts_lock:
+            slow = [self._file_key(location, direction, f) in self._timed_out for f in files]
+        return [f for f, s in zip(files, slow) if not s] + [f for f, s in zip(files, slow) if s]
+
+    def _heard(self, location: TransferLocation, direction: TransferDirection, f: TransferFile, outcome: str) -> bool:
+        """Record what an rsync of ``f`` said of its host; returns whether the host got no answer
+        twice in a row (this rsync's and the last one before it, none answering in between)."""
+        host, key = self._host(self.options, location), self._file_key(location, direction, f)
+        with self._hosts_lock:
+            if outcome == TIMED_OUT:
+                self._timed_out.pop(key, None)
+                self._timed_out[key] = None
+                while len(self._timed_out) > TIMED_OUT_MEMORY:
+                    del self._timed_out[next(iter(self._timed_out))]
+            elif outcome == ANSWERED:
+                self._timed_out.pop(key, None)
+            if outcome == ANSWERED:
+                self._unanswered.discard(host)
+                return False
+            if outcome in (NO_ANSWER, TIMED_OUT):
+                again = host in self._unanswered
+                self._unanswered.add(host)
+                return again
+            return False
+
+    def _local_problem(self, location: TransferLocation, direction: TransferDirection, f: TransferFile) -> str:
+        """A file error found on this machine before running rsync, worded as the local backend's
+        ('' when none): a missing source (rsync's --mkpath would first create the destination's
+        directories, and leave them), a recursive item whose source is a file or a file item's a
+        directory, a file item whose destination is a directory (rsync writes ``<dir>/<name>``, a
+        path the job never named). Remote sides are rsync's to report (see :meth:`_explain`)."""
+        local_mode = _local_mode(self.options, location)
+        stage_in = direction == TransferDirection.stage_in
+        src = f.src if not stage_in else location.remote_path(f.src) if local_mode else None
+        dest = f.dest if stage_in else location.remote_path(f.dest) if local_mode else None
+        if src is not None:
+            if not os.path.exists(src):
+                return f"no such file or directory: {src}"
+            if f.recursive and not os.path.isdir(src):
+                return _not_a_directory(src)
+            if not f.recursive and os.path.isdir(src):
+                return _not_recursive(src)  # rsync itself only says "skipping directory", exit 0
+        if dest is not None and not f.recursive and os.path.isdir(dest):
+            return _dest_is_a_directory(dest)
+        return ""
 
     def _run_one(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
-                 stop: Optional[StopFlag] = None) -> tuple[str, bool]:
-        """('' on success, else one line saying what went wrong; whether the task's remaining files
-        should be failed untried: a timeout or ssh failing say the host is not answering)."""
-        if not f.recursive and direction == TransferDirection.stage_out and os.path.isdir(f.src):
-            # rsync itself would only say "skipping directory" (not with -q) and exit 0.
-            return _not_recursive(f), False
+                 stop: Optional[StopFlag] = None) -> tuple[str, str]:
+        """('' on success, else one line saying what went wrong; what the host said: ANSWERED,
+        NO_ANSWER, TIMED_OUT or NOT_RUN)."""
+        problem = self._local_problem(location, direction, f)
+        if problem:
+            return problem, NOT_RUN
         try:
             link_name = remote_dest_link_name(self.options, location, direction, f)
         except RemoteNameError as exc:
-            return one_line(exc), False
+            return one_line(exc), NOT_RUN
+        if (link_name is None and direction == TransferDirection.stage_out and not f.recursive
+                and not _local_mode(self.options, location)):
+            # A remote file is sent by name, as a link named as its destination into the
+            # destination's directory: rsync given the path itself writes into a directory found
+            # there (<dir>/<name>, a path the job never named); by name, a non-empty directory is
+            # refused (an empty one is replaced, see DEST_IS_A_DIRECTORY).
+            link_name = PurePosixPath(location.remote_path(f.dest)).name or None
         if link_name is None:
             return self._run_rsync(location, direction, f, stop)
-        if not os.path.exists(f.src):
-            return f"no such file or directory: {f.src}", False
         # The destination's name holds wildcard characters: a link of that name to the source is
         # sent into the destination's directory (see remote_dest_link_name).
         holder = tempfile.mkdtemp(prefix="balsam-rsync-link-")
@@ -567,12 +687,34 @@ class RsyncTransfer(TransferBackend):
         finally:
             shutil.rmtree(holder, ignore_errors=True)
 
+    def _explain(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
+                 link: Optional[str], returncode: int, output: str) -> str:
+        """A failed rsync's error where rsync's own words would mislead ('' for rsync's words): the
+        local backend's words for a remote source of a recursive item that is a file, and for a
+        remote file destination that is a non-empty directory; a file sent by name into its
+        directory (see :meth:`_run_one`) named as the destination the job gave, not that directory."""
+        output = _unescape_names(output)
+        if f.recursive and direction == TransferDirection.stage_in and not _local_mode(self.options, location):
+            src = location.remote_path(f.src)
+            if any(m["path"].rstrip("/") == src.rstrip("/") for m in SOURCE_NOT_A_DIRECTORY.finditer(output)):
+                return _not_a_directory(src)
+        if link is None or direction != TransferDirection.stage_out:
+            return ""
+        dest = location.remote_path(f.dest)
+        if any(m.group(1).strip() == os.path.basename(link) for m in DEST_IS_A_DIRECTORY.finditer(output)):
+            return _dest_is_a_directory(dest)
+        # rsync names the directory it was given ("mkdir "/out/sub/" failed"): given the destination
+        # itself, it names that ("mkdir "/out/sub/r.txt" failed"), the path the job wrote.
+        parent = f'"{dest.rpartition("/")[0]}/"'
+        line = _last_error_line(output)
+        return f"rsync exited {returncode}: {line.replace(parent, _quoted(dest))}" if parent in line else ""
+
     def _run_rsync(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
-                   stop: Optional[StopFlag], link: Optional[str] = None) -> tuple[str, bool]:
+                   stop: Optional[StopFlag], link: Optional[str] = None) -> tuple[str, str]:
         try:
             args = rsync_command(self.options, location, direction, f, link)
         except RemoteNameError as exc:
-            return one_line(exc), False
+            return one_line(exc), NOT_RUN
         # A destination on this machine: rsync temporaries a SIGKILLed rsync left there are removed
         # once this copy succeeds (those of a remote host are out of reach).
         local_dest = None
@@ -590,12 +732,12 @@ class RsyncTransfer(TransferBackend):
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         except FileNotFoundError:
-            return f"cannot run {self.options.rsync!r}: not found on PATH", False
+            return f"cannot run {self.options.rsync!r}: not found on PATH", NOT_RUN
         if self._running is not None:
             # Recorded until it is over: the next agent ends it if this process dies first.
             self._running.add(proc.pid)
         try:
-            result = self._wait_rsync(proc, f, stop)
+            result = self._wait_rsync(proc, f, stop, lambda rc, output: self._explain(location, direction, f, link, rc, output))
         finally:
             if self._running is not None:
                 self._running.remove(proc.pid)
@@ -605,7 +747,8 @@ class RsyncTransfer(TransferBackend):
                 logger.info("rsync: removed %d temporary file(s) a killed rsync left (%s)", len(removed), ", ".join(removed[:3]))
         return result
 
-    def _wait_rsync(self, proc: subprocess.Popen, f: TransferFile, stop: Optional[StopFlag]) -> tuple[str, bool]:
+    def _wait_rsync(self, proc: subprocess.Popen, f: TransferFile, stop: Optional[StopFlag],
+                    explain: Callable[[int, str], str] = lambda returncode, output: "") -> tuple[str, str]:
         killed = threading.Event()
 
         def kill() -> None:
@@ -623,7 +766,7 @@ class RsyncTransfer(TransferBackend):
                     proc.communicate(timeout=TERM_GRACE_SEC)
                 except subprocess.TimeoutExpired:
                     pass  # a process that left the group still holds its pipes: not ours to wait for
-                return f"rsync of {f.src} did not finish within {self.options.timeout_sec} s", True
+                return f"rsync of {f.src} did not finish within {self.options.timeout_sec} s", TIMED_OUT
         finally:
             if stop is not None:
                 stop.remove_callback(kill)
@@ -631,32 +774,53 @@ class RsyncTransfer(TransferBackend):
                 _kill_group(proc)
                 proc.wait()
         if killed.is_set():
-            return "cancelled", True
+            return "cancelled", NOT_RUN
         if proc.returncode == 0:
             if not f.recursive and any(line.startswith(SKIPPED_DIRECTORY) for line in (out + "\n" + err).splitlines()):
-                return _not_recursive(f), False
-            return "", False
-        message = one_line(f"rsync exited {proc.returncode}: {_last_error_line(err or out)}")
-        return message, proc.returncode in CONNECTION_FAILED
+                return _not_recursive(f.src), ANSWERED
+            return "", ANSWERED
+        if proc.returncode in CONNECTION_FAILED:
+            return one_line(f"rsync exited {proc.returncode}: {_last_error_line(err or out)}"), NO_ANSWER
+        return one_line(explain(proc.returncode, err or out) or
+                        f"rsync exited {proc.returncode}: {_last_error_line(err or out)}"), ANSWERED
 
     def _run_task(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
                   stop: Optional[StopFlag] = None) -> TaskStatus:
+        """Copy ``files`` one rsync at a time. After an rsync gets no answer (it timed out, or ssh or
+        the connection failed), the task's remaining files are not tried. If an rsync to the host
+        answered since its last such failure (this file may just be slow: an rsync of another file
+        answered), they are listed in ``info[NOT_TRIED]``: the agent submits them again without
+        using a try, and a task runs the files that timed out last. If none did (no answer twice in
+        a row: the host looks down), they fail a try, so a hung host costs one ``timeout_sec`` per
+        task, not one per file."""
         errors: dict[str, str] = {}
-        give_up = ""
-        for f in files:
+        failed: set[str] = set()  # destinations whose own rsync failed
+        not_tried: list[str] = []
+        give_up, spare = "", False
+        where = location.netloc or "this machine"
+        for f in self._slow_last(location, direction, files):
             if stop is not None and stop.is_set():
                 return TaskStatus(TaskState.failed, "cancelled", retryable=True)
             if give_up:
-                errors[f.dest] = give_up
+                errors.setdefault(f.dest, give_up)
+                if spare and f.dest not in failed and f.dest not in not_tried:
+                    not_tried.append(f.dest)
                 continue
-            error, host_down = self._run_one(location, direction, f, stop)
+            error, outcome = self._run_one(location, direction, f, stop)
             if stop is not None and stop.is_set():
                 return TaskStatus(TaskState.failed, "cancelled", retryable=True)
             if error:
                 errors[f.dest] = error
-            if host_down:
-                give_up = one_line(f"not tried: an earlier file of this task failed ({error})")
-        info = {"files": len(files), "files_done": len(files) - len(errors)}
+                failed.add(f.dest)
+            twice = self._heard(location, direction, f, outcome)
+            if outcome in (NO_ANSWER, TIMED_OUT):
+                spare = not twice
+                give_up = one_line(f"not tried: an earlier file of this task failed ({error})" +
+                                   ("; submitted again without using a try" if spare else
+                                    f", the second rsync in a row to {where} that got no answer"))
+        info: dict[str, object] = {"files": len(files), "files_done": len(files) - len(errors)}
+        if not_tried:
+            info[NOT_TRIED] = not_tried
         return TaskStatus(TaskState.done, info=info, file_errors=errors)
 
     def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> str:

@@ -124,7 +124,11 @@ restart, every item that may hold the file: nested ones too); each item so named
 (its job FAILED with the error) when the backend sets ``file_errors_retryable`` False (Globus: a task
 cancelled by its owner or an administrator); if some error matches no item, the items without
 an error of their own are not called done either: each fails a try (it is copied again, and its
-job fails if that keeps happening), since the unmatched error may be theirs.
+job fails if that keeps happening), since the unmatched error may be theirs. A file the backend
+lists as not tried (``info["not_tried"]``, :data:`NOT_TRIED_INFO`: rsync after an earlier file of
+the task got no answer from a host that had answered since its last such failure) puts its item
+back to pending without using a try, its error as its reason: one slow file no longer charges a
+try to every file batched behind it.
 
 Restart safety: a task id is appended (fsync'd) to ``<site>/.transfer-tasks.jsonl`` right after its
 task is submitted and its line is dropped once the PATCH recording it has been answered (only the
@@ -212,6 +216,13 @@ PROGRESS_EVERY_SEC = 60.0
 QUICK_POLL_SEC = 0.5
 #: Items named in one log line about many (a task's, a batch's); the others are logged at DEBUG.
 LOG_EXAMPLES = 3
+#: The ``TaskStatus.info`` key under which a backend lists the ``file_errors`` keys of files it did
+#: not try, for a reason not theirs that a try of its own may not repeat (the ``rsync`` backend: an
+#: earlier file of the task got no answer from a host that had answered since its last such
+#: failure). Each item whose own destination is listed, and that has no other error, goes back to
+#: pending without using a try, its error kept as its reason; the list is not copied into the
+#: items' ``transfer_info.task``. A listed key that is no item's own destination counts as an error.
+NOT_TRIED_INFO = "not_tried"
 #: The start of the reason of an item that waits for an earlier transfer writing the same file (see
 #: :meth:`TransfersModule._file_key`). Stable (it names the path, not the task waited for): a waiting
 #: row is PATCHed once, not every cycle; and such an item is no work in hand for :meth:`_read_items`.
@@ -711,6 +722,22 @@ def _due(item: Mapping[str, Any], now: dt.datetime) -> bool:
         return dt.datetime.fromisoformat(str(retry_after)) <= now
     except ValueError:
         return True
+
+
+def _task_figures(status: TaskStatus) -> dict[str, Any]:
+    """A task's progress figures as its items keep them (``transfer_info.task``): without the list of
+    its files not tried (:data:`NOT_TRIED_INFO`), which may be long and is no figure."""
+    return {k: v for k, v in status.info.items() if k != NOT_TRIED_INFO}
+
+
+def _not_tried(status: TaskStatus) -> set[str]:
+    """The ``file_errors`` keys ``status`` lists as not tried (:data:`NOT_TRIED_INFO`), normalised;
+    a malformed list (a plugin's) lists none."""
+    listed = status.info.get(NOT_TRIED_INFO) if isinstance(status.info, Mapping) else None
+    if not isinstance(listed, (list, tuple)):
+        return set()
+    keys = {str(k) for k in status.file_errors}
+    return {_norm_path(k) for k in listed if isinstance(k, str) and k in keys}
 
 
 def _without(info: Optional[Mapping[str, Any]], keys: Iterable[str]) -> dict[str, Any]:
@@ -1406,7 +1433,7 @@ class TransfersModule(AgentModule):
                     new_info.pop("reason", None)  # resumed
                 changed = item["state"] != state or new_info != info
                 if status.info and (changed or progress_due or "task" not in info):
-                    new_info["task"] = dict(status.info)
+                    new_info["task"] = _task_figures(status)
                 if item["state"] != state or new_info != info:
                     wrote_progress = wrote_progress or new_info.get("task") != info.get("task")
                     updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": state, "transfer_info": new_info}
@@ -1434,9 +1461,13 @@ class TransfersModule(AgentModule):
             polled = {item["id"] for item in items}
             left = [(item_id, dest, recursive) for item_id, (dest, recursive) in self._task_dests.get(task_id, {}).items()
                     if item_id not in polled]
+            # Files the backend did not try (NOT_TRIED_INFO): their items go back without a try,
+            # so long as the key is an item's own destination (else it is an error as any other).
+            spared = _not_tried(status) & {_norm_path(self._dest_of(item)) for item in items if self._dest_of(item)}
+            file_errors = {key: error for key, error in status.file_errors.items() if _norm_path(str(key)) not in spared}
             errors, unmatched = match_file_errors(
                 [(item["id"], self._dest_of(item), bool(item.get("recursive"))) for item in items] + left,
-                status.file_errors, attributed=status.file_errors_attributed)
+                file_errors, attributed=status.file_errors_attributed)
             for item_id, _, _ in left:
                 if item_id in errors:
                     self.logger.debug("transfer task %s: a failed file of item %s, which left the task (held again, "
@@ -1445,7 +1476,8 @@ class TransfersModule(AgentModule):
                 self.logger.error("transfer task %s reported %d failed files matching none of its items, e.g. %s",
                                   task_id, len(unmatched), next(iter(unmatched)))
             failures: list[tuple[dict, str, bool]] = []
-            unknown = 0
+            unknown = untried = 0
+            not_tried_errors = {_norm_path(str(key)): error for key, error in status.file_errors.items()}
             for item in items:
                 if status.file_errors and not self._dest_of(item):
                     # Recovered from the journal without its destination: which file failed is
@@ -1465,17 +1497,27 @@ class TransfersModule(AgentModule):
                     # cancelled on purpose); an error matched to no item stays a try (a guess).
                     own = item["id"] in errors
                     failures.append((item, error, status.file_errors_retryable or not own))
+                elif _norm_path(self._dest_of(item)) in spared:
+                    # Not tried (an earlier file of the task got no answer): submitted again, no try
+                    # used, the backend's words as the reason it is pending again.
+                    self._back_to_pending(item, updates, f"task {task_id} did not try its file", log=False)
+                    pending = updates[item["id"]]["transfer_info"]
+                    pending["reason"] = one_line(not_tried_errors[_norm_path(self._dest_of(item))])
+                    untried += 1
                 else:
                     info = _without(item.get("transfer_info"), ("retry_after", "reason", "error", "queued"))
                     if status.info:
-                        info["task"] = dict(status.info)  # figures of the whole task (all its items)
+                        info["task"] = _task_figures(status)  # figures of the whole task (all its items)
                     info["completed"] = now.isoformat()
                     updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.done.value, "transfer_info": info}
             if unknown:
                 self.logger.info("transfer task %s had failed files: its %d items recovered without their destination "
                                  "will be submitted again", task_id, unknown)
-            self._fail_many(f"transfer task {task_id} (done, {len(items) - len(failures) - unknown} of its {len(items)} "
-                            "items delivered)", failures, updates, now)
+            if untried:
+                self.logger.info("transfer task %s did not try %d of its files (an earlier file got no answer): their "
+                                 "items will be submitted again, no try used", task_id, untried)
+            self._fail_many(f"transfer task {task_id} (done, {len(items) - len(failures) - unknown - untried} of its "
+                            f"{len(items)} items delivered)", failures, updates, now)
         elif status.state == TaskState.failed:
             error = status.error or "transfer task failed"
             self._fail_many(f"transfer task {task_id} failed", [(item, error, status.retryable) for item in items],
