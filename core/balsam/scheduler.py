@@ -50,6 +50,7 @@ import abc
 import datetime as dt
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -243,9 +244,9 @@ def _end_group_leftovers(command: Command, pgid: int) -> None:
     """End what an exited command left in its process group: a ``(helper &)`` whose output went to
     /dev/null outlives it there, unseen by ``communicate``; run every poll, one more process was left
     each time, and since the command is no longer the agent's descendant, no ``balsam site stop``
-    found it. ``pgid`` is the command's pid, already reaped: the kernel gives that number to no new
-    process while a member of the group lives (a group id is held by its members), so while
-    ``killpg(pgid, 0)`` finds members the signal reaches only what the command started. SIGTERM
+    found it. ``pgid`` is the command's pid, exited but not yet reaped (:class:`_CommandOutput`):
+    the kernel gives that number to no new process while the command's zombie or a member of the
+    group lives, so the signal reaches only what the command started. SIGTERM
     first (with SIGCONT, for a stopped one), so that a helper may clean up (a lock, a temporary
     file); SIGKILL for what is still there after :data:`LEFTOVER_GRACE_SEC`. A daemon that meant to
     outlive the command (``ssh -o ControlPersist``, an agent) starts a session of its own and is not
@@ -297,10 +298,67 @@ def _stopped_error(command: Command) -> SchedulerError:
                           "(ssh keys, a Kerberos ticket, no prompts)")
 
 
+class _CommandOutput:
+    """A running command's output, read until its pipes close, and its exit, seen without reaping
+    it (``waitid`` with ``WNOWAIT``). Until the runner reaps it, the exited command stays the
+    agent's child (a zombie), and its group one that a stop of the agent finds
+    (:func:`balsam.site.site_ops.agent_command_groups`): reaped before what it left in its group was
+    ended, a ``--force`` stop that killed the agent in between found that group nowhere, and the
+    command's ``(helper &)`` ran on. Where ``waitid`` is missing, the exit is seen by reaping."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self._proc = proc
+        self._chunks: dict[Any, list[bytes]] = {proc.stdout: [], proc.stderr: []}
+        self._open = list(self._chunks)  # the pipes not yet at their end
+
+    def wait(self, timeout: float) -> bool:
+        """Read for up to ``timeout`` seconds; whether the pipes are closed and the command exited."""
+        end = time.monotonic() + timeout
+        if self._open:
+            with selectors.DefaultSelector() as selector:
+                for pipe in self._open:
+                    selector.register(pipe, selectors.EVENT_READ)
+                while self._open:
+                    ready = selector.select(max(0.0, end - time.monotonic()))
+                    if not ready:
+                        return False
+                    for key, _events in ready:
+                        data = os.read(key.fd, 32768)
+                        if data:
+                            self._chunks[key.fileobj].append(data)
+                        else:
+                            selector.unregister(key.fileobj)
+                            self._open.remove(key.fileobj)
+        delay = 0.0005  # as Popen.wait with a timeout: polls, from short to at most 50 ms
+        while not self._exited():
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def _exited(self) -> bool:
+        if not hasattr(os, "waitid") or not hasattr(os, "WNOWAIT"):  # pragma: no cover - not Linux/BSD
+            return self._proc.poll() is not None
+        try:
+            return os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped already
+            return True
+
+    def text(self, pipe: Any) -> str:
+        """What the command wrote to ``pipe``, decoded as ``Popen(encoding="utf-8",
+        errors="replace")`` does, universal newlines included: one stray byte in a job name must
+        not make the whole output unreadable."""
+        data = b"".join(self._chunks[pipe]).decode("utf-8", errors="replace")
+        return data.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def subprocess_runner(command: Command) -> CommandResult:
     """Run a command for real, in a process group of its own (see ``_OWN_GROUP``). A missing
     executable, a timeout or a command stopped by the terminal comes back as a SchedulerError.
-    Processes the command left in its group when it exited are ended (:func:`_end_group_leftovers`)."""
+    Processes the command left in its group when it exited are ended (:func:`_end_group_leftovers`)
+    before it is reaped (:class:`_CommandOutput`)."""
     env = {**os.environ, **command.env}
     for name in command.unset_env:
         env.pop(name, None)
@@ -311,8 +369,6 @@ def subprocess_runner(command: Command) -> CommandResult:
             cwd=command.cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            encoding="utf-8",
-            errors="replace",  # one stray byte in a job name must not make the whole output unreadable
             stdin=subprocess.DEVNULL,
             **_OWN_GROUP,
         )
@@ -321,31 +377,25 @@ def subprocess_runner(command: Command) -> CommandResult:
     deadline = time.monotonic() + command.timeout
     with proc:  # as subprocess.run, but the whole group is killed on a timeout or any exception while waiting
         try:
-            # In slices, to notice a command the terminal stopped (communicate may be called again
-            # after its timeout: no output is lost).
-            while True:
-                try:
-                    slice_sec = max(0.0, min(STOP_CHECK_SEC, deadline - time.monotonic()))
-                    stdout, stderr = proc.communicate(timeout=slice_sec)
-                    break
-                except subprocess.TimeoutExpired:
-                    if _stopped_member(proc.pid):
-                        _kill_group(proc)
-                        proc.wait()
-                        raise _stopped_error(command) from None
-                    if time.monotonic() >= deadline:
-                        raise
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.wait()
-            raise SchedulerError(f"`{command.args[0]}` did not answer within {command.timeout:.0f} s") from None
+            output = _CommandOutput(proc)
+            # In slices, to notice a command the terminal stopped.
+            while not output.wait(max(0.0, min(STOP_CHECK_SEC, deadline - time.monotonic()))):
+                if _stopped_member(proc.pid):
+                    _kill_group(proc)
+                    proc.wait()
+                    raise _stopped_error(command)
+                if time.monotonic() >= deadline:
+                    _kill_group(proc)
+                    proc.wait()
+                    raise SchedulerError(f"`{command.args[0]}` did not answer within {command.timeout:.0f} s")
         except SchedulerError:
             raise
         except BaseException:
             _kill_group(proc)
             raise
-    _end_group_leftovers(command, proc.pid)
-    return CommandResult(tuple(command.args), proc.returncode, stdout, stderr)
+        _end_group_leftovers(command, proc.pid)
+    # Reaped by the with's exit (Popen.wait), once nothing the command left in its group runs.
+    return CommandResult(tuple(command.args), proc.returncode, output.text(proc.stdout), output.text(proc.stderr))
 
 
 def shell_reported_signal(result: CommandResult) -> Optional[int]:

@@ -717,7 +717,26 @@ def end_group_leftovers(leader_pid: int, leader_start: Optional[float], grace_se
         return []
     if not same_process(leader_pid, leader_start, running=False) and process_start_time(leader_pid) is not None:
         return []  # the pid was given to another process since: a group of that id is not the agent's
-    return terminate_processes(_group_members(leader_pid, leader_start, commands), grace_sec)
+    return _sweep(lambda: _group_members(leader_pid, leader_start, commands), grace_sec)
+
+
+#: How many times a sweep of leftover processes lists them again: a process that its SIGTERM
+#: reaches may start another as it ends (a wrapper whose TERM trap starts a cleanup helper in the
+#: background), one the listing before did not have, in the same group.
+SWEEP_ROUNDS = 3
+
+
+def _sweep(members: Callable[[], list[Any]], grace_sec: float) -> list[int]:
+    """:func:`terminate_processes` for what ``members`` lists, listed again after each round
+    until it lists nothing not yet signalled (at most :data:`SWEEP_ROUNDS` rounds)."""
+    ended: list[int] = []
+    for _round in range(SWEEP_ROUNDS):
+        signalled = set(ended)  # also a zombie of the round before, still listed until reaped
+        procs = [proc for proc in members() if proc.pid not in signalled]
+        if not procs:
+            break
+        ended += terminate_processes(procs, grace_sec)
+    return ended
 
 
 def _group_members(leader_pid: int, leader_start: float, commands: Optional[tuple[int, set[int]]],
@@ -755,4 +774,4 @@ def end_own_command_groups(commands: Optional[tuple[int, set[int]]], grace_sec: 
         return []
     # Not the agent's own group: a live agent shares it with what is not its own (`| tee` at a
     # terminal); its descendants there were ended by kill_descendants.
-    return terminate_processes(_group_members(os.getpid(), started, commands, leader_group=False), grace_sec)
+    return _sweep(lambda: _group_members(os.getpid(), started, commands, leader_group=False), grace_sec)
