@@ -1,8 +1,9 @@
 """The live refresh and the keyboard in a real headless Chromium (Playwright, as
 test_dashboard_live_browser.py) against a real uvicorn server, the page's timers on Playwright's
 clock (each refresh asks the real server; nothing waits on real time): a job's page refreshes its
-header with its history, a focused box keeps the focus when it stops scrolling, and a chart fits a
-phone's window."""
+header with its history, its fields apart from its parents and children, and says when the job is
+gone; a focused box keeps the focus when it stops scrolling; a chart fits a phone's window and its
+box, and is a Tab stop where it scrolls, from the page's first draw."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from test_dashboard_layout_browser import SMALL_PHONE, _page, chromium  # noqa: 
 WAIT_MS = 60_000
 #: Counts the answered refreshes (dashboard.js fires balsam:refreshed after each).
 COUNT_REFRESHES = "() => { window.refreshes = 0; document.addEventListener('balsam:refreshed', () => window.refreshes++); }"
+#: Each chart's name, how far it overflows its box, whether its box is a Tab stop, its canvas's width.
+CHARTS_JS = """() => [...document.querySelectorAll('.chart')].map(c => ({label: c.getAttribute('aria-label'),
+    role: c.getAttribute('role'), over: c.scrollWidth - c.clientWidth, stop: c.getAttribute('tabindex'),
+    canvas: c.querySelector('canvas').getBoundingClientRect().width}))"""
+#: Two frames (the chart pages run on the real clock): a resize's observers and uPlot's sizing have run.
+TWO_FRAMES = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 
 
 @pytest.fixture
@@ -74,6 +81,43 @@ def test_a_job_page_refreshes_its_header_with_its_history(chromium: Any, user: d
     assert page.errors == []
 
 
+def test_a_job_page_keeps_its_fields_and_says_when_the_job_is_gone(chromium: Any, user: dict) -> None:
+    """Before: the Fields table shared its live region with the parents and children (up to 200 of
+    each), so a listed parent's change of state rebuilt it and a selection in it was lost. And a job
+    deleted while its page was open: each refresh got "not found", which changed nothing (no note,
+    the old state shown as current), asked again every 5 s and logged a console error each time."""
+    camp = make_campaign(user["url"], user["token"], n_jobs=2)
+    parent = camp["jobs"][1]["id"]
+    with httpx.Client(base_url=user["url"], headers={"Authorization": f"Bearer {user['token']}"}, timeout=60) as api:
+        created = api.post("/jobs/", json=[{"app_id": camp["app"]["id"], "workdir": "run/child", "parent_ids": [parent]}])
+        assert created.status_code == 201, created.text
+        job = created.json()[0]["id"]
+        page = _live_page(chromium, user, f"/dashboard/jobs/{job}")
+        # a user selected a field's value (to copy it); the page's fetches are counted from here
+        selected = page.evaluate("""() => { const td = document.querySelector('table.fields td');
+            const range = document.createRange(); range.selectNodeContents(td);
+            getSelection().removeAllRanges(); getSelection().addRange(range);
+            window.fieldsBox = document.querySelector('[aria-label="Fields"]');
+            window.fetches = 0; const fetch = window.fetch; window.fetch = (...a) => (window.fetches++, fetch(...a));
+            return getSelection().toString(); }""")
+        assert selected.strip()
+        assert api.patch("/jobs/", json=[{"id": parent, "state": "PREPROCESSED", "state_data": {}}]).status_code == 200
+        _refreshed(page, 1)
+        assert page.inner_text(f"#parents li:has(a[href$='/jobs/{parent}']) .badge") == "PREPROCESSED"  # the family
+        assert page.evaluate("""() => [document.querySelector('[aria-label="Fields"]') === window.fieldsBox,
+            getSelection().toString()]""") == [True, selected]  # not rebuilt, the selection kept
+        state = page.inner_text("#job-state")
+        assert api.delete(f"/jobs/{job}").status_code == 204
+    page.clock.run_for(5_000)
+    note = page.wait_for_selector("#live-stale:not([hidden])", timeout=WAIT_MS).inner_text()
+    assert note.startswith(f"Job {job} not found: shown as of ") and "no longer refreshed" in note, note
+    assert page.inner_text("#job-state") == state  # what it showed, marked as such
+    page.clock.run_for(600_000)  # ten minutes: not asked again
+    assert page.evaluate("() => window.fetches") == 2
+    # the browser's own line for the one "not found" answer, and no other error
+    assert len(page.errors) == 1 and "404" in page.errors[0], page.errors
+
+
 def test_a_focused_box_keeps_the_focus_when_it_stops_scrolling(chromium: Any, user: dict) -> None:
     """Before: a focused table's box that no longer scrolled (a refresh made its table narrower, or
     the window wider) lost its tabindex and so the focus, to the page itself. Now it keeps the focus
@@ -115,20 +159,41 @@ def test_a_chart_fits_a_small_phone(chromium: Any, user: dict) -> None:
     page.set_viewport_size(SMALL_PHONE)
     page.goto("/dashboard/plots")
     page.wait_for_selector("#plot-status:has-text('jobs finished')", timeout=WAIT_MS)
-    charts_js = """() => [...document.querySelectorAll('.chart')].map(c => ({label: c.getAttribute('aria-label'),
-        role: c.getAttribute('role'), over: c.scrollWidth - c.clientWidth, stop: c.getAttribute('tabindex'),
-        canvas: c.querySelector('canvas').getBoundingClientRect().width}))"""
-    charts = page.evaluate(charts_js)
+    charts = page.evaluate(CHARTS_JS)
     assert [(c["label"], c["role"], c["over"], c["stop"]) for c in charts] == [
         ("Throughput chart", "region", 0, None), ("Utilization chart", "region", 0, None)], charts
     assert all(200 <= c["canvas"] < 300 for c in charts), charts
     assert page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 0
     # narrower than any phone: the chart keeps 200 px and scrolls in its box, a Tab stop
     page.set_viewport_size({"width": 200, "height": 568})
-    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-    charts = page.evaluate(charts_js)
+    page.evaluate(TWO_FRAMES)
+    charts = page.evaluate(CHARTS_JS)
     assert all(c["over"] > 0 and c["stop"] == "0" for c in charts), charts
     page.set_viewport_size(SMALL_PHONE)
-    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-    assert [(c["over"], c["stop"]) for c in page.evaluate(charts_js)] == [(0, None), (0, None)]
+    page.evaluate(TWO_FRAMES)
+    assert [(c["over"], c["stop"]) for c in page.evaluate(CHARTS_JS)] == [(0, None), (0, None)]
+    # its box narrows with no resize event (a classic vertical scrollbar appears, as drawing the charts
+    # makes a desktop's page tall enough for one: 15 px): the chart follows its box, not the window
+    page.evaluate("() => { document.body.style.marginRight = '15px'; }")
+    page.evaluate(TWO_FRAMES)
+    assert [(c["over"], c["stop"]) for c in page.evaluate(CHARTS_JS)] == [(0, None), (0, None)]
+    assert page.errors == []
+
+
+def test_a_chart_too_wide_from_the_first_draw_is_a_tab_stop(chromium: Any, user: dict) -> None:
+    """Before: the Tab stops were set right after uPlot was made, before it sized its canvas (a
+    deferred step): a chart that scrolled from the page's first draw (a window narrower than about
+    250 px) was no stop. And without JavaScript the page had two empty named regions."""
+    make_campaign(user["url"], user["token"], n_jobs=2, finished=True)
+    page = _page(chromium, user["url"], user["username"], user["password"], token=user["token"])
+    served = page.request.get("/dashboard/plots").text()  # as a browser without JavaScript has it
+    assert re.findall(r'<div class="chart"[^>]*>', served) == ['<div class="chart" id="chart-throughput">',
+                                                              '<div class="chart" id="chart-utilization">']
+    page.set_viewport_size({"width": 200, "height": 568})
+    page.goto("/dashboard/plots")
+    page.wait_for_selector("#plot-status:has-text('jobs finished')", timeout=WAIT_MS)
+    page.evaluate(TWO_FRAMES)
+    charts = page.evaluate(CHARTS_JS)
+    assert [(c["label"], c["role"], c["over"] > 0, c["stop"]) for c in charts] == [
+        ("Throughput chart", "region", True, "0"), ("Utilization chart", "region", True, "0")], charts
     assert page.errors == []

@@ -49,6 +49,22 @@
     note.hidden = false;
   }
 
+  // The page's object is gone (a job deleted while its page is open: "Job 5 not found"): the page
+  // keeps what it showed, says so, and is no longer refreshed. Asking again every 5 s would get the
+  // same answer (a deleted job does not come back) and log a console error each time; a reload asks again.
+  var gone = false;
+
+  function pageGone(html, status) {
+    gone = true;
+    var note = document.getElementById("live-stale");
+    if (!note) return;
+    var said = html && new DOMParser().parseFromString(html, "text/html").querySelector("main .error");
+    var what = said && said.textContent.trim() ? said.textContent.trim() : "the server answered " + status;
+    note.textContent = what + ": shown as of " + lastUpdated.toLocaleTimeString(undefined, { hour12: false }) +
+      ", no longer refreshed (reload the page to ask again)";
+    note.hidden = false;
+  }
+
   // A refresh that got no answer (the server is down or unreachable) or a server error.
   function failed(err) {
     failures += 1;
@@ -142,9 +158,12 @@
     return fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (resp) {
         if (resp.redirected || resp.status === 401) { window.location.reload(); return null; }
-        // A server error (or a proxy's "bad gateway") leaves the page stale; another refusal (a
-        // page whose filters are refused) changes nothing live.
+        // A server error (or a proxy's "bad gateway") leaves the page stale; "not found" ends the
+        // refreshes (pageGone); another refusal (a page whose filters are refused) changes nothing live.
         if (resp.status >= 500) throw { status: resp.status };
+        if (resp.status === 404 || resp.status === 410) {
+          return resp.text().then(function (html) { pageGone(html, resp.status); return null; });
+        }
         return resp.ok ? resp.text() : null;
       })
       .then(function (html) {
@@ -176,7 +195,7 @@
   function loop() {
     var started = Date.now();
     refresh().then(function () {
-      window.setTimeout(loop, period(Date.now() - started));
+      if (!gone) window.setTimeout(loop, period(Date.now() - started));
     });
   }
 

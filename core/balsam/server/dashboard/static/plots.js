@@ -20,10 +20,24 @@
     return { width: Math.max(MIN_WIDTH, Math.floor(inner)), height: 260 };
   }
 
+  // Run once uPlot has sized a chart (its setSize hook): uPlot sizes the canvas in a deferred step,
+  // so a check right after new uPlot() or setSize() would measure the old layout.
   function tabStops() {
     var live = window.balsamLive;
     if (live && live.tabStops) live.tabStops(document.getElementById("plots"));
   }
+
+  // A chart follows its box's width, not the window's: the box also narrows without a resize event
+  // when the page gets a (classic, non-overlay) vertical scrollbar, as drawing the charts makes it
+  // tall enough to need one. The observer also tells when the window's width changed.
+  var boxWatch = typeof ResizeObserver === "undefined" ? null : new ResizeObserver(function (entries) {
+    entries.forEach(function (entry) {
+      var el = entry.target, chart = charts[el.id.replace("chart-", "")];
+      if (!chart) return;
+      var want = size(el);
+      if (want.width !== chart.width) chart.setSize(want); else tabStops();
+    });
+  });
 
   // Both charts show one time window: from the first point of either series to now (the data's
   // last point if later), at least MIN_SPAN_S wide so that a campaign whose jobs all finished in the
@@ -44,9 +58,16 @@
       axes: [{}, { label: series.axis }],
       series: [{}].concat(series.lines),
       legend: { live: true },
+      hooks: { setSize: [tabStops] },
     });
     el.innerHTML = "";
-    return new uPlot(opts, data, el);
+    // Named (a region a screen reader lists, a Tab stop where it scrolls) once it holds a chart:
+    // without JavaScript the box stays empty, and an empty named region would be noise.
+    el.setAttribute("role", "region");
+    el.setAttribute("aria-label", series.name + " chart");
+    var chart = new uPlot(opts, data, el);
+    if (boxWatch) boxWatch.observe(el);
+    return chart;
   }
 
   function num(n) {
@@ -88,17 +109,18 @@
     var util = [payload.utilization.t, payload.utilization.busy, payload.utilization.available];
     if (!charts.throughput) {
       charts.throughput = makeChart("chart-throughput", {
+        name: "Throughput",
         axis: "jobs finished",
         lines: [{ label: "finished", stroke: "#0b5fad", width: 2, paths: uPlot.paths.stepped({ align: 1 }) }],
       }, thr);
       charts.utilization = makeChart("chart-utilization", {
+        name: "Utilization",
         axis: "nodes",
         lines: [
           { label: "busy", stroke: "#1a7f37", width: 2, fill: "rgba(26,127,55,0.12)", paths: uPlot.paths.stepped({ align: 1 }) },
           { label: "available", stroke: "#9a6700", width: 2, dash: [6, 4], paths: uPlot.paths.stepped({ align: 1 }) },
         ],
       }, util);
-      tabStops();
     } else {
       charts.throughput.setData(thr);
       charts.utilization.setData(util);
@@ -156,12 +178,10 @@
       }, period);
     }
     load(section).then(loop);
-    window.addEventListener("resize", function () {
-      Object.keys(charts).forEach(function (k) {
-        var el = document.getElementById("chart-" + k);
-        charts[k].setSize(size(el));
+    if (!boxWatch) {  // a browser older than ResizeObserver: the window's width only
+      window.addEventListener("resize", function () {
+        Object.keys(charts).forEach(function (k) { charts[k].setSize(size(document.getElementById("chart-" + k))); });
       });
-      tabStops();
-    });
+    }
   });
 })();
