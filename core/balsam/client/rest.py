@@ -44,6 +44,7 @@ import math
 import numbers
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -473,18 +474,31 @@ class ServerUnavailable(ConnectionError, TimeoutError):
 _MAX_DETAIL_ITEMS = 10  # a rejected bulk request can list thousands of errors: keep the message one short line
 
 
+#: The last item of a 422 that lists only its first problems (balsam.server.errors.ValidationFailed).
+_COUNTS_OTHERS = re.compile(r"and (\d+) more problems\b")
+
+
 def _detail_text(detail: Any) -> str:
     if isinstance(detail, list):
         parts = []
-        for item in detail[:_MAX_DETAIL_ITEMS]:
+        # The server's count of the problems it did not list: "(+39990 more)" of 40,000, not of the
+        # 101 items the answer holds.
+        last = detail[-1] if detail else None
+        counted = _COUNTS_OTHERS.match(str(last.get("msg", ""))) if isinstance(last, dict) else None
+        if counted and len(detail) > _MAX_DETAIL_ITEMS:
+            listed, unlisted = detail[:-1], int(counted.group(1))
+        else:
+            listed, unlisted = detail, 0
+        for item in listed[:_MAX_DETAIL_ITEMS]:
             if isinstance(item, dict):
                 loc = ".".join(str(x) for x in item.get("loc", []) if x != "body")
                 msg = item.get("msg") or item.get("message") or item
                 parts.append(f"{loc}: {msg}" if loc else str(msg))
             else:
                 parts.append(str(item))
-        if len(detail) > _MAX_DETAIL_ITEMS:
-            parts.append(f"(+{len(detail) - _MAX_DETAIL_ITEMS} more)")
+        hidden = max(0, len(listed) - _MAX_DETAIL_ITEMS) + unlisted
+        if hidden:
+            parts.append(f"(+{hidden:,} more)")
         return "; ".join(parts)
     return str(detail)
 

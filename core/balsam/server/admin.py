@@ -13,6 +13,7 @@ from balsam.states import BatchJobState
 
 from .auth import create_token, hash_password, issue_credential, password_problem, revoke_credentials, utcnow
 from .db import create_db_engine, read_tx, write_tx
+from .limits import INT64_MAX, INT64_MIN
 from .tables import batch_jobs, credentials, users
 
 #: States whose BatchJob's start_time may be cleared (set_batch_job_start): its allocation has not
@@ -175,11 +176,7 @@ class Admin:
                     raise AdminError(f"no user {username!r}")
                 clauses.append(credentials.c.user_id == user_id)
             if ids:
-                # An id that names no credential (a typo) is said, not answered "Revoked 0".
-                known = set(conn.execute(sa.select(credentials.c.id).where(credentials.c.id.in_(ids))).scalars())
-                unknown = sorted(set(ids) - known)
-                if unknown:
-                    raise AdminError(f"no credential {', '.join(map(str, unknown))} (see balsam server credentials --all)")
+                self._check_revoked_ids(conn, ids, username, kinds)
                 clauses.append(credentials.c.id.in_(ids))
             if kinds:
                 clauses.append(credentials.c.kind.in_(kinds))
@@ -187,6 +184,29 @@ class Admin:
                 raise AdminError("say what to revoke: --user NAME, --id N or both")
             rows = revoke_credentials(conn, sa.and_(*clauses))
         return sorted(r.id for r in rows)
+
+    @staticmethod
+    def _check_revoked_ids(conn: sa.Connection, ids: "list[int]", username: Optional[str],
+                           kinds: "list[str] | None") -> None:
+        """An ``--id`` that names no credential (a typo), or one that ``--user`` or ``--kind``
+        excludes (another user's, another kind), is said, not answered "Revoked 0"."""
+        # An id out of the 64-bit range names no credential (SQLite cannot even bind it).
+        in_range = [i for i in ids if INT64_MIN <= i <= INT64_MAX]
+        rows = {row.id: row for row in conn.execute(
+            sa.select(credentials.c.id, credentials.c.kind, users.c.username)
+            .join(users, users.c.id == credentials.c.user_id).where(credentials.c.id.in_(in_range)))}
+        unknown = sorted(set(ids) - set(rows))
+        if unknown:
+            raise AdminError(f"no credential {', '.join(map(str, unknown))} (see balsam server credentials --all)")
+        excluded = []
+        for cred_id in sorted(rows):
+            row = rows[cred_id]
+            if username is not None and row.username != username:
+                excluded.append(f"credential {cred_id} is {row.username}'s, not {username}'s")
+            elif kinds and row.kind not in kinds:
+                excluded.append(f"credential {cred_id} is of kind {row.kind}, not {' or '.join(kinds)}")
+        if excluded:
+            raise AdminError(f"{'; '.join(excluded)} (see balsam server credentials --all)")
 
     # -- BatchJobs ---------------------------------------------------------------------------
     def set_batch_job_start(self, batch_job_id: int, start: Optional[dt.datetime]) -> dict[str, Any]:

@@ -93,16 +93,31 @@ class ValidationFailed(APIError):
 
     status_code = 422
 
-    def __init__(self, errors: Iterable[tuple[list[Any], str]], *, more: int = 0) -> None:
-        """``more``: problems beyond ``errors`` that the caller left out (counted, not listed)."""
-        items = []
+    def __init__(self, errors: Iterable[tuple[list[Any], str]], *, more: int = 0,
+                 more_within: "list[Any] | None" = None) -> None:
+        """``more``: problems beyond ``errors`` that the caller left out (counted, not listed), all
+        under ``more_within`` where the caller knows (a bulk item's ``["body", 3]``). ``errors`` may
+        be a :class:`CappedErrors`, whose own count of the problems it left out is added."""
+        if more and more_within is None:
+            more_within = []  # where they are is not known: they share nothing
+        left_out = getattr(errors, "more", 0)
+        if left_out:
+            more_within = errors.more_within if not more else _common_prefix(more_within, errors.more_within)  # type: ignore[attr-defined]
+            more += left_out
+        items: list[dict[str, Any]] = []
+        shared: "list[Any] | None" = more_within if more else None
         for loc, msg in errors:
+            shared = _common_prefix(shared, list(loc))
             if len(items) < MAX_REPORTED_ERRORS:
                 items.append({"loc": list(loc), "msg": msg, "type": "value_error"})
             else:
                 more += 1
         if more:
-            items.append({"loc": items[-1]["loc"][:1] if items else ["body"], "type": "value_error",
+            # The counting item is where all the problems are, as far as known: a bulk call's client
+            # refuses just the one item they are all of (``["body", 3]``) and sends the others again,
+            # where a ``["body"]`` refuses the whole call (it was split in halves to find the item).
+            loc = shared if shared else (items[0]["loc"][:1] if items else ["body"])
+            items.append({"loc": loc, "type": "value_error",
                           "msg": f"and {more} more problems (the first {len(items)} are listed)"})
         super().__init__(items, 422)
 
@@ -135,7 +150,39 @@ def split_path(path: str) -> list[Any]:
 def payload_errors(exc: PayloadError, prefix: list[Any]) -> "ValidationFailed":
     shown = exc.errors[:MAX_REPORTED_ERRORS]  # split_path only what is listed
     return ValidationFailed(((list(prefix) + split_path(path), msg) for path, msg in shown),
-                            more=len(exc.errors) - len(shown))
+                            more=len(exc.errors) - len(shown), more_within=list(prefix))
+
+
+def _common_prefix(a: "list[Any] | None", b: "list[Any] | None") -> "list[Any] | None":
+    """The longest loc both start with (``[]`` where they share nothing); the other where one is
+    None (not known yet)."""
+    if a is None or b is None:
+        return b if a is None else a
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n] and type(a[n]) is type(b[n]):
+        n += 1
+    return a[:n]
+
+
+class CappedErrors(list):
+    """Problems found by a walk of a body that goes on after the first ``MAX_REPORTED_ERRORS``:
+    those are kept (a list of ``(loc, msg)``), the others only counted (``more``, and the loc they
+    all share in ``more_within``), so that a 64 MiB body with a problem in each of its values
+    costs no more memory than the first ones. :class:`ValidationFailed` lists and counts them."""
+
+    more = 0
+    more_within: "list[Any] | None" = None
+
+    def append(self, error: tuple[list[Any], str]) -> None:
+        if len(self) < MAX_REPORTED_ERRORS:
+            super().append(error)
+            return
+        self.more += 1
+        loc, within = error[0], self.more_within
+        if within is None:
+            self.more_within = list(loc)
+        elif within and list(loc[:len(within)]) != within:  # (one slice: millions may be counted)
+            self.more_within = _common_prefix(within, list(loc))
 
 
 def not_found_ids(kind: str, ids: Iterable[int], *, of_request: bool = False) -> NotFound:
