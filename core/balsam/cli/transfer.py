@@ -81,6 +81,11 @@ def _progress(item_info: dict) -> str:
 
 def _note(item: dict) -> str:
     info = item.get("transfer_info") or {}
+    if item["state"] == "pending" and info.get("error") and info.get("reason"):
+        # Its retry is due and it waits for something (a free slot, a location refusing): that
+        # first, the last try's error after it. The error first read as if it still waited for
+        # its retry time, long past ("disk quota exceeded (retry after <an hour ago>)").
+        return f"{info['reason']} (last try failed: {info['error']})"
     if item["state"] == "error" or (item["state"] == "pending" and info.get("error")):
         when = f" (retry after {info['retry_after'][:19]})" if item["state"] == "pending" and info.get("retry_after") else ""
         return f"{info.get('error', '')}{when}"

@@ -230,7 +230,8 @@ SAME_FILE_WAIT = "waiting for an earlier transfer that writes the same file"
 #: The start of the reason of a due pending item that waits for a submission slot (every one of
 #: ``max_concurrent_transfers`` taken by tasks in flight or this cycle's submissions): without it
 #: such an item showed no reason at all, as one no agent had read. Stable (PATCHed once per item,
-#: not every cycle); submitting the item clears it.
+#: not every cycle); submitting the item clears it, and it replaces a reason the item carries that
+#: no longer holds (:meth:`TransfersModule._wait_for_slot`).
 SLOT_WAIT = "waiting for a free transfer slot"
 #: Tries of a cancel that fails for a reason retrying may fix (a task of deleted jobs, or of items
 #: held again), ``retry_backoff_sec`` apart and doubling (up to ``retry_backoff_max_sec``); then
@@ -1616,7 +1617,10 @@ class TransfersModule(AgentModule):
     def _back_to_pending(self, item: dict, updates: dict[int, dict[str, Any]], why: str, *, log: bool = True) -> None:
         self.logger.log(logging.INFO if log else logging.DEBUG, "transfer item %s: %s; it will be submitted again",
                         item["id"], why)
-        info = _without(item.get("transfer_info"), ("dest", *CLOCK_KEYS))
+        # Its reason was the task's (queued behind the backend's threads, a poll that failed): not
+        # what it waits for now. Kept, 'waiting for the transfer backend to start its task' stayed
+        # on items re-pended by a restart while they waited for a slot (see _wait_for_slot).
+        info = _without(item.get("transfer_info"), ("dest", "reason", *CLOCK_KEYS))
         updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.pending.value, "task_id": "", "transfer_info": info}
 
     def _wait(self, item: dict, reason: str, updates: dict[int, dict[str, Any]]) -> None:
@@ -1635,7 +1639,9 @@ class TransfersModule(AgentModule):
         info = dict(item.get("transfer_info") or {})
         attempts = int(info.get("attempts", 0) or 0) + 1
         info.update(attempts=attempts, error=one_line(error))
-        for key in ("dest", "retry_after", *CLOCK_KEYS):
+        # The reason it waited (a slot, a queue, a refusal since cleared) is over with the try: an
+        # item in error kept 'waiting for a free transfer slot' beside its error.
+        for key in ("dest", "retry_after", "reason", *CLOCK_KEYS):
             info.pop(key, None)
         if retryable and attempts < opts.max_attempts:
             wait = self._backoff(attempts)
@@ -1734,8 +1740,11 @@ class TransfersModule(AgentModule):
         # stable sort), so that their try never takes the slots of locations that work; after that
         # they take their turn (see _held_back).
         units.sort(key=lambda unit: self._held_back(unit[0], now))
-        slot_wait = (f"{SLOT_WAIT}: transfers.max_concurrent_transfers ({opts.max_concurrent_transfers}) "
-                     "tasks are in flight")
+        in_flight_text = (f"{SLOT_WAIT}: transfers.max_concurrent_transfers ({opts.max_concurrent_transfers}) "
+                          "tasks are in flight")
+        refused_text = (f"{SLOT_WAIT}: transfers.max_concurrent_transfers ({opts.max_concurrent_transfers}) "
+                        "taken by tasks in flight and by submissions refused this cycle (a refused submission "
+                        "takes a slot)")
         ready_items = set(self._ready_files.values())
         data_path = Path(self.site_config.data_path)
         left_tasks = self._left_items()
@@ -1750,15 +1759,19 @@ class TransfersModule(AgentModule):
         planned: set[tuple[str, str, str]] = set()
         for index, (alias, direction, record, batch) in enumerate(units):
             full = calls >= slots
+            # Every slot taken by tasks in flight (those submitted this cycle included), or also by
+            # submissions refused this cycle: the text says which (stable while that holds).
+            slot_wait = refused_text if calls > submitted else in_flight_text
             if record is not None:
                 if full or alias in blocked:
                     # Sent in a later cycle, with its token. New batches of the location wait behind it
                     # (a new token per cycle would grow the journal for as long as the location refuses).
                     kept.append(record)
-                    if blocked.get(alias):
-                        for item in batch:
-                            if item["state"] == "held":  # not an item held again (the server refuses it)
-                                self._wait(item, blocked[alias], updates)
+                    for item in batch:
+                        if item["state"] == "held":  # not an item held again (the server refuses it)
+                            # The location's refusal of this cycle, else a slot (also behind an
+                            # earlier journaled batch waiting for one): they showed no reason.
+                            self._wait_for_slot(item, alias, slot_wait, blocked, ready_items, left_tasks, updates)
                     blocked.setdefault(alias, "")
                     continue
                 outcome = self._resend(record, batch, updates, now, blocked, kept)
@@ -1767,12 +1780,9 @@ class TransfersModule(AgentModule):
                 continue
             if full:
                 # (not break: journaled batches further on must stay in the journal.) Its items say
-                # why they wait; a reason one already shows (a location's refusal, a same-file wait)
-                # is kept, and an item just made ready behind a same-file wait (its reason cleared,
-                # see _end_stale_waits, which finds it by that) stays as it is until it goes.
+                # why they wait now (see _wait_for_slot).
                 for item in batch:
-                    if not (item.get("transfer_info") or {}).get("reason") and item["id"] not in ready_items:
-                        self._wait(item, slot_wait, updates)
+                    self._wait_for_slot(item, alias, slot_wait, blocked, ready_items, left_tasks, updates)
                 continue
             if alias in blocked:
                 # Trying its other batches would fail the same way: they wait with the reason,
@@ -1916,6 +1926,30 @@ class TransfersModule(AgentModule):
                 self._blocked_at[alias] = now
         self._end_stale_waits(due, writers | planned, updates)
         return submitted, kept
+
+    def _wait_for_slot(self, item: dict, alias: str, slot_wait: str, blocked: Mapping[str, str],
+                       ready_items: set[int], left_tasks: Mapping[int, str], updates: dict[int, dict[str, Any]]) -> None:
+        """``item`` (due, pending) finds no free slot this cycle: it shows what it waits for now. Only
+        a reason that is still true is kept: a same-file wait (:meth:`_end_stale_waits` ends it), the
+        location's refusal while it stands (refused this cycle: that reason; refused earlier and not
+        tried since: the reason it shows, if that refusal's), a task it left that still writes its
+        destination. Any other reason it carries is over (a location's refusal that has cleared, an
+        older agent's queue reason), and it shows ``slot_wait``: such a reason stayed on it while it
+        waited for a slot, beside items saying they waited for one. An item just made ready behind a
+        same-file wait (its reason cleared; _end_stale_waits finds it by that) stays as it is."""
+        reason = str((item.get("transfer_info") or {}).get("reason") or "")
+        if reason.startswith(SAME_FILE_WAIT) or (not reason and item["id"] in ready_items):
+            return
+        if blocked.get(alias):
+            self._wait(item, blocked[alias], updates)
+            return
+        standing = self.blocked_aliases.get(alias)
+        writer = left_tasks.get(int(item["id"]))
+        if reason and (
+                (standing and reason == one_line(standing))
+                or (writer and reason == one_line(f"waiting for task {writer}, which still writes its destination"))):
+            return
+        self._wait(item, slot_wait, updates)
 
     def _end_stale_waits(self, due: list[dict], writers: set[tuple[str, str, str]],
                          updates: dict[int, dict[str, Any]]) -> None:
