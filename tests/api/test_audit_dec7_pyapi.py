@@ -164,8 +164,9 @@ def test_unserializable_parameter_is_named() -> None:
 
 def test_get_with_every_filter_none_is_refused(bare_site: Any) -> None:
     """``Job.objects.get(id=job_id)`` with ``job_id`` None returned the site's only job (a filter
-    given as None is no filter, as in 0.7): a silent wrong answer. Refused, in one line; a None
-    beside a real filter is still no filter (0.7's optional filters)."""
+    given as None is no filter, as in 0.7): a silent wrong answer. Refused, in one line, when the
+    query has no other filter; a None beside a real filter is still no filter (0.7's optional
+    filters), in get() as in a filter() before it."""
     from balsam.api import ApplicationDefinition, Job
 
     app = type("One", (ApplicationDefinition,), {"site": bare_site.name, "command_template": "echo {{ n }}"})
@@ -174,8 +175,10 @@ def test_get_with_every_filter_none_is_refused(bare_site: Any) -> None:
                                          r"this would return any one record: pass a value \(or get\(\) with no "
                                          r"filter for that\)$"):
         Job.objects.get(id=None)
+    # Beside the query's real filters, a None is no filter, as in 0.7: the one job of the app.
+    assert Job.objects.filter(app_id=app).get(None, tags=None).id == job.id
     with pytest.raises(ValueError, match=r"^Job\.objects\.get\(tags=None, id=None\)"):
-        Job.objects.filter(app_id=app).get(None, tags=None)
+        Job.objects.filter(state=None).get(None, tags=None)
     assert Job.objects.get(id=job.id, tags=None).id == job.id
     assert Job.objects.get().id == job.id
 

@@ -454,9 +454,10 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
                 logger.warning("%s.submit(): parameters %s are not in its command template (parameters: %s): "
                                "stored with the job, not rendered", cls.__name__, unknown, sorted(cls.parameters))
         missing = sorted(k for k, v in cls.parameters.items() if v.get("required") and k not in app_params)
-        if missing:
-            # Created, as in Balsam 0.7 (a preprocess() hook may set them), but otherwise the job
-            # fails only when a launcher renders it, maybe hours later in a queue: said now, once.
+        if missing and cls.preprocess is ApplicationDefinition.preprocess:
+            # Created, as in Balsam 0.7 (a preprocess() hook may set them: no warning for an app
+            # with its own), but otherwise the job fails only when a launcher renders it, maybe
+            # hours later in a queue: said now, once.
             key = (cls, ("<missing>", *missing))
             if key not in _WARNED_UNUSED_PARAMS:
                 _WARNED_UNUSED_PARAMS.add(key)

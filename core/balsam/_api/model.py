@@ -734,9 +734,19 @@ class BalsamModel:
         self._dirty = set()
         self._snapshots = {}
 
+    def _peek(self, name: str) -> Any:
+        """Field ``name``'s value, read without taking its snapshot (reading a dict/list/set field
+        takes one, see Field.__get__): for a reader that never changes it and may run in another
+        thread than the object's user (a wait's report), so that it changes nothing of the object."""
+        if self._rec is None and self._raw is not None:
+            return self._lazy_value(self._fields[name])
+        return getattr(self._record, name)
+
     def _changed_fields(self) -> set[str]:
         changed = set(self._dirty)
-        for key, snap in self._snapshots.items():
+        # Over a copy (taken at once, under the GIL): another thread reading a field of this object
+        # meanwhile adds its snapshot (a wait()'s report reads parent_ids while the user saves).
+        for key, snap in list(self._snapshots.items()):
             if key not in changed and _fingerprint(getattr(self._record, key), self._fields[key].type) != snap:
                 changed.add(key)
         return changed & self._update_fields
@@ -773,7 +783,7 @@ class BalsamModel:
         (``job.parent_ids.add(7)``, ``job.transfers[...] = ...``), as assigning it raises: save()
         sent the other changes and dropped this one silently (in-place changes of the fields that
         can be updated are sent)."""
-        for key, snap in self._snapshots.items():
+        for key, snap in list(self._snapshots.items()):  # a copy: see _changed_fields
             if key in self._update_fields:
                 continue
             if _fingerprint(getattr(self._record, key), self._fields[key].type) != snap:
@@ -946,15 +956,18 @@ class BalsamModel:
         # Pickled as the plain model (a client-bound subclass cannot be found by name; the copy
         # uses the default client where it is unpickled).
         dirty = self._dirty | (self._changed_fields() if self._stored else set())
+        # The snapshots of the fields that cannot be updated travel too: a copy of a job whose
+        # parent_ids were changed in place refuses to save as the original does (it dropped them).
+        fixed = {key: snap for key, snap in list(self._snapshots.items()) if key not in self._update_fields}
         state = {"record": converter.unstructure(self._record, self._record_cls), "stored": self._stored,
-                 "dirty": sorted(dirty), "deleted": self._deleted}
+                 "dirty": sorted(dirty), "deleted": self._deleted, "snapshots": fixed}
         return (_unpickle_model, (self._record_cls.__name__, state))
 
     def _restore(self, state: dict[str, Any]) -> None:
         self._record = converter.structure(state["record"], self._record_cls)
         self._stored = state["stored"]
         self._dirty = set(state["dirty"])
-        self._snapshots = {}
+        self._snapshots = dict(state.get("snapshots") or {})  # absent from pickles of an earlier release
         self._deleted = bool(state.get("deleted", False))
 
 

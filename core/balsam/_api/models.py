@@ -27,7 +27,7 @@ from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobSt
 
 from . import codec
 from .manager import Manager, ProgressFn, chunks
-from .model import BalsamModel
+from .model import BalsamModel, structure_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import ApplicationDefinition
@@ -195,6 +195,8 @@ class JobManager(Manager["Job"]):
                 raise TypeError(f"bulk_create() takes Job objects, got {type(job).__name__}")
             if job._stored:
                 raise ValueError(f"Job(id={job.id}) is already created")
+            # Transfers set in place: parsed (or refused) before any request, not in a later chunk.
+            job._parse_transfers_set_in_place()
         size = self.bulk_chunk_size
         chunks = [_Chunk(jobs[i : i + size]) for i in range(0, len(jobs), size)]
         try:
@@ -546,16 +548,20 @@ def _not_completed_message(pending: Sequence["Job"], total: int, timeout: Option
     return f"{len(pending)} of {total} jobs not completed in {timeout} s: {'; '.join([states] + _waits_for(counts))}"
 
 
-#: Seconds between the WARNING lines that wait(), as_completed() and result() log while jobs stay
-#: pending (the first after as long). Without them a wait with no timeout on a child of a FAILED
-#: parent (which runs only once that parent is re-run) polled for ever and said nothing.
+#: Seconds between the lines that wait(), as_completed() and result() log while jobs stay pending
+#: (the first after as long): INFO, or WARNING when a FAILED ancestor holds some of them (they
+#: run only once it is re-run). Without them a wait with no timeout on a child of a FAILED parent
+#: polled for ever and said nothing.
 WAIT_REPORT_INTERVAL_S = 600.0
+#: The generations of ancestors of AWAITING_PARENTS jobs a report reads (one bulk read each, of
+#: those FAILED or AWAITING_PARENTS) to find FAILED ones: a grandchild of a FAILED job waits too.
+WAIT_REPORT_ANCESTOR_LEVELS = 8
 
 
 class _WaitReport:
     """``report(pending)`` at each poll of a wait: every :data:`WAIT_REPORT_INTERVAL_S`, one line of
     how many jobs are pending, their states (as just read), what they wait for, and the FAILED
-    parents holding AWAITING_PARENTS ones (one bulk read of their parents, then only)."""
+    ancestors holding AWAITING_PARENTS ones (bulk reads of their ancestors, then only)."""
 
     def __init__(self, manager: "JobManager", total: int) -> None:
         self._manager = manager
@@ -570,24 +576,56 @@ class _WaitReport:
         self._due = now + WAIT_REPORT_INTERVAL_S
         counts = collections.Counter(getattr(job.state, "value", job.state) for job in pending)
         states = ", ".join(f"{n} {state}" for state, n in counts.most_common())
-        parts = [states] + _waits_for(counts) + self._failed_parents(pending)
-        logger.warning("still waiting after %.0f s for %d of %d jobs: %s", now - self._start, len(pending),
-                       self._total, "; ".join(parts))
+        held = self._failed_ancestors(pending)
+        # A long wait is no fault (a 6 h result() logged 36 WARNINGs): INFO. Jobs held by a FAILED
+        # ancestor (or whose ancestors could not be read) never finish by waiting: WARNING.
+        logger.log(logging.WARNING if held else logging.INFO, "still waiting after %.0f s for %d of %d jobs: %s",
+                   now - self._start, len(pending), self._total, "; ".join([states] + _waits_for(counts) + held))
 
-    def _failed_parents(self, pending: Sequence["Job"]) -> list[str]:
-        waiting = [job for job in pending if job.state == JobState.awaiting_parents]
-        parent_ids = sorted({p for job in waiting for p in job.parent_ids})
-        if not parent_ids:
-            return []
-        try:
-            failed = {job.id for job in self._manager.filter(id=parent_ids, state="FAILED")}
-        except Exception as exc:  # noqa: BLE001 - a report never ends the wait it describes
-            return [f"(their parents could not be read: {(str(exc).splitlines() or [type(exc).__name__])[0]})"]
+    def _failed_ancestors(self, pending: Sequence["Job"]) -> list[str]:
+        # parent_ids read without taking a snapshot (_peek): this may run in another thread than
+        # the user's save() of the same job, which iterates the snapshots.
+        parents_of: dict[Any, set[int]] = {job.id: set(job._peek("parent_ids")) for job in pending
+                                           if job.state == JobState.awaiting_parents}
+        waiting = list(parents_of)
+        failed: set[int] = set()
+        seen = set(parents_of)
+        unread: set[int] = set().union(*parents_of.values()) - seen
+        for _ in range(WAIT_REPORT_ANCESTOR_LEVELS):
+            if not unread:
+                break
+            seen |= unread
+            try:
+                rows = list(self._manager.filter(id=sorted(unread), state=["FAILED", "AWAITING_PARENTS"]))
+            except Exception as exc:  # noqa: BLE001 - a report never ends the wait it describes
+                return [f"(their parents could not be read: {(str(exc).splitlines() or [type(exc).__name__])[0]})"]
+            unread = set()
+            for row in rows:
+                if row.state == JobState.failed:
+                    failed.add(row.id)
+                else:
+                    parents_of[row.id] = set(row._peek("parent_ids"))
+                    unread |= parents_of[row.id] - seen
         if not failed:
             return []
-        blocked = sum(1 for job in waiting if failed.intersection(job.parent_ids))
+        # The jobs a FAILED one holds: its descendants among those read (children found from it).
+        children: dict[int, list[int]] = collections.defaultdict(list)
+        for child, parents in parents_of.items():
+            for parent in parents:
+                children[parent].append(child)
+        held: set[int] = set()
+        frontier = list(failed)
+        while frontier:
+            for child in children.get(frontier.pop(), ()):
+                if child not in held:
+                    held.add(child)
+                    frontier.append(child)
+        blocked = [i for i in waiting if i in held]
+        if not blocked:
+            return []
+        whom = "parent" if all(parents_of[i] & failed for i in blocked) else "parent or earlier ancestor"
         ids = " ".join(f"-i {p}" for p in sorted(failed)[:5]) + (" ..." if len(failed) > 5 else "")
-        return [f"{blocked} of them wait for a FAILED parent, which keeps them waiting until it is re-run "
+        return [f"{len(blocked)} of them wait for a FAILED {whom}, which keeps them waiting until it is re-run "
                 f"(`balsam job modify {ids} -s RESTART_READY`)"]
 
 
@@ -848,11 +886,36 @@ class Job(BalsamModel):
 
     def _create_payload(self, *, omit_defaults: bool = False) -> dict[str, Any]:
         self._store_parameters_changed_in_place()
+        self._parse_transfers_set_in_place()
         return super()._create_payload(omit_defaults=omit_defaults)
 
     def __reduce__(self) -> tuple:
         self._store_parameters_changed_in_place()  # an unsaved job's too: the copy has no decoded dict
+        if not self._stored:
+            self._parse_transfers_set_in_place()
         return super().__reduce__()
+
+    def _set_field(self, key: str, value: Any) -> None:
+        if key == "transfers" and isinstance(value, dict) and not self._stored:
+            # As the constructor takes them: ``job.transfers = {"inp": "laptop:/data/in.txt"}``
+            value = {slot: _parse_transfer(slot, item) for slot, item in value.items()}
+        super()._set_field(key, value)
+
+    def _parse_transfers_set_in_place(self) -> None:
+        """Items put in ``transfers`` in place on a job not created yet (``job.transfers["inp"] =
+        "laptop:/data/in.txt"``, or a dict) taken as the constructor takes them; one that is
+        neither raises ValueError naming the job and the slot (it was an AttributeError from the
+        encoder, in the middle of a bulk_create)."""
+        transfers = self._record.transfers
+        if not transfers or all(type(item) is records.JobTransferItem for item in transfers.values()):
+            return
+        for slot, item in list(transfers.items()):
+            if type(item) is not records.JobTransferItem:
+                try:
+                    item = _parse_transfer(slot, item)
+                    transfers[slot] = structure_value("Job", f"transfers[{slot!r}]", item, records.JobTransferItem)
+                except ValueError as exc:
+                    raise ValueError(f"Job(workdir={str(self.workdir)!r}): {exc}") from None
 
     def _load(self, data: Any) -> None:
         # The record read again (refresh_from_db, a save's answer): parameters changed in place

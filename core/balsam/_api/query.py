@@ -158,33 +158,77 @@ def positional_filters(model: Any, method: str, args: tuple, kwargs: dict[str, A
     return out
 
 
-#: Django query methods that Balsam queries do not have (nor had 0.7's): what to use instead, said
-#: in the AttributeError (Python's own named the attribute only, and a user coming from Django
-#: was left to guess that ``exclude(state=...)`` is ``filter(state__ne=...)``).
-NOT_QUERY_METHODS = {
-    "exclude": "use filter(state__ne=STATE) to leave out a state (the only negated filter)",
-    "exists": "use bool(query) or query.count()",
-    "values": "iterate the query and read the fields (job.id, job.state)",
-    "values_list": "iterate the query and read the fields (job.id, job.state)",
-    "last": "use order_by('-id').first()",
-    "latest": "use order_by('-FIELD').first()",
-    "earliest": "use order_by('FIELD').first()",
-    "limit": "slice the query: query[:N]",
-    "in_bulk": "use filter(id=[...]) (list filters match any of their values)",
-    "distinct": "records are listed once each",
-    "annotate": "iterate the query and compute in Python",
-    "aggregate": "iterate the query and compute in Python (balsam.analytics has reports of EventLog queries)",
-}
+#: Django query methods that Balsam queries do not have (nor had 0.7's), named in the
+#: AttributeError with what to use instead (Python's own named the attribute only, and a user
+#: coming from Django was left to guess that ``exclude(state=...)`` is ``filter(state__ne=...)``).
+#: The hints depend on the model (see :func:`_query_method_hint`): only what works for it.
+NOT_QUERY_METHODS = frozenset({"exclude", "exists", "values", "values_list", "last", "latest", "earliest", "limit",
+                               "in_bulk", "distinct", "annotate", "aggregate"})
+
+
+def _query_method_hint(model: Any, name: str) -> str:
+    """What to use instead of the Django query method ``name`` on a query of ``model``: only what
+    that model's queries take (Site has no ordering nor ``state__ne``: ``order_by('-id')`` and
+    ``filter(state__ne=...)`` raise there)."""
+    label = getattr(model, "__name__", "?")
+    filters = getattr(model, "_filters", frozenset())
+    orderings = getattr(model, "_orderings", frozenset())
+    fields = list(getattr(model, "_fields", {}))
+    var = label.lower()
+    shown = [f for f in ("id", "state", "name", "timestamp") if f in fields][:2] or fields[:2]
+    read = f"iterate the query and read the fields ({', '.join(f'{var}.{f}' for f in shown)})"
+    unordered = f"{label} queries take no ordering: they come in id order"
+    if name == "exclude":
+        if "state__ne" in filters:
+            return "use filter(state__ne=STATE) to leave out a state (the only negated filter)"
+        return f"{label} queries have no negated filter: iterate the query and skip records in Python"
+    if name == "exists":
+        return "use bool(query) or query.count()"
+    if name in ("values", "values_list"):
+        return read
+    if name == "last":
+        default = getattr(model, "_default_order", "id")
+        if default.startswith("-") and default[1:] in orderings:  # newest first (EventLog): last is oldest
+            return f"use order_by('{default[1:]}').first() ({label} queries come {default[1:]} descending)"
+        if "id" in orderings:
+            return "use order_by('-id').first()"
+        return f"use list(query)[-1] ({unordered})"
+    if name in ("latest", "earliest"):
+        if not orderings:
+            return f"use list(query)[{'-1' if name == 'latest' else '0'}] for the highest id ({unordered})"
+        sign = "-" if name == "latest" else ""
+        return f"use order_by('{sign}FIELD').first() (FIELD: {', '.join(sorted(orderings))})"
+    if name == "limit":
+        return "slice the query: query[:N]"
+    if name == "in_bulk":
+        return "use filter(id=[...]) (list filters match any of their values)"
+    if name == "distinct":
+        return "records are listed once each"
+    analytics = " (balsam.analytics has reports of EventLog queries)" if label in ("Job", "EventLog") else ""
+    return f"iterate the query and compute in Python{analytics}"
 
 
 def not_a_query_method(obj: Any, owner: str, name: str) -> AttributeError:
     """The AttributeError of ``obj.name`` (a query or manager, ``owner`` in words, lacking ``name``):
-    Python's, or for a Django query method (:data:`NOT_QUERY_METHODS`) one with a hint."""
-    hint = NOT_QUERY_METHODS.get(name)
-    if hint is None:
+    Python's, or for a Django query method (:data:`NOT_QUERY_METHODS`) one with a hint that fits
+    the model of ``obj``."""
+    if name not in NOT_QUERY_METHODS:
         return AttributeError(f"{type(obj).__name__!r} object has no attribute {name!r}")
+    model = obj.__dict__.get("_model")
+    # The methods this model's queries take (Site: no order_by; EventLog: no update, delete).
+    takes = ["filter", "get"] + (["order_by"] if getattr(model, "_orderings", None) else []) + ["count", "first",
+                                                                                             "slicing"]
+    takes += (["update"] if getattr(model, "_updatable", False) else []) + (
+        ["delete"] if getattr(model, "_deletable", False) else [])
     return AttributeError(f"{owner} has no {name}() (a Django query method; Balsam queries, as 0.7's, take "
-                          f"filter, get, order_by, count, first, slicing, update, delete): {hint}")
+                          f"{', '.join(takes)}): {_query_method_hint(model, name)}")
+
+
+def _attribute_of_class(obj: Any, name: str) -> bool:
+    """``name`` is defined on the class of ``obj`` (a property, a method): its AttributeError came
+    from inside it (``_client`` when the client's set-up raised AttributeError), not from a
+    missing name."""
+    return any(name in vars(klass) for klass in type(obj).__mro__)
 
 
 class NegativeIndexError(ValueError, AssertionError):
@@ -213,10 +257,13 @@ class Query(Generic[T]):
         self._cache: Optional[list[T]] = None
         self._count_cache: Optional[int] = None
 
-    def __getattr__(self, name: str) -> Any:
-        # Only for names not found otherwise: a Django method's error says what to use instead.
-        model = self.__dict__.get("_model")
-        raise not_a_query_method(self, f"{getattr(model, '__name__', '?')} query", name)
+    if not TYPE_CHECKING:  # a type checker would take any attribute of a query (py.typed): its errors stay
+        def __getattr__(self, name: str) -> Any:
+            # Only for names not found otherwise: a Django method's error says what to use instead.
+            if _attribute_of_class(self, name):
+                return object.__getattribute__(self, name)  # again: its own AttributeError, not hidden
+            model = self.__dict__.get("_model")
+            raise not_a_query_method(self, f"{getattr(model, '__name__', '?')} query", name)
 
     def _clone(self) -> "Query[T]":
         q = type(self)(self._manager)
@@ -504,23 +551,25 @@ class Query(Generic[T]):
 
     def get(self, *args: Any, **kwargs: Any) -> T:
         kwargs = positional_filters(self._model, "get", args, kwargs)
-        if kwargs and all(value is None for value in kwargs.values()):
+        q = self._narrowed("get", (), kwargs) if kwargs else self  # unknown filter names raise here first
+        if kwargs and all(value is None for value in kwargs.values()) and not q._params and not q._empty:
             # A filter given as None is no filter (as in 0.7): ``get(id=job_id)`` with job_id None
-            # returned whichever record was the only one (a test site's one job), silently.
-            given = ", ".join(f"{key}=None" for key in kwargs)
-            raise ValueError(f"{self._model.__name__}.objects.get({given}): a filter given as None is no filter, so "
+            # returned whichever record was the only one (a test site's one job), silently. Beside
+            # real filters of the query (``filter(app_id=X).get(id=None)``) it is 0.7's answer.
+            nones = ", ".join(f"{key}=None" for key in kwargs)
+            raise ValueError(f"{self._model.__name__}.objects.get({nones}): a filter given as None is no filter, so "
                              f"this would return any one record: pass a value (or get() with no filter for that)")
-        q = self._narrowed("get", (), kwargs) if kwargs else self
+        given = {key: value for key, value in kwargs.items() if value is not None}
         results = q[0:2]._evaluate() if q._cache is None else q._cache
         if not results:
-            raise self._model.DoesNotExist(f"no {self._model.__name__} matches {_describe(kwargs or q._params)}")
+            raise self._model.DoesNotExist(f"no {self._model.__name__} matches {_describe(given or q._params)}")
         if len(results) > 1:
             exact = q._exact_substring_match()
             if exact is not None:
                 return exact
             n = q.count()
             raise self._model.MultipleObjectsReturned(
-                f"{n} {self._model.__name__} records match {_describe(kwargs or q._params)}; expected one"
+                f"{n} {self._model.__name__} records match {_describe(given or q._params)}; expected one"
             )
         return results[0]
 
