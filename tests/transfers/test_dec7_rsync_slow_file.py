@@ -108,8 +108,12 @@ def test_a_host_that_never_answers_costs_one_timeout_per_task_not_one_per_file(t
     assert second_status.state == TaskState.done and set(second_status.file_errors) == {files[1].dest, files[2].dest}
     assert "did not finish within 1 s" in second_status.file_errors[files[1].dest]
     assert "not_tried" not in second_status.info  # the second no-answer in a row: z fails a try
-    assert "the second rsync in a row to this machine that got no answer" in second_status.file_errors[files[2].dest]
-    assert len(log.read_text().splitlines()) == 2  # one rsync per task
+    assert "the second rsync in a row to this machine that got no answer, nor did a check of it" in \
+        second_status.file_errors[files[2].dest]
+    copies = [line for line in log.read_text().splitlines() if "--list-only" not in line]
+    assert len(copies) == 2  # one rsync per task
+    checks = [line for line in log.read_text().splitlines() if "--list-only" in line]
+    assert len(checks) == 1 and checks[0].endswith(f"-- {tmp_path / 'remote'}")  # before charging z, only then
 
 
 def test_the_module_spares_only_the_listed_files_that_are_an_items_own(tmp_path: Path) -> None:
@@ -132,3 +136,69 @@ def test_the_module_spares_only_the_listed_files_that_are_an_items_own(tmp_path:
     assert info[1]["attempts"] == 1 and info[3]["attempts"] == 1  # tries used
     assert "attempts" not in info[2] and info[2]["reason"] == "not tried: an earlier file of this task failed (timeout)"
     assert info[4]["task"] == {"files": 4, "files_done": 1}
+
+
+def test_two_slow_files_in_a_row_on_a_host_that_answers_charge_no_other_file(tmp_path: Path) -> None:
+    """Review: s1 timed out (s2 and b spared), then s2 timed out in the next task: counted as the
+    host's second silence in a row, b failed a try it never got (with ``max_attempts: 1``: error,
+    never run). Now a second silence in a row first checks the host (``rsync --list-only`` of the
+    directory there): it answers, so b is spared again, and runs in the task after."""
+    rsync, log = sleepy_rsync(tmp_path, "*/s[12].txt")
+    backend = build_backend(RsyncTransfer, "rsync", {"rsync": str(rsync), "timeout_sec": 1, "threads": 1})
+    location = TransferLocation.parse("here", "rsync:///")
+    (tmp_path / "remote").mkdir()
+    for n in ("s1", "s2", "b"):
+        (tmp_path / "remote" / f"{n}.txt").write_text(n)
+    s1, s2, b = [TransferFile(str(tmp_path / "remote" / f"{n}.txt"), str(tmp_path / "job" / f"{n}.txt"))
+                 for n in ("s1", "s2", "b")]
+    try:
+        statuses = []
+        for files in ([s1, s2, b], [s2, b], [b]):  # what the agent submits again (s1 failed its try)
+            task = backend.submit(location, TransferDirection.stage_in, files)
+            statuses.append(wait_for_tasks(backend, [task], timeout=BOUND_SEC)[task])
+    finally:
+        backend.close()
+    assert statuses[0].info.get("not_tried") == [s2.dest, b.dest]
+    assert "did not finish within 1 s" in statuses[1].file_errors[s2.dest]
+    assert statuses[1].info.get("not_tried") == [b.dest], statuses[1]  # spared: the host answered a check
+    assert statuses[1].file_errors[b.dest].endswith("; submitted again without using a try")
+    assert not statuses[2].file_errors and (tmp_path / "job" / "b.txt").read_text() == "b"
+    assert runs(log, "/b.txt") == 1 and runs(log, "--list-only") == 1
+
+
+def test_two_files_failing_at_once_are_not_two_silences_in_a_row(tmp_path: Path) -> None:
+    """Review: with ``threads: 2``, s1 and s2 (of two tasks) running at the same time both got no
+    answer; the one recorded second counted as the host's second silence in a row although its
+    rsync had started before the first failure was known, and the other file of its task failed a
+    try it never got. Now a failure counts as the second only if its rsync started after the
+    previous one was recorded: both tasks spare their other file. (The wrapper makes each of s1
+    and s2 wait until the other has started, then fail as ssh does: exit 255; no timing.)"""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    log = tmp_path / "rsync-runs.log"
+    rsync = tmp_path / "rsync-meet"
+    rsync.write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\n'
+        f'for a in "$@"; do case "$a" in */s1.txt) me=s1; other=s2;; */s2.txt) me=s2; other=s1;; esac; done\n'
+        f'if [ -n "$me" ]; then touch {marks}/$me; i=0\n'
+        f'  while [ ! -e {marks}/$other ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done\n'
+        f'  echo "ssh: connect to host dtn port 22: Connection refused" >&2; exit 255; fi\n'
+        f'exec {shutil.which("rsync")} "$@"\n')
+    rsync.chmod(0o755)
+    backend = build_backend(RsyncTransfer, "rsync", {"rsync": str(rsync), "timeout_sec": 60, "threads": 2})
+    location = TransferLocation.parse("here", "rsync:///")
+    (tmp_path / "remote").mkdir()
+    for n in ("s1", "a", "s2", "b"):
+        (tmp_path / "remote" / f"{n}.txt").write_text(n)
+    s1, a, s2, b = [TransferFile(str(tmp_path / "remote" / f"{n}.txt"), str(tmp_path / "job" / f"{n}.txt"))
+                    for n in ("s1", "a", "s2", "b")]
+    try:
+        tasks = [backend.submit(location, TransferDirection.stage_in, files) for files in ([s1, a], [s2, b])]
+        statuses = wait_for_tasks(backend, tasks, timeout=BOUND_SEC)
+    finally:
+        backend.close()
+    first, second = (statuses[t] for t in tasks)
+    assert first.file_errors[s1.dest].startswith("rsync exited 255: ssh: connect to host dtn")
+    assert second.file_errors[s2.dest].startswith("rsync exited 255: ssh: connect to host dtn")
+    assert first.info.get("not_tried") == [a.dest] and second.info.get("not_tried") == [b.dest], (first, second)
+    assert runs(log, "--list-only") == 0 and runs(log, "/a.txt") == 0 and runs(log, "/b.txt") == 0

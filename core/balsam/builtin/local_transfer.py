@@ -289,6 +289,17 @@ def _replace_with_directory(target: Path) -> None:
     target.mkdir(exist_ok=True)
 
 
+def names_a_directory(dest: str) -> bool:
+    """Whether a file item's destination is written as a directory's name: ending in ``/``, or in
+    a ``.`` or ``..`` component. ``Path`` drops a trailing ``/`` (``local`` wrote a file ``out``
+    for ``out/``), rsync writes ``out/<name>``: both refuse it instead."""
+    return dest.endswith("/") or dest.rpartition("/")[2] in (".", "..")
+
+
+def names_a_directory_error(dest: str) -> str:
+    return f"destination {dest} names a directory (the transfer slot is not recursive)"
+
+
 def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[threading.Event] = None) -> int:
     """Copy ``src`` to ``dest`` atomically; return the bytes copied. Raises OSError/ValueError, or
     :class:`CopyCancelled` when ``stop`` is set before the copy is renamed into place (it is looked
@@ -361,6 +372,9 @@ def _run_task(files: Sequence[tuple[str, TransferFile]], stop: Optional[threadin
     for key, f in files:
         if stop is not None and stop.is_set():
             return TaskStatus(TaskState.failed, "cancelled", retryable=True)
+        if not f.recursive and names_a_directory(f.dest):
+            errors[key] = names_a_directory_error(f.dest)
+            continue
         try:
             copied += copy_into_place(Path(f.src), Path(f.dest), f.recursive, stop=stop)
         except CopyCancelled:

@@ -27,17 +27,25 @@ whole process group, the ssh it started included. After a file timed out or ssh 
 statuses 10, 12, 30 and 35 say the same as ssh's 255: see ``CONNECTION_FAILED``): listed in the
 task's ``info[NOT_TRIED]`` (the agent submits them again, no try used) when the host had answered
 since its last such failure, the file that timed out running last in its next task, so one slow
-file does not fail its batch; failing a try when it had not (no answer twice in a row), so a hung
-host costs one ``timeout_sec`` per task, not one per file (see :meth:`RsyncTransfer._run_task`).
+file does not fail its batch; failing a try when it had not (no answer twice in a row: the second
+rsync started after the first failure was recorded) and a quick check of the host (an
+``rsync --list-only`` of the file's directory there, at most :data:`PROBE_TIMEOUT_SEC`) gets no
+answer either, so a hung host costs one ``timeout_sec`` per task, not one per file (see
+:meth:`RsyncTransfer._run_task`). What the backend knows of its hosts lives in this process: an
+agent restart forgets it (the next first failure is a first again).
 Nothing else ends such a session when the agent dies: each running rsync is recorded in the site
 (:class:`RunningRsyncs`), and the next agent's backend ends those of a dead agent when it is built.
 
 A source or destination on this machine is looked at before rsync runs, with the ``local``
 backend's words for the same faults: a missing source (``--mkpath`` created the destination's
 directories first, and left them), a recursive item given a file, a file item whose destination is
-a directory (rsync writes ``<dir>/<name>``, a path the job never named). A remote stage-out file is
-sent by name into its destination's directory, so that a non-empty directory of that name is
-refused (an empty one is replaced); see :meth:`RsyncTransfer._explain`.
+a directory (rsync writes ``<dir>/<name>``, a path the job never named), a file item's destination
+written as a directory's name (``out/``, ``out/.``). A remote stage-out file is sent by name into
+its destination's directory, after an ``rsync --list-only`` of the task's destinations (one more
+connection per task) found no directory there, links followed (sent by name, the file would replace a link to
+a directory, or an empty directory); see :meth:`RsyncTransfer._remote_directories` and
+:meth:`RsyncTransfer._explain`. The link it is sent as is made in the site's ``.rsync-links`` (see
+:class:`LinkDirs`).
 
 Remote names holding wildcard characters (``run[1].h5``) are taken literally, although the remote
 rsync expands wildcards even with ``--protect-args``: escaped in a source, sent as a link of that
@@ -67,7 +75,8 @@ import attrs
 
 from ..options import option
 from ..states import TransferDirection
-from .local_transfer import StopFlag, ThreadedTasks, at_least_one
+from .local_transfer import StopFlag, ThreadedTasks, at_least_one, names_a_directory
+from .local_transfer import names_a_directory_error as _names_a_directory
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
 from ..util import START_TIME_TOLERANCE_SEC, process_start_time, same_process, terminate_processes
 
@@ -109,7 +118,7 @@ class RsyncOptions:
     timeout_sec: int = option(
         3600, "A single rsync (one file or directory) is stopped after this many seconds (more than 0); the task's "
         "remaining files are then not tried: submitted again without using a try, unless the host got no answer "
-        "twice in a row (then they fail a try).", validator=_positive)
+        "twice in a row and then none to a quick check either (then they fail a try).", validator=_positive)
     threads: int = option(4, "Tasks running at the same time (one thread each); at least 1.", validator=at_least_one)
     skip_unchanged: bool = option(
         False, "Skip files whose size and modification time match the destination (rsync's quick check): faster "
@@ -138,11 +147,14 @@ ANSWERED, NO_ANSWER, TIMED_OUT, NOT_RUN = "answered", "no answer", "timed out", 
 #: ``TaskStatus.info`` key: the ``file_errors`` keys of the files a task did not try because an
 #: earlier file got no answer, when the host had answered since its last such failure (the transfers
 #: module puts their items back to pending without using a try). Files not tried because the host
-#: got no answer twice in a row are not listed: they fail a try, so a hung host costs one
-#: ``timeout_sec`` per task, not one per file.
+#: got no answer twice in a row, nor then to a quick check, are not listed: they fail a try, so a
+#: hung host costs one ``timeout_sec`` per task, not one per file.
 NOT_TRIED = "not_tried"
 #: Files remembered as having timed out (run last in their next task): at most this many.
 TIMED_OUT_MEMORY = 10_000
+#: Seconds the check of a host gets (an ``rsync --list-only`` of a directory there, see
+#: :meth:`RsyncTransfer._host_answers`) before its files are charged a try (``timeout_sec`` if less).
+PROBE_TIMEOUT_SEC = 10
 
 
 def split_address(netloc: str) -> tuple[str, Optional[int]]:
@@ -236,6 +248,9 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
     if link_name is not None and (link is None or PurePosixPath(link).name != link_name):
         raise ValueError(f"the destination {f.dest} needs a link named {link_name!r} to its source")
     sent_as_link = link is not None and direction == TransferDirection.stage_out and not local_mode and not f.recursive
+    if sent_as_link and names_a_directory(f.dest):
+        # (PurePosixPath("/out/dir/").name is "dir", "/out/dir/".rpartition("/")[0] "/out/dir": /out/dir/dir)
+        raise ValueError(f"the file destination {f.dest} names a directory")
     if sent_as_link and PurePosixPath(link).name != PurePosixPath(location.remote_path(f.dest)).name:
         raise ValueError(f"the link sent for {f.dest} must be named as it, not {PurePosixPath(link).name!r}")
     args = [options.rsync, "--links", "--perms", "--times", "--protect-args", "--mkpath"]
@@ -314,6 +329,14 @@ def _not_a_directory(src: str) -> str:
 
 def _dest_is_a_directory(dest: str) -> str:
     return f"destination {dest} is a directory"
+
+
+def _listed_name(path: str) -> Optional[str]:
+    """An absolute remote path as ``rsync --list-only --relative`` lists it: without its leading
+    ``/``, empty and ``.`` components (a ``/./`` would start the relative part there); None for
+    one holding ``..`` (resolved on the host, not here) or for ``/``."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return None if not parts or ".." in parts else "/".join(parts)
 
 
 def _quoted(path: str) -> str:
@@ -566,6 +589,60 @@ class RunningRsyncs:
         return ended
 
 
+#: The site's directory of the links a stage-out file is sent as (see :class:`LinkDirs`).
+LINKS_DIR = ".rsync-links"
+LINK_PREFIX = "balsam-rsync-link-"
+
+
+class LinkDirs:
+    """Where the links a remote stage-out file is sent as are made: one temporary directory per
+    file, ``<base>/balsam-rsync-link-<host>-<pid>-<ms>-XXXXXXXX`` (this process's host, pid and
+    start time), removed once its rsync is over. The base is the site's ``.rsync-links`` (no
+    ``TMPDIR`` to fill up, and the next agent of the site sees what a killed one left), else (no
+    site, or the site's cannot be written) the system's temporary directory. :meth:`clean` (called
+    when the backend is built) removes those of processes of this host that no longer run."""
+
+    def __init__(self, site_path: Optional[str]) -> None:
+        self.bases = ([str(Path(site_path) / LINKS_DIR)] if site_path else []) + [tempfile.gettempdir()]
+        self.host = socket.gethostname()
+        started = process_start_time(os.getpid()) or 0.0
+        self.prefix = f"{LINK_PREFIX}{self.host}-{os.getpid()}-{int(started * 1000)}-"
+
+    def make(self) -> str:
+        """A new directory; raises OSError naming each directory tried when none can be made."""
+        failures = []
+        for base in self.bases:
+            try:
+                os.makedirs(base, exist_ok=True)
+                return tempfile.mkdtemp(prefix=self.prefix, dir=base)
+            except OSError as exc:
+                failures.append(f"{base}: {exc.strerror or exc}")
+        raise OSError(f"cannot make a directory for the link a stage-out file is sent as ({'; '.join(failures)})")
+
+    def clean(self) -> list[str]:
+        """Remove the directories of processes of this host that no longer run (a SIGKILLed
+        agent's); returns those removed."""
+        removed = []
+        for base in self.bases:
+            for name in _listdir(base):
+                if not name.startswith(LINK_PREFIX):
+                    continue
+                parts = name[len(LINK_PREFIX):].rsplit("-", 3)
+                if len(parts) != 4 or parts[0] != self.host or not (parts[1].isdecimal() and parts[2].isdecimal()):
+                    continue
+                if same_process(int(parts[1]), int(parts[2]) / 1000):
+                    continue  # its process runs (this one, or another agent of this host)
+                path = os.path.join(base, name)
+                try:
+                    if os.lstat(path).st_uid != os.getuid():
+                        continue
+                except OSError:
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+
 class RsyncTransfer(TransferBackend):
     """rsync over ssh (``rsync://user@host``)."""
 
@@ -591,11 +668,19 @@ class RsyncTransfer(TransferBackend):
                 if ended:
                     logger.warning("rsync: ended %d processes (rsync and its ssh) that a previous agent left running "
                                    "(pids %s); their items are copied again", len(ended), ", ".join(map(str, ended)))
+        self._links = LinkDirs(site_path)
+        leftovers = self._links.clean()
+        if leftovers:
+            logger.info("rsync: removed %d link directories a previous agent left (%s)", len(leftovers), leftovers[0])
         self._tasks = ThreadedTasks(self.options.threads, "balsam-rsync")
         self._hosts_lock = threading.Lock()
-        #: The hosts (a location's netloc; "" for local mode) whose last rsync got no answer (timed
-        #: out, ssh or the connection failed), none having answered since (see :meth:`_run_task`).
-        self._unanswered: set[str] = set()
+        #: Per host (a location's netloc; "" for local mode): how many rsyncs to it got no answer
+        #: (timed out, ssh or the connection failed) since this backend was built (read when an
+        #: rsync starts: see :meth:`_heard`).
+        self._failures: dict[str, int] = {}
+        #: The hosts whose last rsync got no answer, none having answered since: the number (in
+        #: ``_failures``) of the first such failure (see :meth:`_run_task`).
+        self._unanswered: dict[str, int] = {}
         #: Files whose last rsync timed out, by (location URL, direction, src, dest): their next
         #: task runs them last, so that one slow file does not hold up the files batched with it
         #: again (oldest forgotten first, past TIMED_OUT_MEMORY; a success forgets one).
@@ -615,12 +700,24 @@ class RsyncTransfer(TransferBackend):
             slow = [self._file_key(location, direction, f) in self._timed_out for f in files]
         return [f for f, s in zip(files, slow) if not s] + [f for f, s in zip(files, slow) if s]
 
-    def _heard(self, location: TransferLocation, direction: TransferDirection, f: TransferFile, outcome: str) -> bool:
-        """Record what an rsync of ``f`` said of its host; returns whether the host got no answer
-        twice in a row (this rsync's and the last one before it, none answering in between)."""
-        host, key = self._host(self.options, location), self._file_key(location, direction, f)
+    def _failures_now(self, location: TransferLocation) -> int:
+        """The host's failure count, read as an rsync to it starts (given back to :meth:`_heard`)."""
         with self._hosts_lock:
-            if outcome == TIMED_OUT:
+            return self._failures.get(self._host(self.options, location), 0)
+
+    def _heard(self, location: TransferLocation, direction: TransferDirection, f: Optional[TransferFile], outcome: str,
+               seen: int = 0) -> bool:
+        """Record what an rsync of ``f`` said of its host; returns whether the host got no answer
+        twice in a row: this rsync's, and one recorded before it started (``seen``: the host's
+        failure count then), none answering in between. Two rsyncs running at once that both time
+        out are not that: the second had started before the first's failure was known. ``f`` None:
+        an rsync of no one file (see :meth:`_remote_directories`)."""
+        host = self._host(self.options, location)
+        key = self._file_key(location, direction, f) if f is not None else None
+        with self._hosts_lock:
+            if key is None:
+                pass
+            elif outcome == TIMED_OUT:
                 self._timed_out.pop(key, None)
                 self._timed_out[key] = None
                 while len(self._timed_out) > TIMED_OUT_MEMORY:
@@ -628,13 +725,88 @@ class RsyncTransfer(TransferBackend):
             elif outcome == ANSWERED:
                 self._timed_out.pop(key, None)
             if outcome == ANSWERED:
-                self._unanswered.discard(host)
+                self._unanswered.pop(host, None)
                 return False
             if outcome in (NO_ANSWER, TIMED_OUT):
-                again = host in self._unanswered
-                self._unanswered.add(host)
-                return again
+                first = self._unanswered.get(host)
+                count = self._failures[host] = self._failures.get(host, 0) + 1
+                self._unanswered.setdefault(host, count)
+                return first is not None and first <= seen
             return False
+
+    def _host_answers(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
+                      stop: Optional[StopFlag] = None) -> bool:
+        """Whether the host of ``location`` answers a quick check: an ``rsync --list-only`` of the
+        directory of ``f``'s side there (only that entry: ``--dirs``, no trailing slash), stopped
+        after :data:`PROBE_TIMEOUT_SEC`. Any exit but a connection failure is an answer (a missing
+        directory too). In local mode the "host" is the file system holding that directory (a hung
+        mount hangs the check too). An answer is recorded: the host's next failure is a first again."""
+        local_mode = _local_mode(self.options, location)
+        address, port = split_address(location.netloc)
+        side = location.remote_path(f.src if direction == TransferDirection.stage_in else f.dest)
+        directory = os.path.dirname(side.rstrip("/")) or "/"
+        args = [self.options.rsync, "--list-only", "--dirs", "--protect-args"]
+        if local_mode:
+            target = directory
+        else:
+            args += ["-e", self.options.ssh_command if port is None else f"{self.options.ssh_command} -p {port}"]
+            try:
+                target = f"{address}:{remote_source(directory)}"
+            except RemoteNameError:
+                target = f"{address}:/"  # (only the host's answer matters)
+        args += [*self.options.extra_args, "--", target]
+        returncode = self._run_bounded(args, min(PROBE_TIMEOUT_SEC, self.options.timeout_sec), stop)
+        answered = returncode is not None and returncode not in CONNECTION_FAILED
+        if answered:
+            with self._hosts_lock:
+                self._unanswered.pop(self._host(self.options, location), None)
+        logger.info("rsync: %s %s a check after two rsyncs in a row got no answer", location.netloc or "this machine",
+                    "answered" if answered else "did not answer")
+        return answered
+
+    def _run_bounded(self, args: list[str], timeout: float, stop: Optional[StopFlag] = None,
+                     output: Optional[list[str]] = None) -> Optional[int]:
+        """Run ``args`` (an rsync that only looks) in a session of its own, recorded like a copy;
+        its exit status, or None when it ran past ``timeout`` or was cancelled; -1 when it could not
+        start (its copies then fail saying why).
+        Its standard output and error are appended to ``output`` when given."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RSYNC_")}
+        pipe = subprocess.PIPE if output is not None else subprocess.DEVNULL
+        try:
+            proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, stdin=subprocess.DEVNULL, text=True, env=env,
+                                    start_new_session=True)
+        except OSError:
+            return -1
+        if self._running is not None:
+            self._running.add(proc.pid)
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            _kill_group(proc)
+
+        if stop is not None:
+            stop.add_callback(kill)
+        try:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+            if output is not None:
+                output += [out, err]
+            returncode = proc.returncode
+        finally:
+            if stop is not None:
+                stop.remove_callback(kill)
+            if proc.poll() is None:
+                _kill_group(proc)
+                try:
+                    proc.communicate(timeout=TERM_GRACE_SEC)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self._running is not None:
+                self._running.remove(proc.pid)
+        return None if killed.is_set() else returncode
 
     def _local_problem(self, location: TransferLocation, direction: TransferDirection, f: TransferFile) -> str:
         """A file error found on this machine before running rsync, worded as the local backend's
@@ -644,6 +816,8 @@ class RsyncTransfer(TransferBackend):
         path the job never named). Remote sides are rsync's to report (see :meth:`_explain`)."""
         local_mode = _local_mode(self.options, location)
         stage_in = direction == TransferDirection.stage_in
+        if not f.recursive and names_a_directory(f.dest):
+            return _names_a_directory(f.dest if stage_in else location.remote_path(f.dest))
         src = f.src if not stage_in else location.remote_path(f.src) if local_mode else None
         dest = f.dest if stage_in else location.remote_path(f.dest) if local_mode else None
         if src is not None:
@@ -658,7 +832,7 @@ class RsyncTransfer(TransferBackend):
         return ""
 
     def _run_one(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
-                 stop: Optional[StopFlag] = None) -> tuple[str, str]:
+                 stop: Optional[StopFlag] = None, remote_directories: Optional[set[str]] = None) -> tuple[str, str]:
         """('' on success, else one line saying what went wrong; what the host said: ANSWERED,
         NO_ANSWER, TIMED_OUT or NOT_RUN)."""
         problem = self._local_problem(location, direction, f)
@@ -673,19 +847,68 @@ class RsyncTransfer(TransferBackend):
             # A remote file is sent by name, as a link named as its destination into the
             # destination's directory: rsync given the path itself writes into a directory found
             # there (<dir>/<name>, a path the job never named); by name, a non-empty directory is
-            # refused (an empty one is replaced, see DEST_IS_A_DIRECTORY).
+            # refused (DEST_IS_A_DIRECTORY: one made after the check below).
             link_name = PurePosixPath(location.remote_path(f.dest)).name or None
         if link_name is None:
             return self._run_rsync(location, direction, f, stop)
-        # The destination's name holds wildcard characters: a link of that name to the source is
-        # sent into the destination's directory (see remote_dest_link_name).
-        holder = tempfile.mkdtemp(prefix="balsam-rsync-link-")
+        # Sent by name, a file would replace a link to a directory there (see _remote_directories).
+        if _listed_name(location.remote_path(f.dest)) in (remote_directories or ()):
+            return _dest_is_a_directory(location.remote_path(f.dest)), NOT_RUN
+        # A link of the destination's name to the source is sent into the destination's directory
+        # (see remote_dest_link_name for a name holding wildcard characters).
+        try:
+            holder = self._links.make()
+        except OSError as exc:
+            return one_line(exc), NOT_RUN
         try:
             link = os.path.join(holder, link_name)
             os.symlink(os.path.abspath(f.src), link)
             return self._run_rsync(location, direction, f, stop, link)
         finally:
             shutil.rmtree(holder, ignore_errors=True)
+
+    def _remote_directories(self, location: TransferLocation, direction: TransferDirection,
+                            files: Sequence[TransferFile], stop: Optional[StopFlag] = None) -> tuple[set[str], str, str]:
+        """For a task's remote stage-out files (over ssh), the destinations that are directories,
+        links followed (by :func:`_listed_name`), with one ``rsync --list-only --dirs
+        --copy-dirlinks --relative`` of them all (one connection per task, stopped after
+        ``timeout_sec``): (those, '' or what went wrong, what the host said). A missing destination
+        is no directory. Sent by name (see :meth:`_run_one`), a file would replace a symbolic link
+        there, one to a directory too, and an empty directory; local and rsync:/// refuse a
+        destination that is a directory, links followed (``--keep-dirlinks`` only concerns
+        directories being sent, so it does not help)."""
+        if direction != TransferDirection.stage_out or _local_mode(self.options, location):
+            return set(), "", NOT_RUN
+        address, port = split_address(location.netloc)
+        targets = []
+        for f in files:
+            dest = location.remote_path(f.dest)
+            if f.recursive or names_a_directory(f.dest) or _listed_name(dest) is None:
+                continue
+            try:
+                targets.append(f"{address}:{remote_source(dest)}")
+            except RemoteNameError:
+                continue  # (refused when its file runs)
+        if not targets:
+            return set(), "", NOT_RUN
+        # Several sources need a destination, which --list-only never writes.
+        args = [self.options.rsync, "--list-only", "--dirs", "--copy-dirlinks", "--relative", "--no-implied-dirs",
+                "--protect-args", "-e", self.options.ssh_command if port is None else f"{self.options.ssh_command} -p {port}",
+                *self.options.extra_args, "--", *targets, os.devnull]
+        output: list[str] = []
+        returncode = self._run_bounded(args, self.options.timeout_sec, stop, output)
+        if returncode is None:
+            return (set(), f"looking at the destinations on {location.netloc} did not finish within "
+                    f"{self.options.timeout_sec} s", TIMED_OUT)
+        if returncode in CONNECTION_FAILED:
+            return set(), one_line(f"looking at the destinations on {location.netloc} failed: rsync exited {returncode}: "
+                                   f"{_last_error_line(output[1] or output[0])}"), NO_ANSWER
+        directories = set()
+        for line in output[0].splitlines():
+            fields = line.split(None, 4)
+            if len(fields) == 5 and fields[0].startswith("d"):
+                directories.add(_unescape_names(fields[4]))
+        return directories, "", ANSWERED
 
     def _explain(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
                  link: Optional[str], returncode: int, output: str) -> str:
@@ -741,6 +964,9 @@ class RsyncTransfer(TransferBackend):
         finally:
             if self._running is not None:
                 self._running.remove(proc.pid)
+        if result[0] and link is not None:
+            # rsync names the link it was given (/tmp/balsam-rsync-link-*/out.txt): the job named its source.
+            result = (result[0].replace(link, f.src), result[1])
         if not result[0] and local_dest is not None and before is not None:
             removed = remove_stale_temporaries(local_dest.rstrip("/") if f.recursive else local_dest, f.recursive, before)
             if removed:
@@ -791,13 +1017,26 @@ class RsyncTransfer(TransferBackend):
         answered since its last such failure (this file may just be slow: an rsync of another file
         answered), they are listed in ``info[NOT_TRIED]``: the agent submits them again without
         using a try, and a task runs the files that timed out last. If none did (no answer twice in
-        a row: the host looks down), they fail a try, so a hung host costs one ``timeout_sec`` per
-        task, not one per file."""
+        a row: the second rsync started after the first failure was recorded, so two files failing
+        at once are not that), the host is checked (:meth:`_host_answers`: two slow files in a row
+        look the same); when it does not answer that either (the host looks down) they fail a try,
+        so a hung host costs one ``timeout_sec`` (and the check) per task, not one per file."""
         errors: dict[str, str] = {}
         failed: set[str] = set()  # destinations whose own rsync failed
         not_tried: list[str] = []
         give_up, spare = "", False
         where = location.netloc or "this machine"
+        seen = self._failures_now(location)
+        directories, problem, outcome = self._remote_directories(location, direction, files, stop)
+        if stop is not None and stop.is_set():
+            return TaskStatus(TaskState.failed, "cancelled", retryable=True)
+        twice = self._heard(location, direction, None, outcome, seen)
+        if outcome in (NO_ANSWER, TIMED_OUT):
+            # No file ran: spared if the host had answered since its last failure, else charged
+            # (no check of the host: one answering it while this hangs would spare them for good).
+            spare = not twice
+            give_up = one_line(f"not tried: {problem}" + ("; submitted again without using a try" if spare else
+                                                            f", the second rsync in a row to {where} that got no answer"))
         for f in self._slow_last(location, direction, files):
             if stop is not None and stop.is_set():
                 return TaskStatus(TaskState.failed, "cancelled", retryable=True)
@@ -806,18 +1045,24 @@ class RsyncTransfer(TransferBackend):
                 if spare and f.dest not in failed and f.dest not in not_tried:
                     not_tried.append(f.dest)
                 continue
-            error, outcome = self._run_one(location, direction, f, stop)
+            seen = self._failures_now(location)
+            error, outcome = self._run_one(location, direction, f, stop, directories)
             if stop is not None and stop.is_set():
                 return TaskStatus(TaskState.failed, "cancelled", retryable=True)
             if error:
                 errors[f.dest] = error
                 failed.add(f.dest)
-            twice = self._heard(location, direction, f, outcome)
+            twice = self._heard(location, direction, f, outcome, seen)
             if outcome in (NO_ANSWER, TIMED_OUT):
-                spare = not twice
+                # Two slow files in a row look like a host that is down: a quick check tells them
+                # apart (it answering spares the rest; a hung host costs timeout_sec + the check).
+                answers = twice and self._host_answers(location, direction, f, stop)
+                if stop is not None and stop.is_set():
+                    return TaskStatus(TaskState.failed, "cancelled", retryable=True)
+                spare = not twice or answers
                 give_up = one_line(f"not tried: an earlier file of this task failed ({error})" +
                                    ("; submitted again without using a try" if spare else
-                                    f", the second rsync in a row to {where} that got no answer"))
+                                    f", the second rsync in a row to {where} that got no answer, nor did a check of it"))
         info: dict[str, object] = {"files": len(files), "files_done": len(files) - len(errors)}
         if not_tried:
             info[NOT_TRIED] = not_tried
