@@ -37,6 +37,11 @@ Python API and the site agent use:
   their events and children);
 - server RSS at the end.
 
+SQLite is measured as a server leaves its database: without planner statistics (the server never
+runs ANALYZE; nor do its users). ``--sqlite-analyze`` runs ANALYZE after each fill, as this script
+did before 7 December, to see what statistics change. PostgreSQL's are taken after each fill
+(``VACUUM ANALYZE``), as its autovacuum does in a running server.
+
     python benchmarks/scale_jobs.py [--jobs 1000000] [--small 10000] [--backends sqlite,postgresql] [--repeat 9]
     python benchmarks/scale_jobs.py --other-paths --jobs 100000 [--small 10000] [--repeat 7]
 """
@@ -151,7 +156,8 @@ def measure_after_finished(engine: Any, api: httpx.Client, site_id: int, app_id:
     }
 
 
-def run_backend(name: str, database_url: str, small: int, large: int, repeat: int, workdir: Path) -> None:
+def run_backend(name: str, database_url: str, small: int, large: int, repeat: int, workdir: Path,
+                sqlite_analyze: bool) -> None:
     from balsam.server.db import create_db_engine
     from balsam.server.migrate import upgrade_engine
 
@@ -169,7 +175,7 @@ def run_backend(name: str, database_url: str, small: int, large: int, repeat: in
             if engine.dialect.name == "postgresql":
                 with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                     conn.exec_driver_sql("VACUUM ANALYZE jobs")
-            else:
+            elif sqlite_analyze:
                 with engine.begin() as conn:
                     conn.exec_driver_sql("ANALYZE")
             rate = (size - filled) / fill_sec
@@ -180,7 +186,8 @@ def run_backend(name: str, database_url: str, small: int, large: int, repeat: in
             filled += 2000
         rss = psutil.Process(proc.pid).memory_info().rss / 2**20
         lim = LIMITS_MS[name]
-        print(f"\n[{name}] median / p95 in ms; peer: the same call at {small:,} jobs, this run; "
+        stats = " (ANALYZEd)" if name == "sqlite" and sqlite_analyze else ""
+        print(f"\n[{name}{stats}] median / p95 in ms; peer: the same call at {small:,} jobs, this run; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"{'figure':<60} {small:>12,} {large:>12,}   limit")
 
@@ -217,7 +224,7 @@ def once_ms(fn: Callable[[], Any]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def fill_events_and_dag(engine: sa.Engine, n: int) -> list[int]:
+def fill_events_and_dag(engine: sa.Engine, n: int, sqlite_analyze: bool) -> list[int]:
     """Nine events per job, a second apart going back from now, and job ``n/2 + i`` a child of
     job ``i`` for the first tenth; the jobs' ids in order."""
     pg = engine.dialect.name == "postgresql"
@@ -239,27 +246,29 @@ def fill_events_and_dag(engine: sa.Engine, n: int) -> list[int]:
     if pg:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("VACUUM ANALYZE")
-    else:
+    elif sqlite_analyze:
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE")
     return ids
 
 
-def other_paths_size(name: str, database_url: str, n: int, repeat: int, workdir: Path) -> dict[str, float]:
+def other_paths_size(name: str, database_url: str, n: int, repeat: int, workdir: Path,
+                     sqlite_analyze: bool) -> dict[str, float]:
     from balsam.server.db import create_db_engine
     from balsam.server.migrate import upgrade_engine
 
-    if name == "postgresql":
-        prepare_pg(database_url)
-    engine = create_db_engine(database_url)
-    upgrade_engine(engine)
-    proc, url = start_server(workdir, database_url, home=workdir / "home", create_tables=False)
     out: dict[str, float] = {}
-    try:
+    engine = proc = None
+    try:  # from the database's creation on: whatever fails after it, the finally drops it
+        if name == "postgresql":
+            prepare_pg(database_url)
+        engine = create_db_engine(database_url)
+        upgrade_engine(engine)
+        proc, url = start_server(workdir, database_url, home=workdir / "home", create_tables=False)
         api, site, app, *_ = open_user_site(url, f"other{n}")
         for start in range(0, n, 50_000):  # in batches: one statement per 50,000 jobs
             fill(engine, app["id"], site["id"], start, min(50_000, n - start))
-        ids = fill_events_and_dag(engine, n)
+        ids = fill_events_and_dag(engine, n, sqlite_analyze)
 
         def get(path: str, **params: Any) -> Any:
             answer = api.get(path, params=params)
@@ -277,14 +286,16 @@ def other_paths_size(name: str, database_url: str, n: int, repeat: int, workdir:
         out["poll"] = median_ms(lambda: get("/jobs/", last_update_after=since, limit=100), repeat)
         out["latest"] = median_ms(lambda: get("/jobs/", ordering="-last_update", limit=100), repeat)
         out["put_state"] = once_ms(lambda: api.put("/jobs/", params={"state": "FAILED"}, json={"state": "RESTART_READY"}).raise_for_status())
-        some = ids[5::10][:5000]
+        some = ids[::max(1, len(ids) // 5000)][:5000]  # 5,000 jobs spread over the table
         out["patch_data"] = once_ms(lambda: api.patch("/jobs/", json=[{"id": i, "data": {"k": i}} for i in some]).raise_for_status())
         out["delete"] = once_ms(lambda: api.request("DELETE", "/jobs/", params={"tags": "campaign:c0"}).raise_for_status())
         out["rss"] = psutil.Process(proc.pid).memory_info().rss / 2**20
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        engine.dispose()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        if engine is not None:
+            engine.dispose()
         if name == "postgresql":
             drop_pg(database_url)
     return out
@@ -303,17 +314,18 @@ OTHER_ROWS = [
 ]
 
 
-def run_other_paths(backend: str, pg_url: str, small: int, large: int, repeat: int) -> None:
+def run_other_paths(backend: str, pg_url: str, small: int, large: int, repeat: int, sqlite_analyze: bool) -> None:
     """``--other-paths``: each size in a database of its own (PostgreSQL's made and dropped)."""
     results = {}
     for n in (small, large):
         workdir = Path(tempfile.mkdtemp(prefix=f"balsam-other-{backend}-"))
         try:
             url = f"sqlite:///{workdir / 'balsam.db'}" if backend == "sqlite" else pg_url
-            results[n] = other_paths_size(backend, url, n, repeat, workdir)
+            results[n] = other_paths_size(backend, url, n, repeat, workdir, sqlite_analyze)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n[{backend}] other paths, median ms; peer: the same call at {small:,} jobs, this run; "
+    stats = " (ANALYZEd)" if backend == "sqlite" and sqlite_analyze else ""
+    print(f"\n[{backend}{stats}] other paths, median ms; peer: the same call at {small:,} jobs, this run; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'figure':<62} {small:>10,} {large:>10,}   ratio (jobs x{large / small:.0f})")
     for key, label in OTHER_ROWS:
@@ -331,6 +343,8 @@ def main() -> None:
     parser.add_argument("--pg-url", default=os.environ.get("BALSAM_BENCH_DATABASE_URL", PG_DEFAULT))
     parser.add_argument("--other-paths", action="store_true",
                         help="the paths beyond the targets instead (events, children, last_update, bulk writes; see above)")
+    parser.add_argument("--sqlite-analyze", action="store_true",
+                        help="run ANALYZE on SQLite after each fill (a server never does: off by default)")
     args = parser.parse_args()
     if args.other_paths and args.jobs > 500_000:
         # Its PUT moves the FAILED jobs (1 %) in one call, at most 5,000 (the bulk routes' cap).
@@ -342,7 +356,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.other_paths:
         for backend in args.backends.split(","):
-            run_other_paths(backend, args.pg_url, args.small, args.jobs, args.repeat)
+            run_other_paths(backend, args.pg_url, args.small, args.jobs, args.repeat, args.sqlite_analyze)
         return
     for backend in args.backends.split(","):
         workdir = Path(tempfile.mkdtemp(prefix=f"balsam-scale-{backend}-"))
@@ -352,7 +366,7 @@ def main() -> None:
             else:
                 url = args.pg_url
                 prepare_pg(url)
-            run_backend(backend, url, args.small, args.jobs, args.repeat, workdir)
+            run_backend(backend, url, args.small, args.jobs, args.repeat, workdir, args.sqlite_analyze)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

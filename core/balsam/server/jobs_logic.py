@@ -234,7 +234,10 @@ def plain_job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
 # Filters
 # ---------------------------------------------------------------------------------------------
 
-def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Select:
+def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str, *, by_time: bool = False) -> sa.Select:
+    """``stmt`` limited to the jobs the query's filters match. ``by_time``: the site and app tests as
+    ``column + 0``, which no index serves, so that SQLite reads the jobs of the ``last_update``
+    range from ``ix_jobs_last_update_id`` (see :func:`_few_in_time_range`)."""
     stmt = where_in(stmt, jobs.c.id, q.int_list("id", bits=64))
     stmt = where_gt(stmt, jobs.c.id, q.int(ID_AFTER, bits=64))
     parent_ids = q.int_list("parent_id", bits=64)
@@ -242,15 +245,11 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Selec
         stmt = stmt.where(
             jobs.c.id.in_(sa.select(job_parents.c.child_id).where(job_parents.c.parent_id.in_(parent_ids)))
         )
-    stmt = where_eq(stmt, jobs.c.app_id, q.int("app_id"))
-    stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
+    stmt = where_eq(stmt, jobs.c.app_id + 0 if by_time else jobs.c.app_id, q.int("app_id"))
+    stmt = where_in(stmt, jobs.c.site_id + 0 if by_time else jobs.c.site_id, q.int_list("site_id"))
     stmt = where_eq(stmt, jobs.c.batch_job_id, q.int("batch_job_id"))
-    before = q.datetime("last_update_before")
-    if before is not None:
-        stmt = stmt.where(jobs.c.last_update <= before)
-    after = q.datetime("last_update_after")
-    if after is not None:
-        stmt = stmt.where(jobs.c.last_update >= after)
+    for condition in _time_range(q):
+        stmt = stmt.where(condition)
     contains = q.str("workdir__contains")
     if contains:
         stmt = stmt.where(jobs.c.workdir.like(f"%{like_escape(contains)}%", escape="\\"))
@@ -269,6 +268,18 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Selec
         stmt = stmt.where(json_contains(jobs.c.tags, tags, dialect))
     stmt = where_eq(stmt, jobs.c.pending_file_cleanup, pending_cleanup)
     return stmt
+
+
+def _time_range(q: QueryParams) -> list[sa.ColumnElement[bool]]:
+    """The query's conditions on ``last_update`` (``last_update_before``, ``last_update_after``)."""
+    conditions = []
+    before = q.datetime("last_update_before")
+    if before is not None:
+        conditions.append(jobs.c.last_update <= before)
+    after = q.datetime("last_update_after")
+    if after is not None:
+        conditions.append(jobs.c.last_update >= after)
+    return conditions
 
 
 def job_ordering(q: QueryParams, cols: Any = jobs.c) -> list[sa.ColumnElement]:
@@ -436,10 +447,17 @@ def _job_page(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
               columns: list[Any]) -> tuple[int, "sa.Select | None"]:
     """The number of matching jobs, and the statement selecting ``columns`` of one page (None if empty)."""
     dialect = conn.dialect.name
+    # SQLite, which has no statistics unless someone runs ANALYZE (the server never does), takes an
+    # equality on site_id for ~10 rows and a range on last_update for a quarter of the table: it
+    # reads the site's every job through (site_id, id) or (site_id, state, id), whatever the range.
+    # When the range holds few jobs (_few_in_time_range), the site (and app) tests are written so
+    # that no index serves them and ix_jobs_last_update_id is read, with or without statistics.
+    by_time = dialect == "sqlite" and _few_in_time_range(conn, user_id, q)
     count = counted_from_counters(conn, user_id, q)
     if count is None:
-        base = sa.select(jobs.c.id).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
-        base = apply_job_filters(base, q, dialect)
+        site = jobs.c.site_id + 0 if by_time else jobs.c.site_id
+        base = sa.select(jobs.c.id).where(site.in_(owned_site_ids(user_id)))
+        base = apply_job_filters(base, q, dialect, by_time=by_time)
         count = conn.execute(sa.select(sa.func.count()).select_from(base.subquery())).scalar_one()
     if limit == 0 or offset >= count:
         # Nothing to read: a client paging until a short page asks for the one past the end (the
@@ -448,33 +466,61 @@ def _job_page(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
     # The owner's site ids as values, not a subquery: PostgreSQL then walks (site_id, state, id) in
     # id order for a page instead of joining sites and sorting every match (10^6 jobs: 2 vs 130 ms).
     site_ids = list(conn.execute(owned_site_ids(user_id)).scalars())
-    stmt = sa.select(*columns).where(jobs.c.site_id.in_(site_ids))
     order = job_ordering(q)
-    if dialect == "sqlite" and count <= FEW_CHANGED and _by_last_update_only(q):
-        # A poll for the jobs changed since a time (last_update_after), in id order: SQLite's
-        # planner, which cannot tell how few jobs a time range matches, walked the site's jobs in
-        # id order (ix_jobs_site_id_id) until the page filled: every job when few match (10^5
-        # jobs: 25 ms). The count is known: as few as these are read from ix_jobs_last_update_id
-        # and sorted (an expression, not a column, is no index's order); more, and the walk finds
-        # its page soon enough.
-        order = [jobs.c.id + 0]
-    return count, apply_job_filters(stmt, q, dialect).order_by(*order).limit(limit).offset(offset)
+    ordering = q.choice("ordering", JOB_ORDERINGS)
+    if dialect == "sqlite" and not by_time and ordering in ("last_update", "-last_update"):
+        by_time = _walk_in_time_order(conn, count, limit, offset)
+    if by_time and ordering in (None, "id", "-id"):
+        # The range's few jobs sorted (an expression is no index's order: else SQLite may walk the
+        # whole table in id order, the rowid, for the page).
+        order = [(jobs.c.id + 0).desc() if ordering == "-id" else jobs.c.id + 0]
+    site = jobs.c.site_id + 0 if by_time else jobs.c.site_id
+    stmt = sa.select(*columns).where(site.in_(site_ids))
+    return count, apply_job_filters(stmt, q, dialect, by_time=by_time).order_by(*order).limit(limit).offset(offset)
 
 
-#: At most this many matches of a ``last_update`` range are read by their index and sorted for a
-#: page in id order on SQLite (``_job_page``); the walk in id order reads about limit x jobs /
-#: matches rows, no more than these at 10^6 jobs and 10^4 matches.
+#: A ``last_update`` range (``last_update_after``/``_before``) holding at most this many jobs of
+#: all users, or half the jobs the other plans read if more (the user's sites', or their jobs in the
+#: listing's states or app), is read through ``ix_jobs_last_update_id`` on SQLite
+#: (``_job_page``): its count and page then read the range's rows, fewer than the site's jobs that
+#: the other plans read for the count (and for a page when the matches are the newest jobs).
 FEW_CHANGED = 10_000
 
 
-def _by_last_update_only(q: QueryParams) -> bool:
-    """Whether a listing in id order filters on ``last_update`` and not on a few ids (``id``,
-    ``parent_id``: their rows are looked up by key whatever the order)."""
-    if q.choice("ordering", JOB_ORDERINGS) not in (None, "id"):
+def _few_in_time_range(conn: sa.Connection, user_id: int, q: QueryParams) -> bool:
+    """Whether the query has a ``last_update`` range holding at most ``max(FEW_CHANGED, half the
+    jobs the other plans read)`` jobs of all users, and no ``id``/``parent_id`` filter (those rows
+    are looked up by key whatever the range). Told by the counters (the user's jobs) and by counting
+    entries of ``ix_jobs_last_update_id`` alone, no row read, up to that bound: what SQLite's
+    planner would need statistics for, exact and bounded. Within the bound the range's rows are
+    fewer than those the site's indexes give; past it, the plans are those of before migration 0025
+    (the probe adds ~5 % there)."""
+    from .job_counts import count_matching
+
+    conditions = _time_range(q)
+    if not conditions or q.params.get("id") or q.params.get("parent_id"):
         return False
-    if q.datetime("last_update_after") is None and q.datetime("last_update_before") is None:
+    # The jobs the other plans read: the sites' (their states', their app's) through their indexes.
+    app_id = q.int("app_id")
+    walked = count_matching(conn, owned_site_ids(user_id), site_ids=q.int_list("site_id"),
+                            app_ids=None if app_id is None else [app_id], states=q.enum_list("state", JobState))
+    bound = max(FEW_CHANGED, walked // 2)
+    probe = sa.select(jobs.c.id).where(*conditions).limit(bound + 1).subquery()
+    return conn.execute(sa.select(sa.func.count()).select_from(probe)).scalar_one() <= bound
+
+
+def _walk_in_time_order(conn: sa.Connection, count: int, limit: int, offset: int) -> bool:
+    """Whether a page in ``last_update`` order is read walking ``ix_jobs_last_update_id`` from an
+    end (SQLite): about ``(offset + limit) x jobs / count`` rows when the matches are spread over
+    the jobs of all users, against ``count`` rows read and sorted through the site's index. The
+    jobs are counted from the ids' span (a lookup at each end of the primary key; deleted jobs only
+    make the walk look dearer)."""
+    # Two subqueries: SQLite reads a lone min() or max() at the key's end, both together by a scan.
+    first, last = conn.execute(sa.select(sa.select(sa.func.min(jobs.c.id)).scalar_subquery(),
+                                         sa.select(sa.func.max(jobs.c.id)).scalar_subquery())).one()
+    if first is None:
         return False
-    return not (q.params.get("id") or q.params.get("parent_id"))
+    return (offset + limit) * (last - first + 1) <= count * count
 
 
 #: Filters the trigger-kept counters can answer (balsam.server.job_counts); others need a scan.
