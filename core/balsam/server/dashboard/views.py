@@ -37,7 +37,7 @@ from ..db import count_and_page, read_tx, write_tx
 from ..errors import APIError, NotFound, Unauthorized, ValidationFailed
 from ..http import ID_AFTER, MAX_TAG_FILTERS, QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
-from ..routes.events import EV_FIELDS, events_select
+from ..routes.events import EV_FIELDS, events_by_id_select, events_select
 from ..routing import PUBLIC_BODY_LIMIT_BYTES, Ctx, read_body, route
 from ..settings import secure_cookie_mode
 from ..tables import apps, credentials, job_parents, jobs, log_events, sites, users
@@ -769,11 +769,12 @@ def events_page(view: View) -> Response:
                 paging = view.query(view.params(("before", "after")))
                 before, after = paging.int("before", minimum=0, bits=64), paging.int("after", minimum=0, bits=64)
                 params = list(raw.multi_items()) + ([(ID_AFTER, str(after))] if after is not None else [])
-                stmt, _order = events_select(view.user.id, view.query(StarletteQueryParams(params)), conn.dialect.name)
-                if before is not None:
-                    stmt = stmt.where(log_events.c.id < before)
-                order = log_events.c.id.asc() if after is not None else log_events.c.id.desc()
-                found = [dict(zip(EV_FIELDS, r)) for r in conn.execute(stmt.order_by(order).limit(EVENT_PAGE_SIZE + 1))]
+                # Read as the API reads a page (routes.events.events_page_select), in id order: not
+                # the join of events_select, whose plan on SQLite first read every job of the sites
+                # (10^5 jobs: 13 ms for the newest page, 0.5 ms this way).
+                stmt = events_by_id_select(conn, view.user.id, view.query(StarletteQueryParams(params)),
+                                           newest_first=after is None, before=before)
+                found = [dict(zip(EV_FIELDS, r)) for r in conn.execute(stmt.limit(EVENT_PAGE_SIZE + 1))]
                 more = len(found) > EVENT_PAGE_SIZE
                 events = found[:EVENT_PAGE_SIZE]
                 if after is not None:

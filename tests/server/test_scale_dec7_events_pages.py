@@ -1,0 +1,245 @@
+"""Pages of events read only the rows they show (audit of the other paths at 10^5 jobs).
+
+- ``GET /events/`` on SQLite: the owner check joined the jobs, and SQLite's planner built a Bloom
+  filter over every job of the user's sites before reading a page (10^5 jobs: 17 ms a page, 0.1 ms
+  with a lookup of each event's job; ``routes.events.events_page_select``). The count stays exact
+  and is read through the join (faster for every match).
+- The dashboard's Events page (by id) read the same join (13 ms at 10^5 jobs, analyzed; 160 ms
+  not); it reads the lookup now (``routes.events.events_by_id_select``). Filtered by a state, SQLite
+  read all of a common state's events and sorted them (no statistics: the server does not ANALYZE),
+  or walked every event by id for a rare one (with them); the state's events, counted up to
+  ``FEW_IN_STATE``, now choose the plan.
+
+The statements the real routes run (a starlette TestClient on a migrated database of 3,000 jobs of
+one site, three events each, analyzed: the planners' statistics, or on SQLite not, as the server
+leaves it) are caught as they execute and explained; figures in docs/performance.md."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+import pytest
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+from balsam.server.app import create_app
+from balsam.server.db import create_db_engine
+from balsam.server.migrate import upgrade
+from balsam.server.settings import ServerSettings
+
+PASSWORD = "a long enough password"
+JOBS = 3000
+
+
+def _fill(conn: sa.Connection, site: int, analyze: bool = True) -> None:
+    """An app and ``JOBS`` jobs of ``site``, each with 3 events (RUNNING -> RUN_DONE, a second
+    apart, the newest last); the last 5 jobs' last event is RUN_ERROR."""
+    app = conn.execute(sa.text(
+        "INSERT INTO apps (site_id, name, description, serialized_class, source_code, parameters, transfers) "
+        "VALUES (:s, 'A', '', '', '', '{}', '{}') RETURNING id"), {"s": site}).scalar()
+    pg = conn.dialect.name == "postgresql"
+    series = (f"generate_series(0, {JOBS - 1}) AS i" if pg else
+              f"(WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {JOBS - 1}) SELECT i FROM n)")
+    conn.exec_driver_sql(
+        "INSERT INTO jobs (site_id, app_id, workdir, tags, serialized_parameters, data, num_nodes, ranks_per_node, "
+        "threads_per_rank, threads_per_core, launch_params, gpus_per_rank, node_packing_count, wall_time_min, "
+        "parent_ids, state, pending_file_cleanup, serialized_return_value, serialized_exception, last_update) "
+        f"SELECT {site}, {app}, 'w' || i, '{{}}', '', '{{}}', 1, 1, 1, 1, '{{}}', 0, 1, 0, '[]', 'RUN_DONE', true, '', '', "
+        f"{'now()' if pg else 'CURRENT_TIMESTAMP'} FROM {series}")
+    stamp = ("TIMESTAMPTZ '2026-11-01 00:00:00+00' + (j.id * 3 + k) * INTERVAL '1 second'" if pg else
+             "strftime('%Y-%m-%d %H:%M:%f', '2026-11-01 00:00:00', '+' || (j.id * 3 + k) || ' seconds')")
+    last = JOBS - 5
+    conn.exec_driver_sql(
+        "INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) "
+        f"SELECT j.id, {stamp}, 'RUNNING', CASE WHEN k = 2 AND j.workdir IN ({', '.join(repr(f'w{i}') for i in range(last, JOBS))}) "
+        "THEN 'RUN_ERROR' WHEN k = 2 THEN 'RUN_DONE' ELSE 'RUNNING' END, '{}' "
+        f"FROM jobs j, (SELECT 0 AS k UNION ALL SELECT 1 UNION ALL SELECT 2) AS ks ORDER BY j.id, k".replace("%", "%%" if pg else "%"))
+    if analyze:
+        conn.exec_driver_sql("ANALYZE")
+
+
+#: The database analyzed (the planners' statistics), and on SQLite as the server leaves it, without.
+BOTH = pytest.mark.parametrize("served", ["analyzed", "as left"], indirect=True)
+
+
+@pytest.fixture
+def served(request: pytest.FixtureRequest, database_url: str) -> Iterator[tuple[TestClient, sa.Engine]]:
+    """A logged-in TestClient (user ``u``: REST token and dashboard cookie) over a migrated database
+    holding ``u``'s site with its jobs and events, and an engine on the same database: analyzed, or
+    (``BOTH``) on SQLite as the server leaves it, without statistics (PostgreSQL's autovacuum analyzes)."""
+    analyze = getattr(request, "param", "analyzed") == "analyzed"
+    if not analyze and not database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL keeps its statistics itself")
+    upgrade(database_url)
+    settings = ServerSettings(database_url=database_url, secret_key="x" * 40, registration="open")
+    engine = create_db_engine(database_url)
+    with TestClient(create_app(settings=settings, create_tables_now=False)) as tc:
+        tc.post("/auth/password/register", json={"username": "u", "password": PASSWORD}).raise_for_status()
+        token = tc.post("/auth/password/login", data={"username": "u", "password": PASSWORD}).json()["access_token"]
+        page = tc.get("/dashboard/login")
+        nonce = re.search(r'name="login_token" value="([^"]*)"', page.text).group(1)
+        answer = tc.post("/dashboard/login", data={"username": "u", "password": PASSWORD, "login_token": nonce},
+                         follow_redirects=False)
+        assert answer.status_code == 303, answer.text
+        tc.headers["Authorization"] = f"Bearer {token}"
+        site = tc.post("/sites/", json={"name": "s", "path": "/tmp/s"}).json()["id"]
+        with engine.begin() as conn:
+            _fill(conn, site, analyze)
+        tc.site_id = site
+        try:
+            yield tc, engine
+        finally:
+            engine.dispose()
+
+
+def _event_pages(engine: sa.Engine, get: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """``get()``'s answer, and each page of events it read (a SELECT of log_events with a LIMIT,
+    the events' columns: not a count of a state's events up to a bound) with its plan."""
+    seen: list[tuple[str, Any]] = []
+
+    def catch(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM log_events" in statement and "LIMIT" in statement \
+                and "log_events.data" in statement:
+            seen.append((statement, parameters))
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", catch)
+    try:
+        answer = get()
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", catch)
+    assert answer.status_code == 200, answer.text
+    plans = []
+    with engine.connect() as conn:
+        pg = conn.dialect.name == "postgresql"
+        cursor = conn.connection.dbapi_connection.cursor()
+        for statement, parameters in seen:
+            cursor.execute(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + statement, parameters)
+            plans.append((statement, "\n".join(" ".join(map(str, row)) for row in cursor.fetchall())))
+        cursor.close()
+    assert plans, "no page of events was read"
+    return answer, plans
+
+
+@BOTH
+@pytest.mark.parametrize("query", ["limit=100", "limit=100&ordering=timestamp", "limit=100&to_state=RUN_DONE"])
+def test_an_event_page_does_not_filter_every_job_first(served: Any, query: str) -> None:
+    tc, engine = served
+    answer, plans = _event_pages(engine, lambda: tc.get(f"/events/?{query}"))
+    body = answer.json()
+    expected = JOBS * 3 if "to_state" not in query else JOBS - 5
+    assert body["count"] == expected and len(body["results"]) == 100, body["count"]  # the exact count, as before
+    stamps = [event["timestamp"] for event in body["results"]]
+    assert stamps == sorted(stamps, reverse="ordering" not in query)
+    for statement, plan in plans:
+        if engine.dialect.name == "sqlite":
+            # The join's plan: "BLOOM FILTER ON jobs", built from every job of the site.
+            assert "BLOOM FILTER" not in plan and "jobs USING COVERING INDEX ix_jobs_site_id" not in plan, plan
+            assert "SEARCH jobs USING INTEGER PRIMARY KEY" in plan, plan  # each event's job, looked up
+        else:
+            assert "Seq Scan on jobs" not in plan, plan
+
+
+def test_other_users_events_and_job_filters_keep_the_join(served: Any) -> None:
+    """With a site of another user, or a filter on the jobs, a page joins the jobs as before (see
+    events_page_select): the answers are the user's matching events, and only theirs."""
+    tc, engine = served
+    with engine.begin() as conn:
+        other = conn.execute(sa.text("INSERT INTO users (username, date_joined) VALUES ('v', '2026-12-01') RETURNING id")).scalar()
+        conn.execute(sa.text(
+            "INSERT INTO sites (owner_id, name, path, backfill_windows, queued_jobs, optional_batch_job_params, "
+            "allowed_projects, allowed_queues, transfer_locations, last_refresh, creation_date) VALUES "
+            "(:u, 'v', '/v', '{}', '[]', '{}', '[]', '[]', '{}', '2026-12-01', '2026-12-01')"), {"u": other})
+    answer, _plans = _event_pages(engine, lambda: tc.get("/events/?limit=100"))
+    assert answer.json()["count"] == JOBS * 3
+    answer, _plans = _event_pages(engine, lambda: tc.get(f"/events/?limit=100&site_id={tc.site_id}&to_state=RUN_ERROR"))
+    assert answer.json()["count"] == 5 and {e["to_state"] for e in answer.json()["results"]} == {"RUN_ERROR"}
+
+
+def _dashboard_ids(page_html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'id="event-(\d+)"', page_html)]
+
+
+def _sqlite_lookup_plan(plan: str) -> None:
+    """The plan of a page whose owner check looks up each event's job (events_page_select)."""
+    # The join's plans: a Bloom filter built from every job of the site, or every job of the site
+    # read first through its index, then their events sorted.
+    assert "BLOOM FILTER" not in plan and "USING COVERING INDEX ix_jobs_site_id" not in plan, plan
+    assert "SEARCH jobs USING INTEGER PRIMARY KEY" in plan, plan
+
+
+@BOTH
+@pytest.mark.parametrize("query", ["", "to_state=RUN_DONE"])
+def test_the_dashboard_events_page_does_not_read_every_job_first(served: Any, query: str) -> None:
+    """Newest first, and the state of many events: walked by id, each event's job looked up. Before:
+    the join of events_select (a Bloom filter, or, without statistics, every job of the site and
+    all their events sorted; with ``to_state``, all of that state's events sorted)."""
+    tc, engine = served
+    answer, plans = _event_pages(engine, lambda: tc.get(f"/dashboard/events?{query}"))
+    ids = _dashboard_ids(answer.text)
+    with engine.connect() as conn:
+        state = query.partition("=")[2]
+        expected = conn.execute(sa.text(
+            "SELECT id FROM log_events WHERE to_state = :s OR :s = '' ORDER BY id DESC LIMIT 100"), {"s": state}).scalars().all()
+    assert ids == expected  # the newest 100, in order
+    older = re.search(r'<a href="([^"]+)" rel="next">', answer.text).group(1).replace("&amp;", "&")
+    second, plans_older = _event_pages(engine, lambda: tc.get(older))
+    assert _dashboard_ids(second.text)[0] < ids[-1]  # the next page goes on below the first
+    for statement, plan in plans + plans_older:
+        assert "ORDER BY log_events.id DESC" in statement, statement
+        if engine.dialect.name == "sqlite":
+            _sqlite_lookup_plan(plan)
+            # Walked by id: not all of the state's events read and sorted.
+            assert "TEMP B-TREE" not in plan and "ix_log_events_to_state_timestamp" not in plan, plan
+        else:
+            assert "Seq Scan on jobs" not in plan, plan
+
+
+@BOTH
+def test_the_dashboard_events_of_a_rare_state_are_read_through_its_index(served: Any) -> None:
+    """A state few events reached (five RUN_ERROR), its newest page and the pages before and after an
+    event: read through ix_log_events_to_state_timestamp and sorted, not found by walking every
+    event by id (the plan with statistics, before), nor by the primary key's range of a page's bound."""
+    tc, engine = served
+    with engine.connect() as conn:
+        errors = conn.execute(sa.text("SELECT id FROM log_events WHERE to_state = 'RUN_ERROR' ORDER BY id DESC")).scalars().all()
+    assert len(errors) == 5
+    for paging, expected in (("", errors), (f"&before={errors[1]}", errors[2:]), (f"&after={errors[3]}", errors[:3])):
+        answer, plans = _event_pages(engine, lambda: tc.get(f"/dashboard/events?to_state=RUN_ERROR{paging}"))
+        assert _dashboard_ids(answer.text) == expected, paging
+        _rare_state_plans(engine, plans, paging)
+
+
+def _rare_state_plans(engine: sa.Engine, plans: list[tuple[str, str]], paging: str) -> None:
+    for _statement, plan in plans:
+        if engine.dialect.name == "sqlite":
+            _sqlite_lookup_plan(plan)
+            assert "ix_log_events_to_state_timestamp" in plan, plan
+            assert "SCAN log_events" not in plan and "PRIMARY KEY (rowid<" not in plan and "(rowid>" not in plan, plan
+        elif "after" not in paging:  # (id > the 4th newest: PostgreSQL reads those few by the key)
+            # PostgreSQL reads a rare state's few events by an index and sorts them.
+            assert "Seq Scan on log_events" not in plan and "pk_log_events" not in plan, plan
+
+
+def test_the_dashboard_events_page_of_another_users_server(served: Any) -> None:
+    """With another user's site, or a filter on the jobs, the join stays (events_page_select): the
+    page lists the user's matching events, and only theirs."""
+    tc, engine = served
+    with engine.begin() as conn:
+        other = conn.execute(sa.text("INSERT INTO users (username, date_joined) VALUES ('v', '2026-12-01') RETURNING id")).scalar()
+        site = conn.execute(sa.text(
+            "INSERT INTO sites (owner_id, name, path, backfill_windows, queued_jobs, optional_batch_job_params, "
+            "allowed_projects, allowed_queues, transfer_locations, last_refresh, creation_date) VALUES "
+            "(:u, 'v', '/v', '{}', '[]', '{}', '[]', '[]', '{}', '2026-12-01', '2026-12-01') RETURNING id"), {"u": other}).scalar()
+        _fill(conn, site)  # the other user's 9,000 events, newer than u's
+        mine = conn.execute(sa.text(
+            "SELECT e.id FROM log_events e JOIN jobs j ON j.id = e.job_id WHERE j.site_id = :s AND e.to_state = 'RUN_ERROR' "
+            "ORDER BY e.id DESC"), {"s": tc.site_id}).scalars().all()
+        newest = conn.execute(sa.text(
+            "SELECT e.id FROM log_events e JOIN jobs j ON j.id = e.job_id WHERE j.site_id = :s ORDER BY e.id DESC LIMIT 100"),
+            {"s": tc.site_id}).scalars().all()
+    for query, expected in (("to_state=RUN_ERROR", mine), (f"to_state=RUN_ERROR&site_id={tc.site_id}", mine), ("", newest)):
+        answer, plans = _event_pages(engine, lambda: tc.get(f"/dashboard/events?{query}"))
+        assert _dashboard_ids(answer.text) == expected, query
+        for statement, _plan in plans:
+            assert "JOIN jobs" in statement and "EXISTS" not in statement, statement
