@@ -260,7 +260,7 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
                          "recursive": {"type": "boolean"}}, ["required", "direction", "local_path"]),
     "JobTransferItem": obj({"location_alias": text(), "path": text(MAX_PATH_CHARS, pattern="^/[^\\x00]*$")},
                            ["location_alias", "path"]),
-    "BatchJobPartition": obj({"job_mode": _ref("BatchJobMode"), "num_nodes": int32(), "filter_tags": FILTER_TAGS},
+    "BatchJobPartition": obj({"job_mode": _ref("BatchJobMode"), "num_nodes": int32(1), "filter_tags": FILTER_TAGS},
                              ["job_mode", "num_nodes"]),
 }
 
