@@ -50,6 +50,7 @@ import abc
 import datetime as dt
 import logging
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -57,7 +58,7 @@ import sys
 import time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping, Optional, Protocol, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Protocol, Union
 
 import attrs
 
@@ -211,47 +212,121 @@ LEFTOVER_GRACE_SEC = 1.0
 STOP_CHECK_SEC = 1.0
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether process group ``pgid`` has a member that has not exited. ``killpg(pgid, 0)`` also
-    finds a member that exited and waits to be reaped (a zombie re-parented to init: srun's helper,
-    which a container's init reaps 1-2 s later): counted, every such command was warned about and
-    waited for 1 s. Where /proc says which members are zombies (Linux), those are left out."""
+#: Where the process table is read (Linux's procfs; a test points it at a missing folder: a host
+#: without one, macOS).
+_PROC = "/proc"
+#: The most pids after the command's that a look at its group opens one by one; past it, every
+#: process in /proc is read instead.
+_PID_RANGE_MAX = 4096
+#: What the kernel keeps below the pids it gives again once it reached ``pid_max`` (RESERVED_PIDS).
+_RESERVED_PIDS = 300
+
+
+def _read_proc(name: str) -> Optional[bytes]:
+    try:
+        with open(f"{_PROC}/{name}", "rb") as fp:
+            return fp.read()
+    except OSError:
+        return None
+
+
+def _proc_int(name: str) -> Optional[int]:
+    data = _read_proc(name)
+    text = data.strip().decode("ascii", "replace") if data is not None else ""
+    return int(text) if text.isdecimal() else None
+
+
+def _forks() -> Optional[int]:
+    """How many processes (and threads) the host started since it booted (/proc/stat's
+    ``processes``); None where that cannot be read."""
+    data = _read_proc("stat")
+    for line in (data or b"").splitlines():
+        if line.startswith(b"processes "):
+            count = line.split()[1].decode("ascii", "replace")
+            return int(count) if count.isdecimal() else None
+    return None
+
+
+def _no_reap() -> None:
+    pass
+
+
+def _group_alive(pgid: int, forks: Optional[int] = None, reap: Callable[[], object] = _no_reap) -> bool:
+    """Whether process group ``pgid``, an exited command's (its pid: ``_OWN_GROUP``), has a member
+    that has not exited, other than the command. /proc says which members are zombies (a zombie
+    re-parented to init: srun's helper, which a container's init reaps 1-2 s later; counted, every
+    such command was warned about and waited for 1 s), among them the command itself, not yet
+    reaped (:class:`_CommandOutput`). Where /proc cannot be read (macOS), ``killpg(pgid, 0)``'s
+    word, which counts every member, zombies too: the command is reaped (``reap``) first, so that
+    it is not counted (as before it was kept unreaped: its group then is no one's that a stop of
+    the agent finds). ``forks``: :func:`_forks` before the command started (see
+    :func:`_group_candidates`)."""
+    listed = _listed_alive(pgid, forks)
+    if listed is not None:
+        return listed
+    reap()
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # a member of another user (a setuid helper): still a member
         return True
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # no /proc: killpg's word
-        return True
-    for entry in entries:
-        if not entry.isdecimal():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fp:
-                fields = fp.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile, or not ours to read
+    return True
+
+
+def _listed_alive(pgid: int, forks: Optional[int]) -> Optional[bool]:
+    """Whether /proc lists a member of ``pgid`` that has not exited, other than its leader; None
+    where /proc cannot be read."""
+    pids = _group_candidates(pgid, forks)
+    if pids is None:
+        return None
+    for pid in pids:
+        data = _read_proc(f"{pid}/stat")
+        if data is None:
+            continue  # no such process (a pid in the range not in use), or gone meanwhile
         # After the command name: state, ppid, pgrp.
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+        fields = data.rsplit(b")", 1)[-1].split()
+        if len(fields) > 2 and fields[2] == b"%d" % pgid and fields[0] != b"Z" and pid != pgid:
             return True
     return False
 
 
-def _end_group_leftovers(command: Command, pgid: int) -> None:
+def _group_candidates(pgid: int, forks: Optional[int]) -> Optional[Iterable[int]]:
+    """The pids that a member of the group of the command ``pgid`` may hold. Its members were
+    started after it (its children and theirs: a process joins another group only by ``setpgid``,
+    of itself or of a child before its exec, which is what a shell does for its jobs, never for
+    another group's; nothing but the command's own takes its group), and the kernel gives pids in
+    turn: while it did not come round to the lowest pids again since the command started, they
+    hold pids after the command's, up to the last given (``ns_last_pid``). That no round was made
+    is told by the host's count of started processes: fewer since ``forks`` (read before the
+    command started) than pids above the command's. Else (or where those cannot be read) every
+    process in /proc: reading them all on every command cost a busy login node's polls 15 ms each
+    at 1,600 processes. None where /proc cannot be listed."""
+    last, now, pid_max = _proc_int("sys/kernel/ns_last_pid"), _forks(), _proc_int("sys/kernel/pid_max")
+    if (last is not None and now is not None and pid_max is not None and forks is not None
+            and pgid <= last <= pgid + _PID_RANGE_MAX and now - forks < pid_max - pgid - _RESERVED_PIDS):
+        return range(pgid + 1, last + 1)
+    try:
+        entries = os.listdir(_PROC)
+    except OSError:
+        return None
+    return [int(entry) for entry in entries if entry.isdecimal()]
+
+
+def _end_group_leftovers(command: Command, pgid: int, forks: Optional[int] = None,
+                         reap: Callable[[], object] = _no_reap) -> None:
     """End what an exited command left in its process group: a ``(helper &)`` whose output went to
     /dev/null outlives it there, unseen by ``communicate``; run every poll, one more process was left
     each time, and since the command is no longer the agent's descendant, no ``balsam site stop``
-    found it. ``pgid`` is the command's pid, exited but not yet reaped (:class:`_CommandOutput`):
-    the kernel gives that number to no new process while the command's zombie or a member of the
-    group lives, so the signal reaches only what the command started. SIGTERM
+    found it. ``pgid`` is the command's pid, exited but not yet reaped (:class:`_CommandOutput`;
+    where /proc cannot be read, reaped by ``reap``: see :func:`_group_alive`): the kernel gives
+    that number to no new process while the command's zombie or a member of the group lives, so
+    the signal reaches only what the command started. SIGTERM
     first (with SIGCONT, for a stopped one), so that a helper may clean up (a lock, a temporary
     file); SIGKILL for what is still there after :data:`LEFTOVER_GRACE_SEC`. A daemon that meant to
     outlive the command (``ssh -o ControlPersist``, an agent) starts a session of its own and is not
     in the group."""
-    if not _group_alive(pgid):
+    if not _group_alive(pgid, forks, reap):
         return
     logger.warning("`%s` exited and left processes in its process group: ending them", command.args[0])
     try:
@@ -260,7 +335,7 @@ def _end_group_leftovers(command: Command, pgid: int) -> None:
     except OSError:
         return
     deadline = time.monotonic() + LEFTOVER_GRACE_SEC
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while _group_alive(pgid, forks, reap) and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -304,12 +379,18 @@ class _CommandOutput:
     agent's child (a zombie), and its group one that a stop of the agent finds
     (:func:`balsam.site.site_ops.agent_command_groups`): reaped before what it left in its group was
     ended, a ``--force`` stop that killed the agent in between found that group nowhere, and the
-    command's ``(helper &)`` ran on. Where ``waitid`` is missing, the exit is seen by reaping."""
+    command's ``(helper &)`` ran on. Where ``waitid`` is missing, the exit is seen by reaping.
+    :attr:`returncode` is the one seen then: the agent's shutdown (``kill_descendants``) may reap
+    the command before ``Popen.wait`` does, which then takes it for an exit 0."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self._proc = proc
         self._chunks: dict[Any, list[bytes]] = {proc.stdout: [], proc.stderr: []}
         self._open = list(self._chunks)  # the pipes not yet at their end
+        #: Popen's, the negative signal number for a command a signal ended; None while it runs,
+        #: and for one reaped by another before its exit was seen here (its outcome is unknown).
+        self.returncode: Optional[int] = None
+        self.exited = False
 
     def wait(self, timeout: float) -> bool:
         """Read for up to ``timeout`` seconds; whether the pipes are closed and the command exited."""
@@ -320,8 +401,6 @@ class _CommandOutput:
                     selector.register(pipe, selectors.EVENT_READ)
                 while self._open:
                     ready = selector.select(max(0.0, end - time.monotonic()))
-                    if not ready:
-                        return False
                     for key, _events in ready:
                         data = os.read(key.fd, 32768)
                         if data:
@@ -329,22 +408,53 @@ class _CommandOutput:
                         else:
                             selector.unregister(key.fileobj)
                             self._open.remove(key.fileobj)
+                    # After the reads too: a command that keeps its pipes full is never idle.
+                    if self._open and time.monotonic() >= end:
+                        return False
         delay = 0.0005  # as Popen.wait with a timeout: polls, from short to at most 50 ms
         while not self._exited():
             remaining = end - time.monotonic()
             if remaining <= 0:
                 return False
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.05)
+            if not self._wait_for_exit(remaining):
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.05)
+        return True
+
+    def _wait_for_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds, woken by the command's exit (a pidfd, Linux 5.3+: unlike
+        a poll's sleep, whose oversleeping on a busy host made each command slower than
+        ``Popen.wait``); False where there is none to wait on."""
+        try:
+            pidfd = os.pidfd_open(self._proc.pid)
+        except (AttributeError, OSError):  # not Linux, an old kernel, or reaped already
+            return False
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.poll(timeout * 1000)
+        finally:
+            os.close(pidfd)
         return True
 
     def _exited(self) -> bool:
-        if not hasattr(os, "waitid") or not hasattr(os, "WNOWAIT"):  # pragma: no cover - not Linux/BSD
-            return self._proc.poll() is not None
-        try:
-            return os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-        except ChildProcessError:  # reaped already
+        if self.exited:
             return True
+        try:
+            if not hasattr(os, "waitid") or not hasattr(os, "WNOWAIT"):  # macOS before Python 3.13
+                pid, status = os.waitpid(self._proc.pid, os.WNOHANG)
+                if pid == 0:
+                    return False
+                self.returncode = self._proc.returncode = os.waitstatus_to_exitcode(status)
+            else:
+                info = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                if info is None:
+                    return False
+                self.returncode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        except ChildProcessError:  # reaped by another (the agent stopping): its exit status is lost
+            pass
+        self.exited = True
+        return True
 
     def text(self, pipe: Any) -> str:
         """What the command wrote to ``pipe``, decoded as ``Popen(encoding="utf-8",
@@ -362,6 +472,7 @@ def subprocess_runner(command: Command) -> CommandResult:
     env = {**os.environ, **command.env}
     for name in command.unset_env:
         env.pop(name, None)
+    forks = _forks()  # before the command starts: see _group_candidates
     try:
         proc = subprocess.Popen(
             list(command.args),
@@ -393,9 +504,13 @@ def subprocess_runner(command: Command) -> CommandResult:
         except BaseException:
             _kill_group(proc)
             raise
-        _end_group_leftovers(command, proc.pid)
+        _end_group_leftovers(command, proc.pid, forks, proc.wait)
     # Reaped by the with's exit (Popen.wait), once nothing the command left in its group runs.
-    return CommandResult(tuple(command.args), proc.returncode, output.text(proc.stdout), output.text(proc.stderr))
+    if output.returncode is None:
+        # Not an exit 0 (Popen's word for a child another reaped): a submit may have queued the job.
+        raise SchedulerError(f"`{command.args[0]}` was reaped elsewhere (the agent's shutdown ending its children) "
+                             "before its exit status was read: its outcome is unknown")
+    return CommandResult(tuple(command.args), output.returncode, output.text(proc.stdout), output.text(proc.stderr))
 
 
 def shell_reported_signal(result: CommandResult) -> Optional[int]:

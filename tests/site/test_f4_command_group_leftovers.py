@@ -149,7 +149,8 @@ def test_the_sweep_of_command_groups_ends_what_a_member_starts_as_it_is_ended():
     left, hung = _marks()
     # The command of a hung status poll, its group a command group of this process (the agent).
     command = subprocess.Popen(["/bin/sh", "-c", f"trap '(sleep {left} > /dev/null 2>&1 &); exit' TERM; "
-                                f"sleep {hung} & wait"], process_group=0)
+                                f"sleep {hung} & wait"],
+                               preexec_fn=os.setpgrp)  # a group of its own; process_group=0 is Python 3.11+
     try:
         wait_for(lambda: _running(hung), timeout=10, what="the hung command")
         commands = agent_command_groups(os.getpid())

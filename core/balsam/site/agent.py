@@ -96,6 +96,9 @@ MIN_STOP_TIMEOUT_SEC = 45.0
 #: What a stop takes after its wait for the cycles in progress and its stopping hook: the modules'
 #: close() (the processing module sends the results it holds; it takes longer while hooks still
 #: run, which `balsam site stop -t`/`--force` is for) and the leftover children's end (3 s grace).
+#: Not a bound: each of kill_descendants and the sweep of the commands' groups (up to
+#: site_ops.SWEEP_ROUNDS rounds) waits out the grace twice (SIGTERM, then SIGKILL) where a process
+#: ignores SIGTERM: 24 s at worst, which the hook's allowance covers only when its hook was quick.
 STOP_CLOSE_SEC = 10.0
 
 #: Refusals of a request that are no settings error: the credential (401, 403), the site record

@@ -722,7 +722,8 @@ def end_group_leftovers(leader_pid: int, leader_start: Optional[float], grace_se
 
 #: How many times a sweep of leftover processes lists them again: a process that its SIGTERM
 #: reaches may start another as it ends (a wrapper whose TERM trap starts a cleanup helper in the
-#: background), one the listing before did not have, in the same group.
+#: background), one the listing before did not have, in the same group. A round whose processes
+#: ignore SIGTERM takes twice the grace (SIGTERM, SIGKILL): a sweep takes up to 3 x 2 x grace.
 SWEEP_ROUNDS = 3
 
 
