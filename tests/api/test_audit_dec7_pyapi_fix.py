@@ -116,6 +116,15 @@ def test_django_name_hints_of_site_and_eventlog() -> None:
 
     site_last = str(pytest.raises(AttributeError, getattr, models.Site.objects, "last").value)
     assert site_last.endswith("use list(query)[-1] (Site queries take no ordering: they come in id order)")
+    # Review round 2: earliest said index 0 was "the highest id".
+    for model in (models.Site, models.App, models.Session, models.TransferItem):
+        label = model.__name__
+        earliest = str(pytest.raises(AttributeError, getattr, model.objects, "earliest").value)
+        latest = str(pytest.raises(AttributeError, getattr, model.objects.all(), "latest").value)
+        assert earliest.endswith(f"use list(query)[0] for the lowest id ({label} queries take no ordering: they "
+                                 "come in id order)"), earliest
+        assert latest.endswith(f"use list(query)[-1] for the highest id ({label} queries take no ordering: they "
+                               "come in id order)"), latest
     events_exclude = str(pytest.raises(AttributeError, getattr, models.EventLog.objects, "exclude").value)
     assert events_exclude.endswith("EventLog queries have no negated filter: iterate the query and skip records "
                                    "in Python")
@@ -234,3 +243,56 @@ def test_transfers_set_in_place_before_creation(site: Any) -> None:
                                          r"'location_alias:/absolute/path'$"):
         Job.objects.bulk_create([app.submit("t/ok", n=2, save=False), bad])
     assert Job.objects.count() == before  # refused before any request
+
+
+def test_a_wait_report_on_many_chains_reads_a_bounded_number_of_ancestors(site: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review round 2: a report walked the ancestors of every AWAITING_PARENTS job (12,500 leaves of
+    8-deep chains: ~200 GETs, ~100,000 rows per report, inside the poll loop). It now walks those of
+    a turn of them (the next ones at each report) and reads a bounded number of ancestor ids,
+    saying so. Scaled down (60 chains of 4, 10 ids a GET); requests counted, not timed."""
+    from balsam._api import models
+    from balsam._api.query import Query
+    from balsam.api import Job
+
+    monkeypatch.setattr(Query, "filter_chunk_size", 10)
+    monkeypatch.setattr(models, "WAIT_REPORT_INTERVAL_S", 0.0)
+    monkeypatch.setattr(models, "WAIT_REPORT_ANCESTOR_JOBS", 10)
+    monkeypatch.setattr(models, "WAIT_REPORT_ANCESTOR_IDS", 30)
+    app = _app(site, "Chains")
+    generation = Job.objects.bulk_create([app.submit(f"g0/{i}", n=i, save=False) for i in range(60)])
+    roots = generation
+    for depth in range(1, 4):
+        generation = Job.objects.bulk_create([app.submit(f"g{depth}/{i}", n=i, save=False, parent_ids={parent.id})
+                                              for i, parent in enumerate(generation)])
+    leaves = sorted(Job.objects.filter(id=[job.id for job in generation]), key=lambda job: job.id)
+    assert {job.state.value for job in leaves} == {"AWAITING_PARENTS"}
+    Job.objects.filter(id=[roots[0].id, roots[15].id]).update(state="FAILED")
+
+    client = Job._get_client()
+    lines: list[tuple[int, str]] = []
+    monkeypatch.setattr(models.logger, "log", lambda level, msg, *args: lines.append((level, msg % args)))
+    report = models._WaitReport(Job.objects, len(leaves))
+    gets = []
+    for _ in range(2):  # leaves 0-9, then 10-19 (chain 15's root FAILED)
+        before = client.request_counts["GET /jobs/"]
+        report(leaves)
+        gets.append(client.request_counts["GET /jobs/"] - before)
+    # 30 ids a report: one GET per generation of the 10 leaves' chains, not 18 for all 60.
+    assert gets == [3, 3]
+    for (level, line), root in zip(lines, (roots[0], roots[15])):
+        assert level == logging.WARNING
+        assert line.endswith(f"1 of them wait for a FAILED parent or earlier ancestor, which keeps them waiting "
+                             f"until it is re-run (`balsam job modify -i {root.id} -s RESTART_READY`) (ancestors of "
+                             f"10 of the 60 AWAITING_PARENTS jobs checked)"), line
+    lines.clear()
+    report(leaves)  # leaves 20-29: no FAILED root among theirs
+    assert len(lines) == 1 and lines[0][0] == logging.INFO
+    assert lines[0][1].endswith("no FAILED ancestor found (ancestors of 10 of the 60 AWAITING_PARENTS jobs checked)")
+    # Fewer ids than their ancestors: the report reads that many and says so.
+    monkeypatch.setattr(models, "WAIT_REPORT_ANCESTOR_IDS", 25)
+    lines.clear()
+    before = client.request_counts["GET /jobs/"]
+    report(leaves)
+    assert client.request_counts["GET /jobs/"] - before == 3
+    assert lines[0][1].endswith("(ancestors of 10 of the 60 AWAITING_PARENTS jobs checked, up to 25 ancestors)")

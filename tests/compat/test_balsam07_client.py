@@ -22,6 +22,16 @@ VERSION = "0.7.0a24"
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("balsam07_driver.py")
 PASSWORD = "correct horse battery"
+#: Variables the 0.7 venv's processes must not inherit from ours: a PYTHONPATH to our tree (a test
+#: run with PYTHONPATH=core) put our `balsam` ahead of 0.7's (ModuleNotFoundError: balsam.cmdline;
+#: and pip, installing into the venv, saw our core/balsam.egg-info as balsam installed), and a
+#: PYTHONHOME would point the venv's python at another prefix.
+NOT_FOR_07 = ("PYTHONPATH", "PYTHONHOME")
+
+
+def env_for_07() -> dict[str, str]:
+    """Our environment without ``BALSAM_*`` settings and Python paths: the 0.7 venv's own packages only."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_") and k not in NOT_FOR_07}
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +48,8 @@ def balsam07_venv() -> Path:
             subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True, timeout=300)
             install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
                                       "-q", "--no-compile", "--disable-pip-version-check", f"balsam=={VERSION}"],
-                                     capture_output=True, text=True, timeout=900)
+                                     capture_output=True, text=True, timeout=900,
+                                     env={k: v for k, v in os.environ.items() if k not in NOT_FOR_07})
             assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
             stamp.write_text(VERSION + "\n")
     return venv
@@ -52,7 +63,7 @@ def test_the_unmodified_07_client_works_against_our_server(database, balsam07_ve
     username = f"user07-{uuid.uuid4().hex[:6]}"
     with Admin(server.database_url) as admin:
         admin.add_user(username, PASSWORD, 12)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
+    env = env_for_07()
     env.update(HOME=str(tmp_path), BALSAM_CLIENT_PATH=str(tmp_path / "client07.yml"), PYTHONNOUSERSITE="1",
                PATH=f"{balsam07_venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     balsam07 = [str(balsam07_venv / "bin" / "balsam")]
@@ -87,8 +98,7 @@ def test_the_07_client_under_libensembles_pydantic_setting_creates_and_updates(b
     username = f"libe07-{uuid.uuid4().hex[:6]}"
     with Admin(server.database_url) as admin:
         admin.add_user(username, PASSWORD, 12)
-    # The 0.7 venv's own packages only: a PYTHONPATH (ours) would shadow its `balsam`.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_") and k != "PYTHONPATH"}
+    env = env_for_07()
     env.update(HOME=str(tmp_path), BALSAM_CLIENT_PATH=str(tmp_path / "client07.yml"), PYTHONNOUSERSITE="1",
                PATH=f"{balsam07_venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     login = subprocess.run([str(balsam07_venv / "bin" / "balsam"), "login", "-u", server.url], input=f"{username}\n{PASSWORD}\n",

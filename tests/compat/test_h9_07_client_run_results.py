@@ -22,7 +22,8 @@ import pytest
 
 from balsam._api import codec
 from balsam._api.app import parse_run_markers, python_runner_command
-from test_balsam07_client import balsam07_venv  # noqa: F401 - the session fixture that builds the 0.7 venv
+# balsam07_venv: the session fixture that builds the 0.7 venv.
+from test_balsam07_client import balsam07_venv, env_for_07  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_the_07_client_gets_the_values_and_exceptions_of_its_run_apps(balsam07_v
         "logging": {"buffer_num_records": 1}, "processing": {"num_workers": 1},
         "launcher": {"idle_ttl_sec": 5, "delay_sec": 1}})
 
-    env07 = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_") and k != "PYTHONPATH"}
+    env07 = env_for_07()
     env07.update(HOME=str(tmp_path / "home07"), BALSAM_CLIENT_PATH=str(tmp_path / "client07.yml"), PYTHONNOUSERSITE="1",
                  PATH=f"{balsam07_venv / 'bin'}{os.pathsep}{env07.get('PATH', '')}")
     login = subprocess.run([str(balsam07_venv / "bin" / "balsam"), "login", "-u", balsam_env.url],
@@ -164,7 +165,7 @@ def test_exception_payloads_of_07_apps_fit_the_server_and_load_in_the_07_client(
     assert written.returncode == 0, written.stderr[-3000:]
     payloads = json.loads(written.stdout)
     assert all(len(payload) <= MAX_SERIALIZED_PAYLOAD_CHARS for payload in payloads.values())
-    env07 = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_") and k != "PYTHONPATH"}
+    env07 = env_for_07()
     read = subprocess.run([str(balsam07_venv / "bin" / "python"), "-c", _RAISE_PAYLOADS], input=written.stdout,
                           capture_output=True, text=True, env={**env07, "PYTHONNOUSERSITE": "1"}, timeout=120)
     assert read.returncode == 0, read.stderr[-3000:]

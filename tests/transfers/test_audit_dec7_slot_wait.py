@@ -14,7 +14,8 @@ from transfer_test_utils import hold_copies, init_transfer_site, job_state, run_
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
-SLOT_REASON = "waiting for a free transfer slot: transfers.max_concurrent_transfers (1) tasks are in flight"
+SLOT_REASON = ("waiting for a free transfer slot: all transfers.max_concurrent_transfers (1) are taken (by tasks in "
+               "flight, or by a submission refused this cycle)")
 
 
 def test_items_waiting_for_a_slot_say_so_once(env: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,23 +8,27 @@ reason, commit 9f0eb95):
 - an item that failed kept the slot-wait reason in state ``error``; `balsam transfer ls` showed a
   retried item's error first, with a retry time long past, not the slot it waited for;
 - the items of a journaled batch (Globus) waiting for a slot showed no reason, and the text said
-  'tasks are in flight' when this cycle's refused submissions had taken the slots.
+  'tasks are in flight' when this cycle's refused submissions had taken the slots;
+- (round 2) the text that said which of the two took the slots changed at every refused try of a
+  location: every item waiting for a slot was PATCHed again, twice per ``retry_backoff_sec``. One
+  text now, whatever took them.
 
 No server: the in-memory API and scripted backend of test_transfer_module_refusals."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 from balsam.cli.transfer import _note
-from balsam.site.modules.transfers import QUEUED_REASON, SLOT_WAIT, TransfersModule, TransfersOptions
+from balsam.site.modules.transfers import QUEUED_REASON, SLOT_WAIT, TransfersModule, TransfersOptions, slot_wait_reason
 from balsam.transfer import TaskState, TaskStatus, TransferError, build_backend
 from test_transfer_module_refusals import T0, Scripted, setup, stage_in
 from transfer_test_utils import FakeAPI
 
-IN_FLIGHT = f"{SLOT_WAIT}: transfers.max_concurrent_transfers (1) tasks are in flight"
+IN_FLIGHT = slot_wait_reason(1)
 
 
 def reason(api: FakeAPI, item_id: int) -> str:
@@ -56,7 +60,7 @@ def test_a_recovered_locations_items_drop_its_refusal_while_they_wait_for_a_slot
     del backend.refusals["far"]
     module.run_cycle()  # items 1 and 2 take both slots: item 3 waits for one, not for the refusal
     assert [api.items[i]["state"] for i in (1, 2, 3)] == ["active", "active", "pending"]
-    assert reason(api, 3) == f"{SLOT_WAIT}: transfers.max_concurrent_transfers (2) tasks are in flight"
+    assert reason(api, 3) == slot_wait_reason(2)
 
 
 def test_a_standing_refusal_stays_on_items_not_tried_since(tmp_path: Path) -> None:
@@ -145,5 +149,42 @@ def test_slots_taken_by_refused_submissions_are_not_called_tasks_in_flight(tmp_p
     backend.refusals["far"] = TransferError("service unavailable (HTTP 503)", retryable=True)
     module.run_cycle()  # far refused (its try took the one slot); near waits, no task in flight
     assert reason(api, 1) == "service unavailable (HTTP 503)"
-    assert reason(api, 2).startswith(SLOT_WAIT) and "refused this cycle" in reason(api, 2)
-    assert "tasks are in flight" not in reason(api, 2)
+    assert reason(api, 2) == slot_wait_reason(1)
+    assert "refused this cycle" in reason(api, 2) and "tasks are in flight" not in reason(api, 2)
+
+
+def test_a_slot_waits_reason_is_written_once_while_a_location_refuses_now_and_then(tmp_path: Path) -> None:
+    """Review round 2: one location refusing (tried every ``retry_backoff_sec``), another with a
+    backlog waiting for slots. The slot-wait text said whether this cycle's refused try had taken a
+    slot, so every waiting item was PATCHed again at each refused try and at the cycle after it
+    (24,360 rows in 36 cycles for 4,010 items, not 4,720). Rows are counted, not timed."""
+    api, module, backend, clock = setup(tmp_path, {"far": 620, "near": 600}, max_concurrent_transfers=5,
+                                        num_items_query_limit=5000, transfer_batch_size=10, retry_backoff_sec=30,
+                                        max_attempts=3)
+    # (far, the larger group, is tried first once its backoff is over.)
+    backend.refusals["far"] = TransferError("endpoint paused by its administrator", retryable=True)
+    slot_rows: dict[int, int] = {}
+    real_patch = api.patch
+
+    def patch(path: str, json: list[dict]) -> list[dict]:
+        for row in json:
+            if str((row.get("transfer_info") or {}).get("reason", "")).startswith(SLOT_WAIT):
+                slot_rows[row["id"]] = slot_rows.get(row["id"], 0) + 1
+        return real_patch(path, json)
+
+    api.patch = patch  # type: ignore[method-assign]
+    for _ in range(36):
+        module.run_cycle()
+        active = [task for task, status in backend.tasks.items() if status.state == TaskState.active]
+        if active:
+            backend.tasks[active[0]] = TaskStatus(TaskState.done)  # one slot frees per cycle
+        clock[0] += dt.timedelta(seconds=5)
+    tries = sum(1 for call in backend.calls if call[0] == "far")
+    assert tries >= 6  # the location was refused again every 30 s
+    waited = {i for i in range(621, 1221) if i in slot_rows}
+    assert len(waited) > 500  # most of the backlog waited for a slot
+    assert max(slot_rows.values()) == 1, {i: n for i, n in slot_rows.items() if n > 1}
+    assert reason(api, 1220) == slot_wait_reason(5)  # still waiting
+    done = sum(1 for item in api.items.values() if item["state"] == "done")
+    # One row per item for its wait, one at its submission, one when done: nothing per cycle.
+    assert sum(api.patched) <= len(api.items) + 2 * (done + 50)

@@ -195,7 +195,9 @@ def _query_method_hint(model: Any, name: str) -> str:
         return f"use list(query)[-1] ({unordered})"
     if name in ("latest", "earliest"):
         if not orderings:
-            return f"use list(query)[{'-1' if name == 'latest' else '0'}] for the highest id ({unordered})"
+            if name == "latest":
+                return f"use list(query)[-1] for the highest id ({unordered})"
+            return f"use list(query)[0] for the lowest id ({unordered})"
         sign = "-" if name == "latest" else ""
         return f"use order_by('{sign}FIELD').first() (FIELD: {', '.join(sorted(orderings))})"
     if name == "limit":

@@ -229,9 +229,10 @@ NOT_TRIED_INFO = "not_tried"
 SAME_FILE_WAIT = "waiting for an earlier transfer that writes the same file"
 #: The start of the reason of a due pending item that waits for a submission slot (every one of
 #: ``max_concurrent_transfers`` taken by tasks in flight or this cycle's submissions): without it
-#: such an item showed no reason at all, as one no agent had read. Stable (PATCHed once per item,
-#: not every cycle); submitting the item clears it, and it replaces a reason the item carries that
-#: no longer holds (:meth:`TransfersModule._wait_for_slot`).
+#: such an item showed no reason at all, as one no agent had read. Stable (one text whatever took
+#: the slots, :func:`slot_wait_reason`: PATCHed once per item, not every cycle); submitting the
+#: item clears it, and it replaces a reason the item carries that no longer holds
+#: (:meth:`TransfersModule._wait_for_slot`).
 SLOT_WAIT = "waiting for a free transfer slot"
 #: Tries of a cancel that fails for a reason retrying may fix (a task of deleted jobs, or of items
 #: held again), ``retry_backoff_sec`` apart and doubling (up to ``retry_backoff_max_sec``); then
@@ -745,6 +746,13 @@ def _without(info: Optional[Mapping[str, Any]], keys: Iterable[str]) -> dict[str
     """A copy of ``transfer_info`` without ``keys``."""
     keys = set(keys)
     return {k: v for k, v in (info or {}).items() if k not in keys}
+
+
+def slot_wait_reason(max_concurrent_transfers: int) -> str:
+    """The whole SLOT_WAIT reason: the same whatever took the slots this cycle (tasks in flight,
+    submissions refused this cycle), so that a waiting item's row is written once."""
+    return (f"{SLOT_WAIT}: all transfers.max_concurrent_transfers ({max_concurrent_transfers}) are taken "
+            "(by tasks in flight, or by a submission refused this cycle)")
 
 
 class TransfersModule(AgentModule):
@@ -1740,11 +1748,10 @@ class TransfersModule(AgentModule):
         # stable sort), so that their try never takes the slots of locations that work; after that
         # they take their turn (see _held_back).
         units.sort(key=lambda unit: self._held_back(unit[0], now))
-        in_flight_text = (f"{SLOT_WAIT}: transfers.max_concurrent_transfers ({opts.max_concurrent_transfers}) "
-                          "tasks are in flight")
-        refused_text = (f"{SLOT_WAIT}: transfers.max_concurrent_transfers ({opts.max_concurrent_transfers}) "
-                        "taken by tasks in flight and by submissions refused this cycle (a refused submission "
-                        "takes a slot)")
+        # One text whatever took the slots (tasks in flight, submissions refused this cycle): a text
+        # that said which changed with every refused try of a location, and every waiting item was
+        # PATCHed again each time (twice per retry_backoff_sec, thousands of rows), not once.
+        slot_wait = slot_wait_reason(opts.max_concurrent_transfers)
         ready_items = set(self._ready_files.values())
         data_path = Path(self.site_config.data_path)
         left_tasks = self._left_items()
@@ -1759,9 +1766,6 @@ class TransfersModule(AgentModule):
         planned: set[tuple[str, str, str]] = set()
         for index, (alias, direction, record, batch) in enumerate(units):
             full = calls >= slots
-            # Every slot taken by tasks in flight (those submitted this cycle included), or also by
-            # submissions refused this cycle: the text says which (stable while that holds).
-            slot_wait = refused_text if calls > submitted else in_flight_text
             if record is not None:
                 if full or alias in blocked:
                     # Sent in a later cycle, with its token. New batches of the location wait behind it
