@@ -2,8 +2,9 @@
 test_dashboard_live_browser.py) against a real uvicorn server, the page's timers on Playwright's
 clock (each refresh asks the real server; nothing waits on real time): a job's page refreshes its
 header with its history, its fields apart from its parents and children, and says when the job is
-gone; a focused box keeps the focus when it stops scrolling; a chart fits a phone's window and its
-box, and is a Tab stop where it scrolls, from the page's first draw."""
+gone, and only then (a proxy's "not found" is a failed refresh, tried again); a focused box keeps
+the focus when it stops scrolling; a chart fits a phone's window and its box, and is a Tab stop
+where it scrolls, from the page's first draw, and resizing it is no error of the page."""
 
 from __future__ import annotations
 
@@ -118,6 +119,30 @@ def test_a_job_page_keeps_its_fields_and_says_when_the_job_is_gone(chromium: Any
     assert len(page.errors) == 1 and "404" in page.errors[0], page.errors
 
 
+@pytest.mark.parametrize("which", ["jobs", "job"])
+def test_a_proxys_not_found_is_a_failed_refresh_not_the_end(chromium: Any, user: dict, which: str) -> None:
+    """Before: any 404 ended the live refresh for good, on every page: one "404 page not found" of a
+    proxy (Traefik's while the server behind it restarts) and the page was never refreshed again,
+    even after ticking "live updates" off and on. The server answers "not found" only to a job's
+    page, with its own error page: only that ends the refreshes (the test above)."""
+    camp = make_campaign(user["url"], user["token"], n_jobs=2)
+    job = camp["jobs"][1]["id"]
+    page = _live_page(chromium, user, "/dashboard/jobs" if which == "jobs" else f"/dashboard/jobs/{job}")
+    _refreshed(page, 1)
+    proxy = re.compile(r".*/dashboard/jobs(/\d+)?$")
+    page.route(proxy, lambda route: route.fulfill(status=404, content_type="text/plain", body="404 page not found\n"))
+    page.clock.run_for(5_000)
+    note = page.wait_for_selector("#live-stale:not([hidden])", timeout=WAIT_MS).inner_text()
+    assert note.startswith("not updated since ") and note.endswith("(the server answered 404)"), note
+    page.unroute(proxy)
+    with httpx.Client(base_url=user["url"], headers={"Authorization": f"Bearer {user['token']}"}, timeout=60) as api:
+        assert api.patch("/jobs/", json=[{"id": job, "state": "PREPROCESSED", "state_data": {}}]).status_code == 200
+    _refreshed(page, 2)  # the next period (one failure: no longer wait), the server's answer again
+    shown = f"#jobs-table tr:has(a[href$='/jobs/{job}'])" if which == "jobs" else "#job-state"
+    assert "PREPROCESSED" in page.inner_text(shown)
+    assert page.is_hidden("#live-stale")
+
+
 def test_a_focused_box_keeps_the_focus_when_it_stops_scrolling(chromium: Any, user: dict) -> None:
     """Before: a focused table's box that no longer scrolled (a refresh made its table narrower, or
     the window wider) lost its tabindex and so the focus, to the page itself. Now it keeps the focus
@@ -196,4 +221,27 @@ def test_a_chart_too_wide_from_the_first_draw_is_a_tab_stop(chromium: Any, user:
     charts = page.evaluate(CHARTS_JS)
     assert [(c["label"], c["role"], c["over"] > 0, c["stop"]) for c in charts] == [
         ("Throughput chart", "region", True, "0"), ("Utilization chart", "region", True, "0")], charts
+    assert page.errors == []
+
+
+def test_resizing_the_charts_is_no_error_of_the_page(chromium: Any, user: dict) -> None:
+    """Before: plots.js resized a chart inside its box's ResizeObserver callback; the chart's legend
+    re-wrapped, changing the height of the box observed, and the browser reported "ResizeObserver
+    loop completed with undelivered notifications" as an error event of the window (6 times as the
+    window narrowed from 1280 to 180 px; not an uncaught exception, so page.errors misses it)."""
+    make_campaign(user["url"], user["token"], n_jobs=2, finished=True)
+    page = _page(chromium, user["url"], user["username"], user["password"], token=user["token"])
+    page.add_init_script("window.windowErrors = []; "
+                         "window.addEventListener('error', e => window.windowErrors.push(String(e.message)));")
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto("/dashboard/plots")
+    page.wait_for_selector("#plot-status:has-text('jobs finished')", timeout=WAIT_MS)
+    widths = []
+    for width in range(1280, 179, -20):
+        page.set_viewport_size({"width": width, "height": 800})
+        page.evaluate(TWO_FRAMES)
+        widths.append(page.evaluate("() => document.getElementById('chart-throughput').querySelector('canvas')"
+                                    ".getBoundingClientRect().width"))
+    assert widths[0] > 1000 and widths[-1] == 200, widths  # the charts followed the window down to 200 px
+    assert page.evaluate("() => window.windowErrors") == []
     assert page.errors == []

@@ -141,6 +141,22 @@ def test_size_errors_come_before_the_items_other_errors_in_document_order(api, j
     assert resp.json()["detail"][0]["loc"][:3] == ["body", 0, "state"]
 
 
+def test_the_size_walk_stops_after_the_problems_listed(api, job_ids):
+    """The walk of a bulk PATCH's values stops at its first problem past the 100 listed: the answer
+    says there are more, not how many (counting them walked the whole body), at the loc where
+    everything not walked lies: the last item's field, else the whole body."""
+    not_checked = {"type": "value_error",
+                   "msg": "and more problems (the first 100 are listed; the rest were not checked)"}
+    many = {f"k{i}": 2**63 for i in range(150)}
+    resp = _patch(api, [_launcher_update(job_ids[1]), _launcher_update(job_ids[0], state_data=many)])
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"]
+    assert len(detail) == 101 and detail[0]["loc"] == ["body", 1, "state_data", "k0"], detail[0]
+    assert detail[-1] == {"loc": ["body", 1, "state_data"], **not_checked}, detail[-1]
+    resp = _patch(api, [_launcher_update(job_ids[0], state_data=many), _launcher_update(job_ids[1])])
+    assert resp.json()["detail"][-1] == {"loc": ["body"], **not_checked}
+
+
 def test_a_body_that_is_no_list_or_too_long_is_held_to_the_limits_first(api, job_ids):
     resp = _patch(api, {"id": job_ids[0], "note": "x" * (MAX_TEXT_CHARS + 1)})
     assert resp.status_code == 422, resp.text

@@ -10,7 +10,10 @@ the same listing worked out here in Python. The statements it runs, caught as th
 explained: on SQLite first as a server leaves its database, with no planner statistics (it never
 runs ANALYZE), then analyzed; on PostgreSQL analyzed (autovacuum does). A range of at most
 ``FEW_CHANGED`` (10,000) jobs of all users is read through ``ix_jobs_last_update_id`` on SQLite;
-one more job, and the site's index, as before the migration (``jobs_logic._few_in_time_range``)."""
+one more job, and the site's index, as before the migration (``jobs_logic._few_in_time_range``).
+A page in ``last_update`` order walks that index from its end only while the walk's worst case
+reads no more rows than the sort (``jobs_logic._walk_in_time_order``): not for a listing of old
+jobs behind newer ones of another site or user, which the walk would read first."""
 
 from __future__ import annotations
 
@@ -123,8 +126,9 @@ def _listing(conn: sa.Connection, user_id: int, params: dict[str, str], limit: i
     return count, [row["id"] for row in rows], plans
 
 
-def _cases() -> list[tuple[dict[str, str], bool, bool]]:
-    """(query, whether SQLite reads it through the index, whether PostgreSQL does): polls and
+def _cases() -> list[tuple[dict[str, str], "bool | dict[int, bool]", bool]]:
+    """(query, whether SQLite reads it through the index (or that by the page's offset), whether
+    PostgreSQL does): polls and
     ``last_update_before`` ranges of 100, 10,000 and 10,001 jobs of all users (the boundary),
     orderings. (PostgreSQL reads a range of most of the table, rightly, by other means.)"""
     seconds = sorted(_second(i) for i in range(N))  # every user's jobs: the range's size counts them all
@@ -139,7 +143,9 @@ def _cases() -> list[tuple[dict[str, str], bool, bool]]:
     return [
         ({"ordering": "-last_update"}, True, True),
         ({"ordering": "last_update"}, True, True),
-        ({"state": "STAGED_IN", "ordering": "-last_update"}, True, True),
+        # 8,000 of 13,000 jobs: the walk's worst case (the 5,000 others, then offset + limit) reads
+        # no more than the sort's 8,000 rows at offset 0, more at offset 2,950.
+        ({"state": "STAGED_IN", "ordering": "-last_update"}, {0: True, 2950: False}, True),
         (after(100), True, True),
         (after(few), True, False),
         (after(few + 1), False, False),
@@ -170,8 +176,9 @@ def test_last_update_listings_rows_order_and_plans(database_url: str) -> None:
             for analyzed in ([True] if pg else [False, True]):
                 if analyzed and not pg:
                     conn.exec_driver_sql("ANALYZE")
-                for params, by_index, pg_index in _cases():
+                for params, by_offset, pg_index in _cases():
                     for limit, offset in ((100, 0), (100, 2950)):
+                        by_index = by_offset[offset] if isinstance(by_offset, dict) else by_offset
                         expected = _expected(owned, params, limit, offset)
                         count, ids, plans = _listing(conn, user_id, params, limit, offset)
                         where = (params, limit, offset, analyzed)
@@ -190,9 +197,83 @@ def test_last_update_listings_rows_order_and_plans(database_url: str) -> None:
                             if by_index and "ordering" in params and params["ordering"].lstrip("-") == "last_update":
                                 assert "TEMP B-TREE" not in plan, (where, plan)  # read in its order
                             if not by_index and not analyzed:
-                                # Past FEW_CHANGED: the site's index, as before migration 0025 (with
-                                # statistics, whichever the planner picks).
+                                # Past FEW_CHANGED, or a walk that could read more than the sort: the
+                                # site's index, as before migration 0025 (with statistics, whichever
+                                # the planner picks).
                                 assert INDEX not in plan and "ix_jobs_site_id" in plan, (where, plan)
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def _seed_skewed(conn: sa.Connection) -> tuple[dict[str, int], dict[str, int], dict[int, dict[str, Any]]]:
+    """User ``m``'s idle site ``old`` (the 1,000 oldest jobs), user ``o``'s 5,000 jobs after them,
+    then ``m``'s site ``new`` (the 500 newest), ``last_update`` in id order: the users' ids and
+    the sites' by name, and every job by id (its ``second``, ``state``, ``site``: old, o or new)."""
+    users, sites = {}, {}
+    for owner, names in (("m", ("old", "new")), ("o", ("o",))):
+        users[owner] = conn.execute(sa.text(
+            "INSERT INTO users (username, date_joined) VALUES (:n, '2026-12-01') RETURNING id"), {"n": owner}).scalar()
+        for name in names:
+            sites[name] = conn.execute(sa.text(
+                "INSERT INTO sites (owner_id, name, path, backfill_windows, queued_jobs, optional_batch_job_params, "
+                "allowed_projects, allowed_queues, transfer_locations, last_refresh, creation_date) VALUES "
+                "(:u, :n, '/s', '{}', '[]', '{}', '[]', '[]', '{}', '2026-12-01', '2026-12-01') RETURNING id"),
+                {"u": users[owner], "n": name}).scalar()
+    apps = {name: conn.execute(sa.text(
+        "INSERT INTO apps (site_id, name, description, serialized_class, source_code, parameters, transfers) "
+        "VALUES (:s, 'A', '', '', '', '{}', '{}') RETURNING id"), {"s": site_id}).scalar() for name, site_id in sites.items()}
+    for name, first, n in (("old", 0, 1000), ("o", 1000, 5000), ("new", 6000, 500)):
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (site_id, app_id, workdir, tags, serialized_parameters, data, num_nodes, ranks_per_node, "
+            "threads_per_rank, threads_per_core, launch_params, gpus_per_rank, node_packing_count, wall_time_min, "
+            "parent_ids, state, pending_file_cleanup, serialized_return_value, serialized_exception, last_update) "
+            f"SELECT {sites[name]}, {apps[name]}, '{name}' || i, '{{}}', '', '{{}}', 1, 1, 1, 1, '{{}}', 0, 1, 0, '[]', "
+            "CASE WHEN i % 3 = 0 THEN 'RUNNING' ELSE 'STAGED_IN' END, false, '', '', "
+            "strftime('%Y-%m-%d %H:%M:%S', '2026-11-01 00:00:00', '+' || i || ' seconds') || '.000000' "
+            f"FROM (WITH RECURSIVE n(i) AS (SELECT {first} UNION ALL SELECT i + 1 FROM n WHERE i < {first + n - 1}) "
+            "SELECT i FROM n)")
+    site_names = {site_id: name for name, site_id in sites.items()}
+    rows = conn.execute(sa.text(
+        "SELECT id, site_id, CAST(strftime('%s', last_update) - strftime('%s', '2026-11-01') AS INTEGER), state FROM jobs"))
+    every = {job_id: {"second": second, "state": state, "site": site_names[site_id]} for job_id, site_id, second, state in rows}
+    return users, sites, every
+
+
+def test_last_update_order_walks_only_when_no_dearer_than_the_sort(tmp_path: Any) -> None:
+    """A page in ``last_update`` order of old jobs behind newer ones (an idle site of a user whose
+    other site, and another user, changed jobs since) is read through the site's index and sorted,
+    not walked from the index's end through every newer job (at 10^6 jobs: 30 -> 222 ms); a listing
+    holding most of the table is still walked, in the index's order. SQLite, with no statistics (as
+    the server leaves it; the walk is SQLite's only)."""
+    url = f"sqlite:///{tmp_path / 'skewed.db'}"
+    upgrade(url)
+    engine = create_db_engine(url)
+    try:
+        with engine.begin() as conn:
+            users, site_ids, every = _seed_skewed(conn)
+        m, o = users["m"], users["o"]
+        with engine.connect() as conn:
+            assert not conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").scalar()
+            cases = [  # user, its jobs in the listing (by site), query, walked
+                (m, ("old",), {"site_id": str(site_ids["old"]), "ordering": "-last_update"}, False),
+                (m, ("old",), {"site_id": str(site_ids["old"]), "ordering": "-last_update", "state": "RUNNING"}, False),
+                (m, ("new",), {"site_id": str(site_ids["new"]), "ordering": "last_update"}, False),
+                (m, ("old", "new"), {"ordering": "-last_update"}, False),
+                (o, ("o",), {"ordering": "-last_update"}, True),
+                (o, ("o",), {"ordering": "last_update"}, True),
+            ]
+            for user_id, names, params, walked in cases:
+                owned = {job_id: job for job_id, job in every.items() if job["site"] in names}
+                for limit, offset in ((100, 0), (100, 250)):
+                    where = (params, limit, offset)
+                    count, ids, plans = _listing(conn, user_id, params, limit, offset)
+                    assert (count, ids) == _expected(owned, params, limit, offset), where
+                    assert ids and len(plans) == 1, (where, plans)
+                    if walked:
+                        assert INDEX in plans[0] and "TEMP B-TREE" not in plans[0], (where, plans)
+                    else:
+                        assert INDEX not in plans[0] and "ix_jobs_site_id" in plans[0], (where, plans)
             conn.rollback()
     finally:
         engine.dispose()

@@ -474,21 +474,22 @@ class ServerUnavailable(ConnectionError, TimeoutError):
 _MAX_DETAIL_ITEMS = 10  # a rejected bulk request can list thousands of errors: keep the message one short line
 
 
-#: The last item of a 422 that lists only its first problems (balsam.server.errors.ValidationFailed).
-_COUNTS_OTHERS = re.compile(r"and (\d+) more problems\b")
+#: The last item of a 422 that lists only its first problems (balsam.server.errors.ValidationFailed):
+#: "and 39900 more problems (...)", or "and more problems (...)" where the server stopped looking.
+_COUNTS_OTHERS = re.compile(r"and (?:(\d+) )?more problems\b")
 
 
 def _detail_text(detail: Any) -> str:
     if isinstance(detail, list):
         parts = []
         # The server's count of the problems it did not list: "(+39990 more)" of 40,000, not of the
-        # 101 items the answer holds.
+        # 101 items the answer holds; "(+90 more, and others not checked)" where it did not count them.
         last = detail[-1] if detail else None
         counted = _COUNTS_OTHERS.match(str(last.get("msg", ""))) if isinstance(last, dict) else None
         if counted and len(detail) > _MAX_DETAIL_ITEMS:
-            listed, unlisted = detail[:-1], int(counted.group(1))
+            listed, unlisted = detail[:-1], int(counted.group(1) or 0)
         else:
-            listed, unlisted = detail, 0
+            listed, unlisted, counted = detail, 0, None
         for item in listed[:_MAX_DETAIL_ITEMS]:
             if isinstance(item, dict):
                 loc = ".".join(str(x) for x in item.get("loc", []) if x != "body")
@@ -497,7 +498,9 @@ def _detail_text(detail: Any) -> str:
             else:
                 parts.append(str(item))
         hidden = max(0, len(listed) - _MAX_DETAIL_ITEMS) + unlisted
-        if hidden:
+        if counted and counted.group(1) is None:
+            parts.append(f"(+{hidden:,} more, and others not checked)" if hidden else "(and others not checked)")
+        elif hidden:
             parts.append(f"(+{hidden:,} more)")
         return "; ".join(parts)
     return str(detail)

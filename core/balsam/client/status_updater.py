@@ -299,8 +299,9 @@ def _refused_positions(exc: BaseException, count: int) -> set[int]:
     return positions
 
 
-#: The last item of a 422 that lists only its first problems (balsam.server.errors.ValidationFailed).
-_COUNTS_OTHERS = re.compile(r"and \d+ more problems\b")
+#: The last item of a 422 that lists only its first problems (balsam.server.errors.ValidationFailed):
+#: with their number, or without where the server stopped looking ("and more problems (...)").
+_COUNTS_OTHERS = re.compile(r"and (?:\d+ )?more problems\b")
 
 
 def _error_at(exc: BaseException, position: int) -> BaseException:

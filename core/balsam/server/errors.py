@@ -97,28 +97,34 @@ class ValidationFailed(APIError):
                  more_within: "list[Any] | None" = None) -> None:
         """``more``: problems beyond ``errors`` that the caller left out (counted, not listed), all
         under ``more_within`` where the caller knows (a bulk item's ``["body", 3]``). ``errors`` may
-        be a :class:`CappedErrors`, whose own count of the problems it left out is added."""
+        be a :class:`CappedErrors` of a walk that stopped early: the problems it did not look for
+        are then not counted, only said to exist (under its ``unchecked_within``)."""
         if more and more_within is None:
             more_within = []  # where they are is not known: they share nothing
-        left_out = getattr(errors, "more", 0)
-        if left_out:
-            more_within = errors.more_within if not more else _common_prefix(more_within, errors.more_within)  # type: ignore[attr-defined]
-            more += left_out
+        unchecked_within = getattr(errors, "unchecked_within", None)
         items: list[dict[str, Any]] = []
-        shared: "list[Any] | None" = more_within if more else None
+        shared: "list[Any] | None" = more_within if more else unchecked_within
         for loc, msg in errors:
-            shared = _common_prefix(shared, list(loc))
+            loc = list(loc)
+            # (a slice compared in C first: a caller's full list may hold many thousands)
+            if shared is None or loc[:len(shared)] != shared:
+                shared = _common_prefix(shared, loc)
             if len(items) < MAX_REPORTED_ERRORS:
-                items.append({"loc": list(loc), "msg": msg, "type": "value_error"})
+                items.append({"loc": loc, "msg": msg, "type": "value_error"})
             else:
                 more += 1
-        if more:
+        if more or unchecked_within is not None:
             # The counting item is where all the problems are, as far as known: a bulk call's client
             # refuses just the one item they are all of (``["body", 3]``) and sends the others again,
             # where a ``["body"]`` refuses the whole call (it was split in halves to find the item).
             loc = shared if shared else (items[0]["loc"][:1] if items else ["body"])
-            items.append({"loc": loc, "type": "value_error",
-                          "msg": f"and {more} more problems (the first {len(items)} are listed)"})
+            if unchecked_within is not None:
+                # The walk stopped at its first problem past those listed: counting the others would
+                # cost a walk of the whole body (a 64 MiB body of them: seconds, in one process).
+                msg = f"and more problems (the first {len(items)} are listed; the rest were not checked)"
+            else:
+                msg = f"and {more} more problems (the first {len(items)} are listed)"
+            items.append({"loc": loc, "type": "value_error", "msg": msg})
         super().__init__(items, 422)
 
     @classmethod
@@ -164,25 +170,61 @@ def _common_prefix(a: "list[Any] | None", b: "list[Any] | None") -> "list[Any] |
     return a[:n]
 
 
-class CappedErrors(list):
-    """Problems found by a walk of a body that goes on after the first ``MAX_REPORTED_ERRORS``:
-    those are kept (a list of ``(loc, msg)``), the others only counted (``more``, and the loc they
-    all share in ``more_within``), so that a 64 MiB body with a problem in each of its values
-    costs no more memory than the first ones. :class:`ValidationFailed` lists and counts them."""
+class WalkStopped(Exception):
+    """A :class:`CappedErrors` holds all the problems an answer lists and one more: the walk that
+    found them stops (raised from ``append``, caught by the walk's caller)."""
 
-    more = 0
-    more_within: "list[Any] | None" = None
+
+class CappedErrors(list):
+    """Problems found by a walk of a body (a list of ``(loc, msg)``), which stops once it has found
+    ``MAX_REPORTED_ERRORS + 1`` of them: a 64 MiB body with a problem in each of its values costs
+    no more time or memory than its first ones. ``unchecked_within``: where it stopped early, the
+    loc under which all the parts of the body it did not walk lie (:func:`unwalked_within`); None
+    when the walk ended, the list then holding every problem. :class:`ValidationFailed` lists the
+    first ones and says there are more."""
+
+    unchecked_within: "list[Any] | None" = None
 
     def append(self, error: tuple[list[Any], str]) -> None:
-        if len(self) < MAX_REPORTED_ERRORS:
-            super().append(error)
-            return
-        self.more += 1
-        loc, within = error[0], self.more_within
-        if within is None:
-            self.more_within = list(loc)
-        elif within and list(loc[:len(within)]) != within:  # (one slice: millions may be counted)
-            self.more_within = _common_prefix(within, list(loc))
+        super().append(error)
+        if len(self) > MAX_REPORTED_ERRORS:
+            raise WalkStopped
+
+
+def unwalked_within(value: Any, loc: list[Any], stopped_at: list[Any]) -> "list[Any] | None":
+    """The loc under which lies every part of ``value`` (at ``loc``) that an in-order walk, stopped
+    at the problem at ``stopped_at``, did not reach: the first container on the way down that has
+    entries after the one the way goes through; None when there is none (the walk's list of
+    problems is complete). A few steps (the depth of ``stopped_at``), where walking on to find the
+    rest cost as much as the whole body. Sound, not always the narrowest: a step that may not be
+    the key itself (a key shortened in its loc, ``"kkk..."``) counts as one with entries after it."""
+    path = stopped_at[len(loc):]
+    node = value
+    for depth, step in enumerate(path):
+        if type(node) is dict:
+            last = next(reversed(node)) if node else None
+        elif type(node) is list:
+            last = len(node) - 1
+        else:
+            return list(loc) + path[:depth]
+        if type(step) is not type(last) or step != last or (type(step) is str and step.endswith("...")):
+            return list(loc) + path[:depth]
+        node = node[step]
+    # The problem's own value: what a walk finds in it after the problem (a NUL in a key, then the
+    # key's value) was not looked at either.
+    return list(stopped_at) if (type(node) is dict or type(node) is list) and node else None
+
+
+def first_problems(problems: Iterable[tuple[list[Any], str]], value: Any, loc: list[Any]) -> CappedErrors:
+    """The first ``MAX_REPORTED_ERRORS + 1`` of ``problems``, a lazy walk of ``value`` (at ``loc``)
+    in order, as :class:`CappedErrors` (the walk stops there)."""
+    errors = CappedErrors()
+    try:
+        for problem in problems:
+            errors.append(problem)
+    except WalkStopped:
+        errors.unchecked_within = unwalked_within(value, loc, errors[-1][0])
+    return errors
 
 
 def not_found_ids(kind: str, ids: Iterable[int], *, of_request: bool = False) -> NotFound:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from balsam.models import ID_AFTER, MAX_TAG_FILTERS  # noqa: F401 (shared limits; routes import them here)
 from balsam.serialization import parse_datetime
 
-from .errors import APIError, BadRequest, ValidationFailed
+from .errors import APIError, BadRequest, CappedErrors, ValidationFailed, WalkStopped, unwalked_within
 from .limits import MAX_QUERY_VALUE_CHARS
 
 
@@ -74,27 +74,47 @@ def error_response(exc: APIError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
-def nul_locations(value: Any, loc: list[Any]) -> list[list[Any]]:
-    """Where NUL characters hide in a JSON value (PostgreSQL text cannot store them)."""
-    if isinstance(value, str):
-        return [loc] if "\x00" in value else []
-    found: list[list[Any]] = []
-    if isinstance(value, dict):
+_NUL_MESSAGE = "NUL characters (\\u0000) are not allowed"
+
+
+def _walk_nul(value: Any, loc: list[Any], errors: list[tuple[list[Any], str]]) -> None:
+    """Where NUL characters hide in a JSON container (PostgreSQL text cannot store them): strings
+    checked inline, a loc built only for a container or a problem (a body of millions of strings
+    60 levels deep built a 60-item loc for each)."""
+    if type(value) is dict:
         for key, item in value.items():
             if "\x00" in key:
-                found.append(loc + [key])
-            found.extend(nul_locations(item, loc + [key]))
-    elif isinstance(value, list):
+                errors.append((loc + [key], _NUL_MESSAGE))
+            if type(item) is str:
+                if "\x00" in item:
+                    errors.append((loc + [key], _NUL_MESSAGE))
+            elif item and (type(item) is dict or type(item) is list):
+                _walk_nul(item, loc + [key], errors)
+    else:
         for index, item in enumerate(value):
-            found.extend(nul_locations(item, loc + [index]))
-    return found
+            if type(item) is str:
+                if "\x00" in item:
+                    errors.append((loc + [index], _NUL_MESSAGE))
+            elif item and (type(item) is dict or type(item) is list):
+                _walk_nul(item, loc + [index], errors)
 
 
 def reject_nul(value: Any, loc: list[Any]) -> None:
-    found = nul_locations(value, loc)
-    if found:
-        # All of them: ValidationFailed lists the first ones and counts the others.
-        raise ValidationFailed((where, "NUL characters (\\u0000) are not allowed") for where in found)
+    """422 naming where NUL characters are in ``value`` (at ``loc``): the first ones, the walk
+    stopping there (:class:`~balsam.server.errors.CappedErrors`)."""
+    if type(value) is str:
+        if "\x00" in value:
+            raise ValidationFailed.field(loc, _NUL_MESSAGE)
+        return
+    if type(value) is not dict and type(value) is not list:
+        return
+    errors = CappedErrors()
+    try:
+        _walk_nul(value, loc, errors)
+    except WalkStopped:
+        errors.unchecked_within = unwalked_within(value, loc, errors[-1][0])
+    if errors:
+        raise ValidationFailed(errors)
 
 
 def int_from_text(raw: str) -> int:

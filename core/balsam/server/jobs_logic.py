@@ -37,7 +37,7 @@ from .idempotency import require_all_replayed
 from .http import (ID_AFTER, INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int,
                    wire_datetime)
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
-                     json_value_size_errors, list_item_size_errors, list_size_errors_of_unchecked)
+                     json_value_within_limits, list_item_size_errors, list_size_errors_of_unchecked)
 from .pg_copy import NULL, allocate_ids, column_fields, copy_body, copy_rows, field_writer, text_field
 from .tables import CLEANUP_PREDICATES, apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
@@ -494,7 +494,12 @@ def _few_in_time_range(conn: sa.Connection, user_id: int, q: QueryParams) -> boo
     entries of ``ix_jobs_last_update_id`` alone, no row read, up to that bound: what SQLite's
     planner would need statistics for, exact and bounded. Within the bound the range's rows are
     fewer than those the site's indexes give; past it, the plans are those of before migration 0025
-    (the probe adds ~5 % there)."""
+    plus the probe, which then counted ``bound + 1`` entries: for a user of 10^6 jobs ~26 ms, 10-20 %
+    of such a listing (a poll of the newest 600,000 jobs 205 -> 231 ms, a range of all 10^6 149 ->
+    177 ms; docs/performance.md). Unlike :func:`count_jobs_by_state`, whose cost depends on the user's own jobs only, the
+    probe counts every user's jobs in the range: its cost is bounded by the user's own jobs (the
+    bound comes from their counters), but where it stops, and so which plan is read and how long the
+    listing takes, depends on how many jobs other users changed in that range too (not the answer)."""
     from .job_counts import count_matching
 
     conditions = _time_range(q)
@@ -511,16 +516,22 @@ def _few_in_time_range(conn: sa.Connection, user_id: int, q: QueryParams) -> boo
 
 def _walk_in_time_order(conn: sa.Connection, count: int, limit: int, offset: int) -> bool:
     """Whether a page in ``last_update`` order is read walking ``ix_jobs_last_update_id`` from an
-    end (SQLite): about ``(offset + limit) x jobs / count`` rows when the matches are spread over
-    the jobs of all users, against ``count`` rows read and sorted through the site's index. The
-    jobs are counted from the ids' span (a lookup at each end of the primary key; deleted jobs only
-    make the walk look dearer)."""
+    end (SQLite), against ``count`` rows read through the site's index and sorted: only when the
+    walk's worst case reads no more. The walk stops at the page's last match, but it reads every
+    row that does not match before it: when the matches are the oldest jobs (an idle site, an old
+    app or state, another user's newer jobs), all ``jobs - count`` others, then ``offset + limit``.
+    So it is taken when ``jobs - count + offset + limit <= count``: the listing holds most of the
+    table (one user's unfiltered listing: 10^6 jobs, 700 -> 2 ms), and then the rows it reads are
+    bounded by the user's own jobs. (Weighed by the matches' average spread instead, ``(offset +
+    limit) x jobs / count``, a skewed listing read every newer job: 30 -> 200-230 ms at 10^6 jobs.)
+    The jobs are counted from the ids' span (a lookup at each end of the primary key; deleted jobs
+    only make the walk look dearer)."""
     # Two subqueries: SQLite reads a lone min() or max() at the key's end, both together by a scan.
     first, last = conn.execute(sa.select(sa.select(sa.func.min(jobs.c.id)).scalar_subquery(),
                                          sa.select(sa.func.max(jobs.c.id)).scalar_subquery())).one()
     if first is None:
         return False
-    return (offset + limit) * (last - first + 1) <= count * count
+    return (last - first + 1) - count + offset + limit <= count
 
 
 #: Filters the trigger-kept counters can answer (balsam.server.job_counts); others need a scan.
@@ -872,7 +883,7 @@ def _fast_spec(item: Any) -> "dict[str, Any] | None":
             if value is not None and (type(value) is not int or not -_INT32_MAX - 1 <= value <= _INT32_MAX):
                 return None
         elif kind == _K_DATA:
-            if type(value) is not dict or (value and json_value_size_errors(value, ["data"])):
+            if type(value) is not dict or (value and not json_value_within_limits(value)):
                 return None
         elif kind == _K_BOOL:
             if type(value) is not bool:
@@ -945,7 +956,7 @@ def _column_ok(key: str, kind: int, values: list[Any]) -> bool:
     if kind == _K_NONNEGATIVE:
         return _ints_within(values, 0, _INT32_MAX)
     if kind == _K_DATA:
-        return _types(values) == {dict} and not any(json_value_size_errors(value, ["data"]) for value in values if value)
+        return _types(values) == {dict} and all(json_value_within_limits(value) for value in values if value)
     if kind == _K_BOOL:
         return _types(values) == {bool}
     if kind == _K_GPUS:

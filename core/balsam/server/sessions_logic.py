@@ -236,7 +236,7 @@ from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQ
 from balsam.states import BatchJobState, JobState
 
 from .db import id_in, ids_in_param, ids_param, write_tx
-from .errors import NotFound, ValidationFailed
+from .errors import NotFound, ValidationFailed, first_problems
 from .http import INT64_MAX, INT64_MIN, MAX_TAG_FILTERS, check_int_fields, is_json_int, wire_datetime
 from .jobs_logic import (
     BATCH_JOB_ENDED_MSG, JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, owned_sites_clause, owner_params, set_states, site_owned_by,
@@ -613,10 +613,11 @@ def parse_tick(payload: Any) -> "list[int] | None":
     if len(ids) > MAX_JOB_IDS_PER_SESSION_TICK:
         raise ValidationFailed.field(["body", "job_ids"], f"at most {MAX_JOB_IDS_PER_SESSION_TICK} job ids per "
                                      f"heartbeat, got {len(ids)} (send the others with the next heartbeats)")
-    errors = [(["body", "job_ids", i], f"expected a 64-bit integer job id, got {value!r}"[:200])
-              for i, value in enumerate(ids) if not (is_json_int(value) and INT64_MIN <= value <= INT64_MAX)]
+    errors = first_problems(((["body", "job_ids", i], f"expected a 64-bit integer job id, got {value!r}"[:200])
+                             for i, value in enumerate(ids) if not (is_json_int(value) and INT64_MIN <= value <= INT64_MAX)),
+                            ids, ["body", "job_ids"])
     if errors:
-        raise ValidationFailed(errors)  # the first listed, the others counted
+        raise ValidationFailed(errors)  # the first listed (the walk stops after them)
     return [int(value) for value in ids]
 
 
@@ -895,10 +896,11 @@ def parse_release(payload: Any) -> list[int]:
     if len(ids) > MAX_JOBS_PER_SESSION_ACQUIRE:
         raise ValidationFailed.field(["body", "job_ids"], f"at most {MAX_JOBS_PER_SESSION_ACQUIRE} job ids per "
                                      f"release, got {len(ids)}")
-    errors = [(["body", "job_ids", i], f"expected a 64-bit integer job id, got {value!r}"[:200])
-              for i, value in enumerate(ids) if not (is_json_int(value) and INT64_MIN <= value <= INT64_MAX)]
+    errors = first_problems(((["body", "job_ids", i], f"expected a 64-bit integer job id, got {value!r}"[:200])
+                             for i, value in enumerate(ids) if not (is_json_int(value) and INT64_MIN <= value <= INT64_MAX)),
+                            ids, ["body", "job_ids"])
     if errors:
-        raise ValidationFailed(errors)  # the first listed, the others counted
+        raise ValidationFailed(errors)  # the first listed (the walk stops after them)
     return sorted({int(value) for value in ids})
 
 

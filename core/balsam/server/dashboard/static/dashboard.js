@@ -49,17 +49,26 @@
     note.hidden = false;
   }
 
-  // The page's object is gone (a job deleted while its page is open: "Job 5 not found"): the page
-  // keeps what it showed, says so, and is no longer refreshed. Asking again every 5 s would get the
-  // same answer (a deleted job does not come back) and log a console error each time; a reload asks again.
+  // The page's job is gone (deleted while its page is open): the page keeps what it showed, says
+  // so, and is no longer refreshed. Asking again every 5 s would get the same answer (a deleted job
+  // does not come back) and log a console error each time; a reload asks again. Only a job's page
+  // is ever answered "not found" by the server (its lists are never), and only the server's own
+  // page saying "Job N not found" for this page's job ends the refreshes: any other 404 (a proxy's
+  // "404 page not found" while its backend restarts) is a failure like a 502, tried again later.
   var gone = false;
 
-  function pageGone(html, status) {
+  function jobGone(html) {
+    var id = /\/jobs\/(\d+)\/?$/.exec(window.location.pathname);
+    if (!id || !document.querySelector('[data-live="job-head"]')) return null;
+    var said = new DOMParser().parseFromString(html || "", "text/html").querySelector("main p.error[role=alert]");
+    var text = said ? said.textContent.trim() : "";
+    return text === "Job " + id[1] + " not found" ? text : null;
+  }
+
+  function pageGone(what) {
     gone = true;
     var note = document.getElementById("live-stale");
     if (!note) return;
-    var said = html && new DOMParser().parseFromString(html, "text/html").querySelector("main .error");
-    var what = said && said.textContent.trim() ? said.textContent.trim() : "the server answered " + status;
     note.textContent = what + ": shown as of " + lastUpdated.toLocaleTimeString(undefined, { hour12: false }) +
       ", no longer refreshed (reload the page to ask again)";
     note.hidden = false;
@@ -158,11 +167,17 @@
     return fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (resp) {
         if (resp.redirected || resp.status === 401) { window.location.reload(); return null; }
-        // A server error (or a proxy's "bad gateway") leaves the page stale; "not found" ends the
-        // refreshes (pageGone); another refusal (a page whose filters are refused) changes nothing live.
+        // A server error (or a proxy's "bad gateway") leaves the page stale; the server's "Job N not
+        // found" for this job page ends the refreshes (jobGone), any other "not found" leaves the page
+        // stale; another refusal (a page whose filters are refused) changes nothing live.
         if (resp.status >= 500) throw { status: resp.status };
-        if (resp.status === 404 || resp.status === 410) {
-          return resp.text().then(function (html) { pageGone(html, resp.status); return null; });
+        if (resp.status === 404) {
+          return resp.text().then(function (html) {
+            var what = jobGone(html);
+            if (!what) throw { status: resp.status };
+            pageGone(what);
+            return null;
+          });
         }
         return resp.ok ? resp.text() : null;
       })

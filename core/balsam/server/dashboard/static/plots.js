@@ -29,10 +29,14 @@
 
   // A chart follows its box's width, not the window's: the box also narrows without a resize event
   // when the page gets a (classic, non-overlay) vertical scrollbar, as drawing the charts makes it
-  // tall enough to need one. The observer also tells when the window's width changed.
+  // tall enough to need one. The observer also tells when the window's width changed. It watches an
+  // empty block at the top of the box (as wide as the box's content, never any height), not the box:
+  // setSize re-wraps the chart's legend, which changed the box's height inside the observer's own
+  // callback, and the browser reported "ResizeObserver loop completed with undelivered
+  // notifications" as an error of the page (a window narrowed from 1280 to 180 px: 6 times).
   var boxWatch = typeof ResizeObserver === "undefined" ? null : new ResizeObserver(function (entries) {
     entries.forEach(function (entry) {
-      var el = entry.target, chart = charts[el.id.replace("chart-", "")];
+      var el = entry.target.parentNode, chart = el && charts[el.id.replace("chart-", "")];
       if (!chart) return;
       var want = size(el);
       if (want.width !== chart.width) chart.setSize(want); else tabStops();
@@ -66,7 +70,12 @@
     el.setAttribute("role", "region");
     el.setAttribute("aria-label", series.name + " chart");
     var chart = new uPlot(opts, data, el);
-    if (boxWatch) boxWatch.observe(el);
+    if (boxWatch) {
+      var probe = document.createElement("div");
+      probe.className = "chart-width";
+      el.insertBefore(probe, el.firstChild);
+      boxWatch.observe(probe);
+    }
     return chart;
   }
 
