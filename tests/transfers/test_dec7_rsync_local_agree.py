@@ -20,7 +20,9 @@ host is this machine), ``rsync-local`` rsync's local mode (``rsync:///``).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -177,13 +179,16 @@ def test_the_ssh_command_line_is_never_built_for_a_file_destination_named_as_a_d
         backend.close()
 
 
-def test_a_source_gone_when_rsync_runs_is_named_not_the_link_sent_for_it(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("name", ["out.txt", "out  put.txt"], ids=["plain", "two-spaces"])
+def test_a_source_gone_when_rsync_runs_is_named_not_the_link_sent_for_it(tmp_path: Path, monkeypatch,
+                                                                        name: str) -> None:
     """Review: a stage-out source that disappears after the backend looked at it (or cannot be
     read) failed with rsync's words about the link it is sent as (``/tmp/balsam-rsync-link-*/out.txt``),
-    a path the job never named. Now the error names the source."""
+    a path the job never named. Now the error names the source; also when the error is made one
+    line (two spaces in the name became one first, and the link was no longer found in it)."""
     monkeypatch.setattr(RsyncTransfer, "_local_problem", lambda self, *args: "")  # gone after the look
     src = tmp_path / "job" / "gone.txt"
-    dest = tmp_path / "dst" / "out.txt"
+    dest = tmp_path / "dst" / name
     status = run("rsync-ssh", TransferDirection.stage_out, TransferFile(str(src), str(dest)))
     (error,) = status.file_errors.values()
     assert f'"{src}"' in error and "balsam-rsync-link" not in error, error
@@ -206,10 +211,13 @@ def test_link_directories_live_in_the_site_and_a_dead_agents_are_removed(tmp_pat
     (dead / "out.txt").mkdir(parents=True)
     other_host = links / f"{LINK_PREFIX}elsewhere-{os.getpid()}-1-abc_12"
     other_host.mkdir()
+    links.chmod(0o775)  # (an earlier agent's, made with the default mode under umask 002)
     first = build_backend(cls, name, options, site_path=str(site))
     try:
         alive = Path(first._links.make())
         assert alive.parent == links
+        # Only this user may write in it (another could swap a link directory for one of theirs).
+        assert stat.S_IMODE(links.stat().st_mode) == 0o700
         second = build_backend(cls, name, options, site_path=str(site))
         second.close()
         assert not dead.exists() and alive.is_dir() and other_host.is_dir()
@@ -238,6 +246,27 @@ def test_link_directories_live_in_the_site_and_a_dead_agents_are_removed(tmp_pat
     assert error.startswith("cannot make a directory for the link a stage-out file is sent as (")
     assert str(broken_site / LINKS_DIR) in error and str(tmp_path / "afile" / "tmp") in error
     assert not (tmp_path / "dst2").exists()
+
+
+def test_a_new_sites_link_directory_is_private_and_another_users_is_not_used(tmp_path: Path, monkeypatch) -> None:
+    """Review: the site's ``.rsync-links`` was made with the default mode (group-writable under
+    umask 002, no sticky bit). Now it is made 0700, and one owned by another user is not used."""
+    from balsam.builtin.rsync_transfer import LinkDirs
+
+    site = tmp_path / "site"
+    site.mkdir()
+    old = os.umask(0o002)
+    try:
+        made = Path(LinkDirs(str(site)).make())
+    finally:
+        os.umask(old)
+    assert made.parent == site / LINKS_DIR and stat.S_IMODE((site / LINKS_DIR).stat().st_mode) == 0o700
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)  # the directory is now another user's
+    elsewhere = Path(LinkDirs(str(site)).make())
+    monkeypatch.undo()
+    assert elsewhere.parent == Path(tempfile.gettempdir())
+    os.rmdir(elsewhere)
 
 
 def test_over_ssh_the_destinations_of_a_task_are_looked_at_with_one_connection(tmp_path: Path) -> None:
@@ -270,26 +299,170 @@ def test_over_ssh_the_destinations_of_a_task_are_looked_at_with_one_connection(t
     assert len(log.read_text().splitlines()) == 3  # the look at all five, then the two copies
 
 
-def test_over_ssh_a_host_that_does_not_answer_the_look_at_the_destinations_spares_then_charges(tmp_path: Path) -> None:
-    """No file ran when the look at the destinations got no answer: the first time the task's files
-    go back without a try, the second time in a row (no answer in between) they fail one."""
+def logged_ssh(tmp_path: Path, case: str = "") -> tuple[str, Path]:
+    """The stand-in ssh, logging each command line, and first running the shell ``case`` (on "$*")."""
+    log = tmp_path / "ssh.log"
+    ssh = tmp_path / "ssh-logged"
+    ssh.write_text(f'#!/bin/sh\necho "$*" >> {log}\n{case}\nexec {sys.executable} {FAKE_SSH} "$@"\n')
+    ssh.chmod(0o755)
+    return str(ssh), log
+
+
+#: The remote command of each rsync over ssh (the stand-in ssh sees it): the look at a task's
+#: destinations, a stage-in's copy (the host sends), a stage-out's copy (the host receives).
+LISTING, STAGE_IN, STAGE_OUT = r"*--sender\ -sdkR*", r"*--sender\ -slLtp*", r"*--server\ -sltp*"
+
+
+def test_stage_outs_whose_destinations_cannot_be_looked_at_are_copied_and_use_their_tries(tmp_path: Path,
+                                                                                           caplog) -> None:
+    """Review: when the look at the destinations got no answer (a hung directory there), no file
+    ran and none used a try while an rsync to the host answered in between (a stage-in), so
+    stage-outs went round for ever: after 6 rounds no try used, still pending (before the look,
+    they failed out after ``max_attempts``). Now the files are
+    copied unchecked (one WARNING per task), each failing on its own: the items end in error after
+    ``max_attempts`` tries. (The listing hangs until ``timeout_sec`` kills it; the stage-out copies
+    fail as ssh does, exit 255; the stage-ins work. Tries counted as the transfers module does: a
+    file error not listed ``not_tried``.)"""
+    ssh, log = logged_ssh(tmp_path, f'case "$*" in {LISTING}) exec sleep 300;; {STAGE_OUT}) '
+                                    'echo "ssh: connect to host dtn port 22: Connection refused" >&2; exit 255;; esac')
     src = tmp_path / "job" / "out.txt"
     src.parent.mkdir()
     src.write_text("r\n")
-    files = [TransferFile(str(src), str(tmp_path / "dst" / f"{n}.txt")) for n in ("a", "b")]
-    cls, name, options, _ = BACKENDS["rsync-ssh"]
-    backend = build_backend(cls, name, options)
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "in.txt").write_text("i\n")
+    outs = {n: TransferFile(str(src), str(tmp_path / "dst" / f"{n}.txt")) for n in "ab"}
+    stage_in = [TransferFile(str(tmp_path / "remote" / "in.txt"), str(tmp_path / "job" / "in.txt"))]
+    max_attempts, tries, pending = 1, {n: 0 for n in outs}, list(outs)
+    location = TransferLocation.parse("x", "rsync://me@dtn")
+    backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "timeout_sec": 1, "ssh_command": ssh})
     try:
-        statuses = []
-        for _ in range(2):
-            task = backend.submit(TransferLocation.parse("x", "rsync://me@unreachable"), TransferDirection.stage_out, files)
-            statuses.append(wait_for_tasks(backend, [task], timeout=60)[task])
+        for _ in range(3 * max_attempts * len(outs)):  # (at least one try used per round: 2 rounds)
+            if not pending:
+                break
+            task = backend.submit(location, TransferDirection.stage_out, [outs[n] for n in pending])
+            status = wait_for_tasks(backend, [task], timeout=60)[task]
+            for n in list(pending):
+                if outs[n].dest in status.file_errors and outs[n].dest not in status.info.get("not_tried", []):
+                    # (255, or 12 or 10 when rsync sees the closed pipe first: see CONNECTION_FAILED)
+                    assert ": ssh: connect to host dtn port 22: Connection refused" in status.file_errors[outs[n].dest]
+                    tries[n] += 1
+                    if tries[n] == max_attempts:
+                        pending.remove(n)
+            task = backend.submit(location, TransferDirection.stage_in, stage_in)
+            assert not wait_for_tasks(backend, [task], timeout=60)[task].file_errors
     finally:
         backend.close()
-    first, second = statuses
-    assert first.info.get("not_tried") == [f.dest for f in files]
-    assert first.file_errors[files[0].dest].startswith("not tried: looking at the destinations on me@unreachable failed: "
-                                                        "rsync exited 255: ssh: connect to host unreachable")
-    assert "not_tried" not in second.info and set(second.file_errors) == {f.dest for f in files}
-    assert second.file_errors[files[1].dest].endswith(", the second rsync in a row to me@unreachable that got no answer")
-    assert not (tmp_path / "dst").exists()
+    assert pending == [] and tries == {"a": 1, "b": 1}
+    lines = log.read_text().splitlines()
+    assert sum("--sender -sdkR" in line for line in lines) == 2  # a look per stage-out task
+    assert sum("--server -sltp" in line for line in lines) == 2  # one copy per try (b spared in the first)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and warnings[0].startswith(
+        "rsync: could not look at the destinations of 2 stage-out file(s) on me@dtn (no answer within 1 s): they are "
+        "copied without checking")
+
+
+def test_a_missing_rsync_program_fails_each_stage_out_saying_so(tmp_path: Path, caplog) -> None:
+    """Review: with ``rsync`` naming a program that does not exist, a stage-out task failed with
+    ``IndexError: list index out of range`` (the look at its destinations could not start). Now it
+    is the stage-in's error: ``cannot run '...': not found on PATH``, for each file."""
+    src = tmp_path / "job" / "out.txt"
+    src.parent.mkdir()
+    src.write_text("r\n")
+    missing = str(tmp_path / "no" / "rsync")
+    backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "rsync": missing,
+                                                     "ssh_command": f"{sys.executable} {FAKE_SSH}"})
+    files = [TransferFile(str(src), str(tmp_path / "dst" / f"{n}.txt")) for n in "ab"]
+    try:
+        task = backend.submit(TransferLocation.parse("x", "rsync://me@dtn"), TransferDirection.stage_out, files)
+        status = wait_for_tasks(backend, [task], timeout=60)[task]
+    finally:
+        backend.close()
+    assert status.state == TaskState.done, status
+    assert dict(status.file_errors) == {f.dest: f"cannot run {missing!r}: not found on PATH" for f in files}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"rsync: could not look at the destinations of 2 stage-out file(s) on me@dtn (cannot run {missing!r}: No such "
+        "file or directory): they are copied without checking for a directory or a link to one there (which the file "
+        "would replace)"]
+
+
+def test_the_destinations_of_a_big_task_are_looked_at_500_at_a_time(tmp_path: Path) -> None:
+    """Review: rsync's client fails past about 990 paths (``internal: args[] overflowed in
+    do_cmd()``, exit 1), and that was taken for "no directory there": a link to a directory among
+    1000 destinations was not found (and 4000 long paths, over the system's limit on arguments,
+    failed the task with an IndexError). Now at most 500 paths go to one listing, and only rsync's
+    0, 23 and 24 count as a listing."""
+    (tmp_path / "dst" / "real").mkdir(parents=True)
+    (tmp_path / "dst" / "link").symlink_to(tmp_path / "dst" / "real")
+    files = [TransferFile("/job/out.txt", str(tmp_path / "dst" / f"f{i:04d}.txt")) for i in range(1000)]
+    files.append(TransferFile("/job/out.txt", str(tmp_path / "dst" / "link")))
+    backend = build_backend(*BACKENDS["rsync-ssh"][:3])
+    try:
+        found = backend._remote_directories(TransferLocation.parse("x", "rsync://me@dtn"), TransferDirection.stage_out,
+                                            files)
+    finally:
+        backend.close()
+    assert found == {os.fsencode(str(tmp_path / "dst" / "link").lstrip("/"))}
+
+
+def test_a_listing_rsync_refuses_is_no_listing_and_its_files_are_copied(tmp_path: Path, caplog) -> None:
+    """An ``rsync --list-only`` exiting 1 (a usage error) was taken for "no directory there": now
+    the files are copied unchecked, with one WARNING saying so."""
+    rsync = tmp_path / "rsync-no-listing"
+    rsync.write_text('#!/bin/sh\ncase "$*" in *--list-only*) echo "internal: args[] overflowed in do_cmd()" >&2; '
+                     f'exit 1;; esac\nexec {shutil.which("rsync")} "$@"\n')
+    rsync.chmod(0o755)
+    src = tmp_path / "job" / "out.txt"
+    src.parent.mkdir()
+    src.write_text("r\n")
+    backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "rsync": str(rsync),
+                                                     "ssh_command": f"{sys.executable} {FAKE_SSH}"})
+    try:
+        task = backend.submit(TransferLocation.parse("x", "rsync://me@dtn"), TransferDirection.stage_out,
+                              [TransferFile(str(src), str(tmp_path / "dst" / "out.txt"))])
+        status = wait_for_tasks(backend, [task], timeout=60)[task]
+    finally:
+        backend.close()
+    assert not status.file_errors and (tmp_path / "dst" / "out.txt").read_text() == "r\n"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "(rsync exited 1: internal: args[] overflowed in do_cmd()): they are copied without checking" in warning
+
+
+def test_the_look_at_the_destinations_is_given_no_extra_argument_of_a_copy() -> None:
+    """Review: the listing got all of ``extra_args``: ``-a`` made it recurse into each directory
+    there (links to one too), ``--exclude`` hid a destination from it. Now it keeps those that say
+    how to reach and run the remote rsync."""
+    from balsam.builtin.rsync_transfer import _looking_args
+
+    assert _looking_args(["-a", "--exclude=link", "--rsync-path=/opt/rsync", "--timeout", "30", "-4", "--bwlimit=5m",
+                          "--files-from", "list", "--contimeout=5", "--rsync-path"]) == [
+        "--rsync-path=/opt/rsync", "--timeout", "30", "-4", "--contimeout=5", "--rsync-path"]
+
+
+def test_over_ssh_a_link_to_a_directory_is_found_however_its_path_is_spelled(tmp_path: Path) -> None:
+    """Review: the look at the destinations missed a link to a directory written ``dst/./link`` or
+    ``/./dst/link`` (rsync lists the name after ``/./``), named with a newline or a carriage return
+    (listed escaped, ``\\#012``) or with a backslash and a wildcard (not listed), and the file replaced
+    it. Now each is refused, with one listing."""
+    ssh, log = logged_ssh(tmp_path)
+    src = tmp_path / "job" / "out.txt"
+    src.parent.mkdir()
+    src.write_text("r\n")
+    real = tmp_path / "dst" / "real"
+    real.mkdir(parents=True)
+    names = ["dot", "top", "new\nline", "cr\rx", "bs\\[1]", "hash\\#101", "tab\tx", "r\u00e9sum\u00e9", "trail "]
+    for name in names:
+        (tmp_path / "dst" / name).symlink_to(real)
+    dests = [f"{tmp_path / 'dst'}/./dot", f"{tmp_path}/./dst/top", *(str(tmp_path / "dst" / n) for n in names[2:]),
+             str(tmp_path / "dst" / "bs[1]")]
+    backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "ssh_command": ssh})
+    try:
+        task = backend.submit(TransferLocation.parse("x", "rsync://me@dtn"), TransferDirection.stage_out,
+                              [TransferFile(str(src), d) for d in dests])
+        status = wait_for_tasks(backend, [task], timeout=60)[task]
+    finally:
+        backend.close()
+    assert dict(status.file_errors) == {d: f"destination {d} is a directory" for d in dests[:-1]}
+    assert all((tmp_path / "dst" / n).is_symlink() for n in names) and tree(real) == []
+    assert (tmp_path / "dst" / "bs[1]").read_text() == "r\n"  # (listed with bs\[1]: not taken for it)
+    assert len(log.read_text().split("rsync --server")) == 3  # the look at all, then the one copy

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from balsam.builtin import rsync_transfer
 from balsam.builtin.rsync_transfer import RsyncTransfer
 from balsam.site.modules.transfers import TransfersModule, TransfersOptions
 from balsam.states import TransferDirection
@@ -83,10 +84,11 @@ def test_a_slow_file_fails_alone_and_the_others_of_its_batch_are_staged_in(tmp_p
     assert runs(log, "/slow.txt") == 2
 
 
-def test_a_host_that_never_answers_costs_one_timeout_per_task_not_one_per_file(tmp_path: Path) -> None:
+def test_a_host_that_never_answers_costs_one_timeout_per_task_not_one_per_file(tmp_path: Path, monkeypatch) -> None:
     """The first rsync that gets no answer spares the task's other files (listed ``not_tried``: no
     try used); the next task's first rsync getting none either (no answer in between) charges them
     (not listed): a hung host's jobs fail after ``max_attempts`` tasks, one timeout each."""
+    monkeypatch.setattr(rsync_transfer, "PROBE_TIMEOUT_SEC", 1)  # (the check hangs too: no need to wait 10 s)
     rsync, log = sleepy_rsync(tmp_path, "*")
     backend = build_backend(RsyncTransfer, "rsync", {"rsync": str(rsync), "timeout_sec": 1, "threads": 1})
     location = TransferLocation.parse("here", "rsync:///")
@@ -142,7 +144,9 @@ def test_two_slow_files_in_a_row_on_a_host_that_answers_charge_no_other_file(tmp
     """Review: s1 timed out (s2 and b spared), then s2 timed out in the next task: counted as the
     host's second silence in a row, b failed a try it never got (with ``max_attempts: 1``: error,
     never run). Now a second silence in a row first checks the host (``rsync --list-only`` of the
-    directory there): it answers, so b is spared again, and runs in the task after."""
+    directory there): it answers, so b is spared again, and runs in the task after. (The check
+    gets ``PROBE_TIMEOUT_SEC``, 10 s, whatever ``timeout_sec``: given 1 s like the copies, through
+    the wrapper script, it could miss it on a loaded machine and charge b.)"""
     rsync, log = sleepy_rsync(tmp_path, "*/s[12].txt")
     backend = build_backend(RsyncTransfer, "rsync", {"rsync": str(rsync), "timeout_sec": 1, "threads": 1})
     location = TransferLocation.parse("here", "rsync:///")

@@ -42,8 +42,10 @@ directories first, and left them), a recursive item given a file, a file item wh
 a directory (rsync writes ``<dir>/<name>``, a path the job never named), a file item's destination
 written as a directory's name (``out/``, ``out/.``). A remote stage-out file is sent by name into
 its destination's directory, after an ``rsync --list-only`` of the task's destinations (one more
-connection per task) found no directory there, links followed (sent by name, the file would replace a link to
-a directory, or an empty directory); see :meth:`RsyncTransfer._remote_directories` and
+connection per task, per 500 files) found no directory there, links followed (sent by name, the file would
+replace a link to a directory, or an empty directory); a listing that is not made (no answer, an
+rsync error) leaves the files unchecked, not unsent (a WARNING says so), and a destination holding
+``..`` is not listed; see :meth:`RsyncTransfer._remote_directories` and
 :meth:`RsyncTransfer._explain`. The link it is sent as is made in the site's ``.rsync-links`` (see
 :class:`LinkDirs`).
 
@@ -55,6 +57,7 @@ name into the directory of a destination; what cannot be named exactly is a file
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -113,7 +116,9 @@ class RsyncOptions:
         "extra_args: ['--rsync-path=/path/to/rsync'] picks another there."
     )
     ssh_command: str = option("ssh -o BatchMode=yes", "Remote shell rsync connects through (rsync -e).")
-    extra_args: list[str] = option(help="More rsync arguments, a list of strings, e.g. ['--bwlimit=50m'].",
+    extra_args: list[str] = option(help="More rsync arguments, a list of strings, e.g. ['--bwlimit=50m']. The rsyncs "
+                                        "that only look (at a task's destinations, at a host) get only those saying "
+                                        "how to reach and run the remote rsync (--rsync-path, --timeout, ...).",
                                    factory=list, validator=_string_list)
     timeout_sec: int = option(
         3600, "A single rsync (one file or directory) is stopped after this many seconds (more than 0); the task's "
@@ -153,8 +158,44 @@ NOT_TRIED = "not_tried"
 #: Files remembered as having timed out (run last in their next task): at most this many.
 TIMED_OUT_MEMORY = 10_000
 #: Seconds the check of a host gets (an ``rsync --list-only`` of a directory there, see
-#: :meth:`RsyncTransfer._host_answers`) before its files are charged a try (``timeout_sec`` if less).
+#: :meth:`RsyncTransfer._host_answers`) before its files are charged a try. Not bounded by
+#: ``timeout_sec``: that says how long a copy may take, not how long ssh takes to log in.
 PROBE_TIMEOUT_SEC = 10
+#: At most this many destinations per ``rsync --list-only`` of a task's stage-out destinations
+#: (see :meth:`RsyncTransfer._remote_directories`): rsync 3.5's client fails with "args[]
+#: overflowed in do_cmd()" past about 990, and the command line must stay under the system's
+#: limit on arguments (about 2 MB); :data:`LISTING_MAX_BYTES` bounds their length.
+LISTING_CHUNK = 500
+LISTING_MAX_BYTES = 256 * 1024
+#: Seconds one such listing gets (``timeout_sec`` if less). It only stats the destinations: one
+#: that takes longer (a hung directory on the host) costs the files their check, not their copy.
+LISTING_TIMEOUT_SEC = 60
+#: rsync's exit statuses for a listing that was made: 0, 23 (some destinations missing: no
+#: directory there) and 24 (vanished). Any other (1 for a usage error, 4 for a name rsync would not
+#: list, a connection failure) says the destinations could not be looked at.
+LISTED = frozenset({0, 23, 24})
+#: What :meth:`RsyncTransfer._run_bounded` returns for an rsync that could not start (a killed
+#: one's status is minus its signal: -1 to -64).
+NOT_STARTED = -1000
+#: The ``extra_args`` an rsync that only looks (a listing, a check of the host) is given, with
+#: their value (``--rsync-path=P`` or ``--rsync-path P``): those saying how to reach and run the
+#: remote rsync. The others are a copy's (``-a`` would make a listing recurse, through links too;
+#: ``--exclude`` would hide a destination from it).
+LOOKING_OPTIONS = frozenset({"--rsync-path", "--timeout", "--contimeout", "--protocol", "--iconv"})
+LOOKING_FLAGS = frozenset({"-4", "-6", "--ipv4", "--ipv6", "--blocking-io", "--no-blocking-io"})
+
+
+def _looking_args(extra_args: Sequence[str]) -> list[str]:
+    """The part of ``extra_args`` an rsync that only looks is given (see :data:`LOOKING_OPTIONS`)."""
+    kept: list[str] = []
+    args = iter(extra_args)
+    for arg in args:
+        if arg in LOOKING_FLAGS or ("=" in arg and arg.partition("=")[0] in LOOKING_OPTIONS):
+            kept.append(arg)
+        elif arg in LOOKING_OPTIONS:
+            value = next(args, None)  # (--rsync-path P: its value is the next argument)
+            kept += [arg] if value is None else [arg, value]
+    return kept
 
 
 def split_address(netloc: str) -> tuple[str, Optional[int]]:
@@ -332,11 +373,41 @@ def _dest_is_a_directory(dest: str) -> str:
 
 
 def _listed_name(path: str) -> Optional[str]:
-    """An absolute remote path as ``rsync --list-only --relative`` lists it: without its leading
-    ``/``, empty and ``.`` components (a ``/./`` would start the relative part there); None for
-    one holding ``..`` (resolved on the host, not here) or for ``/``."""
+    """An absolute remote path as ``rsync --list-only --relative`` lists it once listed as
+    ``"/" + _listed_name(path)`` (see :meth:`RsyncTransfer._remote_directories`): without its
+    leading ``/``, empty and ``.`` components (given ``/./``, rsync would start the relative part
+    there); None for ``/`` and for a path holding ``..``: rsync takes ``sub/..`` away by name, the
+    host's file system follows a link ``sub`` (the copy writes elsewhere than the listing looks)."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     return None if not parts or ".." in parts else "/".join(parts)
+
+
+def _listing_target(name: str) -> str:
+    """The remote path to list for ``_listed_name`` ``name``: the remote rsync expands wildcards,
+    so they are escaped; a name that holds a backslash too cannot be escaped (see
+    :func:`remote_source`), and its backslashes are matched by ``?`` instead. That lists the name
+    and maybe others like it: only the exact name is looked up (:func:`_listed_bytes`)."""
+    path = "/" + name
+    if not _has_wildcards(path):
+        return path
+    return "".join("\\" + c if c in WILDCARDS else "?" if c == "\\" else c for c in path)
+
+
+#: A line of ``rsync --list-only``: mode, size, date, time, then (after one space) the name.
+LISTING_LINE = re.compile(r"(?P<mode>\S+) +\S+ \S+ \S+ (?P<name>.*)")
+#: One byte rsync escaped in a name it lists (see :data:`RSYNC_ESCAPES`).
+RSYNC_ESCAPE = re.compile(r"\\#([0-3][0-7]{2})")
+
+
+def _listed_bytes(name: str) -> bytes:
+    r"""A name as ``rsync --list-only`` wrote it, back to the bytes of the name: every ``\#ooo``
+    (rsync escapes a control character, a byte it cannot print, and a backslash before ``#``),
+    compared with :func:`os.fsencode` of the path looked up."""
+    raw, end = bytearray(), 0
+    for m in RSYNC_ESCAPE.finditer(name):
+        raw += name[end:m.start()].encode("utf-8", "surrogateescape") + bytes([int(m.group(1), 8)])
+        end = m.end()
+    return bytes(raw + name[end:].encode("utf-8", "surrogateescape"))
 
 
 def _quoted(path: str) -> str:
@@ -594,16 +665,37 @@ LINKS_DIR = ".rsync-links"
 LINK_PREFIX = "balsam-rsync-link-"
 
 
+def _private_directory(path: str) -> None:
+    """Make ``path`` a directory only this user can write in (0700), or check that the one there
+    belongs to this user (and make it so: an older agent made it with the default mode). Another
+    user who could write in it (a group-writable one, without the sticky bit) could rename a link
+    directory of it away and put one of their own in its place. Raises OSError saying what is wrong."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    if st.st_uid != os.getuid():
+        raise OSError(errno.EPERM, f"owned by uid {st.st_uid}, not by this user (uid {os.getuid()})")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
 class LinkDirs:
     """Where the links a remote stage-out file is sent as are made: one temporary directory per
     file, ``<base>/balsam-rsync-link-<host>-<pid>-<ms>-XXXXXXXX`` (this process's host, pid and
     start time), removed once its rsync is over. The base is the site's ``.rsync-links`` (no
-    ``TMPDIR`` to fill up, and the next agent of the site sees what a killed one left), else (no
-    site, or the site's cannot be written) the system's temporary directory. :meth:`clean` (called
+    ``TMPDIR`` to fill up, and the next agent of the site sees what a killed one left; 0700, this
+    user's: see :func:`_private_directory`), else (no site, or the site's cannot be written or is
+    another user's) the system's temporary directory. :meth:`clean` (called
     when the backend is built) removes those of processes of this host that no longer run."""
 
     def __init__(self, site_path: Optional[str]) -> None:
-        self.bases = ([str(Path(site_path) / LINKS_DIR)] if site_path else []) + [tempfile.gettempdir()]
+        #: The site's ``.rsync-links``, kept to this user (see :func:`_private_directory`).
+        self.own = str(Path(site_path) / LINKS_DIR) if site_path else None
+        self.bases = ([self.own] if self.own else []) + [tempfile.gettempdir()]
         self.host = socket.gethostname()
         started = process_start_time(os.getpid()) or 0.0
         self.prefix = f"{LINK_PREFIX}{self.host}-{os.getpid()}-{int(started * 1000)}-"
@@ -613,7 +705,8 @@ class LinkDirs:
         failures = []
         for base in self.bases:
             try:
-                os.makedirs(base, exist_ok=True)
+                if base == self.own:
+                    _private_directory(base)
                 return tempfile.mkdtemp(prefix=self.prefix, dir=base)
             except OSError as exc:
                 failures.append(f"{base}: {exc.strerror or exc}")
@@ -754,8 +847,8 @@ class RsyncTransfer(TransferBackend):
                 target = f"{address}:{remote_source(directory)}"
             except RemoteNameError:
                 target = f"{address}:/"  # (only the host's answer matters)
-        args += [*self.options.extra_args, "--", target]
-        returncode = self._run_bounded(args, min(PROBE_TIMEOUT_SEC, self.options.timeout_sec), stop)
+        args += [*_looking_args(self.options.extra_args), "--", target]
+        returncode = self._run_bounded(args, PROBE_TIMEOUT_SEC, stop)
         answered = returncode is not None and returncode not in CONNECTION_FAILED
         if answered:
             with self._hosts_lock:
@@ -767,16 +860,19 @@ class RsyncTransfer(TransferBackend):
     def _run_bounded(self, args: list[str], timeout: float, stop: Optional[StopFlag] = None,
                      output: Optional[list[str]] = None) -> Optional[int]:
         """Run ``args`` (an rsync that only looks) in a session of its own, recorded like a copy;
-        its exit status, or None when it ran past ``timeout`` or was cancelled; -1 when it could not
-        start (its copies then fail saying why).
-        Its standard output and error are appended to ``output`` when given."""
+        its exit status, or None when it ran past ``timeout`` or was cancelled; :data:`NOT_STARTED`
+        when it could not start (its copies then fail saying why).
+        Its standard output and error ('' and why, if it could not start) are appended to ``output`` when given;
+        undecodable bytes are kept (``surrogateescape``: a listed name is compared byte for byte)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RSYNC_")}
         pipe = subprocess.PIPE if output is not None else subprocess.DEVNULL
         try:
-            proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, stdin=subprocess.DEVNULL, text=True, env=env,
-                                    start_new_session=True)
-        except OSError:
-            return -1
+            proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, stdin=subprocess.DEVNULL, encoding="utf-8",
+                                    errors="surrogateescape", env=env, start_new_session=True)
+        except OSError as exc:
+            if output is not None:
+                output += ["", exc.strerror or str(exc)]
+            return NOT_STARTED
         if self._running is not None:
             self._running.add(proc.pid)
         killed = threading.Event()
@@ -832,7 +928,7 @@ class RsyncTransfer(TransferBackend):
         return ""
 
     def _run_one(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
-                 stop: Optional[StopFlag] = None, remote_directories: Optional[set[str]] = None) -> tuple[str, str]:
+                 stop: Optional[StopFlag] = None, remote_directories: Optional[set[bytes]] = None) -> tuple[str, str]:
         """('' on success, else one line saying what went wrong; what the host said: ANSWERED,
         NO_ANSWER, TIMED_OUT or NOT_RUN)."""
         problem = self._local_problem(location, direction, f)
@@ -852,7 +948,8 @@ class RsyncTransfer(TransferBackend):
         if link_name is None:
             return self._run_rsync(location, direction, f, stop)
         # Sent by name, a file would replace a link to a directory there (see _remote_directories).
-        if _listed_name(location.remote_path(f.dest)) in (remote_directories or ()):
+        name = _listed_name(location.remote_path(f.dest))
+        if name is not None and os.fsencode(name) in (remote_directories or ()):
             return _dest_is_a_directory(location.remote_path(f.dest)), NOT_RUN
         # A link of the destination's name to the source is sent into the destination's directory
         # (see remote_dest_link_name for a name holding wildcard characters).
@@ -868,47 +965,66 @@ class RsyncTransfer(TransferBackend):
             shutil.rmtree(holder, ignore_errors=True)
 
     def _remote_directories(self, location: TransferLocation, direction: TransferDirection,
-                            files: Sequence[TransferFile], stop: Optional[StopFlag] = None) -> tuple[set[str], str, str]:
+                            files: Sequence[TransferFile], stop: Optional[StopFlag] = None) -> set[bytes]:
         """For a task's remote stage-out files (over ssh), the destinations that are directories,
-        links followed (by :func:`_listed_name`), with one ``rsync --list-only --dirs
-        --copy-dirlinks --relative`` of them all (one connection per task, stopped after
-        ``timeout_sec``): (those, '' or what went wrong, what the host said). A missing destination
-        is no directory. Sent by name (see :meth:`_run_one`), a file would replace a symbolic link
+        links followed, as :func:`os.fsencode` of their :func:`_listed_name`: ``rsync --list-only
+        --dirs --copy-dirlinks --relative`` of them all (one connection per :data:`LISTING_CHUNK`
+        destinations, each stopped after :data:`LISTING_TIMEOUT_SEC`). A missing destination is
+        no directory. Sent by name (see :meth:`_run_one`), a file would replace a symbolic link
         there, one to a directory too, and an empty directory; local and rsync:/// refuse a
         destination that is a directory, links followed (``--keep-dirlinks`` only concerns
-        directories being sent, so it does not help)."""
+        directories being sent, so it does not help).
+
+        A listing that is not made (it timed out, could not start, or rsync exited other than
+        :data:`LISTED`) leaves its destinations and the later ones unchecked: one WARNING, and
+        their files are copied all the same, each bounded by its own ``timeout_sec`` (so a hung
+        directory there costs its files a try, as before the listing). Not listed either: a
+        destination holding ``..`` (see :func:`_listed_name`). A listing that was made is an
+        answer of the host (see :meth:`_heard`); one that was not is not counted as a failure:
+        the files say that themselves."""
         if direction != TransferDirection.stage_out or _local_mode(self.options, location):
-            return set(), "", NOT_RUN
+            return set()
         address, port = split_address(location.netloc)
-        targets = []
+        targets: list[str] = []
         for f in files:
-            dest = location.remote_path(f.dest)
-            if f.recursive or names_a_directory(f.dest) or _listed_name(dest) is None:
-                continue
-            try:
-                targets.append(f"{address}:{remote_source(dest)}")
-            except RemoteNameError:
-                continue  # (refused when its file runs)
-        if not targets:
-            return set(), "", NOT_RUN
+            name = _listed_name(location.remote_path(f.dest))
+            if not f.recursive and not names_a_directory(f.dest) and name is not None:
+                targets.append(f"{address}:{_listing_target(name)}")
         # Several sources need a destination, which --list-only never writes.
-        args = [self.options.rsync, "--list-only", "--dirs", "--copy-dirlinks", "--relative", "--no-implied-dirs",
-                "--protect-args", "-e", self.options.ssh_command if port is None else f"{self.options.ssh_command} -p {port}",
-                *self.options.extra_args, "--", *targets, os.devnull]
-        output: list[str] = []
-        returncode = self._run_bounded(args, self.options.timeout_sec, stop, output)
-        if returncode is None:
-            return (set(), f"looking at the destinations on {location.netloc} did not finish within "
-                    f"{self.options.timeout_sec} s", TIMED_OUT)
-        if returncode in CONNECTION_FAILED:
-            return set(), one_line(f"looking at the destinations on {location.netloc} failed: rsync exited {returncode}: "
-                                   f"{_last_error_line(output[1] or output[0])}"), NO_ANSWER
-        directories = set()
-        for line in output[0].splitlines():
-            fields = line.split(None, 4)
-            if len(fields) == 5 and fields[0].startswith("d"):
-                directories.add(_unescape_names(fields[4]))
-        return directories, "", ANSWERED
+        command = [self.options.rsync, "--list-only", "--dirs", "--copy-dirlinks", "--relative", "--no-implied-dirs",
+                   "--protect-args", "-e",
+                   self.options.ssh_command if port is None else f"{self.options.ssh_command} -p {port}",
+                   *_looking_args(self.options.extra_args), "--"]
+        chunks: list[list[str]] = []
+        size = 0
+        for target in targets:
+            if not chunks or len(chunks[-1]) == LISTING_CHUNK or size + len(os.fsencode(target)) > LISTING_MAX_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(target)
+            size += len(os.fsencode(target)) + 1
+        timeout = min(LISTING_TIMEOUT_SEC, self.options.timeout_sec)
+        directories: set[bytes] = set()
+        for done, chunk in enumerate(chunks):
+            output: list[str] = []
+            returncode = self._run_bounded([*command, *chunk, os.devnull], timeout, stop, output)
+            if stop is not None and stop.is_set():
+                return directories
+            if returncode not in LISTED:
+                why = (f"no answer within {timeout} s" if returncode is None else
+                       f"cannot run {self.options.rsync!r}: {output[1]}" if returncode == NOT_STARTED else
+                       f"rsync exited {returncode}: {_last_error_line(output[1] or output[0])}")
+                logger.warning("rsync: %s", one_line(
+                    f"could not look at the destinations of {sum(map(len, chunks[done:]))} stage-out file(s) on "
+                    f"{location.netloc} ({why}): they are copied without checking for a directory or a link to one "
+                    "there (which the file would replace)"))
+                return directories
+            self._heard(location, direction, None, ANSWERED)
+            for line in output[0].split("\n"):
+                m = LISTING_LINE.fullmatch(line)
+                if m is not None and m["mode"].startswith("d"):
+                    directories.add(_listed_bytes(m["name"]))
+        return directories
 
     def _explain(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
                  link: Optional[str], returncode: int, output: str) -> str:
@@ -959,14 +1075,15 @@ class RsyncTransfer(TransferBackend):
         if self._running is not None:
             # Recorded until it is over: the next agent ends it if this process dies first.
             self._running.add(proc.pid)
+        # rsync names the link it was given (<site>/.rsync-links/balsam-rsync-link-*/out.txt): the
+        # job named its source (replaced before the error is made one line, and maybe cut).
+        named = (lambda text: text) if link is None else (lambda text: text.replace(link, f.src))
         try:
-            result = self._wait_rsync(proc, f, stop, lambda rc, output: self._explain(location, direction, f, link, rc, output))
+            result = self._wait_rsync(proc, f, stop,
+                                      lambda rc, output: self._explain(location, direction, f, link, rc, output), named)
         finally:
             if self._running is not None:
                 self._running.remove(proc.pid)
-        if result[0] and link is not None:
-            # rsync names the link it was given (/tmp/balsam-rsync-link-*/out.txt): the job named its source.
-            result = (result[0].replace(link, f.src), result[1])
         if not result[0] and local_dest is not None and before is not None:
             removed = remove_stale_temporaries(local_dest.rstrip("/") if f.recursive else local_dest, f.recursive, before)
             if removed:
@@ -974,7 +1091,10 @@ class RsyncTransfer(TransferBackend):
         return result
 
     def _wait_rsync(self, proc: subprocess.Popen, f: TransferFile, stop: Optional[StopFlag],
-                    explain: Callable[[int, str], str] = lambda returncode, output: "") -> tuple[str, str]:
+                    explain: Callable[[int, str], str] = lambda returncode, output: "",
+                    named: Callable[[str], str] = lambda text: text) -> tuple[str, str]:
+        """Wait for the rsync of ``f``: ('' on success, else its error, ``named`` applied before it
+        is made one line; what the host said)."""
         killed = threading.Event()
 
         def kill() -> None:
@@ -1006,9 +1126,9 @@ class RsyncTransfer(TransferBackend):
                 return _not_recursive(f.src), ANSWERED
             return "", ANSWERED
         if proc.returncode in CONNECTION_FAILED:
-            return one_line(f"rsync exited {proc.returncode}: {_last_error_line(err or out)}"), NO_ANSWER
-        return one_line(explain(proc.returncode, err or out) or
-                        f"rsync exited {proc.returncode}: {_last_error_line(err or out)}"), ANSWERED
+            return one_line(named(f"rsync exited {proc.returncode}: {_last_error_line(err or out)}")), NO_ANSWER
+        return one_line(named(explain(proc.returncode, err or out) or
+                              f"rsync exited {proc.returncode}: {_last_error_line(err or out)}")), ANSWERED
 
     def _run_task(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
                   stop: Optional[StopFlag] = None) -> TaskStatus:
@@ -1026,17 +1146,11 @@ class RsyncTransfer(TransferBackend):
         not_tried: list[str] = []
         give_up, spare = "", False
         where = location.netloc or "this machine"
-        seen = self._failures_now(location)
-        directories, problem, outcome = self._remote_directories(location, direction, files, stop)
+        # (Whatever the listing says, the files run: the first one always does, so each task
+        # charges or copies at least one file and every item goes on toward max_attempts.)
+        directories = self._remote_directories(location, direction, files, stop)
         if stop is not None and stop.is_set():
             return TaskStatus(TaskState.failed, "cancelled", retryable=True)
-        twice = self._heard(location, direction, None, outcome, seen)
-        if outcome in (NO_ANSWER, TIMED_OUT):
-            # No file ran: spared if the host had answered since its last failure, else charged
-            # (no check of the host: one answering it while this hangs would spare them for good).
-            spare = not twice
-            give_up = one_line(f"not tried: {problem}" + ("; submitted again without using a try" if spare else
-                                                            f", the second rsync in a row to {where} that got no answer"))
         for f in self._slow_last(location, direction, files):
             if stop is not None and stop.is_set():
                 return TaskStatus(TaskState.failed, "cancelled", retryable=True)
