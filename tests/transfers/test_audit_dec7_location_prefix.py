@@ -34,8 +34,10 @@ def test_a_path_climbing_out_of_the_prefix_fails_its_item_alone(env: object, tmp
     prefix.mkdir()
     (prefix / "in.txt").write_text("inside")
     (tmp_path / "secret.txt").write_text("outside the prefix")
-    locations = {"shared": f"{protocol}://{prefix}"}
-    client, site = init_transfer_site(tmp_path, f"prefix-{protocol}", locations)
+    # The jobs are created while the location has no prefix (the server refuses a path climbing out
+    # of a prefix at creation: test_dec7_climb_refused_at_creation.py); the site's settings give it
+    # one afterwards, as a user editing settings.yml does: the agent's own check is what stops them.
+    client, site = init_transfer_site(tmp_path, f"prefix-{protocol}", {"shared": f"{protocol}://"})
     app = type("Prefixed", (ApplicationDefinition,), {"site": site.site_id, "command_template": "true", "transfers": {
         "inp": {"required": False, "direction": "in", "local_path": "in.txt"},
         "out": {"required": False, "direction": "out", "local_path": "out.txt"}}})
@@ -45,6 +47,8 @@ def test_a_path_climbing_out_of_the_prefix_fails_its_item_alone(env: object, tmp
     bad_out = Job("w/bad-out", app, transfers={"out": "shared:/results/../../escaped.txt"})
     for job in (good, bad_in, bad_out):
         job.save()
+    locations = {"shared": f"{protocol}://{prefix}"}
+    client.put(f"/sites/{site.site_id}", json={"transfer_locations": locations})
     module = transfers_module(site, client, locations)
     data = Path(site.data_path)
 

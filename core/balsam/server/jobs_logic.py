@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql
 
 from balsam.models import Job, workdir_problem
 from balsam.serialization import parse_datetime
+from balsam.transfer import TransferError, TransferLocation
 from balsam.util import paused_gc
 from balsam.states import (
     RUNNABLE_STATES, USER_FORCEABLE_TARGETS, InvalidTransition, JobState, TransferDirection, TransferItemState,
@@ -1216,12 +1217,39 @@ def _same_destination_errors(index: int, slot_names: list[str],
     return errors
 
 
+def _outside_location(alias: str, url: Any, path: str,
+                      parsed: "dict[tuple[str, str], TransferLocation | None]") -> str:
+    """Why a job's remote ``path`` leads outside its location's directory prefix ('' when it does
+    not): the agent's own rule and words (:meth:`TransferLocation.remote_path`, on the path as
+    stored), refused at creation rather than failing the item, and so the job, at its first cycle.
+    (The agent keeps its check: a site's settings may give a location a prefix after its jobs were
+    created.) Only a path with ``..`` is read; ``parsed`` holds the request's locations, each
+    parsed once. A URL its agent refuses (a settings error the agent reports) is not judged here."""
+    if ".." not in path or not isinstance(url, str):
+        return ""
+    key = (alias, url)
+    if key not in parsed:
+        try:
+            parsed[key] = TransferLocation.parse(alias, url)
+        except TransferError:
+            parsed[key] = None
+    location = parsed[key]
+    if location is None:
+        return ""
+    try:
+        location.remote_path(path)
+    except TransferError as exc:
+        return str(exc)
+    return ""
+
+
 def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
                           parent_states: dict[int, str]) -> tuple[list[str], list[list[dict[str, Any]]]]:
     """Each job's first state and its transfer items (checked against its app's slots)."""
     errors: list[tuple[list[Any], str]] = []
     states: list[str] = []
     transfer_specs: list[list[dict[str, Any]]] = []
+    parsed_locations: dict[tuple[str, str], TransferLocation | None] = {}
     for index, spec in enumerate(specs):
         app = app_info[spec["app_id"]]
         slots = app.transfers or {}
@@ -1242,6 +1270,10 @@ def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
                 valid = ", ".join(sorted(locations)) or "none"
                 errors.append((["body", index, "transfers", slot_name, "location_alias"],
                                f"unknown location alias {alias!r} on the site (valid: {valid})"))
+                continue
+            outside = _outside_location(alias, locations[alias], path, parsed_locations)
+            if outside:
+                errors.append((["body", index, "transfers", slot_name], outside))
                 continue
             items.append({
                 "direction": slot["direction"],
