@@ -58,7 +58,7 @@ import sys
 import time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Protocol, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Protocol, Union
 
 import attrs
 
@@ -215,11 +215,14 @@ STOP_CHECK_SEC = 1.0
 #: Where the process table is read (Linux's procfs; a test points it at a missing folder: a host
 #: without one, macOS).
 _PROC = "/proc"
-#: The most pids after the command's that a look at its group opens one by one; past it, every
-#: process in /proc is read instead.
-_PID_RANGE_MAX = 4096
 #: What the kernel keeps below the pids it gives again once it reached ``pid_max`` (RESERVED_PIDS).
 _RESERVED_PIDS = 300
+#: The most pids given since a command's that a look at its group opens one by one (a failed open
+#: for each one not in use, about 2 us); past it /proc is listed (about 0.3 us a process).
+_OPEN_MAX = 64
+#: The numbers a process may hold taken: its pid, and its group's and session's, which stay taken
+#: while a member lives after the leader exited (see :func:`_pids_given_since`).
+_IDS_PER_TASK = 3
 
 
 def _read_proc(name: str) -> Optional[bytes]:
@@ -247,11 +250,52 @@ def _forks() -> Optional[int]:
     return None
 
 
+def _pid_use() -> Optional[tuple[int, int]]:
+    """The host's processes started since boot (:func:`_forks`) and its tasks now (processes and
+    threads, zombies included: /proc/loadavg's 4th field's total); None where either cannot be read."""
+    forks = _forks()
+    fields = (_read_proc("loadavg") or b"").split()
+    total = fields[3].rpartition(b"/")[2].decode("ascii", "replace") if len(fields) > 3 else ""
+    if forks is None or not total.isdecimal():
+        return None
+    return forks, int(total)
+
+
+def _pids_given_since(pgid: int, before: Optional[tuple[int, int]], forks: Optional[int],
+                      last: Optional[int], pid_max: Optional[int]) -> Optional[tuple[range, ...]]:
+    """Which pids the kernel gave out since it gave ``pgid``, a command's: where its group's other
+    members are (see :func:`_listed_alive`). None: every pid (a figure could not be read, or the
+    kernel may have come round the whole pid space again since).
+
+    The kernel gives pids in turn, each the next one not taken after the last given (``last``,
+    ns_last_pid), from ``_RESERVED_PIDS`` again after ``pid_max - 1``. While
+    it did not come round past ``pgid`` again, the pids given since are those after ``pgid`` up to
+    ``last``: ``(pgid, last]``, or ``(pgid, pid_max)`` and ``[1, last]`` where ``last < pgid`` (it
+    wrapped once). A whole round steps over every pid of the round, ``pid_max - _RESERVED_PIDS``
+    of them: each one either given since the command started (counted by the host's processes
+    counter: ``forks``, read with ``last``, less ``before[0]``, read before the command
+    started) or skipped as taken; a taken one that was not given since was taken already when the
+    command started, as the pid, group or session id of one of the host's tasks then
+    (``before[1]``). So no round was made while ``forks - before[0] + _IDS_PER_TASK * before[1]``
+    stays below ``pid_max - _RESERVED_PIDS``. The counters are the host's (every pid namespace):
+    never fewer than this namespace's. Not counted: a fork the kernel refused after it gave the
+    pid (a cgroup's pids.max), which moves the turn on too."""
+    if before is None or forks is None or last is None or pid_max is None:
+        return None
+    started, tasks = before
+    if forks - started + _IDS_PER_TASK * tasks >= pid_max - _RESERVED_PIDS:
+        return None
+    if last >= pgid:
+        return (range(pgid + 1, last + 1),)
+    return range(pgid + 1, pid_max), range(1, last + 1)
+
+
 def _no_reap() -> None:
     pass
 
 
-def _group_alive(pgid: int, forks: Optional[int] = None, reap: Callable[[], object] = _no_reap) -> bool:
+def _group_alive(pgid: int, before: Optional[tuple[int, int]] = None,
+                 reap: Callable[[], object] = _no_reap) -> bool:
     """Whether process group ``pgid``, an exited command's (its pid: ``_OWN_GROUP``), has a member
     that has not exited, other than the command. /proc says which members are zombies (a zombie
     re-parented to init: srun's helper, which a container's init reaps 1-2 s later; counted, every
@@ -259,9 +303,8 @@ def _group_alive(pgid: int, forks: Optional[int] = None, reap: Callable[[], obje
     reaped (:class:`_CommandOutput`). Where /proc cannot be read (macOS), ``killpg(pgid, 0)``'s
     word, which counts every member, zombies too: the command is reaped (``reap``) first, so that
     it is not counted (as before it was kept unreaped: its group then is no one's that a stop of
-    the agent finds). ``forks``: :func:`_forks` before the command started (see
-    :func:`_group_candidates`)."""
-    listed = _listed_alive(pgid, forks)
+    the agent finds). ``before``: :func:`_pid_use` before the command started."""
+    listed = _listed_alive(pgid, before)
     if listed is not None:
         return listed
     reap()
@@ -274,46 +317,42 @@ def _group_alive(pgid: int, forks: Optional[int] = None, reap: Callable[[], obje
     return True
 
 
-def _listed_alive(pgid: int, forks: Optional[int]) -> Optional[bool]:
+def _listed_alive(pgid: int, before: Optional[tuple[int, int]]) -> Optional[bool]:
     """Whether /proc lists a member of ``pgid`` that has not exited, other than its leader; None
-    where /proc cannot be read."""
-    pids = _group_candidates(pgid, forks)
-    if pids is None:
-        return None
-    for pid in pids:
-        data = _read_proc(f"{pid}/stat")
+    where /proc cannot be listed. Its members were started after it (its children and theirs: a
+    process joins another group only by ``setpgid``, of itself or of a child before its exec, which
+    is what a shell does for its jobs, never for another group's; nothing but the command's own
+    takes its group), so only the processes holding pids given out since
+    (:func:`_pids_given_since`) are read, where a read of every process cost a busy login node
+    15 ms of CPU per command at 1,600 processes: up to :data:`_OPEN_MAX` pids opened one by one,
+    past it one listing of /proc and a read of those listed in the range (else a failed open
+    for each pid not in use: 7.6 ms of CPU for 4,096)."""
+    given = _pids_given_since(pgid, before, _forks(), _proc_int("sys/kernel/ns_last_pid"),
+                              _proc_int("sys/kernel/pid_max"))
+    if given is not None and sum(len(span) for span in given) <= _OPEN_MAX:
+        names = [str(pid) for span in given for pid in span]
+    else:
+        try:
+            entries = os.listdir(_PROC)
+        except OSError:
+            return None
+        names = [entry for entry in entries
+                 if entry.isdecimal() and (given is None or any(int(entry) in span for span in given))]
+    group, own = b"%d" % pgid, str(pgid)
+    for name in names:
+        if name == own:  # the command itself, exited: checked by the caller
+            continue
+        data = _read_proc(f"{name}/stat")
         if data is None:
-            continue  # no such process (a pid in the range not in use), or gone meanwhile
+            continue  # no such process (a pid not in use), gone meanwhile, or not ours to read
         # After the command name: state, ppid, pgrp.
         fields = data.rsplit(b")", 1)[-1].split()
-        if len(fields) > 2 and fields[2] == b"%d" % pgid and fields[0] != b"Z" and pid != pgid:
+        if len(fields) > 2 and fields[2] == group and fields[0] != b"Z":
             return True
     return False
 
 
-def _group_candidates(pgid: int, forks: Optional[int]) -> Optional[Iterable[int]]:
-    """The pids that a member of the group of the command ``pgid`` may hold. Its members were
-    started after it (its children and theirs: a process joins another group only by ``setpgid``,
-    of itself or of a child before its exec, which is what a shell does for its jobs, never for
-    another group's; nothing but the command's own takes its group), and the kernel gives pids in
-    turn: while it did not come round to the lowest pids again since the command started, they
-    hold pids after the command's, up to the last given (``ns_last_pid``). That no round was made
-    is told by the host's count of started processes: fewer since ``forks`` (read before the
-    command started) than pids above the command's. Else (or where those cannot be read) every
-    process in /proc: reading them all on every command cost a busy login node's polls 15 ms each
-    at 1,600 processes. None where /proc cannot be listed."""
-    last, now, pid_max = _proc_int("sys/kernel/ns_last_pid"), _forks(), _proc_int("sys/kernel/pid_max")
-    if (last is not None and now is not None and pid_max is not None and forks is not None
-            and pgid <= last <= pgid + _PID_RANGE_MAX and now - forks < pid_max - pgid - _RESERVED_PIDS):
-        return range(pgid + 1, last + 1)
-    try:
-        entries = os.listdir(_PROC)
-    except OSError:
-        return None
-    return [int(entry) for entry in entries if entry.isdecimal()]
-
-
-def _end_group_leftovers(command: Command, pgid: int, forks: Optional[int] = None,
+def _end_group_leftovers(command: Command, pgid: int, before: Optional[tuple[int, int]] = None,
                          reap: Callable[[], object] = _no_reap) -> None:
     """End what an exited command left in its process group: a ``(helper &)`` whose output went to
     /dev/null outlives it there, unseen by ``communicate``; run every poll, one more process was left
@@ -326,7 +365,7 @@ def _end_group_leftovers(command: Command, pgid: int, forks: Optional[int] = Non
     file); SIGKILL for what is still there after :data:`LEFTOVER_GRACE_SEC`. A daemon that meant to
     outlive the command (``ssh -o ControlPersist``, an agent) starts a session of its own and is not
     in the group."""
-    if not _group_alive(pgid, forks, reap):
+    if not _group_alive(pgid, before, reap):
         return
     logger.warning("`%s` exited and left processes in its process group: ending them", command.args[0])
     try:
@@ -335,7 +374,7 @@ def _end_group_leftovers(command: Command, pgid: int, forks: Optional[int] = Non
     except OSError:
         return
     deadline = time.monotonic() + LEFTOVER_GRACE_SEC
-    while _group_alive(pgid, forks, reap) and time.monotonic() < deadline:
+    while _group_alive(pgid, before, reap) and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -464,6 +503,22 @@ class _CommandOutput:
         return data.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def reset_ignored_sigchld() -> bool:
+    """Set SIGCHLD back to its default action where this process was started with it ignored
+    (SIG_IGN survives exec: a parent, a batch system's or a wrapper's, that ignored it): then the
+    kernel discards the exit status of every child the moment it exits, and no command
+    :func:`subprocess_runner` runs has an outcome it can read. For the main thread at a program's
+    start (the agent's, the CLI's); whether it was reset (not from another thread: signal.signal
+    refuses, and the runner's error then says why every command failed)."""
+    if not hasattr(signal, "SIGCHLD") or signal.getsignal(signal.SIGCHLD) != signal.SIG_IGN:
+        return False
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        return False
+    return True
+
+
 def subprocess_runner(command: Command) -> CommandResult:
     """Run a command for real, in a process group of its own (see ``_OWN_GROUP``). A missing
     executable, a timeout or a command stopped by the terminal comes back as a SchedulerError.
@@ -472,7 +527,7 @@ def subprocess_runner(command: Command) -> CommandResult:
     env = {**os.environ, **command.env}
     for name in command.unset_env:
         env.pop(name, None)
-    forks = _forks()  # before the command starts: see _group_candidates
+    before = _pid_use()  # before the command starts: see _pids_given_since
     try:
         proc = subprocess.Popen(
             list(command.args),
@@ -504,10 +559,14 @@ def subprocess_runner(command: Command) -> CommandResult:
         except BaseException:
             _kill_group(proc)
             raise
-        _end_group_leftovers(command, proc.pid, forks, proc.wait)
+        _end_group_leftovers(command, proc.pid, before, proc.wait)
     # Reaped by the with's exit (Popen.wait), once nothing the command left in its group runs.
     if output.returncode is None:
         # Not an exit 0 (Popen's word for a child another reaped): a submit may have queued the job.
+        if hasattr(signal, "SIGCHLD") and signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+            raise SchedulerError(f"`{command.args[0]}`'s exit status cannot be read: this process ignores SIGCHLD "
+                                 "(SIG_IGN, as inherited across exec from what started it), so the kernel discards "
+                                 "every child's exit status: its outcome is unknown (run it with SIGCHLD at default)")
         raise SchedulerError(f"`{command.args[0]}` was reaped elsewhere (the agent's shutdown ending its children) "
                              "before its exit status was read: its outcome is unknown")
     return CommandResult(tuple(command.args), output.returncode, output.text(proc.stdout), output.text(proc.stderr))

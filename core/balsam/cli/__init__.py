@@ -167,6 +167,11 @@ INTERACTIVE_RETRY_COUNT = 3
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Balsam: HPC workflows through a REST service, site agents and pilot-job launchers."""
+    from balsam.scheduler import reset_ignored_sigchld
+
+    # Commands run scheduler commands in this process (`balsam queue ls`, `site start` in the
+    # foreground): a SIGCHLD ignored by what started it (inherited across exec) discards their exit status.
+    reset_ignored_sigchld()
     if ctx.invoked_subcommand not in LONG_RUNNING_COMMANDS:
         from balsam.client.rest import cap_retries_for_interactive_use
 

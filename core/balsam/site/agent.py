@@ -50,6 +50,7 @@ from ..config.settings import load_settings
 from ..plugins.discovery import HOOK_KIND
 from ..plugins.manager import get_plugin_manager
 from ..plugins.report import CONFLICT, FAILED
+from ..scheduler import reset_ignored_sigchld
 from ..serialization import show
 from ..util import (START_TIME_TOLERANCE_SEC, EnvNumberError, env_number, log_file_handler, same_process, terminate_processes,
                     try_exclusive_flock)
@@ -1122,6 +1123,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("site_path", nargs="?", help="site directory (default: $BALSAM_SITE_PATH or the cwd's site)")
     parser.add_argument("--log-to-stderr", action="store_true", help="also log to stderr")
     args = parser.parse_args(argv)
+    # Before any command runs: a SIGCHLD ignored by what started the agent (inherited across exec)
+    # makes the kernel discard every scheduler command's exit status.
+    reset_ignored_sigchld()
     from ..config import SiteConfig
 
     try:
