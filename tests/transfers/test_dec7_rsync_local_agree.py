@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from balsam.builtin.local_transfer import LocalTransfer
-from balsam.builtin.rsync_transfer import RsyncTransfer, rsync_command
+from balsam.builtin.rsync_transfer import RemoteNameError, RsyncTransfer, rsync_command
 from balsam.states import TransferDirection
 from balsam.testing import wait_for_tasks
 from balsam.transfer import TaskState, TransferFile, TransferLocation, build_backend
@@ -466,3 +466,144 @@ def test_over_ssh_a_link_to_a_directory_is_found_however_its_path_is_spelled(tmp
     assert all((tmp_path / "dst" / n).is_symlink() for n in names) and tree(real) == []
     assert (tmp_path / "dst" / "bs[1]").read_text() == "r\n"  # (listed with bs\[1]: not taken for it)
     assert len(log.read_text().split("rsync --server")) == 3  # the look at all, then the one copy
+
+
+def test_a_stage_out_name_too_long_to_link_is_that_files_error_not_its_tasks(tmp_path: Path) -> None:
+    """Review: a stage-out over ssh whose destination's name is over 255 bytes failed its whole task
+    (``OSError: [Errno 36] File name too long`` making the link it is sent as): its batch mates,
+    copied, were charged a try with it and ended in error. Now it is that file's error."""
+    src = tmp_path / "job" / "out.txt"
+    src.parent.mkdir()
+    src.write_text("r\n")
+    good, long = (TransferFile(str(src), str(tmp_path / "dst" / name)) for name in ("good.txt", "x" * 256))
+    backend = build_backend(*BACKENDS["rsync-ssh"][:3])
+    try:
+        task = backend.submit(TransferLocation.parse("x", "rsync://me@dtn"), TransferDirection.stage_out, [good, long])
+        status = wait_for_tasks(backend, [task], timeout=60)[task]
+    finally:
+        backend.close()
+    assert status.state == TaskState.done, status
+    assert dict(status.file_errors) == {long.dest: "cannot make the link the file is sent as, named as its destination "
+                                                   f"(File name too long): {long.dest}"}
+    assert (tmp_path / "dst" / "good.txt").read_text() == "r\n"
+    assert "not_tried" not in status.info
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS, ids=["in", "out"])
+def test_an_rsync_program_that_cannot_run_fails_each_file_saying_so(tmp_path: Path, direction) -> None:
+    """Review: an ``rsync`` option naming a file that is not executable failed every task with
+    ``PermissionError`` (only a missing program was a file error). Now each file says why."""
+    rsync = tmp_path / "rsync"
+    rsync.write_text("#!/bin/sh\n")
+    rsync.chmod(0o644)
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "job").mkdir()
+    for side in ("remote", "job"):
+        (tmp_path / side / "f.txt").write_text("f\n")
+    other = "job" if direction == TransferDirection.stage_in else "remote"
+    files = [TransferFile(str(tmp_path / ("remote" if other == "job" else "job") / "f.txt"), str(tmp_path / other / n))
+             for n in ("a.txt", "b.txt")]
+    backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "rsync": str(rsync),
+                                                     "ssh_command": f"{sys.executable} {FAKE_SSH}"})
+    try:
+        task = backend.submit(TransferLocation.parse("x", "rsync://me@dtn"), direction, files)
+        status = wait_for_tasks(backend, [task], timeout=60)[task]
+    finally:
+        backend.close()
+    assert status.state == TaskState.done, status
+    assert dict(status.file_errors) == {f.dest: f"cannot run {str(rsync)!r}: Permission denied" for f in files}
+
+
+def _long_path(base: Path, size: int, tail: str = "") -> str:
+    """A path under ``base`` of ``size`` bytes (``tail`` included), in components of at most 200 bytes."""
+    path = str(base)
+    while len(path) + len(tail) < size:
+        path += "/" + "y" * min(200, size - len(path) - len(tail) - 1)
+    assert len(path + tail) == size
+    return path + tail
+
+
+@pytest.mark.parametrize("direction, recursive", [(TransferDirection.stage_out, False), (TransferDirection.stage_out, True),
+                                                  (TransferDirection.stage_in, False)],
+                         ids=["out-file", "out-directory", "in-file"])
+def test_a_remote_path_the_remote_rsync_would_cut_is_refused(tmp_path: Path, direction, recursive: bool) -> None:
+    """Review: a stage-out over ssh to a remote directory of 4,096 bytes or more was written at a
+    path cut at 4,095 bytes (the remote rsync cuts a protected argument at MAXPATHLEN, silently) and
+    reported done; a stage-in fetched the file at the cut path. Now such a remote path is that
+    file's error, naming the limit; nothing is written."""
+    job = tmp_path / "job"
+    (job / "tree").mkdir(parents=True)
+    (job / "tree" / "a.txt").write_text("a\n")
+    (job / "out.txt").write_text("r\n")
+    stage_out = direction == TransferDirection.stage_out
+    remote = _long_path(tmp_path / "dst", 5000, "" if recursive else "/out.txt" if stage_out else "/in.txt")
+    if stage_out:
+        f = TransferFile(str(job / ("tree" if recursive else "out.txt")), remote, recursive=recursive)
+    else:
+        # What the remote rsync fetched instead: the file at the path cut to 4,095 bytes.
+        cut = Path(remote[:4095])
+        cut.parent.mkdir(parents=True)
+        cut.write_text("not the file the job named\n")
+        f = TransferFile(remote, str(job / "in.txt"))
+    status = run("rsync-ssh", direction, f)
+    assert status.state == TaskState.done, status
+    assert list(status.file_errors) == [f.dest]
+    assert status.file_errors[f.dest].startswith(
+        f"rsync over ssh cannot {'write' if stage_out else 'fetch'} a remote path of 4096 bytes or more exactly (the "
+        "remote rsync cuts it to 4095, MAXPATHLEN less one, and uses that); this one is ")
+    written = [p for p in (tmp_path / "dst").rglob("*") if p.is_file()]
+    assert written == ([] if stage_out else [cut]) and not (job / "in.txt").exists()
+
+
+def test_the_remote_path_argument_may_be_4095_bytes_not_4096() -> None:
+    location = TransferLocation.parse("x", "rsync://me@dtn")
+    for size, refused in ((4095, False), (4096, True)):
+        dest = "/" + "d" * (size - 2) + "/"  # (a recursive item's destination: passed as it is)
+        f = TransferFile("/job/tree", dest, recursive=True)
+        if refused:
+            with pytest.raises(RemoteNameError, match="this one is 4096 bytes"):
+                rsync_command(RsyncTransfer.options_schema(), location, TransferDirection.stage_out, f)
+        else:
+            assert rsync_command(RsyncTransfer.options_schema(), location, TransferDirection.stage_out,
+                                 f)[-1] == f"me@dtn:{dest}"
+
+
+def test_the_look_at_the_destinations_and_the_host_check_keep_the_remote_shell_of_extra_args() -> None:
+    """Review: ``--rsh``/``-e`` in ``extra_args`` was dropped from the listing and the host check,
+    which then went through ``ssh_command`` (that could not log in). Kept in all its spellings, after
+    ``-e ssh_command``: the last one wins, as in a copy."""
+    from balsam.builtin.rsync_transfer import _looking_args
+
+    assert _looking_args(["-a", "--rsh", "ssh -i key", "--rsh=ssh -i k2", "-e", "ssh -i k3", "-essh -i k4",
+                          "--exclude=x", "-v"]) == ["--rsh", "ssh -i key", "--rsh=ssh -i k2", "-e", "ssh -i k3",
+                                                    "-essh -i k4"]
+
+
+@pytest.mark.parametrize("spelling", ["--rsh X", "-eX"])
+def test_a_remote_shell_set_in_extra_args_reaches_the_host_for_the_look_and_the_check(tmp_path: Path,
+                                                                                      spelling: str, caplog) -> None:
+    """The end of the above: with ``ssh_command`` failing (exit 255) and the working ssh named in
+    ``extra_args``, a link to a directory there is found (not replaced) and the host answers a check."""
+    failing = tmp_path / "ssh-fails"
+    failing.write_text('#!/bin/sh\necho "ssh: connect to host dtn port 22: Connection refused" >&2\nexit 255\n')
+    failing.chmod(0o755)
+    shell = f"{sys.executable} {FAKE_SSH}"
+    extra = ["--rsh", shell] if spelling == "--rsh X" else [f"-e{shell}"]
+    src = tmp_path / "job" / "out.txt"
+    src.parent.mkdir()
+    src.write_text("r\n")
+    real = tmp_path / "dst" / "real"
+    real.mkdir(parents=True)
+    (tmp_path / "dst" / "link").symlink_to(real)
+    files = [TransferFile(str(src), str(tmp_path / "dst" / n)) for n in ("a.txt", "link")]
+    location = TransferLocation.parse("x", "rsync://me@dtn")
+    backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "ssh_command": str(failing), "extra_args": extra})
+    try:
+        task = backend.submit(location, TransferDirection.stage_out, files)
+        status = wait_for_tasks(backend, [task], timeout=60)[task]
+        assert backend._host_answers(location, TransferDirection.stage_out, files[0])
+    finally:
+        backend.close()
+    assert dict(status.file_errors) == {files[1].dest: f"destination {files[1].dest} is a directory"}
+    assert (tmp_path / "dst" / "a.txt").read_text() == "r\n" and (tmp_path / "dst" / "link").is_symlink()
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []

@@ -30,7 +30,8 @@ since its last such failure, the file that timed out running last in its next ta
 file does not fail its batch; failing a try when it had not (no answer twice in a row: the second
 rsync started after the first failure was recorded) and a quick check of the host (an
 ``rsync --list-only`` of the file's directory there, at most :data:`PROBE_TIMEOUT_SEC`) gets no
-answer either, so a hung host costs one ``timeout_sec`` per task, not one per file (see
+answer either, so a hung host costs one ``timeout_sec``, the check and (stage-outs over ssh) the
+look at the destinations (at most :data:`LISTING_TIMEOUT_SEC`) per task, not one ``timeout_sec`` per file (see
 :meth:`RsyncTransfer._run_task`). What the backend knows of its hosts lives in this process: an
 agent restart forgets it (the next first failure is a first again).
 Nothing else ends such a session when the agent dies: each running rsync is recorded in the site
@@ -52,7 +53,8 @@ rsync error) leaves the files unchecked, not unsent (a WARNING says so), and a d
 Remote names holding wildcard characters (``run[1].h5``) are taken literally, although the remote
 rsync expands wildcards even with ``--protect-args``: escaped in a source, sent as a link of that
 name into the directory of a destination; what cannot be named exactly is a file error (see
-:func:`remote_source` and :func:`remote_dest_link_name`).
+:func:`remote_source` and :func:`remote_dest_link_name`), as is a remote path the remote rsync
+would cut (4,096 bytes or more: see :data:`REMOTE_PATH_MAX`).
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class RsyncOptions:
     ssh_command: str = option("ssh -o BatchMode=yes", "Remote shell rsync connects through (rsync -e).")
     extra_args: list[str] = option(help="More rsync arguments, a list of strings, e.g. ['--bwlimit=50m']. The rsyncs "
                                         "that only look (at a task's destinations, at a host) get only those saying "
-                                        "how to reach and run the remote rsync (--rsync-path, --timeout, ...).",
+                                        "how to reach and run the remote rsync (--rsh/-e, --rsync-path, --timeout, ...).",
                                    factory=list, validator=_string_list)
     timeout_sec: int = option(
         3600, "A single rsync (one file or directory) is stopped after this many seconds (more than 0); the task's "
@@ -153,7 +155,7 @@ ANSWERED, NO_ANSWER, TIMED_OUT, NOT_RUN = "answered", "no answer", "timed out", 
 #: earlier file got no answer, when the host had answered since its last such failure (the transfers
 #: module puts their items back to pending without using a try). Files not tried because the host
 #: got no answer twice in a row, nor then to a quick check, are not listed: they fail a try, so a
-#: hung host costs one ``timeout_sec`` per task, not one per file.
+#: hung host costs one ``timeout_sec`` per task (with the check, and a stage-out's listing), not one per file.
 NOT_TRIED = "not_tried"
 #: Files remembered as having timed out (run last in their next task): at most this many.
 TIMED_OUT_MEMORY = 10_000
@@ -181,7 +183,9 @@ NOT_STARTED = -1000
 #: their value (``--rsync-path=P`` or ``--rsync-path P``): those saying how to reach and run the
 #: remote rsync. The others are a copy's (``-a`` would make a listing recurse, through links too;
 #: ``--exclude`` would hide a destination from it).
-LOOKING_OPTIONS = frozenset({"--rsync-path", "--timeout", "--contimeout", "--protocol", "--iconv"})
+#: The remote shell too (``--rsh``, ``-e``): a site that names its ssh there (``['--rsh', 'ssh -i
+#: key']``) reaches the host only with it; given after ``-e ssh_command``, it wins, as in a copy.
+LOOKING_OPTIONS = frozenset({"--rsync-path", "--timeout", "--contimeout", "--protocol", "--iconv", "--rsh", "-e"})
 LOOKING_FLAGS = frozenset({"-4", "-6", "--ipv4", "--ipv6", "--blocking-io", "--no-blocking-io"})
 
 
@@ -190,7 +194,8 @@ def _looking_args(extra_args: Sequence[str]) -> list[str]:
     kept: list[str] = []
     args = iter(extra_args)
     for arg in args:
-        if arg in LOOKING_FLAGS or ("=" in arg and arg.partition("=")[0] in LOOKING_OPTIONS):
+        if (arg in LOOKING_FLAGS or ("=" in arg and arg.partition("=")[0] in LOOKING_OPTIONS)
+                or (arg.startswith("-e") and len(arg) > 2)):  # (-eCOMMAND: the short option and its value in one)
             kept.append(arg)
         elif arg in LOOKING_OPTIONS:
             value = next(args, None)  # (--rsync-path P: its value is the next argument)
@@ -224,6 +229,25 @@ WILDCARDS = frozenset("*?[]")
 
 class RemoteNameError(ValueError):
     """A remote path rsync over ssh cannot name exactly (the message is the file's error)."""
+
+
+#: The remote rsync reads each ``--protect-args`` argument into a buffer of MAXPATHLEN (4,096
+#: bytes, its final NUL included) and silently cuts what does not fit: a destination of 4,096 bytes
+#: or more was written at its first 4,095 bytes and reported done. Such an argument is refused.
+REMOTE_PATH_MAX = 4096
+
+
+def _remote_argument(address: str, path: str, named: str, verb: str) -> str:
+    """``address:path``, the argument naming a remote path (``named``, the path the job gave);
+    raises :class:`RemoteNameError` when ``path`` is too long for the remote rsync to take whole."""
+    size = len(os.fsencode(path))
+    if size >= REMOTE_PATH_MAX:
+        # (The reason first: one_line cuts a long error, and the path is long.)
+        raise RemoteNameError(
+            f"rsync over ssh cannot {verb} a remote path of {REMOTE_PATH_MAX} bytes or more exactly (the remote rsync "
+            f"cuts it to {REMOTE_PATH_MAX - 1}, MAXPATHLEN less one, and uses that); this one is {size} bytes, shorten "
+            f"it or use a local:// location: {named}")
+    return f"{address}:{path}"
 
 
 def _has_wildcards(path: str) -> bool:
@@ -311,15 +335,17 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
         # Directory into directory (dest/ gets src's content, not dest/<name>/).
         src, dest = src.rstrip("/") + "/", dest.rstrip("/") + "/"
     if direction == TransferDirection.stage_in:
-        src = location.remote_path(src) if local_mode else f"{address}:{remote_source(location.remote_path(src))}"
+        src = location.remote_path(src) if local_mode else _remote_argument(
+            address, remote_source(location.remote_path(src)), location.remote_path(f.src), "fetch")
     elif local_mode:
         dest = location.remote_path(dest)
     elif sent_as_link:  # (checked above: given when the name needs it, named as the destination)
         # The link (named as the destination) into the destination's directory: the name travels in
         # rsync's file list, so a directory there is refused, not written into (see RsyncTransfer._run_one).
-        src, dest = link, f"{address}:{location.remote_path(dest).rpartition('/')[0]}/"
+        src, dest = link, _remote_argument(address, f"{location.remote_path(dest).rpartition('/')[0]}/",
+                                           location.remote_path(f.dest), "write")
     else:
-        dest = f"{address}:{location.remote_path(dest)}"
+        dest = _remote_argument(address, location.remote_path(dest), location.remote_path(f.dest), "write")
     return [*args, "--", src, dest]
 
 
@@ -959,7 +985,12 @@ class RsyncTransfer(TransferBackend):
             return one_line(exc), NOT_RUN
         try:
             link = os.path.join(holder, link_name)
-            os.symlink(os.path.abspath(f.src), link)
+            try:
+                os.symlink(os.path.abspath(f.src), link)
+            except OSError as exc:
+                # A name over 255 bytes (ENAMETOOLONG): this file's error, not its whole task's.
+                return one_line(f"cannot make the link the file is sent as, named as its destination "
+                                f"({exc.strerror or exc}): {location.remote_path(f.dest)}"), NOT_RUN
             return self._run_rsync(location, direction, f, stop, link)
         finally:
             shutil.rmtree(holder, ignore_errors=True)
@@ -988,7 +1019,9 @@ class RsyncTransfer(TransferBackend):
         targets: list[str] = []
         for f in files:
             name = _listed_name(location.remote_path(f.dest))
-            if not f.recursive and not names_a_directory(f.dest) and name is not None:
+            # (A path the remote rsync would cut is not looked at: its copy is refused, see _remote_argument.)
+            if (not f.recursive and not names_a_directory(f.dest) and name is not None
+                    and len(os.fsencode(_listing_target(name))) < REMOTE_PATH_MAX):
                 targets.append(f"{address}:{_listing_target(name)}")
         # Several sources need a destination, which --list-only never writes.
         command = [self.options.rsync, "--list-only", "--dirs", "--copy-dirlinks", "--relative", "--no-implied-dirs",
@@ -1072,6 +1105,8 @@ class RsyncTransfer(TransferBackend):
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         except FileNotFoundError:
             return f"cannot run {self.options.rsync!r}: not found on PATH", NOT_RUN
+        except OSError as exc:  # not executable (PermissionError), not a program (ENOEXEC), ...: each file says so
+            return one_line(f"cannot run {self.options.rsync!r}: {exc.strerror or exc}"), NOT_RUN
         if self._running is not None:
             # Recorded until it is over: the next agent ends it if this process dies first.
             self._running.add(proc.pid)
@@ -1140,7 +1175,9 @@ class RsyncTransfer(TransferBackend):
         a row: the second rsync started after the first failure was recorded, so two files failing
         at once are not that), the host is checked (:meth:`_host_answers`: two slow files in a row
         look the same); when it does not answer that either (the host looks down) they fail a try,
-        so a hung host costs one ``timeout_sec`` (and the check) per task, not one per file."""
+        so a hung host costs one ``timeout_sec``, the check and (stage-outs over ssh) the listing of
+        :meth:`_remote_directories` (at most ``min(LISTING_TIMEOUT_SEC, timeout_sec)``) per task,
+        not one ``timeout_sec`` per file."""
         errors: dict[str, str] = {}
         failed: set[str] = set()  # destinations whose own rsync failed
         not_tried: list[str] = []
@@ -1169,7 +1206,7 @@ class RsyncTransfer(TransferBackend):
             twice = self._heard(location, direction, f, outcome, seen)
             if outcome in (NO_ANSWER, TIMED_OUT):
                 # Two slow files in a row look like a host that is down: a quick check tells them
-                # apart (it answering spares the rest; a hung host costs timeout_sec + the check).
+                # apart (it answering spares the rest; a hung host costs timeout_sec + the check, after the listing).
                 answers = twice and self._host_answers(location, direction, f, stop)
                 if stop is not None and stop.is_set():
                     return TaskStatus(TaskState.failed, "cancelled", retryable=True)
