@@ -60,6 +60,19 @@ def _wait_until(condition, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _a_left_child_is_ended(caplog) -> None:
+    """A command that exits leaving a child in its process group: the runner warns and ends it."""
+    left = _mark()
+    try:
+        result = subprocess_runner(Command(["/bin/sh", "-c", f"(sleep {left} > /dev/null 2>&1 &); echo done"],
+                                           timeout=30))
+        assert (result.returncode, result.stdout) == (0, "done\n")
+        assert LEFT_WARNING in caplog.text
+        assert not _running(left), "the child the exited command left in its group runs on"
+    finally:
+        _kill(left)
+
+
 @pytest.mark.parametrize("waitid", [True, False], ids=["waitid", "no-waitid"])
 def test_without_proc_a_command_that_left_nothing_is_not_warned_about(monkeypatch, tmp_path, caplog, waitid):
     missing = str(tmp_path / "no-proc")
@@ -81,15 +94,7 @@ def test_without_proc_a_command_that_left_nothing_is_not_warned_about(monkeypatc
     assert LEFT_WARNING not in caplog.text, "the command's own zombie was taken for a process it left"
 
     # A process the command did leave is still ended, with the warning.
-    left = _mark()
-    try:
-        result = subprocess_runner(Command(["/bin/sh", "-c", f"(sleep {left} > /dev/null 2>&1 &); echo done"],
-                                           timeout=30))
-        assert (result.returncode, result.stdout) == (0, "done\n")
-        assert LEFT_WARNING in caplog.text
-        assert not _running(left), "the child the exited command left in its group runs on"
-    finally:
-        _kill(left)
+    _a_left_child_is_ended(caplog)
 
 
 @pytest.mark.parametrize("scan", ["pids-given-since", "every-process"])
@@ -99,15 +104,7 @@ def test_a_process_left_in_the_group_is_found_by_either_listing(monkeypatch, cap
     else:  # counts that rule out a round of the pid space, whatever the host's pids do meanwhile
         monkeypatch.setattr(scheduler, "_pid_use", lambda: (10 ** 15, 0))
     caplog.set_level(logging.WARNING, logger="balsam.scheduler")
-    left = _mark()
-    try:
-        result = subprocess_runner(Command(["/bin/sh", "-c", f"(sleep {left} > /dev/null 2>&1 &); echo done"],
-                                           timeout=30))
-        assert (result.returncode, result.stdout) == (0, "done\n")
-        assert LEFT_WARNING in caplog.text
-        assert not _running(left)
-    finally:
-        _kill(left)
+    _a_left_child_is_ended(caplog)
 
 
 def _given(pgid, started, tasks, forks, last, pid_max=32768):

@@ -7,35 +7,16 @@ OverflowError: Python int too large to convert to SQLite INTEGER``."""
 
 from __future__ import annotations
 
-import os
-
 import sqlalchemy as sa
 
-PASSWORD = "a long enough password"
+from server_cli_testlib import server_cli  # tests/server_cli_testlib.py
 
 
 def test_an_id_that_user_or_kind_leaves_out_is_an_error(tmp_path, monkeypatch) -> None:
-    from click.testing import CliRunner
-
-    from balsam.cli import main
     from balsam.server.auth import issue_credential
-    from balsam.server.db import create_db_engine
     from balsam.server.tables import credentials, users
 
-    for key in [k for k in os.environ if k.startswith("BALSAM_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
-    database_url = f"sqlite:///{tmp_path / 'shared.db'}"
-    monkeypatch.setenv("BALSAM_DATABASE_URL", database_url)
-
-    def run(*args: str, stdin: str = ""):
-        return CliRunner().invoke(main, list(args), input=stdin, catch_exceptions=False)
-
-    assert run("server", "migrate").exit_code == 0
-    for name in ("alice", "bob"):
-        assert run("server", "user", "add", name, "--password-stdin", stdin=PASSWORD + "\n").exit_code == 0
-    engine = create_db_engine(database_url)
-    try:
+    with server_cli(tmp_path, monkeypatch, "alice", "bob") as (run, engine):
         with engine.begin() as conn:
             ids = dict(conn.execute(sa.select(users.c.username, users.c.id)).all())
             bobs, _, _ = issue_credential(conn, ids["bob"], "login", "bob's login", 3600)
@@ -64,5 +45,3 @@ def test_an_id_that_user_or_kind_leaves_out_is_an_error(tmp_path, monkeypatch) -
         matching = run("server", "revoke", "--user", "alice", "--id", str(refresh), "--kind", "refresh")
         assert matching.exit_code == 0 and f"Revoked 1 credential(s): {refresh}" in matching.output, matching.output
         assert revoked() == {refresh}
-    finally:
-        engine.dispose()

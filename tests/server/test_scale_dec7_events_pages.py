@@ -17,7 +17,7 @@ leaves it) are caught as they execute and explained; figures in docs/performance
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -93,14 +93,14 @@ def served(request: pytest.FixtureRequest, database_url: str) -> Iterator[tuple[
             engine.dispose()
 
 
-def _event_pages(engine: sa.Engine, get: Any) -> tuple[Any, list[tuple[str, str]]]:
-    """``get()``'s answer, and each page of events it read (a SELECT of log_events with a LIMIT,
-    the events' columns: not a count of a state's events up to a bound) with its plan."""
+def _planned(engine: sa.Engine, get: Any, wanted: Callable[[str], bool],
+             none_read: str) -> tuple[Any, list[tuple[str, str]]]:
+    """``get()``'s answer (asserted 200), and every SELECT it ran that ``wanted`` keeps, each with
+    its plan; at least one (else ``none_read``)."""
     seen: list[tuple[str, Any]] = []
 
     def catch(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM log_events" in statement and "LIMIT" in statement \
-                and "log_events.data" in statement:
+        if statement.lstrip().upper().startswith("SELECT") and wanted(statement):
             seen.append((statement, parameters))
 
     sa.event.listen(sa.engine.Engine, "before_cursor_execute", catch)
@@ -117,8 +117,24 @@ def _event_pages(engine: sa.Engine, get: Any) -> tuple[Any, list[tuple[str, str]
             cursor.execute(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + statement, parameters)
             plans.append((statement, "\n".join(" ".join(map(str, row)) for row in cursor.fetchall())))
         cursor.close()
-    assert plans, "no page of events was read"
+    assert plans, none_read
     return answer, plans
+
+
+def _event_pages(engine: sa.Engine, get: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """``get()``'s answer, and each page of events it read (a SELECT of log_events with a LIMIT,
+    the events' columns: not a count of a state's events up to a bound) with its plan."""
+    return _planned(engine, get, lambda statement: "FROM log_events" in statement and "LIMIT" in statement
+                    and "log_events.data" in statement, "no page of events was read")
+
+
+def _another_users_site(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        other = conn.execute(sa.text("INSERT INTO users (username, date_joined) VALUES ('v', '2026-12-01') RETURNING id")).scalar()
+        conn.execute(sa.text(
+            "INSERT INTO sites (owner_id, name, path, backfill_windows, queued_jobs, optional_batch_job_params, "
+            "allowed_projects, allowed_queues, transfer_locations, last_refresh, creation_date) VALUES "
+            "(:u, 'v', '/v', '{}', '[]', '{}', '[]', '[]', '{}', '2026-12-01', '2026-12-01')"), {"u": other})
 
 
 @BOTH
@@ -144,12 +160,7 @@ def test_other_users_events_and_job_filters_keep_the_join(served: Any) -> None:
     """With a site of another user, or a filter on the jobs, a page joins the jobs as before (see
     events_page_select): the answers are the user's matching events, and only theirs."""
     tc, engine = served
-    with engine.begin() as conn:
-        other = conn.execute(sa.text("INSERT INTO users (username, date_joined) VALUES ('v', '2026-12-01') RETURNING id")).scalar()
-        conn.execute(sa.text(
-            "INSERT INTO sites (owner_id, name, path, backfill_windows, queued_jobs, optional_batch_job_params, "
-            "allowed_projects, allowed_queues, transfer_locations, last_refresh, creation_date) VALUES "
-            "(:u, 'v', '/v', '{}', '[]', '{}', '[]', '[]', '{}', '2026-12-01', '2026-12-01')"), {"u": other})
+    _another_users_site(engine)
     answer, _plans = _event_pages(engine, lambda: tc.get("/events/?limit=100"))
     assert answer.json()["count"] == JOBS * 3
     answer, _plans = _event_pages(engine, lambda: tc.get(f"/events/?limit=100&site_id={tc.site_id}&to_state=RUN_ERROR"))
@@ -265,37 +276,7 @@ def _stamp(seconds: float) -> str:
 def _statements(engine: sa.Engine, get: Any) -> tuple[Any, list[tuple[str, str]]]:
     """``get()``'s answer, and every statement it ran that reads the events' columns (pages and
     counts, not the probes), each with its plan."""
-    seen: list[tuple[str, Any]] = []
-
-    def catch(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "log_events.data" in statement:
-            seen.append((statement, parameters))
-
-    sa.event.listen(sa.engine.Engine, "before_cursor_execute", catch)
-    try:
-        answer = get()
-    finally:
-        sa.event.remove(sa.engine.Engine, "before_cursor_execute", catch)
-    assert answer.status_code == 200, answer.text
-    plans = []
-    with engine.connect() as conn:
-        pg = conn.dialect.name == "postgresql"
-        cursor = conn.connection.dbapi_connection.cursor()
-        for statement, parameters in seen:
-            cursor.execute(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + statement, parameters)
-            plans.append((statement, "\n".join(" ".join(map(str, row)) for row in cursor.fetchall())))
-        cursor.close()
-    assert plans, "no events read"
-    return answer, plans
-
-
-def _another_users_site(engine: sa.Engine) -> None:
-    with engine.begin() as conn:
-        other = conn.execute(sa.text("INSERT INTO users (username, date_joined) VALUES ('v', '2026-12-01') RETURNING id")).scalar()
-        conn.execute(sa.text(
-            "INSERT INTO sites (owner_id, name, path, backfill_windows, queued_jobs, optional_batch_job_params, "
-            "allowed_projects, allowed_queues, transfer_locations, last_refresh, creation_date) VALUES "
-            "(:u, 'v', '/v', '{}', '[]', '{}', '[]', '[]', '{}', '2026-12-01', '2026-12-01')"), {"u": other})
+    return _planned(engine, get, lambda statement: "log_events.data" in statement, "no events read")
 
 
 def _expected_events(engine: sa.Engine, lo: "int | None", hi: "int | None", state: str = "", *,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Optional, Se
 from balsam.client.rest import APIError, AuthenticationError, _detail_text
 from balsam.models import MAX_ITEMS_PER_BULK_OP
 
-from .query import Query, _attribute_of_class, not_a_query_method
+from .query import Query, missing_attribute
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import BalsamModel
@@ -42,11 +42,7 @@ class Manager(Generic[T]):
 
     if not TYPE_CHECKING:  # a type checker would take any attribute of a manager (py.typed): its errors stay
         def __getattr__(self, name: str) -> Any:
-            # Only for names not found otherwise: a Django method's error says what to use instead.
-            if _attribute_of_class(self, name):
-                return object.__getattribute__(self, name)  # again: its own AttributeError, not hidden
-            model = self.__dict__.get("_model")
-            raise not_a_query_method(self, f"{getattr(model, '__name__', '?')}.objects", name)
+            return missing_attribute(self, name, "{}.objects")
 
     @property
     def _client(self) -> Any:

@@ -233,6 +233,15 @@ def _attribute_of_class(obj: Any, name: str) -> bool:
     return any(name in vars(klass) for klass in type(obj).__mro__)
 
 
+def missing_attribute(obj: Any, name: str, owner: str) -> Any:
+    """``__getattr__`` of a query or manager (``owner`` in words, ``{}`` for the model's name), so
+    only for names not found otherwise: a Django method's error says what to use instead."""
+    if _attribute_of_class(obj, name):
+        return object.__getattribute__(obj, name)  # again: its own AttributeError, not hidden
+    model = obj.__dict__.get("_model")
+    raise not_a_query_method(obj, owner.format(getattr(model, "__name__", "?")), name)
+
+
 class NegativeIndexError(ValueError, AssertionError):
     """A negative index or slice bound on a query: not supported (the query's length is not known
     before it is read). A ValueError, and an AssertionError, which Balsam 0.7's check raised."""
@@ -261,11 +270,7 @@ class Query(Generic[T]):
 
     if not TYPE_CHECKING:  # a type checker would take any attribute of a query (py.typed): its errors stay
         def __getattr__(self, name: str) -> Any:
-            # Only for names not found otherwise: a Django method's error says what to use instead.
-            if _attribute_of_class(self, name):
-                return object.__getattribute__(self, name)  # again: its own AttributeError, not hidden
-            model = self.__dict__.get("_model")
-            raise not_a_query_method(self, f"{getattr(model, '__name__', '?')} query", name)
+            return missing_attribute(self, name, "{} query")
 
     def _clone(self) -> "Query[T]":
         q = type(self)(self._manager)
