@@ -112,6 +112,11 @@ def _seed_0019(path: Path) -> None:
     c.close()
 
 
+#: Indexes the migrations after 0019 add (not what 0020's rebuild of the tables must keep as they
+#: were): checked to be there, then left out of the comparison.
+ADDED_SINCE_0019 = {"ix_jobs_last_update_id"}  # 0025
+
+
 def _snapshot(path: Path) -> dict:
     with sqlite3.connect(path) as c:
         snap = {"rows": {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
@@ -162,6 +167,9 @@ def test_upgrade_of_a_populated_0019_database(tmp_path):
     assert upgrade(url) == head_revision()
 
     after = _snapshot(path)
+    added = [r for r in after["indexes and triggers"] if r[1] in ADDED_SINCE_0019]
+    assert [r[1] for r in added] == sorted(ADDED_SINCE_0019)
+    after["indexes and triggers"] = [r for r in after["indexes and triggers"] if r not in added]
     assert after == before  # rows (references included), columns, foreign keys, indexes, triggers
     assert [r[3:5] for r in after["rows"]["jobs"]] == [(1, 2), (1, 2), (None, 2), (None, None)]
     sql = _table_sql(path)
