@@ -167,7 +167,7 @@ INTERACTIVE_RETRY_COUNT = 3
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Balsam: HPC workflows through a REST service, site agents and pilot-job launchers."""
-    from balsam.scheduler import reset_ignored_sigchld
+    from balsam.scheduler import reset_ignored_sigchld  # here: `balsam --help` stays off the models' import
 
     # Commands run scheduler commands in this process (`balsam queue ls`, `site start` in the
     # foreground): a SIGCHLD ignored by what started it (inherited across exec) discards their exit status.

@@ -35,6 +35,7 @@ from .auth import SITE_SCOPE
 from .db import bulk_insert, id_in, ids_in_param, ids_param, raw_cursor, update_rows_by_id, where_eq, where_gt, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .idempotency import require_all_replayed
+from .job_counts import count_matching, counts_by_state, jobs_with_each_tag
 from .http import (ID_AFTER, INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int,
                    wire_datetime)
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
@@ -501,7 +502,6 @@ def _few_in_time_range(conn: sa.Connection, user_id: int, q: QueryParams) -> boo
     probe counts every user's jobs in the range: its cost is bounded by the user's own jobs (the
     bound comes from their counters), but where it stops, and so which plan is read and how long the
     listing takes, depends on how many jobs other users changed in that range too (not the answer)."""
-    from .job_counts import count_matching
 
     conditions = _time_range(q)
     if not conditions or q.params.get("id") or q.params.get("parent_id"):
@@ -547,7 +547,6 @@ def counted_from_counters(conn: sa.Connection, user_id: int, q: QueryParams) -> 
     jobs this is what keeps ``Job.objects.filter(state=...).count()`` and a tag's page flat."""
     if not set(q.params.keys()) <= LISTING_COUNTER_PARAMS:
         return None
-    from .job_counts import count_matching
 
     tags = q.key_values("tags") or {}
     if len(tags) > 1:
@@ -584,7 +583,6 @@ def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams, *,
     counters tell too); a tag none of them carries is no match, exactly, without a scan. Both the
     answer and its cost depend on the user's own jobs only (at most that many rows read): every
     user's tag counters only pick the tag index when few jobs of any user carry the tag."""
-    from .job_counts import count_matching, counts_by_state, jobs_with_each_tag
 
     names = set(q.params.keys()) - {"state", "ordering"}
     tags = q.key_values("tags") if "tags" in names else None
