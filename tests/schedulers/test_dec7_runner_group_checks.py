@@ -33,7 +33,7 @@ import pytest
 
 from balsam import scheduler
 from balsam.scheduler import Command, SchedulerError, reset_ignored_sigchld, subprocess_runner
-from balsam.site.agent import kill_descendants
+from balsam.process_identity import terminate_processes
 
 LEFT_WARNING = "left processes in its process group"
 
@@ -213,15 +213,18 @@ def test_a_command_that_keeps_its_pipes_full_is_timed_out(tmp_path, monkeypatch)
 
 
 def test_a_command_the_agents_shutdown_reaps_is_no_exit_0():
-    """kill_descendants (psutil.wait_procs) may reap the runner's child before Popen.wait does,
-    which then reads an exit 0: a submit a signal ended read as one that succeeded."""
+    """kill_descendants (terminate_processes: psutil.wait_procs) may reap the runner's child before
+    Popen.wait does, which then reads an exit 0: a submit a signal ended read as one that succeeded."""
     mark = _mark()
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(subprocess_runner, Command(["/bin/sh", "-c", f"echo partial; exec sleep {mark}"],
                                                      timeout=60))
         try:
             _wait_until(lambda: _running(mark), "the command's sleep")
-            assert kill_descendants(grace_sec=5)
+            # What kill_descendants does in the agent's shutdown (psutil's wait reaps them), to this
+            # command alone: this process is a pytest worker whose other children are the session's
+            # live servers.
+            assert terminate_processes(_running(mark), grace_sec=5)
             try:
                 result = run.result(timeout=30)
             except SchedulerError as exc:
