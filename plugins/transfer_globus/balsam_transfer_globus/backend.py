@@ -11,7 +11,8 @@
   through ``section_keys``) plus room for the time it may wait in Globus's queue, so Globus stops a
   task the agent gives up on even when the agent cannot reach Globus to cancel it, without cutting
   short a task that waited its turn (the agent's own deadline counts from the task's start).
-- ``poll``: one ``task_list`` call filtered on all in-flight task ids; a succeeded task with skipped
+- ``poll``: one ``task_list`` call per TASK_FILTER_LIMIT (50) in-flight task ids, the most one
+  filter may name; a succeeded task with skipped
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item;
   a home-directory path Globus reports resolved is named as submitted, see :func:`_skipped_keys`,
@@ -77,8 +78,10 @@
   the access token) and network errors are retryable (a 429's or 503's ``Retry-After``, at most
   MAX_RETRY_AFTER_SEC, goes with the error as ``retry_after_sec``: globus-sdk's own retries wait at
   most 10 s, and the agent then holds its calls off for the rest); so is a 404 for this site's own collection
-  (``transfers.globus_endpoint_id`` is wrong: a settings error, the items wait for it to be fixed);
-  other 4xx are not.
+  (``transfers.globus_endpoint_id`` is wrong: a settings error, the items wait for it to be fixed),
+  that setting missing (the same), and a submission's 409 "A transfer with identical paths has not yet completed" (an earlier task
+  of the login still writes those paths: one cancelled at the agent's deadline that Globus is still
+  stopping, or one started outside balsam; see _paths_still_written). Other 4xx are not.
 - Retries: ``http_retries`` bounds the retries of a request that failed with 5xx/429 or a network
   error; a 401 is always retried once with a refreshed access token (globus-sdk refreshes as a
   retry, which ``http_retries: 0`` used to forbid: a revoked access token then read as a revoked
@@ -159,6 +162,11 @@ DEADLINE_MARGIN_SEC = 600
 MAX_RETRY_AFTER_SEC = 3600.0
 #: Globus task_list answers at most this many tasks per call.
 TASK_LIST_LIMIT = 1000
+#: The most task ids one ``task_list`` ``task_id`` filter may name (Globus Transfer's task list:
+#: "comma separated list of task ids, limit 50"; more is refused with a 400). A poll of more tasks in
+#: flight (``max_concurrent_transfers`` above 50) is one call per 50 ids: one call for all of them
+#: was refused every cycle, every task stuck "cannot poll its task" until its deadline cancelled it.
+TASK_FILTER_LIMIT = 50
 #: The most ``http_retries``: globus-sdk sleeps between retries (exponential, up to 10 s each), all
 #: inside the agent's cycle; 10 retries already hold one request about a minute, and a cycle makes
 #: several. Past that, the next cycle trying again is the better retry.
@@ -409,6 +417,17 @@ def _classify(exc: BaseException, collections: Sequence[str], tokens_file: Optio
     return TransferError(f"globus: {type(exc).__name__}: {one_line(exc)}", retryable=True), False
 
 
+def _paths_still_written(exc: BaseException) -> bool:
+    """Whether Globus refused a submission because a task of the same user with identical paths has
+    not completed (HTTP 409 ``Conflict``, "A transfer with identical paths has not yet completed"):
+    a task the agent cancelled at its deadline that is still stopping (Globus cancels asynchronously
+    past 10 s, "CancelAccepted": a hung endpoint's task), or one started outside balsam. It ends on
+    its own (at the latest at its Globus deadline): the batch waits, its files use no try. Taken for
+    a refusal, each retry of a file after a slow cancel failed a try on it, and its job FAILED."""
+    return (isinstance(exc, globus_sdk.TransferAPIError) and exc.http_status == 409
+            and "identical paths" in str(getattr(exc, "message", "") or exc.text or ""))
+
+
 def _login_refused(exc: BaseException) -> bool:
     """Whether Globus Auth refused the login itself: a 400 or 401 answer to the refresh of the access
     token whose OAuth ``error`` is LOGIN_REFUSED_ERRORS (a revoked or expired refresh token, an
@@ -450,6 +469,13 @@ def _site_collection_unknown(site_endpoint: str, code: str) -> TransferError:
     # of max_concurrent_transfers x transfer_batch_size jobs failing per cycle.
     return TransferError(f"Globus does not know this site's collection {site_endpoint} (HTTP 404 {code}): "
                          "check transfers.globus_endpoint_id in settings.yml, then restart the agent", retryable=True)
+
+
+def _site_collection_unset() -> TransferError:
+    # As for a collection Globus does not know: settings.yml's omission, not the jobs' fault (taken
+    # for a refusal, each batch's files failed a try per cycle and their jobs FAILED within minutes).
+    return TransferError("globus: transfers.globus_endpoint_id (this site's Globus collection id) is not set in "
+                         "settings.yml: set it, then restart the agent", retryable=True)
 
 
 def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
@@ -1040,6 +1066,8 @@ class GlobusTransfer(TransferBackend):
 
     def new_submission_token(self) -> Optional[str]:
         """A Globus submission id: submitting the same batch with it again returns the same task."""
+        if not self._site_ep:
+            raise _site_collection_unset()  # before a call for an id, and a journal record, per cycle
         try:
             return str(self.client().get_submission_id()["value"])
         except TransferError:
@@ -1072,8 +1100,7 @@ class GlobusTransfer(TransferBackend):
                      token: Optional[str] = None) -> str:
         site_ep = self._site_ep
         if not site_ep:
-            raise TransferError("globus: transfers.globus_endpoint_id (this site's collection id) is not set in settings.yml",
-                                retryable=False)
+            raise _site_collection_unset()
         self.check_location(location)
         remote_ep = _canonical_id(location.netloc)
         if remote_ep not in self._collections:
@@ -1112,6 +1139,13 @@ class GlobusTransfer(TransferBackend):
         except Exception as exc:
             if self._site_collection_missing(exc, remote_ep):
                 raise _site_collection_unknown(site_ep, str(getattr(exc, "code", "") or "")) from None
+            if _paths_still_written(exc):
+                raise TransferError(
+                    f"Globus refused the batch for now (HTTP 409 {getattr(exc, 'code', '')}): "
+                    f"{one_line(getattr(exc, 'message', ''))}: an earlier "
+                    "Globus task of this login still writes some of these paths (one the agent cancelled that is "
+                    "still stopping, or one started outside balsam); the batch is sent again once it ends",
+                    retryable=True) from None
             raise self._error(exc) from None
         task_id = str(response["task_id"])
         with self._tasks_lock:
@@ -1144,8 +1178,9 @@ class GlobusTransfer(TransferBackend):
         try:
             client = self.client()
             docs: list[Mapping[str, Any]] = []
-            for start in range(0, len(task_ids), TASK_LIST_LIMIT):
-                chunk = list(task_ids[start:start + TASK_LIST_LIMIT])
+            per_call = min(TASK_LIST_LIMIT, TASK_FILTER_LIMIT)
+            for start in range(0, len(task_ids), per_call):
+                chunk = list(task_ids[start:start + per_call])
                 docs.extend(client.task_list(filter={"task_id": chunk}, limit=len(chunk))["DATA"])
         except TransferError:
             raise
