@@ -603,10 +603,24 @@ class PerlmutterGPUPlatform(Platform):
                 # exclusive "": the Slurm driver's --exclusive stays, and a BatchJob of the shared
                 # QOS (part of a node) turns it off with -x exclusive=no, accepted out of the box.
                 # sbatch_flags: split and appended to sbatch by the Slurm driver (-x sbatch_flags="--mail-type=END").
-                "optional_batch_job_params": {"constraint": self.constraint, "reservation": "", "exclusive": "",
-                                              "sbatch_flags": ""},
+                "optional_batch_job_params": self.batch_job_params(),
             },
         }
+
+    def batch_job_params(self) -> dict[str, str]:
+        """``scheduler.optional_batch_job_params`` of a new site. GPU nodes: ``gpus_per_node`` (sbatch
+        ``--gpus-per-node``, the node's GPUs, as Balsam 0.7's template asked): an allocation that
+        asks for no GPU holds them only implicitly (``--exclusive``), and Slurm gives a step that asks
+        for none of them no GPU (real Slurm 22.05: ``CUDA_VISIBLE_DEVICES`` unset in the step, and a
+        device cgroup denies them), so packed and fractional GPU jobs and the serial-mode workers,
+        whose steps ask for no GPU, ran without one. Not ``--gres=gpu:4``: a single-rank step's
+        ``--gres=craynetwork:0`` replaced it (no GPU again); ``--gpus-per-node`` reaches every step
+        as ``SLURM_GPUS_PER_NODE`` (docs/platforms/perlmutter.md has the table). ``-x
+        gpus_per_node=1`` for a shared-QOS BatchJob."""
+        params = {"constraint": self.constraint}
+        if self.node_gpu_ids:
+            params["gpus_per_node"] = str(len([g for g in self.node_gpu_ids.split(",") if g.strip()]))
+        return {**params, "reservation": "", "exclusive": "", "sbatch_flags": ""}
 
     def job_template(self) -> Optional[str]:
         return resources.files(__package__).joinpath("job-template.sh").read_text().replace("@CONSTRAINT@", self.constraint)
