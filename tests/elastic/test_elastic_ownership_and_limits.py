@@ -151,11 +151,14 @@ def test_jobs_longer_than_any_batch_job_are_not_counted(make_site, client, caplo
     caplog.set_level(logging.INFO, logger=LOGGER)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False), client)
     runnable_jobs(client, site, 1, wall_time_min=600)
-    runnable_jobs(client, site, 1, wall_time_min=355)  # exactly the BatchJob's length: never leased either
+    # Shorter than the BatchJob, but not than its launcher's offer (its batch script's -t 353 less
+    # the launcher's 2-minute safety margin, in whole minutes below: 350): never leased either.
+    runnable_jobs(client, site, 1, wall_time_min=351)
     module.run_cycle()
-    assert batch_jobs_of(client, site) == [] and _acquire(client, site, max_wall_time_min=354) == []
-    assert _errors(caplog) == ["runnable jobs its BatchJobs can never run: wall_time_min of 355 or more, and its "
-                               "BatchJobs last at most 355 min"]
+    assert batch_jobs_of(client, site) == [] and _acquire(client, site, max_wall_time_min=350) == []
+    assert _errors(caplog) == ["runnable jobs its BatchJobs can never run: wall_time_min of more than 350, and its "
+                               "BatchJobs last at most 355 min (a launcher leases only jobs that end before its "
+                               "safety margin: 350 min in a 355-min BatchJob)"]
     runnable_jobs(client, site, 2, wall_time_min=300)
     module.run_cycle()
     assert [b["wall_time_min"] for b in batch_jobs_of(client, site)] == [355]
@@ -174,8 +177,8 @@ def test_serial_single_node_jobs_too_long_or_multi_rank_get_the_right_reasons(ma
     module.run_cycle()
     assert _errors(caplog) == []
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "runnable jobs its BatchJobs can never run: wall_time_min of 355 or more, and its BatchJobs last at most "
-        "355 min"]
+        "runnable jobs its BatchJobs can never run: wall_time_min of more than 350, and its BatchJobs last at most "
+        "355 min (a launcher leases only jobs that end before its safety margin: 350 min in a 355-min BatchJob)"]
     assert dict(module.last_decision.numbers)["runnable"] == 1, module.last_decision
     runnable_jobs(client, site, 1, ranks_per_node=2, wall_time_min=600)
     runnable_jobs(client, site, 1, ranks_per_node=2)
@@ -183,7 +186,8 @@ def test_serial_single_node_jobs_too_long_or_multi_rank_get_the_right_reasons(ma
     assert dict(module.last_decision.numbers)["runnable"] == 1, module.last_decision
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][-1] == (
         "runnable jobs its BatchJobs can never run: more than 1 node or 1 rank per node (job_mode serial leases "
-        "only single-node single-rank jobs); wall_time_min of 355 or more, and its BatchJobs last at most 355 min")
+        "only single-node single-rank jobs); wall_time_min of more than 350, and its BatchJobs last at most 355 min "
+        "(a launcher leases only jobs that end before its safety margin: 350 min in a 355-min BatchJob)")
 
 
 class CountingClient:

@@ -146,12 +146,20 @@ BACKFILL_CASES = [
     ("windows shorter than every runnable job are skipped",
      {}, Snapshot(backlog=attrs.evolve(backlog(10, 10.0), min_runnable_wall_time_min=120),
                   windows=(W(num_nodes=8, wall_time_min=60),)),
-     (), (), "need >= 1 nodes x >= 126 min; the shortest runnable job needs 120 min, plus wall_time_pad_min 5; "
+     (), (), "need >= 1 nodes x >= 130 min; the shortest runnable job needs 120 min, which a BatchJob of 125 min or "
+             "more leases (its launcher stops jobs a safety margin before its end), plus wall_time_pad_min 5; "
              "windows 8x60min"),
     ("a window long enough for the shortest job is used",
      {}, Snapshot(backlog=attrs.evolve(backlog(10, 10.0), min_runnable_wall_time_min=120),
-                  windows=(W(num_nodes=8, wall_time_min=60), W(num_nodes=2, wall_time_min=126))),
-     ((2, 121),), (), ""),
+                  windows=(W(num_nodes=8, wall_time_min=60), W(num_nodes=2, wall_time_min=130))),
+     ((2, 125),), (), ""),
+    # 121 minutes (the job's length plus one) was not enough: its launcher, started with -t 119
+    # (launcher_wall_time), offers 116 minutes (less its 2-minute margin, Countdown): it leased
+    # none of the 120-minute jobs.
+    ("a window long enough for the job but not for the launcher's margin is skipped",
+     {}, Snapshot(backlog=attrs.evolve(backlog(10, 10.0), min_runnable_wall_time_min=120),
+                  windows=(W(num_nodes=2, wall_time_min=129),)),
+     (), (), "need >= 1 nodes x >= 130 min"),
     ("a job without wall_time_min fits any window",
      {}, Snapshot(backlog=attrs.evolve(backlog(10, 10.0), min_runnable_wall_time_min=0),
                   windows=(W(num_nodes=8, wall_time_min=40),)),

@@ -20,8 +20,8 @@ Per cycle (inventory §9):
    started since the snapshot (``still_cancellable``), as for ``simple``'s surplus blocks.
 4. The window: with ``use_backfill`` the scheduler's windows for the submit queue, less the nodes
    its own window-fitted BatchJobs requested and have not taken yet (the scheduler shows them idle
-   until those start; a queued one keeps its claim until a status poll shows it running), at least ``min_wall_time_min`` long, longer than the shortest runnable job
-   plus ``wall_time_pad_min`` (a launcher leases only jobs shorter than its BatchJob), and as wide
+   until those start; a queued one keeps its claim until a status poll shows it running), at least ``min_wall_time_min`` long, long enough for a BatchJob whose launcher leases the
+   shortest runnable job (``request_min_for``: the launcher's margins) plus ``wall_time_pad_min``, and as wide
    as the smallest runnable job and the submit queue's ``min_nodes``, the largest by nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``, in the regular queue
    (never cancelled as stale).
 5. ``idle = reserved - running footprint``; when the runnable footprint exceeds it, one BatchJob of
@@ -46,7 +46,7 @@ from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
 
 from .strategy import (STRATEGY_SECTION_KEYS, BatchJobView, Decision, Snapshot, Strategy, Submission, never_starts_reason,
-                       nodes_for, not_started_newest_first)
+                       nodes_for, not_started_newest_first, request_min_for)
 
 
 class BackfillStrategy(Strategy):
@@ -208,11 +208,14 @@ class BackfillStrategy(Strategy):
         if not snapshot.windows:
             return None, f"no backfill window in queue {s.submit_queue!r}"
         windows, requested, elsewhere = self.unclaimed_windows(snapshot)
-        # A launcher leases only jobs of wall_time_min <= its whole minutes left, fewer than its
-        # BatchJob's wall time: a window whose request is not longer than the shortest runnable job
-        # (0: a job without one fits any) gives a BatchJob that runs nothing and leaves, every cycle.
+        # A launcher leases only jobs of wall_time_min <= its whole minutes left before its margins
+        # (its batch script's -t, then its own safety margin: request_min_for): a window whose
+        # request is shorter than that for the shortest runnable job (0: a job without one fits
+        # any) gives a BatchJob that runs nothing and leaves, every cycle (one minute longer than
+        # the job was not enough: the margins take 5 minutes of a 30-minute BatchJob).
         shortest = snapshot.backlog.min_runnable_wall_time_min
-        need_min = max(s.min_wall_time_min, shortest + 1 + s.wall_time_pad_min if shortest else 0)
+        shortest_request = request_min_for(shortest) if shortest else 0
+        need_min = max(s.min_wall_time_min, shortest_request + s.wall_time_pad_min if shortest else 0)
         # Nor narrower than the queue's min_nodes (Polaris prod: 10): the module raises every request
         # to it, and a 10-node request for a 4-node window does not fit it. It waited in the regular
         # queue, claimed no window (unclaimed_windows), so the next cycle requested another, one
@@ -229,8 +232,9 @@ class BackfillStrategy(Strategy):
             if elsewhere:
                 claimed += (f", {elsewhere} nodes by the user's other jobs that wait in the queue (another site's "
                             f"requests, jobs submitted by hand)")
-            why = (f"; the shortest runnable job needs {shortest} min, plus wall_time_pad_min {s.wall_time_pad_min}"
-                   if need_min > s.min_wall_time_min else "")
+            why = (f"; the shortest runnable job needs {shortest} min, which a BatchJob of {shortest_request} min "
+                   f"or more leases (its launcher stops jobs a safety margin before its end), plus "
+                   f"wall_time_pad_min {s.wall_time_pad_min}" if need_min > s.min_wall_time_min else "")
             if need_nodes > smallest:
                 why += f"; queue {s.submit_queue!r} takes no job of fewer than {need_nodes} nodes (min_nodes)"
             return None, (f"no backfill window fits (need >= {need_nodes} nodes x >= {need_min} min{why}; "

@@ -72,7 +72,7 @@ from balsam.site.modules.scheduler import WITHDRAW_IF_QUEUED
 from balsam.states import BatchJobState, JobState
 
 from .options import ElasticQueueOptions
-from .strategy import Backlog, BatchJobView, Decision, Snapshot, load_strategy, never_starts_reason
+from .strategy import Backlog, BatchJobView, Decision, Snapshot, leased_up_to_min, load_strategy, never_starts_reason
 
 #: BatchJob states the module reads (finished ones no longer matter).
 READ_STATES = [s.value for s in (BatchJobState.pending_submission, BatchJobState.queued, BatchJobState.running,
@@ -290,9 +290,9 @@ class ElasticQueueModule(AgentModule):
         longest BatchJob in minutes); None where there is no limit. A job fits when it is not wider
         than the submit queue allows nor than the widest BatchJob the strategy requests
         (``Strategy.widest_request_nodes``), single-node and single-rank under job_mode serial (the serial
-        launcher's ``serial_only`` lease), and shorter than its longest BatchJob (a launcher leases
-        only jobs of ``wall_time_min`` <= its whole minutes left, which are fewer than the
-        BatchJob's wall time once it runs). :meth:`lease_filters` asks the server for those."""
+        launcher's ``serial_only`` lease), and no longer than a launcher in its longest BatchJob
+        leases (``leased_up_to_min``: its batch script's ``-t`` less its safety margin, in whole minutes,
+        5 fewer than the BatchJob's wall time from 22 minutes on). :meth:`lease_filters` asks the server for those."""
         serial = self.options.job_mode == "serial"
         # Nor wider than its widest request (max_num_nodes, nodes_per_block): such a job ran in none
         # of its BatchJobs, and counted, it inflated the requests.
@@ -313,10 +313,11 @@ class ElasticQueueModule(AgentModule):
                 return None
             params["max_nodes_per_job"] = max_nodes
         if max_wall is not None:
-            # Shorter than its longest BatchJob: the route keeps wall_time_min <= the value.
+            # What a launcher in its longest BatchJob leases (its minutes left before its safety
+            # margin, leased_up_to_min): the route keeps wall_time_min <= the value.
             if max_wall < 1:
                 return None
-            params["max_wall_time_min"] = max_wall - 1
+            params["max_wall_time_min"] = leased_up_to_min(max_wall)
         return params
 
     def unfit_reason(self, everything: list[Mapping], params: dict[str, Any],
@@ -326,7 +327,8 @@ class ElasticQueueModule(AgentModule):
         jobs' aggregate rows (``params``: the request that read them), of which some do not fit."""
         max_nodes, serial, max_wall = limits
         widest = max(int(r["max_num_nodes"]) for r in everything)
-        too_long = max_wall is not None and max(int(r.get("max_wall_time_min") or 0) for r in everything) >= max_wall
+        leased = leased_up_to_min(max_wall) if max_wall is not None else None
+        too_long = leased is not None and max(int(r.get("max_wall_time_min") or 0) for r in everything) > leased
         why = []
         if serial:
             # A job that does not fit and is not too long has more than 1 node or rank. With single-node
@@ -349,7 +351,8 @@ class ElasticQueueModule(AgentModule):
             else:
                 why.append(f"more nodes than strategy {self.strategy.name!r}'s widest BatchJob ({max_nodes} nodes)")
         if too_long:
-            why.append(f"wall_time_min of {max_wall} or more, and its BatchJobs last at most {max_wall} min")
+            why.append(f"wall_time_min of more than {leased}, and its BatchJobs last at most {max_wall} min (a launcher "
+                       f"leases only jobs that end before its safety margin: {leased} min in a {max_wall}-min BatchJob)")
         return "; ".join(why)
 
     def _read_backlog(self, params: dict[str, Any]) -> dict[str, dict]:
@@ -391,7 +394,8 @@ class ElasticQueueModule(AgentModule):
         limits = max_nodes, serial, max_wall = self.job_limits()
         widest = max(int(r["max_num_nodes"]) for r in everything)
         longest = max(int(r.get("max_wall_time_min") or 0) for r in everything)
-        if not serial and (max_nodes is None or widest <= max_nodes) and (max_wall is None or longest < max_wall):
+        leased = leased_up_to_min(max_wall) if max_wall is not None else None
+        if not serial and (max_nodes is None or widest <= max_nodes) and (leased is None or longest <= leased):
             return _runnable_backlog(everything, self.footprint_field)
         # Some runnable jobs may be beyond a limit: the route counts those within (the acquire's filters).
         filters = self.lease_filters(limits)

@@ -59,7 +59,8 @@ class ElasticQueueOptions:
            "regular queue (max_wall_time_min long, never cancelled as stale); 0: never, as Balsam 0.7 (minutes).",
     )
     use_backfill: bool = option(
-        True, "backfill: fit BatchJobs to the scheduler's backfill windows (false: max_num_nodes x max_wall_time_min)."
+        True, "backfill: fit BatchJobs to the scheduler's backfill windows (false: sized to the backlog, at most "
+              "max_num_nodes x max_wall_time_min less wall_time_pad_min, each waiting in the regular queue)."
     )
     node_gpus: Optional[int] = option(
         None, "GPUs of one compute node, for the backlog's footprint (a job's GPUs over the node's); null: those the "

@@ -20,8 +20,10 @@ from typing import Any, ClassVar, Optional
 
 import attrs
 
+from balsam.launcher.job_mode import Countdown, longest_offered_min
 from balsam.models import BackfillWindow
 from balsam.options import NoOptions, build_options
+from balsam.site.job_template import launcher_wall_time
 from balsam.states import BatchJobState
 
 __all__ = [
@@ -35,10 +37,12 @@ __all__ = [
     "StrategyError",
     "Submission",
     "available_strategies",
+    "leased_up_to_min",
     "load_strategy",
     "never_starts_reason",
     "nodes_for",
     "not_started_newest_first",
+    "request_min_for",
 ]
 
 STRATEGY_GROUP = "balsam.elastic_strategies"
@@ -301,6 +305,31 @@ def nodes_for(footprint: float) -> int:
     return max(0, math.ceil(round(footprint, 9)))
 
 
+def leased_up_to_min(wall_time_min: int) -> int:
+    """The longest ``wall_time_min`` of a job that a launcher in a BatchJob of ``wall_time_min``
+    minutes ever leases. The batch script starts it with ``-t`` a little less than the BatchJob
+    (:func:`balsam.site.job_template.launcher_wall_time`: 2 minutes less from 6 minutes on), and
+    its first acquire offers the whole minutes left of that before its own safety margin
+    (:class:`balsam.launcher.job_mode.Countdown`: 10 % of the wall time, 1 s to 120 s): 25 minutes
+    in a 30-minute BatchJob, ``wall_time_min - 5`` from 22 minutes on. Counted up to
+    ``wall_time_min - 1``, jobs of 26 to 29 minutes got a 30-minute BatchJob each cycle that
+    leased none of them, ran nothing and left."""
+    return longest_offered_min(Countdown(launcher_wall_time(wall_time_min), start_time=0.0))
+
+
+def request_min_for(job_min: int) -> int:
+    """The shortest BatchJob (minutes) whose launcher leases a job of ``job_min`` minutes
+    (:func:`leased_up_to_min`); ``job_min`` 0 (no wall time) fits any."""
+    if job_min <= 0:
+        return 1
+    request = job_min + 1
+    # A few steps (the margins are 4 minutes at most, unless $BALSAM_LAUNCHER_MARGIN_SEC says more);
+    # bounded so that an odd margin cannot loop for long.
+    while leased_up_to_min(request) < job_min and request < job_min + 7 * 24 * 60:
+        request += 1
+    return request
+
+
 class Strategy(abc.ABC):
     """A scaling policy. ``self.settings`` is the whole ``elastic_queue`` section (an
     :class:`~balsam_elastic.options.ElasticQueueOptions`); ``self.options`` the strategy's own
@@ -341,8 +370,8 @@ class Strategy(abc.ABC):
 
     def longest_request_min(self) -> Optional[int]:
         """The longest wall time (minutes) of a BatchJob this strategy may request, or None when it
-        cannot say. The module then counts as runnable only jobs shorter than that: a launcher
-        leases only jobs that fit its time left."""
+        cannot say. The module then counts as runnable only jobs that a launcher in such a BatchJob
+        leases (:func:`leased_up_to_min`: jobs that fit its time left before its safety margin)."""
         return None
 
     def widest_request_nodes(self) -> Optional[int]:
