@@ -416,12 +416,10 @@ def cuda_visible_only(
 
 def read_node_file(path: str) -> list[str]:
     """Host names of a PBS/Cobalt node file (one per line, or comma separated), each once, in order."""
-    hosts: list[str] = []
     with open(path) as fh:
-        for token in fh.read().replace(",", " ").split():
-            if token not in hosts:
-                hosts.append(token)
-    return hosts
+        # dict.fromkeys keeps the first of each in order in linear time: a list membership test per
+        # host took about a second for a full-machine Aurora node file (10,624 hosts).
+        return list(dict.fromkeys(fh.read().replace(",", " ").split()))
 
 
 def cpu_ids_errors(text: str) -> dict[str, str]:

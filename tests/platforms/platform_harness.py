@@ -112,9 +112,6 @@ def max_sharing(spans: dict[str, tuple[int, float, float]], slots: dict[str, obj
     return worst
 
 
-#: Fake PALS ``mpiexec``: it gives the ranks each ``--env NAME=value`` over what ``--envall`` passes.
-PALS_ENV = ('for ((i = 1; i < $#; i++)); do [ "${!i}" = --env ] && { j=$((i + 1)); export "${!j}"; }; done\n'
-            f'exec {PYTHON} {FAKES / "recording_launcher.py"} mpiexec "$@"')
 AURORA_ENDED = {"RUN_DONE", "FAILED", "RUN_ERROR"}
 
 
@@ -146,17 +143,15 @@ def run_aurora_mpi_job(machine: Any, site_path: Path, ids: list[int]) -> dict[st
 
 
 def flat_aurora_app(fake_machine: Any, hosts: list[str], tmp_path: Path, monkeypatch: Any, name: str,
-                    command_template: str, mpiexec: Optional[str] = None) -> tuple[Any, tuple[str, Path], Any]:
-    """Sets FLAT tiles, fakes the machine of ``hosts`` (``mpiexec``, if given, the script of its
-    mpiexec), makes an aurora site under ``tmp_path`` and syncs there an app ``name`` running
-    ``command_template``; returns ``(machine, (site name, site path), the app class)``."""
+                    command_template: str) -> tuple[Any, tuple[str, Path], Any]:
+    """Sets FLAT tiles, fakes the machine of ``hosts``, makes an aurora site under ``tmp_path`` and
+    syncs there an app ``name`` running ``command_template``; returns ``(machine, (site name, site
+    path), the app class)``."""
     from balsam.api import ApplicationDefinition
     from machine_jobs import site_for
 
     monkeypatch.setenv("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")
     machine = fake_machine(hosts)
-    if mpiexec is not None:
-        machine._wrapper("mpiexec", mpiexec)
     site = site_for(tmp_path, "aurora")
     app = type(name, (ApplicationDefinition,), {"site": site[0], "command_template": command_template})
     app.sync()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from machine_jobs import job_out, make_runnable
-from platform_harness import PALS_ENV, docs_tile_wrapper, flat_aurora_app, run_aurora_mpi_job
+from platform_harness import docs_tile_wrapper, flat_aurora_app, run_aurora_mpi_job
 
 HOSTS = ["x4102c5s0b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov", "x4102c5s1b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov"]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "platforms" / "aurora.md"
@@ -43,8 +43,7 @@ def test_two_node_job_ranks_on_their_tiles_socket(balsam_env, fake_machine, tmp_
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     wrapper = docs_tile_wrapper(DOCS, tmp_path)
     command = f"{shlex.quote(str(wrapper))} bash -c 'echo local=$PALS_LOCAL_RANKID mask=$ZE_AFFINITY_MASK'"
-    machine, site, Wrapped = flat_aurora_app(fake_machine, HOSTS, tmp_path, monkeypatch, "Wrapped", command,
-                                             mpiexec=PALS_ENV)
+    machine, site, Wrapped = flat_aurora_app(fake_machine, HOSTS, tmp_path, monkeypatch, "Wrapped", command)
     ids = make_runnable([Wrapped.submit(workdir="mn", num_nodes=2, ranks_per_node=4, gpus_per_rank=1, save=False)])
     record = run_aurora_mpi_job(machine, site[1], ids)
     bind = dict(record["options"])["--cpu-bind"]

@@ -1,6 +1,7 @@
 """The real launcher on a faked Aurora (recording PALS ``mpiexec``, MPICH ranks): the device hierarchy
 Balsam sets is the one jobs run under, whatever their shell preamble exports, and the option
-``device_hierarchy`` reaches multi-node jobs.
+``device_hierarchy`` reaches multi-node jobs (with the mask of all of a node's tiles, by ``mpiexec
+--env``, which the recording mpiexec applies to the ranks as PALS does).
 
 Found end to end: an app whose ``shell_preamble()`` exported ``ZE_FLAT_DEVICE_HIERARCHY=COMPOSITE``
 (as a module may) ran its packed single-tile jobs with the FLAT mask ``0``, ``1``, ``2`` read in
@@ -21,7 +22,8 @@ from platform_harness import finish, start_launcher
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
 HOSTS = ["x4102c5s0b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov", "x4102c5s1b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov"]
-SHOW = "echo job {{ n }} MASK=${ZE_AFFINITY_MASK-unset} H=$ZE_FLAT_DEVICE_HIERARCHY"
+#: Expanded by every rank (``bash -c``): what the job sees, not the shell that runs its mpiexec line.
+SHOW = "bash -c 'echo job {{ n }} MASK=${ZE_AFFINITY_MASK-unset} H=$ZE_FLAT_DEVICE_HIERARCHY'"
 ENDED = {"RUN_DONE", "FAILED", "RUN_ERROR"}
 
 
@@ -95,8 +97,14 @@ def test_the_hierarchy_option_reaches_a_multi_node_job(balsam_env, fake_machine,
         Show.submit(workdir="multi/plain", n=1, num_nodes=2, ranks_per_node=2, gpus_per_rank=1, save=False),
         PreFlat.submit(workdir="multi/preamble", n=2, num_nodes=2, ranks_per_node=2, gpus_per_rank=1, save=False),
     ])
+    # 4 ranks (2 per node), whole nodes: every tile of a node in the option's hierarchy (GPU.tile ids),
+    # from mpiexec --env, over the preamble's FLAT.
+    every_tile = ",".join(f"{gpu}.{tile}" for gpu in range(6) for tile in range(2))
     for workdir, out in outs.items():
         lines = out.strip().splitlines()
-        # 4 ranks (2 per node), whole nodes: no mask, the option's hierarchy
-        assert len(lines) == 4 and all(line.endswith("MASK=unset H=COMPOSITE") for line in lines), (workdir, out)
-    assert {r["env"].get("ZE_FLAT_DEVICE_HIERARCHY") for r in machine.records("mpiexec")} == {"COMPOSITE"}
+        assert len(lines) == 4, (workdir, out)
+        assert all(line.endswith(f"MASK={every_tile} H=COMPOSITE") for line in lines), (workdir, out)
+    records = machine.records("mpiexec")
+    assert [r["argv"].count("--env") for r in records] == [3, 3]
+    assert {r["env"].get("ZE_FLAT_DEVICE_HIERARCHY") for r in records} == {"COMPOSITE"}
+    assert {r["caller_env"].get("ZE_FLAT_DEVICE_HIERARCHY") for r in records} == {"COMPOSITE"}

@@ -3,12 +3,20 @@
 
 It parses the command line the way the real launcher does (its options, then the program and its
 arguments; an option it does not know is refused with exit status 2, as the real ones do), appends
-one JSON line ``{"launcher", "argv", "options", "ranks", "program", "env", "cwd"}`` to
+one JSON line ``{"launcher", "argv", "options", "ranks", "program", "env", "caller_env", "cwd"}`` to
 ``$FAKE_LAUNCH_LOG``, then runs the ranks on this host with the real MPICH ``mpiexec``
 (``$FAKE_REAL_MPIEXEC``), each rank with the rank variables the real launcher sets
 (``PALS_RANKID``/``PALS_LOCAL_RANKID``, ``SLURM_PROCID``/``SLURM_LOCALID``, ``ALPS_APP_PE``,
 ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_LOCAL_RANK``), so mpi4py programs (the serial-mode
 workers) really communicate.
+
+The ranks get the environment the real launcher gives them (:func:`rank_environment`): PALS
+``mpiexec`` passes its own environment (``--envall``, its default; ``--envnone``: none; ``--envlist
+A,B``: those) and then sets each ``--env NAME=value``, later ones winning; ``srun --export`` (``ALL``
+by default, ``NONE``, or ``[ALL,]NAME[=value],...``: without ``ALL`` only the names listed), ``aprun
+-e NAME=value`` and Open MPI ``mpirun -x NAME=value`` likewise. ``env`` in the record is what the
+ranks got, ``caller_env`` the launcher's own environment (both only the variables platforms set,
+:data:`RECORDED_PREFIXES`).
 
 Usage (from a wrapper script): ``python recording_launcher.py FLAVOUR ARGS...``.
 """
@@ -24,7 +32,7 @@ import sys
 FLAVOURS: dict[str, tuple[set[str], set[str]]] = {
     "mpiexec": (
         {"-n", "-np", "--np", "--ppn", "-ppn", "--hosts", "-hosts", "--hostfile", "--cpu-bind", "-d", "--depth",
-         "--env", "--mem-bind", "--gpu-bind", "--label-format", "--spindle"},
+         "--env", "--envlist", "--mem-bind", "--gpu-bind", "--label-format", "--spindle"},
         {"--envall", "--envnone", "--no-transfer", "--label", "--line-buffer", "-l", "--exclusive", "--verbose"},
     ),
     "srun": (
@@ -95,17 +103,78 @@ def total_ranks(flavour: str, options: list[tuple[str, str]]) -> int:
     return 1
 
 
+#: Kept for the ranks when the launcher passes none of its environment (``--envnone``, ``srun
+#: --export=NONE``): a compute node gives its processes a PATH and HOME of its own, and programs here
+#: are found only on this one.
+NODE_DEFAULTS = ("PATH", "HOME")
+
+
+def _assignment(flavour: str, option: str, text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        sys.exit(f"{flavour}: {option} {text!r}: expected NAME=value")
+    return name, value
+
+
+def rank_environment(flavour: str, options: list[tuple[str, str]], environ: dict[str, str]) -> dict[str, str]:
+    """The environment the real launcher gives its ranks, from its own ``environ`` and ``options``."""
+    if flavour == "mpiexec":  # PALS: --envall (the default) | --envnone | --envlist, then every --env
+        names = [name for name, _ in options]
+        if "--envnone" in names or "--envlist" in names:
+            listed = {n for name, value in options if name == "--envlist" for n in value.split(",") if n}
+            base = {k: v for k, v in environ.items() if k in listed or k in NODE_DEFAULTS}
+        else:
+            base = dict(environ)
+        base.update(_assignment(flavour, name, value) for name, value in options if name == "--env")
+        return base
+    if flavour == "srun":  # --export=ALL (default) | NONE | [ALL,]NAME[=value],...
+        exports = [value for name, value in options if name == "--export"]
+        if not exports:
+            return dict(environ)
+        items = [item for item in exports[-1].split(",") if item]
+        if "NONE" in items:
+            return {k: v for k, v in environ.items() if k in NODE_DEFAULTS or k.startswith("SLURM_")}
+        if "ALL" in items:
+            base = dict(environ)
+        else:  # only the listed names (and Slurm's own variables) reach the tasks
+            base = {k: v for k, v in environ.items() if k in NODE_DEFAULTS or k.startswith("SLURM_")}
+        for item in items:
+            if item == "ALL":
+                continue
+            name, eq, value = item.partition("=")
+            if eq:
+                base[name] = value
+            elif name in environ:
+                base[name] = environ[name]
+        return base
+    base = dict(environ)  # aprun and mpirun pass their environment
+    setter = {"aprun": "-e", "mpirun": "-x"}[flavour]
+    for name, value in options:
+        if name == setter and "=" in value:  # mpirun -x NAME (no value) forwards NAME: here already
+            base.update([_assignment(flavour, name, value)])
+    return base
+
+
 def main() -> int:
     flavour, argv = sys.argv[1], sys.argv[2:]
     options, program = parse(flavour, argv)
     ranks = total_ranks(flavour, options)
+    caller = dict(os.environ)
+    # The fake's own variables reach the ranks however the options filter the environment (the
+    # real launcher needs none of them), and the batch system's node list never does: MPICH's
+    # hydra, which runs the ranks here (fork, this host), would take it for its own.
+    fake = {k: v for k, v in caller.items() if k.startswith("FAKE_")}
+    rank_env = {k: v for k, v in rank_environment(flavour, options, caller).items()
+                if not k.startswith(("PBS_", "SLURM_", "COBALT_"))}
+    rank_env.update(fake)
     record = {
         "launcher": flavour,
         "argv": argv,
         "options": options,
         "ranks": ranks,
         "program": program,
-        "env": {k: v for k, v in os.environ.items() if k.startswith(RECORDED_PREFIXES)},
+        "env": {k: v for k, v in rank_env.items() if k.startswith(RECORDED_PREFIXES)},
+        "caller_env": {k: v for k, v in caller.items() if k.startswith(RECORDED_PREFIXES)},
         "cwd": os.getcwd(),
     }
     log = os.environ.get("FAKE_LAUNCH_LOG")
@@ -118,10 +187,9 @@ def main() -> int:
     real = os.environ["FAKE_REAL_MPIEXEC"]
     global_var, local_var = RANK_VARIABLES[flavour]
     shim = f'export {global_var}="$PMI_RANK" {local_var}="$MPI_LOCALRANKID"; exec "$@"'
-    # MPICH's hydra runs the ranks here (fork, this host); PMI_RANK/MPI_LOCALRANKID become the
-    # launcher's own names. Hydra would take the batch system's node list for its own: hide it.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PBS_", "SLURM_", "COBALT_"))}
-    os.execve(real, [real, "-launcher", "fork", "-n", str(ranks), "/bin/bash", "-c", shim, "rank", *program], env)
+    # PMI_RANK/MPI_LOCALRANKID (hydra's) become the launcher's own names.
+    os.execve(real, [real, "-launcher", "fork", "-n", str(ranks), "/bin/bash", "-c", shim, "rank", *program],
+              rank_env)
     return 0
 
 
