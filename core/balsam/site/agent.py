@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config.settings import load_settings
+from ..config.site_config import SITE_MARKER
 from ..plugins.discovery import HOOK_KIND
 from ..plugins.manager import get_plugin_manager
 from ..plugins.report import CONFLICT, FAILED
@@ -70,6 +71,8 @@ LOGIN_CHECK_SEC = 30.0
 SETTINGS_CHECK_SEC = 30.0
 #: How often the agent checks that the server still has its site record (at once after any HTTP 404).
 SITE_CHECK_SEC = 60.0
+#: How often the agent checks that its site directory is still where it started (one stat).
+SITE_DIR_CHECK_SEC = 1.0
 #: A module cycle running longer than max(HUNG_CYCLE_PERIODS x its period, HUNG_CYCLE_MIN_SEC) is
 #: reported once (ERROR with the thread's stack): a wait with no timeout (an NFS stat, a socket)
 #: otherwise stops the module's work silently while its thread stays alive.
@@ -612,6 +615,9 @@ class Agent:
         self._settings_text = self._settings_file_text()
         #: Times the repeats of a module's error (monotonic seconds); tests put a clock of their own.
         self.clock: Callable[[], float] = time.monotonic
+        #: The site marker's inode at the start (None or -1: none there or unknown, nothing to check).
+        self._site_marker_id = self._site_marker_identity()
+        self._site_moved_seen = False
 
     def _make_client(self) -> Any:
         client = load_site_client(self.site_config)
@@ -907,6 +913,41 @@ class Agent:
         logger.warning("%s", message)
         return message
 
+    def _site_marker_identity(self) -> Optional[int]:
+        """The site marker's inode; None when it is not there; ``-1`` when the file system did not
+        answer (EIO, ESTALE, a timeout: not taken for a move). The inode only: an NFS automount
+        mounted again gets another st_dev for the same directory."""
+        try:
+            return os.stat(self.site_path / SITE_MARKER).st_ino
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:
+            return -1
+
+    def check_site_directory(self) -> Optional[str]:
+        """The reason to stop (logged, ERROR) when the site directory is no longer at the path the
+        agent started with: moved (`mv`) or removed while it ran, or another directory put in its
+        place. Every path the agent and its modules use is absolute under it: the processing
+        module made the old path's directories again for each job it preprocessed (workdirs no
+        launcher of the moved site reads) and the other modules failed every cycle on the missing
+        site marker, with nothing in the log to say why."""
+        if self._site_marker_id in (None, -1):
+            return None
+        now = self._site_marker_identity()
+        if now in (self._site_marker_id, -1):
+            self._site_moved_seen = False
+            return None
+        if not self._site_moved_seen:
+            # Seen twice in a row (a second apart) before the agent stops on it.
+            self._site_moved_seen = True
+            return None
+        what = "moved or removed" if now is None else "replaced by another directory"
+        message = (f"the site directory {self.site_path} was {what} while the agent ran: stopping (its paths are "
+                   f"absolute under it); move it back, stop the agent and move it with `balsam site mv` (which also "
+                   f"updates the site's path in the API), or start the agent where it is now (`balsam site start PATH`)")
+        logger.error("%s", message)
+        return message
+
     def _on_credential_refused(self, error: Any) -> None:
         if getattr(error, "url", "").startswith(str(getattr(self.client, "api_root", "\0"))):
             self.credential_refused = str(getattr(error, "detail", error))
@@ -933,7 +974,7 @@ class Agent:
     def wait(self, timeout: Optional[float] = None) -> None:
         self._wait_thread_name = threading.current_thread().name
         deadline_token = self._token_deadline()
-        checked = site_checked = settings_checked = time.monotonic()
+        checked = site_checked = settings_checked = site_dir_checked = time.monotonic()
         deadline = None if timeout is None else time.monotonic() + timeout
         last_note = time.monotonic()
         while not self.stop_event.is_set():
@@ -950,6 +991,11 @@ class Agent:
                     logger.warning("the login token expires soon and there is no refresh credential: stopping "
                                    "(run `balsam login`, then `balsam site start`)")
                     self.request_stop("token-expiry")
+                    break
+            if time.monotonic() - site_dir_checked >= SITE_DIR_CHECK_SEC:
+                site_dir_checked = time.monotonic()
+                if self.check_site_directory() is not None:
+                    self.request_stop("site-moved")
                     break
             if self.credential_refused:
                 logger.error("the server refused the agent's credential (%s): stopping (run `balsam login`, then "
@@ -1139,6 +1185,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     logger.info("balsam site agent starting (pid %d on %s), log %s", os.getpid(), socket.gethostname(), log_path)
     try:
         agent = Agent(site_config, end_children=True)
+        from .site_ops import SiteError, claim_site_path  # site_ops imports this module
+
+        try:
+            moved = claim_site_path(agent.client, Path(site_config.site_path))
+        except SiteError as exc:
+            raise AgentError(str(exc)) from None
+        if moved:
+            logger.warning("%s", moved)
         agent.push_settings()
         return agent.run()
     except AgentError as exc:

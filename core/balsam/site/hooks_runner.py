@@ -276,6 +276,12 @@ def _snapshot(job_obj: Any) -> dict:
 #: the workdir was made and the hook ran (the updates that are most of them go as they are). A
 #: field, not the error's text: a hook may set any text of its own, and its job fails as any other.
 WORKDIR_KEY = "_workdir"
+#: A field of a hook worker's update whose hook saved the job's new state itself (``self.job.state =
+#: ...; self.job.save()``): the server has it, and its job is no longer held by the processing
+#: session, which would have every update of it refused (an ERROR line per job, and a WARNING at the
+#: agent's stop, for jobs that were fine). Never sent: the processing module takes the job off its
+#: books. The hook's changes after its save are saved by the worker the same way.
+SAVED_KEY = "_saved_by_hook"
 WORKDIR_NO_ROOM = "no_room"
 WORKDIR_NOT_MADE = "not_made"
 
@@ -416,6 +422,8 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
             })
         finally:
             os.chdir(cwd)
+        if after.get("state") != before.get("state") and "state" not in _unsaved(job_obj):
+            return _saved_by_hook(job_obj, hook, job["id"])
         update = dict(base)
         for name, value in after.items():
             if before.get(name) != value:
@@ -444,6 +452,27 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
             # The hook's other changes (data, tags ...) are kept: e.g. a retry counter in data.
             update.update(state=JobState.failed.value, state_timestamp=now_iso(), state_data={"message": problem})
     return api_json(update)
+
+
+def _unsaved(job_obj: Any) -> set[str]:
+    try:
+        return set(job_obj.dirty_fields)
+    except Exception:
+        return {"state"}  # unknown: the hook's changes go as usual
+
+
+def _saved_by_hook(job_obj: Any, hook: str, job_id: int) -> dict:
+    """The update of a job whose hook saved its new state itself: its later changes are saved
+    here as the hook saved the state (the processing session no longer holds the job)."""
+    try:
+        if set(job_obj.dirty_fields) & set(HOOK_WRITABLE_FIELDS):
+            job_obj.save()
+    except Exception as exc:
+        _note(f"#BALSAM {hook} saved the job's state itself; its later changes could not be saved: "
+              f"{type(exc).__name__}: {exc}")
+    else:
+        _note(f"#BALSAM {hook} saved the job's state itself (self.job.save()): nothing more to send")
+    return {"id": job_id, SAVED_KEY: True}
 
 
 def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int = 10,

@@ -431,6 +431,52 @@ def check_site_on_server(client: Any, site_path: Path) -> int:
     return site_id
 
 
+def claim_site_path(client: Any, site_path: Path) -> Optional[str]:
+    """At an agent's start: the site record's ``path`` made this directory's, unless another
+    directory holding this same site (a copy: ``cp -r``, an rsync to another file system) has a
+    live agent, which refuses the start (SiteError, one line). Returns a note (logged) when the path
+    changed, else None; an API that does not answer is no refusal (the agent's cycles retry it).
+
+    The flock and pid file keep a second agent out of the same directory only: a copy's agent
+    ran beside the first one, each staging files, running hooks and starting launchers in its own
+    ``data/`` (a job's inputs staged in one, its run in the other), and the site record kept the
+    path of ``site init`` after a plain ``mv`` (what ``balsam site ls`` and ``--site`` read)."""
+    site_path = Path(site_path).absolute()
+    try:
+        site_id = read_site_id(site_path)
+        recorded = str(client.get(f"/sites/{site_id}").get("path") or "")
+    except Exception:
+        return None
+    if not recorded or Path(recorded) == site_path:
+        return None
+    other = Path(recorded)
+    try:
+        same = other.exists() and os.path.samefile(other, site_path)
+    except OSError:
+        same = False
+    if same:
+        return None  # the same directory by another name (a symbolic link, another mount point)
+    try:
+        other_id = read_site_id(other) if (other / SITE_ID_FILE).is_file() else None
+    except Exception:
+        other_id = None
+    if other_id == site_id:
+        running = agent_running(other)
+        if running is not None:
+            host, pid = running
+            raise SiteError(
+                f"site {site_id} is also in {other}, where its agent runs on {host} [pid {pid}]: two directories of "
+                f"one site (a copy?) would each run an agent, staging files and running jobs in their own data/; "
+                f"stop that agent first (`balsam site stop {other}`), or give this directory a site of its own "
+                f"(`balsam site init NEW_DIR`)")
+    try:
+        client.put(f"/sites/{site_id}", json={"path": str(site_path)})
+    except Exception as exc:
+        return f"the site record's path is {other}, not {site_path}, and could not be updated: {exc}"
+    where = "another copy of the site" if other_id == site_id else "gone or not this site's"
+    return f"the site record's path was {other} ({where}); it is now {site_path}"
+
+
 #: A pid file naming another host is taken for a dead agent's once the site record has not been
 #: refreshed for max(STALE_REFRESH_PERIODS x the refresh period, STALE_MIN_SEC) seconds. A running
 #: agent refreshes it every scheduler ``sync_period`` (the scheduler module's site update) and at

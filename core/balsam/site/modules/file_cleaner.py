@@ -15,6 +15,7 @@ re-check keeps its flag, and its files are cleaned when it finishes again).
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
@@ -77,9 +78,12 @@ def workdir_link(workdir: Path, data_path: Path) -> Optional[str]:
     return None
 
 
-def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list[Path]:
+def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str],
+                    failures: Optional[list[tuple[Path, OSError]]] = None) -> list[Path]:
     """Delete files under ``workdir`` that match ``patterns`` (already checked with
-    :func:`glob_pattern_error` by the caller, once per app); return what was removed.
+    :func:`glob_pattern_error` by the caller, once per app); return what was removed. A match that
+    cannot be deleted (EACCES, EPERM, EROFS, EIO ...) is appended to ``failures`` with the error
+    (one already gone is not: nothing is left to delete).
 
     Symlinks are never followed to delete something else: a match counts only if its parent
     directory, resolved, is the workdir (resolved once) or below it, so a pattern cannot reach
@@ -104,7 +108,13 @@ def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list
                     continue
                 match.unlink()
                 removed.append(match)
-            except (OSError, RuntimeError):
+            except FileNotFoundError:
+                continue  # gone meanwhile: nothing left to delete
+            except OSError as exc:
+                if failures is not None:
+                    failures.append((match, exc))
+                continue
+            except RuntimeError:  # a symlink loop while resolving the parent: not a file of the workdir
                 continue
     return removed
 
@@ -222,7 +232,16 @@ class FileCleanerModule(AgentModule):
                 if why is not None:
                     self.logger.warning("job %s: workdir %s not cleaned: %s", job["id"], job["workdir"], why)
                     continue
-                removed += len(cleanup_workdir(workdir, data_path, patterns))
+                failures: list[tuple[Path, OSError]] = []
+                removed += len(cleanup_workdir(workdir, data_path, patterns, failures))
+                if failures:
+                    # Its flag is still cleared (a file that cannot be deleted now would be tried,
+                    # and fail, every cycle): one line says what stays, where and why. It was
+                    # silent: "cleaned N finished jobs" while the files stayed on disk.
+                    path, exc = failures[0]
+                    self.logger.warning("job %s: %d file(s) matching cleanup_files in %s could not be deleted and are "
+                                        "left in place (first: %s: %s)", job["id"], len(failures), workdir,
+                                        os.path.relpath(path, workdir), exc.strerror or exc)
         cleared = 0
         if jobs:
             refused = bulk_patch(self.client, "/jobs/", [{"id": job["id"], "pending_file_cleanup": False} for job in jobs])

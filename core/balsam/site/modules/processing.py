@@ -103,6 +103,7 @@ from ...util import NO_ROOM_ERRNOS, START_TIME_TOLERANCE_SEC, process_start_time
 from ..apps import AppCache
 from ..hooks_runner import (
     HOOK_FOR_STATE,
+    SAVED_KEY,
     WORKDIR_KEY,
     WORKDIR_NO_ROOM,
     api_json,
@@ -541,7 +542,16 @@ class ProcessingModule(AgentModule):
 
     def _send(self, updates: list[dict]) -> None:
         updater = self._updater()
+        saved = [u["id"] for u in updates if u.get(SAVED_KEY)]
+        if saved:
+            # The hook saved the state itself: the server has it and no longer leases the job to
+            # this session, which would have the same state refused (an ERROR line for a job that
+            # is fine).
+            self.logger.info("jobs %s: their hooks saved their new states themselves (self.job.save()); nothing "
+                             "more to send", saved[:20])
         for update in updates:
+            if update.get(SAVED_KEY):
+                continue
             fields = dict(update)
             job_id = fields.pop("id")
             state = fields.pop("state", None)
@@ -1056,6 +1066,8 @@ class ProcessingModule(AgentModule):
                     mark = record.pop(WORKDIR_KEY, None)
                     if mark == WORKDIR_NO_ROOM:
                         continue  # given back, not FAILED (_take_no_room): released with the dead session
+                    if record.pop(SAVED_KEY, None):
+                        continue  # the hook saved its job's state itself: the server has it
                     if type(record.get("id")) is int:
                         update = api_json({**record, SESSION_KEY: session_id})
                         updater = updater or self._replay_updater()
