@@ -686,7 +686,9 @@ def settle_exits(exited: Sequence[Any], running: dict[int, Any], held: dict[int,
     now = time.monotonic()
     finished = []
     for proc in exited:
-        if proc.returncode in STOP_SIGNAL_EXITS:
+        # A spawner's exit reaped after the batch system's signal reached it (an app that saves its
+        # state on SIGTERM and exits 1, or 0) is held as one by the signal: the stop that follows claims it.
+        if proc.returncode in STOP_SIGNAL_EXITS or getattr(proc, "stop_signalled", False):
             held[proc.job_id] = now
         else:
             del running[proc.job_id]
@@ -911,7 +913,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 class SpawnedTask:
     """A task run by the spawner process: what the pool needs to report its exit."""
 
-    __slots__ = ("job_id", "workdir", "outfile", "returncode", "end_time", "spawn_error", "script")
+    __slots__ = ("job_id", "workdir", "outfile", "returncode", "end_time", "spawn_error", "script", "stop_signalled")
 
     def __init__(self, job_id: int, workdir: str, outfile: str) -> None:
         self.job_id = job_id
@@ -923,6 +925,9 @@ class SpawnedTask:
         self.returncode: Optional[int] = None
         self.end_time: Optional[float] = None
         self.spawn_error = ""
+        #: Reaped after a stop signal reached the spawner (the batch system's: it signals every
+        #: process of the job): held as an exit by a stop signal (:func:`settle_exits`), whatever its code.
+        self.stop_signalled = False
 
     def tail(self, num_lines: int) -> str:
         text = tail_file(self.outfile, num_lines)
@@ -1106,6 +1111,7 @@ class SpawnerPool:
                         # made a finished job RUN_TIMEOUT, to run again).
                         continue
                     task.returncode, task.end_time, task.spawn_error = event[2], event[3], event[4]
+                    task.stop_signalled = len(event) > 5 and bool(event[5])
                     exited.append(task)
                     if self._relaunched:
                         self._note_relaunched(task)
@@ -1156,11 +1162,11 @@ class SpawnerPool:
         answer = self._answer
         if answer is not None:
             ended, before = answer
-            for _kind, job_id, rc, when, error in before:
+            for _kind, job_id, rc, when, error, *signalled in before:
                 task = self.running.pop(job_id, None)
                 if isinstance(task, SpawnedTask):
                     task.returncode, task.end_time, task.spawn_error = rc, when, error
-                    if rc in STOP_SIGNAL_EXITS:
+                    if rc in STOP_SIGNAL_EXITS or any(signalled):
                         victims.append(job_id)
                     else:
                         finished.append(finished_record(task, self.error_tail_num_lines))

@@ -23,7 +23,8 @@ types cross, and both ends are the same interpreter):
   ``#!``, is run by ``/bin/bash`` as bash would). ``("q", after_id, job_id, argv, cwd, outfile, env_set,
   env_unset)`` queues a task behind a running (or queued) one: it starts on the same CPUs the
   moment that one exits, without waiting for the launcher (a **hand-over**), unless that one died
-  of a termination signal (the allocation is ending: the queued task is dropped); a request that
+  of a termination signal or a stop signal reached this process (the allocation is ending: the
+  queued task is dropped); a request that
   arrives just after that one ended normally starts at once on its CPUs. ``("Q", deadline,
   after_id, job_id, argv, ...)`` is ``"q"`` with a deadline: a :func:`node_clock` value
   (CLOCK_BOOTTIME, one clock for every process of a node) after which the task is not started
@@ -40,8 +41,10 @@ types cross, and both ends are the same interpreter):
 - spawner -> launcher: ``("x", [event, ...])`` in the order they happened: ``("e", job_id,
   returncode, end_time, spawn_error)`` a task ended (``returncode`` as Popen gives it: ``-N`` for
   signal N; a task that could not be started has :data:`SPAWN_FAILED` and the reason, also written
-  to its output file); ``("h", after_id, job_id, start_time)`` a queued task started on the CPUs of
-  the one that ended just before; ``("d", job_id)`` a queued task was dropped unstarted; ``("r",
+  to its output file), with a sixth item ``True`` when it was reaped after a stop signal reached
+  this process (:meth:`Spawner.stop_signalled`: the launcher holds it as an exit by a stop signal);
+  ``("h", after_id, job_id, start_time)`` a queued task started on the CPUs of the one that ended
+  just before; ``("d", job_id)`` a queued task was dropped unstarted; ``("r",
   job_id, returncode, seconds_run)`` a task failed quickly and was started again (below). The
   answer to ``"t"``: ``("T", ended_by_signal, [("e", ...) events before the signal...])``. Events
   that only say that tasks exited 0 and handed their CPUs over (``"e"`` with its ``"h"``) wait up
@@ -56,7 +59,10 @@ A task whose leader exits leaves nothing running: a process it left in its proce
 (``cmd &``, ``nohup cmd &``) gets SIGTERM at once and SIGKILL after :data:`LEFTOVER_GRACE_SEC`
 (:class:`Ending`). A process that called ``setsid`` (``setsid cmd``, a daemon) has left the group
 and escapes: only a cgroup per task would catch it. SIGTERM and
-SIGINT are ignored here: the launcher gets them too and decides (it sends ``"t"``).
+SIGINT do not end this process: the launcher gets them too and decides (it sends ``"t"``). One that
+reaches it (its own session spares it from a kill of the launcher's group: the batch system's,
+which signals every process of the job) only stops the relaunch of quick failures and the start of
+queued tasks (:meth:`Spawner.stop_signalled`).
 
 **Run records.** Each task still running :data:`RECORD_AFTER_SEC` after its start gets a record of
 its run on its ``job.out`` (:func:`run_record`: this host, the task's pid, which is its process
@@ -498,6 +504,8 @@ class Spawner:
         self.scripts: dict = {}
         #: The record of each run, on its job.out (see the module's docstring).
         self.records = RunRecords()
+        #: A stop signal reached this process (:meth:`stop_signalled`): the allocation is ending.
+        self.stopping = False
         #: Since when (monotonic) the events not sent yet have been held (:meth:`send_events`).
         self._held_since: "float | None" = None
 
@@ -643,6 +651,17 @@ class Spawner:
             self.started.pop(job_id, None)  # no start record: _ended reports it, never relaunches
         self._ended(job_id, SPAWN_FAILED, reason)
 
+    def stop_signalled(self, signum: int, _frame: object = None) -> None:
+        """SIGTERM or SIGINT reached this process. Its own session spares it from a kill of the
+        launcher's group, so it is the batch system's (Slurm signals every process of the job at
+        scancel or the time limit): the allocation is ending. From now on no task is relaunched
+        and none queued starts: the same signal just reached the tasks, and a quick failure of
+        one (an app that saves its state on SIGTERM and exits 1) was started again, its job.out
+        truncated, to be killed by the launcher's stop a moment later. The launcher's ``"t"``
+        still decides the rest."""
+        self.stopping = True
+        self.relaunch = None  # every exit from now on is reported, marked (see _ended)
+
     def _ended(self, job_id: int, returncode: int, error: str = "") -> None:
         rule = self.relaunch
         if self.ending_jobs and job_id in self.ending_jobs:
@@ -659,7 +678,10 @@ class Spawner:
         if self.scripts:
             self.scripts.pop(job_id, None)
         now = time.time()
-        self.events.append(("e", job_id, returncode, now, error))
+        if self.stopping:  # after the batch system's signal: the launcher holds it as a signal exit
+            self.events.append(("e", job_id, returncode, now, error, True))
+        else:
+            self.events.append(("e", job_id, returncode, now, error))
         cpu_ids = self.cpus_of.pop(job_id, [])
         task = self.after.pop(job_id, None)
         if task is None:
@@ -669,7 +691,7 @@ class Spawner:
                     del self.freed[next(iter(self.freed))]
             return
         self.queued.discard(task[0])
-        if returncode in STOP_SIGNAL_EXITS:
+        if returncode in STOP_SIGNAL_EXITS or self.stopping:
             self._drop(task)
             return
         if self._past_deadline(task[0]):
@@ -938,8 +960,11 @@ def main(argv: list) -> int:
     request_fd, reply_fd = int(argv[0]), int(argv[1])
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)  # the tasks must not hold the launcher's pipes open
-    return Spawner(request_fd, reply_fd, sigpipe_ignored=SIGPIPE_IGNORED_ARG in argv[2:],
-                   relaunch=parse_relaunch_arg(argv[2:])).run()
+    spawner = Spawner(request_fd, reply_fd, sigpipe_ignored=SIGPIPE_IGNORED_ARG in argv[2:],
+                      relaunch=parse_relaunch_arg(argv[2:]))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # noted, not obeyed (Spawner.stop_signalled)
+        signal.signal(sig, spawner.stop_signalled)
+    return spawner.run()
 
 
 if __name__ == "__main__":

@@ -92,6 +92,10 @@ launcher's own stop has ended it. The rule:
     RUN_ERROR of it has been queued, let alone sent, when the stop comes: the status updater sends
     within 0.1 s what it is given, so "not sent yet" is only dependable for what was never put.
     The master applies the same window to a rank's ``done`` report by the exit's end time.
+(c) an exit a spawner reaps after a SIGTERM or SIGINT reached the spawner itself (the batch
+    system's: the spawner's own session spares it from a kill of the launcher's group) is held as
+    in (b), whatever its code, and from then on that spawner relaunches no quick failure and starts
+    no queued task (:meth:`balsam.launcher.spawner.Spawner.stop_signalled`).
 
 Limits: with no stop in the window, such an exit is the job's own (RUN_ERROR, reported 3 s late):
 a user's ``kill``, the OOM killer's SIGKILL. A stop later than 3 s after the exit finds its
