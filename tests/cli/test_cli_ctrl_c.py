@@ -66,7 +66,7 @@ def test_sigint_during_a_streamed_listing_exits_130_with_one_line(hello):
     assert "Traceback" not in text and "Aborted!" not in text
 
 
-def test_ctrl_c_at_a_prompt_exits_130_and_end_of_input_stays_aborted(hello, monkeypatch):
+def test_ctrl_c_at_a_prompt_exits_130_and_end_of_input_names_yes(hello, monkeypatch):
     from balsam.api import Job
 
     _jobs(hello, 2)
@@ -83,7 +83,8 @@ def test_ctrl_c_at_a_prompt_exits_130_and_end_of_input_stays_aborted(hello, monk
     assert out.exit_code == 130, out.output
     assert out.output.strip().endswith("Interrupted.") and "Aborted!" not in out.output
     out = balsam("job", "rm", "--site", "all", "-t", "g=a", input="")  # end of input: not a Ctrl-C
-    assert out.exit_code == 1 and "Aborted!" in out.output
+    # status 1 and one line naming the question and -y (it was a bare "Aborted!")
+    assert out.exit_code == 1 and "Error: no answer to 'Really delete 2 jobs?': standard input ended; pass -y/--yes" in out.output, out.output
     assert Job.objects.filter(tags={"g": "a"}).count() == 2
 
 

@@ -18,7 +18,7 @@ import click
 
 from balsam import __version__
 
-__all__ = ["BalsamGroup", "Interrupted", "main", "error_line"]
+__all__ = ["BalsamGroup", "Interrupted", "confirm_or_yes", "main", "error_line"]
 
 TRACEBACK_ENV = "BALSAM_CLI_TRACEBACK"
 
@@ -43,6 +43,21 @@ INTERRUPTED_EXIT_CODE = 130
 class Interrupted(KeyboardInterrupt):
     """A Ctrl-C that a command caught to say what it leaves behind (``Interrupted: 5000 of 12000
     jobs were updated ...``): printed instead of the plain "Interrupted."."""
+
+
+def confirm_or_yes(text: str) -> bool:
+    """``click.confirm(text)`` for a command that takes ``-y/--yes``: when standard input ends
+    before an answer (a script, cron, a batch job), one line naming the question and ``-y``
+    (click's answer was a bare "Aborted!": Balsam 0.7's ``job modify`` never asked, so its scripts
+    stopped there with nothing to say why). Ctrl-C at the prompt stays an interruption."""
+    try:
+        return click.confirm(text)
+    except click.Abort as exc:
+        if isinstance(exc.__context__, EOFError):
+            click.echo("", err=True)  # ends the prompt's line
+            raise click.ClickException(f"no answer to {text!r}: standard input ended; pass -y/--yes to go on "
+                                       "without asking") from None
+        raise
 
 
 def _interrupted(exc: "BaseException | None" = None) -> NoReturn:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import click
 
+from . import confirm_or_yes
 from ._site_selector import (dump_yaml, format_table, json_option, json_record, site_filter, site_names,
                              site_option_short, write_json_array)
 
@@ -75,7 +76,7 @@ def rm(name: Optional[str], remove_all: bool, site_selector: str, yes: bool) -> 
         n_jobs = Job.objects.filter(app_id=a.id).count()
         if not yes:
             warning = f" There are {n_jobs} Jobs that will be ERASED!" if n_jobs else ""
-            if not click.confirm(f"Really delete App(id={a.id}, name={a.name}, site_id={a.site_id})?{warning}"):
+            if not confirm_or_yes(f"Really delete App(id={a.id}, name={a.name}, site_id={a.site_id})?{warning}"):
                 click.echo(f"Kept {a.name}")
                 continue
         a.delete()
@@ -92,8 +93,8 @@ def _remove_all(apps: list, filters: dict, site_selector: str, yes: bool) -> Non
     n_jobs = Job.objects.filter(**filters).count()
     if not yes:
         names = ", ".join(a.name for a in apps[:10]) + (", ..." if len(apps) > 10 else "")
-        if not click.confirm(f"Really delete {len(apps)} app(s) ({names}) of --site {site_selector}? There are "
-                             f"{n_jobs} Jobs that will be ERASED!"):
+        if not confirm_or_yes(f"Really delete {len(apps)} app(s) ({names}) of --site {site_selector}? There are "
+                              f"{n_jobs} Jobs that will be ERASED!"):
             click.echo("Nothing deleted.")
             return
     for a in apps:

@@ -12,7 +12,7 @@ import click
 import yaml
 
 from ..models import MAX_TAG_FILTERS, workdir_problem
-from . import Interrupted
+from . import Interrupted, confirm_or_yes
 from ._site_selector import (Progress, UpperChoice, dump_yaml, format_rows, format_table, json_option,
                              json_record, jsonable, parse_key_values, site_filter, site_names, site_option, table_widths,
                              watch_output, write_json_array)
@@ -68,6 +68,14 @@ def tag_filters(tags: tuple[str, ...]) -> dict[str, str]:
     the Python API's refusal named its own call (``Job.objects.filter(): at most 100 distinct tags
     filters``), which the user never wrote."""
     pairs = parse_key_values(tags, "--tag")  # one value per key: its length counts distinct pairs
+    for key, value in pairs.items():
+        if ":" in key:
+            # The API's filter is KEY:VALUE split at the first ':': `-t a:b=c` was sent as tag a =
+            # "b:c", so `job rm -t a:b=c -y` deleted the jobs tagged a=b:c, not those tagged a:b=c.
+            raise click.BadParameter(f"{key}={value}: a tag key holding ':' cannot be filtered on (the API reads "
+                                     f"'{key}:{value}' as tag {key.partition(':')[0]!r} = "
+                                     f"{key.partition(':')[2] + ':' + value!r}); select these jobs by --id",
+                                     param_hint="'-t' / '--tag'")
     if len(pairs) > MAX_TAG_FILTERS:
         raise click.BadParameter(f"{len(pairs)} tag filters (a KEY=VALUE given twice counted once): a query takes at "
                                  f"most {MAX_TAG_FILTERS}", param_hint="'-t' / '--tag'")
@@ -160,7 +168,7 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
         shown.pop("serialized_parameters", None)
         shown["parameters"] = parameters
         click.echo(dump_yaml({k: v for k, v in shown.items() if v not in (None, "")}))
-        if not click.confirm("Do you want to create this Job?"):
+        if not confirm_or_yes("Do you want to create this Job?"):
             click.echo("Not created.")
             return
     new_job.save()
@@ -225,10 +233,15 @@ def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], ve
         click.echo(format_table(["State", "Count"], rows, right={1}))
         click.echo(f"Total: {sum(counts.values())}")
         return
-    if limit:
+    if limit and (limit <= LIST_PAGE_SIZE or isinstance(filters.get("id"), list)):
         # -n N: the newest N (one request of N), listed oldest to newest
         newest = sorted(query.order_by("-id")[:limit], key=lambda j: j.id)
         pages: Iterator[tuple[list[Any], bool]] = iter([(newest, False)])
+    elif limit:
+        # More than a page: a count, then the last N in pages from there, printed as they come (one
+        # request of N held them all: -n 100000 took 340 MB, the whole listing 75 MB).
+        total = query.count()
+        pages = (page for page in query.order_by("id")[max(0, total - limit):total].pages(LIST_PAGE_SIZE) if page[0])
     else:
         pages = _job_pages(filters)
     if as_json:
@@ -237,7 +250,9 @@ def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], ve
         return
     first, more = next(pages, ([], False))
     if not first:
-        click.echo("No matching jobs.")
+        # On stderr: stdout stays empty, as Balsam 0.7 left it (`[ -z "$(balsam job ls -s FAILED)" ]`
+        # and `| wc -l` in scripts read the note as a job).
+        click.echo("No matching jobs.", err=True)
         return
     if verbose:
         # YAML documents separated by "---", each written as soon as it is made (a page of them
@@ -679,7 +694,7 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
             why = f" All {already} selected jobs are already {state.upper()}."
         click.echo("No job needs changing." + why)
         return
-    if not yes and len(jobs) > 1 and not click.confirm(f"Set {len(jobs)} jobs to {state.upper()}?"):
+    if not yes and len(jobs) > 1 and not confirm_or_yes(f"Set {len(jobs)} jobs to {state.upper()}?"):
         click.echo("Nothing changed.")
         return
     for j in jobs:
@@ -764,10 +779,10 @@ def rm(ids: tuple, tags: tuple, states: tuple, excluded: tuple, delete_all: bool
         click.echo("No matching jobs.")
         return
     if not yes:
-        if delete_all and not click.confirm("THIS WILL DELETE ALL JOBS! CAUTION! Continue?"):
+        if delete_all and not confirm_or_yes("THIS WILL DELETE ALL JOBS! CAUTION! Continue?"):
             click.echo("Nothing deleted.")
             return
-        if not click.confirm(f"Really delete {n} job{'' if n == 1 else 's'}?"):
+        if not confirm_or_yes(f"Really delete {n} job{'' if n == 1 else 's'}?"):
             click.echo("Nothing deleted.")
             return
     try:

@@ -240,6 +240,10 @@ LEGACY_SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("server", "deploy"): ("balsam server start", "that is the embedded server (SQLite, this machine); for " + _SHARED_SERVER),
     ("server", "up"): ("balsam server start", "for " + _SHARED_SERVER),
     ("server", "down"): ("balsam server stop", "a shared deployment: stop the uvicorn/gunicorn processes you started"),
+    # Balsam 0.7's docs name it, its CLI never had it: the bare "No such command 'sync'" said nothing.
+    ("app", "sync"): ("MyApp.sync()  (in Python, for each ApplicationDefinition subclass)",
+                      "apps are synced from Python: `from balsam.api import ApplicationDefinition`, define the "
+                      "subclass (site, command_template), then call its .sync(); `balsam app ls` lists the result"),
 }
 
 #: New options given once per value (``balsam job rm --id 1 --id 2``): every 0.x occurrence is kept.

@@ -269,7 +269,12 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
         filters["state"] = list(ACTIVE_STATES)
     if scheduler_id is not None:
         filters["scheduler_id"] = scheduler_id
-    batch_jobs = sorted(BatchJob.objects.filter(**filters), key=lambda b: b.id)
+    query = BatchJob.objects.filter(**filters)
+    if num and not submitted_by_names:
+        # The last N only (one request of N): `-h -n 5` read a long-lived site's whole history.
+        # --submitted-by is applied here, after reading, so it still reads them all.
+        query = query.order_by("-id")[:num]
+    batch_jobs = sorted(query, key=lambda b: b.id)
     failures: list[Any] = []
     if not history and scheduler_id is None and not as_json:
         # One query; the server filters no status_info key, so recency is read here.
