@@ -82,12 +82,18 @@ class TransferError(Exception):
     (it ends up in the item's ``transfer_info.error`` and the job's FAILED event); ``retryable``
     says whether the same request may work later (a network blip) or never will (a bad URL);
     ``retry_after_sec``, when set, is how long the service asked not to be called again (an HTTP 429's
-    ``Retry-After``): the agent then neither polls nor submits to the backend until it has passed."""
+    ``Retry-After``): the agent then neither polls nor submits to the backend until it has passed.
+    ``batch_only`` (a submission's error): the service refused this batch for its own files, and
+    started no task of it (Globus: an earlier task still writes some of its paths). The location's
+    other batches go on in the same cycle (any other refusal holds them back for the cycle), and a
+    journaled batch sent again only to find its task (an item held again since) leaves the journal."""
 
-    def __init__(self, message: str, *, retryable: bool, retry_after_sec: Optional[float] = None) -> None:
+    def __init__(self, message: str, *, retryable: bool, retry_after_sec: Optional[float] = None,
+                 batch_only: bool = False) -> None:
         super().__init__(one_line(message))
         self.retryable = retryable
         self.retry_after_sec = retry_after_sec
+        self.batch_only = batch_only
 
 
 def one_line(text: Any, limit: int = 500) -> str:

@@ -98,3 +98,60 @@ def test_an_agent_with_60_tasks_in_flight_sees_them_finish(tmp_path: Path) -> No
     assert max(asked) <= GLOBUS_FILTER_IDS
     assert {item["state"] for item in api.items.values()} == {"done"}
     assert sum(1 for c in responses.calls if c.request.method == "POST") == count  # none sent twice
+
+
+def chunks_failing(failing: set[int], asked: list[int], status: str = "SUCCEEDED", **error) -> None:
+    """The task list of globus_task_list, its calls numbered ``failing`` (from 1) answered 502 (or
+    ``error``: status, body, headers)."""
+
+    def answer(request):
+        ids = urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["filter"][0].partition(":")[2].split(",")
+        asked.append(len(ids))
+        if len(asked) in failing:
+            return (error.get("status", 502), error.get("headers", {}),
+                    json.dumps({"code": "ExternalError", "message": "Globus is having trouble", "request_id": "r"}))
+        docs = [{**BASE, "task_id": tid, "status": status, "files": 1, "files_transferred": 1,
+                 "subtasks_skipped_errors": 0, "label": "balsam stage-in (1 file)"} for tid in ids]
+        return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
+                                    "offset": 0, "total": len(docs)})
+
+    responses.add_callback(responses.GET, f"{TRANSFER}/task_list", callback=answer, content_type="application/json")
+
+
+def test_one_failing_task_list_call_costs_its_own_tasks_only(tmp_path: Path) -> None:
+    """120 tasks, the second of three calls fails: the other 70 settle (the poll used to raise,
+    discarding what the other calls read); the 50 of the failed call stay in flight with the reason,
+    queued as the last poll found them (their deadline must not start with a failed read)."""
+    backend = make_backend(tmp_path)
+    ids = [f"task-{n:03d}" for n in range(120)]
+    backend._queued = {"task-060": True}  # the last poll found it queued
+    asked: list[int] = []
+    chunks_failing({2}, asked)
+    statuses = backend.poll(ids)
+    assert asked == [50, 50, 20]
+    assert {tid for tid in ids if statuses[tid].state == TaskState.done} == set(ids[:50] + ids[100:])
+    unread = [statuses[tid] for tid in ids[50:100]]
+    assert {s.state for s in unread} == {TaskState.active}
+    assert "could not be polled" in unread[0].reason and "HTTP 502" in unread[0].reason
+    assert statuses["task-060"].queued and not statuses["task-061"].queued
+
+
+def test_a_poll_whose_calls_all_fail_raises_and_stops_asking(tmp_path: Path) -> None:
+    """Globus down: the poll raises (it says nothing about the tasks) after two calls, not one per
+    50 tasks each with its retries; a rate limit in any call raises at once (the agent holds off)."""
+    from balsam.transfer import TransferError
+
+    backend = make_backend(tmp_path)
+    ids = [f"task-{n:03d}" for n in range(300)]
+    asked: list[int] = []
+    chunks_failing(set(range(1, 10)), asked)
+    with pytest.raises(TransferError, match="HTTP 502"):
+        backend.poll(ids)
+    assert asked == [50, 50]
+
+    responses.reset()
+    asked.clear()
+    chunks_failing({2}, asked, status=429, headers={"Retry-After": "120"})
+    with pytest.raises(TransferError) as info:
+        backend.poll(ids)
+    assert info.value.retry_after_sec == 120 and asked == [50, 50]

@@ -12,7 +12,9 @@
   task the agent gives up on even when the agent cannot reach Globus to cancel it, without cutting
   short a task that waited its turn (the agent's own deadline counts from the task's start).
 - ``poll``: one ``task_list`` call per TASK_FILTER_LIMIT (50) in-flight task ids, the most one
-  filter may name; a succeeded task with skipped
+  filter may name (a call that fails costs its own tasks only: they stay ``active`` with the
+  reason, queued as last read; the poll raises when no call answered, asking no more after
+  FAILED_CHUNKS_IN_A_ROW failed, or on a rate limit; see GlobusTransfer._task_list); a succeeded task with skipped
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item;
   a home-directory path Globus reports resolved is named as submitted, see :func:`_skipped_keys`,
@@ -81,7 +83,10 @@
   (``transfers.globus_endpoint_id`` is wrong: a settings error, the items wait for it to be fixed),
   that setting missing (the same), and a submission's 409 "A transfer with identical paths has not yet completed" (an earlier task
   of the login still writes those paths: one cancelled at the agent's deadline that Globus is still
-  stopping, or one started outside balsam; see _paths_still_written). Other 4xx are not.
+  stopping, another job's, or one started outside balsam; see _paths_still_written): that error is
+  ``batch_only`` (the location's other batches go on; Globus started no task of its submission id)
+  and retryable for at most the Globus deadline span of a balsam task from the first such refusal
+  of the id, then not (its files fail a try; see GlobusTransfer._paths_conflict). Other 4xx are not.
 - Retries: ``http_retries`` bounds the retries of a request that failed with 5xx/429 or a network
   error; a 401 is always retried once with a refreshed access token (globus-sdk refreshes as a
   retry, which ``http_retries: 0`` used to forbid: a revoked access token then read as a revoked
@@ -167,6 +172,12 @@ TASK_LIST_LIMIT = 1000
 #: flight (``max_concurrent_transfers`` above 50) is one call per 50 ids: one call for all of them
 #: was refused every cycle, every task stuck "cannot poll its task" until its deadline cancelled it.
 TASK_FILTER_LIMIT = 50
+#: A poll stops asking for the rest of its ``task_list`` chunks after this many failed in a row (an
+#: outage, or a login refused: each further call would fail the same way, after its retries).
+FAILED_CHUNKS_IN_A_ROW = 2
+#: transfers.task_timeout_sec's default, for a backend built without it: how long a batch Globus
+#: refuses for paths another task still writes may wait for that task (see _conflict_wait).
+DEFAULT_TASK_TIMEOUT_SEC = 21600.0
 #: The most ``http_retries``: globus-sdk sleeps between retries (exponential, up to 10 s each), all
 #: inside the agent's cycle; 10 retries already hold one request about a minute, and a cycle makes
 #: several. Past that, the next cycle trying again is the better retry.
@@ -422,10 +433,28 @@ def _paths_still_written(exc: BaseException) -> bool:
     not completed (HTTP 409 ``Conflict``, "A transfer with identical paths has not yet completed"):
     a task the agent cancelled at its deadline that is still stopping (Globus cancels asynchronously
     past 10 s, "CancelAccepted": a hung endpoint's task), or one started outside balsam. It ends on
-    its own (at the latest at its Globus deadline): the batch waits, its files use no try. Taken for
+    its own (at the latest at its Globus deadline): the batch waits, its files use no try, for at
+    most the Globus deadline span of a balsam task (see GlobusTransfer._paths_conflict). Taken for
     a refusal, each retry of a file after a slow cancel failed a try on it, and its job FAILED."""
     return (isinstance(exc, globus_sdk.TransferAPIError) and exc.http_status == 409
             and "identical paths" in str(getattr(exc, "message", "") or exc.text or ""))
+
+
+def _answer(exc: BaseException) -> str:
+    """What Globus answered, for a message: ``(HTTP 409 Conflict): <its message>``. A body that is
+    not JSON (a proxy's, a plain-text error) has no code nor message: ``(HTTP 409): <its text>``
+    (it read ``(HTTP 409 None): None``)."""
+    code = str(getattr(exc, "code", "") or "")
+    status = " ".join(filter(None, (f"HTTP {getattr(exc, 'http_status', '')}", code)))
+    message = one_line(getattr(exc, "message", "") or getattr(exc, "text", "") or getattr(exc, "http_reason", "") or "")
+    return f"({status}): {message}" if message else f"({status})"
+
+
+def _duration(seconds: float) -> str:
+    """``12 h 10 min``, ``12 min``: a wait, for a message."""
+    minutes = int(seconds // 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
 
 
 def _login_refused(exc: BaseException) -> bool:
@@ -875,6 +904,13 @@ class GlobusTransfer(TransferBackend):
         #: (every HOME_RECHECK_SEC) is logged at DEBUG, another one (a 403 after a null listing) at
         #: WARNING again; kept beside ``_homes`` (dropped with it, and when the home is read).
         self._home_said: dict[tuple[Any, str], str] = {}
+        #: {submission id: (when Globus first refused it for paths another task still writes, when
+        #: last)} (see _paths_conflict): the wait is bounded from the first refusal; an id not sent
+        #: again for that long (its batch left the journal) is forgotten.
+        self._conflicts: dict[str, tuple[dt.datetime, dt.datetime]] = {}
+        #: {task id: whether the last poll that read it found it queued}: a task whose task_list chunk
+        #: fails keeps that, so that a queued task's deadline does not start with a failed read.
+        self._queued: dict[str, bool] = {}
         #: {(login, collection): the error} of an ls of its home that failed for a moment during the
         #: current poll: raised again for the rest of that poll without a call (each of its tasks
         #: asked again); emptied when a poll starts.
@@ -1140,15 +1176,11 @@ class GlobusTransfer(TransferBackend):
             if self._site_collection_missing(exc, remote_ep):
                 raise _site_collection_unknown(site_ep, str(getattr(exc, "code", "") or "")) from None
             if _paths_still_written(exc):
-                raise TransferError(
-                    f"Globus refused the batch for now (HTTP 409 {getattr(exc, 'code', '')}): "
-                    f"{one_line(getattr(exc, 'message', ''))}: an earlier "
-                    "Globus task of this login still writes some of these paths (one the agent cancelled that is "
-                    "still stopping, or one started outside balsam); the batch is sent again once it ends",
-                    retryable=True) from None
+                raise self._paths_conflict(exc, token) from None
             raise self._error(exc) from None
         task_id = str(response["task_id"])
         with self._tasks_lock:
+            self._conflicts.pop(token or "", None)
             # Also for a duplicate submission (a journaled token sent again): the same files.
             task = self._tasks.setdefault(task_id, _Task(seen=self._polls))
             task.files, task.sources, task.login, task.collection = sent, sources, login, dest_ep
@@ -1171,21 +1203,100 @@ class GlobusTransfer(TransferBackend):
             return False
         return False
 
+    def _conflict_wait(self) -> dt.timedelta:
+        """How long a batch Globus refuses for paths an earlier task of the login still writes (HTTP
+        409 "identical paths") waits for that task, its files using no try: the Globus deadline span
+        of a task balsam submits (globus_deadline: ``task_timeout_sec`` times 1 + its rounds of
+        Globus's queue, plus DEADLINE_MARGIN_SEC; 12 h 10 min with the defaults). A balsam task, one
+        cancelled at the agent's deadline that Globus is still stopping or another job's writing the
+        same files, has ended by then; one writing them longer was started outside balsam (the web
+        app, the CLI; it may have no deadline), and the batch no longer waits for it with no bound."""
+        start = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+        timeout = self.options.task_timeout_sec or DEFAULT_TASK_TIMEOUT_SEC
+        return globus_deadline(start, timeout, self.options.max_concurrent_transfers) - start
+
+    def _paths_conflict(self, exc: BaseException, token: Optional[str]) -> TransferError:
+        """The error of a submission refused because an earlier task of the login still writes some
+        of its paths (see _paths_still_written): ``batch_only`` (the location's other batches go on;
+        Globus started no task of this submission id), retryable (the batch is sent again each cycle
+        with its id, its files using no try) until _conflict_wait has passed since the first such
+        refusal of that id this process saw; then not retryable (its files each fail a try, and their
+        retry goes under a new id, with a wait of its own). The reason names the time the wait ends:
+        the same text each cycle (written once on the items)."""
+        now = self.now()
+        wait = self._conflict_wait()
+        with self._tasks_lock:
+            for old, (_, last) in list(self._conflicts.items()):
+                if now - last > wait:
+                    del self._conflicts[old]  # its batch is no longer sent (it left the journal)
+            first = self._conflicts[token][0] if token and token in self._conflicts else now
+            if token:
+                self._conflicts[token] = (first, now)
+            if now - first >= wait:
+                self._conflicts.pop(token or "", None)
+                return TransferError(
+                    f"Globus still refuses the batch after {_duration((now - first).total_seconds())} {_answer(exc)}: "
+                    "a task of this login has written some of its paths for longer than any task balsam submits "
+                    "may run (its Globus deadline: transfers.task_timeout_sec, room for Globus's queue, and "
+                    f"{DEADLINE_MARGIN_SEC} s), one started outside balsam?; this try of its files fails",
+                    retryable=False, batch_only=True)
+        until = (first + wait).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return TransferError(
+            f"Globus refused the batch for now {_answer(exc)}: an earlier Globus task of this login still writes "
+            "some of these paths (one the agent cancelled that Globus is still stopping, another job's, or one "
+            f"started outside balsam); the batch is sent again each cycle until that task ends, until {until} at "
+            "most (then its files fail a try)", retryable=True, batch_only=True)
+
+    def _task_list(self, client: globus_sdk.TransferClient, task_ids: Sequence[str]
+                   ) -> tuple[list[Mapping[str, Any]], dict[str, TransferError]]:
+        """(the documents ``task_list`` answered, {task id: the error} of those whose call failed):
+        one call per TASK_FILTER_LIMIT ids. A failing call costs its own tasks only (they are read
+        again next poll; all of them failed, or the first FAILED_CHUNKS_IN_A_ROW did, the poll
+        raises, as a failed poll says nothing). A rate limit raises at once (the agent holds the
+        backend off for its Retry-After). Failing the whole poll for one chunk, the tasks the other
+        calls had read waited a cycle, and a chunk failing every cycle stalled all of them."""
+        docs: list[Mapping[str, Any]] = []
+        failed: dict[str, TransferError] = {}
+        first: Optional[TransferError] = None
+        in_a_row = answered = 0
+        per_call = min(TASK_LIST_LIMIT, TASK_FILTER_LIMIT)
+        for start in range(0, len(task_ids), per_call):
+            chunk = list(task_ids[start:start + per_call])
+            if in_a_row >= FAILED_CHUNKS_IN_A_ROW:
+                failed.update(dict.fromkeys(chunk, first))  # not asked: it would fail the same way
+                continue
+            try:
+                docs.extend(client.task_list(filter={"task_id": chunk}, limit=len(chunk))["DATA"])
+            except Exception as exc:  # noqa: BLE001 - this chunk's tasks only, unless all fail
+                problem = exc if isinstance(exc, TransferError) else self._error(exc)
+                if problem.retry_after_sec or getattr(exc, "http_status", None) == 429:
+                    raise problem from None
+                logger.debug("globus: task_list of %d tasks failed", len(chunk), exc_info=True)
+                first = first or problem
+                in_a_row += 1
+                failed.update(dict.fromkeys(chunk, problem))
+                continue
+            in_a_row, answered = 0, answered + 1
+        if first is not None and not answered:
+            raise first
+        return docs, failed
+
     def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
         statuses: dict[str, TaskStatus] = {}
         with self._tasks_lock:
             self._home_failures.clear()  # a home that failed in an earlier poll is asked again
         try:
             client = self.client()
-            docs: list[Mapping[str, Any]] = []
-            per_call = min(TASK_LIST_LIMIT, TASK_FILTER_LIMIT)
-            for start in range(0, len(task_ids), per_call):
-                chunk = list(task_ids[start:start + per_call])
-                docs.extend(client.task_list(filter={"task_id": chunk}, limit=len(chunk))["DATA"])
+            docs, failed = self._task_list(client, task_ids)
         except TransferError:
             raise
         except Exception as exc:
             raise self._error(exc) from None
+        for task_id, problem in failed.items():
+            # Still running as far as anyone knows (its files may be being written): in flight with
+            # the reason, queued as it last was (a queued task's deadline must not start with it).
+            statuses[task_id] = TaskStatus(TaskState.active, queued=self._queued.get(task_id, False), reason=one_line(
+                f"Globus task {task_id} could not be polled (will retry): {problem}"))
         for doc in docs:
             statuses[str(doc["task_id"])] = self._settled_status(client, doc)
         for task_id in task_ids:
@@ -1193,6 +1304,12 @@ class GlobusTransfer(TransferBackend):
                 # One call per task the list left out (rare: see the module doc), never "unknown" on
                 # the list's word: the agent would submit its files again beside the running task.
                 statuses[task_id] = self._unlisted_status(client, task_id)
+        for task_id in task_ids:
+            # Updated, not replaced: the agent polls a task alone after cancelling it at its deadline.
+            if statuses[task_id].state in (TaskState.active, TaskState.inactive):
+                self._queued[task_id] = statuses[task_id].queued
+            else:
+                self._queued.pop(task_id, None)
         self._forget_tasks_not_in(task_ids)
         return statuses
 

@@ -32,7 +32,8 @@ One cycle (every ``service_period`` seconds):
    once, and a cycle makes at most as many submissions as there are free slots, refused ones
    included. Each batch is one backend task; its items become ``active`` with ``task_id =
    "<backend>:<id>"``. Once a location's submission is refused, its other batches (journaled ones
-   included) wait with that reason for this cycle, taking no slot; for ``retry_backoff_sec`` it is
+   included) wait with that reason for this cycle, taking no slot (not after a refusal of that
+   batch's own files, ``TransferError.batch_only``: Globus's 409 for paths another task writes); for ``retry_backoff_sec`` it is
    tried after the locations that work, then its batches take their turn as any location's. A refusal retrying may fix uses no try; one the backend says is for good
    is taken for a refusal of the request (the contract cannot tell it from a refusal of the files):
    the refused batch's files each fail a try (backoff, ``max_attempts``), so a location refusing
@@ -823,6 +824,11 @@ class TransfersModule(AgentModule):
         #: only to find (and cancel) the task the service may have started: {token: (failed sends,
         #: when to send again)} (see :meth:`_resend`).
         self._resend_tries: dict[str, tuple[int, dt.datetime]] = {}
+        #: Tokens of journaled batches whose last send was refused for their own files
+        #: (``TransferError.batch_only``): sent after the cycle's new batches (see :meth:`_submit`).
+        #: Sent first, such a batch took a free slot every cycle while another task held its paths,
+        #: and with one slot free the location's other batches waited for as long.
+        self._refused_batches: set[str] = set()
         #: The items whose SAME_FILE_WAIT reason :meth:`_end_stale_waits` cleared, by their file,
         #: while they stay pending and ready: the first of each file; those behind it keep waiting.
         self._ready_files: dict[tuple[str, str, str], int] = {}
@@ -1093,6 +1099,7 @@ class TransfersModule(AgentModule):
         # items to those tasks next cycle, after the tasks failed and the items went back to pending.
         self._rewrite_journal(kept)
         self._resend_tries = {tok: at for tok, at in self._resend_tries.items() if any(r["token"] == tok for r in kept)}
+        self._refused_batches &= {str(r["token"]) for r in kept}
         self._track_tasks(in_flight, updates)
         if held:
             self._let_go_of_held(held, in_flight)
@@ -1713,7 +1720,7 @@ class TransfersModule(AgentModule):
 
         One submission refused (retrying may fix it or not) stops the location's submissions for the
         cycle: its other batches, journaled ones included, wait with the reason, using no try and no
-        slot. A location refused less than ``retry_backoff_sec`` ago is tried after the others.
+        slot; a refusal of that batch's own files (``batch_only``) stops none of them. A location refused less than ``retry_backoff_sec`` ago is tried after the others.
 
         ``writers``: the files (:meth:`_file_key`) tasks still running write. A file item whose file
         a task still running or an earlier item of this cycle writes waits (no try used, reason
@@ -1746,8 +1753,9 @@ class TransfersModule(AgentModule):
                 units.append((alias, direction, None, group[start:start + opts.transfer_batch_size]))
         # A refused submission takes a slot: locations refused within retry_backoff_sec go last (a
         # stable sort), so that their try never takes the slots of locations that work; after that
-        # they take their turn (see _held_back).
-        units.sort(key=lambda unit: self._held_back(unit[0], now))
+        # they take their turn (see _held_back). Batches refused for their own files go after all.
+        units.sort(key=lambda unit: (unit[2] is not None and str(unit[2].get("token")) in self._refused_batches,
+                                     self._held_back(unit[0], now)))
         # One text whatever took the slots (tasks in flight, submissions refused this cycle): a text
         # that said which changed with every refused try of a location, and every waiting item was
         # PATCHed again each time (twice per retry_backoff_sec, thousands of rows), not once.
@@ -1884,12 +1892,20 @@ class TransfersModule(AgentModule):
                     record = self._journal_token(token, alias, direction, members, files)
                 task_id = backend.submit(location, TransferDirection(direction), files, token)
             except TransferError as exc:
-                blocked[alias] = str(exc)
+                # A refusal of this batch's own files (``batch_only``) holds back none of the location's
+                # other batches: taken for the location's, one batch Globus refused while another task
+                # wrote its paths kept every other batch of the location waiting as long as that task ran.
+                own = getattr(exc, "batch_only", False)
+                if not own:
+                    blocked[alias] = str(exc)
                 if exc.retryable:
                     # The service, not the files: keep the items pending without using up their tries.
+                    if own and token:
+                        self._refused_batches.add(token)
                     pause = self._hold(location.backend_name, exc, now)
-                    self._warn_once(f"submit:{alias}", str(exc), "transfer backend %s: submitting %d files to %s failed "
-                                    "(will retry%s): %s", backend.name, len(files), alias, pause, exc)
+                    self._warn_once(f"batch:{token}" if own else f"submit:{alias}", str(exc), "transfer backend %s: "
+                                    "submitting %d files to %s failed (will retry%s): %s", backend.name, len(files),
+                                    alias, pause, exc)
                     if record:
                         # It may have arrived (a timeout after the service took it): the journal keeps
                         # the token, so the next cycle sends the batch again with it, and the service
@@ -1906,7 +1922,7 @@ class TransfersModule(AgentModule):
                     # as a failed task's do); the location's other batches wait for the next cycle,
                     # rather than every item of the location failing at once.
                     self._fail_many(f"transfer backend {backend.name} refused the submission of {len(files)} files to "
-                                    f"{alias!r} (the location's other batches wait for the next cycle)",
+                                    f"{alias!r}" + ("" if own else " (the location's other batches wait for the next cycle)"),
                                     [(item, str(exc), True) for item in members], updates, now, level=logging.ERROR)
                 continue
             full_id = f"{location.backend_name}:{task_id}"
@@ -2096,10 +2112,15 @@ class TransfersModule(AgentModule):
         try:
             task_id = backend.submit(location, TransferDirection(record["direction"]), files, record["token"])
         except TransferError as exc:
-            blocked[alias] = str(exc)
-            if not exc.retryable and stale:
-                # Refused for good: the service holds no task of that token, so nothing copies the old
-                # files; the record leaves the journal and its pending items go in a new batch.
+            own = getattr(exc, "batch_only", False)  # the batch's own files: the location's others go on
+            if not own:
+                blocked[alias] = str(exc)
+            if stale and (own or not exc.retryable):
+                # Refused for good, or for its own files (no task started for it either): the service
+                # holds no task of that token, so nothing copies the old files; the record leaves the
+                # journal and its pending items go in a new batch. (Kept on a refusal of its files, it
+                # was sent every cycle, and once the refusal ended the task started for it was cancelled.)
+                self._said.pop(f"batch:{token}", None)
                 self._resend_tries.pop(token, None)
                 self.logger.info("a stale journaled batch of %d files to %r (%s) was refused when sent again to "
                                  "cancel its task; nothing to cancel: %s", len(files), alias, why, exc)
@@ -2109,20 +2130,25 @@ class TransfersModule(AgentModule):
                 # cycle forever, and its files each fail a try, as a first submission's refused for good
                 # do (the contract cannot tell a refusal of the request, e.g. a permission to grant, from
                 # one of the files): their backoff, then max_attempts, not their jobs failing at once.
-                self._fail_many(f"re-sending a journaled batch of {len(files)} files to {alias!r} was refused "
-                                "(the location's other batches wait for the next cycle)",
+                self._said.pop(f"batch:{token}", None)
+                self._fail_many(f"re-sending a journaled batch of {len(files)} files to {alias!r} was refused"
+                                + ("" if own else " (the location's other batches wait for the next cycle)"),
                                 [(item, str(exc), True) for item in live], updates, now, level=logging.ERROR)
                 return False
-            # Keyed by location as a first submission's "will retry" is: one warning per reason.
+            # Keyed by location as a first submission's "will retry" is: one warning per reason (by
+            # token for a refusal of the batch's own files, which the location's next task does not end).
+            if own:
+                self._refused_batches.add(token)
             pause = self._hold(location.backend_name, exc, now)
-            self._warn_once(f"submit:{alias}", str(exc), "re-sending a journaled batch of %d files to %s "
-                            "failed (will retry%s): %s", len(files), alias, pause, exc)
+            self._warn_once(f"batch:{token}" if own else f"submit:{alias}", str(exc), "re-sending a journaled batch "
+                            "of %d files to %s failed (will retry%s): %s", len(files), alias, pause, exc)
             if live or self._resend_failed(record, exc, now):
                 kept.append(record)
             for item in live:
                 self._wait(item, str(exc), updates)
             return False
         self._said.pop(f"submit:{alias}", None)
+        self._said.pop(f"batch:{token}", None)
         self.blocked_aliases.pop(alias, None)
         self._blocked_at.pop(alias, None)
         full_id = f"{location.backend_name}:{task_id}"
