@@ -196,6 +196,15 @@ class Platform(abc.ABC):
         the ``mpiexec --envall`` after it, sees)."""
         return self.gpu_environment(gpu_ids) if gpu_ids else {}
 
+    def whole_node_environment(self, spec: LaunchSpec) -> dict[str, str]:
+        """The GPU visibility variables of a job on whole nodes without GPU ids (a multi-node job
+        asking for GPUs), which :meth:`job_environment` cannot tell from a CPU-only job: none by
+        default (the job sees every GPU). A platform that sets some (Aurora: the mask of all of a
+        node's tiles) puts them on the job's MPI launcher line itself (:meth:`mpi_launch_args`), so
+        they hold in every rank; the launcher asks for them too (``spec`` without ``env_names``),
+        to name the app's own variables they replace in its warning, as for :meth:`job_environment`."""
+        return {}
+
     # -- on the login node (site init) --------------------------------------------------------
     @classmethod
     def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:

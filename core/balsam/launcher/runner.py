@@ -16,7 +16,7 @@ from collections import ChainMap, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
-from balsam.platform import is_mig_id
+from balsam.platform import LaunchSpec, is_mig_id
 from balsam.states import JobState
 
 from ..util import api_text, env_number, first_warning, format_threads_cpu, tail_file, threads_cpu_seconds
@@ -39,7 +39,9 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
 
     The platform's variables (``Platform.job_environment``: those of ``gpu_environment`` for the
     job's GPU ids, and any the platform sets for every job) replace the app's own, with one warning
-    naming them. A job with a shell preamble also gets their names in
+    naming them (and so are the variables a job on whole nodes gets on its MPI line,
+    ``Platform.whole_node_environment``, which its environment does not hold: the ranks get them
+    from the line). A job with a shell preamble also gets their names in
     :data:`~balsam.launcher.app_run.PLATFORM_VARIABLES`, so that its shell line sets them again
     after the preamble (:func:`~balsam.launcher.app_run.shell_line`)."""
     env = dict(prepared.env)
@@ -49,9 +51,12 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
         platform_env = job_environment(list(gpu_ids))
     else:  # a platform object without the Platform base class (gpu_environment only)
         platform_env = platform.gpu_environment(list(gpu_ids)) if gpu_ids else {}
-    if platform_env:
+    # A job on whole nodes without GPU ids (multi-node) gets its GPU variables on its MPI line
+    # (Platform.whole_node_environment), over the app's own in every rank: named in the same warning.
+    on_line = _whole_node_environment(prepared, placement, platform) if not gpu_ids and len(placement.hostnames) > 1 else {}
+    if platform_env or on_line:
         platform_env = {str(k): str(v) for k, v in platform_env.items()}
-        _warn_replaced(prepared, env, platform_env)
+        _warn_replaced(prepared, env, platform_env, on_line)
         env.update(platform_env)
         if prepared.preamble and prepared.preamble.strip():
             names = [k for k in platform_env if k.isidentifier() and k.isascii()]
@@ -103,23 +108,48 @@ def _app_name(app: Any) -> str:
     return "its app" if app is None else f"app {app}"
 
 
-def _warn_replaced(prepared: PreparedJob, env: dict[str, str], platform_env: dict[str, str]) -> None:
+def _whole_node_environment(prepared: PreparedJob, placement: Placement, platform: Any) -> dict[str, str]:
+    """``Platform.whole_node_environment`` of the job (what its MPI line sets in every rank); none
+    from a platform object without the Platform base class."""
+    whole_node_environment = getattr(platform, "whole_node_environment", None)
+    if whole_node_environment is None:
+        return {}
+    d = prepared.demand
+    spec = LaunchSpec(cmdline=prepared.cmdline, hostnames=placement.hostnames, ranks_per_node=d.ranks_per_node,
+                      threads_per_rank=d.threads_per_rank, threads_per_core=d.threads_per_core,
+                      gpus_per_rank=d.gpus_per_rank, cpu_ids=placement.cpu_ids, gpu_ids=placement.gpu_ids,
+                      launch_params=prepared.launch_params, job_id=prepared.id, app_id=_app_of(prepared),
+                      whole_nodes=placement.occupancy >= 1.0 - 1e-9)
+    return {str(k): str(v) for k, v in (whole_node_environment(spec) or {}).items()}
+
+
+def _warn_replaced(prepared: PreparedJob, env: dict[str, str], platform_env: dict[str, str],
+                   on_line: Optional[dict[str, str]] = None) -> None:
     """A warning for the platform variables that replace the app's own (its
     ``environment_variables`` or ``get_environ_vars()``: those that differ from the launcher's
     environment), and one for ``launch_params`` that set them for the MPI launcher (PALS ``--env
     NAME=value``, ``srun --export``), whose value the ranks would get instead of the platform's:
-    each once per app and value in this process (:func:`balsam.util.first_warning`), for every such job."""
+    each once per app and value in this process (:func:`balsam.util.first_warning`), for every such job.
+    ``on_line``: the variables the platform's MPI line sets in the ranks of a job on whole nodes
+    (``Platform.whole_node_environment``), over both the app's and ``platform_env``; no launch
+    params warning for them (no other job's GPUs are on the job's nodes)."""
     inherited = inherited_environment()
-    replaced = [k for k, v in platform_env.items() if k in env and env[k] != v and inherited.get(k) != env[k]]
+    given = {**platform_env, **on_line} if on_line else platform_env
+    replaced = [k for k, v in given.items() if k in env and env[k] != v and inherited.get(k) != env[k]]
     if replaced:
         app = _app_of(prepared)
         if first_warning((app, "replaced", tuple((k, env[k]) for k in replaced))):
-            logger.warning("job %s: its app's %s %s replaced by the platform's GPU visibility variables: %s; the "
+            # The job's own environment (its shell line: a command template's $ZE_AFFINITY_MASK)
+            # keeps the app's value of a variable only the line sets.
+            line_only = [k for k in replaced if on_line and k in on_line and k not in platform_env]
+            where = (f" (set on its MPI launcher line for its ranks: the job has whole nodes; its command line "
+                     f"itself still sees the app's {', '.join(line_only)})") if line_only else ""
+            logger.warning("job %s: its app's %s %s replaced by the platform's GPU visibility variables: %s%s; the "
                            "same in every job of %s that sets %s (warned once)", prepared.id,
                            ", ".join(f"{k}={env[k]}" for k in replaced), "is" if len(replaced) == 1 else "are",
-                           ", ".join(f"{k}={platform_env[k]}" for k in replaced), _app_name(app),
+                           ", ".join(f"{k}={given[k]}" for k in replaced), where, _app_name(app),
                            "that value" if len(replaced) == 1 else "those values")
-    if prepared.launch_params:
+    if prepared.launch_params and platform_env:  # none: an empty pattern would match every "="
         pattern = re.compile(r"(?<![A-Za-z0-9_])(%s)=" % "|".join(map(re.escape, platform_env)))
         for key, value in prepared.launch_params.items():
             named = sorted(set(pattern.findall(f"{key} {value}")))

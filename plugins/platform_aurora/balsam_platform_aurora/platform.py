@@ -374,7 +374,9 @@ class AuroraPlatform(Platform):
         Balsam's mask per rank (tile_per_rank.sh, docs/platforms/aurora.md) leaves every rank on all
         12 tiles. It is the same on every node, so it goes on the line as PALS ``--env``, which the
         ranks get over ``--envall`` and whatever the job's preamble exported. Nodes are not narrowed
-        per allocation here (``discover_nodes`` gives every node all tiles), so it is all of them."""
+        per allocation here (``discover_nodes`` gives every node all tiles), so it is all of them.
+        The launcher asks for it too (``Platform.whole_node_environment``), to name an app's own
+        ``ZE_AFFINITY_MASK`` it replaces in the ranks in its warning, as for a one-node job."""
         if len(spec.hostnames) < 2 or spec.gpus_per_rank <= 0 or any(spec.gpu_ids):
             return {}
         return self.gpu_environment(self.gpu_ids)
@@ -441,7 +443,7 @@ class AuroraPlatform(Platform):
         multi-node: whole nodes, no tiles assigned) the hierarchy the option ``device_hierarchy``
         names, when it names one: "set it for every job". With ``inherit`` such a job keeps the
         launcher's. A multi-node GPU job's mask (every tile of a node) is on its mpiexec line
-        (:meth:`whole_node_environment`): only the line knows the job's node count and GPUs."""
+        (:meth:`whole_node_environment`, which needs the job's node count and GPUs per rank)."""
         if gpu_ids:
             return self.gpu_environment(gpu_ids)
         if self.options.device_hierarchy.strip().lower() == "inherit":
