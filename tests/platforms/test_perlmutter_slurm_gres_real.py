@@ -13,7 +13,8 @@ sets ``BALSAM_TEST_GRES_SLURM=start`` when it started that cluster as root and m
   ``BALSAM_TEST_GRES_PORTS=ctld,node``) and a node ``c1`` of this machine's own CPUs (port node + 1)
   under a temporary directory, and stops them by their pid files.
 
-Inside one ``salloc --exclusive --gpus=4`` it runs the platform's lines for packed jobs concurrently,
+Inside one ``salloc --exclusive --gpus-per-node=4`` (a Perlmutter GPU site's sbatch request) it runs
+the platform's lines for packed jobs concurrently,
 each srun with balsam's ``CUDA_VISIBLE_DEVICES`` for its job (as the launcher starts it), and checks
 what each task got. The recorded results, and the CI test built on them, are in
 test_perlmutter_slurm_gres_recorded.py.
@@ -32,7 +33,9 @@ from pathlib import Path
 import pytest
 
 from balsam.platform import LaunchSpec
+from balsam.scheduler import SubmitRequest
 from balsam_platform_perlmutter.platform import PerlmutterGPUPlatform
+from balsam_scheduler_slurm import SlurmScheduler
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +196,8 @@ def test_packed_steps_on_real_gres_slurm(gres_slurm, jobs, tmp_path: Path) -> No
     probe.chmod(0o755)
     driver.chmod(0o755)
     lines.write_text(_packed_lines(node, probe, jobs))
-    done = subprocess.run(["salloc", "-w", node, "-N1", "--exclusive", "--gpus=4", "-t", "5", str(driver), str(lines)],
+    done = subprocess.run(["salloc", "-w", node, "-N1", "--exclusive", "--gpus-per-node=4", "-t", "5", str(driver),
+                           str(lines)],
                           env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     out = done.stdout + done.stderr
     print(lines.read_text(), out)  # the evidence, with -s
@@ -201,6 +205,26 @@ def test_packed_steps_on_real_gres_slurm(gres_slurm, jobs, tmp_path: Path) -> No
         assert f"RC[{tag}]=0" in out, out
         seen = re.search(rf"START \S+ tag={tag} .*CVD=(\S+)", out)
         assert seen and seen.group(1) == ",".join(ids), (tag, out)
+
+
+def test_a_batch_jobs_own_gpu_flags_give_working_steps_on_real_gres_slurm(gres_slurm, tmp_path: Path) -> None:
+    """A new perlmutter-gpu site's shared-QOS BatchJob with its own GPU flags: the allocation the
+    Slurm driver asks for (its GPU flags, without the default ``--gpus-per-node=4``) runs a step.
+    Beside the default, sbatch refused ``--gpus=1``, and under ``--gres=gpu:2`` every step failed
+    ("Step requested gres_per_node=gpu:4 is more than the job's gres_per_node=gpu:2")."""
+    env, node, _cpu_node = gres_slurm
+    scheduler = PerlmutterGPUPlatform().settings_defaults()["scheduler"]
+    slurm = SlurmScheduler(user="me", options=scheduler["options"])
+    for flags in ("--gres=gpu:2", "--gpus=1"):
+        params = {**scheduler["optional_batch_job_params"], "exclusive": "no", "sbatch_flags": flags}
+        args = slurm.render_submit(SubmitRequest(script_path=tmp_path / "q.sh", project="m1", queue="shared",
+                                                 num_nodes=1, wall_time_min=5, optional_params=params)).args
+        gpu_flags = [a for a in args if a.startswith(("--gpus", "--gres", "--exclusive"))]
+        done = subprocess.run(["salloc", "-w", node, "-N1", "-t", "5", *gpu_flags, "srun", "-n1", "--overlap", "/bin/sh",
+                               "-c", "echo step CVD=$CUDA_VISIBLE_DEVICES"], env=env, capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0 and "step CVD=0" in out, (gpu_flags, out)
 
 
 # The app: what its step's task got from Slurm (the launcher's shell prints balsam's value first).
@@ -232,7 +256,7 @@ def test_real_launcher_packed_gpu_jobs_on_real_gres_slurm(gres_slurm, balsam_env
     jobs = [Probe.submit(workdir=f"g/{n}", n=n, gpus_per_rank=gpr, threads_per_rank=8, node_packing_count=8, save=False,
                          launch_params=GPU_CHECK_PARAMS) for n, gpr in enumerate([1, 1, 1, 0.5, 0.5])]
     ids = make_runnable(jobs)
-    run_launcher_in_salloc(path, ids, ["-w", node, "-N1", "--exclusive", "--gpus=4", "-t", "5"],
+    run_launcher_in_salloc(path, ids, ["-w", node, "-N1", "--exclusive", "--gpus-per-node=4", "-t", "5"],
                            [sys.executable, "-m", "balsam.launcher", "-j", "mpi", "-t", "3"], env)
     seen = {}
     for n in range(5):

@@ -95,6 +95,11 @@ DUPLICATE_FLAGS = ("overlap",)
 #: Launch params (any spelling) that ask Slurm for GPUs or bind them: a job giving one keeps
 #: Slurm's GPU placement (:meth:`PerlmutterGPUPlatform._balsam_gpus`).
 GPU_REQUEST_PARAMS = ("gpus", "G", "gpus-per-node", "gpus-per-socket", "gpu-bind", "gpus-per-task")
+#: What Slurm sets in a job that asked for GPUs by count (--gpus-per-node, --gpus, --gpus-per-task,
+#: --gpus-per-socket); its steps inherit it as their own request. A job with none of them (only
+#: --exclusive, or --gres=gpu:N) gave a step asking for no GPU, or for ``--gres=craynetwork:0``,
+#: none (real Slurm 22.05): packed and fractional GPU jobs ran without a GPU.
+GPU_COUNT_VARIABLES = ("SLURM_GPUS_PER_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_TASK", "SLURM_GPUS_PER_SOCKET")
 #: The binding of a step whose launch_params name none (NERSC's recommended ``--cpu-bind=cores``).
 DEFAULT_CPU_BIND = "cores"
 #: Launch params (any spelling) whose effect scales with the step's ``-c`` or lays tasks out by
@@ -283,6 +288,32 @@ def _delivered_despite(done: subprocess.CompletedProcess, steps: Mapping[str, tu
     return delivered
 
 
+def _gpus_steps_get(nodes: list[NodeInfo], env: Mapping[str, str]) -> list[NodeInfo]:
+    """``nodes`` with the GPUs the job's steps get: the first N of each node's, where the job asked
+    for N per node (``SLURM_GPUS_PER_NODE``, or ``SLURM_GPUS`` on one node) and holds more. With
+    ``--exclusive`` Slurm gives the job the node's 4 GPUs (``CUDA_VISIBLE_DEVICES=0,1,2,3``) but
+    its steps inherit the count: under ``--exclusive --gpus-per-node=2`` (real Slurm 22.05) every
+    step, ``--gpus-per-task 1`` and ``--gres=craynetwork:0`` ones too, got GPUs 0,1, so a packed job
+    balsam gave GPU 2 or 3 ran on a GPU its step does not hold."""
+    count = (env.get("SLURM_GPUS_PER_NODE") or "").strip()
+    if not count and len(nodes) == 1:
+        count = (env.get("SLURM_GPUS") or "").strip()
+    count = count.rsplit(":", 1)[-1]  # [type:]N
+    if not count.isdecimal() or not any(len(node.gpu_ids) > int(count) for node in nodes):
+        return nodes
+    kept_nodes = []
+    for node in nodes:
+        kept = node.gpu_ids[:int(count)]
+        groups = tuple(part for part in (tuple(g for g in group if g in kept) for group in node.gpu_groups) if part)
+        kept_nodes.append(attrs.evolve(node, gpu_ids=kept, gpu_groups=groups,
+                                       gpu_cpus=tuple((g, cpus) for g, cpus in node.gpu_cpus if g in kept)))
+    logger.warning("the job holds GPUs %s of %s but asked for %s per node (its steps get only the first %s): jobs get "
+                   "GPUs %s; a BatchJob of whole nodes should ask for all their GPUs, one asking for fewer for -x "
+                   "exclusive=no (the shared QOS)",
+                   ",".join(nodes[0].gpu_ids), nodes[0].hostname, count, count, ",".join(kept_nodes[0].gpu_ids))
+    return kept_nodes
+
+
 @attrs.frozen
 class PerlmutterOptions:
     cpu_ids: str = option("", "CPU (core) ids of one node, as ranges; empty: the node type's (0-63 GPU, 0-127 CPU).")
@@ -341,7 +372,18 @@ class PerlmutterGPUPlatform(Platform):
         cores_per_node = self.logical_cpus // self.hardware_threads_per_core
         nodes = allocated_cores(nodes, env, self.hardware_threads_per_core, cores_per_node, _own_cpus())
         self.allocated_logical_cpus = min(len(n.cpu_ids) for n in nodes) * self.hardware_threads_per_core if nodes else 0
-        return cuda_visible_only(nodes, env)
+        nodes = cuda_visible_only(nodes, env)
+        if self.gpu_ids and (env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")):
+            if not any((env.get(name) or "").strip() for name in GPU_COUNT_VARIABLES):
+                logger.warning(
+                    "this Slurm job asked for no GPU count (none of %s is set): Slurm gives its steps that ask for "
+                    "no GPU (or give their own --gres, as single-rank steps do) none, so packed and fractional GPU "
+                    "jobs run without one: add gpus_per_node: '%d' under "
+                    "scheduler.optional_batch_job_params in settings.yml and run balsam site sync (sites made "
+                    "before Balsam asked for it lack it), or submit with -x sbatch_flags=--gpus-per-node=%d",
+                    ", ".join(GPU_COUNT_VARIABLES), len(self.gpu_ids), len(self.gpu_ids))
+            nodes = _gpus_steps_get(nodes, env)
+        return nodes
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
         return leading_job_number(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "")
@@ -612,11 +654,14 @@ class PerlmutterGPUPlatform(Platform):
         ``--gpus-per-node``, the node's GPUs, as Balsam 0.7's template asked): an allocation that
         asks for no GPU holds them only implicitly (``--exclusive``), and Slurm gives a step that asks
         for none of them no GPU (real Slurm 22.05: ``CUDA_VISIBLE_DEVICES`` unset in the step, and a
-        device cgroup denies them), so packed and fractional GPU jobs and the serial-mode workers,
-        whose steps ask for no GPU, ran without one. Not ``--gres=gpu:4``: a single-rank step's
-        ``--gres=craynetwork:0`` replaced it (no GPU again); ``--gpus-per-node`` reaches every step
-        as ``SLURM_GPUS_PER_NODE`` (docs/platforms/perlmutter.md has the table). ``-x
-        gpus_per_node=1`` for a shared-QOS BatchJob."""
+        device cgroup denies them), so packed GPU jobs (whose steps ask for no GPU) and fractional
+        ones ran without one; serial-mode workers ask for the node's GPUs (``--gpus-per-task 4``)
+        and had them. Not ``--gres=gpu:4``: a single-rank step's ``--gres=craynetwork:0`` replaced
+        it (no GPU again); ``--gpus-per-node`` reaches every step as ``SLURM_GPUS_PER_NODE``
+        (docs/platforms/perlmutter.md has the table). ``-x exclusive=no -x gpus_per_node=1`` for a
+        shared-QOS BatchJob; the Slurm driver leaves the key out of a BatchJob whose own flags ask
+        for GPUs (``-x sbatch_flags=--gpus=1``). Sites made before this lack the key: the launcher
+        warns (:meth:`discover_nodes`)."""
         params = {"constraint": self.constraint}
         if self.node_gpu_ids:
             params["gpus_per_node"] = str(len([g for g in self.node_gpu_ids.split(",") if g.strip()]))

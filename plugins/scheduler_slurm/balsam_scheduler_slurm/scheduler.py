@@ -99,6 +99,13 @@ _FALSE_WORDS = ("0", "no", "false", "off")
 #: sbatch flags by which a BatchJob's own flags choose how its nodes are shared: the driver then
 #: adds no --exclusive of its own (``--exclusive=user`` and ``--oversubscribe`` say something else).
 _SHARING_FLAG = re.compile(r"--exclusive(=.*)?|--oversubscribe|-s|--share")
+#: The optional param a site's defaults may carry for its GPU nodes (Perlmutter's ``gpus_per_node:
+#: '4'``); a BatchJob asking for GPUs itself (:func:`asks_for_gpus`) goes without it.
+GPUS_PER_NODE_PARAM = "gpus_per_node"
+#: sbatch flags that ask for GPUs whatever their value (``-G1``/``-G 1``, ``--gpus[=N]``,
+#: ``--gpus-per-task`` ...), and those that do when their value names a gpu (``--gres``, ``--tres-per-task``).
+_GPU_COUNT_FLAG = re.compile(r"-G.*|--gpus(-per-[a-z]+)?(=.*)?")
+_GRES_FLAG = re.compile(r"(--gres|--tres-per-task)(=(.*))?")
 
 #: The status poll's columns. The QOS (%q) is a BatchJob's queue under ``queue_flag: --qos``; it
 #: comes before the reason, which stays last: a reason is free text that may hold a '|'.
@@ -527,7 +534,14 @@ class SlurmScheduler(Scheduler):
         cluster = self.submit_cluster(request.optional_params)
         if cluster:
             args.append(f"--clusters={cluster}")
-        passed = self.pass_through_args({k: v for k, v in request.optional_params.items() if k != CLUSTER_PARAM})
+        params = {k: v for k, v in request.optional_params.items() if k != CLUSTER_PARAM}
+        if asks_for_gpus(params, without=GPUS_PER_NODE_PARAM):
+            # A site default (Perlmutter's gpus_per_node '4') beside the BatchJob's own GPU request:
+            # sbatch refused --gpus=1 with it ("Failed to ensure --gpus >= ... --gpus-per-node"), and
+            # with --gres=gpu:2 the job exported SLURM_GPUS_PER_NODE=4, so every srun step failed
+            # ("Step requested gres_per_node=gpu:4 is more than the job's gres_per_node=gpu:2").
+            params.pop(GPUS_PER_NODE_PARAM, None)
+        passed = self.pass_through_args(params)
         if self.wants_whole_nodes(request.optional_params) and not any(_SHARING_FLAG.fullmatch(a) for a in passed):
             args.append("--exclusive")
         args += passed
@@ -899,6 +913,31 @@ class SlurmScheduler(Scheduler):
             if account and re.fullmatch(r"[\w.\-]+", account) and account not in seen:
                 seen.append(account)
         return seen
+
+
+def asks_for_gpus(optional_params: Mapping[str, str], *, without: str = "") -> bool:
+    """Whether a BatchJob's optional params (but ``without``) ask Slurm for GPUs: ``gpus`` or
+    ``gpus_per_node``, a ``gres`` naming gpu, or such an sbatch flag in ``sbatch_flags``
+    (``--gpus``, ``-G``, ``--gpus-per-node/task/socket``, ``--gres=gpu:N``, ``--tres-per-task=gres/gpu:N``)."""
+    def names_gpu(value: str) -> bool:
+        items = (item.strip().removeprefix("gres/") for item in value.split(","))
+        return any(item.split(":", 1)[0] == "gpu" for item in items)
+
+    def given(key: str) -> str:
+        return "" if key == without else str(optional_params.get(key, "") or "").strip()
+
+    if given("gpus") or given(GPUS_PER_NODE_PARAM) or names_gpu(given("gres")):
+        return True
+    tokens = shlex.split(given(RAW_FLAGS_PARAM))
+    for i, token in enumerate(tokens):
+        if _GPU_COUNT_FLAG.fullmatch(token):
+            return True
+        gres = _GRES_FLAG.fullmatch(token)
+        if gres:
+            value = gres.group(3) if gres.group(2) else (tokens[i + 1] if i + 1 < len(tokens) else "")
+            if names_gpu(value):
+                return True
+    return False
 
 
 def _slurm_error(result: CommandResult) -> str:
