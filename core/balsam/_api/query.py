@@ -66,7 +66,22 @@ def _filter_items(value: Any) -> Optional[list[Any]]:
         return None
 
 
-def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def check_key_value_keys(model: str, method: str, key: str, pairs: Mapping[Any, Any]) -> None:
+    """Refuse a key/value filter (``tags={...}``) whose key holds ':'. The API's filter is
+    ``KEY:VALUE`` split at the first ':', so ``{"a:b": "c"}`` was read as ``a`` = ``"b:c"``:
+    ``Job.objects.filter(tags={"a:b": "c"})`` returned (and its ``delete()`` deleted) the jobs tagged
+    ``{"a": "b:c"}``, never those tagged ``{"a:b": "c"}``. Such a key can still be saved on a
+    record (as in Balsam 0.7); those records are selected by id."""
+    for k, v in pairs.items():
+        if ":" in str(k):
+            head, _, rest = str(k).partition(":")
+            raise ValueError(f"{model}.objects.{method}(): {key} key {str(k)!r} holds ':', which a {key} filter cannot "
+                             f"hold (the API reads '{k}:{v}' as {key} {head!r} = {rest + ':' + str(v)!r}); "
+                             f"select these records by id")
+
+
+def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any],
+                   method: str = "filter") -> tuple[dict[str, Any], bool]:
     """Validate filter names and encode values. Returns (params, matches_nothing)."""
     params: dict[str, Any] = {}
     empty = False
@@ -76,6 +91,7 @@ def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) ->
         if value is None:
             continue  # as in Balsam 0.7, a filter given as None is no filter
         if isinstance(value, Mapping):
+            check_key_value_keys(model, method, key, value)
             value = [f"{k}:{v}" for k, v in value.items()]
             if not value:
                 continue  # an empty tag dict matches everything
@@ -291,7 +307,7 @@ class Query(Generic[T]):
         if self._sliced:
             raise AttributeError("cannot filter a query after slicing it")
         kwargs = positional_filters(self._model, method, args, kwargs)
-        params, empty = encode_filters(self._model.__name__, self._model._filters, kwargs)
+        params, empty = encode_filters(self._model.__name__, self._model._filters, kwargs, method)
         q = self._clone()
         for key, value in params.items():
             if key in q._params:

@@ -18,7 +18,8 @@ import click
 
 from balsam import __version__
 
-__all__ = ["BalsamGroup", "Interrupted", "confirm_or_yes", "main", "error_line"]
+__all__ = ["BATCH_JOB_ID", "BalsamGroup", "IdType", "Interrupted", "JOB_ID", "SCHEDULER_ID", "confirm_or_yes", "main",
+           "error_line"]
 
 TRACEBACK_ENV = "BALSAM_CLI_TRACEBACK"
 
@@ -43,6 +44,32 @@ INTERRUPTED_EXIT_CODE = 130
 class Interrupted(KeyboardInterrupt):
     """A Ctrl-C that a command caught to say what it leaves behind (``Interrupted: 5000 of 12000
     jobs were updated ...``): printed instead of the plain "Interrupted."."""
+
+
+class IdType(click.ParamType):
+    """An integer option naming a record by id, within its API column (``bits`` wide): a larger one
+    is a usage error naming the option (it was sent, and the server's answer named its own query
+    parameter: ``query.id: integer out of range``)."""
+
+    name = "integer"
+
+    def __init__(self, bits: int, what: str) -> None:
+        self.bits = bits
+        self.what = what
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
+        number = click.INT.convert(value, param, ctx)
+        if not -(2 ** (self.bits - 1)) <= number < 2 ** (self.bits - 1):
+            self.fail(f"{value}: {self.what} are {self.bits}-bit integers (at most {2 ** (self.bits - 1) - 1})",
+                      param, ctx)
+        return number
+
+
+#: Ids of the API's 64-bit columns (jobs; batch systems' ids are stored 64-bit too) and 32-bit ones.
+#: (``server revoke --id`` keeps int: an id out of range is "no credential N" there, docs/security.md.)
+JOB_ID = IdType(64, "job ids")
+SCHEDULER_ID = IdType(64, "scheduler ids")
+BATCH_JOB_ID = IdType(32, "BatchJob ids")
 
 
 def confirm_or_yes(text: str) -> bool:

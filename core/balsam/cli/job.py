@@ -6,13 +6,14 @@ import array
 import bisect
 import collections
 import itertools
+import sys
 from typing import Any, Iterator, Optional
 
 import click
 import yaml
 
 from ..models import MAX_TAG_FILTERS, workdir_problem
-from . import Interrupted, confirm_or_yes
+from . import JOB_ID, Interrupted, confirm_or_yes
 from ._site_selector import (Progress, UpperChoice, dump_yaml, format_rows, format_table, json_option,
                              json_record, jsonable, parse_key_values, site_filter, site_names, site_option, table_widths,
                              watch_output, write_json_array)
@@ -120,7 +121,7 @@ def job() -> None:
 @click.option("-npc", "--node-packing-count", default=1, show_default=True, type=click.IntRange(min=1), help="How many such jobs may share one node")
 @click.option("-lp", "--launch-param", "launch_params", multiple=True, help="NAME=VALUE for the MPI launcher (repeatable)")
 @click.option("-t", "--wall-time-min", default=1, show_default=True, type=click.IntRange(min=0), help="Expected run time in minutes (a launcher with less time left does not start it)")
-@click.option("-pid", "--parent-id", "parent_ids", multiple=True, type=int, help="Parent job id (repeatable)")
+@click.option("-pid", "--parent-id", "parent_ids", multiple=True, type=JOB_ID, help="Parent job id (repeatable)")
 @click.option("-s", "--stage-data", "stage_data", multiple=True, help="SLOT=ALIAS:/abs/path transfer (repeatable)")
 @click.option("-y", "--yes", is_flag=True, help="Create without asking for confirmation")
 @site_option
@@ -181,7 +182,7 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
               help="Only jobs in this state (repeatable: in any of them)")
 @click.option("-ns", "--exclude-state", "excluded", multiple=True, type=_state_type(),
               help="Leave out jobs in this state (repeatable)")
-@click.option("--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
+@click.option("--id", "ids", multiple=True, type=JOB_ID, help="Job id (repeatable)")
 @click.option("--by-state", is_flag=True, help="Count jobs per state")
 @click.option("-w", "--workdir", default=None, help="Only workdirs containing this text")
 @click.option("-a", "--app", "app_ref", default=None, help="App id or name")
@@ -513,7 +514,7 @@ def _transfer_apps_in_scope(filters: dict[str, Any]) -> bool:
 
 
 @job.command("show")
-@click.argument("job_ids", nargs=-1, required=True, type=int, metavar="ID...")
+@click.argument("job_ids", nargs=-1, required=True, type=JOB_ID, metavar="ID...")
 @click.option("--lines", default=40, show_default=True, type=click.IntRange(min=1), help="Lines of the error tail to show")
 def show(job_ids: tuple[int, ...], lines: int) -> None:
     """One job in full: fields, state history with times, the error of a failure, where job.out is."""
@@ -640,8 +641,18 @@ def _state_name(value: Any) -> str:
     return getattr(value, "value", value) or ""
 
 
+def _stdin_is_terminal() -> bool:
+    """Whether standard input is a terminal (a person who can answer a question); a closed or
+    missing one is not."""
+    stream = sys.stdin
+    try:
+        return stream is not None and stream.isatty()
+    except ValueError:  # closed
+        return False
+
+
 @job.command("modify")
-@click.option("-i", "--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
+@click.option("-i", "--id", "ids", multiple=True, type=JOB_ID, help="Job id (repeatable)")
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
 @click.option("-s", "--state", required=True, type=_state_type(), help="New state (e.g. RESTART_READY to re-run)")
 @click.option("-f", "--from-state", "from_states", multiple=True, type=_state_type(),
@@ -694,7 +705,10 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
             why = f" All {already} selected jobs are already {state.upper()}."
         click.echo("No job needs changing." + why)
         return
-    if not yes and len(jobs) > 1 and not confirm_or_yes(f"Set {len(jobs)} jobs to {state.upper()}?"):
+    # Asked at a terminal only: Balsam 0.7's modify never asked, and its scripts (`balsam job modify
+    # -t exp=1 -s RESTART_READY` in a batch job or cron, no terminal) go on as they did, as with -y.
+    if (not yes and len(jobs) > 1 and _stdin_is_terminal()
+            and not confirm_or_yes(f"Set {len(jobs)} jobs to {state.upper()}?")):
         click.echo("Nothing changed.")
         return
     for j in jobs:
@@ -751,7 +765,7 @@ def _say_held_reruns(updated: list[int]) -> None:
 
 
 @job.command("rm")
-@click.option("-i", "--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
+@click.option("-i", "--id", "ids", multiple=True, type=JOB_ID, help="Job id (repeatable)")
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
 @click.option("-s", "--state", "states", multiple=True, type=_state_type(),
               help="Only jobs in this state (repeatable: in any of them)")

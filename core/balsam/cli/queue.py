@@ -9,6 +9,7 @@ from typing import Any, Optional
 import click
 
 from ..models import MAX_TAG_FILTERS, SUBMITTED_BY_KEY
+from . import BATCH_JOB_ID, SCHEDULER_ID
 from ._site_selector import (dump_yaml, format_table, json_option, json_record, parse_key_values, resolve_one_site,
                              site_filter, site_names, site_option, site_option_with, write_json_array)
 
@@ -241,8 +242,8 @@ def echo_submit_failures(failures: list[Any]) -> None:
 @click.option("-h", "--history", is_flag=True,
               help="Include finished and failed batch jobs (-h here means --history, as in Balsam 0.7; --help for help)")
 @click.option("-v", "--verbose", is_flag=True, help="Every field (YAML)")
-@click.option("--scheduler-id", "scheduler_id", default=None, type=int, help="Only the batch job with this scheduler id")
-@click.option("--scheduler_id", "scheduler_id_07", default=None, type=int, hidden=True,
+@click.option("--scheduler-id", "scheduler_id", default=None, type=SCHEDULER_ID, help="Only the batch job with this scheduler id")
+@click.option("--scheduler_id", "scheduler_id_07", default=None, type=SCHEDULER_ID, hidden=True,
               help="Balsam 0.7 spelling of --scheduler-id")
 @click.option("--submitted-by", "submitted_by_names", multiple=True, metavar="NAME",
               help=f"Only batch jobs whose status_info.{SUBMITTED_BY_KEY} is NAME (e.g. an agent module's); "
@@ -333,8 +334,8 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
 
 
 @queue.command("term")
-@click.argument("scheduler_id", type=int, required=False)
-@click.option("--id", "batch_job_id", type=int, default=None, help="BatchJob id (instead of the scheduler id)")
+@click.argument("scheduler_id", type=SCHEDULER_ID, required=False)
+@click.option("--id", "batch_job_id", type=BATCH_JOB_ID, default=None, help="BatchJob id (instead of the scheduler id)")
 @site_option_with("Sites to look for SCHEDULER_ID (or the --id) in: all, active, this, or comma-separated ids / "
                   "names / path fragments (default: every site)")
 def term(scheduler_id: Optional[int], batch_job_id: Optional[int], site_selector: str) -> None:

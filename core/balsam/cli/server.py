@@ -28,6 +28,7 @@ import click
 
 from balsam.netnames import url_host
 
+from . import BATCH_JOB_ID
 from ._site_selector import escape_cell
 
 DEFAULT_PORT = 8765
@@ -689,7 +690,7 @@ def _utc_text(when: "dt.datetime | None") -> str:
 
 
 @server_group.command("set-start-time")
-@click.argument("batch_job_id", type=int)
+@click.argument("batch_job_id", type=BATCH_JOB_ID)
 @click.argument("when", required=False, default=None)
 @click.option("--clear", is_flag=True, help="Clear it instead: only while the BatchJob has not started "
                                             "(pending_submission, queued, submit_failed), whose start is then "

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 
 import click
 
+from . import confirm_or_yes
 from ._site_selector import json_option, write_json_array
 
 ACTIVE_WINDOW = dt.timedelta(minutes=2)
@@ -701,10 +702,10 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
         click.echo(f"Note: looked for other Balsam sites in the first {RM_SEARCH_DIRS:,} directories of {path} "
                    "only (none there); the rest is deleted unsearched")
     num_jobs = count(client, "/jobs/", {"site_id": site_id})
-    if not yes:
-        click.confirm(
-            f"Do you really want to destroy {site['name']}? This will wipe out {num_jobs} jobs inside!", abort=True
-        )
+    # End of input (a script without -y) says to pass -y (click's answer was a bare "Aborted!").
+    if not yes and not confirm_or_yes(
+            f"Do you really want to destroy {site['name']}? This will wipe out {num_jobs} jobs inside!"):
+        raise click.Abort()  # "n": nothing deleted, status 1 as before
     client.delete(f"/sites/{site_id}")
     shutil.rmtree(path)
     click.echo(f"Deleted site {site['name']} (id {site_id}) and {path}")

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import click
 
+from . import JOB_ID
 from ._site_selector import format_table, site_filter, site_option, watch_output
 
 #: Above this many jobs, ``job ls`` reads their sites' items in one paged listing instead of by job ids.
@@ -102,7 +103,7 @@ def transfer() -> None:
 
 
 @transfer.command("ls")
-@click.option("--job", "job_ids", multiple=True, type=int, help="Only this job's items (repeatable)")
+@click.option("--job", "job_ids", multiple=True, type=JOB_ID, help="Only this job's items (repeatable)")
 @click.option("-s", "--state", "states", multiple=True, type=click.Choice(_states()), help="Only items in this state (repeatable)")
 @click.option("-d", "--direction", type=click.Choice(["in", "out"]), default=None, help="Only stage-ins or stage-outs")
 @click.option("-n", "--num", "limit", default=None, type=click.IntRange(min=1), help="Only the newest N items")

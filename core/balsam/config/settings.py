@@ -600,6 +600,14 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
             # Every launcher's acquire sends them, and the API refuses more (each acquire a 422).
             checker.fail((key,), f"at most {MAX_TAG_FILTERS} tags (the API's limit on an acquire's filter_tags), "
                          f"got {len(converted)}")
+        elif spec.key == "filter_tags" and converted is not checker.INVALID and any(":" in k for k in converted):
+            # The API's tag filters are KEY:VALUE split at the first ':': the queue maintainer's count
+            # of this site's BatchJobs sent `a:b: c` as tag a = "b:c" and counted other BatchJobs.
+            for tag in (k for k in converted if ":" in k):
+                head, _, rest = tag.partition(":")
+                checker.fail((key, tag), f"key {tag!r} holds ':', which a filter tag key cannot (the API's tag "
+                             f"filters are KEY:VALUE split at the first ':': it would be read as tag {head!r} = "
+                             f"{rest + ':' + converted[tag]!r})")
         elif converted is not checker.INVALID:
             sections[key] = converted
             if spec.disableable:

@@ -152,6 +152,7 @@ class QueueMaintainerModule(AgentModule):
         }
         if site_tags:
             # Only the BatchJobs this agent's scheduler module submits (filter_tags include the site's).
+            # KEY:VALUE is split at the first ':': settings.yml refuses a filter_tags key holding one.
             params["filter_tags"] = [f"{k}:{v}" for k, v in sorted(site_tags.items())]
         active = count(self.client, "/batch-jobs/", params)
         wanted = options.num_queued_jobs
