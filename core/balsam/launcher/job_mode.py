@@ -139,6 +139,12 @@ def runnable_jobs_page(client: Any, site_id: int, filter_tags: Optional[Mapping[
     params: dict[str, Any] = {"site_id": int(site_id), "state": sorted(str(getattr(s, "value", s)) for s in RUNNABLE_STATES),
                               "limit": RUNNABLE_SCAN_LIMIT}
     if filter_tags:
+        # The listing's tag filter is KEY:VALUE cut at the first ':': a key holding one would count
+        # and name other jobs (``a:b=c`` reads as ``a=b:c``). The acquire sends its tags as JSON and
+        # is not affected; only this note is given up (its callers log the error at debug level).
+        colon_keys = sorted(k for k in filter_tags if ":" in str(k))
+        if colon_keys:
+            raise ValueError(f"filter tag key(s) {', '.join(map(repr, colon_keys))} hold ':', which a tags filter cannot hold")
         params["tags"] = [f"{k}:{v}" for k, v in filter_tags.items()]
     # No retries: the launcher waits for it a few seconds only; a server gone by then must not print
     # a retry budget of minutes the launcher will not wait out.
