@@ -36,6 +36,7 @@ from typing import Any, Optional
 import sqlalchemy as sa
 
 from .acquire_waits import AcquireWaits
+from .db import pg_connect_defaults
 
 logger = logging.getLogger("balsam.server.acquire_notify")
 
@@ -126,7 +127,10 @@ class WakeBridge:
     def _connect(self) -> Any:
         """A psycopg2 connection of its own (not the pool's: it is held for the process's life)."""
         cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
-        cparams.setdefault("connect_timeout", 10)  # an unreachable host must not hold the thread for minutes
+        # An unreachable host must not hold the thread for minutes (db.PG_CONNECT_DEFAULTS): its
+        # quiet-time ping would otherwise wait ~15 min on a vanished host, deaf all that time.
+        for name, value in pg_connect_defaults(self.engine.url).items():
+            cparams.setdefault(name, value)
         conn = self.engine.dialect.connect(*cargs, **cparams)
         conn.autocommit = True
         with conn.cursor() as cur:

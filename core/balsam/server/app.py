@@ -216,7 +216,11 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
                     logger.warning("Session sweep not done (%s); retried next period",
                                    (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0])
                     continue
-                logger.exception("Session sweep failed")
+                if _is_db_outage(exc):  # one line per period, as each request's 503 is logged (not ~70 of traceback)
+                    logger.warning("Session sweep not done: the database is unavailable (%s); retried next period",
+                                   (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0])
+                else:
+                    logger.exception("Session sweep failed")
                 note_outage(app.state.engine)
 
     task = asyncio.create_task(sweeper())

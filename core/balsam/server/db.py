@@ -58,10 +58,49 @@ def create_db_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -
         pool_recycle=3600,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
-        connect_args={"options": "-c timezone=utc"} if url.startswith("postgresql") else {},
+        connect_args={"options": "-c timezone=utc", **pg_connect_defaults(url)} if url.startswith("postgresql") else {},
     )
     _GIVEN_URLS[engine] = given
     return engine
+
+
+#: libpq connection parameters every PostgreSQL connection of the server gets unless its URL sets
+#: them (``?connect_timeout=30``). Without them a database host that vanished without closing its
+#: connections (power loss, a network partition, a fail-over that moved its address) held each
+#: request's thread: a connection attempt for ~130 s (the kernel's SYN retries) and a pooled
+#: connection's pre-ping or query for ~15 min (TCP retransmissions), so every worker thread hung and
+#: nothing was answered, not even 503, until then. With them such a connection fails within about a
+#: minute (``tcp_user_timeout``: data unacknowledged; keepalives: an idle wait for a long query's
+#: result), a new one within ``connect_timeout``; the request is answered 503 with Retry-After and
+#: the next one connects afresh. A query that runs long on a live database is not cut: its server
+#: acknowledges the packets and answers the keepalives.
+PG_CONNECT_DEFAULTS: "dict[str, int]" = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # milliseconds
+}
+
+
+def pg_connect_defaults(url: "str | sa.engine.URL") -> "dict[str, int]":
+    """:data:`PG_CONNECT_DEFAULTS` less the parameters ``url`` sets itself (SQLAlchemy's
+    ``connect_args`` would override the URL's query)."""
+    given = sa.engine.make_url(url).query
+    return {name: value for name, value in PG_CONNECT_DEFAULTS.items()
+            if name not in given and (name != "tcp_user_timeout" or _libpq_version() >= 120000)}
+
+
+@functools.lru_cache(maxsize=1)
+def _libpq_version() -> int:
+    # A psycopg2 built against a libpq older than 12 refuses tcp_user_timeout ("invalid connection
+    # option"): it gets the keepalives and the connect timeout only.
+    try:
+        from psycopg2.extensions import libpq_version
+    except ImportError:  # pragma: no cover - SQLite-only installations never connect to PostgreSQL
+        return 0
+    return libpq_version()
 
 
 def _sqlite_engine(url: str) -> sa.Engine:
