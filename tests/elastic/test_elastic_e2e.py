@@ -195,6 +195,36 @@ def _run_a_burst(path: Path, site_id: int, client: Any, tags: dict, strategy: st
     return made, rows
 
 
+@pytest.mark.parametrize("kind", _kinds())
+def test_batch_jobs_that_lease_nothing_are_spaced_out(kind, elastic_site) -> None:
+    """The audit's reproduction on the real Slurm: the default platform (which names no GPU before
+    it runs), elastic_queue.node_gpus not set, 2 jobs of gpus_per_rank 1. The launchers on the
+    GPU-less nodes never lease them (max_gpus_per_node 0); each BatchJob leaves having run nothing.
+    Before: 9 BatchJobs of 2 nodes x 30 min in 50 s, for as long as the agent ran, no word why. Now,
+    after 2 such BatchJobs, one ERROR names the likely causes and submissions are spaced out (the
+    churn guard, balsam_elastic.churn)."""
+    from balsam.api import ApplicationDefinition, Job
+
+    path, site_id, client, tags = elastic_site(kind, {})
+
+    class NeedsGpu(ApplicationDefinition):
+        site = site_id
+        command_template = "echo gpu {{ i }}"
+
+    NeedsGpu.sync()
+    jobs = Job.objects.bulk_create([NeedsGpu.submit(workdir=f"gpu/{i}", i=i, gpus_per_rank=1, tags=tags, save=False)
+                                    for i in range(2)])
+    said = "ended without leasing any of the 2 runnable job(s)"
+    wait_for(lambda: said in _agent_log(path), 180, "the churn guard's ERROR")
+    made = client.get("/batch-jobs/", params={"site_id": site_id})["results"]
+    log = _agent_log(path)
+    assert len(made) <= 3, (made, log[-4000:])
+    assert "backing off after 2 BatchJob(s) in a row ended having leased no job" in log.split(said, 1)[1], log[-4000:]
+    assert log.count(said) == 1
+    states = {j["state"] for j in client.get("/jobs/", params={"id": [j.id for j in jobs]})["results"]}
+    assert states == {"PREPROCESSED"}, states
+
+
 # queued_time_min counts whole minutes: on the real Slurm this takes a minute at least; the fake PBS
 # reports its jobs submitted two minutes before they were (FAKE_BATCH_BACKDATE_SEC), so that its
 # qstat output carries the queued time at once. The module does the same on every driver.

@@ -4,7 +4,7 @@ What an auto-scaler needs each cycle (the elastic queue: how many nodes the runn
 jobs occupy, the smallest job it must fit) without listing the jobs: one ``GROUP BY state`` over
 the site's jobs in the asked states (the ``(site_id, state)`` index), optionally only those whose
 tags contain the given ones, only those a launcher could lease (``max_nodes_per_job``,
-``serial_only``, ``max_wall_time_min``: the very conditions of a session acquire, see
+``serial_only``, ``max_wall_time_min``, ``max_gpus_per_node``: the very conditions of a session acquire, see
 :func:`balsam.server.sessions_logic.candidates`), and only those of given BatchJobs
 (``batch_job_ids``: what runs in an auto-scaler's own BatchJobs), and optionally only jobs no
 launcher session holds and an acquire could lease (``leased=False``: not a job re-queued while its
@@ -30,7 +30,7 @@ from typing import Any, Optional
 import attrs
 import sqlalchemy as sa
 
-from balsam.states import JobState
+from balsam.states import DONE_STATES, JobState
 
 from .db import id_in
 from .http import wire_datetime
@@ -44,6 +44,13 @@ MAX_BACKLOG_TAGS = 8
 MAX_BACKLOG_TAG_CHARS = 128
 #: States asked for when the request names none: what a launcher can start now, and what runs.
 DEFAULT_BACKLOG_STATES = (JobState.preprocessed.value, JobState.restart_ready.value, JobState.running.value)
+#: Largest ``max_gpus_per_node`` accepted, as the acquire's (``sessions_logic.parse_acquire``).
+MAX_GPUS_PER_NODE_BOUND = 1e9
+#: Most characters of its text (a float's shortest text has 24 at most: the URL stays bounded).
+MAX_GPU_BOUND_CHARS = 32
+#: Added to ``max_gpus_per_node`` in the comparison, as the acquire does (``b_gpus``): a job's
+#: ``ranks_per_node * gpus_per_rank`` computed in floating point is not refused for its last bit.
+_GPU_BOUND_SLACK = 1e-9
 #: The node manager's float tolerance (``node_manager._EPS``): a job asking 1.0005 GPUs takes one whole GPU there.
 _GPU_EPS = 1e-3
 
@@ -59,6 +66,18 @@ class NodeShape:
     cpus: Optional[int] = None
     cpu_ids_are_cores: bool = False
     hardware_threads_per_core: int = 0
+
+
+def parse_gpu_bound(raw: str) -> float:
+    """The backlog route's ``max_gpus_per_node``: a number from 0 to :data:`MAX_GPUS_PER_NODE_BOUND`
+    (the acquire's bound), in at most :data:`MAX_GPU_BOUND_CHARS` characters; ValueError otherwise
+    (nan and infinities included)."""
+    if len(raw) > MAX_GPU_BOUND_CHARS:
+        raise ValueError(f"longer than {MAX_GPU_BOUND_CHARS} characters")
+    value = float(raw)
+    if not 0 <= value <= MAX_GPUS_PER_NODE_BOUND:  # also false for nan
+        raise ValueError(f"must be between 0 and {MAX_GPUS_PER_NODE_BOUND:g}, got {raw!r}")
+    return value
 
 
 def _greatest(dialect: str, *terms: Any) -> Any:
@@ -118,16 +137,18 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
                      serial_only: bool = False, max_wall_time_min: Optional[int] = None,
                      batch_job_ids: Optional[list[int]] = None,
                      leased: Optional[bool] = None,
-                     node_shape: Optional[NodeShape] = None) -> dict[str, dict[str, Any]]:
+                     node_shape: Optional[NodeShape] = None,
+                     max_gpus_per_node: Optional[float] = None) -> dict[str, dict[str, Any]]:
     """``{state: {count, footprint, unpacked_footprint, min_num_nodes, max_num_nodes,
     min_wall_time_min, max_wall_time_min, oldest_last_update}}`` of the site's jobs in ``states``
     (default :data:`DEFAULT_BACKLOG_STATES`) whose tags contain ``tags``. ``oldest_last_update`` is the earliest state change among them (how
     long the longest-waiting runnable job has waited). States without jobs are absent.
 
-    Only jobs a launcher acquiring with the same ``max_nodes_per_job``, ``serial_only`` and
-    ``max_wall_time_min`` could lease are counted, with the acquire's conditions (``num_nodes <=``,
-    ``num_nodes == 1 and ranks_per_node == 1``, ``wall_time_min <=``: a job of ``wall_time_min`` 0,
-    the default, fits any); with ``batch_job_ids`` (None: no filter), only jobs of those BatchJobs;
+    Only jobs a launcher acquiring with the same ``max_nodes_per_job``, ``serial_only``,
+    ``max_wall_time_min`` and ``max_gpus_per_node`` could lease are counted, with the acquire's
+    conditions (``num_nodes <=``, ``num_nodes == 1 and ranks_per_node == 1``, ``wall_time_min <=``:
+    a job of ``wall_time_min`` 0, the default, fits any; ``ranks_per_node * gpus_per_rank <=``: a
+    launcher whose nodes have no GPU acquires with 0, ``job_mode.gpuless_acquire_filter``); with ``batch_job_ids`` (None: no filter), only jobs of those BatchJobs;
     with ``leased`` (None: no filter), only jobs a session holds (True) or none does and an acquire could lease (False).
     ``min_wall_time_min`` is the shortest ``wall_time_min`` (0 when some job has none: it fits any
     BatchJob), what an auto-scaler needs to tell a window too short for every job. With
@@ -135,11 +156,21 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
     (:func:`job_footprint`), in the same single query."""
     wanted = list(states or DEFAULT_BACKLOG_STATES)
     footprint = job_footprint(node_shape, conn.dialect.name)
+    site_col: Any = jobs.c.site_id
+    state_col: Any = jobs.c.state
+    done = {s.value for s in DONE_STATES}
+    if batch_job_ids is not None and conn.dialect.name == "sqlite" and done.intersection(wanted):
+        # The jobs of given BatchJobs in finished states too (the elastic queue's "did its launcher
+        # lease anything"): read from the batch_job_id index, not (site_id, state), which SQLite's
+        # planner, without statistics, took and read every finished job of the site. The unary +
+        # keeps those terms off every index (as sessions_logic writes its acquire).
+        site_col = sa.literal_column("+jobs.site_id", sa.Integer)
+        state_col = sa.literal_column("+jobs.state", jobs.c.state.type)
     stmt = (
         sa.select(jobs.c.state, sa.func.count(), sa.func.sum(footprint), sa.func.sum(jobs.c.num_nodes),
                   sa.func.min(jobs.c.num_nodes), sa.func.max(jobs.c.num_nodes), sa.func.min(jobs.c.wall_time_min),
                   sa.func.max(jobs.c.wall_time_min), sa.func.min(jobs.c.last_update))
-        .where(jobs.c.site_id == site_id, jobs.c.state.in_(wanted))
+        .where(site_col == site_id, state_col.in_(wanted))
         .group_by(jobs.c.state)
     )
     if tags:
@@ -153,6 +184,10 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
         stmt = stmt.where(jobs.c.num_nodes <= max_nodes_per_job)
     if serial_only:
         stmt = stmt.where(jobs.c.num_nodes == 1, jobs.c.ranks_per_node == 1)
+    if max_gpus_per_node is not None:
+        # As the acquire compares it (sessions_logic._build_acquire_plan): without it, an auto-scaler
+        # counted the GPU jobs a GPU-less launcher never leases, and requested BatchJobs for them.
+        stmt = stmt.where(jobs.c.ranks_per_node * jobs.c.gpus_per_rank <= max_gpus_per_node + _GPU_BOUND_SLACK)
     if batch_job_ids is not None:
         stmt = stmt.where(id_in(jobs.c.batch_job_id, batch_job_ids, conn.dialect.name))
     if leased is not None:

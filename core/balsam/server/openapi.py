@@ -24,7 +24,7 @@ from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, MAX_TAG_FILTERS, JSONR
 from .idempotency import NOT_REPLAYED
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_QUERY_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
                      MAX_TEXT_CHARS)
-from .backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS
+from .backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, MAX_GPU_BOUND_CHARS
 from .routing import route
 
 NO_NUL = "^[^\\x00]*$"
@@ -400,6 +400,10 @@ QUERIES: dict[str, dict[str, Any]] = {
                 "batch_job_id": Q_INT_LIST,
                 # Only jobs a launcher session holds (true) or none holds (false: still unmet demand).
                 "leased": {"type": "boolean"},
+                # The acquire's GPU bound (0: what a launcher on GPU-less nodes leases).
+                # (maxLength: its text, which the route bounds, as the query budget counts it.)
+                "max_gpus_per_node": {"type": "number", "minimum": 0, "maximum": 1e9,
+                                      "maxLength": MAX_GPU_BOUND_CHARS},
                 # The nodes' shape: each job's footprint counts its GPUs and CPU ids (docs/elastic.md).
                 "node_gpus": int32(1), "node_cpus": int32(1), "cpu_ids_are_cores": {"type": "boolean"},
                 "hardware_threads_per_core": int32(0)},

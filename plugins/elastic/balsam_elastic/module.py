@@ -10,8 +10,9 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
   launcher already holds is not unmet demand. Only jobs its BatchJobs could lease count as
   runnable (see :meth:`ElasticQueueModule.job_limits`): when the runnable jobs are not all within
   the limits (and always under ``job_mode: serial``), a second request with the route's lease
-  filters (``max_nodes_per_job``, ``serial_only``, ``max_wall_time_min``: the acquire's own
-  conditions) counts those that are, and rarely a third says why the others are not;
+  filters (``max_nodes_per_job``, ``serial_only``, ``max_wall_time_min``, and ``max_gpus_per_node``
+  0 where its nodes have no GPU: the acquire's own conditions) counts those that are, and rarely a
+  third says why the others are not;
 - the jobs running in those BatchJobs: one more backlog request, ``state=RUNNING&batch_job_id=…``
   with the ids of its queued and running BatchJobs (:data:`MAX_IDS_PER_REQUEST` a request);
 - every backlog request carries the shape of the site's nodes (:meth:`ElasticQueueModule.node_shape`:
@@ -29,7 +30,10 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
   rows give a backoff: after submissions of its own that failed without a refusal (the scheduler
   unreachable), nothing is submitted for a while (:meth:`ElasticQueueModule.submit_backoff`); nor
   while the scheduler module holds a BatchJob of the queue and project back at a queue limit
-  (:meth:`ElasticQueueModule.held_in_queue`);
+  (:meth:`ElasticQueueModule.held_in_queue`); nor while its BatchJobs keep ending having leased no
+  job for an unchanged backlog (the churn guard, :meth:`ElasticQueueModule.churn_backoff`: its
+  ended BatchJobs, one GET, and whether they leased any job, one aggregate request, read only
+  after one of its BatchJobs ended);
 - only in a cycle whose decision submits for a backfill window: the user's other jobs waiting in
   ``submit_queue`` (another site's requests, jobs by hand), from the status poll, which claim the
   windows as its own requests do (:meth:`ElasticQueueModule.read_others_waiting`); the strategy then
@@ -71,6 +75,7 @@ from balsam.site.module import AgentModule
 from balsam.site.modules.scheduler import WITHDRAW_IF_QUEUED
 from balsam.states import BatchJobState, JobState
 
+from .churn import CHURN_BACKOFF_MAX_S, ChurnGuard, backlog_key
 from .options import ElasticQueueOptions
 from .strategy import Backlog, BatchJobView, Decision, Snapshot, leased_up_to_min, load_strategy, never_starts_reason
 
@@ -107,6 +112,12 @@ REFUSAL_MEMORY_MIN = 24 * 60
 REFUSED_READ_LIMIT = 20
 #: The backlog route's node shape parameters (:meth:`ElasticQueueModule.node_shape`).
 NODE_SHAPE_PARAMS = ("node_gpus", "node_cpus", "cpu_ids_are_cores", "hardware_threads_per_core")
+#: The backlog route's (and the acquire's) GPU bound: 0 keeps the jobs a launcher on GPU-less nodes leases.
+GPU_BOUND_PARAM = "max_gpus_per_node"
+#: Most of its ended BatchJobs read per check of the churn guard (:meth:`ElasticQueueModule.churn_backoff`).
+CHURN_READ_LIMIT = MAX_IDS_PER_REQUEST
+#: Every job state: a job a BatchJob's launcher leased keeps its ``batch_job_id`` in all of them.
+ALL_JOB_STATES = [s.value for s in JobState]
 #: Longest wait (seconds) after submissions that failed without a refusal (the scheduler unreachable):
 #: the wait starts at service_period and doubles with each such failure in a row, up to this.
 SUBMIT_BACKOFF_MAX_S = 30 * 60
@@ -186,9 +197,19 @@ class ElasticQueueModule(AgentModule):
         self._platform_loaded = False
         #: The backlog answer's footprint field it reads (see :meth:`footprint_key`).
         self.footprint_field = self.footprint_key()
+        #: Why its BatchJobs' nodes have no GPU ("" when they may: see :meth:`node_shape`); then
+        #: the runnable backlog is read with the launchers' GPU bound (:data:`GPU_BOUND_PARAM` 0).
+        self.gpuless_source = ""
         #: The nodes' shape sent with every backlog request ({} when unknown, or the server is
         #: older and refused the parameters: the footprint is then num_nodes / node_packing_count).
         self.node_shape_params = self.node_shape()
+        #: Its BatchJobs that ended having leased no job for the same backlog (see balsam_elastic.churn).
+        self.churn = ChurnGuard()
+        #: Its own BatchJobs last seen waiting or running (or just created), and whether one of them
+        #: has left those states since its ended BatchJobs were last read (:meth:`churn_backoff`
+        #: reads them only then: nothing new to count otherwise).
+        self._own_active: set[int] = set()
+        self._own_ended_since_read = False
         self.warn_about_queue_maintainer()
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -238,7 +259,8 @@ class ElasticQueueModule(AgentModule):
         driver = self.platform()
         params: dict[str, Any] = {}
         gpu_ids = getattr(driver, "gpu_ids", None)
-        if isinstance(gpu_ids, (tuple, list)) and gpu_ids:
+        if isinstance(gpu_ids, (tuple, list)):
+            # Empty: the platform's nodes have no GPU (a CPU partition), as its launcher finds them.
             params["node_gpus"] = len(gpu_ids)
         cpu_ids = getattr(driver, "cpu_ids", None)
         if isinstance(cpu_ids, (tuple, list)) and cpu_ids:
@@ -253,8 +275,17 @@ class ElasticQueueModule(AgentModule):
         if "node_cpus" in params:
             params["cpu_ids_are_cores"] = "true" if getattr(driver, "cpu_ids_are_cores", False) else "false"
             params["hardware_threads_per_core"] = int(getattr(driver, "hardware_threads_per_core", 0) or 0)
-        if params:
-            self.logger.info("sizing the backlog for nodes of %s", ", ".join(f"{k}={v}" for k, v in params.items()))
+        if params.get("node_gpus") == 0:
+            # Nodes without a GPU: their launchers acquire with max_gpus_per_node 0
+            # (job_mode.gpuless_acquire_filter) and never lease a job that needs one; the backlog
+            # is read with the same bound (lease_filters). Counted, such jobs got BatchJob after
+            # BatchJob that ran nothing. No GPU to charge in the footprint.
+            del params["node_gpus"]
+            self.gpuless_source = ("elastic_queue.node_gpus 0" if getattr(self.options, "node_gpus", None) == 0
+                                   else f"platform {getattr(driver, 'name', '') or type(driver).__name__!r} lists none")
+        if params or self.gpuless_source:
+            shown = ", ".join([f"{k}={v}" for k, v in params.items()] + (["no GPU"] if self.gpuless_source else []))
+            self.logger.info("sizing the backlog for nodes of %s", shown)
         return params
 
     def filter_tags(self) -> dict[str, str]:
@@ -306,6 +337,8 @@ class ElasticQueueModule(AgentModule):
         lease (``limits`` of :meth:`job_limits`); None when no job could be (a limit below 1)."""
         max_nodes, serial, max_wall = limits
         params: dict[str, Any] = {}
+        if self.gpuless_source:
+            params[GPU_BOUND_PARAM] = 0  # what its launchers, on nodes without a GPU, acquire with
         if serial:
             params["serial_only"] = "true"  # 1 node and 1 rank per node, as the serial launcher acquires
         elif max_nodes is not None:
@@ -350,6 +383,13 @@ class ElasticQueueModule(AgentModule):
                            f"the most nodes its BatchJobs have (settings.yml)")
             else:
                 why.append(f"more nodes than strategy {self.strategy.name!r}'s widest BatchJob ({max_nodes} nodes)")
+        if self.gpuless_source:
+            # Which jobs the GPU bound leaves out the aggregate cannot tell: one more request does.
+            gpu_free = self._read_backlog_rows({**params, GPU_BOUND_PARAM: 0})
+            if self.gpuless_source and _count(gpu_free) < _count(everything):  # (cleared: an older server)
+                why.append(f"GPUs (ranks_per_node x gpus_per_rank > 0), and its BatchJobs' nodes have none "
+                           f"({self.gpuless_source}): their launchers lease no job that needs a GPU; submit those "
+                           f"jobs to a site whose nodes have GPUs, or set gpus_per_rank 0")
         if too_long:
             why.append(f"wall_time_min of more than {leased}, and its BatchJobs last at most {max_wall} min (a launcher "
                        f"leases only jobs that end before its safety margin: {leased} min in a {max_wall}-min BatchJob)")
@@ -360,17 +400,24 @@ class ElasticQueueModule(AgentModule):
         aggregate query). A server older than the shape parameters refuses them as unknown (422):
         they are dropped for good, with one warning, and the request is sent again without them."""
         path = f"/sites/{self.site_id}/backlog"
-        if not self.node_shape_params:
-            return (self.client.get(path, params=params) or {}).get("states") or {}
         try:
             answer = self.client.get(path, params={**params, **self.node_shape_params})
         except Exception as exc:
-            if not refused_as_unknown(exc, NODE_SHAPE_PARAMS):  # a bad value of a known one is raised as it is
+            # A bad value of a known parameter is raised as it is.
+            if GPU_BOUND_PARAM in params and refused_as_unknown(exc, [GPU_BOUND_PARAM]):
+                # A server older than the GPU bound: the GPU jobs are counted as before (and the
+                # churn guard holds back what their BatchJobs then run: nothing).
+                self.logger.warning("the server does not know the backlog's %s (%s): jobs that need a GPU are counted "
+                                    "although its BatchJobs' nodes have none (%s)", GPU_BOUND_PARAM, exc,
+                                    self.gpuless_source)
+                self.gpuless_source = ""
+                return self._read_backlog({k: v for k, v in params.items() if k != GPU_BOUND_PARAM})
+            if not self.node_shape_params or not refused_as_unknown(exc, NODE_SHAPE_PARAMS):
                 raise
             self.logger.warning("the server does not know the backlog's node shape parameters (%s): sizing "
                                 "BatchJobs by num_nodes / node_packing_count, GPUs and CPUs not counted", exc)
             self.node_shape_params = {}
-            answer = self.client.get(path, params=params)
+            return self._read_backlog(params)
         return (answer or {}).get("states") or {}
 
     def _read_backlog_rows(self, params: dict[str, Any]) -> list[dict]:
@@ -395,7 +442,8 @@ class ElasticQueueModule(AgentModule):
         widest = max(int(r["max_num_nodes"]) for r in everything)
         longest = max(int(r.get("max_wall_time_min") or 0) for r in everything)
         leased = leased_up_to_min(max_wall) if max_wall is not None else None
-        if not serial and (max_nodes is None or widest <= max_nodes) and (leased is None or longest <= leased):
+        if (not serial and not self.gpuless_source and (max_nodes is None or widest <= max_nodes)
+                and (leased is None or longest <= leased)):
             return _runnable_backlog(everything, self.footprint_field)
         # Some runnable jobs may be beyond a limit: the route counts those within (the acquire's filters).
         filters = self.lease_filters(limits)
@@ -573,6 +621,64 @@ class ElasticQueueModule(AgentModule):
         return (f"backing off after {streak} failed submission(s) in a row (BatchJob {newest['id']}: "
                 f"{info.get('error') or 'no reason given'}): nothing submitted until {until:%Y-%m-%d %H:%M:%S} UTC "
                 f"({wait:.0f} s after the last failure)")
+
+    def read_ended(self) -> list[dict]:
+        """Its own BatchJobs of submit_queue that started and finished since the module started,
+        of the :data:`CHURN_READ_LIMIT` newest that finished (one GET). One that never started (withdrawn
+        while queued, deleted by hand) had no launcher to lease anything: not counted."""
+        params: dict[str, Any] = {"site_id": self.site_id, "queue": self.options.submit_queue,
+                                  "state": BatchJobState.finished.value, "end_time_after": self.started_at.isoformat(),
+                                  "ordering": "-id", "limit": CHURN_READ_LIMIT}
+        if self.filter_tags():
+            params["filter_tags"] = self._tag_params()
+        rows = (self.client.get("/batch-jobs/", params=params) or {}).get("results") or []
+        return [r for r in rows if self.own(r) and r.get("start_time")]
+
+    def leased_any(self, batch_job_ids: list[int]) -> bool:
+        """Whether a launcher of any of these BatchJobs leased a job (a leased job keeps its
+        ``batch_job_id``, in every state): one backlog request per :data:`MAX_IDS_PER_REQUEST` ids."""
+        for start in range(0, len(batch_job_ids), MAX_IDS_PER_REQUEST):
+            if self._read_backlog({"state": ALL_JOB_STATES, "batch_job_id": batch_job_ids[start:start + MAX_IDS_PER_REQUEST]}):
+                return True
+        return False
+
+    def churn_backoff(self, snapshot: Snapshot) -> Optional[str]:
+        """Why nothing is submitted this cycle, or None: its BatchJobs keep ending having leased no
+        job while the backlog they were sized for stays the same (:mod:`balsam_elastic.churn`): its
+        launchers refuse the jobs for a reason this module cannot see. Read in a cycle whose
+        decision submits: its ended BatchJobs (one GET) and, for those not seen before, whether
+        they leased any job (one aggregate request). Said once per streak at ERROR."""
+        rows: list[dict] = []
+        if self._own_ended_since_read:
+            rows, self._own_ended_since_read = self.read_ended(), False
+        ended = []
+        for row in rows:
+            try:
+                when = parse_datetime(row.get("end_time")) if row.get("end_time") else utcnow()
+            except (TypeError, ValueError):
+                when = utcnow()
+            ended.append((int(row["id"]), when))
+        new = self.churn.unseen(ended)
+        leased = bool(new) and self.leased_any([i for i, _ in new])
+        listed = {i for i, _ in ended} if rows else None  # not read this cycle: keep what it counted
+        if self.churn.update(backlog_key(snapshot.backlog), new, leased, still_listed=listed):
+            notes = {int(r["id"]): r.get("status_info") or {} for r in rows}
+            said = next((f" BatchJob {i}'s launcher said: {notes[i].get('error') or notes[i].get('launcher')}."
+                         for i in reversed(self.churn.streak) if notes.get(i, {}).get("error") or notes.get(i, {}).get("launcher")), "")
+            self.logger.error(
+                "BatchJobs %s ended without leasing any of the %d runnable job(s) they were submitted for, and the "
+                "backlog has not changed: their launchers refuse these jobs.%s Likely causes: the jobs ask for what the "
+                "nodes lack (GPUs on nodes without one: set elastic_queue.node_gpus 0; more CPUs or GPUs than a node "
+                "has), a filter of the launchers' acquire (settings.yml filter_tags, the jobs' tags or app), or a "
+                "launcher that fails at its start (balsam queue ls -v, and the launcher logs in the site's log/). Until "
+                "a BatchJob runs a job or the backlog changes, submissions are spaced out (service_period doubled for "
+                "each such BatchJob, at most %d min)", ", ".join(map(str, self.churn.streak)),
+                snapshot.backlog.runnable_count, said, CHURN_BACKOFF_MAX_S // 60)
+        until = self.churn.blocked_until(self.period, utcnow())
+        if until is None:
+            return None
+        return (f"backing off after {len(self.churn.streak)} BatchJob(s) in a row ended having leased no job for this "
+                f"backlog: nothing submitted until {until:%Y-%m-%d %H:%M:%S} UTC")
 
     def held_in_queue(self, snapshot: Snapshot, decision: Decision) -> Optional[str]:
         """Why nothing is submitted this cycle, or None: a BatchJob of the submit queue and project
@@ -770,6 +876,10 @@ class ElasticQueueModule(AgentModule):
         submitted = [int(r["id"]) for r in rows if r.get("scheduler_id") is not None and self.own(r)]
         self._queue_ids = {int(r["scheduler_id"]) for r in rows if r.get("scheduler_id") is not None}
         self._newest_submitted = max([self._newest_submitted, *submitted])
+        active = {int(r["id"]) for r in rows if self.own(r)}
+        if self._own_active - active:
+            self._own_ended_since_read = True
+        self._own_active = active
         views = tuple(self.view(r, poll) for r in sorted(rows, key=lambda r: r["id"]))
         seen = {v.id for v in views}
         for gone in [i for i in self._first_seen if i not in seen]:
@@ -797,7 +907,8 @@ class ElasticQueueModule(AgentModule):
                 decision = self.strategy.decide(snapshot)
                 self.report_refused(snapshot)
             if decision.submit:
-                why = self.held_in_queue(snapshot, decision) or self.submit_backoff(failed)
+                why = (self.held_in_queue(snapshot, decision) or self.submit_backoff(failed)
+                       or self.churn_backoff(snapshot))
                 if why:
                     decision = attrs.evolve(decision, submit=(), reason=f"{decision.reason}; {why}")
         self.last_decision = decision
@@ -862,6 +973,8 @@ class ElasticQueueModule(AgentModule):
                 self._report_once(f"no BatchJob created: {refused} (settings.yml scheduler: / elastic_queue:)", error=True)
                 continue
             created = self.client.post("/batch-jobs/", json=body)
+            if (created or {}).get("id") is not None:
+                self._own_active.add(int(created["id"]))  # ended before the next snapshot: still read
             self.logger.info("created BatchJob %s (%d nodes x %d min in %s%s)", (created or {}).get("id"),
                              body["num_nodes"], body["wall_time_min"], self.options.submit_queue,
                              ", regular queue" if request.regular_queue else "")

@@ -63,7 +63,8 @@ class ElasticQueueOptions:
               "max_num_nodes x max_wall_time_min less wall_time_pad_min, each waiting in the regular queue)."
     )
     node_gpus: Optional[int] = option(
-        None, "GPUs of one compute node, for the backlog's footprint (a job's GPUs over the node's); null: those the "
+        None, "GPUs of one compute node, for the backlog's footprint (a job's GPUs over the node's); 0: the nodes have "
+              "none, and jobs that need a GPU are not counted (their launchers never lease them); null: those the "
               "launcher's platform names (the default platform names none: it finds them only inside an allocation).",
     )
     node_cpus: Optional[int] = option(
@@ -92,10 +93,10 @@ class ElasticQueueOptions:
             problems["max_queue_wait_time_min"] = "must not be negative"
         if self.max_queued_jobs < 1:
             problems["max_queued_jobs"] = "must be at least 1"
-        for key in ("node_gpus", "node_cpus"):
+        for key, low in (("node_gpus", 0), ("node_cpus", 1)):
             value = getattr(self, key)
-            if value is not None and not 1 <= value <= MAX_NODE_IDS:
-                problems[key] = f"must be between 1 and {MAX_NODE_IDS} (null: the platform's), got {value}"
+            if value is not None and not low <= value <= MAX_NODE_IDS:
+                problems[key] = f"must be between {low} and {MAX_NODE_IDS} (null: the platform's), got {value}"
         if self.service_period < 1:
             problems["service_period"] = "must be at least 1 second"
         if self.job_mode not in JOB_MODES:

@@ -142,7 +142,8 @@ class Backlog:
     ``runnable_*`` count only the jobs no launcher holds yet (a job a launcher has acquired runs in
     its BatchJob) and that a BatchJob of this module could lease (not wider than the
     submit queue's ``max_nodes``, single-node single-rank under ``job_mode: serial``, shorter than
-    the longest BatchJob it requests); the others are ``unfit_count``, ``unfit_reason`` says why.
+    the longest BatchJob it requests, needing no GPU where its nodes have none); the others are
+    ``unfit_count``, ``unfit_reason`` says why.
     ``running_*`` count only the jobs running in the snapshot's BatchJobs (not those in BatchJobs
     of other queues, which hold no nodes of this one)."""
 

@@ -11,7 +11,7 @@ from balsam.models import AllowedQueue, Site, site_name_problem, site_path_probl
 from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import JobState
 
-from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, NodeShape, backlog_by_state
+from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, NodeShape, backlog_by_state, parse_gpu_bound
 from ..db import count_and_page, where_in
 from ..errors import APIError, Conflict, Forbidden, NotFound, Refusal, ValidationFailed, parse_partial, refusals_answered
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
@@ -247,12 +247,14 @@ def site_backlog(ctx: Ctx) -> Response:
     """The site's jobs in numbers per state (see balsam.server.backlog): what auto-scalers read.
     ``max_nodes_per_job``, ``serial_only`` and ``max_wall_time_min`` keep the jobs a launcher
     acquiring with them could lease; ``batch_job_id`` (repeated) those of the given BatchJobs;
-    ``leased`` (true/false) only jobs a launcher session holds / none holds. ``node_gpus``,
+    ``leased`` (true/false) only jobs a launcher session holds / none holds; ``max_gpus_per_node``
+    (a number, 0 to 1e9: the acquire's GPU bound, 0 for a launcher on GPU-less nodes) only jobs asking
+    at most that many GPUs per node. ``node_gpus``,
     ``node_cpus``, ``cpu_ids_are_cores`` and ``hardware_threads_per_core`` describe the nodes (see
     :func:`_node_shape`): the footprint then charges each job's GPUs and CPUs as the launcher does."""
     site_id = ctx.path_int("site_id")
     q = ctx.query({"state", "tags", "max_nodes_per_job", "serial_only", "max_wall_time_min", "batch_job_id", "leased",
-                   *NODE_SHAPE_PARAMS})
+                   "max_gpus_per_node", *NODE_SHAPE_PARAMS})
     states = q.enum_list("state", JobState)
     raw_tags = q.params.getlist("tags")
     if len(raw_tags) > MAX_BACKLOG_TAGS:
@@ -265,12 +267,21 @@ def site_backlog(ctx: Ctx) -> Response:
     max_wall_time_min = q.int("max_wall_time_min", minimum=0)
     batch_job_ids = q.int_list("batch_job_id")
     leased = q.bool("leased")
+    raw_gpus = q.str("max_gpus_per_node")
+    max_gpus_per_node = None
+    if raw_gpus is not None and raw_gpus != "":
+        try:
+            max_gpus_per_node = parse_gpu_bound(raw_gpus)
+        except ValueError:
+            raise ValidationFailed.field(["query", "max_gpus_per_node"],
+                                         f"expected a number between 0 and 1e9, got {raw_gpus!r}") from None
     node_shape = _node_shape(q)
     with ctx.read() as conn:
         get_owned_site(conn, ctx.user.id, site_id)
         by_state = backlog_by_state(conn, site_id, states, tags, max_nodes_per_job=max_nodes_per_job,
                                     serial_only=serial_only, max_wall_time_min=max_wall_time_min,
-                                    batch_job_ids=batch_job_ids, leased=leased, node_shape=node_shape)
+                                    batch_job_ids=batch_job_ids, leased=leased, node_shape=node_shape,
+                                    max_gpus_per_node=max_gpus_per_node)
     return json_response({"site_id": site_id, "states": by_state})
 
 
