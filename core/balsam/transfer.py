@@ -29,6 +29,8 @@ until the tasks' deadline (``transfers.task_timeout_sec``). An error with ``retr
 service's rate limit) holds the agent's polls and submissions to that backend off for that long. A task the backend has accepted but not
 started yet (it waits for one of a bounded number of workers, or in its service's queue) is
 ``active`` with ``queued`` set: the deadline counts from when it starts, not from its submission. A
+task whose state one call of a poll could not read (the poll's other calls answered) is ``active``
+with ``unread`` set: the agent treats it as a failed poll's task. A
 task that delivered some files and not others is ``done`` with ``file_errors`` naming the others
 (``file_errors_retryable`` False when they must not be tried again: they fail their jobs at once).
 
@@ -83,10 +85,13 @@ class TransferError(Exception):
     says whether the same request may work later (a network blip) or never will (a bad URL);
     ``retry_after_sec``, when set, is how long the service asked not to be called again (an HTTP 429's
     ``Retry-After``): the agent then neither polls nor submits to the backend until it has passed.
-    ``batch_only`` (a submission's error): the service refused this batch for its own files, and
-    started no task of it (Globus: an earlier task still writes some of its paths). The location's
-    other batches go on in the same cycle (any other refusal holds them back for the cycle), and a
-    journaled batch sent again only to find its task (an item held again since) leaves the journal."""
+    ``batch_only`` (a submission's error, ``retryable`` or not): the service refused this batch for
+    its own files, and started no task of it (Globus: an earlier task still writes some of its
+    paths). The location's other batches go on in the same cycle (any other refusal holds them back
+    for the cycle), and a journaled batch sent again only to find its task (an item held again
+    since) leaves the journal. Retryable, the files use no try and the batch, journaled with its
+    token, is sent again after the cycle's new batches for ``retry_backoff_sec``, then in its turn;
+    not retryable, its files each fail a try."""
 
     def __init__(self, message: str, *, retryable: bool, retry_after_sec: Optional[float] = None,
                  batch_only: bool = False) -> None:
@@ -243,6 +248,13 @@ class TaskStatus:
     #: ``dest`` it is and every directory item it is inside), so that no outer directory item is
     #: recorded done while a file of it may be missing.
     file_errors_attributed: bool = True
+    #: An ``active`` status standing in for one the backend could not read in this poll (Globus: the
+    #: call of its ``task_list`` chunk failed while others answered); ``reason`` says why. The agent
+    #: takes it as it takes a poll that raised, for this task alone: it stays in flight as it was
+    #: (one last read ``queued`` is not taken for started, ``queued`` here is ignored), its deadline
+    #: counts from its start if known, else from its submission, and it is logged once per reason,
+    #: not as a task that is not moving.
+    unread: bool = False
 
 
 class TransferBackend(abc.ABC):

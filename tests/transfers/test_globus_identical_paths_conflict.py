@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.usefixtures("mocked_responses")
 TRANSFER = "https://transfer.api.globus.org/v0.10"
 OK_SUBMIT = get_response_set(globus_sdk.TransferClient.submit_transfer).lookup("default").json
 TASK_ID = OK_SUBMIT["task_id"]
+TASK_DOC = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
 CONFLICT = {"code": "Conflict", "message": "A transfer with identical paths has not yet completed",
             "request_id": "00gB7AnM3", "resource": "/v0.10/transfer"}
 T0 = dt.datetime(2032, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -69,7 +71,8 @@ def item_row(item_id: int, remote_path: str, direction: str = "in", local_path: 
 
 def fake_module(tmp_path: Path, rows: list[dict], **options) -> tuple[TransfersModule, FakeAPI, list]:
     """The agent's transfers module on a FakeAPI of ``rows`` (job i in workdir ``job<i>``), its
-    Globus backend on globus-sdk's test client, both on one clock (the returned [now])."""
+    Globus backend on globus-sdk's test client, both on one clock (the returned [now]; the backend's
+    monotonic clock follows it)."""
     site = tmp_path / "site"
     (site / "data").mkdir(parents=True, exist_ok=True)
     api = FakeAPI(rows, [{"id": row["job_id"], "workdir": f"job{row['job_id']}", "state": "READY"} for row in rows])
@@ -82,6 +85,7 @@ def fake_module(tmp_path: Path, rows: list[dict], **options) -> tuple[TransfersM
     module.backends["globus"] = backend
     clock = [T0]
     module.now = backend.now = lambda: clock[0]
+    backend.clock = lambda: (clock[0] - T0).total_seconds()
     return module, api, clock
 
 
@@ -247,6 +251,25 @@ def test_a_batch_refused_so_past_any_balsam_task_s_deadline_fails_a_try(tmp_path
     assert api.items[1]["transfer_info"]["attempts"] == 1 and "12:26 UTC" in api.items[1]["transfer_info"]["reason"]
 
 
+def test_the_conflict_wait_is_measured_on_the_monotonic_clock(tmp_path: Path) -> None:
+    """The wall clock set forward (NTP, a resumed VM: 7 h, then 13 h after the first refusal, while
+    two minutes pass): the batch still waits (its bound, 12 h 10 min by default, is measured on the
+    monotonic clock), its reason naming the same time. Its file used to fail a try then."""
+    module, api, clock = fake_module(tmp_path, [item_row(1, "/data/1.h5")])
+    backend = module.backends["globus"]
+    ticks = [0.0]
+    backend.clock = lambda: ticks[0]
+    refuse_paths("/data/1.h5", [])
+    module.run_cycle()
+    reason = api.items[1]["transfer_info"]["reason"]
+    assert "2032-05-02 00:10 UTC" in reason
+    for hours, seconds in ((7, 60.0), (13, 120.0)):
+        clock[0], ticks[0] = T0 + dt.timedelta(hours=hours), seconds
+        module.run_cycle()
+    info = api.items[1]["transfer_info"]
+    assert api.items[1]["state"] == "pending" and not info.get("attempts") and info["reason"] == reason
+
+
 def test_an_outdated_journaled_batch_refused_so_leaves_the_journal(tmp_path: Path) -> None:
     """A journaled batch whose item was held again and released since its id was journaled (the
     task of that id would copy files from before the parents' new run): Globus's 409 says it started
@@ -290,8 +313,9 @@ def test_the_refusal_reads_well_when_its_body_is_not_json(tmp_path: Path) -> Non
 
 def test_a_conflicting_batch_sent_again_takes_no_slot_the_location_s_new_batches_need(tmp_path: Path) -> None:
     """One free slot a cycle (max_concurrent_transfers 1): item 1's batch, refused for its paths,
-    is sent again after the cycle's new batches, not first: item 2 goes at the next cycle (it
-    waited for the slot as long as the other task ran, item 1's batch taking it every cycle)."""
+    is sent again after the cycle's new batches for retry_backoff_sec (30 s), not first: item 2
+    goes at the next cycle (it waited for the slot as long as the other task ran, item 1's batch
+    taking it every cycle)."""
     rows = [item_row(1, "/data/1.h5"), item_row(2, "/data/2.h5")]
     module, api, clock = fake_module(tmp_path, rows, transfer_batch_size=1, max_concurrent_transfers=1)
     given = distinct_submission_ids()
@@ -300,7 +324,49 @@ def test_a_conflicting_batch_sent_again_takes_no_slot_the_location_s_new_batches
 
     module.run_cycle()  # item 1's first submission took the one slot
     assert api.items[2]["state"] == "pending" and "free transfer slot" in api.items[2]["transfer_info"]["reason"]
-    clock[0] = T0 + dt.timedelta(minutes=1)
+    clock[0] = T0 + dt.timedelta(seconds=10)
     module.run_cycle()
     assert api.items[2]["state"] == "active" and len(tasks) == 1
     assert api.items[1]["state"] == "pending" and given[0] in (tmp_path / "site" / JOURNAL_NAME).read_text()
+
+
+def test_a_batch_refused_once_is_sent_in_its_turn_once_retry_backoff_sec_has_passed(tmp_path: Path) -> None:
+    """One slot, a new job's stage-in arriving every cycle: item 1's batch, refused once for its
+    paths (the other task then ends), goes after the new batches for retry_backoff_sec (30 s) only,
+    then in its turn (journaled, first). It used to go last for as long as it stayed journaled:
+    never sent again under the steady flow, its item 'waiting for a free transfer slot' for ever,
+    and never reaching the wait's bound either (checked only when sent)."""
+    module, api, clock = fake_module(tmp_path, [item_row(1, "/data/1.h5"), item_row(2, "/data/2.h5")],
+                                     transfer_batch_size=1, max_concurrent_transfers=1)
+    distinct_submission_ids()
+    conflict, tasks = [True], []
+
+    def submit(request):
+        sources = [d["source_path"] for d in json.loads(request.body)["DATA"]]
+        if conflict[0] and any(src.endswith("/data/1.h5") for src in sources):
+            return 409, {}, json.dumps(CONFLICT)
+        tasks.append((f"33333333-3333-3333-3333-{len(tasks) + 1:012d}", sources))
+        return 202, {}, json.dumps({**OK_SUBMIT, "task_id": tasks[-1][0]})
+
+    def task_list(request):
+        ids = urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["filter"][0].partition(":")[2].split(",")
+        docs = [{**TASK_DOC, "task_id": tid, "status": "SUCCEEDED", "files": 1, "files_transferred": 1,
+                 "subtasks_skipped_errors": 0, "label": "balsam stage-in (1 file)"} for tid in ids]
+        return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
+                                    "offset": 0, "total": len(docs)})
+
+    responses.add_callback(responses.POST, f"{TRANSFER}/transfer", callback=submit, content_type="application/json")
+    responses.add_callback(responses.GET, f"{TRANSFER}/task_list", callback=task_list, content_type="application/json")
+    module.run_cycle()  # item 1 refused (its try took the one slot)
+    assert api.items[1]["state"] == "pending" and not tasks
+    conflict[0] = False  # the task writing its paths has ended
+    for cycle in range(1, 9):  # cycles 5 s apart (service_period), one new stage-in each
+        clock[0] = T0 + dt.timedelta(seconds=5 * cycle)
+        new = cycle + 2
+        api.items[new] = item_row(new, f"/data/{new}.h5")
+        api.jobs[new] = {"id": new, "workdir": f"job{new}", "state": "READY"}
+        module.run_cycle()
+    sent = [sources[0].rpartition("/")[2] for _, sources in tasks]
+    # New batches first while the refusal is recent (T0+5 s ... T0+25 s), then item 1's (T0+30 s).
+    assert sent[:6] == ["2.h5", "3.h5", "4.h5", "5.h5", "6.h5", "1.h5"]
+    assert api.items[1]["state"] in ("active", "done")

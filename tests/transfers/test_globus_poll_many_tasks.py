@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import re
 import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,6 +135,7 @@ def test_one_failing_task_list_call_costs_its_own_tasks_only(tmp_path: Path) -> 
     unread = [statuses[tid] for tid in ids[50:100]]
     assert {s.state for s in unread} == {TaskState.active}
     assert "could not be polled" in unread[0].reason and "HTTP 502" in unread[0].reason
+    assert all(s.unread for s in unread) and not any(statuses[tid].unread for tid in ids[:50] + ids[100:])
     assert statuses["task-060"].queued and not statuses["task-061"].queued
 
 
@@ -155,3 +158,121 @@ def test_a_poll_whose_calls_all_fail_raises_and_stops_asking(tmp_path: Path) -> 
     with pytest.raises(TransferError) as info:
         backend.poll(ids)
     assert info.value.retry_after_sec == 120 and asked == [50, 50]
+
+
+def test_chunks_after_two_failed_calls_are_asked_once_a_call_answered(tmp_path: Path) -> None:
+    """200 tasks, calls 2 and 3 fail, the first answered: call 4 is asked and its 50 tasks settle.
+    The poll used to stop after any two failed calls in a row, reporting the tasks of the calls it
+    never made as 'could not be polled ... HTTP 502' (each cycle, should those calls keep failing)."""
+    backend = make_backend(tmp_path)
+    ids = [f"task-{n:03d}" for n in range(200)]
+    asked: list[int] = []
+    chunks_failing({2, 3}, asked)
+    statuses = backend.poll(ids)
+    assert asked == [50, 50, 50, 50]
+    assert {tid for tid in ids if statuses[tid].state == TaskState.done} == set(ids[:50] + ids[150:])
+    assert all(statuses[tid].unread for tid in ids[50:150])
+
+
+def unread_agent(tmp_path: Path, count: int, **info) -> tuple[TransfersModule, FakeAPI, list, list]:
+    """The agent's transfers module with ``count`` Globus tasks in flight (t-000 ..., one item each,
+    submitted at T0, ``info`` added to their transfer_info; task_timeout_sec 3600), its backend as
+    freshly built (an agent just started); returns it, its API, its clock ([now]) and the URLs of
+    the task cancels it makes."""
+    site = tmp_path / "site"
+    (site / "data").mkdir(parents=True)
+    rows = [{"id": i, "job_id": i, "direction": "in", "location_alias": "aps", "remote_path": f"/data/{i}.h5",
+             "local_path": "in.h5", "recursive": False, "state": "active", "task_id": f"globus:t-{i - 1:03d}",
+             "transfer_info": {"submitted": T0.isoformat(), **info}} for i in range(1, count + 1)]
+    api = FakeAPI(rows, [{"id": i, "workdir": f"job{i}", "state": "READY"} for i in range(1, count + 1)])
+    module = TransfersModule(SimpleNamespace(site_path=str(site), data_path=str(site / "data"), site_id=1),
+                             TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"},
+                                              globus_endpoint_id=SITE_EP, task_timeout_sec=3600,
+                                              max_concurrent_transfers=count), api)
+    backend = make_backend(tmp_path, task_timeout_sec=3600, max_concurrent_transfers=count)
+    backend.site_path = str(site)
+    module.backends["globus"] = backend
+    clock = [T0]
+    module.now = backend.now = lambda: clock[0]
+    cancels: list[str] = []
+    responses.add_callback(responses.POST, re.compile(rf"{TRANSFER}/task/.*/cancel"), content_type="application/json",
+                           callback=lambda r: (cancels.append(r.url), (200, {}, json.dumps(
+                               {"code": "Canceled", "message": "ok", "request_id": "r", "resource": "x"})))[1])
+    return module, api, clock, cancels
+
+
+def running_list(mode: list[str], failing_id: str = "t-050") -> None:
+    """A task_list answering every task ACTIVE, ``Queued`` while mode[0] is 'queued', else running;
+    while mode[0] is 'fail', the call naming ``failing_id`` answers 502 (the others answer Queued)."""
+
+    def answer(request):
+        ids = urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["filter"][0].partition(":")[2].split(",")
+        if mode[0] == "fail" and failing_id in ids:
+            return 502, {}, json.dumps({"code": "ExternalError", "message": "trouble", "request_id": "r"})
+        docs = [{**BASE, "task_id": tid, "status": "ACTIVE", "nice_status": "OK" if mode[0] == "run" else "Queued",
+                 "is_paused": False, "files": 1, "files_transferred": 0, "label": "balsam stage-in (1 file)"}
+                for tid in ids]
+        return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
+                                    "offset": 0, "total": len(docs)})
+
+    responses.add_callback(responses.GET, f"{TRANSFER}/task_list", callback=answer, content_type="application/json")
+
+
+def test_a_queued_task_whose_call_fails_after_a_restart_is_not_taken_for_started(tmp_path: Path) -> None:
+    """An agent just restarted (its backend remembers no task as queued); its items say queued; the
+    call naming t-050 fails: that task is not written 'started' (its state is unknown), and once it
+    really starts, two hours on, it gets its whole deadline. It was reported running, 'started'
+    written at the failed read, and cancelled the cycle it really started."""
+    module, api, clock, cancels = unread_agent(tmp_path, 51, queued=True)
+    mode = ["fail"]
+    running_list(mode)
+    clock[0] = T0 + dt.timedelta(hours=1)
+    module.run_cycle()
+    info = api.items[51]["transfer_info"]
+    assert info.get("queued") and "started" not in info and "could not be polled" in info["reason"]
+    mode[0] = "queued"
+    for minutes in (20, 60, 120):
+        clock[0] = T0 + dt.timedelta(hours=1, minutes=minutes)
+        module.run_cycle()
+    mode[0] = "run"
+    clock[0] = T0 + dt.timedelta(hours=3, minutes=1)
+    module.run_cycle()
+    assert not cancels and api.items[51]["state"] == "active"
+    assert api.items[51]["transfer_info"]["started"] == clock[0].isoformat()
+
+
+def test_a_queued_task_whose_call_keeps_failing_meets_its_deadline(tmp_path: Path) -> None:
+    """A task last read queued whose task_list call then fails every cycle (the poll's other call
+    answering): its deadline counts as a failed poll's, from its submission, and it is cancelled
+    past it. It was reported queued from memory every cycle, its deadline never counting."""
+    module, api, clock, cancels = unread_agent(tmp_path, 51)
+    mode = ["queued"]
+    running_list(mode)
+    module.run_cycle()
+    assert api.items[51]["transfer_info"].get("queued")
+    mode[0] = "fail"
+    clock[0] = T0 + dt.timedelta(minutes=30)
+    module.run_cycle()
+    assert not cancels and api.items[51]["state"] == "active"
+    clock[0] = T0 + dt.timedelta(hours=1, minutes=1)
+    module.run_cycle()
+    assert [url.split("/task/")[1] for url in cancels] == ["t-050/cancel"]
+    assert api.items[51]["state"] == "pending"
+    assert "did not finish within 3600 s" in api.items[51]["transfer_info"]["error"]
+    assert {api.items[i]["state"] for i in range(1, 51)} == {"active"}  # the others, read queued, go on
+
+
+def test_a_failed_call_is_one_warning_not_one_per_task(tmp_path: Path, caplog) -> None:
+    """One failed task_list call of 50 running tasks: one WARNING naming the call's error (it was 50
+    'transfer task ... is not moving' lines), DEBUG when the same error comes again."""
+    module, api, clock, cancels = unread_agent(tmp_path, 120)
+    running_list(["fail"])
+    with caplog.at_level(logging.WARNING):
+        module.run_cycle()
+        first = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        clock[0] = T0 + dt.timedelta(minutes=1)
+        module.run_cycle()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(first) == 1 and "50 of 120 tasks not read this cycle" in first[0] and "HTTP 502" in first[0]
+    assert warnings == first
+    assert "could not be polled" in api.items[51]["transfer_info"]["reason"] and not cancels

@@ -13,7 +13,7 @@
   short a task that waited its turn (the agent's own deadline counts from the task's start).
 - ``poll``: one ``task_list`` call per TASK_FILTER_LIMIT (50) in-flight task ids, the most one
   filter may name (a call that fails costs its own tasks only: they stay ``active`` with the
-  reason, queued as last read; the poll raises when no call answered, asking no more after
+  reason and ``unread``; the poll raises when no call answered, asking no more when the first
   FAILED_CHUNKS_IN_A_ROW failed, or on a rate limit; see GlobusTransfer._task_list); a succeeded task with skipped
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item;
@@ -172,8 +172,9 @@ TASK_LIST_LIMIT = 1000
 #: flight (``max_concurrent_transfers`` above 50) is one call per 50 ids: one call for all of them
 #: was refused every cycle, every task stuck "cannot poll its task" until its deadline cancelled it.
 TASK_FILTER_LIMIT = 50
-#: A poll stops asking for the rest of its ``task_list`` chunks after this many failed in a row (an
-#: outage, or a login refused: each further call would fail the same way, after its retries).
+#: A poll whose first this many ``task_list`` calls all failed asks no more and raises (an outage, or a
+#: login refused: each further call would fail the same way, after its retries). Once a call has
+#: answered, every chunk is asked.
 FAILED_CHUNKS_IN_A_ROW = 2
 #: transfers.task_timeout_sec's default, for a backend built without it: how long a batch Globus
 #: refuses for paths another task still writes may wait for that task (see _conflict_wait).
@@ -905,9 +906,11 @@ class GlobusTransfer(TransferBackend):
         #: WARNING again; kept beside ``_homes`` (dropped with it, and when the home is read).
         self._home_said: dict[tuple[Any, str], str] = {}
         #: {submission id: (when Globus first refused it for paths another task still writes, when
-        #: last)} (see _paths_conflict): the wait is bounded from the first refusal; an id not sent
-        #: again for that long (its batch left the journal) is forgotten.
-        self._conflicts: dict[str, tuple[dt.datetime, dt.datetime]] = {}
+        #: last, both ``self.clock()``; the UTC time the wait ends, for its reason)} (see
+        #: _paths_conflict): the wait is bounded from the first refusal; an id not sent again for
+        #: that long (its batch left the journal) is forgotten. The wait is measured on the monotonic
+        #: clock: a wall clock set forward or back (NTP, a resumed VM) ended it early or stretched it.
+        self._conflicts: dict[str, tuple[float, float, dt.datetime]] = {}
         #: {task id: whether the last poll that read it found it queued}: a task whose task_list chunk
         #: fails keeps that, so that a queued task's deadline does not start with a failed read.
         self._queued: dict[str, bool] = {}
@@ -1223,24 +1226,25 @@ class GlobusTransfer(TransferBackend):
         refusal of that id this process saw; then not retryable (its files each fail a try, and their
         retry goes under a new id, with a wait of its own). The reason names the time the wait ends:
         the same text each cycle (written once on the items)."""
-        now = self.now()
-        wait = self._conflict_wait()
+        now = self.clock()
+        wait = self._conflict_wait().total_seconds()
         with self._tasks_lock:
-            for old, (_, last) in list(self._conflicts.items()):
+            for old, (_, last, _) in list(self._conflicts.items()):
                 if now - last > wait:
                     del self._conflicts[old]  # its batch is no longer sent (it left the journal)
-            first = self._conflicts[token][0] if token and token in self._conflicts else now
+            first, _, until_at = (self._conflicts[token] if token and token in self._conflicts
+                                  else (now, now, self.now() + dt.timedelta(seconds=wait)))
             if token:
-                self._conflicts[token] = (first, now)
+                self._conflicts[token] = (first, now, until_at)
             if now - first >= wait:
                 self._conflicts.pop(token or "", None)
                 return TransferError(
-                    f"Globus still refuses the batch after {_duration((now - first).total_seconds())} {_answer(exc)}: "
+                    f"Globus still refuses the batch after {_duration(now - first)} {_answer(exc)}: "
                     "a task of this login has written some of its paths for longer than any task balsam submits "
                     "may run (its Globus deadline: transfers.task_timeout_sec, room for Globus's queue, and "
                     f"{DEADLINE_MARGIN_SEC} s), one started outside balsam?; this try of its files fails",
                     retryable=False, batch_only=True)
-        until = (first + wait).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        until = until_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         return TransferError(
             f"Globus refused the batch for now {_answer(exc)}: an earlier Globus task of this login still writes "
             "some of these paths (one the agent cancelled that Globus is still stopping, another job's, or one "
@@ -1251,20 +1255,22 @@ class GlobusTransfer(TransferBackend):
                    ) -> tuple[list[Mapping[str, Any]], dict[str, TransferError]]:
         """(the documents ``task_list`` answered, {task id: the error} of those whose call failed):
         one call per TASK_FILTER_LIMIT ids. A failing call costs its own tasks only (they are read
-        again next poll; all of them failed, or the first FAILED_CHUNKS_IN_A_ROW did, the poll
-        raises, as a failed poll says nothing). A rate limit raises at once (the agent holds the
-        backend off for its Retry-After). Failing the whole poll for one chunk, the tasks the other
-        calls had read waited a cycle, and a chunk failing every cycle stalled all of them."""
+        again next poll). When the first FAILED_CHUNKS_IN_A_ROW calls all fail (Globus down), or
+        every call does, the poll raises, as a failed poll says nothing; once a call has answered,
+        every chunk is asked (at most one call per chunk). A rate limit raises at once (the agent
+        holds the backend off for its Retry-After). Failing the whole poll for one chunk, the tasks
+        the other calls had read waited a cycle, and a chunk failing every cycle stalled all of
+        them; stopping after any two failed calls in a row, the chunks after them were never asked,
+        their tasks reported as failed reads every cycle."""
         docs: list[Mapping[str, Any]] = []
         failed: dict[str, TransferError] = {}
         first: Optional[TransferError] = None
-        in_a_row = answered = 0
+        answered = failed_calls = 0
         per_call = min(TASK_LIST_LIMIT, TASK_FILTER_LIMIT)
         for start in range(0, len(task_ids), per_call):
             chunk = list(task_ids[start:start + per_call])
-            if in_a_row >= FAILED_CHUNKS_IN_A_ROW:
-                failed.update(dict.fromkeys(chunk, first))  # not asked: it would fail the same way
-                continue
+            if first is not None and not answered and failed_calls >= FAILED_CHUNKS_IN_A_ROW:
+                raise first
             try:
                 docs.extend(client.task_list(filter={"task_id": chunk}, limit=len(chunk))["DATA"])
             except Exception as exc:  # noqa: BLE001 - this chunk's tasks only, unless all fail
@@ -1272,11 +1278,10 @@ class GlobusTransfer(TransferBackend):
                 if problem.retry_after_sec or getattr(exc, "http_status", None) == 429:
                     raise problem from None
                 logger.debug("globus: task_list of %d tasks failed", len(chunk), exc_info=True)
-                first = first or problem
-                in_a_row += 1
+                first, failed_calls = first or problem, failed_calls + 1
                 failed.update(dict.fromkeys(chunk, problem))
                 continue
-            in_a_row, answered = 0, answered + 1
+            answered += 1
         if first is not None and not answered:
             raise first
         return docs, failed
@@ -1294,9 +1299,12 @@ class GlobusTransfer(TransferBackend):
             raise self._error(exc) from None
         for task_id, problem in failed.items():
             # Still running as far as anyone knows (its files may be being written): in flight with
-            # the reason, queued as it last was (a queued task's deadline must not start with it).
-            statuses[task_id] = TaskStatus(TaskState.active, queued=self._queued.get(task_id, False), reason=one_line(
-                f"Globus task {task_id} could not be polled (will retry): {problem}"))
+            # the reason, ``unread`` (the agent treats it as a failed poll's task: one last read
+            # queued is not taken for started, and its deadline still counts), queued as it last was.
+            # The reason is the call's, the same for its 50 tasks (the agent logs it once).
+            statuses[task_id] = TaskStatus(
+                TaskState.active, queued=self._queued.get(task_id, False), unread=True,
+                reason=one_line(f"its Globus task could not be polled (will retry): {problem}"))
         for doc in docs:
             statuses[str(doc["task_id"])] = self._settled_status(client, doc)
         for task_id in task_ids:

@@ -34,7 +34,9 @@ One cycle (every ``service_period`` seconds):
    "<backend>:<id>"``. Once a location's submission is refused, its other batches (journaled ones
    included) wait with that reason for this cycle, taking no slot (not after a refusal of that
    batch's own files, ``TransferError.batch_only``: Globus's 409 for paths another task writes); for ``retry_backoff_sec`` it is
-   tried after the locations that work, then its batches take their turn as any location's. A refusal retrying may fix uses no try; one the backend says is for good
+   tried after the locations that work, then its batches take their turn as any location's (a
+   batch refused for its own files likewise goes after the new batches for ``retry_backoff_sec``,
+   then in its turn). A refusal retrying may fix uses no try; one the backend says is for good
    is taken for a refusal of the request (the contract cannot tell it from a refusal of the files):
    the refused batch's files each fail a try (backoff, ``max_attempts``), so a location refusing
    everything fails its jobs a batch per cycle as their tries run out, not all in one cycle.
@@ -824,11 +826,14 @@ class TransfersModule(AgentModule):
         #: only to find (and cancel) the task the service may have started: {token: (failed sends,
         #: when to send again)} (see :meth:`_resend`).
         self._resend_tries: dict[str, tuple[int, dt.datetime]] = {}
-        #: Tokens of journaled batches whose last send was refused for their own files
-        #: (``TransferError.batch_only``): sent after the cycle's new batches (see :meth:`_submit`).
-        #: Sent first, such a batch took a free slot every cycle while another task held its paths,
-        #: and with one slot free the location's other batches waited for as long.
-        self._refused_batches: set[str] = set()
+        #: Journaled batches whose last send was refused for their own files
+        #: (``TransferError.batch_only``): {token: when}. For ``retry_backoff_sec`` after that
+        #: refusal they are sent after the cycle's new batches (see :meth:`_submit`), then in their
+        #: turn again. Sent first, such a batch took a free slot every cycle while another task held
+        #: its paths, and with one slot free the location's other batches waited for as long; sent
+        #: last for as long as it stayed journaled, it never got a slot again under a steady flow of
+        #: new batches once the refusal was over (its items waiting for a slot for ever).
+        self._refused_batches: dict[str, dt.datetime] = {}
         #: The items whose SAME_FILE_WAIT reason :meth:`_end_stale_waits` cleared, by their file,
         #: while they stay pending and ready: the first of each file; those behind it keep waiting.
         self._ready_files: dict[tuple[str, str, str], int] = {}
@@ -948,6 +953,14 @@ class TransfersModule(AgentModule):
         if alias not in self.blocked_aliases:
             return False
         at = self._blocked_at.get(alias)
+        return at is not None and (now - at).total_seconds() < self.options.retry_backoff_sec
+
+    def _refused_lately(self, token: str, now: dt.datetime) -> bool:
+        """Whether the journaled batch of ``token`` was refused for its own files less than
+        ``retry_backoff_sec`` ago (it goes after the cycle's new batches): as for a location
+        (:meth:`_held_back`), a batch refused once and still refused costs a slot once per
+        ``retry_backoff_sec``, and one whose refusal is over is sent in its turn."""
+        at = self._refused_batches.get(token)
         return at is not None and (now - at).total_seconds() < self.options.retry_backoff_sec
 
     def _read_items(self, now: dt.datetime) -> list[dict]:
@@ -1099,7 +1112,8 @@ class TransfersModule(AgentModule):
         # items to those tasks next cycle, after the tasks failed and the items went back to pending.
         self._rewrite_journal(kept)
         self._resend_tries = {tok: at for tok, at in self._resend_tries.items() if any(r["token"] == tok for r in kept)}
-        self._refused_batches &= {str(r["token"]) for r in kept}
+        self._refused_batches = {tok: at for tok, at in self._refused_batches.items()
+                                 if any(r["token"] == tok for r in kept)}
         self._track_tasks(in_flight, updates)
         if held:
             self._let_go_of_held(held, in_flight)
@@ -1251,21 +1265,18 @@ class TransfersModule(AgentModule):
                 for tid in task_ids:
                     # Also without a backend (its plugin uninstalled or unloadable): the deadline
                     # still ends the task's items, else their jobs would wait for ever.
-                    status = self._check_deadline(backend, tid, TaskStatus(TaskState.active, reason=reason),
-                                                  by_task[tid], now, reported=False)
-                    if status.state == TaskState.active:
-                        running += 1
-                        for item in by_task[tid]:
-                            self._wait(item, reason, updates)
-                    else:
-                        self._finished_tasks.add(tid)
-                        self._half_warned.discard(tid)
-                        self._said.pop(f"task:{tid}", None)
-                        self._apply_status(tid, status, by_task[tid], updates, now)
+                    running += self._not_read(backend, tid, reason, by_task[tid], updates, now)
                 continue
             self._said.pop(f"poll:{name}", None)
+            # Tasks the poll could not read (one failed call of several): one line per reason (the
+            # call's error), not one "is not moving" per task (50 per failed Globus call).
+            unread: dict[str, list[str]] = defaultdict(list)
             for tid in task_ids:
                 status = statuses.get(tid.partition(":")[2]) or TaskStatus(TaskState.unknown)
+                if status.state == TaskState.active and status.unread:
+                    unread[status.reason].append(tid)
+                    running += self._not_read(backend, tid, status.reason, by_task[tid], updates, now)
+                    continue
                 if status.state in (TaskState.active, TaskState.inactive):
                     status = self._check_deadline(backend, tid, status, by_task[tid], now)
                 if status.state in (TaskState.active, TaskState.inactive):
@@ -1275,7 +1286,32 @@ class TransfersModule(AgentModule):
                     self._half_warned.discard(tid)
                     self._said.pop(f"task:{tid}", None)
                 self._apply_status(tid, status, by_task[tid], updates, now)
+            for reason, tids in unread.items():
+                self._warn_once(f"unread:{name}:{reason}", reason, "transfer backend %s: %d of %d tasks not read this "
+                                "cycle (e.g. %s): %s", name, len(tids), len(task_ids), tids[0], reason)
+            for key in [key for key in self._said if key.startswith(f"unread:{name}:")]:
+                if key.partition(f"unread:{name}:")[2] not in unread:
+                    del self._said[key]
         return running
+
+    def _not_read(self, backend: Optional[TransferBackend], task_id: str, reason: str, items: list[dict],
+                  updates: dict[int, dict[str, Any]], now: dt.datetime) -> int:
+        """A task whose state its backend's poll could not read (the poll failed, or the call for
+        this task did: :attr:`TaskStatus.unread`): its items stay in flight as they were, with
+        ``reason`` (one last read queued is not taken for started), until it is read again or its
+        deadline (counted as for a failed poll: its start if known, else its submission) ends it.
+        Returns 1 while it runs on, else 0."""
+        status = self._check_deadline(backend, task_id, TaskStatus(TaskState.active, reason=reason), items, now,
+                                      reported=False)
+        if status.state == TaskState.active:
+            for item in items:
+                self._wait(item, reason, updates)
+            return 1
+        self._finished_tasks.add(task_id)
+        self._half_warned.discard(task_id)
+        self._said.pop(f"task:{task_id}", None)
+        self._apply_status(task_id, status, items, updates, now)
+        return 0
 
     def _note_deadline_in_hold(self, task_ids: list[str], by_task: dict[str, list[dict]], held: str,
                                updates: dict[int, dict[str, Any]], now: dt.datetime) -> None:
@@ -1753,8 +1789,9 @@ class TransfersModule(AgentModule):
                 units.append((alias, direction, None, group[start:start + opts.transfer_batch_size]))
         # A refused submission takes a slot: locations refused within retry_backoff_sec go last (a
         # stable sort), so that their try never takes the slots of locations that work; after that
-        # they take their turn (see _held_back). Batches refused for their own files go after all.
-        units.sort(key=lambda unit: (unit[2] is not None and str(unit[2].get("token")) in self._refused_batches,
+        # they take their turn (see _held_back). Batches refused for their own files within
+        # retry_backoff_sec go after all (see _refused_lately).
+        units.sort(key=lambda unit: (unit[2] is not None and self._refused_lately(str(unit[2].get("token")), now),
                                      self._held_back(unit[0], now)))
         # One text whatever took the slots (tasks in flight, submissions refused this cycle): a text
         # that said which changed with every refused try of a location, and every waiting item was
@@ -1901,7 +1938,7 @@ class TransfersModule(AgentModule):
                 if exc.retryable:
                     # The service, not the files: keep the items pending without using up their tries.
                     if own and token:
-                        self._refused_batches.add(token)
+                        self._refused_batches[token] = now
                     pause = self._hold(location.backend_name, exc, now)
                     self._warn_once(f"batch:{token}" if own else f"submit:{alias}", str(exc), "transfer backend %s: "
                                     "submitting %d files to %s failed (will retry%s): %s", backend.name, len(files),
@@ -2138,7 +2175,7 @@ class TransfersModule(AgentModule):
             # Keyed by location as a first submission's "will retry" is: one warning per reason (by
             # token for a refusal of the batch's own files, which the location's next task does not end).
             if own:
-                self._refused_batches.add(token)
+                self._refused_batches[token] = now
             pause = self._hold(location.backend_name, exc, now)
             self._warn_once(f"batch:{token}" if own else f"submit:{alias}", str(exc), "re-sending a journaled batch "
                             "of %d files to %s failed (will retry%s): %s", len(files), alias, pause, exc)
