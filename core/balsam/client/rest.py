@@ -4,7 +4,9 @@ machine, httpx for a remote one: see :mod:`balsam.client.transport`).
 Retry policy (a fault of the original was retrying every 4xx for half an hour):
 
 - connection errors, timeouts, 5xx and 429 are retried with capped exponential backoff
-  (``retry_count`` times; ``Retry-After`` is honoured);
+  (``retry_count`` times); a ``Retry-After`` is waited for instead (plus up to a tenth, so that
+  clients do not all come back at once) and retried for the same total of waits as the backoff's
+  (151.5 s for 10 retries), not ``retry_count`` times (see :meth:`RESTClient._retries_allowed`);
 - every POST, PUT, PATCH and DELETE carries an ``Idempotency-Key`` made once per call and resent
   unchanged on each retry, so a create, an acquire, an update or a delete whose answer was lost
   (dropped connection, read timeout, a proxy's 502/504 after the server committed) is answered
@@ -318,6 +320,10 @@ def _default_connect_wait() -> "tuple[float, str]":
         return INTERACTIVE_SESSION_CONNECT_WAIT_S, "interactive"
     return math.inf, "default"
 
+
+#: A wait the server asks for (``Retry-After``) is made longer by up to this fraction of it, at
+#: random, so that its clients do not all come back at the same instant.
+RETRY_AFTER_SPREAD = 0.1
 
 #: Interactive use (the CLI's short commands, see :func:`cap_retries_for_interactive_use`): a call
 #: that has waited this long without an answer is reported on stderr, then at twice, four times ...
@@ -893,15 +899,19 @@ class RESTClient:
         return httpx.Timeout(read, connect=min(self.connect_timeout, read))
 
     def _retry_progress(self, attempt: int, retries: int, delay: float, deadline: Optional[float],
-                        connect_left: float = math.inf) -> str:
+                        connect_left: float = math.inf, budget_left: Optional[float] = None) -> str:
         """" (attempt 2 of up to 11, giving up in about 2.4 min)": where a call stands after its
         failed attempt ``attempt + 1`` and before a wait of ``delay``. The time left is that of the
         backoffs still to come (with their mean jitter, an eighth: see :meth:`_backoff`; without the
-        attempts' own time), or less where the call's deadline or ``connect_left`` (of
-        ``connect_wait``) ends it sooner."""
-        left = delay + 1.125 * sum(self._backoff_step(k) for k in range(attempt + 1, min(retries, attempt + 65)))
-        if retries > attempt + 65:  # every later step is at backoff_max (no loop over a huge retry_count)
-            left += 1.125 * self.backoff_max * (retries - attempt - 65)
+        attempts' own time), or ``budget_left`` (waits of the server's Retry-After to the end of the
+        retry budget, with their mean jitter, a twentieth), or less where the call's deadline or
+        ``connect_left`` (of ``connect_wait``) ends it sooner."""
+        if budget_left is not None:
+            left = max(budget_left, delay) * (1 + RETRY_AFTER_SPREAD / 2)
+        else:
+            left = delay + 1.125 * sum(self._backoff_step(k) for k in range(attempt + 1, min(retries, attempt + 65)))
+            if retries > attempt + 65:  # every later step is at backoff_max (no loop over a huge retry_count)
+                left += 1.125 * self.backoff_max * (retries - attempt - 65)
         left = min(left, connect_left)
         if deadline is not None:
             left = min(left, deadline - time.monotonic())
@@ -931,10 +941,40 @@ class RESTClient:
     def _backoff(self, attempt: int, resp: "Optional[Response]" = None) -> float:
         if resp is not None:
             retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-            if retry_after is not None:
-                return min(retry_after, self.backoff_max)
+            if retry_after:  # 0 asks for no wait: our own backoff, not a tight loop
+                # Plus up to a tenth: every client of a server that answered 503 (its database
+                # restarting) came back at the same instant, Retry-After after Retry-After.
+                wait = min(retry_after, self.backoff_max)
+                return wait + random.uniform(0, wait * RETRY_AFTER_SPREAD)
         delay = self._backoff_step(attempt)
         return delay + random.uniform(0, delay / 4)
+
+    def _retry_budget(self, retries: int) -> float:
+        """The waits a call's ``retries`` make by the backoff schedule, without jitter (151.5 s for
+        the default 10): what a call retrying the server's ``Retry-After`` may wait too (see
+        :meth:`_retries_allowed`)."""
+        return sum(self._backoff_step(k) for k in range(min(retries, 65))) + self.backoff_max * max(retries - 65, 0)
+
+    def _wait_counted(self, attempt: int, resp: "Optional[Response]" = None) -> float:
+        """What the wait after failed attempt ``attempt`` (0: the first) counts against the retry
+        budget: the server's ``Retry-After`` (at least 1 s), else the backoff step, jitter left out."""
+        retry_after = _retry_after(resp) if resp is not None else 0.0
+        if retry_after:
+            return max(min(retry_after, self.backoff_max), 1.0)
+        return self._backoff_step(attempt)
+
+    def _retries_allowed(self, attempt: int, retries: int, asked: float, resp: "Response") -> int:
+        """How many retries a call may make in all, after an answer to retry (429, 5xx) to its
+        attempt ``attempt`` (0: the first): ``retries``, or, where the server asks for a wait with
+        ``Retry-After``, as many more as fit the retry budget (:meth:`_retry_budget`) with the waits
+        counted so far (``asked``, this one's not included: :meth:`_wait_counted`). A database
+        outage is answered 503 with ``Retry-After: 5``: obeyed ``retries`` times, a call gave up
+        after ~50 s (a PostgreSQL restart or fail-over takes 30-90 s), where a server that is down
+        itself (connection refused) was retried for ~2.5 min by the backoff."""
+        if not _retry_after(resp):
+            return retries
+        wait = self._wait_counted(attempt, resp)
+        return max(retries, attempt + int(max(self._retry_budget(retries) - asked, 0.0) // wait))
 
     def _backoff_step(self, attempt: int) -> float:
         """The backoff before jitter: doubling from backoff_base up to backoff_max. The exponent is
@@ -1046,6 +1086,7 @@ class RESTClient:
         #: When the attempts that could not connect at all began (None: the last attempt connected),
         #: for ``connect_wait``.
         unconnected_since: Optional[float] = None
+        asked = 0.0  # the waits so far, as the retry budget counts them (_wait_counted)
         while True:
             attempt_started = time.monotonic()
             if own_deadline is not None and deadline is not None and deadline - time.monotonic() <= 0:
@@ -1079,7 +1120,10 @@ class RESTClient:
                 else:
                     unconnected_since = None
                 connect_spent = connect_left <= 0
-                if (attempt >= retries or connect_spent
+                # Past ``retries`` only after waits of a Retry-After (503s, then the server went down):
+                # on to the end of the same budget of time.
+                spent = attempt >= retries and asked + self._wait_counted(attempt) >= self._retry_budget(retries)
+                if (spent or connect_spent
                         or (deadline is not None and time.monotonic() + delay >= deadline)):
                     if caller_deadline and not connect_spent:  # a program's own bound: it words what follows
                         raise ServerUnavailable(
@@ -1103,7 +1147,11 @@ class RESTClient:
                     ) from None
                 # The record keeps its four arguments and "retrying in" (balsam.cli.launcher rewrites
                 # a call's first one for its log); what follows them is for a person reading it.
-                progress = self._retry_progress(attempt, retries, delay, deadline, connect_left)
+                if attempt < retries:
+                    progress = self._retry_progress(attempt, retries, delay, deadline, connect_left)
+                else:  # past them after waits of a Retry-After: what is left of the budget
+                    progress = self._retry_progress(attempt, attempt + 1, delay, deadline, connect_left,
+                                                    budget_left=self._retry_budget(retries) - asked)
                 if attempt == 0:  # the call's first failure: say once what is unreachable and what to check
                     progress += (f": the Balsam server at {self.shown_root} {_reach_failure(exc)}: "
                                  f"{_failure_reason(exc)}{_retry_hint(self.api_root, exc)}")
@@ -1113,6 +1161,7 @@ class RESTClient:
                                # (balsam.cli.launcher's budget), where nothing connects.
                                extra={"attempt": attempt + 1, "retries": retries,
                                       "connect_wait": self.connect_wait if _is_connect_error(exc) else math.inf})
+                asked += self._wait_counted(attempt)
                 time.sleep(delay)
                 attempt += 1
                 continue
@@ -1122,14 +1171,22 @@ class RESTClient:
                 # A server that asks for more patience than our backoff cap (a throttled login:
                 # minutes) gets its answer reported now, not a blocked caller.
                 delay = self._backoff(attempt, resp)
-                if (attempt >= retries or _retry_after(resp) > self.backoff_max
+                # A Retry-After (a database outage's 503) is obeyed within the same budget of time as
+                # the backoff of a server that is down (_retries_allowed), not ``retries`` times.
+                allowed = self._retries_allowed(attempt, retries, asked, resp)
+                if (attempt >= allowed or _retry_after(resp) > self.backoff_max
                         or (deadline is not None and time.monotonic() + delay >= deadline)):
                     raise APIError(method, f"{self.shown_root}{url}", status, _response_detail(resp),
                                    retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
-                logger.warning("%s %s: HTTP %d; retrying in %.1f s"
-                               + self._retry_progress(attempt, retries, delay, deadline).replace("%", "%%"),
+                if allowed > retries:  # waits of Retry-After, to the end of the budget
+                    progress = self._retry_progress(attempt, allowed, delay, deadline,
+                                                    budget_left=self._retry_budget(retries) - asked)
+                else:
+                    progress = self._retry_progress(attempt, retries, delay, deadline)
+                logger.warning("%s %s: HTTP %d; retrying in %.1f s" + progress.replace("%", "%%"),
                                method, url, status, delay,
                                extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
+                asked += self._wait_counted(attempt, resp)
                 time.sleep(delay)
                 attempt += 1
                 continue

@@ -125,13 +125,34 @@ def _is_pool_timeout(exc: Exception) -> bool:
     return isinstance(exc, sa.exc.TimeoutError)
 
 
+#: PostgreSQL's refusals of a new connection when its connection limits are reached (SQLSTATE 53300;
+#: libpq gives no code for a refused connection, only the text): ``max_connections`` (and the slots
+#: kept for superusers, whose text PostgreSQL 16 changed), a role's or a database's CONNECTION LIMIT.
+_PG_CONNECTION_LIMITS = ("too many clients", "remaining connection slots are reserved", "too many connections for")
+
+
+def _is_connection_limit(exc: Exception) -> bool:
+    """PostgreSQL refused a new connection of the pool for its connection limit: it is up and serving
+    the connections it has, the pool's among them (busy, as a pool timeout, not an outage)."""
+    if not isinstance(exc, sa.exc.OperationalError):
+        return False
+    message = str(getattr(exc, "orig", None) or exc).lower()
+    return any(words in message for words in _PG_CONNECTION_LIMITS)
+
+
+def _is_busy(exc: Exception) -> bool:
+    """The database is up and this server has more requests than connections for them."""
+    return _is_pool_timeout(exc) or _is_connection_limit(exc)
+
+
 def _is_db_outage(exc: Exception) -> bool:
     """Connection lost, server restarting or shutting down, database locked."""
-    if _is_tx_conflict(exc) or _is_pool_timeout(exc):
+    if _is_tx_conflict(exc) or _is_busy(exc):
         # psycopg2 raises conflicts as OperationalError, but neither is an outage: counting one as
         # an outage (note_outage) made the next sweep restart the expiry clock of every session of
         # every user, so dead launchers' sessions outlived their expiry (under load, for pool
-        # timeouts: the other requests, heartbeats among them, were being served meanwhile).
+        # timeouts and PostgreSQL's "too many clients": the other requests, heartbeats among them,
+        # were being served meanwhile on the connections the pool has).
         return False
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
@@ -144,9 +165,15 @@ def _is_db_outage(exc: Exception) -> bool:
 async def _database_error(request: Request, exc: Exception) -> Response:
     if _is_tx_conflict(exc):
         return _tx_conflict(request, exc)
-    if _is_pool_timeout(exc):
+    if _is_busy(exc):
         # Busy, not down: 503 so that the client retries, and no note_outage (see _is_db_outage).
-        logger.warning("No database connection free in time on %s %s (busy): %s", request.method, request.url.path, exc)
+        if _is_pool_timeout(exc):
+            logger.warning("No database connection free in time on %s %s (busy): %s", request.method,
+                           request.url.path, exc)
+        else:
+            logger.warning("The database refused a new connection on %s %s (its connection limit; busy): %s",
+                           request.method, request.url.path,
+                           (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0])
         return JSONResponse({"detail": "The server is busy; retry shortly"}, status_code=503,
                             headers={"Retry-After": str(DB_OUTAGE_RETRY_AFTER_SEC)})
     if not _is_db_outage(exc):
@@ -212,7 +239,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             try:
                 await run_in_threadpool(_sweep_once, app)
             except Exception as exc:  # keep sweeping: a failed sweep (e.g. DB restart) is retried next period
-                if _is_tx_conflict(exc) or _is_pool_timeout(exc):  # a concurrent transaction, or busy: no outage
+                if _is_tx_conflict(exc) or _is_busy(exc):  # a concurrent transaction, or busy: no outage
                     logger.warning("Session sweep not done (%s); retried next period",
                                    (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0])
                     continue
