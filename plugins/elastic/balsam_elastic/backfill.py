@@ -21,9 +21,11 @@ Per cycle (inventory §9):
 4. The window: with ``use_backfill`` the scheduler's windows for the submit queue, less the nodes
    its own window-fitted BatchJobs requested and have not taken yet (the scheduler shows them idle
    until those start; a queued one keeps its claim until a status poll shows it running), at least ``min_wall_time_min`` long, long enough for a BatchJob whose launcher leases the
-   shortest runnable job (``request_min_for``: the launcher's margins) plus ``wall_time_pad_min``, and as wide
-   as the smallest runnable job and the submit queue's ``min_nodes``, the largest by nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``, in the regular queue
-   (never cancelled as stale).
+   shortest runnable job (``request_min_for``: the launcher's margins and start-up) plus ``wall_time_pad_min``, and as wide
+   as the smallest runnable job and the submit queue's ``min_nodes``, the largest by nodes x minutes; without it, no
+   window: 5 sizes the request as for a window of ``max_num_nodes`` x ``max_wall_time_min`` (so
+   ``max_wall_time_min - wall_time_pad_min`` long, at most ``max_num_nodes`` wide), and it waits in
+   the regular queue (never cancelled as stale).
 5. ``idle = reserved - running footprint``; when the runnable footprint exceeds it, one BatchJob of
    ``min(max(min_num_nodes, shortfall), window nodes, max_num_nodes)`` nodes for the window's
    length less ``wall_time_pad_min``.
@@ -53,10 +55,10 @@ class BackfillStrategy(Strategy):
     name = "backfill"
     uses_backfill_windows = True
     reads_section_keys = frozenset(STRATEGY_SECTION_KEYS)
-    #: With use_backfill false every request is max_num_nodes x max_wall_time_min in the regular
-    #: queue: no window is chosen (min_wall_time_min), no request is fitted to one and so none is
-    #: stale (max_queue_wait_time_min), and the regular-queue fallback, taken when no window fits,
-    #: never is (regular_queue_after_min).
+    #: With use_backfill false every request lasts max_wall_time_min - wall_time_pad_min, as wide as
+    #: the shortfall (min_num_nodes to max_num_nodes), in the regular queue: no window is chosen
+    #: (min_wall_time_min), no request is fitted to one and so none is stale (max_queue_wait_time_min),
+    #: and the regular-queue fallback, taken when no window fits, never is (regular_queue_after_min).
     window_only_keys = frozenset({"min_wall_time_min", "max_queue_wait_time_min", "regular_queue_after_min"})
     widest_request_key = "max_num_nodes"
 

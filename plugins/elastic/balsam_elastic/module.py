@@ -323,7 +323,8 @@ class ElasticQueueModule(AgentModule):
         (``Strategy.widest_request_nodes``), single-node and single-rank under job_mode serial (the serial
         launcher's ``serial_only`` lease), and no longer than a launcher in its longest BatchJob
         leases (``leased_up_to_min``: its batch script's ``-t`` less its safety margin, in whole minutes,
-        5 fewer than the BatchJob's wall time from 22 minutes on). :meth:`lease_filters` asks the server for those."""
+        as its first acquire offers them up to a minute after the script's start; 5 fewer than the
+        BatchJob's wall time from 22 minutes on). :meth:`lease_filters` asks the server for those."""
         serial = self.options.job_mode == "serial"
         # Nor wider than its widest request (max_num_nodes, nodes_per_block): such a job ran in none
         # of its BatchJobs, and counted, it inflated the requests.

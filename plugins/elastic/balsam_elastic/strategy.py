@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Optional
 
 import attrs
 
-from balsam.launcher.job_mode import Countdown, longest_offered_min
+from balsam.launcher.job_mode import Countdown
 from balsam.models import BackfillWindow
 from balsam.options import NoOptions, build_options
 from balsam.site.job_template import launcher_wall_time
@@ -30,6 +30,7 @@ __all__ = [
     "Backlog",
     "BatchJobView",
     "Decision",
+    "LAUNCHER_START_UP_SEC",
     "STRATEGY_GROUP",
     "STRATEGY_SECTION_KEYS",
     "Snapshot",
@@ -306,16 +307,28 @@ def nodes_for(footprint: float) -> int:
     return max(0, math.ceil(round(footprint, 9)))
 
 
+#: Seconds from its batch script's start to a launcher's first acquire that :func:`leased_up_to_min`
+#: allows for: the script's set-up (module loads, a MIG set-up, Python imports from a parallel
+#: filesystem), then the launcher's own start-up. The acquire offers the whole minutes left when it
+#: asks, so one at the script's start set a bound that a few seconds of start-up broke.
+LAUNCHER_START_UP_SEC = 60.0
+
+
 def leased_up_to_min(wall_time_min: int) -> int:
     """The longest ``wall_time_min`` of a job that a launcher in a BatchJob of ``wall_time_min``
-    minutes ever leases. The batch script starts it with ``-t`` a little less than the BatchJob
-    (:func:`balsam.site.job_template.launcher_wall_time`: 2 minutes less from 6 minutes on), and
-    its first acquire offers the whole minutes left of that before its own safety margin
-    (:class:`balsam.launcher.job_mode.Countdown`: 10 % of the wall time, 1 s to 120 s): 25 minutes
-    in a 30-minute BatchJob, ``wall_time_min - 5`` from 22 minutes on. Counted up to
-    ``wall_time_min - 1``, jobs of 26 to 29 minutes got a 30-minute BatchJob each cycle that
-    leased none of them, ran nothing and left."""
-    return longest_offered_min(Countdown(launcher_wall_time(wall_time_min), start_time=0.0))
+    minutes leases, when its first acquire comes up to :data:`LAUNCHER_START_UP_SEC` after its
+    batch script started. The script starts it with ``-t`` a little less than the BatchJob
+    (:func:`balsam.site.job_template.launcher_wall_time`: 2 minutes less from 6 minutes on, 1 from
+    3 to 5, none below), and an acquire offers the whole minutes left of that before its own safety
+    margin (:class:`balsam.launcher.job_mode.Countdown`: 10 % of the wall time, 1 s to 120 s) when it
+    asks: 25 minutes in a 30-minute BatchJob, ``wall_time_min - 5`` from 22 minutes on. Counted up
+    to ``wall_time_min - 1``, jobs of 26 to 29 minutes got a 30-minute BatchJob each cycle that
+    leased none of them, ran nothing and left. Counted at what the acquire offers at the script's
+    start, the limit held for 6 to 54 s of start-up under 22 minutes (a 17-minute job in a
+    21-minute BatchJob: 6 s; 7 s gave the same loop). ``$BALSAM_LAUNCHER_MARGIN_SEC`` is read here,
+    in the agent's environment: a value given to the launchers only (the job template) is not seen."""
+    countdown = Countdown(launcher_wall_time(wall_time_min), start_time=0.0)
+    return max(0, int((countdown.deadline - LAUNCHER_START_UP_SEC) // 60))
 
 
 def request_min_for(job_min: int) -> int:
