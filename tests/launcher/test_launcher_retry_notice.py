@@ -73,3 +73,13 @@ def test_record_without_an_attempt_number_is_read_by_its_delay(notice) -> None:
     assert notice.filter(first) and notice.filter(later)
     assert first.levelno == logging.WARNING and "retrying up to" in first.getMessage()
     assert later.levelno == logging.INFO
+
+
+def test_a_retry_after_answer_names_the_retries_it_really_gets(notice) -> None:
+    # A Retry-After (a database outage's 503) is retried within the backoff's time budget, more often
+    # than retry_count (30 waits of 5 s for 10): the first warning said "up to 10 times".
+    record = logging.LogRecord(rest.logger.name, logging.WARNING, __file__, 1, "%s %s: HTTP %d; retrying in %.1f s",
+                               ("POST", "/sessions/", 503, 5.2), None)
+    record.attempt, record.retries, record.retry_after_waits = 1, 10, 30
+    assert notice.filter(record)
+    assert record.levelno == logging.WARNING and "retrying up to 30 times over up to about" in record.getMessage()

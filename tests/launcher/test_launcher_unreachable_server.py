@@ -3,9 +3,11 @@ a server that is down) says so in one line after its retries, not in a traceback
 
 from __future__ import annotations
 
+import http.server
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,42 @@ def test_socket_directory_missing_on_this_host(tmp_path: Path) -> None:
 def test_loopback_address_gets_the_hint(tmp_path: Path, host: str) -> None:
     line = _error_line(_run_launcher(tmp_path, f"http://{host}:{closed_port()}"))
     assert "compute nodes need a server they can reach" in line
+
+
+class _DatabaseDownHandler(http.server.BaseHTTPRequestHandler):
+    """A server that answers every call 503 with Retry-After: its database is unreachable."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"detail": "The database is unavailable; retry shortly"}'
+        self.send_response(503)
+        self.send_header("Retry-After", "1")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_server_whose_database_stays_down_ends_the_launcher_in_one_line(tmp_path: Path) -> None:
+    # The server answers, but 503 for the whole retry budget: the launcher's start-up ended in ~40
+    # lines of traceback (APIError), where a server it cannot reach gets one line.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DatabaseDownHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api_root = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = _run_launcher(tmp_path, api_root)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert line.startswith(f"Error: the launcher on {socket.gethostname()} gave up on the Balsam server at {api_root}")
+    assert "HTTP 503" in line and "The database is unavailable" in line

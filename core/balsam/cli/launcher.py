@@ -123,6 +123,9 @@ class _RetryNotice(logging.Filter):
                           "retries are logged at INFO)")
             record.args = (said, api_root, _span(connect_wait), CONNECT_WAIT_ENV)
             return True
+        waits = getattr(record, "retry_after_waits", None)
+        if isinstance(waits, int) and waits > retries:  # a Retry-After is retried more often, in the same time
+            retries = waits
         record.msg = ("%s from the Balsam server at %s; retrying up to %d %s over up to about %s before "
                       "giving up (further retries are logged at INFO)")
         record.args = (said, api_root, retries, "time" if retries == 1 else "times", _span(seconds))
@@ -180,7 +183,7 @@ def launcher_command(job_mode: str, wall_time_min: float, tags: tuple, parts: tu
         sys.exit(1)
     except Exception as exc:
         # Imported only now: run_launcher imports the client after taking the start time.
-        from balsam.client import ClientSettingsError, ServerUnavailable, TransportRefused
+        from balsam.client import APIError, ClientSettingsError, ServerUnavailable, TransportRefused
 
         if os.environ.get("BALSAM_CLI_TRACEBACK") == "1":
             raise
@@ -188,6 +191,12 @@ def launcher_command(job_mode: str, wall_time_min: float, tags: tuple, parts: tu
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         # The retries are spent (a server restart is ridden out): one line, not a traceback.
+        if isinstance(exc, APIError) and (exc.status_code == 429 or exc.status_code >= 500):
+            # The server answered but could not serve (its database unreachable: 503) for the whole
+            # retry budget: one line naming it, as for a server that cannot be reached at all.
+            click.echo(f"Error: the launcher on {socket.gethostname()} gave up on the Balsam server at "
+                       f"{_api_root() or '?'}: {exc}", err=True)
+            sys.exit(1)
         if not isinstance(exc, (ServerUnavailable, TransportRefused)):
             raise
         click.echo(f"Error: {unreachable_server_line(exc)}", err=True)

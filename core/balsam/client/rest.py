@@ -1185,7 +1185,10 @@ class RESTClient:
                     progress = self._retry_progress(attempt, retries, delay, deadline)
                 logger.warning("%s %s: HTTP %d; retrying in %.1f s" + progress.replace("%", "%%"),
                                method, url, status, delay,
-                               extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
+                               # 1: the call's first failure; retry_after_waits: a Retry-After is retried
+                               # that many times within the same time (balsam.cli.launcher's notice)
+                               extra={"attempt": attempt + 1, "retries": retries,
+                                      "retry_after_waits": allowed if allowed > retries else None})
                 asked += self._wait_counted(attempt, resp)
                 time.sleep(delay)
                 attempt += 1
