@@ -252,8 +252,9 @@ class TaskStatus:
     #: call of its ``task_list`` chunk failed while others answered); ``reason`` says why. The agent
     #: takes it as it takes a poll that raised, for this task alone: it stays in flight as it was
     #: (one last read ``queued`` is not taken for started, ``queued`` here is ignored), its deadline
-    #: counts from its start if known, else from its submission, and it is logged once per reason,
-    #: not as a task that is not moving.
+    #: counts from its start if known (last read queued: from the first of an unbroken row of
+    #: failed reads; else from its submission), and it is logged once per reason, not as a task
+    #: that is not moving.
     unread: bool = False
 
 

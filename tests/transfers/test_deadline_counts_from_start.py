@@ -210,8 +210,9 @@ def _item(info: dict) -> dict:
 def test_where_the_clock_starts(tmp_path: Path) -> None:
     """Queued: no deadline. Started after being seen queued: now (recorded by the poll's update).
     Never seen queued (Globus; a backend that cannot tell): the submission. Poll failed: the start if
-    known, else the submission, even for a task last seen queued (an unreachable backend must not
-    keep its items for ever)."""
+    known; for a task last seen queued, the first failed read of the unbroken row of them (one
+    failed read must not end a task queued for longer than its deadline, and an unreachable backend
+    must not keep its items for ever); else the submission."""
     start = TransfersModule._clock_start
     submitted = T0.isoformat()
     later = T0 + dt.timedelta(hours=2)
@@ -221,7 +222,13 @@ def test_where_the_clock_starts(tmp_path: Path) -> None:
     assert start(running, [_item({"submitted": submitted, "queued": True})], later, True) == later
     started = (T0 + dt.timedelta(hours=1)).isoformat()
     assert start(running, [_item({"submitted": submitted, "started": started})], later, True) == T0 + dt.timedelta(hours=1)
-    assert start(running, [_item({"submitted": submitted, "queued": True})], later, False) == T0
+    assert start(running, [_item({"submitted": submitted})], later, False) == T0
+    failing = T0 + dt.timedelta(minutes=90)
+    assert start(running, [_item({"submitted": submitted, "queued": True})], later, False,
+                 failing_since=failing) == failing
+    assert start(running, [_item({"submitted": submitted, "queued": True})], later, False) is None
+    assert start(running, [_item({"submitted": submitted, "started": started})], later, False,
+                 failing_since=failing) == T0 + dt.timedelta(hours=1)
     assert start(running, [_item({})], later, True) is None
 
     # The poll's update records the start once, and the reason of the wait goes with the mark.
@@ -230,9 +237,14 @@ def test_where_the_clock_starts(tmp_path: Path) -> None:
     updates: dict = {}
     module._apply_status("local:t", running, [item], updates, later)
     assert updates[1]["transfer_info"] == {"submitted": submitted, "started": later.isoformat()}
-    # A poll that fails long after, a task queued: its deadline counted from its submission.
-    assert module._check_deadline(None, "local:t", running, [_item({"submitted": submitted, "queued": True})],
-                                  later, reported=False).state == TaskState.failed
+    # A poll that fails long after its submission, a task last seen queued: its deadline counts
+    # from that first failed read (it used to count from the submission: one failed read ended a
+    # task queued for longer than task_timeout_sec), and ends it once the reads keep failing.
+    queued_items = [_item({"submitted": submitted, "queued": True})]
+    assert module._not_read(None, "local:t", "cannot poll", queued_items, {}, later) == 1
+    assert module._not_read(None, "local:t", "cannot poll", queued_items, {}, later + dt.timedelta(minutes=10)) == 1
+    assert module._unread_since == {"local:t": later}
+    assert module._not_read(None, "local:t", "cannot poll", queued_items, {}, later + dt.timedelta(minutes=11)) == 0
     assert module._check_deadline(None, "local:t", queued, [_item({"submitted": submitted, "queued": True})],
                                   later).state == TaskState.active
 

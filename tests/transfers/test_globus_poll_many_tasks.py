@@ -243,8 +243,9 @@ def test_a_queued_task_whose_call_fails_after_a_restart_is_not_taken_for_started
 
 def test_a_queued_task_whose_call_keeps_failing_meets_its_deadline(tmp_path: Path) -> None:
     """A task last read queued whose task_list call then fails every cycle (the poll's other call
-    answering): its deadline counts as a failed poll's, from its submission, and it is cancelled
-    past it. It was reported queued from memory every cycle, its deadline never counting."""
+    answering): its deadline counts from the first failed read of the row (not from its
+    submission: see test_globus_failed_read_deadline), and it is cancelled past it. It was reported
+    queued from memory every cycle, its deadline never counting."""
     module, api, clock, cancels = unread_agent(tmp_path, 51)
     mode = ["queued"]
     running_list(mode)
@@ -254,7 +255,10 @@ def test_a_queued_task_whose_call_keeps_failing_meets_its_deadline(tmp_path: Pat
     clock[0] = T0 + dt.timedelta(minutes=30)
     module.run_cycle()
     assert not cancels and api.items[51]["state"] == "active"
-    clock[0] = T0 + dt.timedelta(hours=1, minutes=1)
+    clock[0] = T0 + dt.timedelta(hours=1, minutes=29)
+    module.run_cycle()
+    assert not cancels and api.items[51]["state"] == "active"
+    clock[0] = T0 + dt.timedelta(hours=1, minutes=31)
     module.run_cycle()
     assert [url.split("/task/")[1] for url in cancels] == ["t-050/cancel"]
     assert api.items[51]["state"] == "pending"

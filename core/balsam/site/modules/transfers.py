@@ -113,8 +113,11 @@ its items then carry ``transfer_info.queued`` and the reason they wait (the back
 QUEUED_REASON; not logged as a task not moving), no deadline runs, and the first poll that finds it started records that time as
 ``transfer_info.started``, from which its deadline counts (so a task queued behind hung ones gets
 its whole ``task_timeout_sec`` once it runs; the hung ones ahead of it meet their own deadlines,
-and a cancelled one's thread is replaced). A task whose poll fails counts from its start if known,
-else from its submission, whatever it was last seen as. A new submission drops both keys.
+and a cancelled one's thread is replaced). A task whose poll fails (or that it leaves ``unread``)
+counts from its start if known; one last seen queued, from the first failed read of the unbroken
+row of them (kept in memory; a read that answers ends the row), so one failed read does not end
+a task queued longer than its deadline, and an outage still ends it; else from its submission.
+A new submission drops both keys.
 A cancel that fails for a reason retrying may fix leaves the task in flight (tried again next
 cycle): its items are not sent again while it may still write.
 Backends that take the deadline themselves (``section_keys`` mapping ``task_timeout_sec``: the Globus
@@ -847,6 +850,14 @@ class TransfersModule(AgentModule):
         #: may fail (API down) and the items then still say ``queued``. Tasks no longer in flight are
         #: dropped each poll.
         self._task_started: dict[str, dt.datetime] = {}
+        #: When the unbroken row of failed reads of each in-flight task began (its backend's poll
+        #: raised, or left it ``unread``); a read that answers ends the row. A task last seen queued
+        #: counts its deadline from here while its reads fail (see :meth:`_clock_start`): from its
+        #: submission, one 502 cancelled every task that had waited in its service's queue (Globus:
+        #: 3 running tasks per user) longer than task_timeout_sec. In memory only: an agent
+        #: restarted during an outage starts the row again at its first failed read. Tasks no
+        #: longer in flight are dropped each poll.
+        self._unread_since: dict[str, dt.datetime] = {}
         #: When each in-flight task's progress figures were last written into its items (see
         #: PROGRESS_EVERY_SEC); tasks no longer in flight are dropped each poll.
         self._progress_at: dict[str, dt.datetime] = {}
@@ -1231,6 +1242,7 @@ class TransfersModule(AgentModule):
                 self._task_dests.setdefault(str(item["task_id"]), {})[int(item["id"])] = (
                     self._dest_of(item), bool(item.get("recursive")))
         self._task_started = {tid: at for tid, at in self._task_started.items() if tid in by_task}
+        self._unread_since = {tid: at for tid, at in self._unread_since.items() if tid in by_task}
         self._progress_at = {tid: at for tid, at in self._progress_at.items() if tid in by_task}
         by_backend: dict[str, list[str]] = defaultdict(list)
         for task_id in by_task:
@@ -1262,6 +1274,9 @@ class TransfersModule(AgentModule):
                 self._warn_once(f"poll:{name}", str(exc), "transfer backend %s: polling %d tasks failed (will retry%s): "
                                 "%s", name, len(task_ids), pause or " every cycle", exc)
                 reason = one_line(f"cannot poll its task: {exc}")
+                # Said again once the poll answers in part with the same failed call: silent (DEBUG)
+                # after the outage, the tasks still not read went unmentioned.
+                self._forget_unread_said(name, ())
                 for tid in task_ids:
                     # Also without a backend (its plugin uninstalled or unloadable): the deadline
                     # still ends the task's items, else their jobs would wait for ever.
@@ -1277,6 +1292,7 @@ class TransfersModule(AgentModule):
                     unread[status.reason].append(tid)
                     running += self._not_read(backend, tid, status.reason, by_task[tid], updates, now)
                     continue
+                self._unread_since.pop(tid, None)  # read: a row of failed reads is over
                 if status.state in (TaskState.active, TaskState.inactive):
                     status = self._check_deadline(backend, tid, status, by_task[tid], now)
                 if status.state in (TaskState.active, TaskState.inactive):
@@ -1289,18 +1305,25 @@ class TransfersModule(AgentModule):
             for reason, tids in unread.items():
                 self._warn_once(f"unread:{name}:{reason}", reason, "transfer backend %s: %d of %d tasks not read this "
                                 "cycle (e.g. %s): %s", name, len(tids), len(task_ids), tids[0], reason)
-            for key in [key for key in self._said if key.startswith(f"unread:{name}:")]:
-                if key.partition(f"unread:{name}:")[2] not in unread:
-                    del self._said[key]
+            self._forget_unread_said(name, unread)
         return running
+
+    def _forget_unread_said(self, name: str, reasons: Iterable[str]) -> None:
+        """Forget the "tasks not read" warnings of backend ``name`` but those of ``reasons`` (this
+        poll's): a reason seen again after a poll without it is a WARNING again."""
+        keep = {f"unread:{name}:{reason}" for reason in reasons}
+        for key in [key for key in self._said if key.startswith(f"unread:{name}:") and key not in keep]:
+            del self._said[key]
 
     def _not_read(self, backend: Optional[TransferBackend], task_id: str, reason: str, items: list[dict],
                   updates: dict[int, dict[str, Any]], now: dt.datetime) -> int:
         """A task whose state its backend's poll could not read (the poll failed, or the call for
         this task did: :attr:`TaskStatus.unread`): its items stay in flight as they were, with
         ``reason`` (one last read queued is not taken for started), until it is read again or its
-        deadline (counted as for a failed poll: its start if known, else its submission) ends it.
-        Returns 1 while it runs on, else 0."""
+        deadline ends it: counted from its start if known; for one last read queued, from the first
+        failed read of this unbroken row of them; else from its submission. Returns 1 while it runs
+        on, else 0."""
+        self._unread_since.setdefault(task_id, now)
         status = self._check_deadline(backend, task_id, TaskStatus(TaskState.active, reason=reason), items, now,
                                       reported=False)
         if status.state == TaskState.active:
@@ -1323,7 +1346,7 @@ class TransfersModule(AgentModule):
         limit = self.options.task_timeout_sec
         for tid in task_ids:
             start = self._clock_start(TaskStatus(TaskState.active), by_task[tid], now, False, task_id=tid,
-                                      remembered=self._task_started)
+                                      remembered=self._task_started, failing_since=self._unread_since.get(tid))
             if start is None or (now - start).total_seconds() <= limit:
                 continue
             self._warn_once(f"task:{tid}", f"deadline in hold: {held}", "transfer task %s ran past "
@@ -1340,7 +1363,8 @@ class TransfersModule(AgentModule):
         """``status`` of a task still running, or a failed status (a try of each of its items) once it
         has run past ``task_timeout_sec`` and was cancelled. ``reported``: ``status`` is what the
         backend said (False: its poll failed, and ``status`` stands in for it)."""
-        start = self._clock_start(status, items, now, reported, task_id=task_id, remembered=self._task_started)
+        start = self._clock_start(status, items, now, reported, task_id=task_id, remembered=self._task_started,
+                                  failing_since=None if reported else self._unread_since.get(task_id))
         if start is None:
             return status
         age = (now - start).total_seconds()
@@ -1426,7 +1450,8 @@ class TransfersModule(AgentModule):
 
     @staticmethod
     def _clock_start(status: TaskStatus, items: list[dict], now: dt.datetime, reported: bool, *, task_id: str = "",
-                     remembered: Optional[dict[str, dt.datetime]] = None) -> Optional[dt.datetime]:
+                     remembered: Optional[dict[str, dt.datetime]] = None,
+                     failing_since: Optional[dt.datetime] = None) -> Optional[dt.datetime]:
         """Since when a running task's deadline counts (None: it does not count yet).
 
         A task its backend reports ``queued`` (waiting for a free thread) has not started: no
@@ -1434,8 +1459,11 @@ class TransfersModule(AgentModule):
         (``transfer_info.started``, written by :meth:`_apply_status`; ``now`` at that first poll,
         while the items still carry the ``queued`` mark). A task never seen queued (a backend that
         does not say, or a task its backend started at once) counts from its submission. A
-        task whose poll failed counts from its start if known, else from its submission, whatever it
-        was last seen as: a backend that can no longer be asked must not keep its items for ever.
+        task whose poll failed (``reported`` False) counts from its start if known; one last seen
+        queued, from ``failing_since``, the first failed read of the unbroken row of them (None:
+        no read failed, its backend held off: not yet); else from its submission. A backend that
+        can no longer be asked must not keep its items for ever, yet one failed read must not end a
+        task that waited in its service's queue for longer than its deadline.
 
         ``remembered`` ({task id: start}, the module's memory) holds the start found at that first
         poll until the items record it: should the PATCH writing ``started`` fail (API down), the
@@ -1453,6 +1481,8 @@ class TransfersModule(AgentModule):
             if remembered is not None:
                 remembered[task_id] = now
             return now
+        if not reported and any((item.get("transfer_info") or {}).get("queued") for item in items):
+            return failing_since
         submitted = [at for at in (_info_time(item, "submitted") for item in items) if at is not None]
         # Items of an older agent without the time: counted from their next submission.
         return min(submitted) if submitted else None
