@@ -506,6 +506,12 @@ def test_hook_results_are_sent_at_stop_and_a_hung_hook_is_ended(processing, clie
     run_until(module, lambda: {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"})
     FakeLauncher(client, site_id).run({i: ("RUN_DONE", {}) for i in ids}, Path(site.data_path), {})
     run_until(module, lambda: module.in_flight() == 2)
+    # Both hooks running, not only submitted: a worker not yet started under load ran neither by
+    # HOOKS_STOP_LIMIT_SEC (no "started" file, no result for the slow one). The slow one still
+    # sleeps: its result is sent at the stop.
+    data = Path(site.data_path)
+    run_until(module, lambda: (data / "hung/0/started").exists() and (data / "slow/0/runs.txt").exists(),
+              "both hooks running")
     module.close()  # returns: the hung hook was ended (its job is released below)
     # Its worker is gone: it ran on after close() (the pool's shutdown had forgotten its processes),
     # alongside the next agent's run of the same hook, and the agent's exit waited for it.

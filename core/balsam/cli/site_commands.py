@@ -446,7 +446,10 @@ def stop(site_path: Optional[str], timeout: Optional[float], force: bool) -> Non
 def status(site_path: Optional[str]) -> None:
     """Say whether the site agent runs (pid, since when, log); exit status 0 running, 1 not, 2 unknown."""
     from balsam.config import SiteNotFoundError
-    from balsam.site.agent import pid_file_path, read_pid_record, recorded_agent_alive, settings_changed_since_start
+    from balsam.site.agent import (
+        pid_file_of_another_directory, pid_file_path, read_pid_record, recorded_agent_alive,
+        settings_changed_since_start,
+    )
 
     try:
         path = _site_path(site_path)
@@ -466,6 +469,10 @@ def status(site_path: Optional[str]) -> None:
             click.echo(f"Cannot read the pid file {pid_file} ({exc.strerror or exc}): whether the site agent runs "
                        "is unknown", err=True)
             sys.exit(2)
+        if pid_file_of_another_directory(path):
+            click.echo(f"The site agent is not running in {path} (its pid file {pid_file} names the agent of another "
+                       "directory, copied with this one; `balsam site start` replaces it).")
+            sys.exit(1)
         # There, readable, but not hostname/pid/start time: not an agent's (they write it whole).
         click.echo(f"The pid file {pid_file} is not one a site agent wrote (not host, pid, start time): whether "
                    "the site agent runs is unknown", err=True)

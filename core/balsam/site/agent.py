@@ -95,6 +95,14 @@ STOP_WAIT_ENV = "BALSAM_AGENT_STOP_WAIT_SEC"
 #: The pid file's line recording the agent's stop wait (``stop_wait_sec=<seconds>``), for `balsam
 #: site stop`/`sync`'s timeout (:func:`agent_stop_timeout`) and for `sync`'s restart, which keeps it.
 STOP_WAIT_FIELD = "stop_wait_sec="
+#: The pid file's line naming the site directory its agent serves (``site_dir_inode=<inode>``, the
+#: last line): a copy of the directory made while the agent ran (``cp -a``, ``rsync -a``) holds the
+#: same pid file, naming the original's live agent, and was taken for a directory whose agent runs
+#: (`site start` said "already running", `site stop` in the copy stopped the original's agent,
+#: `site sync` in the copy moved the site there). The inode only: the same directory mounted
+#: elsewhere (another login node, an NFS automount mounted again) has another st_dev, not another
+#: inode. A pid file without it (an older agent's) is read as before.
+SITE_DIR_FIELD = "site_dir_inode="
 #: `balsam site stop`'s shortest default timeout (its timeout before the stop wait was settable).
 MIN_STOP_TIMEOUT_SEC = 45.0
 #: What a stop takes after its wait for the cycles in progress and its stopping hook: the modules'
@@ -224,19 +232,50 @@ def pid_file_path(site_path: Path) -> Path:
     return Path(site_path) / PID_FILE_NAME
 
 
+def site_dir_identity(site_path: Path) -> Optional[int]:
+    """The site directory's inode (:data:`SITE_DIR_FIELD`), None when it cannot be read."""
+    try:
+        return os.stat(site_path).st_ino
+    except OSError:
+        return None
+
+
+def _pid_file_of_another_directory(site_path: Path, fields: list[str]) -> bool:
+    for field in fields[3:]:
+        if field.startswith(SITE_DIR_FIELD):
+            here = site_dir_identity(site_path)
+            try:
+                return here is not None and int(field[len(SITE_DIR_FIELD):]) != here
+            except ValueError:
+                return False
+    return False
+
+
+def pid_file_of_another_directory(site_path: Path) -> bool:
+    """Whether the site's pid file names an agent of another directory: it was copied with this one
+    (``cp -a``, ``rsync -a`` while that agent ran). :func:`read_pid_record` reads no record then."""
+    try:
+        return _pid_file_of_another_directory(site_path, pid_file_path(site_path).read_text().split())
+    except OSError:
+        return False
+
+
 def read_pid_record(site_path: Path) -> Optional[tuple[str, int, Optional[float]]]:
     """(hostname, pid, process start time) from the site's pid file, or None when there is none.
 
     The start time (seconds since the epoch, as psutil reports it) tells the agent apart from a
-    later process that got the same pid; files written by older versions have none (None).
+    later process that got the same pid; files written by older versions have none (None). A pid
+    file that names an agent of another directory (:func:`pid_file_of_another_directory`: copied
+    with this one) is none: its agent serves the original, whatever its pid, host and start time.
     """
     path = pid_file_path(site_path)
     try:
         lines = path.read_text().split()
         start_time = float(lines[2]) if len(lines) > 2 else None
-        return lines[0], int(lines[1]), start_time
+        record = lines[0], int(lines[1]), start_time
     except (OSError, IndexError, ValueError):
         return None
+    return None if _pid_file_of_another_directory(site_path, lines) else record
 
 
 def settings_digest(text: Optional[bytes]) -> Optional[str]:
@@ -254,7 +293,7 @@ def settings_changed_since_start(site_path: Path, settings_path: Path) -> Option
         fields = pid_file_path(site_path).read_text().split()
     except OSError:
         return None
-    started = fields[3] if len(fields) > 3 and fields[3].startswith("sha256:") else None
+    started = next((field for field in fields[3:] if field.startswith("sha256:")), None)
     if started is None:
         return None
     try:
@@ -376,9 +415,10 @@ def release_agent_lock(site_path: Path) -> None:
         os.close(fd)  # closing the only descriptor releases the flock
 
 
-def write_pid_file(site_path: Path) -> Path:
-    """Take the agent lock, check that no agent runs, write the pid file. The lock stays held until
-    :func:`remove_pid_file` (or the process's exit)."""
+def write_pid_file(site_path: Path, before_write: Optional[Callable[[], None]] = None) -> Path:
+    """Take the agent lock, check that no agent runs, call ``before_write``, write the pid file.
+    The lock stays held until :func:`remove_pid_file` (or the process's exit); what ``before_write``
+    raises releases it and is raised."""
     import psutil
 
     path = pid_file_path(site_path)
@@ -391,13 +431,19 @@ def write_pid_file(site_path: Path) -> Path:
                 raise AgentError(f"the pid file {path} names a site agent on {host} [pid {pid}]: stop it there; if that "
                                  "host is gone, `balsam site start --force` drops the file once the site looks dead")
             raise AgentError(f"the site agent is already running on {host} [pid {pid}] (pid file {path})")
+        if before_write is not None:
+            before_write()
         if path.exists():
-            logger.warning("replacing stale pid file %s (%s)", path, path.read_text().split())
+            what = "the pid file of another directory's agent, copied with this one," \
+                if pid_file_of_another_directory(site_path) else "stale pid file"
+            logger.warning("replacing %s %s (%s)", what, path, path.read_text().split())
         # A temp name of this process's own: a shared one was replaced from under a concurrent start
         # (FileNotFoundError in os.replace).
         tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        identity = site_dir_identity(site_path)
+        where = f"{SITE_DIR_FIELD}{identity}\n" if identity is not None else ""
         _replace_with_text(tmp, path,
-                           f"{socket.gethostname()}\n{os.getpid()}\n{psutil.Process().create_time():.3f}\n")
+                           f"{socket.gethostname()}\n{os.getpid()}\n{psutil.Process().create_time():.3f}\n{where}")
     except BaseException:
         release_agent_lock(site_path)
         raise
@@ -408,7 +454,7 @@ def record_started_settings(site_path: Path, settings_text: Optional[bytes],
                             stop_wait_sec: Optional[float] = None) -> None:
     """Add to this agent's pid file the digest of settings.yml as it started with it (a fourth
     line, which older readers ignore), for `balsam site status` (:func:`settings_changed_since_start`),
-    and its stop wait (:data:`STOP_WAIT_FIELD`, the last line), for `balsam site stop`/`sync`
+    and its stop wait (:data:`STOP_WAIT_FIELD`), for `balsam site stop`/`sync`
     (:func:`agent_stop_timeout`). Replaced whole (a temp file, then a rename): a reader never
     finds half a file."""
     digest = settings_digest(settings_text)
@@ -421,8 +467,10 @@ def record_started_settings(site_path: Path, settings_text: Optional[bytes],
         ([f"{STOP_WAIT_FIELD}{stop_wait_sec!r}"] if stop_wait_sec is not None else [])
     if not added:
         return
+    # The site directory's line stays the last one.
+    kept = [line for line in lines[3:] if line.startswith(SITE_DIR_FIELD)]
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    _replace_with_text(tmp, path, "".join(f"{line}\n" for line in lines[:3] + added))
+    _replace_with_text(tmp, path, "".join(f"{line}\n" for line in lines[:3] + added + kept))
 
 
 def _replace_with_text(tmp: Path, path: Path, text: str) -> None:
@@ -1127,14 +1175,19 @@ class Agent:
         killed = kill_descendants()
         return killed + [pid for pid in end_own_command_groups(commands) if pid not in killed]
 
-    def run(self) -> int:
-        """Main entry: signals, pid file, modules until SIGTERM; returns the exit code."""
+    def run(self, before_start: Optional[Callable[[], None]] = None) -> int:
+        """Main entry: signals, pid file, modules until SIGTERM; returns the exit code.
+        ``before_start`` runs once the lock is held and no other agent of this directory runs, before
+        the pid file is written (`balsam site start` waits for it); what it raises ends the run."""
         # The handlers before the pid file: `balsam site stop` (or a test) signals the pid it reads
         # there at once, and a signal before them met the default action (SIGTERM ended the agent
         # with no shutdown, its pid file left; SIGHUP under nohup was ignored, the agent ran on).
         self._install_signal_handlers()
         try:
-            write_pid_file(self.site_path)
+            if before_start is None:
+                write_pid_file(self.site_path)
+            else:
+                write_pid_file(self.site_path, before_write=before_start)
         except BaseException:
             self._remove_signal_handlers()
             raise
@@ -1168,6 +1221,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m balsam.site", description="Run the Balsam site agent")
     parser.add_argument("site_path", nargs="?", help="site directory (default: $BALSAM_SITE_PATH or the cwd's site)")
     parser.add_argument("--log-to-stderr", action="store_true", help="also log to stderr")
+    parser.add_argument("--force", action="store_true",
+                        help="take the site for this directory even where the site record's directory (another copy "
+                             "of the site) holds the pid file of an agent on another host that looks dead")
     args = parser.parse_args(argv)
     # Before any command runs: a SIGCHLD ignored by what started the agent (inherited across exec)
     # makes the kernel discard every scheduler command's exit status.
@@ -1187,14 +1243,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         agent = Agent(site_config, end_children=True)
         from .site_ops import SiteError, claim_site_path  # site_ops imports this module
 
-        try:
-            moved = claim_site_path(agent.client, Path(site_config.site_path))
-        except SiteError as exc:
-            raise AgentError(str(exc)) from None
-        if moved:
-            logger.warning("%s", moved)
-        agent.push_settings()
-        return agent.run()
+        def claim_and_push() -> None:
+            # Once the lock is held and no agent of this directory runs: a start refused by them
+            # (an agent of this directory runs, perhaps on another login node that mounts it
+            # elsewhere) changed the site record's path first. Before the pid file, which
+            # `balsam site start` waits for: it says "Started" only for an agent past its claim.
+            # The claim before the push: the push refreshes the site record, whose last refresh
+            # tells whether another host's agent lives.
+            try:
+                moved = claim_site_path(agent.client, Path(site_config.site_path), force=args.force)
+            except SiteError as exc:
+                raise AgentError(str(exc)) from None
+            if moved:
+                logger.warning("%s", moved)
+            agent.push_settings()
+
+        return agent.run(before_start=claim_and_push)
     except AgentError as exc:
         logger.error("%s", exc)
         print(f"Error: {exc}", file=sys.stderr)

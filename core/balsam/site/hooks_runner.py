@@ -400,6 +400,7 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
             if app_cls is None:
                 raise RuntimeError("the app could not be loaded")
             job_obj = make_job_object(job)
+            saves = _HookSaves(job_obj, state)
             before = _snapshot(job_obj)
             os.chdir(workdir)
             app = app_cls(job_obj)
@@ -412,17 +413,22 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
         except BaseException as exc:  # a hook may raise anything, even SystemExit
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             _note(text)
+            message = {"message": f"An exception occurred in {hook}", "error": api_text(text[-4000:])}
+            if saves.saved_state:
+                # Raised after saving a new state itself: the job is no longer the processing
+                # session's, whose FAILED the server refused (HTTP 409, an ERROR for the job).
+                return _saved_by_hook(job_obj, hook, job["id"], failed=message)
             # api_json: an exception's text may hold a NUL (a hook parsing binary output), and the
             # server refused the whole FAILED for it.
             return api_json({
                 **base,
                 "state": JobState.failed.value,
                 "state_timestamp": now_iso(),
-                "state_data": {"message": f"An exception occurred in {hook}", "error": text[-4000:]},
+                "state_data": message,
             })
         finally:
             os.chdir(cwd)
-        if after.get("state") != before.get("state") and "state" not in _unsaved(job_obj):
+        if saves.saved_state:
             return _saved_by_hook(job_obj, hook, job["id"])
         update = dict(base)
         for name, value in after.items():
@@ -458,14 +464,43 @@ def _unsaved(job_obj: Any) -> set[str]:
     try:
         return set(job_obj.dirty_fields)
     except Exception:
-        return {"state"}  # unknown: the hook's changes go as usual
+        return set()
 
 
-def _saved_by_hook(job_obj: Any, hook: str, job_id: int) -> dict:
-    """The update of a job whose hook saved its new state itself: its later changes are saved
-    here as the hook saved the state (the processing session no longer holds the job)."""
+class _HookSaves:
+    """Watches a hook's own saves of its job (``self.job.state = ...; self.job.save()``):
+    ``saved_state`` once one of them sent a new state, whatever the hook does after it (sets
+    another state, raises). A 0.7 postprocess's ``JOB_FINISHED`` (its server took any state) is
+    saved as POSTPROCESSED, as the processing module sends it (:data:`FINISHED_BY_POSTPROCESS`):
+    the server refused RUN_DONE -> JOB_FINISHED, and the job failed."""
+
+    def __init__(self, job_obj: Any, state: JobState) -> None:
+        self.saved_state = False
+        self._save = job_obj.save
+        self._job = job_obj
+        self._finishing = state == JobState.run_done
+        job_obj.save = self.save  # an instance attribute: the class's save is what it calls
+
+    def save(self, *args: Any, **kwargs: Any) -> Any:
+        sends_state = "state" in _unsaved(self._job)
+        if sends_state and self._finishing and \
+                getattr(self._job.state, "value", self._job.state) in FINISHED_BY_POSTPROCESS:
+            self._job.state = JobState.postprocessed.value
+        result = self._save(*args, **kwargs)
+        self.saved_state = self.saved_state or sends_state
+        return result
+
+
+def _saved_by_hook(job_obj: Any, hook: str, job_id: int, failed: Optional[dict] = None) -> dict:
+    """The update of a job whose hook saved a new state itself: the processing session no longer
+    holds the job (the server refused its update of it, HTTP 409), so what the hook changed after
+    its save, a later state included, is saved here as the hook saved the state: with ``failed``
+    (the hook raised afterwards), FAILED with that state_data."""
     try:
-        if set(job_obj.dirty_fields) & set(HOOK_WRITABLE_FIELDS):
+        if failed is not None:
+            job_obj.state = JobState.failed.value
+            job_obj.state_data = failed
+        if _unsaved(job_obj) & set(HOOK_WRITABLE_FIELDS):
             job_obj.save()
     except Exception as exc:
         _note(f"#BALSAM {hook} saved the job's state itself; its later changes could not be saved: "

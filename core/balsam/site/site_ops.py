@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .agent import (
-    START_TIME_TOLERANCE_SEC, STOP_WAIT_ENV, agent_running, agent_stop_timeout, pid_alive, pid_file_path, read_pid_file,
-    read_pid_record, recorded_agent_alive,
+    START_TIME_TOLERANCE_SEC, STOP_WAIT_ENV, agent_running, agent_stop_timeout, pid_alive,
+    pid_file_of_another_directory, pid_file_path, read_pid_file, read_pid_record, recorded_agent_alive,
 )
 from ..scheduler import UNREPORTED_MAX_QUEUED_JOBS
 from ..util import plain_decimal_text, process_start_time, same_process, terminate_processes
@@ -431,11 +431,18 @@ def check_site_on_server(client: Any, site_path: Path) -> int:
     return site_id
 
 
-def claim_site_path(client: Any, site_path: Path) -> Optional[str]:
-    """At an agent's start: the site record's ``path`` made this directory's, unless another
-    directory holding this same site (a copy: ``cp -r``, an rsync to another file system) has a
-    live agent, which refuses the start (SiteError, one line). Returns a note (logged) when the path
-    changed, else None; an API that does not answer is no refusal (the agent's cycles retry it).
+def claim_site_path(client: Any, site_path: Path, force: bool = False) -> Optional[str]:
+    """At an agent's start, once it holds its directory's lock, before it writes its pid file: the
+    site record's ``path`` made this directory's, unless another directory holding this same site
+    (a copy: ``cp -r``, an rsync to another file system) has a live agent, which refuses the start
+    (SiteError, one line). Returns a note (logged) when the path changed, else None; an API that
+    does not answer is no refusal (the agent's cycles retry it).
+
+    A pid file there naming another host is judged as every command judges one
+    (:func:`check_other_host_agent`): by the site record's last refresh. Refreshed recently: a
+    refusal, even with ``force``; silent for longer than :func:`agent_silence_limit` (a login node
+    gone): a refusal that points at ``balsam site start --force``, and with ``force`` the path is
+    claimed. It was trusted for ever: no command led out.
 
     The flock and pid file keep a second agent out of the same directory only: a copy's agent
     ran beside the first one, each staging files, running hooks and starting launchers in its own
@@ -444,7 +451,8 @@ def claim_site_path(client: Any, site_path: Path) -> Optional[str]:
     site_path = Path(site_path).absolute()
     try:
         site_id = read_site_id(site_path)
-        recorded = str(client.get(f"/sites/{site_id}").get("path") or "")
+        site_record = client.get(f"/sites/{site_id}")
+        recorded = str(site_record.get("path") or "")
     except Exception:
         return None
     if not recorded or Path(recorded) == site_path:
@@ -460,21 +468,48 @@ def claim_site_path(client: Any, site_path: Path) -> Optional[str]:
         other_id = read_site_id(other) if (other / SITE_ID_FILE).is_file() else None
     except Exception:
         other_id = None
+    taken_from = ""
     if other_id == site_id:
         running = agent_running(other)
         if running is not None:
             host, pid = running
-            raise SiteError(
-                f"site {site_id} is also in {other}, where its agent runs on {host} [pid {pid}]: two directories of "
-                f"one site (a copy?) would each run an agent, staging files and running jobs in their own data/; "
-                f"stop that agent first (`balsam site stop {other}`), or give this directory a site of its own "
-                f"(`balsam site init NEW_DIR`)")
+            both = (f"site {site_id} is also in {other}, where its agent runs on {host} [pid {pid}]: two directories "
+                    f"of one site (a copy?) would each run an agent, staging files and running jobs in their own data/")
+            elsewhere = f" on {host}" if host != socket.gethostname() else ""
+            own = "or give this directory a site of its own (`balsam site init NEW_DIR`)"
+            silent = _silent_for(site_record, site_path) if elsewhere else None
+            if silent is None:
+                raise SiteError(f"{both}; stop that agent first (`balsam site stop {other}`{elsewhere}), {own}")
+            seconds, limit, last = silent
+            if seconds <= limit:
+                raise SiteError(f"{both} (the site was refreshed {seconds:.0f} s ago); stop that agent first (`balsam "
+                                f"site stop {other}`{elsewhere}), {own}")
+            if not force:
+                raise SiteError(
+                    f"site {site_id} is also in {other}, whose pid file names an agent on {host} [pid {pid}], but the "
+                    f"site has not been refreshed since {_local_time(last)}: that agent looks dead; `balsam site start "
+                    f"--force {site_path}` runs the site here, {own}")
+            taken_from = f", whose agent on {host} [pid {pid}] looked dead (silent since {_local_time(last)})"
     try:
         client.put(f"/sites/{site_id}", json={"path": str(site_path)})
     except Exception as exc:
         return f"the site record's path is {other}, not {site_path}, and could not be updated: {exc}"
     where = "another copy of the site" if other_id == site_id else "gone or not this site's"
-    return f"the site record's path was {other} ({where}); it is now {site_path}"
+    return f"the site record's path was {other} ({where}{taken_from}); it is now {site_path}"
+
+
+def _silent_for(site_record: dict, site_path: Path) -> Optional[tuple[float, float, dt.datetime]]:
+    """(seconds since the site record's last refresh, :func:`agent_silence_limit`, the refresh);
+    None when the record has no readable refresh time."""
+    from ..serialization import parse_datetime
+
+    try:
+        last = parse_datetime(site_record["last_refresh"])
+    except Exception:
+        return None
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=dt.timezone.utc)
+    return (dt.datetime.now(dt.timezone.utc) - last).total_seconds(), agent_silence_limit(site_path), last
 
 
 #: A pid file naming another host is taken for a dead agent's once the site record has not been
@@ -558,8 +593,9 @@ def start_agent(site_path: Path, *, wait_sec: float = 20.0, force: bool = False,
     """Start ``python -m balsam.site`` in the background for ``site_path``; return its pid once it runs.
 
     A pid file naming another host is checked against the site record (:func:`check_other_host_agent`);
-    ``force`` drops it when that agent looks dead. ``stop_wait_sec``: the agent's stop wait where
-    this environment sets none ($BALSAM_AGENT_STOP_WAIT_SEC): `balsam site sync` restarts an agent
+    ``force`` drops it when that agent looks dead, and lets the agent take the site from another
+    directory of it whose pid file names such an agent (:func:`claim_site_path`). ``stop_wait_sec``:
+    the agent's stop wait where this environment sets none ($BALSAM_AGENT_STOP_WAIT_SEC): `balsam site sync` restarts an agent
     with the wait it had."""
     site_path = Path(site_path).absolute()
     record = read_pid_record(site_path)
@@ -580,7 +616,7 @@ def start_agent(site_path: Path, *, wait_sec: float = 20.0, force: bool = False,
     with open(console, "ab") as out:
         offset = out.tell()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "balsam.site", str(site_path)],
+            [sys.executable, "-m", "balsam.site", str(site_path)] + (["--force"] if force else []),
             cwd=site_path,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -650,6 +686,9 @@ def _stop_recorded_agent(site_path: Path, *, timeout: Optional[float], force: bo
     """:func:`stop_agent` but for the orphan rsyncs."""
     record = read_pid_record(site_path)
     if record is None:
+        if pid_file_of_another_directory(site_path):
+            # Copied with this directory: its agent serves the original, and is never signalled here.
+            pid_file_path(site_path).unlink(missing_ok=True)
         return None
     host, pid, start_time = record
     if host != socket.gethostname():

@@ -133,6 +133,21 @@ class FileCleanerModule(AgentModule):
         self._reported: set[tuple[int, str]] = set()
         self._after = 0  # the next cycle lists the jobs after this id (0: from the start)
 
+    #: The jobs a cycle's WARNING about undeletable files names (the others are counted).
+    stuck_shown = 3
+
+    def _warn_stuck(self, stuck: list[tuple[Any, int, Path, str]]) -> None:
+        if len(stuck) == 1:
+            job_id, count, workdir, first = stuck[0]
+            self.logger.warning("job %s: %d file(s) matching cleanup_files in %s could not be deleted and are left in "
+                                "place (first: %s)", job_id, count, workdir, first)
+            return
+        shown = "; ".join(f"job {job_id}: {count} in {workdir} (first: {first})"
+                          for job_id, count, workdir, first in stuck[:self.stuck_shown])
+        more = f"; and {len(stuck) - self.stuck_shown} more jobs" if len(stuck) > self.stuck_shown else ""
+        self.logger.warning("%d jobs: %d file(s) matching cleanup_files could not be deleted and are left in place: "
+                            "%s%s", len(stuck), sum(count for _id, count, _dir, _first in stuck), shown, more)
+
     #: Busy children read per request by the children check: each page names at least one busy
     #: parent, which leaves the next request's parent_id filter.
     children_page = 1000
@@ -224,6 +239,7 @@ class FileCleanerModule(AgentModule):
         # Jobs kept back stay pending and would be listed first again: the next cycle reads on
         # past this batch (then from the start again), so that they cannot hold back the others.
         self._after = max(row["id"] for row in listed_rows) if kept and listed >= batch else 0
+        stuck: list[tuple[Any, int, Path, str]] = []  # (job id, files left, workdir, the first one and why)
         for job in jobs:
             patterns = patterns_of.get(job["app_id"])
             if patterns:
@@ -235,13 +251,15 @@ class FileCleanerModule(AgentModule):
                 failures: list[tuple[Path, OSError]] = []
                 removed += len(cleanup_workdir(workdir, data_path, patterns, failures))
                 if failures:
-                    # Its flag is still cleared (a file that cannot be deleted now would be tried,
-                    # and fail, every cycle): one line says what stays, where and why. It was
-                    # silent: "cleaned N finished jobs" while the files stayed on disk.
                     path, exc = failures[0]
-                    self.logger.warning("job %s: %d file(s) matching cleanup_files in %s could not be deleted and are "
-                                        "left in place (first: %s: %s)", job["id"], len(failures), workdir,
-                                        os.path.relpath(path, workdir), exc.strerror or exc)
+                    stuck.append((job["id"], len(failures), workdir,
+                                  f"{os.path.relpath(path, workdir)}: {exc.strerror or exc}"))
+        if stuck:
+            # Their flags are still cleared (a file that cannot be deleted now would be tried, and
+            # fail, every cycle): one line for the cycle says what stays, where and why (a line
+            # per job was hundreds for a read-only data/). It was silent: "cleaned N finished
+            # jobs" while the files stayed on disk.
+            self._warn_stuck(stuck)
         cleared = 0
         if jobs:
             refused = bulk_patch(self.client, "/jobs/", [{"id": job["id"], "pending_file_cleanup": False} for job in jobs])

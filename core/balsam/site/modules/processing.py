@@ -83,6 +83,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -227,9 +228,24 @@ def _agent_alive() -> Connection:
         return _alive_pipe[0]
 
 
-def _worker_init(agent_alive: Optional[Connection] = None) -> None:
+def _balsam_environ() -> dict[str, str]:
+    """This process's ``BALSAM_*`` variables, for :func:`_worker_init`."""
+    return {key: value for key, value in os.environ.items() if key.startswith("BALSAM_")}
+
+
+def _worker_init(agent_alive: Optional[Connection] = None, environ: Optional[dict[str, str]] = None) -> None:
     # Ctrl-C in a foreground agent reaches the whole process group: the agent stops the pool itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if environ is not None:
+        # The forkserver is started once per process, with the environment of that moment, and the
+        # workers are forked from it: a hook's own API calls (self.job.save()) went to the server
+        # and user ($BALSAM_HOME ...) of the process's first pool, not of the module's site.
+        for key in [key for key in os.environ if key.startswith("BALSAM_") and key not in environ]:
+            del os.environ[key]
+        os.environ.update(environ)
+        default = sys.modules.get("balsam.client.default")
+        if default is not None:
+            default.reset_default_client()
     if agent_alive is not None:
         threading.Thread(target=_end_with_agent, args=(agent_alive,), name="balsam-agent-watch", daemon=True).start()
 
@@ -497,7 +513,7 @@ class ProcessingModule(AgentModule):
             # The workers end themselves when the agent is gone, a SIGKILL included (_end_with_agent).
             self.pool = cf.ProcessPoolExecutor(
                 self.num_workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init,
-                initargs=(_agent_alive(),),
+                initargs=(_agent_alive(), _balsam_environ()),
             )
         return self.pool
 
@@ -505,7 +521,7 @@ class ProcessingModule(AgentModule):
         if self.isolation_pool is None:
             self.isolation_pool = cf.ProcessPoolExecutor(
                 1, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init,
-                initargs=(_agent_alive(),),
+                initargs=(_agent_alive(), _balsam_environ()),
             )
         return self.isolation_pool
 
