@@ -14,8 +14,8 @@ from cli_test_utils import balsam, fresh_api_state, record_requests  # noqa: F40
 
 BIG = str(10**20)
 PAST_32 = str(2**31)
-JOB_IDS = "job ids are 64-bit integers (at most 9223372036854775807)"
-BATCH_JOB_IDS = "BatchJob ids are 32-bit integers (at most 2147483647)"
+JOB_IDS = "job ids are 64-bit integers (-9223372036854775808 to 9223372036854775807)"
+BATCH_JOB_IDS = "BatchJob ids are 32-bit integers (-2147483648 to 2147483647)"
 
 
 @pytest.mark.parametrize(("args", "hint", "what"), [

@@ -1,6 +1,6 @@
 """``balsam transfer ls -n N`` and ``--by-state`` read no more than they show. Before, both read
 every transfer item of the selection (a campaign's 10^5 stage-ins: 3.7 s and 250 MB for
-``-n 3``, 1.8 s and 190 MB for the counts); now ``-n N`` is a count and one read of N, and
+``-n 3``, 1.8 s and 190 MB for the counts); now ``-n N`` is one read of N (``ordering=-id``), and
 ``--by-state`` one count request (``limit=0``) per direction and state."""
 
 from __future__ import annotations

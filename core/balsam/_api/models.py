@@ -1227,6 +1227,8 @@ class TransferItem(BalsamModel):
     _creatable = False
     _deletable = False
     _filters = frozenset({"id", "site_id", "job_id", "state", "direction", "job_state", "tags"})
+    # `balsam transfer ls -n N` reads the newest N by order_by("-id") (the server takes it).
+    _orderings = frozenset({"id"})
     _positional = ("id", "site_id", "job_id", "state", "direction", "job_state", "tags")
 
 

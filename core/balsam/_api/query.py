@@ -412,12 +412,14 @@ class Query(Generic[T]):
         return total, records
 
     def _iter_pages(self, params: dict[str, Any], offset: int, limit: Optional[int],
-                    size: Optional[int] = None) -> Iterator["Page"]:
+                    size: Optional[int] = None, after: Optional[int] = None) -> Iterator["Page"]:
         """The pages of one request each (``size`` records, by default ``page_size``), as
         :func:`read_pages` reads them: a listing in id order (the default of Job, BatchJob and
         TransferItem, or ``order_by("id")``) reads its pages after the first by id (keyset
         paging), so no record that stays is skipped when others leave the result. The first page
-        starts at the query's offset (a slice's start), so a slice is read the same way."""
+        starts at the query's offset (a slice's start), so a slice is read the same way, or, in id
+        order, past the id ``after`` where it is given (the offset is then where a server without
+        ``id__gt`` reads instead)."""
         client = self._model._get_client()
         if not self._model._paginated:
             count, rows = _unpack_list(client.get(self._model._path, params=params))
@@ -448,20 +450,22 @@ class Query(Generic[T]):
             return
         by_id = self._model._path in KEYSET_PATHS and (self._order or self._model._default_order) == "id"
         yield from read_pages(fetch, params, page_size=size or self.page_size, by_id=by_id, offset=offset,
-                              limit=limit, client=client)
+                              limit=limit, after=after, client=client)
 
-    def pages(self, size: Optional[int] = None) -> Iterator[tuple[list[T], bool]]:
+    def pages(self, size: Optional[int] = None, after: Optional[int] = None) -> Iterator[tuple[list[T], bool]]:
         """The query's records a request at a time (``size`` records, by default ``page_size``), as
         model objects, each page with whether more may follow: for listings too long to hold
         whole (``balsam job ls``). Read as iterating the query reads them (by id in id order). A
         list filter that is split over several requests (longer than ``filter_chunk_size``
-        values) is read whole first, as one page."""
+        values) is read whole first, as one page. ``after`` (id-ordered Job, BatchJob and
+        TransferItem queries): start past this id instead of at the slice's start, which is then
+        where a server without ``id__gt`` reads (``balsam job ls -n``: see balsam.cli.newest_pages)."""
         if self._cache is not None or self._empty or self._limit == 0 or len(self._chunked_params()) > 1:
             records = self._evaluate()
             if records:
                 yield records, False
             return
-        for page in self._iter_pages(self._chunked_params()[0], self._offset, self._limit, size):
+        for page in self._iter_pages(self._chunked_params()[0], self._offset, self._limit, size, after=after):
             with paused_gc():
                 records = self._model._from_api_many(page.rows)
             yield records, page.more

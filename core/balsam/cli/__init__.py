@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import click
 
 from balsam import __version__
 
-__all__ = ["BATCH_JOB_ID", "BalsamGroup", "IdType", "Interrupted", "JOB_ID", "SCHEDULER_ID", "confirm_or_yes", "main",
-           "error_line"]
+__all__ = ["APP_REF", "BATCH_JOB_ID", "BalsamGroup", "IdOrNameType", "IdType", "Interrupted", "JOB_ID", "SCHEDULER_ID",
+           "confirm_or_yes", "main", "error_line", "newest_pages"]
 
 TRACEBACK_ENV = "BALSAM_CLI_TRACEBACK"
 
@@ -59,10 +59,27 @@ class IdType(click.ParamType):
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
         number = click.INT.convert(value, param, ctx)
-        if not -(2 ** (self.bits - 1)) <= number < 2 ** (self.bits - 1):
-            self.fail(f"{value}: {self.what} are {self.bits}-bit integers (at most {2 ** (self.bits - 1) - 1})",
-                      param, ctx)
+        low, high = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        if not low <= number <= high:
+            # The range, not "at most": -10**20 is past it too.
+            self.fail(f"{value}: {self.what} are {self.bits}-bit integers ({low} to {high})", param, ctx)
         return number
+
+
+class IdOrNameType(click.ParamType):
+    """A record given by id or by name (``job ls -a 12``, ``-a Hello``: app names are never all
+    digits): an id beyond its API column is a usage error naming the option, as :class:`IdType`'s
+    (the server answered ``query.id: integer out of range``). The value stays text."""
+
+    name = "text"
+
+    def __init__(self, ids: IdType) -> None:
+        self.ids = ids
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if isinstance(value, str) and value.isdecimal():
+            self.ids.convert(value, param, ctx)
+        return value
 
 
 #: Ids of the API's 64-bit columns (jobs; batch systems' ids are stored 64-bit too) and 32-bit ones.
@@ -70,6 +87,8 @@ class IdType(click.ParamType):
 JOB_ID = IdType(64, "job ids")
 SCHEDULER_ID = IdType(64, "scheduler ids")
 BATCH_JOB_ID = IdType(32, "BatchJob ids")
+#: ``-a/--app``: an app id (32-bit, as the server's apps.id) or name.
+APP_REF = IdOrNameType(IdType(32, "app ids"))
 
 
 def confirm_or_yes(text: str) -> bool:
@@ -85,6 +104,32 @@ def confirm_or_yes(text: str) -> bool:
             raise click.ClickException(f"no answer to {text!r}: standard input ended; pass -y/--yes to go on "
                                        "without asking") from None
         raise
+
+
+def newest_pages(query: Any, limit: int, size: int) -> Iterator[tuple[list[Any], bool]]:
+    """The newest ``limit`` records of ``query`` (Job or TransferItem), listed oldest to newest, a
+    page of ``size`` (one request) at a time, each with whether more may follow: ``-n N``.
+
+    Up to ``size``, one request of the newest N. More: the N-th newest id first (one record,
+    ``ordering=-id``), then id-ordered pages from it on (``id__gt``, as every id-ordered listing):
+    records that leave the query meanwhile (deleted, a state change under ``-s`` on a live
+    campaign) move none of the newest N. (A count, then pages from offset count - N, dropped one
+    of the newest N for each record leaving below between the count and the first page.) A server
+    without ``id__gt`` is read from that offset, taken from the same request as the id."""
+    if limit <= size:
+        newest = sorted(query.order_by("-id")[:limit], key=lambda record: record.id)
+        yield newest, False
+        return
+    nth = query.order_by("-id")[limit - 1:limit]
+    found = list(nth)
+    if not found:  # fewer than N match: all of them
+        pages = query.order_by("id")[:limit].pages(size)
+    else:
+        total = nth.count()  # the matches as that request found them (its own count: no request)
+        pages = query.order_by("id")[max(0, total - limit):total].pages(size, after=found[0].id - 1)
+    for page, more in pages:
+        if page:  # an offset page of records listed already (an older server) adds nothing
+            yield page, more
 
 
 def _interrupted(exc: "BaseException | None" = None) -> NoReturn:

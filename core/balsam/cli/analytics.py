@@ -33,7 +33,7 @@ def _event_filters(site_selector: str, tags: tuple[str, ...]) -> dict[str, Any]:
         # than this one, and is needed only here.
         from .job import tag_filters
 
-        tag_pairs = tag_filters(tags)
+        tag_pairs = tag_filters(tags, colon_hint="the events of such jobs cannot be selected by tag (narrow by --site)")
     filters: dict[str, Any] = dict(site_filter(site_selector))
     if tag_pairs is not None:
         filters["tags"] = tag_pairs

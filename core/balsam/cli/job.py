@@ -13,7 +13,7 @@ import click
 import yaml
 
 from ..models import MAX_TAG_FILTERS, workdir_problem
-from . import JOB_ID, Interrupted, confirm_or_yes
+from . import APP_REF, JOB_ID, Interrupted, confirm_or_yes, newest_pages
 from ._site_selector import (Progress, UpperChoice, dump_yaml, format_rows, format_table, json_option,
                              json_record, jsonable, parse_key_values, site_filter, site_names, site_option, table_widths,
                              watch_output, write_json_array)
@@ -63,11 +63,12 @@ def _state_filter(states: tuple[str, ...], excluded: tuple[str, ...]) -> dict[st
     return {}
 
 
-def tag_filters(tags: tuple[str, ...]) -> dict[str, str]:
+def tag_filters(tags: tuple[str, ...], colon_hint: str = "select these jobs by --id") -> dict[str, str]:
     """The ``-t/--tag KEY=VALUE`` options as a ``tags`` filter, at most :data:`MAX_TAG_FILTERS` of
     them (the API's limit: all apply together, one clause each). Checked here, naming the option:
     the Python API's refusal named its own call (``Job.objects.filter(): at most 100 distinct tags
-    filters``), which the user never wrote."""
+    filters``), which the user never wrote. ``colon_hint``: what the command offers instead of a
+    tag key holding ':'."""
     pairs = parse_key_values(tags, "--tag")  # one value per key: its length counts distinct pairs
     for key, value in pairs.items():
         if ":" in key:
@@ -75,7 +76,7 @@ def tag_filters(tags: tuple[str, ...]) -> dict[str, str]:
             # "b:c", so `job rm -t a:b=c -y` deleted the jobs tagged a=b:c, not those tagged a:b=c.
             raise click.BadParameter(f"{key}={value}: a tag key holding ':' cannot be filtered on (the API reads "
                                      f"'{key}:{value}' as tag {key.partition(':')[0]!r} = "
-                                     f"{key.partition(':')[2] + ':' + value!r}); select these jobs by --id",
+                                     f"{key.partition(':')[2] + ':' + value!r}); {colon_hint}",
                                      param_hint="'-t' / '--tag'")
     if len(pairs) > MAX_TAG_FILTERS:
         raise click.BadParameter(f"{len(pairs)} tag filters (a KEY=VALUE given twice counted once): a query takes at "
@@ -110,7 +111,7 @@ def job() -> None:
 
 @job.command("create")
 @click.option("-w", "--workdir", required=True, help="Working directory, relative to the site's data/")
-@click.option("-a", "--app", "app_ref", required=True, help="App id or name")
+@click.option("-a", "--app", "app_ref", required=True, type=APP_REF, help="App id or name")
 @click.option("-tag", "--tag", "tags", multiple=True, help="KEY=VALUE tag (repeatable)")
 @click.option("-p", "--param", "params", multiple=True, help="NAME=VALUE app parameter (repeatable)")
 @click.option("-n", "--num-nodes", default=1, show_default=True, type=click.IntRange(min=1), help="Nodes the job runs on")
@@ -185,7 +186,7 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
 @click.option("--id", "ids", multiple=True, type=JOB_ID, help="Job id (repeatable)")
 @click.option("--by-state", is_flag=True, help="Count jobs per state")
 @click.option("-w", "--workdir", default=None, help="Only workdirs containing this text")
-@click.option("-a", "--app", "app_ref", default=None, help="App id or name")
+@click.option("-a", "--app", "app_ref", default=None, type=APP_REF, help="App id or name")
 @click.option("-n", "--num", "limit", default=None, type=click.IntRange(min=1), help="Show only the newest N jobs (listed oldest to newest)")
 @site_option
 @click.option("-v", "--verbose", is_flag=True, help="Every field of each job (YAML)")
@@ -234,15 +235,15 @@ def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], ve
         click.echo(format_table(["State", "Count"], rows, right={1}))
         click.echo(f"Total: {sum(counts.values())}")
         return
-    if limit and (limit <= LIST_PAGE_SIZE or isinstance(filters.get("id"), list)):
-        # -n N: the newest N (one request of N), listed oldest to newest
+    if limit and isinstance(filters.get("id"), list):
+        # -n N of --id: the newest N (one request of N), listed oldest to newest
         newest = sorted(query.order_by("-id")[:limit], key=lambda j: j.id)
         pages: Iterator[tuple[list[Any], bool]] = iter([(newest, False)])
     elif limit:
-        # More than a page: a count, then the last N in pages from there, printed as they come (one
-        # request of N held them all: -n 100000 took 340 MB, the whole listing 75 MB).
-        total = query.count()
-        pages = (page for page in query.order_by("id")[max(0, total - limit):total].pages(LIST_PAGE_SIZE) if page[0])
+        # The newest N, listed oldest to newest: one request up to a page; more in pages from the
+        # N-th newest id, printed as they come (one request of N held them all: -n 100000 took
+        # 340 MB, the whole listing 75 MB).
+        pages = newest_pages(query, limit, LIST_PAGE_SIZE)
     else:
         pages = _job_pages(filters)
     if as_json:
@@ -651,6 +652,35 @@ def _stdin_is_terminal() -> bool:
         return False
 
 
+def _confirm_unless_input_ended(question: str) -> bool:
+    """``job modify``'s confirmation: asked at a terminal. Without one, a line waiting on standard
+    input (``echo n | balsam job modify ...``) is the answer, as at the prompt (y/n, an empty line
+    no); at end of input (``< /dev/null``, cron, a batch job: Balsam 0.7's modify never asked, and
+    its scripts go on as they did) it goes ahead, as with -y."""
+    if _stdin_is_terminal():
+        return confirm_or_yes(question)
+    answered = False
+    while True:
+        try:
+            line = sys.stdin.readline()
+        except (OSError, ValueError):  # closed, or no standard input at all
+            line = ""
+        if not line:
+            if not answered:
+                return True
+            # An answer that was neither y nor n, then nothing: not a go-ahead.
+            raise click.ClickException(f"no answer to {question!r}: standard input ended; pass -y/--yes to go on "
+                                       "without asking")
+        answered = True
+        answer = line.strip().lower()
+        click.echo(f"{question} [y/N]: {line.strip()}")  # the question and its piped answer, for the log
+        if answer in ("y", "yes"):
+            return True
+        if answer in ("", "n", "no"):
+            return False
+        click.echo("Error: invalid input", err=True)  # the next line is read, as click's prompt does
+
+
 @job.command("modify")
 @click.option("-i", "--id", "ids", multiple=True, type=JOB_ID, help="Job id (repeatable)")
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
@@ -705,10 +735,7 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
             why = f" All {already} selected jobs are already {state.upper()}."
         click.echo("No job needs changing." + why)
         return
-    # Asked at a terminal only: Balsam 0.7's modify never asked, and its scripts (`balsam job modify
-    # -t exp=1 -s RESTART_READY` in a batch job or cron, no terminal) go on as they did, as with -y.
-    if (not yes and len(jobs) > 1 and _stdin_is_terminal()
-            and not confirm_or_yes(f"Set {len(jobs)} jobs to {state.upper()}?")):
+    if not yes and len(jobs) > 1 and not _confirm_unless_input_ended(f"Set {len(jobs)} jobs to {state.upper()}?"):
         click.echo("Nothing changed.")
         return
     for j in jobs:

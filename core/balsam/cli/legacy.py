@@ -246,6 +246,9 @@ LEGACY_SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
                       "subclass (site, command_template), then call its .sync(); `balsam app ls` lists the result"),
 }
 
+#: The LEGACY_SUBCOMMANDS that 0.7's docs name but its command line never had (not "a 0.7 command").
+DOCUMENTED_ONLY = frozenset({("app", "sync")})
+
 #: New options given once per value (``balsam job rm --id 1 --id 2``): every 0.x occurrence is kept.
 #: Of any other option 0.x's argparse kept the last occurrence, and so does the printed line.
 _REPEATABLE = {"--id"}
@@ -381,7 +384,9 @@ def legacy_hint(args: list[str], known_commands: "set[str] | frozenset[str]",
     if rest and (name, rest[0]) in LEGACY_SUBCOMMANDS and rest[0] not in (subcommands or {}).get(name, ()):
         target, note = LEGACY_SUBCOMMANDS[(name, rest[0])]
         dropped = [a.split("=", 1)[0] for a in rest[1:] if a.startswith("-")]
-        text = f"`balsam {name} {rest[0]}` is a Balsam 0.7 command. Use instead:\n  {target}"
+        what = ("is no command (Balsam 0.7's docs name it; its command line never had it)"
+                if (name, rest[0]) in DOCUMENTED_ONLY else "is a Balsam 0.7 command")
+        text = f"`balsam {name} {rest[0]}` {what}. Use instead:\n  {target}"
         if dropped:
             text += f"\n(no equivalent for {', '.join(dict.fromkeys(dropped))})"
         return text + f"\nNote: {note}"

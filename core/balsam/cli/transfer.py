@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import click
 
-from . import JOB_ID
+from . import JOB_ID, newest_pages
 from ._site_selector import format_table, site_filter, site_option, watch_output
 
 #: Above this many jobs, ``job ls`` reads their sites' items in one paged listing instead of by job ids.
@@ -147,10 +147,9 @@ def _list(filters: dict[str, Any], limit: Optional[int], by_state: bool) -> None
         click.echo(format_table(["Direction", "State", "Count"], rows, right={2}) if rows else "No matching transfer items.")
         return
     if limit:
-        # The newest N: a count, then the last N by offset (the listing's order is by id; the
-        # API's TransferItem queries take no ordering). Every item was read for the last N.
-        total = query.count()
-        items = sorted((_as_dict(t) for t in query[max(0, total - limit):total]), key=lambda t: t["id"])
+        # The newest N: one request of N (ordering=-id) up to a page, else from the N-th newest id on.
+        items = sorted((_as_dict(t) for page, _ in newest_pages(query, limit, query.page_size) for t in page),
+                       key=lambda t: t["id"])
     else:
         items = sorted((_as_dict(t) for t in query), key=lambda t: t["id"])
     if not items:

@@ -600,14 +600,6 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
             # Every launcher's acquire sends them, and the API refuses more (each acquire a 422).
             checker.fail((key,), f"at most {MAX_TAG_FILTERS} tags (the API's limit on an acquire's filter_tags), "
                          f"got {len(converted)}")
-        elif spec.key == "filter_tags" and converted is not checker.INVALID and any(":" in k for k in converted):
-            # The API's tag filters are KEY:VALUE split at the first ':': the queue maintainer's count
-            # of this site's BatchJobs sent `a:b: c` as tag a = "b:c" and counted other BatchJobs.
-            for tag in (k for k in converted if ":" in k):
-                head, _, rest = tag.partition(":")
-                checker.fail((key, tag), f"key {tag!r} holds ':', which a filter tag key cannot (the API's tag "
-                             f"filters are KEY:VALUE split at the first ':': it would be read as tag {head!r} = "
-                             f"{rest + ':' + converted[tag]!r})")
         elif converted is not checker.INVALID:
             sections[key] = converted
             if spec.disableable:
@@ -623,8 +615,9 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
             cross = getattr(section, "validate_with", None)
             if section is not None and callable(cross):
                 for name, problem in cross(sections).items():
-                    # A dotted name ("allowed_queues.Normal") is a path, as from validate(): its own line.
-                    checker.fail((key, *name.split(".")), problem)
+                    # A dotted name ("allowed_queues.Normal") is a path, as from validate(): its own line;
+                    # "" is the section as a whole (its line).
+                    checker.fail((key, *[part for part in name.split(".") if part]), problem)
     if not checker.errors and base_dir is not None:
         _check_files(sections, Path(base_dir), checker)
     if checker.errors:

@@ -193,6 +193,13 @@ class ElasticQueueOptions:
         """The ``scheduler`` section's queues and projects (read when settings.yml is loaded): a
         queue or project the site refuses makes every BatchJob of this module fail. Nodes and wall
         time are fitted to the queue's limits each cycle instead (docs/elastic.md)."""
+        colon_keys = sorted(str(k) for k in (sections.get("filter_tags") or {}) if ":" in str(k))
+        if colon_keys:
+            # Its backlog and BatchJob reads send the tags as KEY:VALUE, which the API splits at the
+            # first ':' (`a:b: c` is tag a = "b:c"): it would size its BatchJobs by other jobs.
+            return {"": f"filter_tags key {', '.join(map(repr, colon_keys))} holds ':', which "
+                        "elastic_queue cannot send (its backlog queries take KEY:VALUE tags, split at the first "
+                        "':'): rename the key, or disable elastic_queue (elastic_queue: null)"}
         scheduler = sections.get("scheduler")
         if scheduler is None:
             return {}

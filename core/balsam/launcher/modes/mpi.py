@@ -1008,6 +1008,11 @@ class MPIMode(JobMode):
         ctx = self.context
         try:
             rows, total = runnable_jobs_page(default_client(), ctx.site_id, ctx.filter_tags)
+        except ValueError as exc:
+            # A filter tag key holding ':' (the jobs listing's tag filter is KEY:VALUE): said once, so
+            # that a missing note has a reason (the acquire sends the tags as JSON: not affected).
+            logger.info("runnable jobs not read for the wall-time note: %s", exc)
+            return None
         except Exception as exc:
             logger.debug("runnable jobs not read for the wall-time note: %s", exc)
             return None

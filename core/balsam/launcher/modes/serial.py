@@ -261,6 +261,11 @@ class SerialMode(JobMode):
         try:
             message = multi_rank_note(default_client(), ctx.site_id, ctx.filter_tags,
                                       lambda: (longest_offered_min(self.countdown), ctx.wall_time_min))
+        except ValueError as exc:
+            # A filter tag key holding ':' (the jobs listing's tag filter is KEY:VALUE): said once, so
+            # that a missing note has a reason (the acquire sends the tags as JSON: not affected).
+            logger.info("runnable jobs not counted for the multi-rank note: %s", exc)
+            return None
         except Exception as exc:
             logger.debug("runnable jobs not counted for the multi-rank note: %s", exc)
             return None

@@ -40,7 +40,7 @@ from ...options import option
 from ...scheduler import REFUSED_FOR_GOOD
 from ...serialization import parse_datetime
 from ...states import ACTIVE_BATCH_JOB_STATES, BatchJobState
-from ..service_client import count, utcnow
+from ..service_client import count, list_all, utcnow
 from ..module import AgentModule
 
 
@@ -150,11 +150,17 @@ class QueueMaintainerModule(AgentModule):
         params: dict[str, Any] = {
             "site_id": self.site_id, "queue": queue, "state": sorted(s.value for s in ACTIVE_BATCH_JOB_STATES),
         }
-        if site_tags:
-            # Only the BatchJobs this agent's scheduler module submits (filter_tags include the site's).
-            # KEY:VALUE is split at the first ':': settings.yml refuses a filter_tags key holding one.
-            params["filter_tags"] = [f"{k}:{v}" for k, v in sorted(site_tags.items())]
-        active = count(self.client, "/batch-jobs/", params)
+        # Only the BatchJobs this agent's scheduler module submits (filter_tags include the site's).
+        # The API's filter is KEY:VALUE split at the first ':' (`a:b: c` read as tag a = "b:c"): a
+        # key holding one is matched here, on the BatchJobs the other keys select, as the scheduler
+        # module matches them (one listing of the queue's active ones instead of a count).
+        server_tags = {k: v for k, v in site_tags.items() if ":" not in k}
+        if server_tags:
+            params["filter_tags"] = [f"{k}:{v}" for k, v in sorted(server_tags.items())]
+        if len(server_tags) < len(site_tags):
+            active = sum(1 for row in list_all(self.client, "/batch-jobs/", params) if _has_tags(row, site_tags))
+        else:
+            active = count(self.client, "/batch-jobs/", params)
         wanted = options.num_queued_jobs
         if active >= wanted:
             self.logger.debug("cycle: queue %r has %d of %d BatchJobs: nothing to submit", queue, active, wanted)
@@ -168,7 +174,7 @@ class QueueMaintainerModule(AgentModule):
                     "until one of them changes: %s", refusal,
                 )
             return None
-        held = self._held_by_failures(params)
+        held = self._held_by_failures(params, site_tags)
         if held is not None:
             if held.startswith("BatchJob"):
                 if held != self._refusal:
@@ -187,7 +193,7 @@ class QueueMaintainerModule(AgentModule):
         )
         return None
 
-    def _held_by_failures(self, params: dict[str, Any]) -> Optional[str]:
+    def _held_by_failures(self, params: dict[str, Any], site_tags: Optional[dict[str, str]] = None) -> Optional[str]:
         """Why no BatchJob is posted this cycle, or None, from its newest BatchJobs of the queue (one
         GET): its newest refused for good by the scheduler, when this instance posted it (the same
         request would be refused again), or a run of its newest failing without a refusal (a backoff)."""
@@ -197,7 +203,7 @@ class QueueMaintainerModule(AgentModule):
         streak, newest = 0, None
         for row in rows:
             info = row.get("status_info") or {}
-            if info.get(SUBMITTED_BY_KEY) != SUBMITTED_BY:
+            if info.get(SUBMITTED_BY_KEY) != SUBMITTED_BY or not _has_tags(row, site_tags or {}):
                 continue  # not its own
             if row.get("state") != BatchJobState.submit_failed.value or row.get("scheduler_id") is not None:
                 break  # a submission that reached the queue (or one not failed): the run ends
@@ -222,6 +228,12 @@ class QueueMaintainerModule(AgentModule):
         error = (newest[0].get("status_info") or {}).get("error") or "no reason given"
         return (f"backing off after {streak} failed submission(s) in a row (BatchJob {newest[0]['id']}: {error}): "
                 f"nothing posted until {until:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _has_tags(batch_job: dict, site_tags: dict[str, str]) -> bool:
+    """Whether the BatchJob's filter_tags include every one of ``site_tags``."""
+    tags = batch_job.get("filter_tags") or {}
+    return all(tags.get(k) == v for k, v in site_tags.items())
 
 
 def _when(value: Any) -> Optional[dt.datetime]:
