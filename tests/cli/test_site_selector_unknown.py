@@ -32,6 +32,16 @@ def test_unknown_site_id_is_a_usage_error_naming_it(site: Any, command: tuple) -
     assert "No matching" not in out.output
 
 
+@pytest.mark.parametrize("command", [("job", "ls"), ("app", "ls"), ("queue", "ls"), ("queue", "submit", "-n", "1", "-t", "5",
+                                     "-q", "local", "-A", "p", "-j", "mpi")], ids=lambda c: " ".join(c[:2]))
+def test_a_site_id_past_the_api_s_integers_is_no_site(site: Any, command: tuple) -> None:
+    # It was sent: "HTTP 422: query.id: integer out of range", exit 1.
+    huge = 10**20
+    out = balsam(*command, "--site", str(huge))
+    assert out.exit_code == 2, out.output
+    assert f"--site: no site with id {huge}" in out.output and "out of range" not in out.output
+
+
 def test_unknown_site_name_is_a_usage_error_naming_it(site: Any) -> None:
     out = balsam("job", "ls", "--site", "no-such-name")
     assert out.exit_code == 2 and "no site is named 'no-such-name'" in out.output, out.output

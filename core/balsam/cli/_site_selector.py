@@ -29,6 +29,8 @@ import click
 import yaml
 
 ACTIVE_WINDOW = dt.timedelta(minutes=2)
+#: The largest site id the API can hold (its ``sites.id`` column is a 32-bit integer).
+MAX_SITE_ID = 2**31 - 1
 
 SITE_OPTION_HELP = ("Sites: all, active, this, or comma-separated ids / names / path fragments "
                     "(default: this site, else active sites)")
@@ -283,7 +285,10 @@ def resolve_site_ids(selector: str) -> Optional[list[int]]:
     if given_ids:
         # One query for all of them. An id of no site of yours (a typo, a deleted site) is a usage
         # error, as an unknown name is: taken as it was, it printed "No matching jobs." and exit 0.
-        unknown = given_ids - {s.id for s in Site.objects.filter(id=sorted(given_ids))}
+        # Ids past the sites' 32-bit column name no site: not sent (the server's answer named its own
+        # query parameter, "query.id: integer out of range").
+        askable = sorted(i for i in given_ids if i <= MAX_SITE_ID)
+        unknown = given_ids - ({s.id for s in Site.objects.filter(id=askable)} if askable else set())
         if unknown:
             listed = ", ".join(str(i) for i in sorted(unknown))
             raise click.UsageError(f"--site: no site with id {listed} (see `balsam site ls`)")
@@ -315,6 +320,8 @@ def resolve_one_site(selector: str) -> Any:
                                    "--site ID|NAME|PATH")
         return Site.objects.get(id=here)
     if selector.isdecimal():  # (not isdigit(): '²' is a digit int() refuses)
+        if int(selector) > MAX_SITE_ID:  # past the sites' 32-bit column: no site (not sent)
+            raise click.UsageError(f"--site: no site with id {selector}")
         try:
             return Site.objects.get(id=int(selector))
         except Site.DoesNotExist:
