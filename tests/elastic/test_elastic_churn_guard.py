@@ -75,12 +75,11 @@ def test_the_module_stops_submitting_for_a_backlog_its_batch_jobs_never_lease(ma
     runnable_jobs(client, site, 2)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_num_nodes=4, min_wall_time_min=10,
                                                           wall_time_pad_min=1, max_wall_time_min=60), client)
-    now = dt.datetime.now(dt.timezone.utc)
     module.run_cycle()  # one withdrawn before it started: no launcher, so no verdict on the jobs
-    _end(client, batch_jobs_of(client, site)[-1], now, started=False)
+    _end(client, batch_jobs_of(client, site)[-1], dt.datetime.now(dt.timezone.utc), started=False)
     for _ in range(2):  # a BatchJob per cycle, each ending with nothing leased
         module.run_cycle()
-        _end(client, batch_jobs_of(client, site)[-1], now)
+        _end(client, batch_jobs_of(client, site)[-1], dt.datetime.now(dt.timezone.utc))
     module.run_cycle()
     made = batch_jobs_of(client, site)[1:]
     # Before: a fourth BatchJob, then one more each cycle.

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from balsam.states import DONE_STATES, JobState
 
 from .db import id_in
+from .errors import ValidationFailed
 from .http import wire_datetime
 from .jobs_logic import json_contains
 from .tables import jobs
@@ -70,13 +71,21 @@ class NodeShape:
 
 def parse_gpu_bound(raw: str) -> float:
     """The backlog route's ``max_gpus_per_node``: a number from 0 to :data:`MAX_GPUS_PER_NODE_BOUND`
-    (the acquire's bound), in at most :data:`MAX_GPU_BOUND_CHARS` characters; ValueError otherwise
-    (nan and infinities included)."""
+    (the acquire's bound) in plain decimal, ASCII digits with at most one ``.`` (``0``, ``2``,
+    ``0.5``), in at most :data:`MAX_GPU_BOUND_CHARS` characters, as the route's integers are read
+    (``http.int_from_text``). ValidationFailed naming the parameter otherwise: ``float()`` also took
+    ``1_0``, `` 2 ``, ``+1``, ``-0``, ``1e0`` and other scripts' digits (``١``), and the route's one
+    message called a number that was only too long "not between 0 and 1e9"."""
+    loc = ["query", "max_gpus_per_node"]
     if len(raw) > MAX_GPU_BOUND_CHARS:
-        raise ValueError(f"longer than {MAX_GPU_BOUND_CHARS} characters")
+        raise ValidationFailed.field(loc, f"at most {MAX_GPU_BOUND_CHARS} characters, got {len(raw)}")
+    parts = raw.split(".")
+    if len(parts) > 2 or not any(parts) or not all(p == "" or (p.isascii() and p.isdecimal()) for p in parts):
+        raise ValidationFailed.field(loc, f"expected a number between 0 and {MAX_GPUS_PER_NODE_BOUND:g} in plain "
+                                          f"decimal (digits, at most one '.'), got {raw!r}")
     value = float(raw)
-    if not 0 <= value <= MAX_GPUS_PER_NODE_BOUND:  # also false for nan
-        raise ValueError(f"must be between 0 and {MAX_GPUS_PER_NODE_BOUND:g}, got {raw!r}")
+    if value > MAX_GPUS_PER_NODE_BOUND:
+        raise ValidationFailed.field(loc, f"must be between 0 and {MAX_GPUS_PER_NODE_BOUND:g}, got {raw!r}")
     return value
 
 

@@ -31,9 +31,9 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
   unreachable), nothing is submitted for a while (:meth:`ElasticQueueModule.submit_backoff`); nor
   while the scheduler module holds a BatchJob of the queue and project back at a queue limit
   (:meth:`ElasticQueueModule.held_in_queue`); nor while its BatchJobs keep ending having leased no
-  job for an unchanged backlog (the churn guard, :meth:`ElasticQueueModule.churn_backoff`: its
-  ended BatchJobs, one GET, and whether they leased any job, one aggregate request, read only
-  after one of its BatchJobs ended);
+  job for an unchanged backlog (the churn guard, :meth:`ElasticQueueModule.churn_backoff`, shown the
+  backlog's numbers every cycle: its ended BatchJobs, one GET, and whether they leased any job, one
+  aggregate request, read only after one of its BatchJobs ended);
 - only in a cycle whose decision submits for a backfill window: the user's other jobs waiting in
   ``submit_queue`` (another site's requests, jobs by hand), from the status poll, which claim the
   windows as its own requests do (:meth:`ElasticQueueModule.read_others_waiting`); the strategy then
@@ -645,35 +645,42 @@ class ElasticQueueModule(AgentModule):
 
     def churn_backoff(self, snapshot: Snapshot) -> Optional[str]:
         """Why nothing is submitted this cycle, or None: its BatchJobs keep ending having leased no
-        job while the backlog they were sized for stays the same (:mod:`balsam_elastic.churn`): its
-        launchers refuse the jobs for a reason this module cannot see. Read in a cycle whose
+        job while the backlog they were sized for stays the same in every cycle
+        (:mod:`balsam_elastic.churn`, whose numbers :meth:`run_cycle` shows it each cycle): its
+        launchers likely refuse the jobs for a reason this module cannot see. Read in a cycle whose
         decision submits: its ended BatchJobs (one GET) and, for those not seen before, whether
         they leased any job (one aggregate request). Said once per streak at ERROR."""
         rows: list[dict] = []
         if self._own_ended_since_read:
             rows, self._own_ended_since_read = self.read_ended(), False
-        ended = []
+        ended, started = [], {}
         for row in rows:
             try:
                 when = parse_datetime(row.get("end_time")) if row.get("end_time") else utcnow()
             except (TypeError, ValueError):
                 when = utcnow()
             ended.append((int(row["id"]), when))
+            try:
+                started[int(row["id"])] = parse_datetime(row["start_time"])
+            except (TypeError, ValueError):
+                pass  # a start time it cannot read: not counted (it may have lived under another backlog)
         new = self.churn.unseen(ended)
         leased = bool(new) and self.leased_any([i for i, _ in new])
         listed = {i for i, _ in ended} if rows else None  # not read this cycle: keep what it counted
-        if self.churn.update(backlog_key(snapshot.backlog), new, leased, still_listed=listed):
+        key = backlog_key(snapshot.backlog)
+        if self.churn.update(key, new, leased, still_listed=listed, started=started):
             notes = {int(r["id"]): r.get("status_info") or {} for r in rows}
-            said = next((f" BatchJob {i}'s launcher said: {notes[i].get('error') or notes[i].get('launcher')}."
-                         for i in reversed(self.churn.streak) if notes.get(i, {}).get("error") or notes.get(i, {}).get("launcher")), "")
+            said = next((f" BatchJob {i}'s status_info: {quoted}." for i in reversed(self.churn.streak)
+                         for quoted in [_ending_notes(notes.get(i, {}))] if quoted), "")
             self.logger.error(
                 "BatchJobs %s ended without leasing any of the %d runnable job(s) they were submitted for, and the "
-                "backlog has not changed: their launchers refuse these jobs.%s Likely causes: the jobs ask for what the "
-                "nodes lack (GPUs on nodes without one: set elastic_queue.node_gpus 0; more CPUs or GPUs than a node "
-                "has), a filter of the launchers' acquire (settings.yml filter_tags, the jobs' tags or app), or a "
-                "launcher that fails at its start (balsam queue ls -v, and the launcher logs in the site's log/). Until "
-                "a BatchJob runs a job or the backlog changes, submissions are spaced out (service_period doubled for "
-                "each such BatchJob, at most %d min)", ", ".join(map(str, self.churn.streak)),
+                "backlog has not changed.%s Likely causes: their launchers refuse these jobs (the jobs ask for what "
+                "the nodes lack: GPUs on nodes without one, set elastic_queue.node_gpus 0; more CPUs or GPUs than a "
+                "node has; or a filter of the launchers' acquire: settings.yml filter_tags, the jobs' tags or app), a "
+                "launcher that fails at its start, or nodes or allocations that fail (balsam queue ls -v, the "
+                "scheduler's record of the jobs, and the launcher logs in the site's log/). Until a BatchJob runs a "
+                "job or the backlog changes, submissions are spaced out (service_period doubled for each such "
+                "BatchJob, at most %d min)", ", ".join(map(str, self.churn.streak)),
                 snapshot.backlog.runnable_count, said, CHURN_BACKOFF_MAX_S // 60)
         until = self.churn.blocked_until(self.period, utcnow())
         if until is None:
@@ -891,6 +898,11 @@ class ElasticQueueModule(AgentModule):
     # -- one cycle ---------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
         snapshot = self.snapshot()
+        # Every cycle, submitting or not: a backlog that went 2 -> 0 -> 2 identical jobs between two
+        # submitting cycles is a new one (its jobs were run), not the same. Whole seconds: the
+        # start times it is compared with (a scheduler's) have no fraction, and a launcher started
+        # in that second acquires seconds later, under these numbers.
+        self.churn.observe(backlog_key(snapshot.backlog), utcnow().replace(microsecond=0))
         decision = self.strategy.decide(snapshot)
         if any(not request.regular_queue for request in decision.submit) and self.strategy.uses_backfill_windows:
             # Another site of the user (or a job by hand) may wait for the same window: read only now.
@@ -1103,6 +1115,18 @@ def _withdrawn(row: Mapping) -> bool:
     """A queued BatchJob withdrawn by an earlier cycle, not yet deleted nor seen started by the
     scheduler module (see :meth:`ElasticQueueModule.withdrawal`)."""
     return row.get("state") == BatchJobState.queued.value and WITHDRAW_IF_QUEUED in (row.get("status_info") or {})
+
+
+#: status_info keys that say why a BatchJob ended, quoted by the churn guard's ERROR: the
+#: launcher's notes (``error``, ``launcher``, ``nodes_out``), the launcher's last Error line and the
+#: scheduler's end state and words (``launcher_error``, ``scheduler_state``, ``scheduler_message``,
+#: written by the scheduler module: a node failure shows there).
+ENDING_NOTE_KEYS = ("error", "launcher_error", "launcher", "nodes_out", "scheduler_state", "scheduler_message")
+
+
+def _ending_notes(info: Mapping) -> str:
+    """``info``'s :data:`ENDING_NOTE_KEYS` that are set, as ``key 'value'; ...`` ("" when none)."""
+    return "; ".join(f"{key} {str(info[key])!r}" for key in ENDING_NOTE_KEYS if info.get(key))
 
 
 def _count(rows: list[Mapping]) -> int:

@@ -156,6 +156,10 @@ class ThetaKNLPlatform(Platform):
     #: pinning alike, with the launcher's warning (aprun refuses -j above 4: the run failed at
     #: launch, while serial mode capped the pinning without a word and counted too few cores).
     hardware_threads_per_core = KNL_THREADS_PER_CORE
+    #: The GPU ids of one node: none on KNL. Said (not left unset) for the elastic queue, which reads
+    #: an empty list as nodes without a GPU and counts the backlog as their launchers lease it
+    #: (no job that needs a GPU); unset, it counted GPU jobs that no KNL launcher ever leases.
+    gpu_ids: tuple[str, ...] = ()
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -166,7 +170,7 @@ class ThetaKNLPlatform(Platform):
         partition = env.get("COBALT_PARTNAME", "")
         if not partition.strip():
             raise RuntimeError("$COBALT_PARTNAME is not set: not inside a Cobalt job on Theta")
-        return [NodeInfo(node_id=str(nid), hostname=f"nid{nid:05d}", cpu_ids=self.cpu_ids)
+        return [NodeInfo(node_id=str(nid), hostname=f"nid{nid:05d}", cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
                 for nid in expand_nid_ranges(partition)]
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
