@@ -72,7 +72,8 @@ def test_a_job_without_a_gpu_count_is_said_in_the_launchers_log(caplog) -> None:
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="balsam.platform"):
         PerlmutterGPUPlatform().discover_nodes({**NODES, "SLURM_GPUS_PER_NODE": "4"})
-        PerlmutterGPUPlatform().discover_nodes({**NODES, "SLURM_GPUS": "1", "CUDA_VISIBLE_DEVICES": "0"})
+        PerlmutterGPUPlatform().discover_nodes({**NODES, "SLURM_JOB_NODELIST": "nid001", "SLURM_GPUS": "1",
+                                                "CUDA_VISIBLE_DEVICES": "0"})  # the shared QOS, one node
         PerlmutterCPUPlatform().discover_nodes(NODES)
     assert not caplog.records, caplog.text
 
@@ -81,7 +82,8 @@ def test_a_job_without_a_gpu_count_is_said_in_the_launchers_log(caplog) -> None:
     ({"SLURM_GPUS_PER_NODE": "2"}, ("0", "1")),
     ({"SLURM_GPUS_PER_NODE": "a100:1"}, ("0",)),
     ({"SLURM_GPUS_PER_NODE": "4"}, ("0", "1", "2", "3")),
-    ({"SLURM_GPUS": "2"}, ("0", "1", "2", "3")),  # over 2 nodes: how Slurm spread them is not said
+    # over 2 nodes every single-node step asks for the job's 2 (real Slurm 22.05: 0,1 on either node)
+    ({"SLURM_GPUS": "2"}, ("0", "1")),
 ])
 def test_whole_nodes_with_fewer_gpus_per_node_give_jobs_the_gpus_their_steps_get(env, kept, caplog) -> None:
     """Real Slurm 22.05, ``--exclusive --gpus-per-node=2``: the job holds the node's 4 GPUs
@@ -105,3 +107,59 @@ def test_the_docs_perlmutter_examples_use_params_a_new_gpu_site_accepts() -> Non
     texts += [p for p in (DOCS / "schedulers" / "slurm.md").read_text().split("\n\n") if "Perlmutter" in p]
     keys = {key for text in texts for key in re.findall(r"-x (\w+)=", text)}
     assert "gpus_per_node" in keys and keys <= set(accepted), sorted(keys - set(accepted))
+
+
+def test_gpus_over_several_nodes_are_said_in_the_launchers_log(caplog) -> None:
+    """``-N2 --exclusive --gpus=8`` (real Slurm 22.05): every single-node step asked for the job's 8
+    GPUs and was refused ('Invalid generic resource (gres) specification'); ``--gpus=2``: a
+    single-node step held 0,1 of its node, a two-node one was refused."""
+    with caplog.at_level(logging.WARNING, logger="balsam.platform"):
+        nodes = PerlmutterGPUPlatform().discover_nodes({**NODES, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_GPUS": "8"})
+    assert [n.gpu_ids for n in nodes] == [("0", "1", "2", "3")] * 2
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "--gpus=8 over 2 nodes" in errors[0].getMessage(), caplog.text
+    assert "Invalid generic resource" in errors[0].getMessage() and "gpus_per_node" in errors[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="balsam.platform"):
+        PerlmutterGPUPlatform().discover_nodes({**NODES, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_GPUS": "2"})
+    assert "--gpus=2 over 2 nodes" in caplog.text and not [r for r in caplog.records if r.levelno == logging.ERROR]
+
+
+def test_narrowing_keeps_the_gpus_steps_hold_not_the_first_of_gpu_ids() -> None:
+    """Slurm gives a step the first GPUs in its own order (0,1 under --gpus-per-node=2), whatever
+    order launcher.platform_options.gpu_ids lists them in."""
+    platform = PerlmutterGPUPlatform({"gpu_ids": "3,2,1,0"})
+    nodes = platform.discover_nodes({**NODES, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_GPUS_PER_NODE": "2"})
+    assert [sorted(n.gpu_ids) for n in nodes] == [["0", "1"], ["0", "1"]]
+    no_cvd = platform.discover_nodes({**NODES, "SLURM_GPUS_PER_NODE": "2"})
+    assert [sorted(n.gpu_ids) for n in no_cvd] == [["0", "1"], ["0", "1"]]
+
+
+def test_a_per_task_gpu_count_alone_is_said_in_the_launchers_log(caplog) -> None:
+    """``--exclusive --ntasks-per-node=4 --gpus-per-task=1`` without --gpus-per-node (real Slurm
+    22.05): every single-rank packed step inherited SLURM_GPUS_PER_TASK=1 and held GPU 0 while
+    balsam gave jobs 1-3."""
+    with caplog.at_level(logging.WARNING, logger="balsam.platform"):
+        PerlmutterGPUPlatform().discover_nodes({**NODES, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_GPUS_PER_TASK": "1"})
+    assert "SLURM_GPUS_PER_TASK=1" in caplog.text and "gpus_per_node=4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="balsam.platform"):
+        PerlmutterGPUPlatform().discover_nodes({**NODES, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_GPUS_PER_TASK": "1",
+                                                "SLURM_GPUS_PER_NODE": "4"})
+    assert not caplog.records, caplog.text
+
+
+def test_the_no_count_advice_fits_a_gres_batch_job(caplog) -> None:
+    """A ``--gres=gpu:N`` BatchJob sets no GPU count either; the advice was ``--gpus-per-node=4`` in
+    sbatch_flags, which beside a shared job's --gres=gpu:2 broke every step."""
+    with caplog.at_level(logging.WARNING, logger="balsam.platform"):
+        PerlmutterGPUPlatform().discover_nodes({**NODES, "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert "--gres=gpu:N" in caplog.text and "sbatch_flags=--gpus-per-node" not in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("flags", ["--ntasks-per-node=4 --gpus-per-task=1", "-n 8 --gpus-per-task=1"])
+def test_nersc_per_task_flags_keep_the_nodes_gpus(tmp_path: Path, flags: str) -> None:
+    """NERSC's usual GPU job flags at a new site: the default stays (sbatch took both; alone, each
+    single-rank packed step held only GPU 0)."""
+    args = _sbatch(PerlmutterGPUPlatform(), tmp_path, sbatch_flags=flags)
+    assert "--gpus-per-node=4" in args and "--exclusive" in args, args

@@ -207,24 +207,39 @@ def test_packed_steps_on_real_gres_slurm(gres_slurm, jobs, tmp_path: Path) -> No
         assert seen and seen.group(1) == ",".join(ids), (tag, out)
 
 
-def test_a_batch_jobs_own_gpu_flags_give_working_steps_on_real_gres_slurm(gres_slurm, tmp_path: Path) -> None:
-    """A new perlmutter-gpu site's shared-QOS BatchJob with its own GPU flags: the allocation the
-    Slurm driver asks for (its GPU flags, without the default ``--gpus-per-node=4``) runs a step.
-    Beside the default, sbatch refused ``--gpus=1``, and under ``--gres=gpu:2`` every step failed
-    ("Step requested gres_per_node=gpu:4 is more than the job's gres_per_node=gpu:2")."""
+@pytest.mark.parametrize("given, held", [
+    # NERSC's usual flags on whole nodes: the driver keeps --gpus-per-node=4 beside them (alone,
+    # every single-rank step inherited SLURM_GPUS_PER_TASK=1 and held GPU 0 only).
+    ({"sbatch_flags": "--ntasks-per-node=4 --gpus-per-task=1"}, "0,1,2,3"),
+    # The shared QOS with its own count: without the default (sbatch refused --gpus=1 beside it).
+    ({"exclusive": "no", "sbatch_flags": "--gpus=1"}, "0"),
+    # A shared --gres=gpu:2 (no count; beside the default every step failed): the single-rank
+    # step's --gres=craynetwork:0 replaces it, so the step holds no GPU (the launcher warns).
+    ({"exclusive": "no", "sbatch_flags": "--gres=gpu:2"}, "unset"),
+], ids=["whole-gpus-per-task", "shared-gpus", "shared-gres"])
+def test_a_batch_jobs_own_gpu_flags_on_real_gres_slurm(gres_slurm, tmp_path: Path, given, held) -> None:
+    """A new perlmutter-gpu site's BatchJob with its own GPU flags: inside the allocation the Slurm
+    driver asks for, the plugin's own single-rank packed line (``--gres=craynetwork:0``, balsam's
+    ``CUDA_VISIBLE_DEVICES=0``) runs, and its step holds the GPUs Slurm gave it (``SLURM_STEP_GPUS``)."""
     env, node, _cpu_node = gres_slurm
-    scheduler = PerlmutterGPUPlatform().settings_defaults()["scheduler"]
+    platform = PerlmutterGPUPlatform()
+    scheduler = platform.settings_defaults()["scheduler"]
     slurm = SlurmScheduler(user="me", options=scheduler["options"])
-    for flags in ("--gres=gpu:2", "--gpus=1"):
-        params = {**scheduler["optional_batch_job_params"], "exclusive": "no", "sbatch_flags": flags}
-        args = slurm.render_submit(SubmitRequest(script_path=tmp_path / "q.sh", project="m1", queue="shared",
-                                                 num_nodes=1, wall_time_min=5, optional_params=params)).args
-        gpu_flags = [a for a in args if a.startswith(("--gpus", "--gres", "--exclusive"))]
-        done = subprocess.run(["salloc", "-w", node, "-N1", "-t", "5", *gpu_flags, "srun", "-n1", "--overlap", "/bin/sh",
-                               "-c", "echo step CVD=$CUDA_VISIBLE_DEVICES"], env=env, capture_output=True, text=True,
-                              timeout=120, stdin=subprocess.DEVNULL)
-        out = done.stdout + done.stderr
-        assert done.returncode == 0 and "step CVD=0" in out, (gpu_flags, out)
+    params = {**scheduler["optional_batch_job_params"], **given}
+    args = slurm.render_submit(SubmitRequest(script_path=tmp_path / "q.sh", project="m1", queue="regular",
+                                             num_nodes=1, wall_time_min=5, optional_params=params)).args
+    own = [a for a in args if a.startswith(("--gpus", "--gres", "--exclusive", "--ntasks"))]
+    probe = tmp_path / "probe.sh"
+    probe.write_text('#!/bin/sh\necho "step STEP_GPUS=${SLURM_STEP_GPUS-unset} CVD=$CUDA_VISIBLE_DEVICES"\n')
+    probe.chmod(0o755)
+    spec = LaunchSpec(cmdline=str(probe), hostnames=(node,), ranks_per_node=1, gpus_per_rank=1.0, threads_per_rank=1,
+                      cpu_ids=[(0,)], gpu_ids=[("0",)], launch_params=GPU_CHECK_PARAMS)
+    line = platform.mpi_command_line(spec)
+    assert "--gres=craynetwork:0" in line, line
+    done = subprocess.run(["salloc", "-w", node, "-N1", "-t", "5", *own, "/bin/sh", "-c", line], env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and f"step STEP_GPUS={held} CVD=0" in out, (own, line, out)
 
 
 # The app: what its step's task got from Slurm (the launcher's shell prints balsam's value first).

@@ -25,16 +25,19 @@ def _args(tmp_path, **given) -> list[str]:
 
 @pytest.mark.parametrize("given, own", [
     ({"sbatch_flags": "--gres=gpu:2", "exclusive": "no"}, ["--gres=gpu:2"]),
-    ({"sbatch_flags": "--gres gpu:a100:2"}, ["--gres", "gpu:a100:2"]),
-    ({"sbatch_flags": "--gres=craynetwork:1,gpu:2"}, ["--gres=craynetwork:1,gpu:2"]),
+    ({"sbatch_flags": "--gres gpu:a100:2", "exclusive": "no"}, ["--gres", "gpu:a100:2"]),
+    ({"sbatch_flags": "--gres=craynetwork:1,gpu:2", "exclusive": "no"}, ["--gres=craynetwork:1,gpu:2"]),
     ({"sbatch_flags": "--gpus=1", "exclusive": "no"}, ["--gpus=1"]),
     ({"sbatch_flags": "-G 1"}, ["-G", "1"]),
     ({"sbatch_flags": "-G1"}, ["-G1"]),
-    ({"sbatch_flags": "--ntasks=2 --gpus-per-task=1"}, ["--gpus-per-task=1"]),
+    ({"sbatch_flags": "--ntasks=2 --gpus-per-task=1", "exclusive": "no"}, ["--gpus-per-task=1"]),
+    ({"sbatch_flags": "--ntasks-per-node=1 --gpus-per-task=1"}, ["--gpus-per-task=1"]),
+    ({"sbatch_flags": "--ntasks-per-node 2 --gpus-per-task 1"}, ["--gpus-per-task", "1"]),
     ({"sbatch_flags": "--gpus-per-node=2"}, ["--gpus-per-node=2"]),
-    ({"sbatch_flags": "--tres-per-task=gres/gpu:1"}, ["--tres-per-task=gres/gpu:1"]),
+    ({"sbatch_flags": "--gpus-per-socket=1"}, ["--gpus-per-socket=1"]),
+    ({"sbatch_flags": "--tres-per-task=gres/gpu:1", "exclusive": "no"}, ["--tres-per-task=gres/gpu:1"]),
     ({"gpus": "2"}, ["--gpus=2"]),
-    ({"gres": "gpu:2"}, ["--gres=gpu:2"]),
+    ({"gres": "gpu:2", "exclusive": "no"}, ["--gres=gpu:2"]),
 ])
 def test_a_batch_jobs_own_gpu_request_replaces_the_default(tmp_path, given, own) -> None:
     args = _args(tmp_path, **given)
@@ -43,9 +46,26 @@ def test_a_batch_jobs_own_gpu_request_replaces_the_default(tmp_path, given, own)
 
 
 @pytest.mark.parametrize("given", [{}, {"sbatch_flags": "--gres=craynetwork:1 --mail-type=END"},
-                                   {"gres": "craynetwork:1"}, {"sbatch_flags": "--gpu-bind=closest"}])
+                                   {"gres": "craynetwork:1"}, {"sbatch_flags": "--gpu-bind=closest"},
+                                   # values, not flags (sbatch takes them as the comment, the job name)
+                                   {"sbatch_flags": "--comment -Gx"}, {"sbatch_flags": "--job-name --gpus"},
+                                   {"sbatch_flags": "-J --gpus=1 --comment=--gres=gpu:2"}])
 def test_the_default_stays_without_an_own_gpu_request(tmp_path, given) -> None:
     assert _args(tmp_path, **given).count("--gpus-per-node=4") == 1
+
+
+@pytest.mark.parametrize("flags", ["--ntasks-per-node=4 --gpus-per-task=1", "--ntasks-per-node 2 --gpus-per-task=2",
+                                   "-n2 --gpus-per-task=1", "--gpus-per-task 1", "--exclusive -n 1 --gpus-per-task=1",
+                                   "--ntasks-per-node=4 --tres-per-task=gres/gpu:1", "--gres=gpu:2",
+                                   "--gres gpu:4 --ntasks-per-node=4"])
+def test_whole_nodes_keep_the_default_beside_a_per_task_or_gres_request(tmp_path, flags) -> None:
+    """Steps inherit a job's own --gpus-per-task as their request: under ``--exclusive
+    --ntasks-per-node=4 --gpus-per-task=1`` alone (NERSC's usual flags) every single-rank packed
+    step held GPU 0 while balsam gave jobs 1-3 (real Slurm 22.05); with --gpus-per-node=4 beside
+    it (accepted by sbatch) the node's 4. ``--exclusive --gres=gpu:2`` beside it: accepted, steps
+    held the node's 4; without it a single-rank step's --gres=craynetwork:0 held none."""
+    args = _args(tmp_path, sbatch_flags=flags)
+    assert args.count("--gpus-per-node=4") == 1 and "--exclusive" in args, args
 
 
 def test_the_batch_jobs_own_gpus_per_node_is_kept(tmp_path) -> None:

@@ -289,21 +289,39 @@ def _delivered_despite(done: subprocess.CompletedProcess, steps: Mapping[str, tu
 
 
 def _gpus_steps_get(nodes: list[NodeInfo], env: Mapping[str, str]) -> list[NodeInfo]:
-    """``nodes`` with the GPUs the job's steps get: the first N of each node's, where the job asked
-    for N per node (``SLURM_GPUS_PER_NODE``, or ``SLURM_GPUS`` on one node) and holds more. With
-    ``--exclusive`` Slurm gives the job the node's 4 GPUs (``CUDA_VISIBLE_DEVICES=0,1,2,3``) but
-    its steps inherit the count: under ``--exclusive --gpus-per-node=2`` (real Slurm 22.05) every
-    step, ``--gpus-per-task 1`` and ``--gres=craynetwork:0`` ones too, got GPUs 0,1, so a packed job
-    balsam gave GPU 2 or 3 ran on a GPU its step does not hold."""
+    """``nodes`` with the GPUs the job's steps get: the N GPUs Slurm lists first on each node
+    (lowest ids), where the job asked for N per node (``SLURM_GPUS_PER_NODE``; ``SLURM_GPUS``
+    without it, which every step inherits as its own total) and holds more. With ``--exclusive``
+    Slurm gives the job the node's 4 GPUs (``CUDA_VISIBLE_DEVICES=0,1,2,3``) but its steps inherit
+    the count: under ``--exclusive --gpus-per-node=2``, ``--gpus=2`` (and ``-N2 --gpus=2``, on
+    each node) every single-node step, ``--gpus-per-task 1`` and ``--gres=craynetwork:0`` ones too,
+    got GPUs 0,1 (real Slurm 22.05), so a packed job balsam gave GPU 2 or 3 ran on a GPU its step
+    does not hold."""
     count = (env.get("SLURM_GPUS_PER_NODE") or "").strip()
-    if not count and len(nodes) == 1:
-        count = (env.get("SLURM_GPUS") or "").strip()
-    count = count.rsplit(":", 1)[-1]  # [type:]N
+    total = "" if count else (env.get("SLURM_GPUS") or "").strip().rsplit(":", 1)[-1]
+    if total.isdecimal() and len(nodes) > 1:
+        # Each step asks for the job's total: a multi-node step for that many over its nodes (real
+        # Slurm 22.05, -N2 --gpus=4: 3 GPUs on one node, 1 on the other; --gpus=2: refused), a
+        # step on one node for that many there (-N2 --gpus=8: every one refused).
+        refused = any(int(total) > len(node.gpu_ids) for node in nodes)
+        (logger.error if refused else logger.warning)(
+            "this Slurm job asked for --gpus=%s over %d nodes (no per-node count): every srun step asks for the "
+            "job's %s GPUs, %s; multi-node jobs get an uneven share or are refused: ask for a count per node "
+            "(-x gpus_per_node=N, or --gpus-per-node=N instead of --gpus)", total, len(nodes), total,
+            "so a step on one node is refused ('Invalid generic resource (gres) specification')" if refused
+            else f"so a step on one node holds its first {total}")
+    count = (count or total).rsplit(":", 1)[-1]  # [type:]N
     if not count.isdecimal() or not any(len(node.gpu_ids) > int(count) for node in nodes):
         return nodes
+    listed = [g.strip() for g in (env.get("CUDA_VISIBLE_DEVICES") or "").split(",") if g.strip()]
     kept_nodes = []
     for node in nodes:
-        kept = node.gpu_ids[:int(count)]
+        # Slurm gives a step its first GPUs in its own (index) order: the job's CUDA_VISIBLE_DEVICES
+        # order, else the lowest ids (not gpu_ids' order, which may be '3,2,1,0').
+        order = [g for g in listed if g in node.gpu_ids] or sorted(
+            node.gpu_ids, key=lambda g: (not g.isdecimal(), int(g) if g.isdecimal() else 0, g))
+        held = set(order[:int(count)])
+        kept = tuple(g for g in node.gpu_ids if g in held)
         groups = tuple(part for part in (tuple(g for g in group if g in kept) for group in node.gpu_groups) if part)
         kept_nodes.append(attrs.evolve(node, gpu_ids=kept, gpu_groups=groups,
                                        gpu_cpus=tuple((g, cpus) for g, cpus in node.gpu_cpus if g in kept)))
@@ -374,14 +392,25 @@ class PerlmutterGPUPlatform(Platform):
         self.allocated_logical_cpus = min(len(n.cpu_ids) for n in nodes) * self.hardware_threads_per_core if nodes else 0
         nodes = cuda_visible_only(nodes, env)
         if self.gpu_ids and (env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")):
-            if not any((env.get(name) or "").strip() for name in GPU_COUNT_VARIABLES):
+            given = {name for name in GPU_COUNT_VARIABLES if (env.get(name) or "").strip()}
+            if not given:
                 logger.warning(
-                    "this Slurm job asked for no GPU count (none of %s is set): Slurm gives its steps that ask for "
-                    "no GPU (or give their own --gres, as single-rank steps do) none, so packed and fractional GPU "
-                    "jobs run without one: add gpus_per_node: '%d' under "
-                    "scheduler.optional_batch_job_params in settings.yml and run balsam site sync (sites made "
-                    "before Balsam asked for it lack it), or submit with -x sbatch_flags=--gpus-per-node=%d",
-                    ", ".join(GPU_COUNT_VARIABLES), len(self.gpu_ids), len(self.gpu_ids))
+                    "this Slurm job asked for no GPU count (none of %s is set; --gres=gpu:N sets none): Slurm gives "
+                    "its steps that ask for no GPU (or give their own --gres, as single-rank steps do) none, so packed "
+                    "and fractional GPU jobs run without one: ask for a count (-x gpus_per_node=N; a BatchJob of "
+                    "whole nodes may keep --gres=gpu:N beside it, a shared one should ask for it instead of "
+                    "--gres=gpu:N); sites made "
+                    "before Balsam asked for it lack the key: add gpus_per_node: '%d' under "
+                    "scheduler.optional_batch_job_params in settings.yml and run balsam site sync",
+                    ", ".join(GPU_COUNT_VARIABLES), len(self.gpu_ids))
+            elif given == {"SLURM_GPUS_PER_TASK"}:
+                logger.warning(
+                    "this Slurm job asked for GPUs only per task (SLURM_GPUS_PER_TASK=%s): every srun step inherits "
+                    "it, so a single-rank packed step holds only the first %s GPU(s) of its node whatever GPU Balsam "
+                    "gives it (real Slurm 22.05: all held GPU 0): ask for the node's GPUs beside it (on whole "
+                    "nodes -x gpus_per_node=%d, with --ntasks-per-node x --gpus-per-task making %d, or -n N)",
+                    env["SLURM_GPUS_PER_TASK"].strip(), env["SLURM_GPUS_PER_TASK"].strip(), len(self.gpu_ids),
+                    len(self.gpu_ids))
             nodes = _gpus_steps_get(nodes, env)
         return nodes
 

@@ -100,12 +100,35 @@ _FALSE_WORDS = ("0", "no", "false", "off")
 #: adds no --exclusive of its own (``--exclusive=user`` and ``--oversubscribe`` say something else).
 _SHARING_FLAG = re.compile(r"--exclusive(=.*)?|--oversubscribe|-s|--share")
 #: The optional param a site's defaults may carry for its GPU nodes (Perlmutter's ``gpus_per_node:
-#: '4'``); a BatchJob asking for GPUs itself (:func:`asks_for_gpus`) goes without it.
+#: '4'``); a BatchJob asking for GPUs itself goes without it where the two conflict
+#: (:func:`replaces_gpus_per_node`).
 GPUS_PER_NODE_PARAM = "gpus_per_node"
-#: sbatch flags that ask for GPUs whatever their value (``-G1``/``-G 1``, ``--gpus[=N]``,
-#: ``--gpus-per-task`` ...), and those that do when their value names a gpu (``--gres``, ``--tres-per-task``).
-_GPU_COUNT_FLAG = re.compile(r"-G.*|--gpus(-per-[a-z]+)?(=.*)?")
-_GRES_FLAG = re.compile(r"(--gres|--tres-per-task)(=(.*))?")
+#: sbatch's options that take a value (long names; short ones by :data:`_SBATCH_SHORT`), so that a
+#: value (``--comment -Gx``, ``--job-name --gpus``) is not read as a flag. Options whose value is
+#: optional (``--exclusive[=user]``, ``--nice``, ``--export``) take one only after ``=``.
+_SBATCH_VALUE_OPTIONS = frozenset("""
+    account acctg-freq array batch bb bbf begin burst-buffer chdir cluster cluster-constraint clusters comment
+    constraint container core-spec cores-per-socket cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot
+    dependency distribution error exclude export-file extra extra-node-info gid gpu-bind gpu-freq gpus
+    gpus-per-node gpus-per-socket gpus-per-task gres gres-flags hint input job-name kill-on-invalid-dep licenses
+    mail-type mail-user mcs-label mem mem-bind mem-per-cpu mem-per-gpu mincpus network nodefile nodelist nodes
+    ntasks ntasks-per-core ntasks-per-gpu ntasks-per-node ntasks-per-socket open-mode output partition power
+    prefer priority profile qos reservation signal sockets-per-node switches thread-spec threads-per-core time
+    time-min tmp tres-per-task uid wckey wrap""".split())
+#: sbatch's long options that take no value (or one only after ``=``): for getopt's prefixes.
+_SBATCH_FLAG_OPTIONS = frozenset("""
+    contiguous exclusive export get-user-env help hold ignore-pbs nice no-kill no-requeue overcommit oversubscribe
+    parsable propagate quiet reboot requeue spread-job test-only usage use-min-nodes verbose version wait""".split())
+#: sbatch's short options that take a value, by their long names.
+_SBATCH_SHORT = {"a": "array", "A": "account", "b": "begin", "B": "extra-node-info", "c": "cpus-per-task",
+                 "C": "constraint", "d": "dependency", "D": "chdir", "e": "error", "F": "nodefile", "G": "gpus",
+                 "i": "input", "J": "job-name", "L": "licenses", "m": "distribution", "M": "clusters",
+                 "n": "ntasks", "N": "nodes", "o": "output", "p": "partition", "q": "qos", "S": "core-spec",
+                 "t": "time", "w": "nodelist", "x": "exclude"}
+#: Own GPU flags that the default gpus_per_node cannot stand beside, on real Slurm 22.05 with GPU
+#: GRES (--exclusive --gpus-per-node=4 and the flag): sbatch refused --gpus=1 / -G 1 and
+#: --gpus-per-socket=1 ("Invalid generic resource (gres) specification"); --gpus-per-node=2 replaced it.
+_GPU_COUNT_OPTIONS = ("gpus", "gpus-per-node", "gpus-per-socket")
 
 #: The status poll's columns. The QOS (%q) is a BatchJob's queue under ``queue_flag: --qos``; it
 #: comes before the reason, which stays last: a reason is free text that may hold a '|'.
@@ -535,14 +558,17 @@ class SlurmScheduler(Scheduler):
         if cluster:
             args.append(f"--clusters={cluster}")
         params = {k: v for k, v in request.optional_params.items() if k != CLUSTER_PARAM}
-        if asks_for_gpus(params, without=GPUS_PER_NODE_PARAM):
-            # A site default (Perlmutter's gpus_per_node '4') beside the BatchJob's own GPU request:
-            # sbatch refused --gpus=1 with it ("Failed to ensure --gpus >= ... --gpus-per-node"), and
-            # with --gres=gpu:2 the job exported SLURM_GPUS_PER_NODE=4, so every srun step failed
-            # ("Step requested gres_per_node=gpu:4 is more than the job's gres_per_node=gpu:2").
-            params.pop(GPUS_PER_NODE_PARAM, None)
         passed = self.pass_through_args(params)
-        if self.wants_whole_nodes(request.optional_params) and not any(_SHARING_FLAG.fullmatch(a) for a in passed):
+        own_sharing = [a for a in passed if _SHARING_FLAG.fullmatch(a)]
+        whole_nodes = ((self.wants_whole_nodes(request.optional_params) and not own_sharing)
+                       or "--exclusive" in own_sharing)
+        if (str(params.get(GPUS_PER_NODE_PARAM, "") or "").strip()
+                and replaces_gpus_per_node(params, whole_nodes=whole_nodes)):
+            # A site default (Perlmutter's gpus_per_node '4') beside the BatchJob's own GPU request:
+            # sbatch refused or every step failed (see replaces_gpus_per_node).
+            params.pop(GPUS_PER_NODE_PARAM, None)
+            passed = self.pass_through_args(params)
+        if self.wants_whole_nodes(request.optional_params) and not own_sharing:
             args.append("--exclusive")
         args += passed
         args.append(str(script))
@@ -915,29 +941,88 @@ class SlurmScheduler(Scheduler):
         return seen
 
 
-def asks_for_gpus(optional_params: Mapping[str, str], *, without: str = "") -> bool:
-    """Whether a BatchJob's optional params (but ``without``) ask Slurm for GPUs: ``gpus`` or
-    ``gpus_per_node``, a ``gres`` naming gpu, or such an sbatch flag in ``sbatch_flags``
-    (``--gpus``, ``-G``, ``--gpus-per-node/task/socket``, ``--gres=gpu:N``, ``--tres-per-task=gres/gpu:N``)."""
-    def names_gpu(value: str) -> bool:
-        items = (item.strip().removeprefix("gres/") for item in value.split(","))
-        return any(item.split(":", 1)[0] == "gpu" for item in items)
+def sbatch_options(text: str) -> list[tuple[str, str]]:
+    """``sbatch_flags`` as ``(long option name, value)`` pairs (``""``: none), each value taken
+    with its option, so that a value is never read as an option (``--comment -Gx`` is a comment);
+    getopt's unique prefixes (``--gpus-per-n=2``, which sbatch took for --gpus-per-node) are
+    resolved. Words that are no option (a stray value) are left out."""
+    tokens = shlex.split(text)
+    known = _SBATCH_VALUE_OPTIONS | _SBATCH_FLAG_OPTIONS
+    options: list[tuple[str, str]] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token[2:].partition("=")
+            if name not in known:
+                prefixed = [option for option in known if option.startswith(name)]
+                name = prefixed[0] if len(prefixed) == 1 else name
+            if not eq and name in _SBATCH_VALUE_OPTIONS and i < len(tokens):
+                value = tokens[i]
+                i += 1
+            options.append((name, value))
+        elif token.startswith("-") and len(token) > 1:
+            name = _SBATCH_SHORT.get(token[1])
+            if name is None:
+                options.append((token[1:], ""))  # a short switch (-O, -s, -Q ...)
+                continue
+            value = token[2:]
+            if not value and i < len(tokens):
+                value = tokens[i]
+                i += 1
+            options.append((name, value))
+    return options
 
+
+def _gpu_count(value: str) -> str:
+    """The GPU count of a ``--gres``/``--tres-per-task`` value (``gpu:2``, ``gres/gpu:a100:1``,
+    ``cpu:4,gres/gpu:1``; ``gpu`` alone: ``1``), or ``""`` where it names no gpu."""
+    for item in value.split(","):
+        parts = item.strip().removeprefix("gres/").split(":")
+        if parts[0] == "gpu":
+            return parts[-1] if len(parts) > 1 else "1"
+    return ""
+
+
+def replaces_gpus_per_node(optional_params: Mapping[str, str], *, whole_nodes: bool) -> bool:
+    """Whether a BatchJob's own GPU request takes the place of ``gpus_per_node`` (a site default)
+    rather than going beside it (a shared job's ``--gres=gpu:2`` beside it got 2 GPUs with
+    SLURM_GPUS_PER_NODE=4: every step failed, "Step requested gres_per_node=gpu:4 is more than the
+    job's gres_per_node=gpu:2"): ``gpus``, ``--gpus``/``-G``, ``--gpus-per-node``/``-socket``
+    (:data:`_GPU_COUNT_OPTIONS`); a ``gres``/``--gres`` naming gpu where the nodes are shared; and a
+    per-task count (``--gpus-per-task``, ``--tres-per-task=gres/gpu:N``) where sbatch refuses the two together.
+
+    A per-task count keeps the default on whole nodes: its steps inherit it as their request
+    (``SLURM_GPUS_PER_TASK``), and under ``--exclusive --ntasks-per-node=4 --gpus-per-task=1``
+    alone every single-rank step got GPU 0 (real Slurm 22.05; balsam gave packed jobs 1-3), with
+    ``--gpus-per-node=4`` beside it the node's 4. sbatch took the two with ``-n N`` (no
+    ``--ntasks-per-node``) and where ``--ntasks-per-node`` x the count made the default's, refused
+    other products (``--ntasks-per-node=1 --gpus-per-task=1``: "Invalid generic resource (gres)
+    specification"), and any without ``--exclusive`` ("Requested node configuration is not available")."""
     def given(key: str) -> str:
-        return "" if key == without else str(optional_params.get(key, "") or "").strip()
+        return str(optional_params.get(key, "") or "").strip()
 
-    if given("gpus") or given(GPUS_PER_NODE_PARAM) or names_gpu(given("gres")):
+    options = sbatch_options(given(RAW_FLAGS_PARAM))
+    if given("gpus") or any(name in _GPU_COUNT_OPTIONS for name, _ in options):
         return True
-    tokens = shlex.split(given(RAW_FLAGS_PARAM))
-    for i, token in enumerate(tokens):
-        if _GPU_COUNT_FLAG.fullmatch(token):
-            return True
-        gres = _GRES_FLAG.fullmatch(token)
-        if gres:
-            value = gres.group(3) if gres.group(2) else (tokens[i + 1] if i + 1 < len(tokens) else "")
-            if names_gpu(value):
-                return True
-    return False
+    if (_gpu_count(given("gres")) or any(name == "gres" and _gpu_count(value) for name, value in options)):
+        # On whole nodes sbatch took --gres=gpu:N beside it and every step had the node's GPUs; alone,
+        # a single-rank step's --gres=craynetwork:0 replaced the job's --gres: no GPU.
+        return not whole_nodes
+    per_task = [value.rsplit(":", 1)[-1] if name == "gpus-per-task" else _gpu_count(value)
+                for name, value in options if name == "gpus-per-task" or name == "tres-per-task"]
+    per_task = [count for count in per_task if count]
+    if not per_task:
+        return False
+    if not whole_nodes:
+        return True
+    per_node = [value for name, value in options if name == "ntasks-per-node"]
+    if not per_node:
+        return False
+    default = given(GPUS_PER_NODE_PARAM).rsplit(":", 1)[-1]
+    return not (per_node[-1].isdecimal() and per_task[-1].isdecimal() and default.isdecimal()
+                and int(per_node[-1]) * int(per_task[-1]) == int(default))
 
 
 def _slurm_error(result: CommandResult) -> str:
