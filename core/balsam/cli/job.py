@@ -653,32 +653,13 @@ def _stdin_is_terminal() -> bool:
 
 
 def _confirm_unless_input_ended(question: str) -> bool:
-    """``job modify``'s confirmation: asked at a terminal. Without one, a line waiting on standard
-    input (``echo n | balsam job modify ...``) is the answer, as at the prompt (y/n, an empty line
-    no); at end of input (``< /dev/null``, cron, a batch job: Balsam 0.7's modify never asked, and
-    its scripts go on as they did) it goes ahead, as with -y."""
+    """``job modify``'s confirmation: asked at a terminal only. Without one it goes ahead, as with
+    -y and as Balsam 0.7's modify did (it never asked): standard input is not read, since in a
+    script it holds what follows (a ``while read`` loop's next lines, a script fed by ``bash -s``:
+    a read took them for answers, and stopped the loop or the script; a closed stdin failed)."""
     if _stdin_is_terminal():
         return confirm_or_yes(question)
-    answered = False
-    while True:
-        try:
-            line = sys.stdin.readline()
-        except (OSError, ValueError):  # closed, or no standard input at all
-            line = ""
-        if not line:
-            if not answered:
-                return True
-            # An answer that was neither y nor n, then nothing: not a go-ahead.
-            raise click.ClickException(f"no answer to {question!r}: standard input ended; pass -y/--yes to go on "
-                                       "without asking")
-        answered = True
-        answer = line.strip().lower()
-        click.echo(f"{question} [y/N]: {line.strip()}")  # the question and its piped answer, for the log
-        if answer in ("y", "yes"):
-            return True
-        if answer in ("", "n", "no"):
-            return False
-        click.echo("Error: invalid input", err=True)  # the next line is read, as click's prompt does
+    return True
 
 
 @job.command("modify")

@@ -141,7 +141,7 @@ def runnable_jobs_page(client: Any, site_id: int, filter_tags: Optional[Mapping[
     if filter_tags:
         # The listing's tag filter is KEY:VALUE cut at the first ':': a key holding one would count
         # and name other jobs (``a:b=c`` reads as ``a=b:c``). The acquire sends its tags as JSON and
-        # is not affected; only this note is given up (its callers log the error at debug level).
+        # is not affected; only this note is given up (its callers log the reason at INFO level).
         colon_keys = sorted(k for k in filter_tags if ":" in str(k))
         if colon_keys:
             raise ValueError(f"filter tag key(s) {', '.join(map(repr, colon_keys))} hold ':', which a tags filter cannot hold")
