@@ -1351,7 +1351,7 @@ class TransfersModule(AgentModule):
                 continue
             self._warn_once(f"task:{tid}", f"deadline in hold: {held}", "transfer task %s ran past "
                             "transfers.task_timeout_sec (%.0f s); it is cancelled once its backend may be called "
-                            "again: %s", tid, limit, held)
+                            "again, unless that poll finds it queued: %s", tid, limit, held)
             for item in by_task[tid]:
                 # The hold is why it is not ended yet, shown where no reason is (a reason the
                 # backend gave stays: its cancel's error names it as why it was not moving).
