@@ -127,3 +127,45 @@ def test_server_down_after_503s_is_retried_to_the_end_of_the_budget(clock: FakeC
         client.get("/sites/")
     assert pool.count > 21
     assert sum(clock.sleeps) <= 151.5 * 1.25
+
+
+def slow_unavailable(clock: FakeClock, retry_after: str, seconds: float = 10.0):  # noqa: ANN201
+    """503s that each take the server ``seconds`` (a vanished database host: libpq's connect
+    timeout of 10 s per request)."""
+    def answer(n: int) -> httpx.Response:
+        clock.now += seconds
+        return httpx.Response(503, json={"detail": "The database is unavailable; retry shortly"},
+                              headers={"Retry-After": retry_after})
+    return answer
+
+
+@pytest.mark.parametrize("retry_after", ["5", "1"])
+def test_slow_503s_end_within_the_budget_of_time(clock: FakeClock, retry_after: str) -> None:
+    """The budget bounds the call's time, its attempts' own included: counted by its waits alone, a
+    call of 10 s 503s went on for ~467 s (Retry-After 5) or 152 attempts over ~28 min (Retry-After 1)."""
+    start = clock.now
+    client, pool = client_with(slow_unavailable(clock, retry_after))
+    with pytest.raises(APIError):
+        client.get("/sites/")
+    assert pool.count >= 11  # never fewer than retry_count retries
+    # The budget (151.5 s) less the waits' jitter, then at most one more wait and attempt.
+    assert clock.now - start <= 151.5 + sum(clock.sleeps) * 0.1 + 5.5 + 10, (pool.count, clock.now - start)
+
+
+@pytest.mark.parametrize("retries", [3, 4, 5, 9])
+def test_short_retry_counts_keep_their_retries_for_a_short_retry_after(clock: FakeClock, retries: int) -> None:
+    """A retry_count below the default is a number of retries, whatever the Retry-After (4-5 got
+    8-16 attempts of Retry-After 1 within their budgets of 7.5-15.5 s)."""
+    client, pool = client_with(lambda n: httpx.Response(503, json={}, headers={"Retry-After": "1"}), retry_count=retries)
+    with pytest.raises(APIError):
+        client.get("/sites/")
+    assert pool.count == retries + 1
+
+
+def test_short_retry_counts_are_not_stretched_by_refusals_after_503s(clock: FakeClock) -> None:
+    # 503s with Retry-After 1, then the server goes down: still retry_count retries in all.
+    client, pool = client_with(lambda n: httpx.Response(503, json={}, headers={"Retry-After": "1"}) if n < 3
+                               else refused(n), retry_count=5)
+    with pytest.raises(ServerUnavailable):
+        client.get("/sites/")
+    assert pool.count == 6

@@ -28,8 +28,8 @@ REFUSALS = [
 ]
 
 
-def _request() -> Any:
-    return types.SimpleNamespace(method="PUT", url=types.SimpleNamespace(path="/sessions/1"),
+def _request(method: str = "PATCH", path: str = "/jobs/") -> Any:
+    return types.SimpleNamespace(method=method, url=types.SimpleNamespace(path=path),
                                  app=types.SimpleNamespace(state=types.SimpleNamespace(engine="the engine")))
 
 
@@ -42,6 +42,19 @@ def test_a_connection_limit_answers_503_and_is_no_outage(monkeypatch: pytest.Mon
     resp = asyncio.run(server_app._database_error(_request(), refused))
     assert resp.status_code == 503 and resp.headers["Retry-After"].isdigit()
     assert noted == [], "a database at its connection limit restarted the expiry clock of every session"
+
+
+@pytest.mark.parametrize("method,path", [("PUT", "/sessions/1"), ("POST", "/sessions/12"),
+                                         ("POST", "/sessions/12/release"), ("PUT", "/api/sessions/3/")])
+def test_a_refused_heartbeat_restarts_the_expiry_clocks(monkeypatch: pytest.MonkeyPatch, method: str, path: str) -> None:
+    """A heartbeat (tick, acquire, release) refused for the connection limit went unrecorded: the
+    sessions' clocks restart (one expiry more at most for a dead launcher's; see
+    app._refusal_silences_heartbeats), or a live launcher expired for its server's refusals."""
+    noted: list[Any] = []
+    monkeypatch.setattr(server_app, "note_outage", noted.append)
+    resp = asyncio.run(server_app._database_error(_request(method, path), sa.exc.OperationalError(None, None, Exception(REFUSALS[0]))))
+    assert resp.status_code == 503 and resp.headers["Retry-After"].isdigit()
+    assert noted == ["the engine"]
 
 
 def test_a_database_that_is_down_still_is_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,3 +101,35 @@ def test_a_sweep_refused_a_connection_for_the_limit_is_no_outage(monkeypatch: py
     line = next(r.getMessage() for r in caplog.records if "weep" in r.getMessage())
     assert "too many clients" in line and "retried next period" in line, line
     assert noted == [], "a sweep refused for the connection limit restarted the expiry clock of every session"
+
+
+def test_a_sweep_refused_with_no_open_connection_is_an_outage(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The pool holds no open connection (its backends terminated, a quick restart or an idle cut
+    emptied it) and PostgreSQL refuses every new one: no heartbeat can be recorded, so the sessions'
+    clocks restart once it accepts one again (a live launcher expired for its server's refusals)."""
+    from starlette.applications import Starlette
+
+    from balsam.server.acquire_waits import AcquireWaits
+    from balsam.server.settings import ServerSettings
+
+    noted: list[Any] = []
+    monkeypatch.setattr(server_app, "note_outage", noted.append)
+
+    def sweep_refused(app: object) -> None:
+        raise sa.exc.OperationalError(None, None, Exception(REFUSALS[1]))
+
+    monkeypatch.setattr(server_app, "_sweep_once", sweep_refused)
+    app = Starlette()
+    app.state.settings = ServerSettings(database_url="sqlite://", secret_key="k" * 48, session_sweep_sec=0.5)
+    app.state.engine = engine = sa.create_engine(f"sqlite:///{tmp_path / 'empty.db'}", poolclass=sa.pool.QueuePool)
+    app.state.wake_bridge, app.state.acquire_waits = None, AcquireWaits()
+
+    async def run_until_noted() -> None:
+        async with server_app._lifespan(app):
+            for _ in range(600):
+                if noted:
+                    return
+                await asyncio.sleep(0.05)
+
+    asyncio.run(run_until_noted())
+    assert noted and noted[0] is engine, "a sweep refused with no open connection left the expiry clocks running"

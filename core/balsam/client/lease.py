@@ -321,11 +321,12 @@ class JobLease:
             if session_id == self._session_id and not self._replacing and sent > self._confirmed:
                 self._confirmed = sent
 
-    def _create_session(self) -> int:
+    def _create_session(self, retry_count: Optional[int] = None) -> int:
         body: dict[str, Any] = {"site_id": self.site_id}
         if self.batch_job_id is not None:
             body["batch_job_id"] = self.batch_job_id
-        created = self.client.post("/sessions/", json=body)
+        created = (self.client.post("/sessions/", json=body) if retry_count is None
+                   else self.client.post("/sessions/", json=body, retry_count=retry_count))
         session_id = int(created["id"])
         self._last_tick = self._clock()
         logger.info("%s %s created (site %s, batch job %s)", self.name, session_id, self.site_id, self.batch_job_id)
@@ -364,7 +365,11 @@ class JobLease:
             self.lost_generation = as_of
             sent = self._clock()
             try:
-                self._session_id = self._create_session()
+                # Retried as a heartbeat is, not for the client's whole budget (minutes, more with
+                # slow 503s): the lease's lock is held meanwhile, and the acquiring thread and
+                # every confirmation wait for it. A failure leaves the lost Session in place, and
+                # the next request finds it gone again and retries the replacement.
+                self._session_id = self._create_session(retry_count=TICK_RETRY_COUNT)
             except BaseException:
                 self._replacing = False  # still the lost one: the next request finds it gone again
                 raise

@@ -5,8 +5,9 @@ Retry policy (a fault of the original was retrying every 4xx for half an hour):
 
 - connection errors, timeouts, 5xx and 429 are retried with capped exponential backoff
   (``retry_count`` times); a ``Retry-After`` is waited for instead (plus up to a tenth, so that
-  clients do not all come back at once) and retried for the same total of waits as the backoff's
-  (151.5 s for 10 retries), not ``retry_count`` times (see :meth:`RESTClient._retries_allowed`);
+  clients do not all come back at once) and, for a ``retry_count`` of 10 or more, retried for the
+  same total time as the backoff's waits (151.5 s for 10 retries; the attempts' own time counted,
+  the jitter not), not ``retry_count`` times (see :meth:`RESTClient._retries_allowed`);
 - every POST, PUT, PATCH and DELETE carries an ``Idempotency-Key`` made once per call and resent
   unchanged on each retry, so a create, an acquire, an update or a delete whose answer was lost
   (dropped connection, read timeout, a proxy's 502/504 after the server committed) is answered
@@ -324,6 +325,11 @@ def _default_connect_wait() -> "tuple[float, str]":
 #: A wait the server asks for (``Retry-After``) is made longer by up to this fraction of it, at
 #: random, so that its clients do not all come back at the same instant.
 RETRY_AFTER_SPREAD = 0.1
+
+#: The least ``retry_count`` whose call retries a ``Retry-After`` more often than ``retry_count``
+#: times, to the end of its retry budget (the default count: see RESTClient._retries_allowed). A
+#: shorter count (a heartbeat's 2, a caller's own 4) is a number of retries, kept as it is.
+RETRY_AFTER_STRETCH_MIN_RETRIES = 10
 
 #: Interactive use (the CLI's short commands, see :func:`cap_retries_for_interactive_use`): a call
 #: that has waited this long without an answer is reported on stderr, then at twice, four times ...
@@ -963,18 +969,24 @@ class RESTClient:
             return max(min(retry_after, self.backoff_max), 1.0)
         return self._backoff_step(attempt)
 
-    def _retries_allowed(self, attempt: int, retries: int, asked: float, resp: "Response") -> int:
+    def _retries_allowed(self, attempt: int, retries: int, asked: float, resp: "Response",
+                         elapsed: float = 0.0) -> int:
         """How many retries a call may make in all, after an answer to retry (429, 5xx) to its
         attempt ``attempt`` (0: the first): ``retries``, or, where the server asks for a wait with
-        ``Retry-After``, as many more as fit the retry budget (:meth:`_retry_budget`) with the waits
-        counted so far (``asked``, this one's not included: :meth:`_wait_counted`). A database
-        outage is answered 503 with ``Retry-After: 5``: obeyed ``retries`` times, a call gave up
-        after ~50 s (a PostgreSQL restart or fail-over takes 30-90 s), where a server that is down
-        itself (connection refused) was retried for ~2.5 min by the backoff."""
-        if not _retry_after(resp):
+        ``Retry-After`` and ``retries`` is at least :data:`RETRY_AFTER_STRETCH_MIN_RETRIES`, as
+        many more as fit the retry budget (:meth:`_retry_budget`) with the waits counted so far
+        (``asked``, this one's not included: :meth:`_wait_counted`) and with the call's time so far
+        (``elapsed``: its attempts' own time and its waits, their jitter left out). A database outage is answered 503 with
+        ``Retry-After: 5``: obeyed ``retries`` times, a call gave up after ~50 s (a PostgreSQL
+        restart or fail-over takes 30-90 s), where a server that is down itself (connection
+        refused) was retried for ~2.5 min by the backoff. Bounded by the waits alone, a call whose
+        503s each took the server 10 s (a vanished database host's connect timeout) went on for
+        ~8 min (and 152 attempts, ~28 min, with ``Retry-After: 1``)."""
+        if not _retry_after(resp) or retries < RETRY_AFTER_STRETCH_MIN_RETRIES:
             return retries
         wait = self._wait_counted(attempt, resp)
-        return max(retries, attempt + int(max(self._retry_budget(retries) - asked, 0.0) // wait))
+        left = self._retry_budget(retries) - max(asked, elapsed)
+        return max(retries, attempt + int(max(left, 0.0) // wait))
 
     def _backoff_step(self, attempt: int) -> float:
         """The backoff before jitter: doubling from backoff_base up to backoff_max. The exponent is
@@ -1087,6 +1099,12 @@ class RESTClient:
         #: for ``connect_wait``.
         unconnected_since: Optional[float] = None
         asked = 0.0  # the waits so far, as the retry budget counts them (_wait_counted)
+        jitter = 0.0  # the waits' random parts so far, which the budget leaves out
+
+        def spent_time() -> float:
+            """The call's time so far as the retry budget counts it: its attempts' own time and its
+            waits, less their jitter (see _retries_allowed)."""
+            return time.monotonic() - started - jitter
         while True:
             attempt_started = time.monotonic()
             if own_deadline is not None and deadline is not None and deadline - time.monotonic() <= 0:
@@ -1122,7 +1140,9 @@ class RESTClient:
                 connect_spent = connect_left <= 0
                 # Past ``retries`` only after waits of a Retry-After (503s, then the server went down):
                 # on to the end of the same budget of time.
-                spent = attempt >= retries and asked + self._wait_counted(attempt) >= self._retry_budget(retries)
+                spent = attempt >= retries and (
+                    retries < RETRY_AFTER_STRETCH_MIN_RETRIES
+                    or max(asked, spent_time()) + self._wait_counted(attempt) > self._retry_budget(retries))
                 if (spent or connect_spent
                         or (deadline is not None and time.monotonic() + delay >= deadline)):
                     if caller_deadline and not connect_spent:  # a program's own bound: it words what follows
@@ -1151,7 +1171,7 @@ class RESTClient:
                     progress = self._retry_progress(attempt, retries, delay, deadline, connect_left)
                 else:  # past them after waits of a Retry-After: what is left of the budget
                     progress = self._retry_progress(attempt, attempt + 1, delay, deadline, connect_left,
-                                                    budget_left=self._retry_budget(retries) - asked)
+                                                    budget_left=self._retry_budget(retries) - max(asked, spent_time()))
                 if attempt == 0:  # the call's first failure: say once what is unreachable and what to check
                     progress += (f": the Balsam server at {self.shown_root} {_reach_failure(exc)}: "
                                  f"{_failure_reason(exc)}{_retry_hint(self.api_root, exc)}")
@@ -1162,6 +1182,7 @@ class RESTClient:
                                extra={"attempt": attempt + 1, "retries": retries,
                                       "connect_wait": self.connect_wait if _is_connect_error(exc) else math.inf})
                 asked += self._wait_counted(attempt)
+                jitter += max(delay - self._wait_counted(attempt), 0.0)
                 time.sleep(delay)
                 attempt += 1
                 continue
@@ -1173,14 +1194,14 @@ class RESTClient:
                 delay = self._backoff(attempt, resp)
                 # A Retry-After (a database outage's 503) is obeyed within the same budget of time as
                 # the backoff of a server that is down (_retries_allowed), not ``retries`` times.
-                allowed = self._retries_allowed(attempt, retries, asked, resp)
+                allowed = self._retries_allowed(attempt, retries, asked, resp, spent_time())
                 if (attempt >= allowed or _retry_after(resp) > self.backoff_max
                         or (deadline is not None and time.monotonic() + delay >= deadline)):
                     raise APIError(method, f"{self.shown_root}{url}", status, _response_detail(resp),
                                    retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
                 if allowed > retries:  # waits of Retry-After, to the end of the budget
                     progress = self._retry_progress(attempt, allowed, delay, deadline,
-                                                    budget_left=self._retry_budget(retries) - asked)
+                                                    budget_left=self._retry_budget(retries) - max(asked, spent_time()))
                 else:
                     progress = self._retry_progress(attempt, retries, delay, deadline)
                 logger.warning("%s %s: HTTP %d; retrying in %.1f s" + progress.replace("%", "%%"),
@@ -1190,6 +1211,7 @@ class RESTClient:
                                extra={"attempt": attempt + 1, "retries": retries,
                                       "retry_after_waits": allowed if allowed > retries else None})
                 asked += self._wait_counted(attempt, resp)
+                jitter += max(delay - self._wait_counted(attempt, resp), 0.0)
                 time.sleep(delay)
                 attempt += 1
                 continue

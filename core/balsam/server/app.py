@@ -127,8 +127,11 @@ def _is_pool_timeout(exc: Exception) -> bool:
 
 #: PostgreSQL's refusals of a new connection when its connection limits are reached (SQLSTATE 53300;
 #: libpq gives no code for a refused connection, only the text): ``max_connections`` (and the slots
-#: kept for superusers, whose text PostgreSQL 16 changed), a role's or a database's CONNECTION LIMIT.
-_PG_CONNECTION_LIMITS = ("too many clients", "remaining connection slots are reserved", "too many connections for")
+#: kept for superusers, whose text PostgreSQL 16 changed), a role's or a database's CONNECTION LIMIT;
+#: and PgBouncer's at its ``max_client_conn``. In English only: a PostgreSQL whose ``lc_messages``
+#: is another language words them otherwise, and they are answered as an outage (docs/server.md).
+_PG_CONNECTION_LIMITS = ("too many clients", "remaining connection slots are reserved", "too many connections for",
+                         "no more connections allowed")
 
 
 def _is_connection_limit(exc: Exception) -> bool:
@@ -143,6 +146,40 @@ def _is_connection_limit(exc: Exception) -> bool:
 def _is_busy(exc: Exception) -> bool:
     """The database is up and this server has more requests than connections for them."""
     return _is_pool_timeout(exc) or _is_connection_limit(exc)
+
+
+#: Requests that heartbeat a session (sessions_logic.heartbeat): a tick (PUT), an acquire (POST)
+#: and a release (POST .../release), matched at the end of the path (a proxy may add a prefix).
+_HEARTBEAT_PATH = re.compile(r"/sessions/\d+(/release)?/?$")
+
+
+def _pool_holds_no_connection(engine: Any) -> bool:
+    pool = getattr(engine, "pool", None)
+    try:
+        return pool.checkedin() + pool.checkedout() == 0  # type: ignore[union-attr]
+    except AttributeError:  # a pool that does not count its connections (or no engine)
+        return False
+
+
+def _refusal_silences_heartbeats(exc: Exception, request: "Request | None", engine: Any) -> bool:
+    """A connection-limit refusal that kept a launcher's heartbeat from being recorded: the refused
+    request heartbeats a session, or the pool holds no open connection (then no heartbeat can be
+    served until PostgreSQL accepts one again: its backends were terminated, a restart or an idle
+    connection cut emptied the pool, and pool_pre_ping's reconnects are refused).
+
+    Such a refusal is an outage to the sessions' expiry clocks (note_outage): counted as busy alone,
+    a live launcher's session expired after ``expire_sec`` of refused heartbeats, and its RUNNING
+    jobs went to RUN_TIMEOUT and ran again while their first run went on (reproduced with
+    max_connections reached and the pool's backends terminated). The cost is bounded: a clock
+    restart is done at most once per session between two of its heartbeats (sessions_logic, "Clock
+    restarts"), so a dead launcher's session outlives its expiry by one ``expire_sec`` at most. A
+    refusal of any other request while the pool still holds connections stays busy: the pool's
+    connections serve the heartbeats meanwhile."""
+    if not _is_connection_limit(exc):
+        return False
+    if request is not None and request.method in ("PUT", "POST") and _HEARTBEAT_PATH.search(request.url.path):
+        return True
+    return _pool_holds_no_connection(engine)
 
 
 def _is_db_outage(exc: Exception) -> bool:
@@ -166,7 +203,10 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     if _is_tx_conflict(exc):
         return _tx_conflict(request, exc)
     if _is_busy(exc):
-        # Busy, not down: 503 so that the client retries, and no note_outage (see _is_db_outage).
+        # Busy, not down: 503 so that the client retries, and no note_outage (see _is_db_outage),
+        # unless heartbeats went unrecorded for it (see _refusal_silences_heartbeats).
+        if _refusal_silences_heartbeats(exc, request, request.app.state.engine):
+            note_outage(request.app.state.engine)
         if _is_pool_timeout(exc):
             logger.warning("No database connection free in time on %s %s (busy): %s", request.method,
                            request.url.path, exc)
@@ -240,6 +280,8 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
                 await run_in_threadpool(_sweep_once, app)
             except Exception as exc:  # keep sweeping: a failed sweep (e.g. DB restart) is retried next period
                 if _is_tx_conflict(exc) or _is_busy(exc):  # a concurrent transaction, or busy: no outage
+                    if _refusal_silences_heartbeats(exc, None, app.state.engine):
+                        note_outage(app.state.engine)  # ... unless no heartbeat can be served either
                     logger.warning("Session sweep not done (%s); retried next period",
                                    (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0])
                     continue
@@ -351,7 +393,7 @@ _TRANSIENT_CONNECT_PROBLEMS = re.compile(
     r"|could not (receive|send) data (from|to) server"
     r"|the database system is (starting up|shutting down|in recovery mode|not yet accepting connections"
     r"|not accepting connections)|is not currently accepting connections"
-    r"|too many (clients|connections)|remaining connection slots"
+    r"|too many (clients|connections)|remaining connection slots|no more connections allowed"
     r"|no route to host|network is unreachable|temporary failure in name resolution"
     # A local server reached by its Unix socket, stopped or restarting: the socket file is gone
     # (anchored to the socket: a missing sslcert file says "no such file" too, and stays permanent).

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import configparser
 import datetime as dt
 import functools
+import os
 import weakref
 from contextlib import contextmanager
 from operator import itemgetter
@@ -58,7 +60,7 @@ def create_db_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -
         pool_recycle=3600,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
-        connect_args={"options": "-c timezone=utc", **pg_connect_defaults(url)} if url.startswith("postgresql") else {},
+        connect_args={"options": pg_options(url), **pg_connect_defaults(url)} if url.startswith("postgresql") else {},
     )
     _GIVEN_URLS[engine] = given
     return engine
@@ -73,7 +75,15 @@ def create_db_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -
 #: minute (``tcp_user_timeout``: data unacknowledged; keepalives: an idle wait for a long query's
 #: result), a new one within ``connect_timeout``; the request is answered 503 with Retry-After and
 #: the next one connects afresh. A query that runs long on a live database is not cut: its server
-#: acknowledges the packets and answers the keepalives.
+#: acknowledges the packets and answers the keepalives, and a wait for its result (or for a lock)
+#: leaves nothing unsent. What ``tcp_user_timeout`` does cut on a live database is a backend that
+#: stops reading for longer while the server still sends (a closed TCP window: a bare COPY whose
+#: row waits on another transaction's lock was cut at the timeout). The server's one streaming
+#: statement, the bulk create's COPY, never waits so: its rows' ids come from the sequence and its
+#: foreign keys are checked at its end (statement triggers, migration 0007), after it has read
+#: every row (tests/server/test_create_copy_lock_wait.py). A new statement that streams rows into
+#: a table with unique keys given by the client, or with row triggers that lock, would be cut
+#: after ``tcp_user_timeout`` of such a wait.
 PG_CONNECT_DEFAULTS: "dict[str, int]" = {
     "connect_timeout": 10,
     "keepalives": 1,
@@ -85,11 +95,63 @@ PG_CONNECT_DEFAULTS: "dict[str, int]" = {
 
 
 def pg_connect_defaults(url: "str | sa.engine.URL") -> "dict[str, int]":
-    """:data:`PG_CONNECT_DEFAULTS` less the parameters ``url`` sets itself (SQLAlchemy's
-    ``connect_args`` would override the URL's query)."""
-    given = sa.engine.make_url(url).query
+    """:data:`PG_CONNECT_DEFAULTS` less the parameters libpq takes from elsewhere: the URL's query,
+    the service it names (``?service=`` or ``$PGSERVICE``, in the service file) or libpq's
+    environment (``$PGCONNECT_TIMEOUT``). Parameters passed to the connect override all of those
+    (SQLAlchemy's ``connect_args`` override the URL's query too): given anyway, a service's or
+    the environment's ``connect_timeout=30`` was silently replaced by 10 s."""
+    given = _libpq_given(url)
     return {name: value for name, value in PG_CONNECT_DEFAULTS.items()
             if name not in given and (name != "tcp_user_timeout" or _libpq_version() >= 120000)}
+
+
+#: What every server connection sets in the session (``options``): timestamps are read in UTC.
+_SERVER_OPTIONS = "-c timezone=utc"
+
+
+def pg_options(url: "str | sa.engine.URL") -> str:
+    """The ``options`` of the server's connections: the ones libpq would take (the URL's
+    ``?options=``, its service's, ``$PGOPTIONS``) followed by :data:`_SERVER_OPTIONS`. Passed
+    alone, ours replaced the user's (a ``statement_timeout`` given as ``?options=-c
+    statement_timeout=...`` was silently not set)."""
+    theirs = _libpq_given(url).get("options", "").strip()
+    return f"{theirs} {_SERVER_OPTIONS}" if theirs else _SERVER_OPTIONS
+
+
+def _libpq_given(url: "str | sa.engine.URL") -> "dict[str, str]":
+    """The connection parameters libpq takes for ``url`` from elsewhere than its defaults, as
+    libpq ranks them: the URL's query, then its service's section, then the environment (only
+    the variables of the parameters we set: $PGCONNECT_TIMEOUT, $PGOPTIONS)."""
+    query = {name: value if isinstance(value, str) else value[-1]
+             for name, value in sa.engine.make_url(url).query.items()}
+    given = dict(query)
+    service = query.get("service") or os.environ.get("PGSERVICE")
+    if service:
+        for name, value in _service_params(service).items():
+            given.setdefault(name, value)
+    for name, variable in (("connect_timeout", "PGCONNECT_TIMEOUT"), ("options", "PGOPTIONS")):
+        if os.environ.get(variable):
+            given.setdefault(name, os.environ[variable])
+    return given
+
+
+def _service_params(service: str) -> "dict[str, str]":
+    """The parameters of ``service`` as libpq reads them: from the user's service file
+    (``$PGSERVICEFILE``, else ``~/.pg_service.conf``), else the system's (``$PGSYSCONFDIR/
+    pg_service.conf``; without ``$PGSYSCONFDIR``, the directory libpq was built with is not
+    known here: a service defined only there gets our defaults). Empty if none defines it."""
+    files = [Path(os.environ.get("PGSERVICEFILE") or Path.home() / ".pg_service.conf")]
+    if os.environ.get("PGSYSCONFDIR"):
+        files.append(Path(os.environ["PGSYSCONFDIR"]) / "pg_service.conf")
+    for path in files:
+        parser = configparser.ConfigParser(interpolation=None, strict=False)
+        try:
+            parser.read(path, encoding="utf-8")
+        except (OSError, configparser.Error, UnicodeDecodeError):
+            continue  # libpq refuses the connection itself, with its own words
+        if parser.has_section(service):
+            return {name.strip(): value.strip() for name, value in parser.items(service)}
+    return {}
 
 
 @functools.lru_cache(maxsize=1)
