@@ -21,7 +21,7 @@ import pytest
 from balsam.launcher.runner import SpawnerPool
 
 #: Counts its runs, writes its pid, and on SIGTERM says it saved its state and exits 1.
-SAVES_AND_EXITS_1 = ("bash -c 'echo run >> runs; echo $$ > pid; trap \"echo saved checkpoint; exit 1\" TERM; "
+SAVES_AND_EXITS_1 = ("bash -c 'echo run >> runs; trap \"echo saved checkpoint; exit 1\" TERM; echo $$ > pid; "
                      "sleep 30 & wait'")
 
 
@@ -53,8 +53,8 @@ def test_an_exit_after_the_batch_systems_signal_is_the_stops_not_relaunched(rela
     try:
         pool.start(1, SAVES_AND_EXITS_1, tmp_path, dict(os.environ))
         pid = _wait_for_pid(tmp_path / "pid")
-        # The batch system's SIGTERM: the spawner first (the order of a kill loop does not matter:
-        # the task needs longer to run its trap than the spawner to note the signal), then the task.
+        # The batch system's SIGTERM, the spawner first, then the task (the other order, Slurm's
+        # proctrack/linuxproc's, is test_spawner_stop_signal_order.py's).
         os.kill(pool.proc.pid, signal.SIGTERM)
         os.killpg(pid, signal.SIGTERM)
         _wait_gone(pid)
@@ -78,7 +78,7 @@ def test_no_queued_task_starts_after_the_batch_systems_signal(tmp_path: Path) ->
     first.mkdir()
     second.mkdir()
     try:
-        pool.start(1, "bash -c 'echo $$ > pid; trap \"exit 0\" TERM; sleep 30 & wait'", first, dict(os.environ))
+        pool.start(1, "bash -c 'trap \"exit 0\" TERM; echo $$ > pid; sleep 30 & wait'", first, dict(os.environ))
         pid = _wait_for_pid(first / "pid")
         assert pool.queue_after(1, 2, "bash -c 'echo started > ran'", second, dict(os.environ))
         os.kill(pool.proc.pid, signal.SIGTERM)

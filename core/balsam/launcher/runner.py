@@ -374,8 +374,14 @@ SPAWNER_GONE = "the spawner process exited unexpectedly"
 
 
 def lost_with_spawner(returncode: int, tail: str) -> bool:
-    """Whether an exit is the one :class:`SpawnerPool` made up for a task of a spawner that died."""
-    return returncode == -1 and tail.startswith(SPAWNER_GONE)
+    """Whether an exit is the one :class:`SpawnerPool` made up for a task of a spawner that died,
+    or one a spawner refused to start after a stop signal reached it (``spawner.NOT_STARTED``):
+    the job never ran to an end there. ``tail``: the reason, or an error tail whose last line it is
+    (the job's output comes first: a task that wrote to its job.out before its spawner died)."""
+    if returncode != -1:
+        return False
+    last = tail.rstrip("\n").rsplit("\n", 1)[-1]
+    return last.startswith(SPAWNER_GONE) or last.startswith(spawner.NOT_STARTED)
 
 
 def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Optional[float] = None,
@@ -390,8 +396,11 @@ def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Opt
     spawner killed by a signal) and succeeded; a job's rerun on this host ends such a run first
     (``stale_run``). Decided here, where every mode's exits end (a serial worker rank's too)."""
     if lost_with_spawner(returncode, tail):
-        report_timeout(updater, job_id, f"{tail}; the job runs again (its task may still run until then: a later "
-                                        "run of it on this host ends that first)")
+        if spawner.NOT_STARTED in tail:
+            report_timeout(updater, job_id, f"{spawner.NOT_STARTED}; the job runs again")
+        else:
+            report_timeout(updater, job_id, f"{tail}; the job runs again (its task may still run until then: a later "
+                                            "run of it on this host ends that first)")
         return
     full = disk_full_exit(tail) if returncode != 0 else None
     if full is not None:
@@ -1156,6 +1165,8 @@ class SpawnerPool:
             elif kind == "r":  # the spawner started a task that failed quickly again
                 count = self._relaunched[job_id] = self._relaunched.get(job_id, 0) + 1
                 log_relaunch(job_id, event[2], event[3], count, self.relaunch[2] if self.relaunch else count)
+            elif kind == "g":  # a stop signal reached the spawner (job_id: the signal), or was cleared (0)
+                self._log_stop_signal(job_id)
         finished = settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
         if self._fallback is not None:
             done = self._fallback.reap()
@@ -1163,6 +1174,20 @@ class SpawnerPool:
                 self.running.pop(job_id, None)
             finished.extend(done)
         return finished
+
+    def _log_stop_signal(self, signum: int) -> None:
+        if signum:
+            try:
+                name = signal.Signals(signum).name
+            except ValueError:
+                name = f"signal {signum}"
+            logger.warning(
+                "the spawner process (pid %s) got %s: taken for the batch system ending the allocation; it starts "
+                "and relaunches no task and its jobs' exits wait for the launcher's stop (RUN_TIMEOUT), until a "
+                "stop follows or for %g s", self.proc.pid, name, spawner.STOP_SIGNAL_CLEAR_SEC)
+        else:
+            logger.info("no stop followed the signal to the spawner process (pid %s) within %g s: it starts and "
+                        "relaunches tasks again", self.proc.pid, spawner.STOP_SIGNAL_CLEAR_SEC)
 
     def _note_relaunched(self, task: SpawnedTask) -> None:
         """The last exit of a task the spawner relaunched: its RUN_ERROR says so (after the tail)."""

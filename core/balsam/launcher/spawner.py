@@ -45,11 +45,16 @@ types cross, and both ends are the same interpreter):
   this process (:meth:`Spawner.stop_signalled`: the launcher holds it as an exit by a stop signal);
   ``("h", after_id, job_id, start_time)`` a queued task started on the CPUs of the one that ended
   just before; ``("d", job_id)`` a queued task was dropped unstarted; ``("r",
-  job_id, returncode, seconds_run)`` a task failed quickly and was started again (below). The
+  job_id, returncode, seconds_run)`` a task failed quickly and was started again (below);
+  ``("g", signum)`` a stop signal reached this process (:meth:`Spawner.stop_signalled`), ``("g",
+  0)`` it was cleared, no ``"t"`` having come within :data:`STOP_SIGNAL_CLEAR_SEC`. The
   answer to ``"t"``: ``("T", ended_by_signal, [("e", ...) events before the signal...])``. Events
   that only say that tasks exited 0 and handed their CPUs over (``"e"`` with its ``"h"``) wait up
   to :data:`EVENT_HOLD_SEC` while every running task has :data:`EVENT_HOLD_DEPTH` tasks queued
-  behind it, and go with the next message (:meth:`Spawner.send_events`).
+  behind it, and go with the next message (:meth:`Spawner.send_events`). Exits a stop signal may
+  have caused (not 0, or 0 after a long run) wait :data:`STOP_RACE_SEC` (the signal may reach the
+  tasks before this process); after a stop signal, a ``"s"`` is not started but answered with its
+  ``"e"`` (returncode -1, :data:`NOT_STARTED`, marked).
 
 End of file on the request pipe means the launcher is gone: every task is ended as by ``"t"`` with
 a 5 s grace, and the process exits (tasks do not outlive their launcher unnoticed); so does any
@@ -62,7 +67,7 @@ and escapes: only a cgroup per task would catch it. SIGTERM and
 SIGINT do not end this process: the launcher gets them too and decides (it sends ``"t"``). One that
 reaches it (its own session spares it from a kill of the launcher's group: the batch system's,
 which signals every process of the job) only stops the relaunch of quick failures and the start of
-queued tasks (:meth:`Spawner.stop_signalled`).
+tasks, for :data:`STOP_SIGNAL_CLEAR_SEC` at most (:meth:`Spawner.stop_signalled`).
 
 **Run records.** Each task still running :data:`RECORD_AFTER_SEC` after its start gets a record of
 its run on its ``job.out`` (:func:`run_record`: this host, the task's pid, which is its process
@@ -84,8 +89,9 @@ default back: mpi mode's tasks are MPI launchers, which a late write can kill af
 (see :func:`balsam.launcher.runner.local_pool`). With ``relaunch=...`` (serial mode: Balsam 0.7's
 rule, whose constants are :data:`balsam.launcher.runner.RETRY_CODES` and its neighbours) a task that
 exits with one of the comma-separated CODES less than WINDOW seconds after it started is started
-again at once, same request, same CPUs, its queue kept behind it, up to MAX times; only its last
-exit is reported (each relaunch is an ``"r"`` event).
+again :data:`STOP_RACE_SEC` later (unless a stop signal comes meanwhile), same request, same CPUs,
+its queue kept behind it, up to MAX times; only its last exit is reported (each relaunch is an
+``"r"`` event).
 """
 
 from __future__ import annotations
@@ -463,6 +469,28 @@ EVENT_HOLD_SEC = 0.002
 EVENT_HOLD_DEPTH = 2
 #: How often groups being ended are looked at (an empty group tells nobody).
 ENDING_POLL_SEC = 0.1
+#: How long an exit that the batch system's signal may have caused is kept before it is sent or
+#: relaunched (:meth:`Spawner.stop_signalled`). A batch system ends an allocation by signalling every
+#: process of the job, and Slurm's proctrack/linuxproc signals a process's descendants before it
+#: (the tasks before their spawner): a task that traps SIGTERM and exits at once can be reaped before
+#: this process notes its own signal. Kept this long, its exit is claimed by that signal when it
+#: comes (the kill loop's gap: measured up to about 10 ms on a busy 2-CPU node) instead of being
+#: relaunched (serial mode's quick failure, its job.out truncated) or reported as the job's own. Kept:
+#: the relaunch of a quick failure, an exit other than 0 (and other than a stop signal's, which the
+#: launcher holds itself), and an exit 0 of a task that ran :data:`STOP_RACE_MIN_RUN_SEC` or longer.
+STOP_RACE_SEC = 0.05
+#: An exit 0 is kept :data:`STOP_RACE_SEC` only if its task ran this long: the report (and the reuse
+#: of the CPUs, when nothing is queued behind the task) is then late by at most 1 % of the run; the
+#: short tasks of serial mode (thousands a second) are sent at once. An exit 0 of a shorter task
+#: that the spawner reaps before it notes the signal is the job's own (RUN_DONE).
+STOP_RACE_MIN_RUN_SEC = 5.0
+#: A stop signal that no ``"t"`` follows within this many seconds was not the batch system's (a
+#: user's ``kill`` of this process): the spawner starts and relaunches tasks again (the batch
+#: system's SIGKILL comes after its own kill delay, Slurm's KillWait is 30 s by default).
+STOP_SIGNAL_CLEAR_SEC = 30.0
+#: The reason of a task refused because a stop signal reached the spawner (returncode -1, reported
+#: as one reaped after the signal): :func:`balsam.launcher.runner.report_exit` makes it RUN_TIMEOUT.
+NOT_STARTED = "not started: a stop signal reached the spawner process (the allocation is ending)"
 
 
 class Spawner:
@@ -495,8 +523,17 @@ class Spawner:
         #: exit is reported: mpi mode). With it, ``started`` keeps each running task's start
         #: (monotonic) and request, and ``relaunched`` how often a task has been started again.
         self.relaunch = relaunch
+        self.relaunch_rule = relaunch  # the rule to restore when a stray stop signal is cleared
         self.started: dict[int, tuple] = {}
         self.relaunched: dict[int, int] = {}
+        #: Relaunches kept :data:`STOP_RACE_SEC` (job id -> (due, returncode, error)): the task's
+        #: start record stays in ``started``, its CPUs in ``cpus_of``, its queue in ``after``.
+        self.relaunch_due: dict[int, tuple] = {}
+        #: pid -> its start (node_clock) of each running task: how long a task that exits 0 ran.
+        self.began: dict[int, float] = {}
+        #: Until when (monotonic) the events not sent yet are kept for a stop signal to claim (an
+        #: exit it may have caused: :data:`STOP_RACE_SEC`), or None.
+        self._claim_until: "float | None" = None
         #: Tasks ended on request ("k"): never relaunched; their groups, SIGKILLed after the grace.
         self.ending = Ending(on_ended=self._group_ended)
         self.ending_jobs: set[int] = set()
@@ -506,12 +543,24 @@ class Spawner:
         self.records = RunRecords()
         #: A stop signal reached this process (:meth:`stop_signalled`): the allocation is ending.
         self.stopping = False
+        self._signal = 0  # the signal that set ``stopping``
+        #: The signal of ``stopping`` once it is noted (events marked, the launcher told: ``"g"``).
+        self._stop_noted = 0
+        #: When (monotonic) ``stopping`` is cleared if no ``"t"`` came (:data:`STOP_SIGNAL_CLEAR_SEC`).
+        self._stop_clear_at: "float | None" = None
         #: Since when (monotonic) the events not sent yet have been held (:meth:`send_events`).
         self._held_since: "float | None" = None
 
     # -- starting ------------------------------------------------------------------------------
     def start(self, job_id: int, cpu_ids: list, argv: list, cwd: str, outfile: str, env_set: dict, env_unset: list) -> None:
         self.cpus_of[job_id] = cpu_ids  # also when the start fails: a task queued behind gets them
+        if self.stopping:
+            # The allocation is ending: a job started now would be killed a moment later (its
+            # job.out truncated). Reported as an exit after the signal: the launcher's stop makes
+            # it RUN_TIMEOUT, or report_exit does (NOT_STARTED) if no stop follows.
+            remove_command_script(argv)
+            self._ended(job_id, -1, NOT_STARTED)
+            return
         if self.relaunch is not None:  # before the spawn: a start that fails may be relaunched too
             self.started[job_id] = (time.monotonic(), argv, cwd, outfile, env_set, env_unset)
             script = command_script(argv)
@@ -549,6 +598,7 @@ class Spawner:
                 # as a shell script, as `bash script args` does. Only this error path pays for it.
                 pid = self._spawn([SHELL, *argv], env, fd)
             self.records.defer(pid, outfile, cwd, started, job_id)
+            self.began[pid] = started
         except (OSError, ValueError) as exc:
             # ValueError: a NUL in an argv word or an environment variable ("embedded null byte";
             # the launcher refuses those jobs before they get here). Uncaught, it ended this
@@ -564,12 +614,12 @@ class Spawner:
         if after_id in self.cpus_of or after_id in self.queued:
             self.after[after_id] = (job_id, *request)
             self.queued.add(job_id)
-        elif after_id in self.freed and not self._past_deadline(job_id):
+        elif after_id in self.freed and not self.stopping and not self._past_deadline(job_id):
             # It ended just before the request came: start on its CPUs now.
             self.deadline_of.pop(job_id, None)
             self.events.append(("h", after_id, job_id, time.time()))
             self.start(job_id, self.freed.pop(after_id), *request)
-        else:  # it ended by a termination signal, or long ago, or too late: the launcher places this one again
+        else:  # it ended by a termination signal, or long ago; or too late, or a stop signal came: placed again
             remove_command_script(request[0])  # never run: the launcher writes a new one when it places it again
             self.deadline_of.pop(job_id, None)
             self.events.append(("d", job_id))
@@ -597,6 +647,9 @@ class Spawner:
             if job_id in wanted:
                 self.ending_jobs.add(job_id)
                 self.ending.add(pid, grace)
+        for job_id in wanted.intersection(self.relaunch_due):  # exited, its relaunch not due yet: final
+            entry = self.relaunch_due.pop(job_id)
+            self._final_exit(job_id, entry[1], entry[2])
 
     def _drop(self, task: tuple) -> None:
         job_id = task[0]
@@ -652,17 +705,54 @@ class Spawner:
         self._ended(job_id, SPAWN_FAILED, reason)
 
     def stop_signalled(self, signum: int, _frame: object = None) -> None:
-        """SIGTERM or SIGINT reached this process. Its own session spares it from a kill of the
-        launcher's group, so it is the batch system's (Slurm signals every process of the job at
-        scancel or the time limit): the allocation is ending. From now on no task is relaunched
-        and none queued starts: the same signal just reached the tasks, and a quick failure of
-        one (an app that saves its state on SIGTERM and exits 1) was started again, its job.out
-        truncated, to be killed by the launcher's stop a moment later. The launcher's ``"t"``
-        still decides the rest."""
+        """SIGTERM or SIGINT reached this process (a signal handler: the loop does the rest, see
+        :meth:`_note_stop`). Its own session spares it from a kill of the launcher's group, so it
+        is most likely the batch system's (Slurm signals every process of the job at scancel or the
+        time limit): the allocation is ending. From now on no task is relaunched, started or
+        started by a hand-over: the same signal reached the tasks, and a quick failure of one (an
+        app that saves its state on SIGTERM and exits 1) was started again, its job.out truncated,
+        to be killed by the launcher's stop a moment later. Every exit from now on is reported
+        marked (the launcher holds it for its stop); so are the exits kept for it
+        (:data:`STOP_RACE_SEC`: the signal may reach the tasks first). The launcher's ``"t"``
+        still decides the rest; without one within :data:`STOP_SIGNAL_CLEAR_SEC` (a user's
+        ``kill`` of this process) all this ends."""
         self.stopping = True
-        self.relaunch = None  # every exit from now on is reported, marked (see _ended)
+        self.relaunch = None  # every exit from now on is reported, marked (see _final_exit)
+        self._signal = int(signum)
 
-    def _ended(self, job_id: int, returncode: int, error: str = "") -> None:
+    def _note_stop(self) -> None:
+        """The loop's part of :meth:`stop_signalled`: exits not sent yet (kept for the signal or
+        held) are claimed by it, so are relaunches not due yet; the launcher is told (``"g"``)."""
+        self._stop_noted = self._signal or int(signal.SIGTERM)
+        self._stop_clear_at = time.monotonic() + STOP_SIGNAL_CLEAR_SEC
+        self._claim_until = None
+        self.events = [e if e[0] != "e" or len(e) > 5 else (*e, True) for e in self.events]
+        for job_id in list(self.relaunch_due):
+            entry = self.relaunch_due.pop(job_id)
+            self._final_exit(job_id, entry[1], entry[2])
+        self.events.append(("g", self._stop_noted))
+
+    def _check_stop_clear(self) -> "float | None":
+        """Seconds until a stop signal with no ``"t"`` after it is cleared; clear it when that is
+        over (the relaunch rule back, tasks started again; the launcher told: ``("g", 0)``)."""
+        left = self._stop_clear_at - time.monotonic()
+        if left > 0:
+            return left
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # a second signal now is not lost
+        try:
+            self.stopping = False
+            self._signal = 0
+            self._stop_noted = 0
+            self._stop_clear_at = None
+            self.relaunch = self.relaunch_rule
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        self.events.append(("g", 0))
+        return None
+
+    def _ended(self, job_id: int, returncode: int, error: str = "", began: float = 0.0) -> None:
+        """A task exited (or could not start). ``began``: its start (node_clock), 0 if unknown."""
         rule = self.relaunch
         if self.ending_jobs and job_id in self.ending_jobs:
             self.ending_jobs.discard(job_id)
@@ -670,11 +760,18 @@ class Spawner:
             self.started.pop(job_id, None)
             self.relaunched.pop(job_id, None)
         if rule is not None:
-            started = self.started.pop(job_id, None)
-            if returncode in rule[0] and started is not None and self._relaunched(job_id, returncode, started, rule):
+            started = self.started.get(job_id)
+            if (returncode in rule[0] and started is not None
+                    and self._relaunch_kept(job_id, returncode, error, started, rule)):
                 return
-            if self.relaunched:
-                self.relaunched.pop(job_id, None)
+        self._final_exit(job_id, returncode, error, began)
+
+    def _final_exit(self, job_id: int, returncode: int, error: str = "", began: float = 0.0) -> None:
+        """A task's exit that is reported: its event, then its CPUs to the task queued behind it."""
+        if self.started:
+            self.started.pop(job_id, None)
+        if self.relaunched:
+            self.relaunched.pop(job_id, None)
         if self.scripts:
             self.scripts.pop(job_id, None)
         now = time.time()
@@ -682,6 +779,12 @@ class Spawner:
             self.events.append(("e", job_id, returncode, now, error, True))
         else:
             self.events.append(("e", job_id, returncode, now, error))
+            if self._claim_until is None and (
+                    (returncode != 0 and returncode not in STOP_SIGNAL_EXITS)
+                    or (returncode == 0 and began and node_clock() - began >= STOP_RACE_MIN_RUN_SEC)):
+                # The batch system's signal may have caused it and reach this process a moment
+                # later (the tasks are signalled first): kept for it (send_events).
+                self._claim_until = time.monotonic() + STOP_RACE_SEC
         cpu_ids = self.cpus_of.pop(job_id, [])
         task = self.after.pop(job_id, None)
         if task is None:
@@ -701,23 +804,41 @@ class Spawner:
             self._drop(task)
             return
         self.deadline_of.pop(task[0], None)
+        # At once, not kept for a stop signal (the hot path of mpi mode's hand-over): a task started
+        # just before the signal is noted is ended by the launcher's stop (RUN_TIMEOUT: it runs again).
         self.events.append(("h", job_id, task[0], now))
         self.start(task[0], cpu_ids, *task[1:])
 
-    def _relaunched(self, job_id: int, returncode: int, started: tuple, rule: tuple) -> bool:
-        """Start a task that failed quickly again (the relaunch rule), keeping its CPUs and what
-        is queued behind it; False when the rule says no (too late, or relaunched enough)."""
+    def _relaunch_kept(self, job_id: int, returncode: int, error: str, started: tuple, rule: tuple) -> bool:
+        """Whether the relaunch rule starts a task that failed quickly again (False: too late, or
+        relaunched enough). It is started :data:`STOP_RACE_SEC` later (:meth:`relaunch_kept_due`),
+        on its CPUs and with what is queued behind it, unless a stop signal comes meanwhile."""
         _codes, window, most = rule
         seconds = time.monotonic() - started[0]
-        count = self.relaunched.get(job_id, 0)
-        if seconds >= window or count >= most:
+        if seconds >= window or self.relaunched.get(job_id, 0) >= most:
             return False
-        self.relaunched[job_id] = count + 1
-        self.events.append(("r", job_id, returncode, seconds))
-        if job_id in self.scripts:
-            _write_script(*self.scripts[job_id])
-        self.start(job_id, self.cpus_of[job_id], *started[1:])
+        self.relaunch_due[job_id] = (time.monotonic() + STOP_RACE_SEC, returncode, error, started, seconds)
         return True
+
+    def relaunch_kept_due(self) -> "float | None":
+        """Relaunch the tasks kept :data:`STOP_RACE_SEC` whose time is up (reported as their exit
+        instead if a stop signal came: :meth:`_note_stop`); seconds until the next is due (None: none)."""
+        now = time.monotonic()
+        for job_id, (due, returncode, error, started, seconds) in list(self.relaunch_due.items()):
+            if due > now:
+                continue
+            del self.relaunch_due[job_id]
+            if self.stopping or self.relaunch is None:
+                self._final_exit(job_id, returncode, error)
+                continue
+            self.relaunched[job_id] = self.relaunched.get(job_id, 0) + 1
+            self.events.append(("r", job_id, returncode, seconds))
+            if job_id in self.scripts:
+                _write_script(*self.scripts[job_id])
+            self.start(job_id, self.cpus_of[job_id], *started[1:])  # a start that fails may be kept again
+        if not self.relaunch_due:
+            return None
+        return max(0.0, min(entry[0] for entry in self.relaunch_due.values()) - now)
 
     # -- reaping -------------------------------------------------------------------------------
     def _group_ended(self, pgid: int) -> None:
@@ -748,15 +869,21 @@ class Spawner:
                 # catches them).
                 if leftovers:
                     self.ending.add(pid, LEFTOVER_GRACE_SEC)
-                self._ended(job_id, os.waitstatus_to_exitcode(status))
+                self._ended(job_id, os.waitstatus_to_exitcode(status), "", self.began.pop(pid, 0.0))
 
     def send_events(self, *, hold: bool = True) -> "float | None":
         """Send what happened; or hold it, while the launcher has no use for it yet (:meth:`_holdable`),
         at most :data:`EVENT_HOLD_SEC`: returns the seconds left until it is sent (None: sent, or nothing)."""
+        if self.stopping and not self._stop_noted:
+            self._note_stop()
         events = self.events
         if not events:
             return None
-        if hold and self._holdable(events):
+        if hold and self._claim_until is not None and not self.stopping:
+            left = self._claim_until - time.monotonic()
+            if left > 0:  # an exit a stop signal may have caused (STOP_RACE_SEC)
+                return left
+        if hold and not self.stopping and self._holdable(events):
             now = time.monotonic()
             if self._held_since is None:
                 self._held_since = now
@@ -765,6 +892,7 @@ class Spawner:
                 return left
         self.events = []
         self._held_since = None
+        self._claim_until = None
         write_all(self.reply_fd, encode(("x", events)))
         return None
 
@@ -811,6 +939,9 @@ class Spawner:
         self.deadline_of.clear()
         self.freed.clear()
         self.relaunch = None  # from here on every exit is final
+        for job_id in list(self.relaunch_due):  # exited before the stop, relaunch not due yet: final
+            entry = self.relaunch_due.pop(job_id)
+            self._final_exit(job_id, entry[1], entry[2])
         self.scripts.clear()
         self.reap()
         before, self.events = [e for e in self.events if e[0] == "e"], []
@@ -880,10 +1011,13 @@ class Spawner:
         frames = FrameReader()
         records = self.records
         hold: "float | None" = None  # seconds until the events held are sent (send_events)
+        relaunch_left: "float | None" = None  # seconds until a relaunch kept is due
+        clear_left: "float | None" = None  # seconds until a stop signal with no "t" is cleared
         while True:
             due = self.ending.check() if self.ending.groups else None
-            if hold is not None:
-                due = hold if due is None else min(due, hold)
+            for left in (hold, relaunch_left, clear_left):
+                if left is not None:
+                    due = left if due is None else min(due, left)
             if records.pending:
                 now = node_clock()
                 record_due = records.flush(self.running, now) if now >= records.next_flush else records.next_flush - now
@@ -918,6 +1052,8 @@ class Spawner:
                             self.answer_stop(float(command[1]))
                             return 0
             self.reap()
+            relaunch_left = self.relaunch_kept_due() if self.relaunch_due else None
+            clear_left = self._check_stop_clear() if self._stop_clear_at is not None else None
             hold = self.send_events()
             self.unpin()
 
