@@ -56,6 +56,23 @@ def bare_site(env: Any, tmp_path: Path) -> Any:
 
 
 @pytest.fixture
+def sent(balsam_env: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(method, path) of every request the API's client sends from now on."""
+    from balsam.api import Job
+
+    client = Job._get_client()
+    requests: list[tuple[str, str]] = []
+    real = client._send
+
+    def send(method: str, path: str, **kw: Any) -> Any:
+        requests.append((method, path))
+        return real(method, path, **kw)
+
+    monkeypatch.setattr(client, "_send", send)
+    return requests
+
+
+@pytest.fixture
 def run_jobs() -> Any:
     """``run_jobs(site, jobs, fail=(), execute=False)``: see :func:`drive_jobs`."""
     return drive_jobs

@@ -20,23 +20,6 @@ TAGS = {f"k{i}": "v" for i in range(MAX_TAG_FILTERS)}
 MANY = {f"k{i}": "v" for i in range(MAX_TAG_FILTERS + 1)}
 
 
-@pytest.fixture
-def sent(balsam_env: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """(method, path) of every request the API's client sends from now on."""
-    from balsam.api import Job
-
-    client = Job._get_client()
-    requests: list[tuple[str, str]] = []
-    real = client._send
-
-    def send(method: str, path: str, **kw: Any) -> Any:
-        requests.append((method, path))
-        return real(method, path, **kw)
-
-    monkeypatch.setattr(client, "_send", send)
-    return requests
-
-
 def test_100_distinct_pairs_are_one_request_never_split(site: Any, sent: list, monkeypatch: pytest.MonkeyPatch) -> None:
     from balsam.api import ApplicationDefinition, Job
 

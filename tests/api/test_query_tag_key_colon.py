@@ -15,23 +15,6 @@ REFUSED = ("holds ':', which a tags filter cannot hold (the API reads 'a:b:c' as
            "select these records by id")
 
 
-@pytest.fixture
-def sent(balsam_env: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """(method, path) of every request the API's client sends from now on."""
-    from balsam.api import Job
-
-    client = Job._get_client()
-    requests: list[tuple[str, str]] = []
-    real = client._send
-
-    def send(method: str, path: str, **kw: Any) -> Any:
-        requests.append((method, path))
-        return real(method, path, **kw)
-
-    monkeypatch.setattr(client, "_send", send)
-    return requests
-
-
 def test_a_colon_key_is_refused_and_the_job_tagged_with_the_colon_value_is_kept(site: Any, sent: list) -> None:
     from balsam.api import ApplicationDefinition, Job
 

@@ -72,3 +72,41 @@ def sync_hello(site_name: str, template: str) -> Any:
 
     Hello.sync()
     return Hello
+
+
+def stage_in_jobs(tmp_path: Path, site_name: str, workdir_prefix: str, count: int) -> tuple[int, list[int]]:
+    """A site ``site_name`` at ``tmp_path/site_name`` with a Globus location ``src`` and ``count`` jobs
+    (workdirs ``<workdir_prefix>/<i>``), each staging ``src:/data/f<i>`` in:
+    ``(site id, the job ids in creation order)``."""
+    from balsam.api import ApplicationDefinition, Job, Site
+
+    (tmp_path / site_name / "data").mkdir(parents=True)
+    site = Site.objects.create(name=site_name, path=str(tmp_path / site_name),
+                               transfer_locations={"src": "globus://0a1b2c3d-0000-0000-0000-000000000000"})
+
+    class Fetch(ApplicationDefinition):
+        site = site_name
+        command_template = "cat in.dat"
+        transfers = {"inp": {"required": True, "direction": "in", "local_path": "in.dat"}}
+
+    Fetch.sync()
+    jobs = Job.objects.bulk_create([Job(workdir=f"{workdir_prefix}/{i}", app_id=Fetch.__app_id__,
+                                        transfers={"inp": f"src:/data/f{i}"}) for i in range(count)])
+    return site.id, [j.id for j in jobs]
+
+
+@pytest.fixture
+def job_requests(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The query parameters of every GET /jobs/ the client sends."""
+    from balsam.client.rest import RESTClient
+
+    seen: list[dict] = []
+    send = RESTClient._send
+
+    def recording(self: Any, method: str, path: str, **kw: Any) -> Any:
+        if method.upper() == "GET" and path.rstrip("/") == "/jobs":
+            seen.append(dict(kw.get("params") or {}))
+        return send(self, method, path, **kw)
+
+    monkeypatch.setattr(RESTClient, "_send", recording)
+    return seen

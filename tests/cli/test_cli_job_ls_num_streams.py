@@ -11,24 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_test_utils import balsam, fresh_api_state, make_marked_site, sync_hello  # noqa: F401 (autouse)
-
-
-@pytest.fixture
-def job_requests(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """The query parameters of every GET /jobs/ the client sends."""
-    from balsam.client.rest import RESTClient
-
-    seen: list[dict] = []
-    send = RESTClient._send
-
-    def recording(self: Any, method: str, path: str, **kw: Any) -> Any:
-        if method.upper() == "GET" and path.rstrip("/") == "/jobs":
-            seen.append(dict(kw.get("params") or {}))
-        return send(self, method, path, **kw)
-
-    monkeypatch.setattr(RESTClient, "_send", recording)
-    return seen
+from cli_test_utils import (balsam, fresh_api_state, job_requests,  # noqa: F401 (fixtures; fresh_api_state: autouse)
+                            make_marked_site, sync_hello)
 
 
 def test_num_above_a_page_reads_pages(balsam_env: Any, tmp_path: Path, job_requests: list[dict],

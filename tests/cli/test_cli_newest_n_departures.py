@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from cli_test_utils import balsam, fresh_api_state, make_marked_site, sync_hello  # noqa: F401 (autouse)
+from cli_test_utils import balsam, fresh_api_state, make_marked_site, stage_in_jobs, sync_hello  # noqa: F401 (autouse)
 
 from balsam.client.rest import RESTClient
 
@@ -105,21 +105,8 @@ def test_server_ignoring_id_after_reads_from_the_offset(jobs: tuple[Any, list[in
 @pytest.fixture
 def items(balsam_env: Any, tmp_path: Path) -> tuple[int, list[int]]:
     """A site with 6 jobs of one stage-in item each: (site id, the job ids oldest first)."""
-    from balsam.api import ApplicationDefinition, Job, Site
-
-    (tmp_path / "tn" / "data").mkdir(parents=True)
-    site = Site.objects.create(name="tn", path=str(tmp_path / "tn"),
-                               transfer_locations={"src": "globus://0a1b2c3d-0000-0000-0000-000000000000"})
-
-    class Fetch(ApplicationDefinition):
-        site = "tn"
-        command_template = "cat in.dat"
-        transfers = {"inp": {"required": True, "direction": "in", "local_path": "in.dat"}}
-
-    Fetch.sync()
-    made = Job.objects.bulk_create([Job(workdir=f"t/{i}", app_id=Fetch.__app_id__,
-                                        transfers={"inp": f"src:/data/f{i}"}) for i in range(6)])
-    return site.id, sorted(j.id for j in made)
+    site_id, job_ids = stage_in_jobs(tmp_path, "tn", "t", 6)
+    return site_id, sorted(job_ids)
 
 
 @pytest.mark.parametrize("page_size", [None, 2])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_test_utils import balsam, fresh_api_state  # noqa: F401 (autouse)
+from cli_test_utils import balsam, fresh_api_state, stage_in_jobs  # noqa: F401 (autouse)
 
 from balsam.client import RESTClient
 
@@ -29,21 +29,7 @@ def _record_params(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict
 @pytest.fixture
 def staged(balsam_env: Any, tmp_path: Path) -> tuple[int, list[int]]:
     """A site with 5 jobs, each with one stage-in item: (site id, the job ids in creation order)."""
-    from balsam.api import ApplicationDefinition, Job, Site
-
-    (tmp_path / "xs" / "data").mkdir(parents=True)
-    site = Site.objects.create(name="xs", path=str(tmp_path / "xs"),
-                               transfer_locations={"src": "globus://0a1b2c3d-0000-0000-0000-000000000000"})
-
-    class Fetch(ApplicationDefinition):
-        site = "xs"
-        command_template = "cat in.dat"
-        transfers = {"inp": {"required": True, "direction": "in", "local_path": "in.dat"}}
-
-    Fetch.sync()
-    jobs = Job.objects.bulk_create([Job(workdir=f"f/{i}", app_id=Fetch.__app_id__,
-                                        transfers={"inp": f"src:/data/f{i}"}) for i in range(5)])
-    return site.id, [j.id for j in jobs]
+    return stage_in_jobs(tmp_path, "xs", "f", 5)
 
 
 def test_num_reads_only_the_newest_items(staged: tuple[int, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:

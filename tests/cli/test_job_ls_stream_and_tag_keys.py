@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_test_utils import (balsam, fresh_api_state, make_marked_site,  # noqa: F401, E402 (fresh_api_state: autouse)
-                            sync_hello)
+from cli_test_utils import (balsam, fresh_api_state, job_requests,  # noqa: F401, E402 (fixtures)
+                            make_marked_site, sync_hello)
 
 
 @pytest.fixture
@@ -38,23 +38,6 @@ def jobs23(hello: Any) -> list[int]:
         specs.append(Job(workdir=workdir, app_id=hello, tags={"exp": str(i % 3)}))
     Job.objects.bulk_create(specs)
     return sorted(j.id for j in Job.objects.all())
-
-
-@pytest.fixture
-def job_requests(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """The query parameters of every GET /jobs/ the client sends."""
-    from balsam.client.rest import RESTClient
-
-    seen: list[dict] = []
-    send = RESTClient._send
-
-    def recording(self: Any, method: str, path: str, **kw: Any) -> Any:
-        if method.upper() == "GET" and path.rstrip("/") == "/jobs":
-            seen.append(dict(kw.get("params") or {}))
-        return send(self, method, path, **kw)
-
-    monkeypatch.setattr(RESTClient, "_send", recording)
-    return seen
 
 
 def _listed_ids(output: str) -> list[int]:

@@ -6,6 +6,8 @@ import uuid
 
 import pytest
 
+from balsam.models import BackfillWindow
+
 
 def core_defines_the_section() -> bool:
     """True while the core still declares ``elastic_queue`` itself (before issue 8's loader reads
@@ -37,3 +39,16 @@ def runnable_jobs(client, site, n: int, **job_fields) -> list:
 def batch_jobs_of(client, site) -> list[dict]:
     """The site's BatchJobs, by id."""
     return sorted(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"], key=lambda b: b["id"])
+
+
+class Windows:
+    """A scheduler driver for the elastic module alone: no queued job, the given windows in ``debug``."""
+
+    def __init__(self, *windows: BackfillWindow) -> None:
+        self.windows = list(windows)
+
+    def get_statuses(self) -> dict:
+        return {}
+
+    def get_backfill_windows(self) -> dict:
+        return {"debug": self.windows}

@@ -16,22 +16,9 @@ from balsam.launcher.job_mode import Countdown, longest_offered_min
 from balsam.models import BackfillWindow
 from balsam.site.job_template import launcher_wall_time
 from balsam_elastic.module import ElasticQueueModule
-from elastic_test_utils import batch_jobs_of, runnable_jobs
+from elastic_test_utils import Windows, batch_jobs_of, runnable_jobs
 
 LOGGER = "balsam.site.modules.elastic_queue"
-
-
-class Windows:
-    """A scheduler driver for the elastic module alone: no queued job, the given windows in ``debug``."""
-
-    def __init__(self, *windows: BackfillWindow) -> None:
-        self.windows = list(windows)
-
-    def get_statuses(self) -> dict:
-        return {}
-
-    def get_backfill_windows(self) -> dict:
-        return {"debug": self.windows}
 
 
 def _acquire(client, site, max_wall_time_min: int) -> list:

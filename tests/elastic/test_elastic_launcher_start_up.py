@@ -18,7 +18,7 @@ from balsam.models import BackfillWindow
 from balsam.site.job_template import launcher_wall_time
 from balsam_elastic.module import ElasticQueueModule
 from balsam_elastic.strategy import leased_up_to_min, request_min_for
-from elastic_test_utils import batch_jobs_of, runnable_jobs
+from elastic_test_utils import Windows, batch_jobs_of, runnable_jobs
 
 LOGGER = "balsam.site.modules.elastic_queue"
 #: A launcher's first acquire this long after its batch script started (the job template's
@@ -58,19 +58,6 @@ def test_a_launcher_leases_the_longest_job_counted_after_its_start_up(make_site,
               for w in lengths}
     # Before: 10 -> [], 11 -> [], 20 -> [], 21 -> [] (jobs of 7, 8, 16 and 17 min offered 6, 7, 15 and 16).
     assert leased == {10: [6], 11: [7], 20: [15], 21: [16], 30: [25]}, leased
-
-
-class Windows:
-    """A scheduler driver for the elastic module alone: no queued job, the given windows in ``debug``."""
-
-    def __init__(self, *windows: BackfillWindow) -> None:
-        self.windows = list(windows)
-
-    def get_statuses(self) -> dict:
-        return {}
-
-    def get_backfill_windows(self) -> dict:
-        return {"debug": self.windows}
 
 
 def test_a_21_minute_batch_job_is_requested_only_for_jobs_its_launcher_leases(make_site, client, caplog) -> None:

@@ -16,7 +16,7 @@ from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
 from balsam_elastic import BackfillStrategy, Backlog, BatchJobView, ElasticQueueOptions, SimpleStrategy, Snapshot
 from balsam_elastic.module import ElasticQueueModule
-from elastic_test_utils import batch_jobs_of, runnable_jobs
+from elastic_test_utils import Windows, batch_jobs_of, runnable_jobs
 
 LOGGER = "balsam.site.modules.elastic_queue"
 SLURM = Path(__file__).parent.parent / "schedulers" / "data" / "slurm"
@@ -29,19 +29,6 @@ HELD = "waiting: queue 'debug' is at a scheduler limit: qsub: would exceed queue
 
 def _logged(caplog, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == level]
-
-
-class Windows:
-    """A scheduler driver for the elastic module alone: no queued job, the given windows in 'debug'."""
-
-    def __init__(self, *windows: BackfillWindow) -> None:
-        self.windows = list(windows)
-
-    def get_statuses(self) -> dict:
-        return {}
-
-    def get_backfill_windows(self) -> dict:
-        return {"debug": self.windows}
 
 
 # -- 2. a request the scheduler refuses for good ----------------------------------------------------

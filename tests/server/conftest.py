@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import pytest
-from server_testlib import HAND_SWEPT_EXPIRY_SEC, SHORT_EXPIRY_SEC, Api
+from server_testlib import HAND_SWEPT_EXPIRY_SEC, SHORT_EXPIRY_SEC, Api, logged_in_test_client
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -75,18 +75,7 @@ def hand_swept_server(database_url: str) -> Iterator[Any]:
     and whose own sweeps (the background one and the requests') run at most every hour, so the
     test sweeps itself (``sessions_logic.sweep_expired``): a starlette TestClient logged in as a
     freshly registered user ``u``, with the app in ``.app`` and a site ``s`` in ``.site``."""
-    from starlette.testclient import TestClient
-
-    from balsam.server.app import create_app
-    from balsam.server.settings import ServerSettings
-
-    settings = ServerSettings(database_url=database_url, secret_key="x" * 40, registration="open",
-                              session_expire_sec=HAND_SWEPT_EXPIRY_SEC, session_sweep_sec=3600)
-    app = create_app(settings=settings, create_tables_now=True)
-    with TestClient(app) as tc:
-        password = "a long enough password"
-        tc.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
-        token = tc.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
-        tc.headers["Authorization"] = f"Bearer {token}"
+    with logged_in_test_client(database_url, "x" * 40, session_expire_sec=HAND_SWEPT_EXPIRY_SEC,
+                               session_sweep_sec=3600) as (tc, _):
         tc.site = tc.post("/sites/", json={"name": "s", "path": "/tmp/s"}).json()
         yield tc

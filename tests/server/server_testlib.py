@@ -61,15 +61,16 @@ class Api:
 
 
 @contextlib.contextmanager
-def logged_in_test_client(database_url: str, secret: str) -> Iterator[tuple[Any, Any]]:
-    """An in-process server app on ``database_url`` (tables created) and a starlette TestClient
-    logged in as a freshly registered user ``u``: ``(client, app)``."""
+def logged_in_test_client(database_url: str, secret: str, **settings_fields: Any) -> Iterator[tuple[Any, Any]]:
+    """An in-process server app on ``database_url`` (tables created; any other ServerSettings
+    ``settings_fields``) and a starlette TestClient logged in as a freshly registered user ``u``:
+    ``(client, app)``."""
     from starlette.testclient import TestClient
 
     from balsam.server.app import create_app
     from balsam.server.settings import ServerSettings
 
-    settings = ServerSettings(database_url=database_url, secret_key=secret, registration="open")
+    settings = ServerSettings(database_url=database_url, secret_key=secret, registration="open", **settings_fields)
     app = create_app(settings=settings, create_tables_now=True)
     password = "a long enough password"
     with TestClient(app) as client:

@@ -17,26 +17,17 @@ from typing import Any, Iterator
 import pytest
 import sqlalchemy as sa
 
-from balsam.server.app import create_app
 from balsam.server.db import create_db_engine
-from balsam.server.settings import ServerSettings
+from server_testlib import logged_in_test_client
 
 HOLD_SEC = 1.0
 
 
 @pytest.fixture
 def short_user_timeout_client(database_url: str) -> Iterator[Any]:
-    from starlette.testclient import TestClient
-
     url = database_url
-    settings = ServerSettings(database_url=url + ("&" if "?" in url else "?") + "tcp_user_timeout=300",
-                              secret_key="x" * 40, registration="open", session_sweep_sec=3600)
-    app = create_app(settings=settings, create_tables_now=True)
-    with TestClient(app) as tc:
-        password = "a long enough password"
-        tc.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
-        token = tc.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
-        tc.headers["Authorization"] = f"Bearer {token}"
+    with logged_in_test_client(url + ("&" if "?" in url else "?") + "tcp_user_timeout=300", "x" * 40,
+                               session_sweep_sec=3600) as (tc, _):
         tc.url = url
         yield tc
 

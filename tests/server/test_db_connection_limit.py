@@ -69,25 +69,31 @@ def test_a_database_that_is_down_still_is_an_outage(monkeypatch: pytest.MonkeyPa
     assert noted == ["the engine"] * 3
 
 
-def test_a_sweep_refused_a_connection_for_the_limit_is_no_outage(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
-    """The background sweep refused its connection likewise: retried next period, no note_outage
-    (the lifespan's sweeper alone, as tests/server/test_db_host_vanished.py runs it)."""
+def _app_whose_sweeps_are_refused(monkeypatch: pytest.MonkeyPatch, refusal: str, engine: sa.Engine) -> Any:
+    """An app on ``engine`` for the lifespan's sweeper alone (every 0.5 s), each sweep refused with
+    libpq's ``refusal``."""
     from starlette.applications import Starlette
 
     from balsam.server.acquire_waits import AcquireWaits
     from balsam.server.settings import ServerSettings
 
-    noted: list[Any] = []
-    monkeypatch.setattr(server_app, "note_outage", noted.append)
-
     def sweep_refused(app: object) -> None:
-        raise sa.exc.OperationalError(None, None, Exception(REFUSALS[0]))
+        raise sa.exc.OperationalError(None, None, Exception(refusal))
 
     monkeypatch.setattr(server_app, "_sweep_once", sweep_refused)
     app = Starlette()
     app.state.settings = ServerSettings(database_url="sqlite://", secret_key="k" * 48, session_sweep_sec=0.5)
-    app.state.engine = sa.create_engine("sqlite://")
+    app.state.engine = engine
     app.state.wake_bridge, app.state.acquire_waits = None, AcquireWaits()
+    return app
+
+
+def test_a_sweep_refused_a_connection_for_the_limit_is_no_outage(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
+    """The background sweep refused its connection likewise: retried next period, no note_outage
+    (the lifespan's sweeper alone, as tests/server/test_db_host_vanished.py runs it)."""
+    noted: list[Any] = []
+    monkeypatch.setattr(server_app, "note_outage", noted.append)
+    app = _app_whose_sweeps_are_refused(monkeypatch, REFUSALS[0], sa.create_engine("sqlite://"))
 
     async def run_until_swept() -> None:
         async with server_app._lifespan(app):
@@ -107,22 +113,10 @@ def test_a_sweep_refused_with_no_open_connection_is_an_outage(monkeypatch: pytes
     """The pool holds no open connection (its backends terminated, a quick restart or an idle cut
     emptied it) and PostgreSQL refuses every new one: no heartbeat can be recorded, so the sessions'
     clocks restart once it accepts one again (a live launcher expired for its server's refusals)."""
-    from starlette.applications import Starlette
-
-    from balsam.server.acquire_waits import AcquireWaits
-    from balsam.server.settings import ServerSettings
-
     noted: list[Any] = []
     monkeypatch.setattr(server_app, "note_outage", noted.append)
-
-    def sweep_refused(app: object) -> None:
-        raise sa.exc.OperationalError(None, None, Exception(REFUSALS[1]))
-
-    monkeypatch.setattr(server_app, "_sweep_once", sweep_refused)
-    app = Starlette()
-    app.state.settings = ServerSettings(database_url="sqlite://", secret_key="k" * 48, session_sweep_sec=0.5)
-    app.state.engine = engine = sa.create_engine(f"sqlite:///{tmp_path / 'empty.db'}", poolclass=sa.pool.QueuePool)
-    app.state.wake_bridge, app.state.acquire_waits = None, AcquireWaits()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'empty.db'}", poolclass=sa.pool.QueuePool)
+    app = _app_whose_sweeps_are_refused(monkeypatch, REFUSALS[1], engine)
 
     async def run_until_noted() -> None:
         async with server_app._lifespan(app):

@@ -19,7 +19,7 @@ from globus_sdk.transport import RetryConfig
 from balsam.site.modules.transfers import TransfersModule, TransfersOptions
 from balsam_transfer_globus.backend import GlobusTransfer
 from globus_test_utils import REMOTE_EP, mocked_responses  # noqa: F401
-from transfer_test_utils import FakeAPI
+from transfer_test_utils import one_stage_in_api
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
 
@@ -27,11 +27,7 @@ T0 = dt.datetime(2032, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 
 def test_items_wait_for_the_site_collection_id_instead_of_failing_their_jobs(tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    (site / "data").mkdir(parents=True)
-    api = FakeAPI([{"id": 1, "job_id": 1, "direction": "in", "location_alias": "aps", "remote_path": "/data/1.h5",
-                    "local_path": "in.h5", "recursive": False, "state": "pending", "task_id": "",
-                    "transfer_info": {}}], [{"id": 1, "workdir": "job1", "state": "READY"}])
+    site, api = one_stage_in_api(tmp_path)
     module = TransfersModule(SimpleNamespace(site_path=str(site), data_path=str(site / "data"), site_id=1),
                              TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"}), api)
     client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer("test-token"),

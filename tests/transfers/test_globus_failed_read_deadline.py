@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import urllib.parse
 from pathlib import Path
 
 import pytest
 import responses
 
 from globus_test_utils import mocked_responses  # noqa: F401
-from test_globus_poll_many_tasks import BASE, T0, TRANSFER, unread_agent
+from test_globus_poll_many_tasks import T0, TRANSFER, filtered_ids, task_list_answer, unread_agent
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
 
 #: 51 tasks (two task_list calls): the second call alone (t-050) failing, or both (the poll raises).
 FAILING = {"one call": {"t-050"}, "whole poll": None}
+BAD_GATEWAY = (502, {}, json.dumps({"code": "ExternalError", "message": "Bad Gateway", "request_id": "r"}))
 
 
 def task_list(mode: list[str], failing: set[str] | None) -> None:
@@ -36,13 +36,10 @@ def task_list(mode: list[str], failing: set[str] | None) -> None:
     of ``failing`` (every call: None) answers 502 Bad Gateway."""
 
     def answer(request):
-        ids = urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["filter"][0].partition(":")[2].split(",")
+        ids = filtered_ids(request)
         if mode[0] == "fail" and (failing is None or failing & set(ids)):
-            return 502, {}, json.dumps({"code": "ExternalError", "message": "Bad Gateway", "request_id": "r"})
-        docs = [{**BASE, "task_id": tid, "status": "ACTIVE", "nice_status": "Queued", "is_paused": False,
-                 "files": 1, "files_transferred": 0, "label": "balsam stage-in (1 file)"} for tid in ids]
-        return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
-                                    "offset": 0, "total": len(docs)})
+            return BAD_GATEWAY
+        return task_list_answer(ids, "ACTIVE", files_transferred=0, nice_status="Queued", is_paused=False)
 
     responses.add_callback(responses.GET, f"{TRANSFER}/task_list", callback=answer, content_type="application/json")
 
@@ -138,13 +135,10 @@ def test_a_failed_call_after_a_failed_poll_is_warned_again(tmp_path: Path, caplo
     mode = ["fail"]
 
     def answer(request):
-        ids = set(urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["filter"][0].partition(":")[2].split(","))
+        ids = set(filtered_ids(request))
         if failing[0] is None or failing[0] & ids:
-            return 502, {}, json.dumps({"code": "ExternalError", "message": "Bad Gateway", "request_id": "r"})
-        docs = [{**BASE, "task_id": tid, "status": "ACTIVE", "nice_status": "OK", "is_paused": False,
-                 "files": 1, "files_transferred": 0, "label": "balsam stage-in (1 file)"} for tid in ids]
-        return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
-                                    "offset": 0, "total": len(docs)})
+            return BAD_GATEWAY
+        return task_list_answer(ids, "ACTIVE", files_transferred=0, nice_status="OK", is_paused=False)
 
     responses.add_callback(responses.GET, f"{TRANSFER}/task_list", callback=answer, content_type="application/json")
     said = []

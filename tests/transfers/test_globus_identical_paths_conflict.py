@@ -29,7 +29,7 @@ from globus_sdk.testing import get_response_set
 from balsam.site.modules.transfers import JOURNAL_NAME, TransfersModule, TransfersOptions
 from balsam.transfer import TransferDirection, TransferError, TransferFile
 from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses  # noqa: F401
-from transfer_test_utils import FakeAPI
+from transfer_test_utils import FakeAPI, one_stage_in_api
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
 
@@ -104,11 +104,7 @@ def refuse_paths(conflicting: str, task_ids: list[str]):
 
 
 def test_a_batch_whose_paths_an_earlier_task_still_writes_waits_without_using_a_try(tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    (site / "data").mkdir(parents=True)
-    api = FakeAPI([{"id": 1, "job_id": 1, "direction": "in", "location_alias": "aps", "remote_path": "/data/1.h5",
-                    "local_path": "in.h5", "recursive": False, "state": "pending", "task_id": "",
-                    "transfer_info": {}}], [{"id": 1, "workdir": "job1", "state": "READY"}])
+    site, api = one_stage_in_api(tmp_path)
     module = TransfersModule(SimpleNamespace(site_path=str(site), data_path=str(site / "data"), site_id=1),
                              TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"},
                                               globus_endpoint_id=SITE_EP, max_attempts=1), api)

@@ -38,6 +38,20 @@ GLOBUS_FILTER_IDS = 50
 T0 = dt.datetime(2032, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 
+def filtered_ids(request) -> list[str]:
+    """The task ids a task_list request names in its ``task_id`` filter."""
+    return urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["filter"][0].partition(":")[2].split(",")
+
+
+def task_list_answer(ids, status: str, files_transferred: int = 1, **fields) -> tuple[int, dict, str]:
+    """Globus's answer to a task_list call: a document per task of ``ids`` (one file of a stage-in)
+    with ``status``, ``files_transferred`` and ``fields``."""
+    docs = [{**BASE, "task_id": tid, "status": status, "files": 1, "files_transferred": files_transferred,
+             **fields, "label": "balsam stage-in (1 file)"} for tid in ids]
+    return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
+                                "offset": 0, "total": len(docs)})
+
+
 def globus_task_list(status: str, asked: list[int]):
     """A task_list answering each filtered id with ``status``, refusing more than 50 ids as Globus does;
     ``asked`` gets the number of ids of each call."""
@@ -51,10 +65,7 @@ def globus_task_list(status: str, asked: list[int]):
         if len(ids) > GLOBUS_FILTER_IDS:
             return 400, {}, json.dumps({"code": "BadRequest", "request_id": "r", "message":
                                         f"Too many task_id values in filter (max {GLOBUS_FILTER_IDS})"})
-        docs = [{**BASE, "task_id": tid, "status": status, "files": 1, "files_transferred": 1,
-                 "subtasks_skipped_errors": 0, "label": "balsam stage-in (1 file)"} for tid in ids]
-        return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
-                                    "offset": 0, "total": len(docs)})
+        return task_list_answer(ids, status, subtasks_skipped_errors=0)
 
     responses.add_callback(responses.GET, f"{TRANSFER}/task_list", callback=answer, content_type="application/json")
 
@@ -107,15 +118,12 @@ def chunks_failing(failing: set[int], asked: list[int], status: str = "SUCCEEDED
     ``error``: status, body, headers)."""
 
     def answer(request):
-        ids = urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["filter"][0].partition(":")[2].split(",")
+        ids = filtered_ids(request)
         asked.append(len(ids))
         if len(asked) in failing:
             return (error.get("status", 502), error.get("headers", {}),
                     json.dumps({"code": "ExternalError", "message": "Globus is having trouble", "request_id": "r"}))
-        docs = [{**BASE, "task_id": tid, "status": status, "files": 1, "files_transferred": 1,
-                 "subtasks_skipped_errors": 0, "label": "balsam stage-in (1 file)"} for tid in ids]
-        return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
-                                    "offset": 0, "total": len(docs)})
+        return task_list_answer(ids, status, subtasks_skipped_errors=0)
 
     responses.add_callback(responses.GET, f"{TRANSFER}/task_list", callback=answer, content_type="application/json")
 
@@ -206,14 +214,11 @@ def running_list(mode: list[str], failing_id: str = "t-050") -> None:
     while mode[0] is 'fail', the call naming ``failing_id`` answers 502 (the others answer Queued)."""
 
     def answer(request):
-        ids = urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["filter"][0].partition(":")[2].split(",")
+        ids = filtered_ids(request)
         if mode[0] == "fail" and failing_id in ids:
             return 502, {}, json.dumps({"code": "ExternalError", "message": "trouble", "request_id": "r"})
-        docs = [{**BASE, "task_id": tid, "status": "ACTIVE", "nice_status": "OK" if mode[0] == "run" else "Queued",
-                 "is_paused": False, "files": 1, "files_transferred": 0, "label": "balsam stage-in (1 file)"}
-                for tid in ids]
-        return 200, {}, json.dumps({"DATA": docs, "DATA_TYPE": "task_list", "length": len(docs), "limit": len(docs),
-                                    "offset": 0, "total": len(docs)})
+        return task_list_answer(ids, "ACTIVE", files_transferred=0, nice_status="OK" if mode[0] == "run" else "Queued",
+                                is_paused=False)
 
     responses.add_callback(responses.GET, f"{TRANSFER}/task_list", callback=answer, content_type="application/json")
 

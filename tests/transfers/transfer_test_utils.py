@@ -1,7 +1,7 @@
 """What the tests of the ``transfers`` agent module share.
 
 - ``FakeAPI``: an in-memory stand-in for the few routes of balsam's API the module calls, so that
-  those tests need no server.
+  those tests need no server (``one_stage_in_api``: one holding a single pending stage-in).
 - The DAG stage-in tests' set-up on the real server (``env`` in conftest.py): a site with a
   ``shared`` local location (``init_transfer_site``), its apps (``step_app``, ``no_out_app``), a
   parent staging out to a file that its child stages in (``make_handoff_dag``), the module
@@ -78,6 +78,17 @@ class FakeAPI:
             if alias is None or item["location_alias"] == alias:
                 counts[item["state"]] = counts.get(item["state"], 0) + 1
         return counts
+
+
+def one_stage_in_api(tmp_path: Path) -> tuple[Path, FakeAPI]:
+    """A site folder ``tmp_path/site`` (with its data folder) and a FakeAPI of one pending stage-in:
+    item 1 of job 1 (READY, workdir ``job1``), ``aps:/data/1.h5`` to ``in.h5``."""
+    site = tmp_path / "site"
+    (site / "data").mkdir(parents=True)
+    api = FakeAPI([{"id": 1, "job_id": 1, "direction": "in", "location_alias": "aps", "remote_path": "/data/1.h5",
+                    "local_path": "in.h5", "recursive": False, "state": "pending", "task_id": "",
+                    "transfer_info": {}}], [{"id": 1, "workdir": "job1", "state": "READY"}])
+    return site, api
 
 
 def init_transfer_site(tmp_path: Path, name: str, locations: Optional[dict] = None) -> tuple[Any, Any]:
