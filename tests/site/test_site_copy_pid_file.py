@@ -50,8 +50,8 @@ def test_a_copy_made_while_the_agent_runs_does_not_act_on_the_original_agent(mak
         assert status.exit_code == 1 and "not running" in status.output, status.output
         stopped = _cli("site", "stop", str(copy))
         assert same_process(pid, started), stopped.output  # the original's agent was SIGTERMed
-        synced = _cli("site", "sync", str(copy))
-        assert synced.exit_code == 0 and same_process(pid, started), synced.output
+        synced = _cli("site", "sync", str(copy))  # refused: the record is the original agent's (test_site_copy_commands)
+        assert synced.exit_code == 1 and same_process(pid, started), synced.output
         assert client.get(f"/sites/{site.site_id}")["path"] == str(original)
         assert read_pid_file(original)[1] == pid and read_pid_file(copy) is None
     finally:

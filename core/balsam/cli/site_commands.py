@@ -513,7 +513,7 @@ def sync(site_path: Optional[str]) -> None:
     """Push settings.yml (queues, projects, params, transfer locations) to the API; restart a running agent."""
     from balsam.config import SettingsError
     from balsam.site.agent import AgentError, agent_running, recorded_stop_wait, stop_timeout, stop_wait_sec
-    from balsam.site.site_ops import AgentStopTimeout, push_site_settings, start_agent
+    from balsam.site.site_ops import AgentStopTimeout, SiteError, check_copy_agent, push_site_settings, start_agent
 
     config = _site_config(site_path)
     try:
@@ -543,7 +543,15 @@ def sync(site_path: Optional[str]) -> None:
         except AgentError as exc:
             raise click.ClickException(f"{exc} (nothing was pushed; the running site agent [pid {running[1]}] "
                                        "keeps its current settings)") from None
-    push_site_settings(_client(), config)
+    client = _client()
+    if running is None:
+        # A directory with no agent of its own may be a copy of a site whose agent runs elsewhere
+        # (an agent here claimed the site record's path at its start).
+        try:
+            check_copy_agent(client, path, command="sync")
+        except SiteError as exc:
+            raise click.ClickException(str(exc)) from None
+    push_site_settings(client, config)
     click.echo(f"Updated site {config.site_id} from {config.settings_path}.")
     if restart:
         click.echo(f"Restarting the site agent [pid {running[1]}] ...")
@@ -669,7 +677,9 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     """Delete a site: its API record (with all its apps, jobs and BatchJobs) and its directory."""
     from balsam.site.agent import agent_running
     from balsam.site.service_client import count
-    from balsam.site.site_ops import check_other_host_agent, read_site_id, search_below, site_label
+    from balsam.site.site_ops import (
+        SiteError, check_copy_agent, check_other_host_agent, read_site_id, search_below, site_label,
+    )
 
     client = _client()
     path = Path(site_path).expanduser().absolute()
@@ -689,7 +699,10 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     running = agent_running(path)
     if running is not None:
         raise click.ClickException(f"the site agent is running on {running[0]} [pid {running[1]}]: `balsam site stop` first")
-    site = client.get(f"/sites/{site_id}")
+    try:
+        site = check_copy_agent(client, path, command="rm")  # a copy of a site whose agent runs elsewhere
+    except SiteError as exc:
+        raise click.ClickException(str(exc)) from None
     active = _active_batch_jobs(client, site_id)
     if active:
         # Deleting the record deletes its BatchJobs: nothing would then cancel them in the scheduler.
@@ -724,7 +737,9 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
 def mv(src: str, dest: str) -> None:
     """Move a site directory and update its path in the API."""
     from balsam.site.agent import agent_running
-    from balsam.site.site_ops import check_other_host_agent, enclosing_site, read_site_id, site_label
+    from balsam.site.site_ops import (
+        SiteError, check_copy_agent, check_other_host_agent, enclosing_site, read_site_id, site_label,
+    )
 
     src_path = Path(src).expanduser().absolute()
     dest_path = Path(dest).expanduser().absolute()
@@ -744,7 +759,11 @@ def mv(src: str, dest: str) -> None:
         # `site rm` of the outer site would delete this one with it.
         raise click.ClickException(f"{dest_path} is inside the Balsam site {site_label(outer)}: "
                                    "choose a directory outside any site")
-    site = client.get(f"/sites/{site_id}")  # fails early if the record is not ours
+    try:
+        # Fails early if the record is not ours; refuses a copy of a site whose agent runs elsewhere.
+        site = check_copy_agent(client, src_path, command="mv")
+    except SiteError as exc:
+        raise click.ClickException(str(exc)) from None
     active = _active_batch_jobs(client, site_id)
     if active:
         # Their launchers (and the scripts still waiting in the scheduler's queue) use the old path:

@@ -666,6 +666,11 @@ class Agent:
         #: The site marker's inode at the start (None or -1: none there or unknown, nothing to check).
         self._site_marker_id = self._site_marker_identity()
         self._site_moved_seen = False
+        #: The site record as the last site check read it (:meth:`check_site_taken`).
+        self._site_record: Optional[dict] = None
+        #: Whether a site record read since the start named this directory (its start's claim, then
+        #: its settings push): one that never did (the API down at the start) was not taken from it.
+        self._site_record_ours = False
 
     def _make_client(self) -> Any:
         client = load_site_client(self.site_config)
@@ -996,6 +1001,15 @@ class Agent:
         logger.error("%s", message)
         return message
 
+    def _record_names_this_directory(self, record: Any) -> bool:
+        """Whether the site record ``record`` (a server's answer) names this agent's directory; noted."""
+        from .site_ops import recorded_elsewhere  # site_ops imports this module
+
+        if not isinstance(record, dict) or not record.get("path") or recorded_elsewhere(self.site_path, record):
+            return False
+        self._site_record_ours = True
+        return True
+
     def _on_credential_refused(self, error: Any) -> None:
         if getattr(error, "url", "").startswith(str(getattr(self.client, "api_root", "\0"))):
             self.credential_refused = str(getattr(error, "detail", error))
@@ -1012,12 +1026,36 @@ class Agent:
                 # An empty update refreshes the record's last_refresh: the sign of life `balsam site
                 # start/stop --force` reads for a pid file of another host, with or without a scheduler
                 # module (which refreshes it every sync_period).
-                self.client.put(f"/sites/{site_id}", json={})
+                record = self.client.put(f"/sites/{site_id}", json={})
             else:
-                self.client.get(f"/sites/{site_id}")
+                record = self.client.get(f"/sites/{site_id}")
         except Exception as exc:
             return getattr(exc, "status_code", None) == 404
+        self._site_record = record if isinstance(record, dict) else None
         return False
+
+    def check_site_taken(self) -> Optional[str]:
+        """The reason to stop (logged, ERROR) when the site record, as :meth:`site_deleted` last read
+        it, names another directory of this site: an agent was started there with `balsam site start
+        --force` while this one looked dead (another host's agent silent for minutes: its login node
+        cut off, not gone). Both ran on, each staging files and running the site's jobs in its own
+        data/, and this one never knew. Only once a record read since the start named this directory
+        (a copy's agent started while the API was down never claimed the record: nothing was taken)."""
+        from .site_ops import recorded_elsewhere, site_id_in  # site_ops imports this module
+
+        record, self._site_record = self._site_record, None
+        if record is None or self._record_names_this_directory(record):
+            return None
+        other = recorded_elsewhere(self.site_path, record)
+        site_id = getattr(self.site_config, "site_id", None)
+        if not self._site_record_ours or other is None or site_id is None or site_id_in(other) != site_id:
+            return None
+        message = (f"site {site_id}'s record now names {other}, another directory of this site (an agent started "
+                   f"there with `balsam site start --force` while this one looked dead?): stopping, as two agents "
+                   f"of one site would each run its jobs in their own data/; to run the site in {self.site_path} "
+                   f"again, stop the agent of {other}, then `balsam site start {self.site_path}`")
+        logger.error("%s", message)
+        return message
 
     def wait(self, timeout: Optional[float] = None) -> None:
         self._wait_thread_name = threading.current_thread().name
@@ -1058,6 +1096,9 @@ class Agent:
                                  self.site_config.site_id, self.site_path, getattr(self.client, "api_root", ""))
                     self.request_stop("site-deleted")
                     break
+                if self.check_site_taken() is not None:
+                    self.request_stop("site-taken")
+                    break
             self.stop_event.wait(1.0)
             self._check_threads()
             self._retry_settings_push()
@@ -1074,7 +1115,7 @@ class Agent:
         from .site_ops import push_site_settings
 
         try:
-            push_site_settings(self.client, self.site_config)
+            self._record_names_this_directory(push_site_settings(self.client, self.site_config))
         except Exception as exc:
             if _settings_refused(exc):
                 # The server refused the values themselves (a 422 naming the key): sending them again

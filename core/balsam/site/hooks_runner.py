@@ -396,6 +396,7 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
     cwd = os.getcwd()
     with output:
         _note(f"#BALSAM Running {hook} for Job {job['id']} at {now_iso()}")
+        saves: Optional[_HookSaves] = None  # None until the job object is built (the app may not load)
         try:
             if app_cls is None:
                 raise RuntimeError("the app could not be loaded")
@@ -414,10 +415,10 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             _note(text)
             message = {"message": f"An exception occurred in {hook}", "error": api_text(text[-4000:])}
-            if saves.saved_state:
+            if saves is not None and saves.moved:
                 # Raised after saving a new state itself: the job is no longer the processing
                 # session's, whose FAILED the server refused (HTTP 409, an ERROR for the job).
-                return _saved_by_hook(job_obj, hook, job["id"], failed=message)
+                return _saved_by_hook(job_obj, hook, job["id"], saves, failed=message)
             # api_json: an exception's text may hold a NUL (a hook parsing binary output), and the
             # server refused the whole FAILED for it.
             return api_json({
@@ -428,8 +429,8 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
             })
         finally:
             os.chdir(cwd)
-        if saves.saved_state:
-            return _saved_by_hook(job_obj, hook, job["id"])
+        if saves.moved:
+            return _saved_by_hook(job_obj, hook, job["id"], saves)
         update = dict(base)
         for name, value in after.items():
             if before.get(name) != value:
@@ -467,47 +468,114 @@ def _unsaved(job_obj: Any) -> set[str]:
         return set()
 
 
+def _state_text(value: Any) -> str:
+    """A job state as the API writes it (a JobState, or the text a hook assigned)."""
+    value = getattr(value, "value", value)
+    try:
+        return JobState.parse(value).value
+    except ValueError:
+        return str(value)
+
+
 class _HookSaves:
     """Watches a hook's own saves of its job (``self.job.state = ...; self.job.save()``):
-    ``saved_state`` once one of them sent a new state, whatever the hook does after it (sets
-    another state, raises). A 0.7 postprocess's ``JOB_FINISHED`` (its server took any state) is
-    saved as POSTPROCESSED, as the processing module sends it (:data:`FINISHED_BY_POSTPROCESS`):
-    the server refused RUN_DONE -> JOB_FINISHED, and the job failed."""
+    ``moved`` once one of them sent a state other than the one the server had (the hook's
+    starting state: the save ends the job's lease to the processing session), whatever the hook
+    does after it (sets another state, raises); ``server_state``, the state its last such save
+    left. A save of the state the job already has (``self.job.state = "STAGED_IN"``) is no move:
+    the server takes it as no change and the job stays the session's, which sends what the hook
+    leaves. A 0.7 postprocess's ``JOB_FINISHED`` (its server took any state) is saved as
+    POSTPROCESSED, as the processing module sends it (:data:`FINISHED_BY_POSTPROCESS`): the server
+    refused RUN_DONE -> JOB_FINISHED, and the job failed."""
 
     def __init__(self, job_obj: Any, state: JobState) -> None:
-        self.saved_state = False
-        self._save = job_obj.save
+        self.start = state
+        self.server_state = state.value
+        self.moved = False
+        self._save = getattr(job_obj, "save", None)
         self._job = job_obj
-        self._finishing = state == JobState.run_done
-        job_obj.save = self.save  # an instance attribute: the class's save is what it calls
+        if self._save is not None:  # (a job object without save, a stand-in, has no save to watch)
+            job_obj.save = self.save  # an instance attribute: the class's save is what it calls
+
+    def finished_as_postprocessed(self, state: str) -> str:
+        """``state`` as the processing module sends a postprocess's: JOB_FINISHED is POSTPROCESSED."""
+        if self.start == JobState.run_done and state in FINISHED_BY_POSTPROCESS:
+            return JobState.postprocessed.value
+        return state
 
     def save(self, *args: Any, **kwargs: Any) -> Any:
-        sends_state = "state" in _unsaved(self._job)
-        if sends_state and self._finishing and \
-                getattr(self._job.state, "value", self._job.state) in FINISHED_BY_POSTPROCESS:
-            self._job.state = JobState.postprocessed.value
+        sent = None
+        if "state" in _unsaved(self._job):
+            sent = self.finished_as_postprocessed(_state_text(self._job.state))
+            if sent != _state_text(self._job.state):
+                self._job.state = sent
         result = self._save(*args, **kwargs)
-        self.saved_state = self.saved_state or sends_state
+        if sent is not None and sent != self.server_state:
+            self.server_state = sent
+            self.moved = True
         return result
 
 
-def _saved_by_hook(job_obj: Any, hook: str, job_id: int, failed: Optional[dict] = None) -> dict:
+#: A worker's update of a job whose hook saved its state itself (:data:`SAVED_KEY`): why the
+#: hook's later changes were not saved (the job left the state the hook saved), for the agent's log.
+NOT_APPLIED_KEY = "_not_applied"
+
+
+def _saved_by_hook(job_obj: Any, hook: str, job_id: int, saves: _HookSaves, failed: Optional[dict] = None) -> dict:
     """The update of a job whose hook saved a new state itself: the processing session no longer
     holds the job (the server refused its update of it, HTTP 409), so what the hook changed after
-    its save, a later state included, is saved here as the hook saved the state: with ``failed``
-    (the hook raised afterwards), FAILED with that state_data."""
+    its save, a later state included, is saved here, as the hook saved the state: with ``failed``
+    (the hook raised afterwards), FAILED with that state_data. A later state is checked as one the
+    hook leaves unsaved is (:func:`check_hook_state`: a preprocess's RUNNING fails the job, which
+    no launcher would run).
+
+    Only while the job is still in the state the hook saved (one ``PUT /jobs/?id=N&state=S``): a
+    launcher may have taken it meanwhile (a saved PREPROCESSED or RESTART_READY can be acquired at
+    once) and run it; this update, without a session, would have overridden the launcher's run
+    (RUNNING -> FAILED, its RUN_DONE refused). What was not applied is written to the job's
+    balsam.log and returned under :data:`NOT_APPLIED_KEY` (the agent logs it)."""
+    saved = saves.server_state
+    fields: dict[str, Any] = {}
     try:
         if failed is not None:
             job_obj.state = JobState.failed.value
             job_obj.state_data = failed
-        if _unsaved(job_obj) & set(HOOK_WRITABLE_FIELDS):
-            job_obj.save()
+        fields = {name: getattr(job_obj, name) for name in sorted(_unsaved(job_obj) & set(HOOK_WRITABLE_FIELDS))}
+        if "state" in fields:
+            state = saves.finished_as_postprocessed(_state_text(fields["state"]))
+            problem = None if state == saved or failed is not None else check_hook_state(saves.start, state)
+            if state == saved:
+                del fields["state"]
+            elif problem is not None:
+                problem = problem.replace("\n", " ")[:1000]
+                _note(f"#BALSAM {problem}; the job is FAILED")
+                fields.update(state=JobState.failed.value, state_data={"message": problem})
+            else:
+                fields["state"] = state
+        if "state" not in fields:
+            fields.pop("state_data", None)  # state_data only travels with a state change
+        applied = type(job_obj).objects.filter(id=job_id, state=saved).update(**fields) if fields else 1
     except Exception as exc:
         _note(f"#BALSAM {hook} saved the job's state itself; its later changes could not be saved: "
               f"{type(exc).__name__}: {exc}")
-    else:
-        _note(f"#BALSAM {hook} saved the job's state itself (self.job.save()): nothing more to send")
+        return {"id": job_id, SAVED_KEY: True}
+    if not applied:
+        now = _current_state(job_obj, job_id)
+        what = ", ".join(f"state {fields['state']}" if name == "state" else name for name in fields)
+        reason = (f"{hook} saved the job's state ({saved}) itself, and its later changes ({what}) were not saved: "
+                  f"the job is no longer {saved} ({now}: a launcher took it?)")
+        _note(f"#BALSAM {reason}")
+        return {"id": job_id, SAVED_KEY: True, NOT_APPLIED_KEY: reason}
+    _note(f"#BALSAM {hook} saved the job's state itself (self.job.save()): nothing more to send")
     return {"id": job_id, SAVED_KEY: True}
+
+
+def _current_state(job_obj: Any, job_id: int) -> str:
+    """``now STATE`` for a job, for :func:`_saved_by_hook`'s note (deleted, the API down: why not)."""
+    try:
+        return f"now {_state_text(type(job_obj).objects.get(id=job_id).state)}"
+    except Exception as exc:
+        return f"its state could not be read: {type(exc).__name__}"
 
 
 def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int = 10,

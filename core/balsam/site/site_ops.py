@@ -435,14 +435,8 @@ def claim_site_path(client: Any, site_path: Path, force: bool = False) -> Option
     """At an agent's start, once it holds its directory's lock, before it writes its pid file: the
     site record's ``path`` made this directory's, unless another directory holding this same site
     (a copy: ``cp -r``, an rsync to another file system) has a live agent, which refuses the start
-    (SiteError, one line). Returns a note (logged) when the path changed, else None; an API that
-    does not answer is no refusal (the agent's cycles retry it).
-
-    A pid file there naming another host is judged as every command judges one
-    (:func:`check_other_host_agent`): by the site record's last refresh. Refreshed recently: a
-    refusal, even with ``force``; silent for longer than :func:`agent_silence_limit` (a login node
-    gone): a refusal that points at ``balsam site start --force``, and with ``force`` the path is
-    claimed. It was trusted for ever: no command led out.
+    (SiteError, one line: :func:`check_copy_agent`). Returns a note (logged) when the path changed,
+    else None; an API that does not answer is no refusal (the agent's cycles retry it).
 
     The flock and pid file keep a second agent out of the same directory only: a copy's agent
     ran beside the first one, each staging files, running hooks and starting launchers in its own
@@ -452,9 +446,28 @@ def claim_site_path(client: Any, site_path: Path, force: bool = False) -> Option
     try:
         site_id = read_site_id(site_path)
         site_record = client.get(f"/sites/{site_id}")
-        recorded = str(site_record.get("path") or "")
     except Exception:
         return None
+    other = recorded_elsewhere(site_path, site_record)
+    if other is None:
+        return None
+    other_id = site_id_in(other)
+    taken_from = ""
+    if other_id == site_id:
+        taken_from = _check_agent_of(other, site_id, site_record, site_path, command="start", force=force)
+    try:
+        client.put(f"/sites/{site_id}", json={"path": str(site_path)})
+    except Exception as exc:
+        return f"the site record's path is {other}, not {site_path}, and could not be updated: {exc}"
+    where = "another copy of the site" if other_id == site_id else "gone or not this site's"
+    return f"the site record's path was {other} ({where}{taken_from}); it is now {site_path}"
+
+
+def recorded_elsewhere(site_path: Path, site_record: dict) -> Optional[Path]:
+    """The directory the site record names when it is not ``site_path`` (by any name: a symbolic
+    link, another mount point of the same directory is ``site_path``); None when it is, or names none."""
+    recorded = str(site_record.get("path") or "")
+    site_path = Path(site_path).absolute()
     if not recorded or Path(recorded) == site_path:
         return None
     other = Path(recorded)
@@ -462,40 +475,77 @@ def claim_site_path(client: Any, site_path: Path, force: bool = False) -> Option
         same = other.exists() and os.path.samefile(other, site_path)
     except OSError:
         same = False
-    if same:
-        return None  # the same directory by another name (a symbolic link, another mount point)
+    return None if same else other
+
+
+def site_id_in(directory: Path) -> Optional[int]:
+    """The id of the site in ``directory``; None when it holds none (or it cannot be read)."""
     try:
-        other_id = read_site_id(other) if (other / SITE_ID_FILE).is_file() else None
+        return read_site_id(directory) if (directory / SITE_ID_FILE).is_file() else None
     except Exception:
-        other_id = None
-    taken_from = ""
-    if other_id == site_id:
-        running = agent_running(other)
-        if running is not None:
-            host, pid = running
-            both = (f"site {site_id} is also in {other}, where its agent runs on {host} [pid {pid}]: two directories "
-                    f"of one site (a copy?) would each run an agent, staging files and running jobs in their own data/")
-            elsewhere = f" on {host}" if host != socket.gethostname() else ""
-            own = "or give this directory a site of its own (`balsam site init NEW_DIR`)"
-            silent = _silent_for(site_record, site_path) if elsewhere else None
-            if silent is None:
-                raise SiteError(f"{both}; stop that agent first (`balsam site stop {other}`{elsewhere}), {own}")
-            seconds, limit, last = silent
-            if seconds <= limit:
-                raise SiteError(f"{both} (the site was refreshed {seconds:.0f} s ago); stop that agent first (`balsam "
-                                f"site stop {other}`{elsewhere}), {own}")
-            if not force:
-                raise SiteError(
-                    f"site {site_id} is also in {other}, whose pid file names an agent on {host} [pid {pid}], but the "
-                    f"site has not been refreshed since {_local_time(last)}: that agent looks dead; `balsam site start "
-                    f"--force {site_path}` runs the site here, {own}")
-            taken_from = f", whose agent on {host} [pid {pid}] looked dead (silent since {_local_time(last)})"
-    try:
-        client.put(f"/sites/{site_id}", json={"path": str(site_path)})
-    except Exception as exc:
-        return f"the site record's path is {other}, not {site_path}, and could not be updated: {exc}"
-    where = "another copy of the site" if other_id == site_id else "gone or not this site's"
-    return f"the site record's path was {other} ({where}{taken_from}); it is now {site_path}"
+        return None
+
+
+#: What a command run in one directory of a site would do to the site whose agent runs in another
+#: (:func:`check_copy_agent`), and what to do instead.
+_COPY_HARM = {
+    "start": ("two directories of one site (a copy?) would each run an agent, staging files and running jobs in "
+              "their own data/", "or give this directory a site of its own (`balsam site init NEW_DIR`)"),
+    "rm": ("`balsam site rm` here would delete the site record that agent works on, with all its jobs",
+           "or, to delete this copy only, remove the directory itself (`rm -r`)"),
+    "mv": ("`balsam site mv` here would point the site record at this copy, under that agent",
+           "or move this copy with a plain `mv` (the site record keeps naming the directory whose agent runs)"),
+    "sync": ("`balsam site sync` here would push this directory's settings.yml to the site record that agent works "
+             "with", "or edit settings.yml in that directory and run `balsam site sync` there"),
+}
+
+
+def check_copy_agent(client: Any, site_path: Path, *, command: str) -> dict:
+    """Refuse `balsam site COMMAND` in ``site_path`` (SiteError, one line) while the site record
+    names another directory of the same site (``site_path`` is a copy: ``cp -a``, ``rsync -a``)
+    whose agent lives, judged as at an agent's start (:func:`claim_site_path`). The copy's own pid
+    file, copied with it, names no agent of the copy: `site rm COPY` deleted the record of the
+    site that agent ran, with all its jobs, and `site mv COPY NEW` pointed the record at NEW,
+    where `site start` then ran a second agent of the site. Returns the site record."""
+    site_path = Path(site_path).absolute()
+    site_id = read_site_id(site_path)
+    site_record = client.get(f"/sites/{site_id}")
+    other = recorded_elsewhere(site_path, site_record)
+    if other is not None and site_id_in(other) == site_id:
+        _check_agent_of(other, site_id, site_record, site_path, command=command, force=False)
+    return site_record
+
+
+def _check_agent_of(other: Path, site_id: int, site_record: dict, site_path: Path, *, command: str,
+                    force: bool) -> str:
+    """SiteError when ``other``, another directory of site ``site_id``, has a live agent. A pid file
+    there naming another host is judged as every command judges one (:func:`check_other_host_agent`):
+    by the site record's last refresh. Refreshed recently: a refusal, even with ``force``; silent for
+    longer than :func:`agent_silence_limit` (a login node gone): a refusal that points at `balsam
+    site start --force` (``command`` start: with ``force`` it goes on) or at `balsam site stop
+    --force OTHER`, which drops that pid file. Returns a note for the record's new path ("" when no
+    agent was there)."""
+    running = agent_running(other)
+    if running is None:
+        return ""
+    host, pid = running
+    harm, instead = _COPY_HARM[command]
+    both = f"site {site_id} is also in {other}, where its agent runs on {host} [pid {pid}]: {harm}"
+    elsewhere = f" on {host}" if host != socket.gethostname() else ""
+    silent = _silent_for(site_record, site_path) if elsewhere else None
+    if silent is None:
+        raise SiteError(f"{both}; stop that agent first (`balsam site stop {other}`{elsewhere}), {instead}")
+    seconds, limit, last = silent
+    if seconds <= limit:
+        raise SiteError(f"{both} (the site was refreshed {seconds:.0f} s ago); stop that agent first (`balsam "
+                        f"site stop {other}`{elsewhere}), {instead}")
+    if not force:
+        way = f"`balsam site start --force {site_path}` runs the site here" if command == "start" else \
+            f"`balsam site stop --force {other}` drops its pid file"
+        raise SiteError(
+            f"site {site_id} is also in {other}, whose pid file names an agent on {host} [pid {pid}], but the "
+            f"site has not been refreshed since {_local_time(last)}: that agent looks dead; {way}, {instead}")
+    return f", whose agent on {host} [pid {pid}] looked dead (silent since {_local_time(last)})"
 
 
 def _silent_for(site_record: dict, site_path: Path) -> Optional[tuple[float, float, dt.datetime]]:

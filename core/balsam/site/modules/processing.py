@@ -104,6 +104,7 @@ from ...util import NO_ROOM_ERRNOS, START_TIME_TOLERANCE_SEC, process_start_time
 from ..apps import AppCache
 from ..hooks_runner import (
     HOOK_FOR_STATE,
+    NOT_APPLIED_KEY,
     SAVED_KEY,
     WORKDIR_KEY,
     WORKDIR_NO_ROOM,
@@ -565,6 +566,11 @@ class ProcessingModule(AgentModule):
             # is fine).
             self.logger.info("jobs %s: their hooks saved their new states themselves (self.job.save()); nothing "
                              "more to send", saved[:20])
+            lost = [u for u in updates if u.get(SAVED_KEY) and u.get(NOT_APPLIED_KEY)]
+            if lost:
+                # One line for the lot (a launcher that took many such jobs): the first job's reason.
+                more = f" (and {len(lost) - 1} more jobs: {[u['id'] for u in lost[1:21]]})" if len(lost) > 1 else ""
+                self.logger.warning("job %s: %s%s", lost[0]["id"], lost[0][NOT_APPLIED_KEY], more)
         for update in updates:
             if update.get(SAVED_KEY):
                 continue
