@@ -33,6 +33,9 @@ def _args(tmp_path, **given) -> list[str]:
     ({"sbatch_flags": "--ntasks=2 --gpus-per-task=1", "exclusive": "no"}, ["--gpus-per-task=1"]),
     ({"sbatch_flags": "--ntasks-per-node=1 --gpus-per-task=1"}, ["--gpus-per-task=1"]),
     ({"sbatch_flags": "--ntasks-per-node 2 --gpus-per-task 1"}, ["--gpus-per-task", "1"]),
+    # a count that does not divide the default: sbatch refused the two ("not multiple of --gpus-per-task")
+    ({"sbatch_flags": "--gpus-per-task=3"}, ["--gpus-per-task=3"]),
+    ({"sbatch_flags": "-n1 --gpus-per-task=3"}, ["--gpus-per-task=3"]),
     ({"sbatch_flags": "--gpus-per-node=2"}, ["--gpus-per-node=2"]),
     ({"sbatch_flags": "--gpus-per-socket=1"}, ["--gpus-per-socket=1"]),
     ({"sbatch_flags": "--tres-per-task=gres/gpu:1", "exclusive": "no"}, ["--tres-per-task=gres/gpu:1"]),

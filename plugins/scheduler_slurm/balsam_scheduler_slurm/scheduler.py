@@ -1018,9 +1018,12 @@ def replaces_gpus_per_node(optional_params: Mapping[str, str], *, whole_nodes: b
     if not whole_nodes:
         return True
     per_node = [value for name, value in options if name == "ntasks-per-node"]
-    if not per_node:
-        return False
     default = given(GPUS_PER_NODE_PARAM).rsplit(":", 1)[-1]
+    if not per_node:
+        # sbatch refuses a default the count does not divide ("--gres=gpu/--gpus-per-node not
+        # multiple of --gpus-per-task": --gpus-per-task=3 beside 4), which it took alone.
+        return (per_task[-1].isdecimal() and default.isdecimal() and int(per_task[-1]) > 0
+                and int(default) % int(per_task[-1]) != 0)
     return not (per_node[-1].isdecimal() and per_task[-1].isdecimal() and default.isdecimal()
                 and int(per_node[-1]) * int(per_task[-1]) == int(default))
 
