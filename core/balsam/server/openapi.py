@@ -33,6 +33,9 @@ NO_NUL = "^[^\\x00]*$"
 #: which also drops the ASCII separators \x1c-\x1f that a JSON Schema ``\s`` does not match.
 PY_SPACE = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 #: Datetimes in responses: naive UTC ISO-8601 (Balsam 0.7's wire format).
+#: The backlog's ``max_gpus_per_node`` in plain decimal, 0 to 1e9 (up to 9 digits before a '.', or
+#: 1e9 itself): what backlog.parse_gpu_bound takes (it also takes leading zeros past 9 digits).
+GPU_BOUND_PATTERN = r"^(?:[0-9]{1,9}(?:\.[0-9]*)?|[0-9]{0,9}\.[0-9]+|1000000000(?:\.0*)?)$"
 WIRE_DATETIME = {"type": "string", "pattern": "^\\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d:\\d\\d(\\.\\d+)?$",
                  "description": "UTC, without offset"}
 IDENTIFIER = "^[A-Za-z_][A-Za-z0-9_]*$"
@@ -400,10 +403,11 @@ QUERIES: dict[str, dict[str, Any]] = {
                 "batch_job_id": Q_INT_LIST,
                 # Only jobs a launcher session holds (true) or none holds (false: still unmet demand).
                 "leased": {"type": "boolean"},
-                # The acquire's GPU bound (0: what a launcher on GPU-less nodes leases).
-                # (maxLength: its text, which the route bounds, as the query budget counts it.)
-                "max_gpus_per_node": {"type": "number", "minimum": 0, "maximum": 1e9,
-                                      "maxLength": MAX_GPU_BOUND_CHARS},
+                # The acquire's GPU bound (0: what a launcher on GPU-less nodes leases), in plain
+                # decimal as the route reads it (backlog.parse_gpu_bound: no sign, exponent or
+                # other digits), 0 to 1e9; maxLength: its text, which the route bounds.
+                "max_gpus_per_node": {"type": "string", "maxLength": MAX_GPU_BOUND_CHARS,
+                                      "pattern": GPU_BOUND_PATTERN},
                 # The nodes' shape: each job's footprint counts its GPUs and CPU ids (docs/elastic.md).
                 "node_gpus": int32(1), "node_cpus": int32(1), "cpu_ids_are_cores": {"type": "boolean"},
                 "hardware_threads_per_core": int32(0)},
