@@ -609,14 +609,12 @@ def check_other_host_agent(site_path: Path, client: Any, *, force: bool, command
     path = pid_file_path(site_path)
     site_id = read_site_id(site_path)
     try:
-        last = parse_datetime(client.get(f"/sites/{site_id}")["last_refresh"])
+        site_record = client.get(f"/sites/{site_id}")
+        parse_datetime(site_record["last_refresh"])  # readable, or said below (_silent_for gives None)
     except Exception as exc:
         raise SiteError(f"the pid file {path} names a site agent on {host} [pid {pid}] and whether it still runs "
                         f"cannot be checked (site {site_id} on the server: {exc}); `balsam site {command}` it on {host}")
-    if last.tzinfo is None:
-        last = last.replace(tzinfo=dt.timezone.utc)
-    silent = (dt.datetime.now(dt.timezone.utc) - last).total_seconds()
-    limit = agent_silence_limit(site_path)
+    silent, limit, last = _silent_for(site_record, site_path)
     if silent <= limit:
         hint = f"; --force drops it only once the site has been silent for over {limit:.0f} s" if force else ""
         raise SiteError(f"the site agent runs on {host} [pid {pid}] (pid file {path}; the site was refreshed "
