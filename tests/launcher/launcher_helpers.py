@@ -282,3 +282,18 @@ def offline_site(tmp_path: Path, api_root: str, **client_fields: Any) -> tuple[P
     env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"], "BALSAM_HOME": str(tmp_path / "balsam-home"),
            "BALSAM_CLIENT_PATH": str(client), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     return site, env
+
+
+#: A task that counts its runs, writes its pid, and on SIGTERM says it saved its state and exits 1
+#: (the spawner stop-signal tests: an app checkpointing as its allocation ends).
+SAVES_AND_EXITS_1 = ("bash -c 'echo run >> runs; trap \"echo saved checkpoint; exit 1\" TERM; echo $$ > pid; "
+                     "sleep 30 & wait'")
+
+
+def wait_for_task_pid(path: Path) -> int:
+    """The pid a task wrote to ``path`` (SAVES_AND_EXITS_1's ``pid``), once written."""
+    deadline = time.monotonic() + 20
+    while not (path.exists() and path.read_text().strip()):
+        assert time.monotonic() < deadline, "the task did not start"
+        time.sleep(0.01)
+    return int(path.read_text())

@@ -19,18 +19,7 @@ from pathlib import Path
 import pytest
 
 from balsam.launcher.runner import SpawnerPool
-
-#: Counts its runs, writes its pid, and on SIGTERM says it saved its state and exits 1.
-SAVES_AND_EXITS_1 = ("bash -c 'echo run >> runs; trap \"echo saved checkpoint; exit 1\" TERM; echo $$ > pid; "
-                     "sleep 30 & wait'")
-
-
-def _wait_for_pid(path: Path) -> int:
-    deadline = time.monotonic() + 20
-    while not (path.exists() and path.read_text().strip()):
-        assert time.monotonic() < deadline, "the task did not start"
-        time.sleep(0.02)
-    return int(path.read_text())
+from launcher_helpers import SAVES_AND_EXITS_1, wait_for_task_pid
 
 
 def _wait_gone(pid: int) -> None:
@@ -52,7 +41,7 @@ def test_an_exit_after_the_batch_systems_signal_is_the_stops_not_relaunched(rela
     pool = SpawnerPool(5, threading.Event(), relaunch_quick_failures=relaunch)
     try:
         pool.start(1, SAVES_AND_EXITS_1, tmp_path, dict(os.environ))
-        pid = _wait_for_pid(tmp_path / "pid")
+        pid = wait_for_task_pid(tmp_path / "pid")
         # The batch system's SIGTERM, the spawner first, then the task (the other order, Slurm's
         # proctrack/linuxproc's, is test_spawner_stop_signal_order.py's).
         os.kill(pool.proc.pid, signal.SIGTERM)
@@ -79,7 +68,7 @@ def test_no_queued_task_starts_after_the_batch_systems_signal(tmp_path: Path) ->
     second.mkdir()
     try:
         pool.start(1, "bash -c 'trap \"exit 0\" TERM; echo $$ > pid; sleep 30 & wait'", first, dict(os.environ))
-        pid = _wait_for_pid(first / "pid")
+        pid = wait_for_task_pid(first / "pid")
         assert pool.queue_after(1, 2, "bash -c 'echo started > ran'", second, dict(os.environ))
         os.kill(pool.proc.pid, signal.SIGTERM)
         os.killpg(pid, signal.SIGTERM)

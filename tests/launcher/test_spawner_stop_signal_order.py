@@ -26,21 +26,10 @@ import pytest
 
 from balsam.launcher import runner, spawner
 from balsam.launcher.runner import SpawnerPool
+from launcher_helpers import SAVES_AND_EXITS_1, wait_for_task_pid
 
 #: How long the spawner keeps an exit for a stop signal (0.05 s); the code before had no such wait.
 RACE_SEC = getattr(spawner, "STOP_RACE_SEC", 0.05)
-
-#: Counts its runs, writes its pid, and on SIGTERM says it saved its state and exits 1 (at once).
-SAVES_AND_EXITS_1 = ("bash -c 'echo run >> runs; trap \"echo saved checkpoint; exit 1\" TERM; echo $$ > pid; "
-                     "sleep 30 & wait'")
-
-
-def _wait_for_pid(path: Path) -> int:
-    deadline = time.monotonic() + 20
-    while not (path.exists() and path.read_text().strip()):
-        assert time.monotonic() < deadline, "the task did not start"
-        time.sleep(0.01)
-    return int(path.read_text())
 
 
 def _task_then_spawner(pool: SpawnerPool, pid: int) -> bool:
@@ -65,7 +54,7 @@ def test_the_task_signalled_before_its_spawner_is_not_relaunched_nor_its_exit_th
         pool = SpawnerPool(5, threading.Event(), relaunch_quick_failures=relaunch)
         try:
             pool.start(1, SAVES_AND_EXITS_1, workdir, dict(os.environ))
-            pid = _wait_for_pid(workdir / "pid")
+            pid = wait_for_task_pid(workdir / "pid")
             in_time = _task_then_spawner(pool, pid)
             time.sleep(0.2)  # the relaunch (the code before) or the report would be done by now
             reported = pool.reap()
@@ -148,7 +137,7 @@ def test_the_launcher_logs_the_spawners_stop_signal(tmp_path: Path, caplog: Any)
     pool = SpawnerPool(5, threading.Event())
     try:
         pool.start(1, "bash -c 'echo $$ > pid; exec sleep 30'", tmp_path, dict(os.environ))
-        _wait_for_pid(tmp_path / "pid")
+        wait_for_task_pid(tmp_path / "pid")
         os.kill(pool.proc.pid, signal.SIGINT)
         deadline = time.monotonic() + 20
         while "got SIGINT" not in caplog.text:
@@ -172,7 +161,7 @@ def test_no_start_after_the_spawners_stop_signal(tmp_path: Path) -> None:
     pool = SpawnerPool(5, threading.Event())
     try:
         pool.start(1, "bash -c 'trap \"exit 0\" TERM; echo $$ > pid; sleep 30 & wait'", first, dict(os.environ))
-        pid = _wait_for_pid(first / "pid")
+        pid = wait_for_task_pid(first / "pid")
         os.kill(pool.proc.pid, signal.SIGTERM)
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
