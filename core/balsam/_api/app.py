@@ -683,13 +683,25 @@ def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> s
         raise ValueError(f"{app_cls.__name__} has no app id: load it from the API or sync() it")
     payload = app_cls._serialized_class or _serialize_class(app_cls)
     app_chunks = _chunk(payload, app_cls.ARG_CHUNK_SIZE)
-    head = f"{shlex.quote(app_cls.python_exe)} -m {RUNNER_MODULE} "
+    head = f"{python_exe_words(app_cls.python_exe)} -m {RUNNER_MODULE} "
     job_json = json.dumps(_job_json(job))
     line = _runner_line(head, app_id, app_chunks, _chunk(job_json, app_cls.ARG_CHUNK_SIZE))
     if len(line) * 4 < RAW_JOB_LINE_MAX_BYTES or len(line.encode("utf-8", "surrogateescape")) < RAW_JOB_LINE_MAX_BYTES:
         return line
     job_text = base64.b64encode(job_json.encode("ascii")).decode("ascii")
     return _runner_line(head, app_id, app_chunks, _chunk(job_text, app_cls.ARG_CHUNK_SIZE))
+
+
+def python_exe_words(python_exe: str) -> str:
+    """``python_exe`` as the runner line starts with it: as written, shell words, as Balsam 0.7
+    put it (``apptainer exec image.sif python3``, ``conda run -n env python``,
+    ``$CONDA_PREFIX/bin/python``, ``python3 -u``: quoted as one word, each was "No such file or
+    directory"); quoted when it names an existing file (a path with a space, which 0.7 split). A
+    plain path needs neither, and costs no file system call."""
+    quoted = shlex.quote(str(python_exe))
+    if quoted == python_exe or os.path.exists(python_exe):
+        return quoted
+    return str(python_exe)
 
 
 def _runner_line(head: str, app_id: int, app_chunks: list[str], job_chunks: list[str]) -> str:

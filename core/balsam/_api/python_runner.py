@@ -10,6 +10,12 @@ value that cannot be serialized, or that serializes to more than the server take
 (``MAX_SERIALIZED_PAYLOAD_CHARS``), is reported as a raising run() (``SerializeError`` saying why). The
 processing module reads the markers from job.out with :func:`balsam.site.hooks_runner.read_run_markers`
 (the scanner of :mod:`balsam._api.run_markers`; :func:`balsam._api.app.parse_run_markers` runs it over a text).
+
+A runner that cannot set up in the app's ``python_exe`` (a venv or container without dill, tblib or
+attrs; another Python minor version than the one that synced the app) prints ONE line on stderr,
+``balsam: the run() app cannot run in <interpreter> (Python X.Y.Z): <reason>``, and exits 1, with no
+marker (:func:`cannot_run`). A Python without Balsam at all fails before this module runs; its own
+line names the interpreter and the missing module.
 """
 
 from __future__ import annotations
@@ -17,12 +23,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
+import platform
 import sys
-from typing import Any
-
-from ..models import MAX_SERIALIZED_PAYLOAD_CHARS
-from . import codec
-from .app import EXCEPTION_MARKER, RETURN_MARKER, ApplicationDefinition
+from typing import Any, NoReturn
 
 
 def mpi_rank() -> int:
@@ -36,6 +40,40 @@ def mpi_rank() -> int:
         if value is not None and value.strip().isdecimal():
             return int(value)
     return 0
+
+
+def interpreter() -> str:
+    """This interpreter as an error line names it: the app's ``python_exe`` (a venv's, a
+    container's) is often not the Python that runs Balsam."""
+    return f"{sys.executable or sys.argv[0]} (Python {platform.python_version()})"
+
+
+def cannot_run(reason: str) -> NoReturn:
+    """End the runner with one line on stderr (job.out, and the job's error tail) and status 1:
+    the job cannot run in this interpreter (its set-up, not the app, failed). A traceback of
+    Balsam's own frames filled job.out and the job's error event (the last lines of job.out)
+    ahead of the reason, and the reason did not say which interpreter it was."""
+    if mpi_rank() == 0:  # one line, not one per rank
+        sys.stderr.write(f"balsam: the run() app cannot run in {interpreter()}: {reason}\n")
+        sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def missing_module_reason(exc: ImportError) -> str:
+    name = exc.name or str(exc)
+    return (f"module {name!r} is not installed there; the python runner needs Balsam with its dependencies "
+            "(dill, tblib, attrs, cattrs, orjson...) in the app's python_exe: install them into it, or set "
+            "python_exe to a Python that has them")
+
+
+try:
+    from ..models import MAX_SERIALIZED_PAYLOAD_CHARS
+    from . import codec
+    from .app import EXCEPTION_MARKER, RETURN_MARKER, ApplicationDefinition
+except ImportError as _exc:
+    if __name__ != "__main__":
+        raise
+    cannot_run(missing_module_reason(_exc))
 
 
 def _emit(marker: str, payload: str) -> None:
@@ -63,6 +101,9 @@ def load(argv: list[str]) -> tuple[type[ApplicationDefinition], Any]:
     job_text = "".join(argv[2 + n_app :])
     # The base64 of the JSON (python_runner_command), or the JSON itself (a line built before).
     job_data = json.loads(job_text if job_text.startswith("{") else base64.b64decode(job_text, validate=True))
+    # dill first: a Python without it is the runner's want, not a module the app's code needs
+    # (deserialize_app_class words a missing module so); main() says which.
+    codec.warm_up()
     # No name given: the payload's own (the job's JSON has the app's id only, which named it "1" here).
     cls = codec.deserialize_app_class(app_payload, app_id=app_id)
     if not (isinstance(cls, type) and issubclass(cls, ApplicationDefinition)):
@@ -74,8 +115,33 @@ def load(argv: list[str]) -> tuple[type[ApplicationDefinition], Any]:
     return cls, Job._from_api(job_data)
 
 
+def _other_version_reason(argv: list[str]) -> "str | None":
+    """Why an app synced from another Python minor version cannot run here, or None. The codec's
+    advice ("or re-sync the app from Python 3.12") does not hold for a runner: the launcher loaded
+    the app (to build this command line) in the Python that synced it, so only python_exe can change."""
+    try:
+        payload = "".join(argv[2 : 2 + int(argv[1])])
+        envelope = pickle.loads(base64.b64decode(payload))  # the envelope: builtins only, any version reads it
+        version = str(envelope["python"])
+        label = f"App(id={int(argv[0])}, name={envelope['name']})"
+    except Exception:  # noqa: BLE001 - not our envelope (a 0.7 payload): the codec's own words
+        return None
+    if version == codec.PYTHON_VERSION:
+        return None
+    return (f"{label} was synced from Python {version}, and dill cannot load its code in Python "
+            f"{codec.PYTHON_VERSION}: set the app's python_exe to a Python {version} that has Balsam (the "
+            f"launcher, which loads the app as well, runs Python {version})")
+
+
 def main(argv: "list[str] | None" = None) -> int:
-    cls, job = load(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cls, job = load(list(sys.argv[1:] if argv is None else argv))
+    except ImportError as exc:  # dill, or the job model's own imports (cattrs ...)
+        cannot_run(missing_module_reason(exc))
+    except codec.DeserializeError as exc:
+        # Another Python minor version than the one that synced the app, a module the app's code
+        # needs: the reason in one line, with the interpreter it happened in.
+        cannot_run(_other_version_reason(argv if argv is not None else sys.argv[1:]) or str(exc))
     app = cls(job)
     try:
         # A decode of its own, not the dict the job keeps: a run() that consumes its arguments and

@@ -353,6 +353,7 @@ class JobPreparer:
             oversized = _oversized_variables(own_vars)
             if oversized:
                 raise JobBuildError(_oversized_reason(oversized))
+        _drop_server_secrets(env, getattr(app, "environment_variables", None) or {})
         env.setdefault("BALSAM_JOB_ID", str(job_id))
         raw_workdir = job.workdir
         made = self._workdirs.pop(job_id, None) if self._workdirs else None
@@ -438,6 +439,24 @@ class JobPreparer:
         return exc.errno == errno.EACCES and not os.access(self.data_path, os.W_OK | os.X_OK)
 
 
+#: The server's secrets, which a shell that starts a site agent often holds too (one login node, one
+#: ``.bashrc`` for ``balsam server`` and ``balsam site start``): the token signing key (whoever has
+#: it signs tokens for any user), the database URL with its password, a registration invitation.
+#: Neither a launcher nor an app needs them, and apps print and copy their environment (``env`` in
+#: a job script, MPI debug output, provenance records): every job had them in its environment.
+SERVER_SECRET_VARIABLES = ("BALSAM_AUTH_SECRET_KEY", "BALSAM_DATABASE_URL", "BALSAM_INVITATION")
+
+
+def _drop_server_secrets(env: dict[str, str], declared: Mapping[Any, Any]) -> None:
+    """Remove :data:`SERVER_SECRET_VARIABLES` that ``env`` got from this process's environment;
+    one the app sets itself (its ``environment_variables``, or its own ``get_environ_vars()`` with
+    another value) stays. Three lookups a job."""
+    for name in SERVER_SECRET_VARIABLES:
+        value = env.get(name)
+        if value is not None and name not in declared and value == os.environ.get(name):
+            del env[name]
+
+
 def _has_nul(mapping: Mapping[Any, Any]) -> bool:
     return any("\x00" in str(k) or "\x00" in str(v) for k, v in mapping.items())
 
@@ -512,13 +531,29 @@ _SAVE_PLATFORM_VARIABLES = (
 _RESTORE_PLATFORM_VARIABLES = 'for __balsam_kv in ${__balsam_keep[@]+"${__balsam_keep[@]}"}; do export "$__balsam_kv"; done'
 
 
+#: Before the preamble: an ``exit`` in it (not in a subshell of it, such as the ``(exit $rc)`` idiom
+#: of setup scripts) says in job.out that the preamble ended the job. Without it, ``exit 3`` left an
+#: empty job.out and an event with exit status 3 and no error: nothing told the preamble from the
+#: app. A bash function, not an EXIT trap: a trap keeps bash from exec'ing the app (bash -c execs
+#: its last command), and a signal that kills the app then reads 128+N instead of -N.
+_PREAMBLE_EXIT = ('exit() { local __balsam_st=$?; if [ "${BASH_SUBSHELL:-0}" = 0 ]; then echo "balsam: the shell '
+                  'preamble called exit ${1-$__balsam_st}: the app was not started" >&2; fi; '
+                  'builtin exit "${1-$__balsam_st}"; }')
+#: After it: the ``exit`` above goes, and a failing last command ends the job with one line saying so
+#: (a ``module load`` of a missing module printed its banner and nothing else).
+_PREAMBLE_FAILED = ('__balsam_rc=$?; unset -f exit; if [ $__balsam_rc -ne 0 ]; then echo "balsam: the shell preamble '
+                    'failed (exit status $__balsam_rc): the app was not started" >&2; exit $__balsam_rc; fi')
+
+
 def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     """The bash line that runs ``cmdline`` after the preamble.
 
     A one-line preamble runs as written, on its own line; a multi-line one is written to
     ``<workdir>/.balsam_preamble.sh`` and sourced (so ``module load`` and exports reach the app).
     Either way a preamble whose last command fails, or that stops itself (``set -e``, an ERR trap,
-    ``exit``), skips the app and the job ends RUN_ERROR with the preamble's status.
+    ``exit``), skips the app and the job ends RUN_ERROR with the preamble's status. A failing last
+    command and an ``exit`` say so in job.out, one line each (:data:`_PREAMBLE_FAILED`,
+    :data:`_PREAMBLE_EXIT`); a ``set -e`` stop leaves what the failing command printed.
 
     The variables the platform set for the job's GPU visibility (named in
     :data:`PLATFORM_VARIABLES`) are set again after the preamble, as they were before it: a
@@ -539,8 +574,7 @@ def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     # app, which then exited 0 without running. On a line of its own (the newline ends any
     # comment) and outside any ``&&`` list, where bash ignores ``set -e`` and ERR traps, the
     # preamble stops the shell as it would in a script; its last status decides the rest.
-    return (f"{_SAVE_PLATFORM_VARIABLES}\n{first}\n__balsam_rc=$?; if [ $__balsam_rc -ne 0 ]; then exit $__balsam_rc; fi; "
-            f"{_RESTORE_PLATFORM_VARIABLES}; {cmdline}")
+    return f"{_SAVE_PLATFORM_VARIABLES}; {_PREAMBLE_EXIT}\n{first}\n{_PREAMBLE_FAILED}; {_RESTORE_PLATFORM_VARIABLES}; {cmdline}"
 
 
 _SPAWN_FAILED = 12345
