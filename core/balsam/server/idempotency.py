@@ -68,7 +68,9 @@ them at once). Clients then send the chunks one after the other, without reserva
 the 32-bit sequence in ~4,300 requests, and every user's creates failed from then on.
 
 Records expire after ``BALSAM_IDEMPOTENCY_TTL_SEC`` (default 24 h; a client retries for minutes) and
-are swept by the server's background task. Requests without the header behave as before.
+are swept by the server's background task. An acquire that leased nothing leaves no record
+(``KEPT_ONLY_IF_MADE``: its claim is deleted in the acquire's transaction; idle agents poll every second).
+Requests without the header behave as before.
 """
 
 from __future__ import annotations
@@ -110,6 +112,15 @@ def credential_scope(site_id: "int | None") -> str:
 REPLAYED_METHODS = frozenset({"PUT", "PATCH", "DELETE"})
 #: (method, route path) that ignore the header: applying them twice is harmless, and they are frequent.
 NOT_REPLAYED = frozenset({("PUT", "/sessions/{session_id}")})
+#: ``resource`` of records kept only when the request leased something. An acquire that leased
+#: nothing changed nothing but its session's heartbeat, so its resend may be answered afresh (it
+#: leases what is there then, and its client, which resends only a request whose answer it lost,
+#: gets that answer); one that leased jobs is kept, so that its resend gets those jobs again and none
+#: stays leased to a session that never heard of it. Idle, an agent's processing module acquires
+#: once a second (a 1 s long poll) and every launcher once a cycle: kept, their empty answers were
+#: 86,400 rows a day per idle agent for ``BALSAM_IDEMPOTENCY_TTL_SEC`` (24 h), written and swept
+#: for nothing (benchmarks/soak_idle_records.py).
+KEPT_ONLY_IF_MADE = frozenset({"acquire"})
 #: ``resource`` of a record that holds the answer itself (``answer``, ``answer_type``).
 ANSWER = "answer"
 
@@ -197,6 +208,10 @@ _RECORD = (
     .values(status_code=sa.bindparam("b_status"), resource=sa.bindparam("b_resource"),
             resource_ids=sa.bindparam("b_ids", type_=idempotency_keys.c.resource_ids.type))
 )
+
+#: Drop a claim whose request leaves nothing to replay (``record``).
+_FORGET = sa.delete(idempotency_keys).where(idempotency_keys.c.user_id == sa.bindparam("b_user"),
+                                            idempotency_keys.c.key == sa.bindparam("b_key"))
 
 _RECORD_ANSWER = (
     sa.update(idempotency_keys)
@@ -396,8 +411,13 @@ class IdempotentRequest:
         return True
 
     def record(self, conn: sa.Connection, status_code: int, resource: str, ids: "list[int]") -> None:
-        """Store what this request made (same transaction as the records themselves)."""
+        """Store what this request made (same transaction as the records themselves). An acquire
+        that leased nothing is not kept (:data:`KEPT_ONLY_IF_MADE`): its claim is dropped in the
+        same transaction."""
         if not self._claimed:
+            return
+        if resource in KEPT_ONLY_IF_MADE and not ids:
+            conn.execute(_FORGET, {"b_user": self.ctx.user.id, "b_key": self.key})
             return
         conn.execute(_RECORD, {"b_user": self.ctx.user.id, "b_key": self.key, "b_status": status_code,
                                "b_resource": resource, "b_ids": list(ids)})
