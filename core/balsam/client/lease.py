@@ -50,6 +50,21 @@ is set here and shorter (set it in the launcher's environment where a server's e
 :data:`FRESH_TICKS` periods). The cost: a launcher cut off from the API for that long starts no new
 job until a heartbeat gets through (its running jobs go on); it cannot tell an API outage, under
 which its Session survives, from its own isolation, under which the Session expires.
+
+An announced end (:meth:`JobLease.announce_end`): the batch system SIGKILLs an allocation's
+processes some time after its SIGTERM (Slurm's ``KillWait``), and a launcher killed before it
+reported its jobs left them RUNNING until its Session expired (5 minutes). So at the stop the lease
+tells the server at once, in a heartbeat (``{"ending_in_sec": N}``, :data:`ENDING_IN_SEC`), that the
+Session ends within N seconds, and repeats it every :data:`ENDING_TICK_SEC` until the lease closes:
+a launcher still ending its jobs and reporting them keeps its Session, and one killed meanwhile has
+its Session expired by the server N seconds after its last heartbeat (its RUNNING jobs RUN_TIMEOUT,
+run again; ``balsam.server.sessions_logic``, "A launcher's announced end"). Once ending, the lease
+sends no acquire (an answer's lease would only wait for the Session's end) and replaces no lost
+Session (a 404 then means the server expired it: its jobs are the server's again). An acquire or a
+release already on its way may land after an announcement and write a full heartbeat: the next
+announcement, seconds later, shortens the expiry again. A server that does not know the field
+(older ones ignore the body, Balsam 0.7's too) answers without ``expires``: one INFO line, and the
+lease heartbeats as before (the Session then expires as it did).
 """
 
 from __future__ import annotations
@@ -78,6 +93,13 @@ TICK_RETRY_COUNT = 2
 FRESH_TICKS = 4.0
 #: Shortest pause between heartbeats asked for by :meth:`JobLease.check_fresh` while they fail.
 MIN_ASKED_TICK_GAP_SEC = 5.0
+
+#: The time left a stopping launcher announces in each heartbeat (see "An announced end" above): a
+#: killed launcher's jobs are RUN_TIMEOUT that long after its last heartbeat, and a live one must
+#: get a heartbeat through within it (several :data:`ENDING_TICK_SEC` periods, each retried).
+ENDING_IN_SEC = 10.0
+#: The heartbeat period of a stopping launcher.
+ENDING_TICK_SEC = 2.0
 
 #: The launcher's heartbeat period, in seconds (:func:`tick_period_from_env`).
 TICK_ENV = "BALSAM_LAUNCHER_TICK_SEC"
@@ -252,6 +274,10 @@ class JobLease:
         self.expiry_sec = assumed_expiry_sec(self.tick_period)
         self._confirmed = float("-inf")
         self._replacing = False
+        #: Set by :meth:`announce_end`: the heartbeats say the Session ends soon (see "An announced end").
+        self.ending = False
+        #: False once a server answered an announcement without ``expires`` (it does not know it).
+        self._ending_known: Optional[bool] = None
         sent = self._clock()
         self._session_id = self._create_session()
         self._confirmed = sent
@@ -349,7 +375,7 @@ class JobLease:
         replacement is numbered higher and is not touched (the owner's generation check). An
         acquire of the old session answered only after the replacement (it was committed before the
         expiry, which gave its jobs back) returns no job (:meth:`acquire`)."""
-        if _status(exc) != 404 or self.closed:
+        if _status(exc) != 404 or self.closed or self.ending:
             return None
         with self._lock:
             if self._session_id != lost_id:
@@ -413,6 +439,41 @@ class JobLease:
         else:
             self._on_gone(ids)
 
+    # -- an announced end ------------------------------------------------------------------------
+    def announce_end(self) -> None:
+        """The owner is stopping: heartbeat now, and every :data:`ENDING_TICK_SEC` until :meth:`close`,
+        saying the Session ends within :data:`ENDING_IN_SEC` (see "An announced end" above). From
+        then on no acquire is sent and a lost Session is not replaced. Call it from any thread
+        but a signal handler (it sets an Event: its lock may be held by the code a signal
+        interrupted). A lease without its heartbeat thread announces at its owner's next
+        :meth:`tick_if_due`."""
+        if self.ending or self.closed:
+            return
+        self.ending = True
+        # Freshness as the server now reckons it: nothing is started after a stop anyway.
+        self.expiry_sec = min(self.expiry_sec, ENDING_IN_SEC)
+        self._last_tick = float("-inf")  # due at once (tick_if_due)
+        self._tick_now.set()
+
+    def _ending_period(self) -> float:
+        """The heartbeat period now: :data:`ENDING_TICK_SEC` while an announced end is repeated."""
+        if self.ending and self._ending_known is not False:
+            return min(self.tick_period, ENDING_TICK_SEC)
+        return self.tick_period
+
+    def _noted_end(self, answer: Any, session_id: int) -> None:
+        """The answer to an announcement: a server that does not know it said nothing of ``expires``."""
+        if isinstance(answer, dict) and answer.get("expires") is not None:
+            if self._ending_known is None:
+                logger.info("%s %s ends on the server by %s unless this launcher heartbeats again", self.name,
+                            session_id, answer["expires"])
+            self._ending_known = True
+        elif self._ending_known is None:
+            self._ending_known = False
+            logger.info("%s %s: the server does not take an announced end (an older server): if this launcher "
+                        "is killed before it reports its jobs, they stay RUNNING until the Session expires",
+                        self.name, session_id)
+
     # -- heartbeat -------------------------------------------------------------------------------
     def watch(self, held_ids: Callable[[], Optional[Iterable[int]]], on_gone: Callable[..., None], *,
               generation: bool = False) -> None:
@@ -454,6 +515,13 @@ class JobLease:
             self._window = start + MAX_JOB_IDS_PER_SESSION_TICK
         return {"job_ids": ids} if ids else {}
 
+    def _body(self) -> dict[str, Any]:
+        """A heartbeat's body: the held ids (:meth:`_tick_body`), and the announced end once stopping."""
+        body = self._tick_body()
+        if self.ending and self._ending_known is not False:
+            body["ending_in_sec"] = ENDING_IN_SEC
+        return body
+
     def tick(self) -> list[int]:
         """Heartbeat now (a lost session is replaced); returns the held jobs the Session no longer
         holds (always empty without :meth:`watch`), after handing them to ``on_gone``."""
@@ -462,7 +530,7 @@ class JobLease:
         # computes this heartbeat's answer, so that answer is true of those copies (and maybe not of
         # later ones).
         as_of = self._generation
-        body = self._tick_body()
+        body = self._body()
         sent = self._clock()
         try:
             # A missed tick is retried at the next period (the server waits several periods), so one
@@ -470,7 +538,20 @@ class JobLease:
             answer = self.client.put(f"/sessions/{session_id}", json=body, retry_count=TICK_RETRY_COUNT)
             self.tick_errors = 0
             self._confirm(sent, session_id)
+            if "ending_in_sec" in body:
+                self._noted_end(answer, session_id)
         except Exception as exc:
+            if self.ending and _status(exc) == 404:
+                # Expired after the announced end (this launcher was slower than it said): its jobs
+                # are the server's again, and reports of them are refused. Not replaced: it stops.
+                logger.warning("%s %s ended on the server before this launcher reported its jobs (%s): they "
+                               "run again", self.name, session_id, exc)
+                self._stop.set()  # nothing to heartbeat any more
+                return []
+            if "ending_in_sec" in body and _status(exc) == 422 and self._ending_known is None:
+                # A server that checks a heartbeat's fields and does not know this one: told once,
+                # then plain heartbeats (this one is retried at the next period).
+                self._noted_end(None, session_id)
             lost = self._replace_lost_session(exc, session_id)
             if lost is None:
                 self.tick_errors += 1
@@ -488,13 +569,14 @@ class JobLease:
         return ids
 
     def tick_if_due(self) -> None:
-        if not self.closed and self._clock() - self._last_tick >= self.tick_period:
+        if not self.closed and self._clock() - self._last_tick >= self._ending_period():
             self.tick()
 
     def _heartbeat(self) -> None:
         paused = 0.0
         while True:
-            self._tick_now.wait(self.tick_period - paused)  # the period, or a heartbeat asked for now
+            # The period (shorter once an end is announced), or a heartbeat asked for now.
+            self._tick_now.wait(max(0.0, self._ending_period() - paused))
             if self._stop.is_set():
                 return
             self._tick_now.clear()
@@ -510,7 +592,7 @@ class JobLease:
                 wake.set()
             # Asked again at once while the API does not answer: not in a tight loop (the pause
             # counts towards the period, whose cadence stays as it was).
-            paused = min(self.tick_period, MIN_ASKED_TICK_GAP_SEC) if failed else 0.0
+            paused = min(self._ending_period(), MIN_ASKED_TICK_GAP_SEC) if failed else 0.0
             if paused and self._stop.wait(paused):
                 return
 
@@ -540,8 +622,8 @@ class JobLease:
         long (at most 10 s) and answer as soon as jobs can be leased (``Prefer: wait=N``); a
         server that does not wait answers at once, as without it. A resent request never waits.
         """
-        if self.closed or max_num_jobs <= 0:
-            return []
+        if self.closed or self.ending or max_num_jobs <= 0:
+            return []  # (ending: see "An announced end" above)
         headers = None
         with self._lock:  # one acquirer thread per lease; the lock orders it with session replacement
             session_id = self._session_id

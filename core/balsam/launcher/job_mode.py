@@ -225,6 +225,26 @@ class StopConditions:
         #: When the first request came (``time.time()``), or None: the moment from which a job
         #: mode counts an exit as the stop's doing (see :data:`~balsam.launcher.runner.STOP_WINDOW_SEC`).
         self.requested_at: Optional[float] = None
+        #: Run (on the helper thread) at every request: see :meth:`when_requested`.
+        self._on_request: list[Callable[[], None]] = []
+
+    def when_requested(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when a stop is requested (at once, on a thread, if it was already): how
+        a lease tells the server its Session is ending as soon as the batch system's SIGTERM comes
+        (balsam.client.lease, "An announced end"), before the mode's loop has seen the stop. Runs on
+        the request's helper thread, never in the signal handler; again at a later request, so it
+        must be idempotent."""
+        self._on_request.append(callback)
+        if self._requested:
+            threading.Thread(target=self._run_callbacks, args=([callback],), name="stop-request", daemon=True).start()
+
+    @staticmethod
+    def _run_callbacks(callbacks: "list[Callable[[], None]]") -> None:
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as exc:  # the stop goes on whatever a callback met
+                logger.warning("at the stop request: %s failed: %s", getattr(callback, "__name__", callback), exc)
 
     @classmethod
     def for_launcher(
@@ -244,6 +264,7 @@ class StopConditions:
         self.event.set()
         if self.wake is not None:
             self.wake.set()
+        self._run_callbacks(list(self._on_request))
 
     @property
     def requested(self) -> bool:
@@ -265,6 +286,16 @@ class StopConditions:
             self.idle_timer.busy()
         else:
             self.idle_timer.idle()
+
+
+def announce_end(source: Any) -> None:
+    """Tell the server that ``source``'s Session ends soon (:meth:`balsam.client.lease.JobLease.announce_end`),
+    at a stop request: the batch system's SIGKILL follows its SIGTERM by its kill delay (Slurm's
+    ``KillWait``), and a launcher killed before it reported its jobs left them RUNNING until its
+    Session expired. A source without it (another job source, none opened yet) is left alone."""
+    announce = getattr(source, "announce_end", None)
+    if announce is not None:
+        announce()
 
 
 def launcher_stamp(now: Optional[dt.datetime] = None) -> str:
@@ -388,6 +419,7 @@ class JobMode(abc.ABC):
             source.close(retry_count=0)
             raise
         self.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
+        self.stop.when_requested(lambda: announce_end(source))
         try:
             yield source, updater
         finally:

@@ -241,8 +241,11 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
         "app_ids": array(int32()),
     }, ["max_num_jobs"]),
     # The jobs a launcher runs or has prefetched: the answer names those the session no longer holds.
+    # ending_in_sec: a stopping launcher's time left; the Session then expires that much later
+    # (balsam.server.sessions_logic, "A launcher's announced end").
     "SessionTick": obj({"job_ids": array(int64(),
-                                         MAX_JOB_IDS_PER_SESSION_TICK)}),
+                                         MAX_JOB_IDS_PER_SESSION_TICK),
+                        "ending_in_sec": nullable({"type": "number", "minimum": 0, "maximum": 86400})}),
     # Leased jobs a launcher gives back unstarted (balsam.server.sessions_logic, "giving back jobs").
     "SessionRelease": obj({"job_ids": array(int64(), MAX_JOBS_PER_SESSION_ACQUIRE)}, ["job_ids"]),
     "TransferUpdate": obj(TRANSFER_FIELDS),
@@ -317,7 +320,8 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                               "start_time", "end_time"]),
     "Session": obj({"id": ANY_INT, "site_id": ANY_INT, "batch_job_id": nullable(ANY_INT), "heartbeat": WIRE_DATETIME},
                    required=["id", "site_id", "batch_job_id", "heartbeat"]),
-    "Heartbeat": obj({"id": ANY_INT, "heartbeat": WIRE_DATETIME, "gone": array(ANY_INT)}, ["id", "heartbeat"]),
+    "Heartbeat": obj({"id": ANY_INT, "heartbeat": WIRE_DATETIME, "gone": array(ANY_INT), "expires": WIRE_DATETIME},
+                     ["id", "heartbeat"]),
     "Released": obj({"id": ANY_INT, "released": array(ANY_INT)}, ["id", "released"]),
     "TransferItem": obj({"id": ANY_INT, "job_id": ANY_INT, "direction": _ref("TransferDirection"),
                          "local_path": {"type": "string"}, "remote_path": {"type": "string"},

@@ -191,6 +191,29 @@ of the argument: it stops listing a job only once it no longer runs it, or never
 before its start, or its exit reported and refused); a job it holds is in its list from the moment
 the loop takes it from the acquire, so at least one heartbeat lists it whenever it was started.
 
+A launcher's announced end. The batch system SIGKILLs every process of an allocation some time after
+its SIGTERM (Slurm's ``KillWait``, PBS's ``kill_delay``), and a launcher killed before it reported its
+jobs left them RUNNING until its Session expired (``expire_sec``, 5 minutes: the jobs ran again only
+then). So a stopping launcher says at once how long it still needs: a heartbeat whose body has
+``ending_in_sec`` N (:func:`parse_tick`) is written, in its transaction, N seconds short of a full
+expiry (:func:`end_within`: ``heartbeat`` back-dated by ``expire_sec - N``; never lengthened past a
+plain heartbeat), and the server process schedules a sweep for that moment (:func:`schedule_end_sweep`:
+the periodic sweep may be a minute away). The launcher repeats it every few seconds while it ends its
+jobs and reports them (balsam.client.lease, "An announced end"), so a live launcher keeps its Session,
+and a killed one's expires N seconds after its last word: its RUNNING jobs RUN_TIMEOUT ("session
+expired") and run again. No new column: the expiry clock is the heartbeat, as for every session. Race
+freedom is that of the heartbeat and the sweep: the back-dating is an ``UPDATE`` of the session's row
+after :func:`heartbeat` locked it (404 if the sweep deleted it first), and the sweep locks the
+sessions it expires (``SKIP LOCKED``) before their jobs, which it re-reads locked: a job the launcher
+reported meanwhile (RUN_TIMEOUT, RUN_DONE: its patch clears the holder, under the job's lock) is not
+RUNNING any more and is left as it is; a report arriving after the sweep is refused, the job no longer
+held by the Session (jobs_logic: a patch under a Session applies only while that Session holds the
+job). So every job ends once: by the launcher's report or by the sweep. Other requests of the session
+(an acquire's or release's heartbeat) write a full heartbeat again: the launcher sends none once it
+announced its end, but one already on its way may land after it, and the launcher's next announcement
+(seconds later) shortens the expiry again. A clock restart after an outage gives an ending session a
+full ``expire_sec`` like every other (it cannot tell an ending one): its jobs then wait as before.
+
 A BatchJob's start from its launcher's first Session. A launcher opens its Session once its
 allocation runs, so the create of a Session with a ``batch_job_id`` is evidence that the
 allocation had started by then: :func:`note_batch_job_start` makes the BatchJob's ``start_time``
@@ -630,6 +653,117 @@ def gone_jobs(conn: sa.Connection, session_id: int, job_ids: list[int]) -> list[
     held = set(conn.execute(_HELD[dialect], {"b_ids": ids_param(sorted(set(job_ids)), dialect),
                                              "b_session": session_id}).scalars())
     return sorted(set(job_ids) - held)
+
+
+#: The longest ``ending_in_sec`` taken as given (a day); a longer one is refused as a mistake.
+MAX_ENDING_IN_SEC = 86400.0
+
+
+def parse_ending(payload: Any) -> "float | None":
+    """The ``ending_in_sec`` of a heartbeat body (None when it has none): a JSON number of seconds,
+    0 to :data:`MAX_ENDING_IN_SEC` (see "A launcher's announced end" above). Called after
+    :func:`parse_tick`, which checked that the body is an object."""
+    if not isinstance(payload, dict) or payload.get("ending_in_sec") is None:
+        return None
+    value = payload["ending_in_sec"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_ENDING_IN_SEC:
+        raise ValidationFailed.field(["body", "ending_in_sec"], f"expected a number of seconds from 0 to "
+                                     f"{MAX_ENDING_IN_SEC:g}, got {value!r}"[:200])
+    return float(value)
+
+
+def end_within(conn: sa.Connection, session_id: int, written: dt.datetime, within_sec: float,
+               expire_sec: float) -> dt.datetime:
+    """Session ``session_id``'s launcher ends within ``within_sec``: its heartbeat, just ``written``
+    (:func:`heartbeat`, which locked the row), is back-dated so that the sweep expires it
+    ``within_sec`` after ``written``; the heartbeat stored. One ``UPDATE`` (none when ``within_sec``
+    is a full expiry or more: never longer than a plain heartbeat)."""
+    shift = expire_sec - min(within_sec, expire_sec)
+    if shift <= 0:
+        return written
+    stored = written - dt.timedelta(seconds=shift)
+    conn.execute(sa.update(sessions).where(sessions.c.id == session_id).values(heartbeat=stored))
+    return stored
+
+
+class _EndSweeps:
+    """Sweeps at the moments announced ends fall due (see "A launcher's announced end" above): one
+    daemon thread per server process, started by the first announcement (a forked process starts
+    its own). The due times are rounded up to :data:`END_SWEEP_STEP_SEC`, so the heartbeats of many
+    launchers ending together (an allocation of many partitions, a whole reservation's end) make at
+    most one sweep per step per database, however many sessions fall due in it; a sweep that finds
+    nothing due (the launcher announced again, or reported and deleted its Session) costs one read."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pid: "int | None" = None
+        #: database URL -> (due times on ``time.monotonic()``, the sweep to run for it).
+        self._due: dict[str, tuple[set[float], Callable[[], None]]] = {}
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self._cond = threading.Condition()
+        self._due = {}
+
+    def schedule(self, database: str, due: float, sweep: Callable[[], None]) -> None:
+        step = END_SWEEP_STEP_SEC
+        due = (int(due / step) + 1) * step  # rounded up: a sweep never comes before the moment
+        with self._cond:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="balsam-end-sweeps", daemon=True).start()
+            times, _ = self._due.get(database, (set(), sweep))
+            times.add(due)
+            self._due[database] = (times, sweep)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                ready = []
+                for database, (times, sweep) in list(self._due.items()):
+                    if any(t <= now for t in times):
+                        times.difference_update([t for t in times if t <= now])
+                        ready.append(sweep)
+                    if not times:
+                        del self._due[database]
+                if not ready:
+                    nearest = min((min(times) for times, _ in self._due.values()), default=None)
+                    self._cond.wait(None if nearest is None else max(0.0, nearest - now))
+                    continue
+            for sweep in ready:
+                try:
+                    sweep()
+                except Exception as exc:  # the periodic sweep still comes; one line, not a traceback
+                    logger.warning("The sweep for an announced session end failed (%s); the periodic sweep "
+                                   "expires it", (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0])
+
+
+#: See :class:`_EndSweeps`.
+END_SWEEP_STEP_SEC = 0.5
+#: How long after its announced moment a session is swept (the database's clock, which wrote the
+#: heartbeat, and this process's monotonic clock tick apart: a sweep a hair early finds nothing).
+END_SWEEP_AFTER_SEC = 0.25
+_end_sweeps = _EndSweeps()
+
+
+def schedule_end_sweep(engine: sa.Engine, expire_sec: float, within_sec: float,
+                       wake: "Callable[[], None] | None" = None) -> None:
+    """Sweep the sessions of ``engine``'s database ``within_sec`` from now (plus
+    :data:`END_SWEEP_AFTER_SEC`), in a write transaction of its own; ``wake`` (the server's
+    acquires that wait) when it expired some. Nothing when ``within_sec`` is a full expiry or more:
+    the periodic sweep is then as early."""
+    if within_sec >= expire_sec:
+        return
+
+    def sweep() -> None:
+        with write_tx(engine) as conn:
+            expired = sweep_expired(conn, expire_sec)
+        if expired and wake is not None:
+            wake()
+
+    _end_sweeps.schedule(str(engine.url), time.monotonic() + within_sec + END_SWEEP_AFTER_SEC, sweep)
 
 
 def parse_acquire(payload: Any) -> SessionAcquire:

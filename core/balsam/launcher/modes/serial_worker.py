@@ -129,7 +129,7 @@ from ..entry import _platform, configure_logging
 from ..gone import GoneJobs, lease_is_fresh
 from ..app_run import JobPreparer, PreparedJob, shell_line
 from ..handover import HandOver, lease_fresh_until
-from ..job_mode import StopConditions
+from ..job_mode import StopConditions, announce_end
 from ..node_manager import NodeManager, Placement
 from ..placement import TooLateJobs, place_pending
 from ..prefetch import Prefetcher
@@ -1144,6 +1144,9 @@ def build_master(
     # The prefetcher opens the lease: the updates are sent under its Session (the one holding the
     # job now: a lost one is replaced), and the server refuses those of a job it no longer holds.
     updater.session_id = lambda: getattr(prefetcher.lease, "session_id", None)
+    # At the batch system's SIGTERM the master's Session is said to end soon (its SIGKILL may come
+    # before the master has reported its tasks: balsam.client.lease, "An announced end").
+    stop.when_requested(lambda: announce_end(prefetcher.lease))
     pool: Any = None
     try:
         own_node = nodes[list(rank_of_node).index(0)] if 0 in rank_of_node else nodes[0]

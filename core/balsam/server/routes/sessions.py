@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
+from typing import Any
 
 import sqlalchemy as sa
 from starlette.responses import Response
@@ -19,9 +21,9 @@ from ..jobs_logic import SESSION_DELETED_MSG, owned_site_ids, site_owned_by, utc
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, hold_batch_job, maybe_sweep, note_batch_job_start,
-    note_held, parse_acquire, parse_release, parse_tick, reacquire, release_jobs, release_session_jobs, session_clock,
-    session_dict,
+    acquire, any_candidates, end_within, get_owned_session, gone_jobs, heartbeat, hold_batch_job, maybe_sweep,
+    note_batch_job_start, note_held, parse_acquire, parse_ending, parse_release, parse_tick, reacquire, release_jobs,
+    release_session_jobs, schedule_end_sweep, session_clock, session_dict,
 )
 from ..tables import batch_jobs, credentials, idempotency_keys, sessions, sites
 
@@ -206,7 +208,11 @@ def _lease(ctx: Ctx, session_id: int, spec: SessionAcquire, deadline: "float | N
 def tick(ctx: Ctx) -> Response:
     session_id = ctx.path_int("session_id")
     # Without a body, or without job_ids (Balsam 0.7 sends {}), the heartbeat alone, as before.
-    job_ids = parse_tick(ctx.json()) if ctx.body else None
+    body = ctx.json() if ctx.body else None
+    job_ids = parse_tick(body) if ctx.body else None
+    # A stopping launcher's time left (sessions_logic, "A launcher's announced end").
+    ending_in = parse_ending(body)
+    expire_sec = ctx.settings.session_expire_sec
     _sweep(ctx)
     with ctx.write() as conn:
         get_owned_session(conn, ctx.user.id, session_id)
@@ -217,12 +223,27 @@ def tick(ctx: Ctx) -> Response:
         gone = gone_jobs(conn, session_id, job_ids) if job_ids is not None else None
         # Jobs its user re-queued while this session ran them: leasable again once it no longer does.
         leasable_again = note_held(conn, session_id, job_ids)
+        stored = now if ending_in is None else end_within(conn, session_id, now, ending_in, expire_sec)
     if leasable_again:
         ctx.wake_acquires()
-    answer: dict = {"id": session_id, "heartbeat": wire_datetime(now)}
+    answer: dict = {"id": session_id, "heartbeat": wire_datetime(stored)}
     if gone is not None:
         answer["gone"] = gone
+    if ending_in is not None:
+        # Committed: the sweep comes at that moment, not at the next period (a minute by default).
+        state = ctx.request.app.state
+        schedule_end_sweep(ctx.engine, expire_sec, ending_in, lambda: _wake_everyone(state))
+        # Said back: a server that does not know the field answers without it (the launcher logs that).
+        answer["expires"] = wire_datetime(stored + dt.timedelta(seconds=expire_sec))
     return json_response(answer)
+
+
+def _wake_everyone(state: Any) -> None:
+    """After a sweep of announced ends: their RUNNING jobs are RUN_TIMEOUT (leasable again), as the
+    periodic sweep's wake-up (app._sweep_once) says to every waiting acquire and server process."""
+    state.acquire_waits.wake_all()
+    if state.wake_bridge is not None:
+        state.wake_bridge.publish(None)
 
 
 def delete_session(ctx: Ctx) -> Response:
