@@ -76,6 +76,12 @@ RAW_FLAGS_PARAM = "qsub_flags"
 PLAIN_ENV = {"TZ": "UTC"}
 #: max_walltime written by site init for a queue without a wall-time limit (one week).
 UNLIMITED_WALLTIME_MIN = 7 * 1440
+#: Node ``sharing`` values under which a reservation running on the node turns its state to
+#: ``resv-exclusive`` (OpenPBS ``resv_exclusive_handler``): on such a node in state ``free`` the
+#: reservations its ``resv`` lists are only pending. ALCF's maintenance reservation (``M...``) is
+#: pending on every Polaris node (``force_exclhost``) for days before it starts; skipping each node
+#: that lists one left the elastic queue no backfill window at all meanwhile.
+EXCLUSIVE_SHARING = ("force_excl", "force_exclhost")
 #: Seconds a discovery command (site init, on a login node) may take before it is given up.
 DISCOVERY_TIMEOUT_SEC = 20.0
 #: Longest scheduler comment kept as a status message.
@@ -328,6 +334,14 @@ def max_queued_for(value: Any, user: str, default: Optional[int]) -> Optional[in
 
 #: The start (lower case) of the comment PBS Pro gives a job that can never run as submitted.
 NEVER_RUNS_COMMENT = "can never run"
+#: ... except where what the job lacks is a switched-off *server* resource: a boolean or string one
+#: (``(asked != has)``, not a count's ``(R: 8 A: 2 T: 2)``) that the administrators set while the
+#: system runs. ALCF sets a file system's (``eagle_fs``, ``grand_fs``, ``home_fs``) False while it is
+#: down, and a job that asked for it (``-l filesystems=home:eagle``) is commented "Can Never Run:
+#: Insufficient amount of server resource: eagle_fs (True != False)" -- then runs once the file
+#: system is back (ALCF's Polaris job-scheduling guide, "Specifying Filesystems"). Read as never
+#: starting, the elastic queue told the user to delete every such BatchJob during an outage.
+SWITCHED_OFF_SERVER_RESOURCE = re.compile(r"insufficient amount of server resource: \S+ \([^():]*!=[^():]*\)", re.I)
 
 
 #: The start of the reason of a job in state W (``qsub -a``: waiting for its start time).
@@ -422,16 +436,20 @@ class PBSScheduler(Scheduler):
 
     def never_starts(self, status: SchedulerJobStatus) -> bool:
         # PBS Pro's scheduler comments a job that exceeds a queue or server limit (or asks for
-        # resources no node has) "Can Never Run: ..."; "Not Running: ..." waits its turn.
-        return status.state is BatchJobState.queued and status.message.lower().startswith(NEVER_RUNS_COMMENT)
+        # resources no node has) "Can Never Run: ..."; "Not Running: ..." waits its turn. A
+        # switched-off server resource (a file system down) is no verdict: it waits for it.
+        return (status.state is BatchJobState.queued and status.message.lower().startswith(NEVER_RUNS_COMMENT)
+                and SWITCHED_OFF_SERVER_RESOURCE.search(status.message) is None)
 
     def waits_for_other_than_nodes(self, status: SchedulerJobStatus) -> bool:
         # A job in state H (qhold, or a dependency: a system hold) or W (qsub -a) reads "held (...)"
         # or "waiting for its start time" first, whatever its comment (waiting_reason); PBS
-        # comments a held one "Job held by ...".
+        # comments a held one "Job held by ...". One waiting for a switched-off server resource
+        # (a file system down) does not take nodes that come free either.
         message = status.message.lower()
         return status.state is BatchJobState.queued and (
-            message.startswith(("held (", BEGIN_TIME_REASON)) or "job held" in message)
+            message.startswith(("held (", BEGIN_TIME_REASON)) or "job held" in message
+            or SWITCHED_OFF_SERVER_RESOURCE.search(message) is not None)
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
@@ -732,10 +750,10 @@ class PBSScheduler(Scheduler):
         """The queues users may submit to (enabled, not route-only) with a node limit
         (``resources_max.nodect``); wall time from ``resources_max.walltime`` (none: a week), the
         fewest nodes from ``resources_min.nodect`` (Polaris' prod: 10; none: 1, left out of
-        settings.yml) and queued jobs from ``max_queued`` as it applies to the user
-        (``max_queued_for``; none stated: None, unknown: site init keeps the platform's limit or
-        writes a placeholder). PBS prints ``max_queued`` once per restriction (openpbs #2677): every
-        one is kept. A queue where the user may queue no job is left out, and so is one whose
+        settings.yml) and queued jobs from ``max_queued`` and ``queued_jobs_threshold`` (the
+        smaller) as they apply to the user (``max_queued_for``; none stated: None, unknown: site
+        init keeps the platform's limit or writes a placeholder). PBS prints ``max_queued`` once
+        per restriction (openpbs #2677): every one is kept. A queue where the user may queue no job is left out, and so is one whose
         minimum exceeds its maximum (no job fits)."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"qstat -Q failed: {_pbs_error(result)}")
@@ -769,9 +787,17 @@ class PBSScheduler(Scheduler):
                     logger.warning("qstat -Q: queue %s takes jobs of at most %r (resources_max.walltime): no job "
                                    "of a whole minute fits, left out", name, raw_walltime)
                     continue
-            max_queued = max_queued_for(queue.get("max_queued"), self.user, None)
+            # queued_jobs_threshold limits the jobs waiting (state Q) as max_queued limits all of them:
+            # Polaris' debug states only "[u:PBS_GENERIC=1]" there, and qsub refuses a second waiting
+            # job ("would exceed queue debug's per-user limit of jobs in 'Q' state"). max_queued_jobs
+            # counts running jobs too, so the threshold as it is can never be exceeded.
+            limits_of_user = [limit for limit in (max_queued_for(queue.get(key), self.user, None)
+                                                  for key in ("max_queued", "queued_jobs_threshold"))
+                              if limit is not None]
+            max_queued = min(limits_of_user) if limits_of_user else None
             if max_queued is not None and max_queued < 1:  # 0 would read as "no limit" in settings.yml
-                logger.info("qstat -Q: queue %s lets %s queue no job (max_queued): left out", name, self.user)
+                logger.info("qstat -Q: queue %s lets %s queue no job (max_queued, queued_jobs_threshold): left out",
+                            name, self.user)
                 continue
             smallest = queue.get("resources_min") or {}
             if not isinstance(smallest, dict):
@@ -797,8 +823,9 @@ class PBSScheduler(Scheduler):
         return Command(["pbsnodes", "-a", "-F", "json"], env=PLAIN_ENV)
 
     def parse_backfill(self, result: CommandResult) -> dict[str, list[BackfillWindow]]:
-        """Free nodes (state ``free``, no jobs, no reservation), counted per node ``queue``
-        (``*`` for nodes not tied to a queue), each window ``options.backfill_window_min`` long."""
+        """Free nodes (state ``free``, no jobs, and no reservation unless the node is exclusive:
+        see ``EXCLUSIVE_SHARING``), counted per node ``queue`` (``*`` for nodes not tied to a
+        queue), each window ``options.backfill_window_min`` long."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"pbsnodes failed: {_pbs_error(result)}")
         # Each warning once per distinct fault and process (DEBUG on later calls): the elastic
@@ -813,8 +840,10 @@ class PBSScheduler(Scheduler):
                 _warn_once(("node", f"{name}|{node!r:.200}"), "pbsnodes: skipped unreadable node record %r", name)
                 continue
             states = {s.strip() for s in str(node.get("state", "")).split(",")}
-            if states != {"free"} or node.get("jobs") or node.get("resv"):
+            if states != {"free"} or node.get("jobs"):
                 continue
+            if node.get("resv") and str(node.get("sharing", "")).strip() not in EXCLUSIVE_SHARING:
+                continue  # perhaps a reservation running on it, the node shared with it
             queue = str(node.get("queue") or (node.get("resources_available") or {}).get("queue") or self.options.any_queue_key)
             free[queue] = free.get(queue, 0) + 1
         return {q: [BackfillWindow(num_nodes=n, wall_time_min=self.options.backfill_window_min)] for q, n in sorted(free.items())}
