@@ -1,0 +1,61 @@
+"""DeepHyper's way of using Balsam, through the whole real stack: benchmarks/deephyper_style_search.py
+(a run() objective, 8 evaluations in flight, a new one submitted as each result arrives, results
+read with ``result_nowait()``, an early stop deleting the evaluations still queued) against
+``balsam server start`` (SQLite, or PostgreSQL), ``balsam site start`` and a launcher of a BatchJob
+on the ``local`` scheduler, in serial and mpi mode. Small N here; the benchmark runs thousands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ensure_pg_database, pg_test_url
+
+pytestmark = pytest.mark.slow
+
+DRIVER = Path(__file__).resolve().parents[2] / "benchmarks" / "deephyper_style_search.py"
+
+
+def run_search(tmp_path: Path, *args: str) -> dict:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([sys.executable, str(DRIVER), "--workdir", str(tmp_path / "search"), "--no-peer",
+                           "--timeout", "240", *args], capture_output=True, text=True, env=env, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check(report: dict, evals: int, left_queued: int) -> None:
+    seen = report["balsam"]
+    # Every evaluation awaited came back once, with the value (or exception) run() gave.
+    assert seen["evaluations_done"] == evals - left_queued, seen
+    assert seen["submitted"] == evals
+    assert (seen["doubled"], seen["ran_twice"], seen["wrong"]) == (0, [], []), seen
+    # The early stop removed what it could (a job already RUNNING in the launcher is kept), nothing more.
+    assert 0 < seen["deleted_at_stop"] <= left_queued
+    assert seen["left_in_db"] == evals - seen["deleted_at_stop"]
+    # Polling is bulk: one listing per poll of all pending evaluations, never one request per job.
+    # A poll is the first of each loop turn, or one more inside wait() after each poll_interval
+    # (0.2 s) slept; the audit adds one listing.
+    routes = seen["driver_requests_by_route"]
+    assert not [r for r in routes if r.startswith("GET /jobs/") and r != "GET /jobs/"], routes
+    assert routes["GET /jobs/"] <= seen["polls"] + seen["search_wall_s"] / 0.2 + 2, seen
+    assert routes["POST /jobs/"] <= seen["submitted"]
+
+
+@pytest.mark.parametrize("mode", ["serial", pytest.param("mpi", marks=pytest.mark.mpi)])
+def test_deephyper_style_search_on_sqlite(mode: str, tmp_path: Path) -> None:
+    report = run_search(tmp_path, "--evals", "24", "--left-queued", "4", "--job-mode", mode)
+    check(report, 24, 4)
+
+
+@pytest.mark.postgres
+def test_deephyper_style_search_on_postgresql_polling_with_filters(tmp_path: Path) -> None:
+    url = pg_test_url("deephyper")
+    ensure_pg_database(url)
+    report = run_search(tmp_path, "--evals", "24", "--left-queued", "4", "--poll", "filter", "--database-url", url)
+    check(report, 24, 4)
