@@ -98,8 +98,17 @@ async def _data_error(request: Request, exc: Exception) -> Response:
 
 #: Seconds a client should wait before retrying while the database is unreachable.
 DB_OUTAGE_RETRY_AFTER_SEC = 5
-#: SQLite OperationalErrors that are not an outage but a fault of ours (answered 500).
-_SQLITE_PERMANENT = ("no such table", "no such column", "syntax error", "has no column")
+#: SQLite OperationalErrors that are not an outage but a fault of ours (answered 500): a retry fails
+#: the same way, so a 503 "retry shortly" had clients retry it until their budget ran out (a create
+#: naming more parents than SQLite's 32,766 bound parameters did).
+_SQLITE_PERMANENT = ("no such table", "no such column", "syntax error", "has no column", "too many sql variables",
+                     "too many terms", "too many columns", "expression tree is too large", "string or blob too big",
+                     "too many arguments on function", "parser stack overflow", "pattern too complex")
+#: PostgreSQL SQLSTATE classes of OperationalErrors that no retry cures (answered 500): 54, program
+#: limit exceeded (more than 100 arguments to a function, a statement too complex, an index row too
+#: large). psycopg2 raises the whole class as OperationalError, beside the real outages (08
+#: connection, 57P admin shutdown, 53 insufficient resources), which it tells apart only by code.
+_PG_PERMANENT_CLASSES = ("54",)
 
 
 #: Seconds a client should wait before retrying a transaction that lost a lock conflict.
@@ -194,6 +203,8 @@ def _is_db_outage(exc: Exception) -> bool:
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sa.exc.OperationalError):
+        if (getattr(exc.orig, "pgcode", None) or "")[:2] in _PG_PERMANENT_CLASSES:
+            return False
         message = str(exc.orig).lower()
         return not any(word in message for word in _SQLITE_PERMANENT)
     return isinstance(exc, sa.exc.InterfaceError)
