@@ -14,7 +14,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 import orjson
@@ -76,6 +76,14 @@ JOB_FILTERS = {
     "id", "parent_id", "app_id", "site_id", "batch_job_id", "last_update_before", "last_update_after",
     "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup", "ordering", ID_AFTER,
 }
+#: ``PUT /jobs/`` by filter only (not a Balsam 0.7 filter): ``leased=false`` matches the jobs no
+#: session holds (``session_id`` null), ``true`` those one holds. The site agent's hook worker sends
+#: ``false`` with a hook's changes made after its own save (hooks_runner._saved_by_hook): a job a
+#: launcher acquired and has not reported RUNNING yet is still in the state the hook saved, and the
+#: update, without a session, ended that launcher's lease. Not on the listing routes: their counts
+#: and fast paths (count_jobs_by_state, keyset pages) know the filters above only.
+LEASED_FILTER = "leased"
+UPDATE_FILTERS = JOB_FILTERS | {LEASED_FILTER}
 SESSION_EXPIRED_MSG = "Session expired: job was stuck in RUNNING state"
 #: The same release when the Session's BatchJob ended (the scheduler says its allocation is over)
 #: or when the Session was deleted: its launcher is gone, nothing expired.
@@ -727,9 +735,17 @@ def _newest_per_site(conn: sa.Connection, site_ids: list[int], columns: list[Any
     return sa.select(merged).order_by(merged.c.id.desc() if newest_first else merged.c.id.asc()).limit(limit)
 
 
-def matching_job_ids(conn: sa.Connection, user_id: int, q: QueryParams) -> list[int]:
+def matching_job_ids(conn: sa.Connection, user_id: int, q: QueryParams, among: "list[int] | None" = None) -> list[int]:
+    """The user's jobs the filters of an update by filter match (:data:`UPDATE_FILTERS`), in id
+    order; ``among``: of these ids only (the re-check under the row locks, :func:`update_jobs`)."""
+    dialect = conn.dialect.name
     stmt = sa.select(jobs.c.id).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
-    stmt = apply_job_filters(stmt, q, conn.dialect.name).order_by(jobs.c.id)
+    stmt = apply_job_filters(stmt, q, dialect).order_by(jobs.c.id)
+    leased = q.bool(LEASED_FILTER)
+    if leased is not None:
+        stmt = stmt.where(jobs.c.session_id.is_not(None) if leased else jobs.c.session_id.is_(None))
+    if among is not None:
+        stmt = stmt.where(id_in(jobs.c.id, among, dialect))
     return list(conn.execute(stmt).scalars())
 
 
@@ -1591,7 +1607,8 @@ def _stored_value(name: str, value: Any) -> Any:
     return value
 
 
-def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str, Any] | list[dict[str, Any]]]") -> int:
+def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str, Any] | list[dict[str, Any]]]", *,
+                still_matching: "Callable[[list[int]], Iterable[int]] | None" = None) -> int:
     """Apply ``{job_id: fields}``; all-or-nothing. Returns the number of jobs updated.
 
     A job's value may be a list of patches, applied in order (successive updates of one job in one
@@ -1611,7 +1628,11 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     (``released_from_session_id``), and no acquire leases it until that session's run of it is
     over (sessions_logic, "Re-queued while running"). A job left in any state but RUNNING is
     held by no session after the request, as before (the holder's own RUN_DONE or PREPROCESSED: it
-    is done with the job); the holder's later patches of the same request still apply."""
+    is done with the job); the holder's later patches of the same request still apply.
+
+    ``still_matching``: an update by filter's re-check (PostgreSQL), given the ids locked here (the
+    jobs that still exist), returns those its filters still match; the others are left out (see
+    below), and the count is of the jobs updated."""
     if not patches:
         return 0
     now = utcnow()
@@ -1628,6 +1649,19 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
         parent_states = {}
         current = {row.id: row for row in conn.execute(_CURRENT_STATES[("sqlite", scoped)],
                                                        {"b_ids": ids_param(ids, dialect), **params})}
+    if still_matching is not None:
+        # An update by filter (routes/jobs.query_update) read its ids before these locks: a RUNNING
+        # or an acquire that committed in between left jobs that no longer match, and forcing the
+        # update on them overrode a launcher's run. The filters are checked again here, by one plain
+        # SELECT after the locks: it takes no lock (the lock order stays the one above: parents of
+        # re-runs, then the jobs in id order), and under READ COMMITTED its snapshot is taken after
+        # every transaction that held these rows committed, while no other can change them until
+        # this one ends. Jobs gone or no longer matching are left out (their locks kept to the end).
+        kept = set(still_matching(sorted(current)))
+        steps = {job_id: job_steps for job_id, job_steps in steps.items() if job_id in kept}
+        ids = list(steps)
+        if not steps:
+            return 0
     missing = set(ids) - current.keys()
     if missing:
         raise not_found_ids("Job", missing, of_request=True)

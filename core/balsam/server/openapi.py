@@ -428,6 +428,12 @@ QUERIES: dict[str, dict[str, Any]] = {
     "credentials": {"kind": enum(list(CREDENTIAL_KINDS)), "site_id": int32(),
                     "batch_job_id": int32(), "active": {"type": "boolean"}},
 }
+#: ``PUT /jobs/`` by filter only (jobs_logic.UPDATE_FILTERS): not a Balsam 0.7 filter.
+JOB_UPDATE_QUERY: dict[str, Any] = {
+    "leased": {"type": "boolean", "description": "true: only jobs a session (a launcher's lease) holds; false: only "
+                                                 "jobs none holds. Checked with the other filters under the update's "
+                                                 "row locks"},
+}
 
 
 def _params(query: "dict[str, Any]", page: bool = False) -> list[dict[str, Any]]:
@@ -540,7 +546,7 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
             "patch": _op("Bulk-update jobs by id; returns the count", body=array(_ref("JobPatch"), MAX_ITEMS_PER_BULK_OP),
                          response=ANY_INT),
             "put": _op("Apply one update to the jobs matching the filters; returns the count", body="JobUpdate",
-                       response=ANY_INT, params=_params(q["jobs"])),
+                       response=ANY_INT, params=_params({**q["jobs"], **JOB_UPDATE_QUERY})),
             "delete": _op("Delete the jobs matching the filters; returns the count", response=ANY_INT,
                           params=_params(q["jobs"]))},
         "/jobs/reservations": {"post": _op(

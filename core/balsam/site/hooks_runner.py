@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .._api.run_markers import MarkerScan  # the client API owns the marker format, and its one scanner
+from ..client.status_updater import refused_as_unknown
 from ..models import job_workdir
 from ..states import JobState, allowed_targets
 from ..util import NO_ROOM_ERRNOS, api_text, create_job_output, tail_file
@@ -519,6 +520,9 @@ class _HookSaves:
 #: A worker's update of a job whose hook saved its state itself (:data:`SAVED_KEY`): why the
 #: hook's later changes were not saved (the job left the state the hook saved), for the agent's log.
 NOT_APPLIED_KEY = "_not_applied"
+#: The update-by-filter filter for "no session holds the job" (balsam.server.jobs_logic.LEASED_FILTER;
+#: the worker does not import the server).
+LEASED_FILTER = "leased"
 
 
 def _saved_by_hook(job_obj: Any, hook: str, job_id: int, saves: _HookSaves, failed: Optional[dict] = None) -> dict:
@@ -529,11 +533,12 @@ def _saved_by_hook(job_obj: Any, hook: str, job_id: int, saves: _HookSaves, fail
     hook leaves unsaved is (:func:`check_hook_state`: a preprocess's RUNNING fails the job, which
     no launcher would run).
 
-    Only while the job is still in the state the hook saved (one ``PUT /jobs/?id=N&state=S``): a
-    launcher may have taken it meanwhile (a saved PREPROCESSED or RESTART_READY can be acquired at
-    once) and run it; this update, without a session, would have overridden the launcher's run
-    (RUNNING -> FAILED, its RUN_DONE refused). What was not applied is written to the job's
-    balsam.log and returned under :data:`NOT_APPLIED_KEY` (the agent logs it)."""
+    Only while the job is still in the state the hook saved and no session holds it (one ``PUT
+    /jobs/?id=N&state=S&leased=false``, :func:`_update_while_saved`): a launcher may have taken it
+    meanwhile (a saved PREPROCESSED or RESTART_READY can be acquired at once) and run it; this
+    update, without a session, would have overridden the launcher's run (RUNNING -> FAILED, its
+    RUN_DONE refused), or ended its lease before its RUNNING (refused). What was not applied is
+    written to the job's balsam.log and returned under :data:`NOT_APPLIED_KEY` (the agent logs it)."""
     saved = saves.server_state
     fields: dict[str, Any] = {}
     try:
@@ -554,7 +559,7 @@ def _saved_by_hook(job_obj: Any, hook: str, job_id: int, saves: _HookSaves, fail
                 fields["state"] = state
         if "state" not in fields:
             fields.pop("state_data", None)  # state_data only travels with a state change
-        applied = type(job_obj).objects.filter(id=job_id, state=saved).update(**fields) if fields else 1
+        applied = _update_while_saved(type(job_obj), job_id, saved, fields) if fields else 1
     except Exception as exc:
         _note(f"#BALSAM {hook} saved the job's state itself; its later changes could not be saved: "
               f"{type(exc).__name__}: {exc}")
@@ -562,12 +567,38 @@ def _saved_by_hook(job_obj: Any, hook: str, job_id: int, saves: _HookSaves, fail
     if not applied:
         now = _current_state(job_obj, job_id)
         what = ", ".join(f"state {fields['state']}" if name == "state" else name for name in fields)
-        reason = (f"{hook} saved the job's state ({saved}) itself, and its later changes ({what}) were not saved: "
-                  f"the job is no longer {saved} ({now}: a launcher took it?)")
+        # Still in the saved state: a session holds it (the filter's other condition), a launcher's.
+        why = (f"a launcher acquired it (now {saved}, leased)" if now == f"now {saved}"
+               else f"the job is no longer {saved} ({now}: a launcher took it?)")
+        reason = f"{hook} saved the job's state ({saved}) itself, and its later changes ({what}) were not saved: {why}"
         _note(f"#BALSAM {reason}")
         return {"id": job_id, SAVED_KEY: True, NOT_APPLIED_KEY: reason}
     _note(f"#BALSAM {hook} saved the job's state itself (self.job.save()): nothing more to send")
     return {"id": job_id, SAVED_KEY: True}
+
+
+def _update_while_saved(job_cls: Any, job_id: int, saved: str, fields: dict[str, Any]) -> int:
+    """``PUT /jobs/?id=N&state=S&leased=false``: apply ``fields`` while the job is still in the state
+    the hook saved and no session holds it; returns how many jobs were updated (0 or 1). The server
+    checks both under the update's row lock (a RUNNING or an acquire committed meanwhile: 0).
+    ``leased`` is no filter of the Python API's queries (the listing routes do not take it): the
+    request is sent as Query.update sends its own. A server older than it (422, an unknown filter)
+    gets the update by state alone, as it did before, with a line in the job's balsam.log."""
+    payload = job_cls._validate_update(fields)
+    client = job_cls._get_client()
+    params: dict[str, Any] = {"id": job_id, "state": saved, LEASED_FILTER: "false"}
+    try:
+        result = client.put(job_cls._path, params=params, json=payload)
+    except Exception as exc:
+        if not refused_as_unknown(exc, [LEASED_FILTER]):
+            raise
+        _note(f"#BALSAM the server is older than the {LEASED_FILTER!r} filter: the hook's later changes are "
+              f"saved while the job is {saved}, even if a launcher acquired it (upgrade the server)")
+        del params[LEASED_FILTER]
+        result = client.put(job_cls._path, params=params, json=payload)
+    if isinstance(result, list):  # a server answering the records (Balsam 0.7's), as Query.update reads it
+        return len(result)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _current_state(job_obj: Any, job_id: int) -> str:

@@ -20,7 +20,8 @@ from balsam.util import paused_gc
 from .. import jobs_logic as logic
 from ..db import read_tx, write_tx
 from ..errors import APIError, BadRequest, NotFound, ValidationFailed, refusals_answered
-from ..http import MINIMAL_APPLIED, PAGINATION, dumps, is_json_int, json_response, no_content, pagination, require_list
+from ..http import (MINIMAL_APPLIED, PAGINATION, QueryParams, dumps, is_json_int, json_response, no_content, pagination,
+                    require_list)
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER, Replay, check_reservation_budget, reserve_job_keys
 from ..limits import check_field_sizes
 from ..routing import Ctx, route
@@ -152,7 +153,10 @@ def _paused_gc_under_lock(conn: sa.Connection) -> "AbstractContextManager[None]"
 
 
 def query_update(ctx: Ctx) -> Response:
-    q = ctx.query(logic.JOB_FILTERS)
+    """Apply one update to the jobs the filters match when it is applied: checked under the update's
+    row locks (PostgreSQL) or its write lock (SQLite), so a job a launcher started (RUNNING) or
+    acquired (``leased=false``) meanwhile is left alone (see _update_matching)."""
+    q = ctx.query(logic.UPDATE_FILTERS)
     patch = logic.parse_job_patch(ctx.json(), ["body"], allow_id=False)
     with refusals_answered(), ctx.write() as conn:  # as bulk_update
         ids = logic.matching_job_ids(conn, ctx.user.id, q)
@@ -160,20 +164,27 @@ def query_update(ctx: Ctx) -> Response:
             raise BadRequest(
                 f"The filters match {len(ids)} jobs; update at most {MAX_ITEMS_PER_BULK_OP} per call (narrow the filters)"
             )
-        count = _update_matching(conn, ctx.user.id, ids, patch)
+        count = _update_matching(conn, ctx.user.id, ids, patch, q)
     _wake_if_states_moved(ctx, [patch])
     return json_response(count)
 
 
-def _update_matching(conn: sa.Connection, user_id: int, ids: list[int], patch: dict) -> int:
+def _update_matching(conn: sa.Connection, user_id: int, ids: list[int], patch: dict, q: QueryParams) -> int:
     """update_jobs of the jobs a query matched. The ids were read unlocked (PostgreSQL, READ
-    COMMITTED): a delete that committed before update_jobs locked them leaves some gone, and the
-    client named none of them, so they are dropped (they no longer match) rather than refusing the
-    whole update with 404. update_jobs checks that every job exists before it writes anything (it
-    has only locked rows then), so trying again with the rest in the same transaction is safe."""
+    COMMITTED): a change committed before update_jobs locked them may leave some that no longer
+    match (a launcher's RUNNING or acquire, under ``state=...`` or ``leased=false``: the update,
+    without a session, overrode its run), so update_jobs checks the filters again under its locks
+    and leaves those out. On SQLite the write transaction began (BEGIN IMMEDIATE) before the ids
+    were read: nothing changed since, no second read. A delete that committed before the locks
+    leaves some gone, and the client named none of them, so they are dropped (they no longer
+    match) rather than refusing the whole update with 404 (the re-check leaves them out on
+    PostgreSQL). update_jobs checks that every job exists before it writes anything (it has only
+    locked rows then), so trying again with the rest in the same transaction is safe."""
+    recheck = (lambda locked: logic.matching_job_ids(conn, user_id, q, among=locked)) \
+        if conn.dialect.name == "postgresql" else None
     while True:
         try:
-            return logic.update_jobs(conn, user_id, {job_id: dict(patch) for job_id in ids})
+            return logic.update_jobs(conn, user_id, {job_id: dict(patch) for job_id in ids}, still_matching=recheck)
         except NotFound as exc:
             gone = set(exc.refused_ids or ())
             if not gone or not gone <= set(ids):
