@@ -102,7 +102,8 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001
 #: marked ``slurm`` must be in one of the group's files (checked at collection).
 XDIST_GROUPS: dict[str, tuple[str, ...]] = {
     "slurm": ("tests/schedulers/test_slurm_real.py", "tests/schedulers/test_e2e_slurm.py",
-              "tests/elastic/test_elastic_e2e.py", "tests/schedulers/test_slurm_min_nodes_discovery.py"),
+              "tests/elastic/test_elastic_e2e.py", "tests/schedulers/test_slurm_min_nodes_discovery.py",
+              "tests/schedulers/test_tz_slurm_real.py"),
     # One private GRES cluster on fixed ports per run: its module-scoped fixture on one worker.
     "gres": ("tests/platforms/test_perlmutter_slurm_gres_real.py",),
 }

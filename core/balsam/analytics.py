@@ -217,7 +217,10 @@ def first_run_window(submitted: "dt.datetime | None",
     allocation's, or stamped by a launcher whose clock runs that far behind the server's."""
     earliest = submitted
     if start is not None:
-        floor = start - FIRST_RUN_LOOKBACK
+        # By instant: ``start - LOOKBACK`` on a naive local time drops its ``fold``, so a start in the
+        # second pass of the hour daylight saving's fall-back repeats got a floor an hour earlier:
+        # a run of another allocation in that hour was taken for this BatchJob's first.
+        floor = from_instant(_instant(start) - FIRST_RUN_LOOKBACK.total_seconds(), start)
         earliest = floor if earliest is None or _utc(earliest) < _utc(floor) else earliest
     return earliest, start
 

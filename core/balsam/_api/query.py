@@ -43,6 +43,10 @@ def encode_filter_value(value: Any) -> Any:
         return "true" if value else "false"
     if isinstance(value, dt.datetime):
         return to_aware_utc(value).isoformat()
+    if isinstance(value, dt.date):
+        # A day is local, as a naive datetime is: sent as its text, the server read UTC midnight
+        # (``last_update_after=date.today()`` began at 18:00 the day before in Chicago).
+        return to_aware_utc(dt.datetime.combine(value, dt.time())).isoformat()
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, type) and hasattr(value, "__app_id__"):

@@ -231,17 +231,33 @@ def current_site_id() -> Optional[int]:
     return int(site_id)
 
 
-def is_active(site: Any, now: Optional[dt.datetime] = None) -> bool:
-    last = site.last_refresh
+def silent_for(last: Optional[dt.datetime], now: Optional[dt.datetime] = None) -> Optional[dt.timedelta]:
+    """Real time from ``last`` (a site's ``last_refresh``: naive local as the Python API gives it,
+    or aware) to ``now`` (default: the present); None for never. By instant: naive local times
+    subtracted ignore ``fold`` and the daylight saving change between them, so a site refreshed a
+    second before the spring-forward read an hour silent (not active, "no site agent has
+    reported"), and one silent for 50 minutes across the fall-back read -10 minutes (active)."""
     if last is None:
-        return False
-    now = now or dt.datetime.now()
-    return now - last < ACTIVE_WINDOW
+        return None
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.astimezone(dt.timezone.utc) - last.astimezone(dt.timezone.utc)
+
+
+def is_active(site: Any, now: Optional[dt.datetime] = None) -> bool:
+    silent = silent_for(site.last_refresh, now)
+    return silent is not None and silent < ACTIVE_WINDOW
+
+
+def active_since(now: Optional[dt.datetime] = None) -> dt.datetime:
+    """The ``last_refresh_after`` of the active sites, aware UTC: ``datetime.now() - window`` on
+    naive local time drops ``fold``: in the second pass of the hour the fall-back repeats it
+    selected the sites refreshed in the last 62 minutes."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.astimezone(dt.timezone.utc) - ACTIVE_WINDOW
 
 
 def _active_site_ids(Site: Any) -> list[int]:
-    since = dt.datetime.now() - ACTIVE_WINDOW
-    return [s.id for s in Site.objects.filter(last_refresh_after=since)]
+    return [s.id for s in Site.objects.filter(last_refresh_after=active_since())]
 
 
 def resolve_site_ids(selector: str) -> Optional[list[int]]:

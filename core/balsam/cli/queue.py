@@ -11,7 +11,7 @@ import click
 from ..models import MAX_TAG_FILTERS, SUBMITTED_BY_KEY
 from . import BATCH_JOB_ID, SCHEDULER_ID
 from ._site_selector import (dump_yaml, format_table, json_option, json_record, parse_key_values, resolve_one_site,
-                             site_filter, site_names, site_option, site_option_with, write_json_array)
+                             silent_for, site_filter, site_names, site_option, site_option_with, write_json_array)
 
 ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
 #: Widest reason shown in the table (``-v`` prints status_info whole).
@@ -181,13 +181,15 @@ AGENT_SILENT_AFTER = dt.timedelta(minutes=2)
 def authorization_warnings(site: Any) -> list[str]:
     """What could leave this allocation without a valid credential: no agent (nothing submits it
     or renews its launcher's credential) or no refresh credential (the agent stops when its access
-    token expires)."""
+    token expires). The agent's silence is real time (:func:`silent_for`), across a daylight
+    saving change too."""
     from balsam.api import get_default_client
     from balsam.client import APIError
 
     warnings = []
     last = site.last_refresh
-    if last is None or dt.datetime.now() - last > AGENT_SILENT_AFTER:
+    silent = silent_for(last)
+    if silent is None or silent > AGENT_SILENT_AFTER:
         seen = f"since {last:%Y-%m-%d %H:%M}" if last else "ever"
         warnings.append(f"no site agent has reported for site {site.name} {seen}: nothing will submit this BatchJob "
                         "or keep its launcher's credential valid. Start it: `balsam site start`")

@@ -283,6 +283,20 @@ def _some_ids(ids: list[int], count: int) -> str:
     return f"{shown} and {more} more" if more > 0 else shown
 
 
+def _agent_logs_oldest_first(log_dir: Path) -> list[Path]:
+    """The agent logs (``agent_<local time>.log``) by when they were last written, not by name: the
+    name is the agent's local start time, which in the hour daylight saving's fall-back repeats
+    (or after a change of ``TZ``) sorts an earlier agent's log after the running one's, and
+    `site status` named the old log."""
+    stamped = []
+    for log in log_dir.glob("agent_*.log"):
+        try:
+            stamped.append((log.stat().st_mtime, log.name, log))
+        except OSError:  # removed since the listing
+            continue
+    return [log for _mtime, _name, log in sorted(stamped)]
+
+
 def _agent_cannot_end(row: dict, since: dt.datetime) -> Optional[str]:
     """Why the agent cannot end this marked BatchJob now, from the error its scheduler module
     records in status_info (None: nothing says so): its status poll failing (that error stays
@@ -487,11 +501,12 @@ def status(site_path: Optional[str]) -> None:
         click.echo(f"The site agent is not running (the pid file of pid {pid}, left by an agent that did not stop "
                    "cleanly, is replaced at the next `balsam site start`).")
         sys.exit(1)
-    logs = sorted((path / "log").glob("agent_*.log"))
+    logs = _agent_logs_oldest_first(path / "log")
     since = ""
     if started is not None:
         up = dt.timedelta(seconds=int(dt.datetime.now().timestamp() - started))
-        since = f" since {dt.datetime.fromtimestamp(started):%Y-%m-%d %H:%M:%S} (up {up})"
+        # With its zone: an agent started before a daylight saving change reads an hour off otherwise.
+        since = f" since {dt.datetime.fromtimestamp(started).astimezone():%Y-%m-%d %H:%M:%S %Z} (up {up})"
     click.echo(f"Site agent running on {host} [pid {pid}]{since}; log {logs[-1] if logs else path / 'log'}")
     # The agent's own test (its content, not its mtime: a `touch` or an edit undone is no change).
     changed = settings_changed_since_start(path, path / "settings.yml")
