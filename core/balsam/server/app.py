@@ -32,7 +32,7 @@ import balsam
 from .access_guard import ACCESS_LOG_REDACTION
 from .acquire_notify import WakeBridge, supports_notify
 from .acquire_waits import AcquireWaits
-from .auth import CredentialCache, LoginThrottle
+from .auth import CREDENTIAL_SWEEP_MAX_BATCHES, CredentialCache, LoginThrottle, sweep_ended_credentials
 from .db import create_db_engine, write_tx
 from .errors import APIError, database_refusal, refusal_answer
 from .http import JSONResponse, error_response
@@ -277,6 +277,18 @@ def _sweep_once(app: Starlette) -> None:
             app.state.wake_bridge.publish(None)
     with write_tx(app.state.engine) as conn:
         fold_deltas(conn)
+    # Ended credentials go by the day (BALSAM_AUTH_CREDENTIAL_RETENTION_SEC): swept at most every
+    # CREDENTIAL_SWEEP_EVERY_SEC, not every sweep period (without an index on their end, each sweep
+    # reads the table; with the retention it holds the live credentials and a month of ended ones).
+    now = time.monotonic()
+    if now >= app.state.next_credential_sweep:
+        app.state.next_credential_sweep = now + CREDENTIAL_SWEEP_EVERY_SEC
+        sweep_ended_credentials(app.state.engine, app.state.settings.credential_retention_sec,
+                                max_batches=CREDENTIAL_SWEEP_MAX_BATCHES)
+
+
+#: Seconds between two sweeps of ended credentials by one server process (the first one at its first sweep).
+CREDENTIAL_SWEEP_EVERY_SEC = 600
 
 
 @contextlib.asynccontextmanager
@@ -358,6 +370,7 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
     app.state.settings = settings
     app.state.engine = engine
     app.state.credential_cache = CredentialCache(settings.revocation_cache_sec)
+    app.state.next_credential_sweep = 0.0  # the first background sweep deletes ended credentials
     app.state.acquire_waits = AcquireWaits()
     # Several server processes on one PostgreSQL database wake each other's waiting acquires.
     app.state.wake_bridge = WakeBridge(engine, app.state.acquire_waits) if supports_notify(engine) else None

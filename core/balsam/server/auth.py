@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 import jwt
 import sqlalchemy as sa
 
+from .db import write_tx
 from .errors import Forbidden, TooManyRequests, Unauthorized
 from .tables import credentials, users
 
@@ -349,6 +350,75 @@ def revoke_credentials(conn: sa.Connection, where: sa.ColumnElement[bool]) -> li
 
         end_batch_job_sessions(conn, batch_jobs)
     return rows
+
+
+# -- retention of ended credentials ---------------------------------------------------------------
+
+#: Rows one statement of :func:`sweep_ended_credentials` deletes at most (one short transaction each).
+CREDENTIAL_SWEEP_BATCH = 1000
+#: Statements one background sweep runs at most: a backlog (a server upgraded after months) is
+#: worked off over several sweeps, never in one long transaction.
+CREDENTIAL_SWEEP_MAX_BATCHES = 20
+
+
+def _ended_batch(cutoff: dt.datetime, batch_rows: int) -> sa.Delete:
+    """Delete up to ``batch_rows`` credentials that ended (revoked, or expired) before ``cutoff``.
+
+    The rows are chosen ``FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite renders no lock clause and
+    runs one write transaction at a time): a row some request holds is left to the next sweep."""
+    ended = sa.or_(credentials.c.revoked < cutoff, credentials.c.expires < cutoff)
+    chosen = (sa.select(credentials.c.id).where(ended).order_by(credentials.c.id).limit(batch_rows)
+              .with_for_update(skip_locked=True))
+    # ``ended`` again in the DELETE: PostgreSQL re-checks it against a row changed after the
+    # subquery read it (a renewal that committed in between keeps its row).
+    return sa.delete(credentials).where(credentials.c.id.in_(chosen.scalar_subquery()), ended)
+
+
+def sweep_ended_credentials(engine: sa.Engine, retention_sec: float, *, now: "dt.datetime | None" = None,
+                            batch_rows: int = CREDENTIAL_SWEEP_BATCH, max_batches: "int | None" = None) -> int:
+    """Delete the credentials that ended (revoked, or expired) more than ``retention_sec`` ago
+    (``BALSAM_AUTH_CREDENTIAL_RETENTION_SEC``): up to ``batch_rows`` per statement, each statement
+    its own write transaction, until fewer are left or ``max_batches`` statements ran. Returns the
+    rows deleted. Until then an ended credential stays listed (``balsam server credentials --all``,
+    ``GET /auth/credentials``) for audit.
+
+    Why: one launcher credential per BatchJob and one per login, never deleted, were hundreds of
+    thousands of rows after months at a busy site, every one of a user's visited by their listing
+    of live credentials (``active=true``: ``user_id`` index, then the state of each row) and by a
+    password reset's revoke (benchmarks/credential_retention.py).
+
+    Why it is race-free with requests that use, renew or revoke a credential right then:
+
+    - a token is accepted only while its row exists, is not revoked and has not expired
+      (:func:`credential_problem`); a deleted row refuses the token as a revoked one does
+      ("no longer exists"). The sweep deletes only rows that ended at least ``retention_sec``
+      (an hour at the least, :mod:`balsam.server.settings`) before it started, so no request that
+      read its credential live (expiry in the future) can have its row deleted under it: a
+      request's transaction does not last an hour. A process's :class:`CredentialCache` trusts a
+      verdict for seconds, and a JWT carries the credential's expiry: neither outlives the row.
+    - the one write that makes an ended credential live again is a launcher credential's renewal
+      (``POST /auth/credentials/{id}/renew``, which extends an expired one): it reads its row
+      ``FOR UPDATE`` first (routes/auth.py). If the renewal holds the row, the sweep skips it
+      (``SKIP LOCKED``) and the DELETE's own condition is re-checked against the renewed row
+      anyway; if the sweep holds it, the renewal's read waits, then finds no row: 404, as for any
+      credential deleted meanwhile. A refresh exchange and a revoke change only rows that are live
+      (refresh) or not revoked yet (revoke: its ``UPDATE ... WHERE revoked IS NULL`` re-checks a
+      row the sweep deleted and skips it).
+    - the sweep never waits for a row (``SKIP LOCKED``) and locks nothing but credentials, in
+      id order, one statement per transaction: no lock cycle with the transactions of the lock
+      order in :mod:`balsam.server.sessions_logic` (BatchJobs, then credentials, then sessions).
+    """
+    cutoff = (now or utcnow()) - dt.timedelta(seconds=retention_sec)
+    stmt = _ended_batch(cutoff, batch_rows)
+    deleted = batches = 0
+    while max_batches is None or batches < max_batches:
+        with write_tx(engine) as conn:
+            count = int(conn.execute(stmt).rowcount or 0)
+        deleted += count
+        batches += 1
+        if count < batch_rows:
+            break
+    return deleted
 
 
 # -- password logins -------------------------------------------------------------------------

@@ -17,7 +17,9 @@ lost, no longer warned about the jobs left RUNNING; records written before migra
 headers and are replayed without). Without the record, a
 retried state change answered 409 (the job had moved on: ``POSTPROCESSED`` -> ``JOB_FINISHED``)
 and a retried delete 404 or a count of 0, for changes that had been applied. The session heartbeat
-(``PUT /sessions/{id}``, naturally idempotent and the most frequent write) ignores the header.
+(``PUT /sessions/{id}``, naturally idempotent and the most frequent write) ignores the header, and so
+does a site agent's status refresh (a ``PUT /sites/{id}`` naming only ``queued_jobs`` and
+``backfill_windows``: :data:`SITE_STATUS_FIELDS`).
 The cost: one row inserted and updated per request, whatever its size (never per job).
 
 Why nothing is applied twice:
@@ -82,6 +84,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable, Container, Optional
 
 import attrs
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from starlette.responses import Response
@@ -121,6 +124,34 @@ NOT_REPLAYED = frozenset({("PUT", "/sessions/{session_id}")})
 #: 86,400 rows a day per idle agent for ``BALSAM_IDEMPOTENCY_TTL_SEC`` (24 h), written and swept
 #: for nothing (benchmarks/soak_idle_records.py).
 KEPT_ONLY_IF_MADE = frozenset({"acquire"})
+#: The fields of a ``PUT /sites/{id}`` that only report the site's status, which its agent sends
+#: whole every cycle (the scheduler module: ``queued_jobs`` and ``backfill_windows`` every
+#: ``sync_period``, 10 s by default; the agent's liveness check: an empty body), with the read-only
+#: fields a client may send back (ignored by the route). Such a PUT is not recorded
+#: (:func:`is_status_refresh`): recorded, each was a row holding the whole site record (the whole
+#: queue's ``queued_jobs`` on a busy cluster) for ``BALSAM_IDEMPOTENCY_TTL_SEC`` (24 h): 8,640 rows
+#: a day per agent from the scheduler module alone (benchmarks/soak_idle_records.py). Applying it
+#: twice is harmless: a resend carries the same snapshot and sets the same values (and
+#: ``last_refresh`` to its own time, which is what a refresh is), and the answer of a resend is
+#: the record as it is then, which is what the agent wants. A PUT with any other field (a user's
+#: ``allowed_projects``, ``name``, ``path``, ...) is recorded and replayed as before: its resend
+#: answers the record as it was and never undoes a later change.
+SITE_STATUS_FIELDS = frozenset({"queued_jobs", "backfill_windows", "id", "last_refresh", "creation_date"})
+
+
+def is_status_refresh(method: str, path: str, body: "bytes | None") -> bool:
+    """Whether a request is a ``PUT /sites/{id}`` whose body names only :data:`SITE_STATUS_FIELDS`
+    (an empty object too): such a request's ``Idempotency-Key`` is ignored."""
+    segments = [part for part in path.split("/") if part]
+    if method != "PUT" or len(segments) != 2 or segments[0] != "sites" or not segments[1].isdecimal():
+        return False
+    try:
+        data = orjson.loads(body or b"")  # as Ctx.json: orjson refuses a deep nesting (a ValueError)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and set(data) <= SITE_STATUS_FIELDS
+
+
 #: ``resource`` of a record that holds the answer itself (``answer``, ``answer_type``).
 ANSWER = "answer"
 
@@ -231,6 +262,8 @@ class IdempotentRequest:
         self.key: Optional[str] = key.strip() if key is not None else None
         if self.key is not None and not 1 <= len(self.key) <= MAX_KEY_CHARS:
             raise ValidationFailed.field(["header", HEADER], f"must be 1 to {MAX_KEY_CHARS} characters")
+        if self.key is not None and is_status_refresh(request.method, request.url.path, ctx.body):
+            self.key = None  # applied again if resent, never recorded (SITE_STATUS_FIELDS says why)
         self.ctx = ctx
         self.ttl = dt.timedelta(seconds=int(getattr(ctx.settings, "idempotency_ttl_sec", 86400)))
         self._fingerprint = ""

@@ -16,6 +16,7 @@
 | ``BALSAM_AUTH_FAILURE_WINDOW_SEC`` | 900 (the sliding window of login throttling) |
 | ``BALSAM_TRUSTED_PROXIES`` | unset: ``X-Forwarded-For`` is ignored; else the proxies' addresses (uvicorn's ``forwarded_allow_ips``) |
 | ``BALSAM_AUTH_REVOCATION_CACHE_SEC`` | 5 (how long a worker trusts a credential it checked) |
+| ``BALSAM_AUTH_CREDENTIAL_RETENTION_SEC`` | 2592000 (30 days, at least 3600): a revoked or expired credential is deleted this long after it ended |
 | ``BALSAM_MAX_BODY_BYTES`` | 67108864 (64 MiB; larger request bodies get 413) |
 | ``BALSAM_SESSION_EXPIRE_SEC`` | 300 (seconds, a fraction allowed, from 0.1: the launchers read the same rule) |
 | ``BALSAM_SESSION_SWEEP_SEC`` | 60 (background sweep period, capped at half the expiry, at least 0.5 s; 0: every request sweeps) |
@@ -98,6 +99,10 @@ def _int_env(name: str, default: int, minimum: int = 0, maximum: "int | None" = 
     return env_number(name, default, minimum=minimum, maximum=maximum, on_bad="raise", words=words)
 
 
+#: The shortest ``BALSAM_AUTH_CREDENTIAL_RETENTION_SEC`` (see ``ServerSettings.credential_retention_sec``).
+MIN_CREDENTIAL_RETENTION_SEC = 3600
+
+
 def _sec_env(name: str, default: int, minimum: int = 1) -> int:
     """A whole number of seconds from ``minimum`` (a lifetime or period of 0 is none) to ten years."""
     return _int_env(name, default, minimum, MAX_SETTING_SEC)
@@ -168,6 +173,10 @@ class ServerSettings:
     #: the client; None: the header is ignored (anybody could forge it).
     trusted_proxies: "str | None" = None
     revocation_cache_sec: float = 5.0
+    #: A revoked or expired credential stays listed for audit this long after it ended, then the
+    #: background sweep deletes it (auth.sweep_ended_credentials). At least an hour: the sweep's
+    #: race-freedom relies on no request lasting that long.
+    credential_retention_sec: int = 30 * 24 * 3600
     max_body_bytes: int = 64 * 1024 * 1024
     session_expire_sec: float = 300
     session_sweep_sec: int = 60
@@ -222,6 +231,8 @@ class ServerSettings:
             trusted_proxies=trusted_proxies_from_env(),
             revocation_cache_sec=env_number("BALSAM_AUTH_REVOCATION_CACHE_SEC", 5.0, fraction=True, maximum=MAX_SETTING_SEC,
                                             on_bad="raise"),
+            credential_retention_sec=_sec_env("BALSAM_AUTH_CREDENTIAL_RETENTION_SEC", 30 * 24 * 3600,
+                                              minimum=MIN_CREDENTIAL_RETENTION_SEC),
             max_body_bytes=_int_env("BALSAM_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1),
             session_expire_sec=session_expire_from_env(300.0, on_bad="raise"),
             # 0: the background sweep runs every 0.5 s (app.py's floor) and a request sweeps each time.

@@ -313,10 +313,9 @@ def create_credential(ctx: Ctx) -> Response:
     return json_response(body, 201)
 
 
-def _owned_credential(conn: sa.Connection, user_id: int, cred_id: int) -> sa.Row:
-    row = conn.execute(
-        sa.select(credentials).where(credentials.c.id == cred_id, credentials.c.user_id == user_id)
-    ).first()
+def _owned_credential(conn: sa.Connection, user_id: int, cred_id: int, *, lock: bool = False) -> sa.Row:
+    stmt = sa.select(credentials).where(credentials.c.id == cred_id, credentials.c.user_id == user_id)
+    row = conn.execute(stmt.with_for_update() if lock else stmt).first()
     if row is None:
         raise NotFound(f"Credential {cred_id} not found")
     return row
@@ -328,7 +327,9 @@ def renew_credential(ctx: Ctx) -> Response:
     data = _parse_launcher_request(ctx, ctx.json(), create=False)
     user = ctx.user
     with ctx.write() as conn:
-        row = _owned_credential(conn, user.id, cred_id)
+        # FOR UPDATE: a renewal makes an expired credential live again, and the retention sweep
+        # must not delete it meanwhile (auth.sweep_ended_credentials says why this suffices).
+        row = _owned_credential(conn, user.id, cred_id, lock=True)
         if row.kind != "launcher":
             raise Conflict(f"Credential {cred_id} is a {row.kind} credential; only launcher credentials are renewed here")
         if row.revoked is not None:
