@@ -30,7 +30,7 @@ def test_site_init_writes_the_debug_queues_limit_of_waiting_jobs(balsam_env, cli
     assert proc.returncode == 0, proc.stdout + proc.stderr
     scheduler = yaml.safe_load((path / "settings.yml").read_text())["scheduler"]
     queues = scheduler["allowed_queues"]
-    assert queues["debug"] == {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 1}
+    assert queues["debug"] == {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 2}
     # prod's limit is per project ("[p:PBS_GENERIC=100]"): the platform's value stays, with the server's minimum
     assert queues["prod"] == {"max_nodes": 496, "max_walltime": 1440, "max_queued_jobs": 100, "min_nodes": 10}
     assert scheduler["allowed_projects"] == ["PROJ"]

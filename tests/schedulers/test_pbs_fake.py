@@ -45,7 +45,9 @@ def test_submit_run_and_history(pbs, tmp_path):
     jobid = pbs.submit(_request(script, optional_params={"filesystems": "home:grand"}))
     status = wait_for(lambda: pbs.get_statuses().get(jobid), 10, "the job in qstat")
     assert status.num_nodes == 2 and status.queue == "debug" and status.project == "proj" and status.wall_time_min == 5
-    wait_for(lambda: pbs.get_statuses().get(jobid, None) and pbs.get_statuses()[jobid].state is BatchJobState.running,
+    # One poll per try: the 1.5 s job may leave between two polls (KeyError), or run and leave
+    # between tries on a loaded machine (its history below says it ran).
+    wait_for(lambda: (s := pbs.get_statuses().get(jobid)) is None or s.state is BatchJobState.running,
              10, "the job to run")
     wait_for(lambda: jobid not in pbs.get_statuses(), 15, "the job to leave the queue")
     history = pbs.get_history(jobid, script)
@@ -65,19 +67,22 @@ def test_refused_submission_says_why(pbs, tmp_path):
         pbs.submit(_request(script, num_nodes=99))
 
 
-def test_walltime_kill_delete_and_backfill(pbs, tmp_path):
+def test_walltime_kill_delete_and_backfill(pbs, tmp_path, monkeypatch):
+    # The deleted job's record must outlive the first job's walltime (12 s), or it is forgotten first.
+    monkeypatch.setenv("FAKE_BATCH_KEEP_SEC", "60")
     long = _script(tmp_path, "qlaunch00003", "sleep 60")
     waiting = _script(tmp_path, "qlaunch00004", "sleep 60")
-    first = pbs.submit(_request(long, wall_time_min=1))  # a fake minute is 3 s here
+    # A fake minute is 3 s here: 12 s for the checks below before the walltime kill frees the nodes.
+    first = pbs.submit(_request(long, wall_time_min=4))
     second = pbs.submit(_request(waiting))
-    wait_for(lambda: pbs.get_statuses().get(first) and pbs.get_statuses()[first].state is BatchJobState.running,
+    wait_for(lambda: (s := pbs.get_statuses().get(first)) is not None and s.state is BatchJobState.running,
              10, "the first job to run")
     statuses = pbs.get_statuses()
     assert statuses[second].state is BatchJobState.queued  # both nodes are busy
     assert pbs.get_backfill_windows() == {}
     pbs.delete_job(second)  # deleted while queued
     histories = wait_for(lambda: (h := pbs.get_histories({first: long, second: waiting})) and all(map(ended, h.values())) and h,
-                         20, "both jobs to end")
+                         40, "both jobs to end")
     assert histories[second].state is BatchJobState.finished and histories[second].start_time is None
     assert "walltime" in histories[first].message and histories[first].native_state == "F (Exit_status -29)"
     windows = pbs.get_backfill_windows()

@@ -83,3 +83,16 @@ def test_the_elastic_queue_neither_counts_it_out_nor_asks_to_delete_it(balsam_en
     assert mine.never_starts == ""
     assert not [r for r in caplog.records if "can never start" in r.getMessage()], caplog.text
     assert "balsam queue term" not in caplog.text
+
+
+def test_only_a_boolean_server_resource_is_taken_for_switched_off():
+    """A string-valued server resource that differs is a request no setting will meet: it still
+    never starts (the elastic queue warns), as a count does."""
+    from balsam_scheduler_pbs.scheduler import SWITCHED_OFF_SERVER_RESOURCE
+
+    assert SWITCHED_OFF_SERVER_RESOURCE.search("Can Never Run: Insufficient amount of server resource: eagle_fs (True != False)")
+    assert SWITCHED_OFF_SERVER_RESOURCE.search("can never run: insufficient amount of server resource: home_fs (false != true)")
+    for comment in ("Can Never Run: Insufficient amount of server resource: software (abaqus != ansys)",
+                    "Can Never Run: Insufficient amount of server resource: ncpus (R: 15 A: 10 T: 10)",
+                    "Can Never Run: Insufficient amount of queue resource: debug (True != False)"):
+        assert not SWITCHED_OFF_SERVER_RESOURCE.search(comment), comment

@@ -334,14 +334,16 @@ def max_queued_for(value: Any, user: str, default: Optional[int]) -> Optional[in
 
 #: The start (lower case) of the comment PBS Pro gives a job that can never run as submitted.
 NEVER_RUNS_COMMENT = "can never run"
-#: ... except where what the job lacks is a switched-off *server* resource: a boolean or string one
-#: (``(asked != has)``, not a count's ``(R: 8 A: 2 T: 2)``) that the administrators set while the
+#: ... except where what the job lacks is a switched-off *server* resource: a boolean one
+#: (``(True != False)``, not a count's ``(R: 8 A: 2 T: 2)``, nor a string's ``(abaqus != ansys)``,
+#: which is a request no server setting will meet) that the administrators set while the
 #: system runs. ALCF sets a file system's (``eagle_fs``, ``grand_fs``, ``home_fs``) False while it is
 #: down, and a job that asked for it (``-l filesystems=home:eagle``) is commented "Can Never Run:
 #: Insufficient amount of server resource: eagle_fs (True != False)" -- then runs once the file
 #: system is back (ALCF's Polaris job-scheduling guide, "Specifying Filesystems"). Read as never
 #: starting, the elastic queue told the user to delete every such BatchJob during an outage.
-SWITCHED_OFF_SERVER_RESOURCE = re.compile(r"insufficient amount of server resource: \S+ \([^():]*!=[^():]*\)", re.I)
+SWITCHED_OFF_SERVER_RESOURCE = re.compile(r"insufficient amount of server resource: \S+ \((?:true|false) != (?:true|false)\)",
+                                          re.I)
 
 
 #: The start of the reason of a job in state W (``qsub -a``: waiting for its start time).
@@ -787,12 +789,20 @@ class PBSScheduler(Scheduler):
                     logger.warning("qstat -Q: queue %s takes jobs of at most %r (resources_max.walltime): no job "
                                    "of a whole minute fits, left out", name, raw_walltime)
                     continue
-            # queued_jobs_threshold limits the jobs waiting (state Q) as max_queued limits all of them:
-            # Polaris' debug states only "[u:PBS_GENERIC=1]" there, and qsub refuses a second waiting
-            # job ("would exceed queue debug's per-user limit of jobs in 'Q' state"). max_queued_jobs
-            # counts running jobs too, so the threshold as it is can never be exceeded.
-            limits_of_user = [limit for limit in (max_queued_for(queue.get(key), self.user, None)
-                                                  for key in ("max_queued", "queued_jobs_threshold"))
+            # queued_jobs_threshold limits the jobs not yet started (Q, H, W: OpenPBS's
+            # svr_setjobstate counts a job out when it starts running) as max_queued limits all of
+            # them: Polaris' debug states only "[u:PBS_GENERIC=1]" there, and qsub refuses a second
+            # waiting job ("would exceed queue debug's per-user limit of jobs in 'Q' state").
+            # max_queued_jobs counts running jobs too, so the threshold bounds it only together with
+            # the queue's max_run (debug: 1 + 1 = 2, one running and one waiting); written alone it
+            # kept a second debug BatchJob from being submitted until the running one ended. With no
+            # max_run stated, running jobs are unbounded and the threshold bounds nothing written here
+            # (a refused qsub is then held without a try, as for any queue limit).
+            threshold = max_queued_for(queue.get("queued_jobs_threshold"), self.user, None)
+            max_run = max_queued_for(queue.get("max_run"), self.user, None)
+            limits_of_user = [limit for limit in (max_queued_for(queue.get("max_queued"), self.user, None),
+                                                  None if threshold is None or max_run is None else threshold + max_run,
+                                                  0 if threshold == 0 else None)
                               if limit is not None]
             max_queued = min(limits_of_user) if limits_of_user else None
             if max_queued is not None and max_queued < 1:  # 0 would read as "no limit" in settings.yml
