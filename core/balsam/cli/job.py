@@ -6,6 +6,7 @@ import array
 import bisect
 import collections
 import itertools
+import shlex
 import sys
 from typing import Any, Iterator, Optional
 
@@ -14,8 +15,8 @@ import yaml
 
 from ..models import MAX_TAG_FILTERS, workdir_problem
 from . import APP_REF, JOB_ID, Interrupted, confirm_or_yes, newest_pages
-from ._site_selector import (Progress, UpperChoice, dump_yaml, format_rows, format_table, json_option,
-                             json_record, jsonable, parse_key_values, site_filter, site_names, site_option, table_widths,
+from ._site_selector import (Progress, UpperChoice, dump_yaml, format_rows, format_table, is_active, json_option,
+                             json_record, jsonable, parse_key_values, site_filter, site_option, table_widths,
                              watch_output, write_json_array)
 from .transfer import job_transfer_summary
 
@@ -335,10 +336,11 @@ def _print_job_table(first: list[Any], more: bool, pages: Iterator[list[Any]], f
     """The table of ``first`` (header, widths) then of each later page as it arrives, in the columns
     of the first (a longer value overflows its column). Apps, site names and transfer progress are
     looked up per page, in bulk; an app or site seen on an earlier page is not asked for again."""
-    from balsam.api import App
+    from balsam.api import App, Site
 
     apps: dict[int, Any] = {}
     names: dict[int, str] = {}
+    silent_sites: dict[int, Any] = {}  # id -> the record of a listed site whose agent is silent
     asked_apps: set[int] = set()
     asked_sites: set[int] = set()
 
@@ -350,7 +352,12 @@ def _print_job_table(first: list[Any], more: bool, pages: Iterator[list[Any]], f
         new_sites = sorted({a.site_id for a in apps.values()} - asked_sites)
         if new_sites:
             asked_sites.update(new_sites)
-            names.update(site_names(new_sites))
+            # The records, not just their names: the note on jobs left for a silent agent reads
+            # their last_refresh (the same one request).
+            for site in Site.objects.filter(id=new_sites):
+                names[site.id] = site.name
+                if not is_active(site):
+                    silent_sites[site.id] = site
         # Transfer progress ("in 1/1 out 0/1"), only for apps that declare transfer slots. A listing
         # of one page may read the items of its sites in one listing (job_transfer_summary, for
         # many jobs); a page of a longer one reads its own jobs' items only.
@@ -362,6 +369,7 @@ def _print_job_table(first: list[Any], more: bool, pages: Iterator[list[Any]], f
 
     waiting: list[tuple[int, list[int]]] = []
     listed = _ListedStates()
+    agent_left: collections.Counter = collections.Counter()  # (site id, state) -> jobs a silent agent must move
 
     def rows_of(page: list[Any], transfers: dict[int, str]) -> list[list[Any]]:
         rows = []
@@ -371,6 +379,8 @@ def _print_job_table(first: list[Any], more: bool, pages: Iterator[list[Any]], f
             if state == "AWAITING_PARENTS":
                 waiting.append((j.id, list(j.parent_ids or ())))
             a = apps.get(j.app_id)
+            if a is not None and a.site_id in silent_sites and state in AGENT_MOVES:
+                agent_left[(a.site_id, state)] += 1
             tag_text = " ".join(f"{k}={v}" for k, v in sorted(j.tags.items()))
             row = [j.id, names.get(a.site_id, a.site_id) if a else "?", a.name if a else j.app_id, j.workdir,
                    j.state.value if j.state else ""]
@@ -391,6 +401,31 @@ def _print_job_table(first: list[Any], more: bool, pages: Iterator[list[Any]], f
         click.echo(format_rows(rows_of(page, transfers_of(page)), widths, right={0}))
     if waiting:
         _say_why_they_wait(waiting, listed)
+    if agent_left:
+        _say_agent_is_silent(agent_left, silent_sites)
+
+
+#: Job states that only the site's agent moves on (stage-in and stage-out: ``transfers``; the
+#: preprocess and postprocess hooks: ``processing``). Jobs in them at a site whose agent is not
+#: running wait for it, with no other sign: their transfer items stay ``pending`` without a reason.
+AGENT_MOVES = frozenset({"READY", "STAGED_IN", "RUN_DONE", "RUN_ERROR", "RUN_TIMEOUT", "POSTPROCESSED"})
+
+
+def _say_agent_is_silent(agent_left: "collections.Counter", silent_sites: dict[int, Any]) -> None:
+    """Under the table, on stderr, one line per site whose agent has not refreshed its record for
+    ``ACTIVE_WINDOW`` (2 minutes; `balsam site ls` says "Active: No") and whose listed jobs wait for
+    it: a user driving several sites saw READY jobs with stage-in ``in 0/1`` for ever, and nothing
+    said that the agent of that site (stopped, its login node rebooted) was what they waited for."""
+    for site_id in sorted({site_id for site_id, _state in agent_left}):
+        site = silent_sites[site_id]
+        counts = sorted((state, n) for (sid, state), n in agent_left.items() if sid == site_id)
+        total = sum(n for _state, n in counts)
+        states = ", ".join(f"{n} {state}" for state, n in counts)
+        seen = f"since {site.last_refresh:%Y-%m-%d %H:%M}" if site.last_refresh else "ever"
+        start = f"balsam site start {shlex.quote(str(site.path))}"
+        click.echo(f"{total} of these jobs ({states}) {'waits' if total == 1 else 'wait'} for the agent of site "
+                   f"{site.name}, which has not reported {seen}: start it (`{start}`); "
+                   "`balsam site status` there says why it stopped.", err=True)
 
 
 class _ListedStates:

@@ -679,6 +679,35 @@ def _batch_jobs_refusal(site: dict, active: int) -> str:
             "let the site agent remove them from the scheduler")
 
 
+def _children_elsewhere(client: Any, site_id: int) -> dict[str, int]:
+    """Per site name, the jobs of the user's *other* sites waiting (AWAITING_PARENTS) for an
+    unfinished job of site ``site_id``. Deleting the site deletes those parents, and a deleted parent
+    is not waited for (docs/api.md): the children are released as if it had finished, to stage in
+    and run without its results. Requests: the user's waiting jobs (paged), this site's apps, and
+    one per 500 of their parents (the unfinished ones of this site); nothing per job."""
+    from balsam.site.service_client import chunks, list_all
+
+    own_apps = {row["id"] for row in list_all(client, "/apps/", {"site_id": site_id})}
+    waiting = [row for row in list_all(client, "/jobs/", {"state": "AWAITING_PARENTS"})
+               if row["app_id"] not in own_apps]
+    parents = sorted({p for row in waiting for p in row.get("parent_ids") or ()})
+    here: set[int] = set()
+    for chunk in chunks(parents, 500):
+        here.update(row["id"] for row in list_all(
+            client, "/jobs/", {"id": list(chunk), "site_id": site_id, "state__ne": "JOB_FINISHED"}))
+    children = [row for row in waiting if here.intersection(row.get("parent_ids") or ())]
+    if not children:
+        return {}
+    app_sites = {row["id"]: row["site_id"] for row in list_all(
+        client, "/apps/", {"id": sorted({row["app_id"] for row in children})})}
+    site_name = {row["id"]: row["name"] for row in list_all(client, "/sites/", {"id": sorted(set(app_sites.values()))})}
+    per_site: dict[str, int] = {}
+    for row in children:
+        name = site_name.get(app_sites.get(row["app_id"], -1), "?")
+        per_site[name] = per_site.get(name, 0) + 1
+    return per_site
+
+
 #: Directories ``site rm`` reads looking for another site inside the one it deletes.
 RM_SEARCH_DIRS = 100_000
 
@@ -701,8 +730,14 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     if force:
         site = _find_site_by_path(client, path)
         active = _active_batch_jobs(client, site["id"])
+        elsewhere = _children_elsewhere(client, site["id"])
         client.delete(f"/sites/{site['id']}")
         click.echo(f"Deleted site {site['name']} (id {site['id']}) from the API; {path} was left as it is.")
+        if elsewhere:
+            shown = ", ".join(f"{n} at {name}" for name, n in sorted(elsewhere.items()))
+            click.echo(f"Note: {sum(elsewhere.values())} jobs of other sites ({shown}) waited for its unfinished "
+                       "jobs: they are released as if those parents had finished, to stage in and run without "
+                       "their results", err=True)
         if active:
             click.echo(f"Note: {active} of its BatchJobs were still queued or running: cancel them with the "
                        "scheduler's own command (qdel, scancel, ...); no agent will do it now.")
@@ -737,6 +772,16 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
         click.echo(f"Note: looked for other Balsam sites in the first {RM_SEARCH_DIRS:,} directories of {path} "
                    "only (none there); the rest is deleted unsearched")
     num_jobs = count(client, "/jobs/", {"site_id": site_id})
+    elsewhere = _children_elsewhere(client, site_id)
+    if elsewhere:
+        # Said before the question (and with -y): the delete releases them to run without their
+        # parents' results, and nothing else would tell (their events read "All remaining parents
+        # finished (deleted: N)" only once it is done).
+        shown = ", ".join(f"{n} at {name}" for name, n in sorted(elsewhere.items()))
+        click.echo(f"Warning: {sum(elsewhere.values())} jobs of other sites ({shown}) wait for unfinished jobs of "
+                   f"{site['name']}: deleting it releases them as if those parents had finished, to stage in and "
+                   "run without their results (`balsam job ls --state AWAITING_PARENTS --site all` lists them; "
+                   "`balsam job rm` or fail them first if they cannot run without)", err=True)
     # End of input (a script without -y) says to pass -y (click's answer was a bare "Aborted!").
     if not yes and not confirm_or_yes(
             f"Do you really want to destroy {site['name']}? This will wipe out {num_jobs} jobs inside!"):
