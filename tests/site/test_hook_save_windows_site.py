@@ -182,3 +182,40 @@ def test_a_server_older_than_the_filter_gets_the_update_by_state_alone(make_site
     assert state_path(events(client, job_id=job.id))[-2:] == ["PREPROCESSED", "FAILED"]
     log = (site.data_path / job.workdir / "balsam.log").read_text()
     assert "the server is older than the 'leased' filter" in log, log
+
+
+def test_a_hook_that_saves_running_then_raises_fails_its_job(make_site, client, caplog) -> None:
+    """Only a state a launcher acquires takes ``leased=false``: a preprocess that saves RUNNING
+    (STAGED_IN -> RUNNING is a valid move) keeps the processing module's session as the job's holder
+    (a RUNNING sent without a session keeps the lease), so with the filter its later FAILED (the
+    hook raised after the save) matched nothing, the agent blamed a launcher that did not exist, and
+    the job went RUN_TIMEOUT at the module's close, to run again. It fails, as before the filter."""
+    from balsam.api import ApplicationDefinition, Job
+
+    site = make_site()
+    sid = site.site_id
+
+    class RunSaver(ApplicationDefinition):
+        site = sid
+        command_template = "echo hi"
+
+        def preprocess(self):
+            self.job.state = "RUNNING"
+            self.job.save()
+            raise RuntimeError("after the RUNNING save")
+
+    RunSaver.sync()
+    job = Job.objects.create("r/0", RunSaver)
+    module = ProcessingModule(site, site.settings.processing, client)
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    with caplog.at_level(logging.INFO):
+        try:
+            process_until(module, lambda: job_rows(client, id=[job.id])[0]["state"] == "FAILED"
+                          or any(str(job.id) in w for w in warned()))
+        finally:
+            module.close()
+    assert state_path(events(client, job_id=job.id)) == ["STAGED_IN", "RUNNING", "FAILED"], warned()
+    assert not [w for w in warned() if "a launcher acquired it" in w]

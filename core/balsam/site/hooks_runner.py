@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional
 from .._api.run_markers import MarkerScan  # the client API owns the marker format, and its one scanner
 from ..client.status_updater import refused_as_unknown
 from ..models import job_workdir
-from ..states import JobState, allowed_targets
+from ..states import RUNNABLE_STATES, JobState, allowed_targets
 from ..util import NO_ROOM_ERRNOS, api_text, create_job_output, tail_file
 
 HOOK_FOR_STATE: dict[JobState, str] = {
@@ -586,7 +586,13 @@ def _update_while_saved(job_cls: Any, job_id: int, saved: str, fields: dict[str,
     gets the update by state alone, as it did before, with a line in the job's balsam.log."""
     payload = job_cls._validate_update(fields)
     client = job_cls._get_client()
-    params: dict[str, Any] = {"id": job_id, "state": saved, LEASED_FILTER: "false"}
+    params: dict[str, Any] = {"id": job_id, "state": saved}
+    if JobState(saved) in RUNNABLE_STATES:
+        # Only a state a launcher acquires can be leased by one: a RUNNING a preprocess saved stays
+        # held by the processing module's own session (a RUNNING sent without a session keeps its
+        # lease), and with the filter its later FAILED (the hook raised after the save) matched
+        # nothing: the job stayed RUNNING, then RUN_TIMEOUT, and ran again.
+        params[LEASED_FILTER] = "false"
     try:
         result = client.put(job_cls._path, params=params, json=payload)
     except Exception as exc:
