@@ -58,7 +58,7 @@ def _app() -> Any:
 def _run_exception(how: str) -> str:
     ran = subprocess.run(python_runner_command(_app(), _job({"how": how})), shell=True, capture_output=True,
                          text=True, timeout=120)
-    assert ran.returncode == 1, ran.stderr[-2000:]
+    assert ran.returncode == 70, ran.stderr[-2000:]
     value, exc = parse_run_markers(ran.stdout)
     assert value is None and exc is not None, ran.stderr[-2000:]
     return exc

@@ -102,7 +102,7 @@ def test_a_python_without_dill_says_so_in_one_line(tmp_path: Path) -> None:
     needed it), without saying which interpreter."""
     python = python_env(tmp_path, "nodill", tuple(d for d in RUNNER_DEPS if d != "dill"))
     code, out = run_line(python_runner_command(_app(str(python)), _job({"x": 1})), tmp_path)
-    assert code == 1
+    assert code == 78
     line = assert_one_line(out, str(python), "module 'dill' is not installed", "python_exe")
     assert "its code needs" not in line
     assert parse_run_markers(out) == (None, None)
@@ -113,7 +113,7 @@ def test_a_python_without_tblib_says_so_in_one_line(tmp_path: Path) -> None:
     runner's import lines."""
     python = python_env(tmp_path, "notblib", tuple(d for d in RUNNER_DEPS if d != "tblib"))
     code, out = run_line(python_runner_command(_app(str(python)), _job({"x": 1})), tmp_path)
-    assert code == 1
+    assert code == 78
     assert_one_line(out, f"in {python} (Python ", "module 'tblib' is not installed")
 
 
@@ -136,7 +136,7 @@ def test_another_python_minor_version_says_which_in_one_line(tmp_path: Path) -> 
         pytest.skip("no CPython of another minor version installed beside this one")
     python = python_env(tmp_path, "other", RUNNER_DEPS, base=other)
     code, out = run_line(python_runner_command(_app(str(python)), _job({"x": 1})), tmp_path)
-    assert code == 1
+    assert code == 78
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     line = assert_one_line(out, str(python), f"was synced from Python {here}",
                            f"set the app's python_exe to a Python {here} that has Balsam")

@@ -43,7 +43,7 @@ def _run(n: int) -> subprocess.CompletedProcess:
 
 def test_a_return_value_over_the_servers_limit_is_a_clear_exception() -> None:
     ran = _run(400_000)  # ~533,000 characters serialized (dill + base64)
-    assert ran.returncode == 1, ran.stderr
+    assert ran.returncode == 70, ran.stderr
     value, exc = parse_run_markers(ran.stdout)
     assert value is None and exc is not None, ran.stdout[-500:]
     error = codec.deserialize_exception(exc)

@@ -44,7 +44,7 @@ def _ending_app():
 
 @pytest.mark.parametrize("how, returncode, exception", [
     # A KeyboardInterrupt ends Python by SIGINT (130 through bash): not 0, so RUN_ERROR.
-    ("exit0", 0, None), ("exit3", 3, None), ("interrupt", 130, None), ("raise", 1, ValueError),
+    ("exit0", 0, None), ("exit3", 3, None), ("interrupt", 130, None), ("raise", 70, ValueError),
 ])
 def test_only_an_exception_is_a_runs_result(how: str, returncode: int, exception: type | None) -> None:
     """As in Balsam 0.7, only an Exception is serialized as the run's result: a SystemExit (or a

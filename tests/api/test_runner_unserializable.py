@@ -43,7 +43,7 @@ def _run(how: str) -> subprocess.CompletedProcess:
 def test_a_return_value_that_cannot_be_serialized_is_reported_as_a_clear_exception() -> None:
     ran = _run("generator")
     raising = _run("raise")
-    assert ran.returncode == raising.returncode == 1, ran.stderr  # the exit of a raising run()
+    assert ran.returncode == raising.returncode == 70, ran.stderr  # the exit of a raising run()
     assert "working" in ran.stdout
     value, exc = parse_run_markers(ran.stdout)
     assert value is None and exc is not None, ran.stdout

@@ -4,7 +4,7 @@ The launcher builds this command with :func:`balsam._api.app.python_runner_comma
 rebuilds the app class and the job, calls ``run(**parameters)`` and prints on stdout (``job.out``)
 ``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI; the exception
 in Balsam 0.7's format for an app a 0.7 client synced: see :func:`serialize_exception`); an exception
-is re-raised so the process exits non-zero (RUN_ERROR). A ``SystemExit`` (or another
+ends the process with :data:`RAISED_EXIT` (70) after its traceback (RUN_ERROR). A ``SystemExit`` (or another
 ``BaseException`` that is not an ``Exception``) prints no marker: the exit status tells. A return
 value that cannot be serialized, or that serializes to more than the server takes
 (``MAX_SERIALIZED_PAYLOAD_CHARS``), is reported as a raising run() (``SerializeError`` saying why). The
@@ -13,9 +13,17 @@ processing module reads the markers from job.out with :func:`balsam.site.hooks_r
 
 A runner that cannot set up in the app's ``python_exe`` (a venv or container without dill, tblib or
 attrs; another Python minor version than the one that synced the app) prints ONE line on stderr,
-``balsam: the run() app cannot run in <interpreter> (Python X.Y.Z): <reason>``, and exits 1, with no
-marker (:func:`cannot_run`). A Python without Balsam at all fails before this module runs; its own
-line names the interpreter and the missing module.
+``balsam: the run() app cannot run in <interpreter> (Python X.Y.Z): <reason>``, and exits
+:data:`CANNOT_RUN_EXIT` (78), with no marker (:func:`cannot_run`). A Python without Balsam at all
+fails before this module runs; its own line names the interpreter and the missing module (exit 1).
+
+Neither exit is 1, what Python gives an uncaught exception: 1 is one of serial mode's quick-failure
+codes (:data:`balsam.launcher.runner.RETRY_CODES`, Balsam 0.7's), which relaunch a task that exits
+with it within 20 s up to 3 times. That rule is for launch hiccups (an MPI or file-system start-up);
+an exception the app raised, recorded in job.out, or an interpreter that cannot run the app, comes
+back the same on every run: a raising run() ran 4 times (4x its cost, and a first part with side
+effects done 4 times), and its RUN_ERROR came after 4 runs (11.1 s median against 2.8 s in a
+DeepHyper-style search).
 """
 
 from __future__ import annotations
@@ -27,6 +35,15 @@ import pickle
 import platform
 import sys
 from typing import Any, NoReturn
+
+#: The runner's exit status once it has recorded the app's own exception (the exception marker on
+#: stdout, the traceback on stderr): sysexits' EX_SOFTWARE. Outside the quick-failure codes (see
+#: the module docstring), so it is reported at once, never relaunched; ``job.result()`` reads the
+#: marker, whatever the status.
+RAISED_EXIT = 70
+#: The runner's exit status when it cannot set up in this interpreter (:func:`cannot_run`): sysexits'
+#: EX_CONFIG (the app's ``python_exe`` is the thing to change). Not relaunched either.
+CANNOT_RUN_EXIT = 78
 
 
 def mpi_rank() -> int:
@@ -49,21 +66,29 @@ def interpreter() -> str:
 
 
 def cannot_run(reason: str) -> NoReturn:
-    """End the runner with one line on stderr (job.out, and the job's error tail) and status 1:
-    the job cannot run in this interpreter (its set-up, not the app, failed). A traceback of
+    """End the runner with one line on stderr (job.out, and the job's error tail) and status
+    :data:`CANNOT_RUN_EXIT`: the job cannot run in this interpreter (its set-up, not the app,
+    failed; a relaunch fails the same way). A traceback of
     Balsam's own frames filled job.out and the job's error event (the last lines of job.out)
     ahead of the reason, and the reason did not say which interpreter it was."""
     if mpi_rank() == 0:  # one line, not one per rank
         sys.stderr.write(f"balsam: the run() app cannot run in {interpreter()}: {reason}\n")
         sys.stderr.flush()
-    raise SystemExit(1)
+    raise SystemExit(CANNOT_RUN_EXIT)
 
 
 def missing_module_reason(exc: ImportError) -> str:
-    name = exc.name or str(exc)
-    return (f"module {name!r} is not installed there; the python runner needs Balsam with its dependencies "
-            "(dill, tblib, attrs, cattrs, orjson...) in the app's python_exe: install them into it, or set "
-            "python_exe to a Python that has them")
+    """Why the runner's imports failed, in one line: a module that is not there at all
+    (ModuleNotFoundError), or one that is there but cannot be used ("cannot import name 'X' from
+    'Y'": too old; a broken or foreign build), with Python's own words, which name what is missing.
+    Both read "not installed there" before, and the name that was missing went unsaid."""
+    needs = ("the python runner needs Balsam with its dependencies (dill, tblib, attrs, cattrs, orjson...) in the "
+             "app's python_exe: install them into it, or set python_exe to a Python that has them")
+    if isinstance(exc, ModuleNotFoundError):
+        return f"module {exc.name or str(exc)!r} is not installed there; {needs}"
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    what = f"module {exc.name!r} there cannot be used" if exc.name else "an import failed there"
+    return f"{what} (too old, or a broken build): {text}; {needs.replace('install them', 'install current ones')}"
 
 
 try:
@@ -176,5 +201,20 @@ def main(argv: "list[str] | None" = None) -> int:
     return 0
 
 
+def run_main() -> NoReturn:
+    """:func:`main`, its exit status the process's. An Exception out of it (the app's, recorded by
+    its marker; a return value that cannot be reported, recorded the same way) is printed as an
+    uncaught one is (``sys.excepthook``: the job's error tail stays the traceback) and ends the
+    process with :data:`RAISED_EXIT`, not 1. A BaseException that is no Exception (the app's
+    ``sys.exit(n)``, a KeyboardInterrupt, :func:`cannot_run`) ends it as it always did."""
+    try:
+        code = main()
+    except Exception:
+        sys.excepthook(*sys.exc_info())
+        sys.stderr.flush()
+        code = RAISED_EXIT
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main()

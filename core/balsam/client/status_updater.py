@@ -62,6 +62,16 @@ the session it was put under, so the agent replays a launcher's updates under th
 not its own. And the launcher's lease does not end that session while its updates wait in the spool
 (:func:`send_spooled`, :meth:`balsam.client.lease.JobLease.close`): ending it would time the jobs out
 and the replay would be refused.
+
+Jobs deleted on the server: an updater given ``on_gone`` (a launcher's) reads a 404 that names a
+job of the call (``refused_ids``: the server's "Job not found: N") as that job being gone, not as
+a fault: its updates are dropped with one INFO line per call, and ``on_gone(ids)`` gets the ids of
+the call's gone jobs at once (one call per PATCH, on the sending thread), so that the launcher ends
+their runs (:mod:`balsam.launcher.gone`). A job deleted while leased and not yet RUNNING
+(``Job.objects.filter(...).delete()`` at a search's early stop skips the RUNNING ones) was started,
+its RUNNING refused (an ERROR line), and run to its end (its RUN_DONE refused, another ERROR): the
+heartbeat that would have said it was gone comes once a minute. A 404 that names no job (a proxy's,
+a wrong URL) is a refusal as before. Without ``on_gone`` (the processing module) nothing changes.
 """
 
 from __future__ import annotations
@@ -278,6 +288,15 @@ def isolate_refused(send: Callable[[list], Any], items: list) -> list[tuple[Any,
         return isolate_refused(send, items[:mid]) + isolate_refused(send, items[mid:])
 
 
+def _named_not_found(update: Any, error: BaseException) -> bool:
+    """Whether ``error`` is a 404 naming ``update``'s job among the records not found (the server's
+    ``refused_ids``): the job is gone. A 404 that names no record (a proxy's, a wrong path) is not."""
+    if http_status(error) != 404:
+        return False
+    named = getattr(error, "refused_ids", None)
+    return bool(named) and _record_id(update) in named
+
+
 def _refused_positions(exc: BaseException, count: int) -> set[int]:
     """The places in the call of the items a 422 refused for their values (its ``detail`` entries'
     ``loc`` is ``["body", i, ...]``); empty when it does not say (then the call is halved)."""
@@ -454,6 +473,9 @@ class BulkStatusUpdater:
     refused; it may return a replacement update to send in its place (once per job: a refused
     replacement is only dropped). The processing module fails a job whose hook left a value the
     server refuses, which would otherwise leave the job leased and never processed again.
+    ``on_gone(job_ids)``: called (in the sending thread, once per call) with the jobs a call's 404
+    named as not found (deleted on the server); their updates are dropped and logged at INFO, not
+    handed to ``on_refused`` (see the module's docstring). Settable later (:attr:`on_gone`).
     """
 
     def __init__(
@@ -468,9 +490,12 @@ class BulkStatusUpdater:
         spool_dir: "Path | str | None" = None,
         session_id: "int | Callable[[], Optional[int]] | None" = None,
         on_refused: "Callable[[dict[str, Any], BaseException], Optional[dict[str, Any]]] | None" = None,
+        on_gone: "Callable[[list[int]], None] | None" = None,
     ) -> None:
         self._client = client
         self._on_refused = on_refused
+        #: See the class docstring: the jobs a 404 named gone, handed over; None: 404s are refusals.
+        self.on_gone = on_gone
         self._session: "int | Callable[[], Optional[int]] | None" = session_id
         #: False once the server refused ``session_id`` as an unknown field (it is older than
         #: leases): updates then go without it, as they did before (no stale-result check there).
@@ -869,6 +894,11 @@ class BulkStatusUpdater:
                     self._release(lane)
                 else:
                     self._requeue(lane.sending.pop().held)
+            if refused and self.on_gone is not None:
+                gone = [pair for pair in refused if _named_not_found(*pair)]
+                if gone:
+                    refused = [pair for pair in refused if not _named_not_found(*pair)]
+                    self._hand_gone(gone)
             self._log_refused(refused, len(chunk))
             for update, error in refused:
                 self._drop([update], str(error))
@@ -943,6 +973,26 @@ class BulkStatusUpdater:
         """Log the updates the server refused in one call (:func:`log_refused`; a subclass whose
         refusals are expected says so instead)."""
         log_refused(self.name, refused, total)
+
+    def _hand_gone(self, gone: Sequence[tuple[Any, BaseException]]) -> None:
+        """Drop the updates of deleted jobs (one INFO line for the call) and hand their ids to
+        ``on_gone`` once (sender thread only)."""
+        ids = sorted({_record_id(update) for update, _error in gone})
+        shown = ", ".join(str(i) for i in ids[:_REFUSED_IDS_SHOWN])
+        if len(ids) > _REFUSED_IDS_SHOWN:
+            shown += f" and {len(ids) - _REFUSED_IDS_SHOWN} more"
+        logger.info("%s: job%s %s %s deleted on the server (HTTP 404): %d update%s dropped", self.name,
+                    "s" if len(ids) > 1 else "", shown, "were" if len(ids) > 1 else "was", len(gone),
+                    "s" if len(gone) > 1 else "")
+        for update, error in gone:
+            self._drop([update], str(error))
+        callback = self.on_gone
+        if callback is None:
+            return
+        try:
+            callback(ids)
+        except Exception:
+            logger.exception("%s: on_gone failed for jobs %s", self.name, ids)
 
     def _drop(self, updates: Sequence[dict[str, Any]], reason: str) -> None:
         """Keep a bounded record of dropped updates (sender thread only)."""

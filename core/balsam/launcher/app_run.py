@@ -37,6 +37,7 @@ from ..util import JOB_OUTPUT_NAME, create_job_output, tail_file
 from . import spawner
 from .job_mode import env_float
 from .node_manager import Demand
+from .server_secrets import SERVER_SECRET_VARIABLES
 from .stale_run import end_stale_run, end_stale_runs
 
 logger = logging.getLogger(__name__)
@@ -439,18 +440,14 @@ class JobPreparer:
         return exc.errno == errno.EACCES and not os.access(self.data_path, os.W_OK | os.X_OK)
 
 
-#: The server's secrets, which a shell that starts a site agent often holds too (one login node, one
-#: ``.bashrc`` for ``balsam server`` and ``balsam site start``): the token signing key (whoever has
-#: it signs tokens for any user), the database URL with its password, a registration invitation.
-#: Neither a launcher nor an app needs them, and apps print and copy their environment (``env`` in
-#: a job script, MPI debug output, provenance records): every job had them in its environment.
-SERVER_SECRET_VARIABLES = ("BALSAM_AUTH_SECRET_KEY", "BALSAM_DATABASE_URL", "BALSAM_INVITATION")
-
-
 def _drop_server_secrets(env: dict[str, str], declared: Mapping[Any, Any]) -> None:
-    """Remove :data:`SERVER_SECRET_VARIABLES` that ``env`` got from this process's environment;
-    one the app sets itself (its ``environment_variables``, or its own ``get_environ_vars()`` with
-    another value) stays. Three lookups a job."""
+    """Remove the server's secrets (:data:`balsam.launcher.server_secrets.SERVER_SECRET_VARIABLES`)
+    that ``env`` got from this process's environment; one the app sets itself (its
+    ``environment_variables``, or its own ``get_environ_vars()`` with another value) stays. Apps
+    print and copy their environment (``env`` in a job script, MPI debug output, provenance
+    records): every job had them. A launcher removes them from its own environment as it starts
+    (:func:`balsam.launcher.entry.run_launcher`), so this finds none there; it stays for a
+    launcher's pools started otherwise (a library caller, a test). Three lookups a job."""
     for name in SERVER_SECRET_VARIABLES:
         value = env.get(name)
         if value is not None and name not in declared and value == os.environ.get(name):
@@ -535,14 +532,33 @@ _RESTORE_PLATFORM_VARIABLES = 'for __balsam_kv in ${__balsam_keep[@]+"${__balsam
 #: of setup scripts) says in job.out that the preamble ended the job. Without it, ``exit 3`` left an
 #: empty job.out and an event with exit status 3 and no error: nothing told the preamble from the
 #: app. A bash function, not an EXIT trap: a trap keeps bash from exec'ing the app (bash -c execs
-#: its last command), and a signal that kills the app then reads 128+N instead of -N.
-_PREAMBLE_EXIT = ('exit() { local __balsam_st=$?; if [ "${BASH_SUBSHELL:-0}" = 0 ]; then echo "balsam: the shell '
-                  'preamble called exit ${1-$__balsam_st}: the app was not started" >&2; fi; '
+#: its last command), and a signal that kills the app then reads 128+N instead of -N. The message's
+#: ``echo`` may fail (stderr closed, ``2>/dev/full``): ``|| :``, or under ``set -e`` the job ended
+#: with the echo's status 1 instead of the preamble's.
+_EXIT_FUNCTION = ('exit() { local __balsam_st=$?; if [ "${BASH_SUBSHELL:-0}" = 0 ]; then echo "balsam: the shell '
+                  'preamble called exit ${1-$__balsam_st}: the app was not started" >&2 || :; fi; '
                   'builtin exit "${1-$__balsam_st}"; }')
+#: The same message in bash's POSIX mode (``POSIXLY_CORRECT`` in the job's environment, which bash
+#: reads at start-up, or the launcher's): there a function may not be named after a special builtin
+#: (defining it was fatal, "`exit': is a special builtin", status 2, and no job with a preamble
+#: ran), and ``exit`` finds the builtin before any function. An EXIT trap instead (subshells do
+#: not inherit it), removed after the preamble (:data:`_DROP_EXIT_TRAP`) so that bash still execs
+#: the app. A trap cannot tell an ``exit`` from a ``set -e`` stop (``$BASH_COMMAND`` names the
+#: ``source`` line of a multi-line preamble, the failing command under an ERR trap): its line says
+#: what is true of both, with the status.
+_EXIT_TRAP = ('__balsam_st=$?; echo "balsam: the shell preamble ended the job (exit status $__balsam_st): the app '
+              'was not started" >&2 || :')
+_PREAMBLE_EXIT = (f"if shopt -qo posix; then __balsam_exit_trap=1; trap {shlex.quote(_EXIT_TRAP)} EXIT; "
+                  f"else {_EXIT_FUNCTION}; fi")
+#: After the preamble, in POSIX mode: the trap above goes, unless the preamble set its own EXIT
+#: trap (kept: it is the user's). ``trap -p`` prints it quoted as here (the body has no ').
+_DROP_EXIT_TRAP = ('if [ -n "${__balsam_exit_trap-}" ] && [ "$(trap -p EXIT)" = '
+                   f"{shlex.quote(f'trap -- {shlex.quote(_EXIT_TRAP)} EXIT')} ]; then trap - EXIT; fi")
 #: After it: the ``exit`` above goes, and a failing last command ends the job with one line saying so
 #: (a ``module load`` of a missing module printed its banner and nothing else).
-_PREAMBLE_FAILED = ('__balsam_rc=$?; unset -f exit; if [ $__balsam_rc -ne 0 ]; then echo "balsam: the shell preamble '
-                    'failed (exit status $__balsam_rc): the app was not started" >&2; exit $__balsam_rc; fi')
+_PREAMBLE_FAILED = (f'__balsam_rc=$?; unset -f exit; {_DROP_EXIT_TRAP}; if [ $__balsam_rc -ne 0 ]; then echo '
+                    '"balsam: the shell preamble failed (exit status $__balsam_rc): the app was not started" >&2 || :; '
+                    'exit $__balsam_rc; fi')
 
 
 def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
@@ -553,7 +569,8 @@ def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     Either way a preamble whose last command fails, or that stops itself (``set -e``, an ERR trap,
     ``exit``), skips the app and the job ends RUN_ERROR with the preamble's status. A failing last
     command and an ``exit`` say so in job.out, one line each (:data:`_PREAMBLE_FAILED`,
-    :data:`_PREAMBLE_EXIT`); a ``set -e`` stop leaves what the failing command printed.
+    :data:`_PREAMBLE_EXIT`); a ``set -e`` stop leaves what the failing command printed (in bash's
+    POSIX mode one line for both: :data:`_EXIT_TRAP`).
 
     The variables the platform set for the job's GPU visibility (named in
     :data:`PLATFORM_VARIABLES`) are set again after the preamble, as they were before it: a

@@ -31,6 +31,7 @@ from balsam.util import (EnvNumberError, batch_job_id_from_env, env_number, log_
                          resume_gc_after_start_up)
 
 from .batch_job_notes import flush_notes
+from .server_secrets import drop_server_secrets
 
 logger = logging.getLogger("balsam.launcher")
 
@@ -342,6 +343,12 @@ def run_launcher(
     # replays and ends the hold.
     held.__enter__()
     try:
+        # First: every process started from here on (partition launchers, the spawner, each job's
+        # shell) inherits this environment (balsam.launcher.server_secrets).
+        removed = drop_server_secrets()
+        if removed:
+            logger.info("the server's secrets %s are not kept in this launcher's environment, nor in its jobs'",
+                        ", ".join(removed))
         return _start_launcher(job_mode, wall_time_min, tags, parts, site_path, partition_index, held)
     finally:
         held.replay()

@@ -37,6 +37,14 @@ the mode's loop thread, which alone owns the pool, the pending deque, the hand-o
 :attr:`GoneJobs.ending`, :attr:`GoneJobs.copies`, :attr:`GoneJobs.successors` and
 :attr:`GoneJobs.ready`.
 
+The status updater tells as well (:meth:`GoneJobs.deleted`, its ``on_gone``): a 404 naming a job
+of its PATCH means the job was deleted. The heartbeat comes once a period (60 s by default), so a
+job deleted while leased and waiting here (``Job.objects.filter(...).delete()`` at a search's early
+stop deletes those and skips the RUNNING ones) was started, its RUNNING refused, and run to its end
+for nothing. Now the refused RUNNING ends it (a fraction of a second into its run), as a heartbeat's
+answer would; the jobs of one refused call arrive together. Such an answer is of the job as it is on
+the server, whatever copy is held: it carries no acquire number.
+
 A lease that lost its Session and opened a new one asks the new one too: the old Session's jobs
 were given back by the server (RUNNING ones are RUN_TIMEOUT, to run again), so they are ended the
 same way rather than run twice. Copies of the lost Session that were not held yet when it was
@@ -118,6 +126,13 @@ class GoneJobs:
     def _arrived(self, job_ids: list[int], as_of: Optional[int] = None) -> None:
         self._inbox.append((list(job_ids), as_of))
         self.wake.set()
+
+    # -- status updater thread -----------------------------------------------------------------
+    def deleted(self, job_ids: list[int]) -> None:
+        """The status updater's ``on_gone``: the server answered 404 for these jobs' updates (they
+        were deleted). Handed over as a heartbeat's answer is, for every copy held (a deleted job
+        is leased again by no one); the loop ends their runs and reports nothing for them."""
+        self._arrived(job_ids, None)
 
     # -- loop thread ---------------------------------------------------------------------------
     @property

@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional
 
 from ..config.settings import load_settings
 from ..config.site_config import SITE_MARKER
+from ..launcher.server_secrets import drop_server_secrets
 from ..plugins.discovery import HOOK_KIND
 from ..plugins.manager import get_plugin_manager
 from ..plugins.report import CONFLICT, FAILED
@@ -1278,8 +1279,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     os.environ["BALSAM_SITE_PATH"] = str(site_config.site_path)
+    # Before any module starts: the batch jobs it submits (sbatch --export=ALL, qsub -V), their
+    # launchers and the processing hooks, which run here, never hold them (balsam.launcher.server_secrets).
+    removed = drop_server_secrets()
     log_path = setup_logging(site_config, stream=args.log_to_stderr)
     logger.info("balsam site agent starting (pid %d on %s), log %s", os.getpid(), socket.gethostname(), log_path)
+    if removed:
+        logger.info("the server's secrets %s are not kept in the agent's environment, nor in what it starts",
+                    ", ".join(removed))
     try:
         agent = Agent(site_config, end_children=True)
         from .site_ops import SiteError, claim_site_path  # site_ops imports this module

@@ -842,6 +842,7 @@ class MPIMode(JobMode):
         failed: Optional[BaseException] = None
         with self.lease() as (source, updater):
             self.gone.attach(source)
+            updater.on_gone = self.gone.deleted  # a 404 of an update: the job was deleted meanwhile
             sent_request: dict[str, Any] = {}  # the request of the acquire in flight (or the last one)
             try:
                 if self._early_request is not None:

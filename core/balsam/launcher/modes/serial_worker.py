@@ -1119,6 +1119,7 @@ def build_master(
                                hardware_threads_per_core=int(config.get("hardware_threads_per_core", 0) or 0))
     updater = open_updater(config.get("spool_path"))
     gone = GoneJobs(wake)
+    updater.on_gone = gone.deleted  # a 404 of an update: the job was deleted meanwhile (its run is ended)
     open_source = lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"]))
     preparer = JobPreparer(Path(config["data_path"]), default_postprocess=bool(launcher["default_postprocess_in_launcher"]))
     # Before the first acquire: on a still-full disk nothing is leased (the prefetcher is exhausted
