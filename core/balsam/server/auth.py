@@ -47,9 +47,10 @@ from typing import Any, Callable, Optional
 import jwt
 import sqlalchemy as sa
 
+from ..states import BATCH_JOB_TRANSITIONS
 from .db import write_tx
 from .errors import Forbidden, TooManyRequests, Unauthorized
-from .tables import credentials, users
+from .tables import batch_jobs, credentials, users
 
 # scrypt parameters (RFC 7914 recommendation for interactive logins: N=2**14, r=8, p=1).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN = 2**14, 8, 1, 32
@@ -361,14 +362,35 @@ CREDENTIAL_SWEEP_BATCH = 1000
 CREDENTIAL_SWEEP_MAX_BATCHES = 20
 
 
+#: BatchJob states with no way out (:data:`balsam.states.BATCH_JOB_TRANSITIONS`): no launcher of
+#: theirs starts any more, so their launcher credentials are not kept past their expiry.
+_ENDED_BATCH_JOB_STATES = sorted(state.value for state, after in BATCH_JOB_TRANSITIONS.items() if not after)
+
+
 def _ended_batch(cutoff: dt.datetime, batch_rows: int) -> sa.Delete:
     """Delete up to ``batch_rows`` credentials that ended (revoked, or expired) before ``cutoff``.
 
     The rows are chosen ``FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite renders no lock clause and
-    runs one write transaction at a time): a row some request holds is left to the next sweep."""
-    ended = sa.or_(credentials.c.revoked < cutoff, credentials.c.expires < cutoff)
+    runs one write transaction at a time): a row some request holds is left to the next sweep.
+
+    An unrevoked launcher credential of a BatchJob that exists and has not ended (a state with
+    no way out: finished, submit_failed) never counts as ended, however long ago it expired: the
+    agent renews it (an expired one too) while the BatchJob waits in the queue, and its launcher
+    starts with it. Deleted, a BatchJob queued while its agent was down longer than its queue
+    allowance plus the retention lost its allocation (the renewal answered 404, the launcher's
+    token 401). Such a credential is revoked when its BatchJob finishes or is deleted
+    (:func:`revoke_credentials`; a deleted one's ``batch_job_id`` is also set NULL), and is then
+    swept as any other ended credential."""
+    batch_job_live = sa.exists().where(batch_jobs.c.id == credentials.c.batch_job_id,
+                                       batch_jobs.c.state.not_in(_ENDED_BATCH_JOB_STATES))
+    kept_for_its_batch_job = sa.and_(credentials.c.kind == "launcher", credentials.c.revoked.is_(None),
+                                     credentials.c.batch_job_id.is_not(None), batch_job_live)
+    ended = sa.or_(credentials.c.revoked < cutoff,
+                   sa.and_(credentials.c.expires < cutoff, sa.not_(kept_for_its_batch_job)))
+    # OF credentials: the BatchJob is only read (its finish revokes the credential, which the
+    # DELETE's re-check below then sees either way); locking it would put the sweep in the lock order.
     chosen = (sa.select(credentials.c.id).where(ended).order_by(credentials.c.id).limit(batch_rows)
-              .with_for_update(skip_locked=True))
+              .with_for_update(skip_locked=True, of=credentials))
     # ``ended`` again in the DELETE: PostgreSQL re-checks it against a row changed after the
     # subquery read it (a renewal that committed in between keeps its row).
     return sa.delete(credentials).where(credentials.c.id.in_(chosen.scalar_subquery()), ended)
@@ -380,7 +402,8 @@ def sweep_ended_credentials(engine: sa.Engine, retention_sec: float, *, now: "dt
     (``BALSAM_AUTH_CREDENTIAL_RETENTION_SEC``): up to ``batch_rows`` per statement, each statement
     its own write transaction, until fewer are left or ``max_batches`` statements ran. Returns the
     rows deleted. Until then an ended credential stays listed (``balsam server credentials --all``,
-    ``GET /auth/credentials``) for audit.
+    ``GET /auth/credentials``) for audit. An unrevoked launcher credential of a BatchJob that has
+    not finished is never deleted, expired or not (:func:`_ended_batch` says why).
 
     Why: one launcher credential per BatchJob and one per login, never deleted, were hundreds of
     thousands of rows after months at a busy site, every one of a user's visited by their listing

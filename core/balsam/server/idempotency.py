@@ -130,10 +130,14 @@ KEPT_ONLY_IF_MADE = frozenset({"acquire"})
 #: fields a client may send back (ignored by the route). Such a PUT is not recorded
 #: (:func:`is_status_refresh`): recorded, each was a row holding the whole site record (the whole
 #: queue's ``queued_jobs`` on a busy cluster) for ``BALSAM_IDEMPOTENCY_TTL_SEC`` (24 h): 8,640 rows
-#: a day per agent from the scheduler module alone (benchmarks/soak_idle_records.py). Applying it
+#: a day per agent from the scheduler module alone (benchmarks/site_refresh_records.py). Applying it
 #: twice is harmless: a resend carries the same snapshot and sets the same values (and
 #: ``last_refresh`` to its own time, which is what a refresh is), and the answer of a resend is
-#: the record as it is then, which is what the agent wants. A PUT with any other field (a user's
+#: the record as it is then, which is what the agent wants. A late resend of an older refresh
+#: (its first try's answer lost, the next cycle's refresh applied meanwhile) does overwrite the
+#: newer ``queued_jobs``/``backfill_windows`` with its older snapshot until the agent's next refresh
+#: (one ``sync_period``): they are only shown (the site record, ``GET /sites``), and nothing on
+#: the server decides anything on them. A PUT with any other field (a user's
 #: ``allowed_projects``, ``name``, ``path``, ...) is recorded and replayed as before: its resend
 #: answers the record as it was and never undoes a later change.
 SITE_STATUS_FIELDS = frozenset({"queued_jobs", "backfill_windows", "id", "last_refresh", "creation_date"})

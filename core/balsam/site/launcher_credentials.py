@@ -117,16 +117,21 @@ class LauncherCredentials:
         reused = self._reuse(batch_job)
         if reused is not None:
             return reused
-        body = {"kind": "launcher", "site_id": self.site_id, "batch_job_id": int(batch_job["id"]),
-                "ttl_sec": _ttl_for(batch_job), "label": f"launcher of BatchJob {batch_job['id']}"}
         try:
-            answer = self.client.post("/auth/credentials", json=body)
+            return self._mint_new(batch_job)
         except Exception as exc:
             if getattr(exc, "status_code", None) in (404, 405):
                 self.supported = False
                 logger.warning("the server has no launcher credentials (%s): launchers use your login", exc)
                 return None
             raise
+
+    def _mint_new(self, batch_job: dict) -> Path:
+        """Create a new credential for this BatchJob and store it in its file (API and disk errors
+        propagate; one that could not be stored is revoked)."""
+        body = {"kind": "launcher", "site_id": self.site_id, "batch_job_id": int(batch_job["id"]),
+                "ttl_sec": _ttl_for(batch_job), "label": f"launcher of BatchJob {batch_job['id']}"}
+        answer = self.client.post("/auth/credentials", json=body)
         try:
             path = self._write(int(batch_job["id"]), answer)
         except OSError:
@@ -178,7 +183,8 @@ class LauncherCredentials:
 
     def renew_due(self, batch_jobs: Iterable[dict], now: Optional[dt.datetime] = None) -> list[int]:
         """Renew the credentials of queued/running BatchJobs that would expire within their wall
-        time plus a day (one call per credential, about once a day each). Returns the renewed ids."""
+        time plus a day (one call per credential, about once a day each); one the server no longer
+        has (404) is replaced by a new one. Returns the ids of the BatchJobs renewed or replaced."""
         now = now or dt.datetime.now(dt.timezone.utc)
         renewed = []
         for batch_job in batch_jobs:
@@ -197,6 +203,10 @@ class LauncherCredentials:
                 answer = self.client.post(f"/auth/credentials/{stored.credential_id}/renew",
                                           json={"ttl_sec": _ttl_for(batch_job)})
             except Exception as exc:
+                if getattr(exc, "status_code", None) == 404:  # gone: replaced (or said why not)
+                    if self._replace_gone(batch_job, stored.credential_id, exc):
+                        renewed.append(bj_id)
+                    continue
                 logger.warning("BatchJob %s: could not renew launcher credential %s: %s", batch_job["id"],
                                stored.credential_id, exc)
                 continue
@@ -217,6 +227,24 @@ class LauncherCredentials:
             logger.info("BatchJob %s: launcher credential %s renewed until %s", batch_job["id"], stored.credential_id,
                         answer["expiration"])
         return renewed
+
+    def _replace_gone(self, batch_job: dict, credential_id: int, exc: Exception) -> bool:
+        """The server no longer has this queued/running BatchJob's credential (404: deleted, e.g.
+        by an older server's retention sweep, or the database was restored): mint a new one into
+        its file, which its launcher reads when it starts (or, running, after the server refused
+        its old token). Renewing the gone one again answered 404 at every cycle for ever, and the
+        launcher started with a token the server refused: the allocation was wasted. A revoked
+        credential (409) is not replaced: someone revoked it on purpose. True if one was minted."""
+        bj_id = int(batch_job["id"])
+        try:
+            path = self._mint_new(batch_job)
+        except Exception as mint_exc:
+            logger.warning("BatchJob %s: launcher credential %s no longer exists (%s) and no new one could be "
+                           "minted (tried again next cycle): %s", bj_id, credential_id, exc, mint_exc)
+            return False
+        logger.warning("BatchJob %s: launcher credential %s no longer exists on the server (%s): a new one was "
+                       "minted into %s", bj_id, credential_id, exc, path)
+        return True
 
     def revoke_unused(self, batch_job_ids: Iterable[int]) -> list[int]:
         """Revoke the live launcher credentials of BatchJobs whose submission failed for good with
