@@ -36,8 +36,9 @@ import platform
 import sys
 from typing import Any, NoReturn
 
-#: The runner's exit status once it has recorded the app's own exception (the exception marker on
-#: stdout, the traceback on stderr): sysexits' EX_SOFTWARE. Outside the quick-failure codes (see
+#: The runner's exit status once the app raised (rank 0's exception recorded as the exception marker
+#: on stdout; under MPI another rank's shows only in its traceback on stderr and in this status,
+#: while rank 0 may have recorded a return value): sysexits' EX_SOFTWARE. Outside the quick-failure codes (see
 #: the module docstring), so it is reported at once, never relaunched; ``job.result()`` reads the
 #: marker, whatever the status.
 RAISED_EXIT = 70
