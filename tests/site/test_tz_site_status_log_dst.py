@@ -3,7 +3,8 @@
 The agent names its log after its local start time (``agent_2026-11-01_011000.log``). An agent
 restarted in the hour the fall-back repeats (01:10 CST) names it earlier than the log of the agent
 that ran before the change (01:40 CDT): `site status` took the last name in sorted order and named
-the old agent's log. Without faketime, a POSIX TZ rule puts the fall-back 5 s before now.
+the old agent's log. Without faketime, a POSIX TZ rule puts the fall-back just before this process's
+start, the start time the agent's pid file records (`site status` picks the log by it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -48,21 +50,25 @@ class _Status(AgentModule):
 
 def test_site_status_names_the_running_agents_log_after_the_fall_back(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    now = dt.datetime.now(UTC)
-    monkeypatch.setenv("TZ", _fall_back_at(now - dt.timedelta(seconds=5)))
+    # The agent here is this process: its pid file records this process's start.
+    started = psutil.Process().create_time()
+    monkeypatch.setenv("TZ", _fall_back_at(dt.datetime.fromtimestamp(started - 2, UTC)))
     time.tzset()
     try:
         site = tmp_path / "site"
         (site / "log").mkdir(parents=True)
         (site / SITE_MARKER).write_text("")
         (site / "settings.yml").write_text("logging:\n  level: INFO\n")
-        # The agent before: started 20 minutes ago (daylight time), its last line 15 minutes ago.
-        before = site / "log" / f"agent_{dt.datetime.fromtimestamp(now.timestamp() - 1200):%Y-%m-%d_%H%M%S}.log"
+        # The agent before: started 10 minutes before the change (daylight time), its last line since
+        # this one's start (an old log touched then: by when written, it was the one named).
+        before = site / "log" / f"agent_{dt.datetime.fromtimestamp(started - 600):%Y-%m-%d_%H%M%S}.log"
         before.write_text("...\n")
-        os.utime(before, (now.timestamp() - 900, now.timestamp() - 900))
-        # This one, named as balsam.site.agent.setup_logging names it: its local time now (standard time).
-        running = site / "log" / f"agent_{dt.datetime.now():%Y-%m-%d_%H%M%S}.log"
+        # This one, named as balsam.site.agent.setup_logging names it: its local time at its start
+        # (standard time), last written before the old log was touched.
+        running = site / "log" / f"agent_{dt.datetime.fromtimestamp(started + 1):%Y-%m-%d_%H%M%S}.log"
         running.write_text("...\n")
+        os.utime(running, (started + 1, started + 1))
+        os.utime(before, (started + 2, started + 2))
         assert running.name < before.name  # the repeated hour: the newer log sorts first by name
 
         ref: list = []

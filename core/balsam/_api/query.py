@@ -45,8 +45,11 @@ def encode_filter_value(value: Any) -> Any:
         return to_aware_utc(value).isoformat()
     if isinstance(value, dt.date):
         # A day is local, as a naive datetime is: sent as its text, the server read UTC midnight
-        # (``last_update_after=date.today()`` began at 18:00 the day before in Chicago).
-        return to_aware_utc(dt.datetime.combine(value, dt.time())).isoformat()
+        # (``last_update_after=date.today()`` began at 18:00 the day before in Chicago). Its first
+        # instant by timestamp(): where daylight saving starts at midnight (Cairo, Santiago) local
+        # midnight does not exist, and astimezone() put it an hour before the day began.
+        first = dt.datetime.combine(value, dt.time()).timestamp()
+        return dt.datetime.fromtimestamp(first, dt.timezone.utc).isoformat()
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, type) and hasattr(value, "__app_id__"):

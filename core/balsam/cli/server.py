@@ -807,7 +807,9 @@ def _status() -> bool:
     elif pid is None or started is None:  # (or it exited since _running_pid)
         click.echo("Balsam server: not running")
     else:
-        uptime = dt.datetime.now() - dt.datetime.fromtimestamp(started)
+        # From timestamps: naive local times differ by an hour more or less across a daylight
+        # saving change (a server started before the fall-back read "-1 day, 23:20:00").
+        uptime = dt.timedelta(seconds=int(max(0.0, time.time() - started)))
         healthy = _answers(info.get("api_root", ""))
         answering = "answering" if healthy else "NOT answering"
         click.echo(f"Balsam server: running, {answering}")

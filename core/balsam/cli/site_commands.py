@@ -283,18 +283,41 @@ def _some_ids(ids: list[int], count: int) -> str:
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def _agent_logs_oldest_first(log_dir: Path) -> list[Path]:
-    """The agent logs (``agent_<local time>.log``) by when they were last written, not by name: the
-    name is the agent's local start time, which in the hour daylight saving's fall-back repeats
-    (or after a change of ``TZ``) sorts an earlier agent's log after the running one's, and
-    `site status` named the old log."""
+#: How the agent names its log (:func:`balsam.site.agent.setup_logging`): its local time then.
+AGENT_LOG_NAME_FORMAT = "agent_%Y-%m-%d_%H%M%S.log"
+
+
+def _log_name_instants(log: Path) -> list[float]:
+    """The instants the local time in an agent log's name can stand for: two in the hour daylight
+    saving's fall-back repeats (fold 0 and 1), one otherwise; none for a name not in that form."""
+    try:
+        local = dt.datetime.strptime(log.name, AGENT_LOG_NAME_FORMAT)
+    except ValueError:
+        return []
+    return sorted({local.replace(fold=fold).timestamp() for fold in (0, 1)})
+
+
+def _running_agent_log(log_dir: Path, started: Optional[float]) -> Optional[Path]:
+    """The running agent's log: the first log named at or after its process start (``started``,
+    from the pid record; 1 s for the name's whole seconds). Not the log written last: an idle agent
+    writes rarely (its alive line every 10 minutes), and an old log touched meanwhile (an editor,
+    `touch`, logrotate's copytruncate) was named instead; not the last name either: in the hour the
+    fall-back repeats an agent started then names its log before the previous agent's; and not a
+    later log: a `site start` refused (the agent runs) leaves a log of its own. The log written
+    last without a start time (a pid file of an older version) or when no name is at or after it
+    (`site status` run with another ``TZ`` than the agent's, its log removed); None: no log."""
+    logs = list(log_dir.glob("agent_*.log"))
+    if started is not None:
+        named = [(when, log.name, log) for log in logs for when in _log_name_instants(log) if when >= started - 1]
+        if named:
+            return min(named)[2]
     stamped = []
-    for log in log_dir.glob("agent_*.log"):
+    for log in logs:
         try:
             stamped.append((log.stat().st_mtime, log.name, log))
         except OSError:  # removed since the listing
             continue
-    return [log for _mtime, _name, log in sorted(stamped)]
+    return max(stamped)[2] if stamped else None
 
 
 def _agent_cannot_end(row: dict, since: dt.datetime) -> Optional[str]:
@@ -501,13 +524,13 @@ def status(site_path: Optional[str]) -> None:
         click.echo(f"The site agent is not running (the pid file of pid {pid}, left by an agent that did not stop "
                    "cleanly, is replaced at the next `balsam site start`).")
         sys.exit(1)
-    logs = _agent_logs_oldest_first(path / "log")
+    log = _running_agent_log(path / "log", started)
     since = ""
     if started is not None:
         up = dt.timedelta(seconds=int(dt.datetime.now().timestamp() - started))
         # With its zone: an agent started before a daylight saving change reads an hour off otherwise.
         since = f" since {dt.datetime.fromtimestamp(started).astimezone():%Y-%m-%d %H:%M:%S %Z} (up {up})"
-    click.echo(f"Site agent running on {host} [pid {pid}]{since}; log {logs[-1] if logs else path / 'log'}")
+    click.echo(f"Site agent running on {host} [pid {pid}]{since}; log {log or path / 'log'}")
     # The agent's own test (its content, not its mtime: a `touch` or an edit undone is no change).
     changed = settings_changed_since_start(path, path / "settings.yml")
     if changed is None and started is not None:
