@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -63,7 +64,7 @@ def production_settings(monkeypatch: Any, nodes: list[NodeInfo], per_rank: int =
         raise Captured()
 
     monkeypatch.setattr(serial_worker, "Prefetcher", capture)
-    monkeypatch.setattr(serial_worker, "open_updater", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serial_worker, "open_updater", lambda *args, **kwargs: types.SimpleNamespace())  # the master sets its on_gone
     config = {
         "launcher": {"serial_mode_prefetch_per_rank": per_rank, "delay_sec": 1, "default_postprocess_in_launcher": True},
         "nodes": [{"node_id": n.node_id, "hostname": n.hostname, "cpu_ids": list(n.cpu_ids)} for n in nodes],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def test_build_master_gives_the_prefetcher_the_preparers_end_stale_runs(monkeypa
         raise Captured()
 
     monkeypatch.setattr(serial_worker, "Prefetcher", capture)
-    monkeypatch.setattr(serial_worker, "open_updater", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serial_worker, "open_updater", lambda *args, **kwargs: types.SimpleNamespace())  # the master sets its on_gone
     config = {"launcher": {"serial_mode_prefetch_per_rank": 64, "delay_sec": 1, "default_postprocess_in_launcher": True},
               "nodes": [{"node_id": "0", "hostname": "h0", "cpu_ids": [0, 1]}], "data_path": "."}
     wake = threading.Event()

@@ -143,9 +143,3 @@ def test_the_server_sweeps_an_announced_end_by_itself_with_a_long_sweep_period(h
         time.sleep(0.1)
     assert _expiry(engine, session_id) is None  # swept: the session is gone...
     assert set(_states(tc, ids).values()) <= {"RUN_TIMEOUT", "RESTART_READY"}  # ...and its jobs timed out
-
-
-def test_the_launchers_announced_time_is_the_one_its_tests_assume() -> None:
-    from balsam.client.lease import ENDING_IN_SEC
-
-    assert ENDING_IN_SEC == 10.0  # tests/launcher/test_killwait_launcher.py's bound

@@ -63,8 +63,12 @@ sends no acquire (an answer's lease would only wait for the Session's end) and r
 Session (a 404 then means the server expired it: its jobs are the server's again). An acquire or a
 release already on its way may land after an announcement and write a full heartbeat: the next
 announcement, seconds later, shortens the expiry again. A server that does not know the field
-(older ones ignore the body, Balsam 0.7's too) answers without ``expires``: one INFO line, and the
-lease heartbeats as before (the Session then expires as it did).
+(older ones ignore the body, Balsam 0.7's too) answers without ``expires``, or refuses it (422
+naming the field): one INFO line, and the lease heartbeats as before at once (the Session then
+expires as it did). An announcement waits ENDING_IN_SEC at most for its answer (a stuck request
+held the heartbeat thread for the client's read timeout, 2 minutes). A Session left to expire for
+the site agent's replay of a spool (:meth:`JobLease.close`) first gets a plain heartbeat: a full
+expiry again, as before the stop, for that replay to find the jobs still held.
 """
 
 from __future__ import annotations
@@ -474,6 +478,32 @@ class JobLease:
                         "is killed before it reports its jobs, they stay RUNNING until the Session expires",
                         self.name, session_id)
 
+    def _restore_full_expiry(self, client: Any) -> None:
+        """The Session is left to expire for the site agent's replay of the spool (:meth:`close`):
+        after an announced end it would expire :data:`ENDING_IN_SEC` after the last announcement,
+        and the replay, which comes at the agent's next cycle, was refused (the job no longer held:
+        its result lost, the job run again). One plain heartbeat gives it a full expiry again, as
+        it had before the stop. An announcement still on its way (the heartbeat thread did not
+        end within close's wait) is waited for first, at most its deadline: landing after this
+        heartbeat it would shorten the expiry again."""
+        if not self.ending or self._ending_known is False:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(ENDING_IN_SEC)
+        try:
+            client.put(f"/sessions/{self._session_id}", json=self._tick_body())  # close's retries (retry_count)
+            logger.info("%s %s: a full expiry again for the site agent's replay of the spool", self.name,
+                        self._session_id)
+        except Exception as exc:
+            if _status(exc) == 404:
+                logger.warning("%s %s is already gone on the server: the site agent's replay of its spooled updates "
+                               "will be refused (those jobs run again)", self.name, self._session_id)
+                return
+            # The API is down: when it is back, the server restarts every clock (an outage).
+            logger.warning("%s %s: could not give it a full expiry for the site agent's replay (%s): it expires "
+                           "%g s after the last announcement unless the server was down meanwhile", self.name,
+                           self._session_id, exc, ENDING_IN_SEC)
+
     # -- heartbeat -------------------------------------------------------------------------------
     def watch(self, held_ids: Callable[[], Optional[Iterable[int]]], on_gone: Callable[..., None], *,
               generation: bool = False) -> None:
@@ -532,10 +562,14 @@ class JobLease:
         as_of = self._generation
         body = self._body()
         sent = self._clock()
+        # An announcement waits for its answer ENDING_IN_SEC at most (its tries included), not the
+        # client's read timeout (2 minutes): past that its Session may be gone anyway, and the next
+        # one, ENDING_TICK_SEC later, goes out on a connection of its own.
+        extra = {"deadline": time.monotonic() + ENDING_IN_SEC} if "ending_in_sec" in body else {}
         try:
             # A missed tick is retried at the next period (the server waits several periods), so one
             # tick never sits in minutes of backoff that would also hold up close().
-            answer = self.client.put(f"/sessions/{session_id}", json=body, retry_count=TICK_RETRY_COUNT)
+            answer = self.client.put(f"/sessions/{session_id}", json=body, retry_count=TICK_RETRY_COUNT, **extra)
             self.tick_errors = 0
             self._confirm(sent, session_id)
             if "ending_in_sec" in body:
@@ -548,10 +582,13 @@ class JobLease:
                                "run again", self.name, session_id, exc)
                 self._stop.set()  # nothing to heartbeat any more
                 return []
-            if "ending_in_sec" in body and _status(exc) == 422 and self._ending_known is None:
-                # A server that checks a heartbeat's fields and does not know this one: told once,
-                # then plain heartbeats (this one is retried at the next period).
+            if ("ending_in_sec" in body and _status(exc) == 422 and "ending_in_sec" in str(exc)
+                    and self._ending_known is None):
+                # A server that checks a heartbeat's fields and does not know this one: told once
+                # (INFO), and this heartbeat sent again at once without it (it failed for no fault
+                # of the Session's: no "heartbeat failed" WARNING, no period's wait).
                 self._noted_end(None, session_id)
+                return self.tick()
             lost = self._replace_lost_session(exc, session_id)
             if lost is None:
                 self.tick_errors += 1
@@ -734,6 +771,7 @@ class JobLease:
                 # an outage), and the jobs it leased ahead wait for the expiry to be leased again.
                 logger.warning("%s %s is not deleted: updates sent under it are spooled for the site agent; it "
                                "expires on the server", self.name, self._session_id)
+                self._restore_full_expiry(client)
                 return
             client.delete(f"/sessions/{self._session_id}")
             logger.info("%s %s deleted", self.name, self._session_id)

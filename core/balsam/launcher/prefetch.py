@@ -190,6 +190,19 @@ class _Unsettled:
     tries: int = 0  # resends that failed
 
 
+def _announce(lease: Any) -> None:
+    """``lease``'s Session ends soon (:meth:`Prefetcher.announce_end`): a job source without
+    ``announce_end`` (or none yet) is left alone, and a failure is logged, never raised (the stop
+    goes on)."""
+    announce = getattr(lease, "announce_end", None)
+    if announce is None:
+        return
+    try:
+        announce()
+    except Exception as exc:
+        logger.warning("could not announce the session's end: %s", exc)
+
+
 def _session_gone(exc: BaseException) -> bool:
     """A 404 that names the Session: the server no longer knows it (balsam.server.sessions_logic)."""
     detail = getattr(exc, "detail", None)
@@ -268,6 +281,9 @@ class Prefetcher:
         self._stopping = threading.Event()
         #: The lease (set by the prefetch thread once the Session exists).
         self.lease: Any = None
+        #: :meth:`announce_end` was called (under ``_end_lock``, with ``lease``'s setting).
+        self._ending = False
+        self._end_lock = threading.Lock()
         #: Why the Session could not be created (the launcher cannot run without one).
         self.error: Optional[BaseException] = None
         #: The last acquire returned nothing: the server has no runnable job for us right now.
@@ -492,6 +508,17 @@ class Prefetcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def announce_end(self) -> None:
+        """The owner stops: the lease's Session is said to end soon (balsam.client.lease, "An
+        announced end"), now if the lease is open, else as soon as this prefetcher's thread has
+        opened it. A stop requested while the Session was being created (the batch system's SIGTERM
+        right after the start) announced nothing: the lease was not there yet. Any thread but a
+        signal handler's."""
+        with self._end_lock:
+            self._ending = True
+            lease = self.lease
+        _announce(lease)
+
     def close_lease(self, *, quick: bool = False) -> None:
         """Close the lease, which gives unstarted jobs back (``quick``: no retry on an unreachable
         API; the server expires the Session by itself). After :meth:`join`."""
@@ -504,7 +531,12 @@ class Prefetcher:
     # -- prefetch thread -----------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.lease = self._open_lease()
+            lease = self._open_lease()
+            with self._end_lock:  # announce_end either sees the lease or is seen here
+                self.lease = lease
+                ending = self._ending
+            if ending:
+                _announce(lease)
         except BaseException as exc:
             if isinstance(exc, UnknownBatchJob):
                 # A start-up problem the launcher prints as one ``Error:`` line: no traceback here.

@@ -108,8 +108,19 @@ every session older than ``expire_sec`` and expired live launchers (reproduced: 
 with a 2 s expiry sent the RUNNING jobs of a launcher that heartbeat every 0.4 s to RUN_TIMEOUT). So
 a thread of the process notes the wall time twice a second (:class:`_ProcessWatch`), and a sweep
 that finds a gap between two notes longer than :func:`stall_limit` restarts the clocks first, as
-after an outage. A shorter stand-still cannot expire a live launcher (its tick period is well under
-``expire_sec``); a wall clock stepped back only lets sessions live longer.
+after an outage. A shorter stand-still is not counted against the sessions either, until the
+heartbeats queued meanwhile have been served: a sweep's cutoff is moved back by the stand-stills
+that ended less than :func:`stand_still_grace` ago (as long as the stand-still, 5 s at least), the
+one going on included (:meth:`_ProcessWatch.stand_still_discount`: the gaps over
+:data:`STALL_NOTICE_SEC`, their sum at most :func:`stall_limit`). A plain session could afford a
+short stand-still (its tick period is well under ``expire_sec``), but one whose launcher announced
+its end has a window of seconds ("A launcher's announced end" below): a stand-still of 13 s expired
+a live launcher's (reproduced with SIGSTOP, on SQLite and PostgreSQL), its heartbeat queued in the
+backlog losing the race with the sweeps that resumed with it (the one scheduled for its moment, the
+periodic one, the request's own, which runs before the request's heartbeat). Once the backlog is
+served every session is judged as before: a launcher that died meanwhile expires then. For longer
+than that the discount would keep sessions announced after the stand-still beyond their moment,
+with no sweep scheduled then. A wall clock stepped back only lets sessions live longer.
 
 Clocks: a heartbeat is written by one server process and compared by the sweep of another (a
 server's several workers, or hosts behind one PostgreSQL). Each used its own host's clock: a
@@ -212,7 +223,14 @@ job). So every job ends once: by the launcher's report or by the sweep. Other re
 (an acquire's or release's heartbeat) write a full heartbeat again: the launcher sends none once it
 announced its end, but one already on its way may land after it, and the launcher's next announcement
 (seconds later) shortens the expiry again. A clock restart after an outage gives an ending session a
-full ``expire_sec`` like every other (it cannot tell an ending one): its jobs then wait as before.
+full ``expire_sec`` like every other (it cannot tell an ending one): its jobs then wait as before. A
+shorter stand-still of the server process is not counted against it (see "A server process that
+stood still" above: its heartbeats queued meanwhile are served after the sweeps that resume with
+them), and the scheduled sweep that wakes late, or while a stand-still is not counted yet, is
+pushed back, once (:class:`_EndSweeps`).
+A launcher that leaves its ending Session to expire so that the site agent replays its spooled
+updates first gives it a plain heartbeat, a full expiry again (balsam.client.lease, ``close``): the
+replay finds the jobs still held by it.
 
 A BatchJob's start from its launcher's first Session. A launcher opens its Session once its
 allocation runs, so the create of a Session with a ``batch_job_id`` is evidence that the
@@ -407,6 +425,23 @@ def note_outage(engine: sa.Engine) -> None:
 
 #: How often the process watch notes the wall time (seconds).
 WATCH_PERIOD_SEC = 0.5
+#: A gap between two notes of the process watch longer than this is a stand-still not counted against
+#: the sessions (the watch sleeps :data:`WATCH_PERIOD_SEC` between them). As :func:`stall_limit`'s
+#: floor: thread scheduling on a loaded host; a launcher that announced its end heartbeats every 2 s
+#: within a 10 s window (balsam.client.lease), so a shorter stand-still cannot expire it.
+STALL_NOTICE_SEC = 2.0
+#: How many stand-stills the process watch remembers (their sum is bounded anyway: :meth:`_ProcessWatch.stand_still_discount`).
+MAX_STAND_STILLS = 1024
+#: The shortest time after a stand-still during which it is not counted against the sessions.
+STAND_STILL_GRACE_SEC = 5.0
+
+
+def stand_still_grace(length: float) -> float:
+    """How long after its end a stand-still of ``length`` seconds is not counted against the sessions
+    (see the module's docstring): until the heartbeats queued meanwhile have been served. They wait
+    in the backlog that long at most, as the server serves faster than they come:
+    :data:`STAND_STILL_GRACE_SEC` at least (a launcher's stuck heartbeat comes first in the backlog)."""
+    return max(length, STAND_STILL_GRACE_SEC)
 
 
 def stall_limit(expire_sec: float) -> float:
@@ -428,19 +463,54 @@ class _ProcessWatch:
         self._last = 0.0  # the latest note
         self._gap = 0.0  # the longest gap between notes since :meth:`take_gap`
         self._stalls = 0  # stand-stills taken for an outage (see :meth:`mark_swept`)
+        #: (when it ended on ``time.monotonic()``, how long) of each gap over STALL_NOTICE_SEC (:meth:`_in_force`).
+        self._stood: "collections.deque[tuple[float, float]]" = collections.deque(maxlen=MAX_STAND_STILLS)
         # A child forked while another thread held the lock would never get it.
         os.register_at_fork(after_in_child=self._forked)
 
     def _forked(self) -> None:
         self._lock = threading.Lock()
+        self._stood = collections.deque(maxlen=MAX_STAND_STILLS)  # the parent's, not this process's
 
     def _run(self) -> None:
         while True:
             time.sleep(WATCH_PERIOD_SEC)
             now = time.time()
             with self._lock:
-                self._gap = max(self._gap, now - self._last)
+                gap = now - self._last
+                self._gap = max(self._gap, gap)
                 self._last = now
+                if gap > STALL_NOTICE_SEC:
+                    self._stood.append((time.monotonic(), gap - WATCH_PERIOD_SEC))
+
+    def _in_force(self, now: float, going_on: float, limit: float) -> "list[tuple[float, float]]":
+        """(until when, how long) of the stand-stills whose heartbeats may still wait in the backlog:
+        each for :func:`stand_still_grace` after its end; the one ``going_on`` (a sweep or the end
+        sweeps' thread may resume before the watch's thread notes it) until that long from now. Those
+        over ``limit`` are left out (:meth:`take_gap` restarted the clocks for them). Under the lock."""
+        stood = [(ended + stand_still_grace(length), length) for ended, length in self._stood if length <= limit]
+        if STALL_NOTICE_SEC < going_on <= limit:
+            stood.append((now + stand_still_grace(going_on - WATCH_PERIOD_SEC), going_on - WATCH_PERIOD_SEC))
+        return [(until, length) for until, length in stood if until > now]
+
+    def stand_still_discount(self, limit: float) -> float:
+        """The seconds a sweep now does not count against the sessions (see the module's docstring):
+        the stand-stills still in force (:meth:`_in_force`), their sum at most ``limit``; 0 before
+        the watch runs in this process."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return 0.0
+            now = time.monotonic()
+            return min(sum(length for _until, length in self._in_force(now, time.time() - self._last, limit)), limit)
+
+    def protected_for(self, limit: float) -> float:
+        """How much longer a stand-still is in force (0: none is): a sweep scheduled for a moment
+        that fell in it comes after that (:class:`_EndSweeps`)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return 0.0
+            now = time.monotonic()
+            return max((until - now for until, _length in self._in_force(now, time.time() - self._last, limit)), default=0.0)
 
     def take_gap(self, limit: float) -> "tuple[float, int]":
         """The longest gap since the previous call, the time since the latest note included (the
@@ -483,7 +553,9 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
     # Read after take_gap: a stop between the two would have restarted the clocks at the time of
     # before it. The database's clock on PostgreSQL, which wrote the heartbeats ("Clocks" above).
     now = clock_now(conn)
-    cutoff = now - dt.timedelta(seconds=expire_sec)
+    # Shorter stand-stills do not count against the sessions (the module's docstring). Read after
+    # ``now``: a stop between the two is counted (a session lives longer), never missed.
+    cutoff = now - dt.timedelta(seconds=expire_sec + _process_watch.stand_still_discount(limit))
     if stood_still > limit:
         # Heartbeats could not be heard meanwhile (see the module's docstring): take_gap counted it
         # an outage of every database this process serves. Logged only now: the write may block.
@@ -692,46 +764,87 @@ class _EndSweeps:
     its own). The due times are rounded up to :data:`END_SWEEP_STEP_SEC`, so the heartbeats of many
     launchers ending together (an allocation of many partitions, a whole reservation's end) make at
     most one sweep per step per database, however many sessions fall due in it; a sweep that finds
-    nothing due (the launcher announced again, or reported and deleted its Session) costs one read."""
+    nothing due (the launcher announced again, or reported and deleted its Session) costs one read.
 
-    def __init__(self) -> None:
+    A wake-up later than :data:`END_SWEEP_LATE_SEC` after its moment (the process stood still or was
+    starved: the launcher's heartbeats of meanwhile may still wait in the backlog), or one while a
+    stand-still is in force (the sweeps do not count it against the sessions until the backlog is
+    served: ``_ProcessWatch.stand_still_discount``), does not sweep: the sweep is pushed back, once,
+    by the announced window (when late) or until the stand-still is no longer in force, whichever is
+    later; a launcher killed meanwhile has its Session expired then. ``clock``, ``protected_for``
+    (:meth:`_ProcessWatch.protected_for`) and ``start_thread`` are for the tests, which drive
+    :meth:`take_ready` themselves."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, start_thread: bool = True,
+                 protected_for: "Callable[[], float] | None" = None) -> None:
+        self._clock = clock
+        self._start_thread = start_thread
+        # No limit: a longer stand-still restarted every clock (a full expiry): a later sweep is as good.
+        self._protected_for = protected_for or (lambda: _process_watch.protected_for(float("inf")))
         self._cond = threading.Condition()
         self._pid: "int | None" = None
-        #: database URL -> (due times on ``time.monotonic()``, the sweep to run for it).
-        self._due: dict[str, tuple[set[float], Callable[[], None]]] = {}
+        #: database URL -> ({due time on ``clock``: (the announced window, pushed back already)}, the sweep).
+        self._due: dict[str, tuple[dict[float, tuple[float, bool]], Callable[[], None]]] = {}
         os.register_at_fork(after_in_child=self._forked)
 
     def _forked(self) -> None:
         self._cond = threading.Condition()
         self._due = {}
 
-    def schedule(self, database: str, due: float, sweep: Callable[[], None]) -> None:
+    @staticmethod
+    def _step(moment: float) -> float:
         step = END_SWEEP_STEP_SEC
-        due = (int(due / step) + 1) * step  # rounded up: a sweep never comes before the moment
+        return (int(moment / step) + 1) * step  # rounded up: a sweep never comes before the moment
+
+    def schedule(self, database: str, within_sec: float, sweep: Callable[[], None]) -> None:
+        """Sweep ``database`` (``sweep``) ``within_sec`` from now, plus :data:`END_SWEEP_AFTER_SEC`."""
+        due = self._step(self._clock() + within_sec + END_SWEEP_AFTER_SEC)
         with self._cond:
-            if self._pid != os.getpid():
+            if self._start_thread and self._pid != os.getpid():
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="balsam-end-sweeps", daemon=True).start()
-            times, _ = self._due.get(database, (set(), sweep))
-            times.add(due)
+            times, _ = self._due.get(database, ({}, sweep))
+            window, _pushed = times.get(due, (0.0, False))
+            times[due] = (max(window, within_sec), False)
             self._due[database] = (times, sweep)
             self._cond.notify()
 
+    def take_ready(self) -> "tuple[list[Callable[[], None]], float | None]":
+        """The sweeps due now, late ones pushed back instead (see above); and when the next is due
+        (None: none is). Called under no lock; takes the condition's."""
+        protected = self._protected_for()  # outside the condition: it takes the watch's lock
+        with self._cond:
+            now = self._clock()
+            ready = []
+            for database, (times, sweep) in list(self._due.items()):
+                run = False
+                for due in sorted(t for t in times if t <= now):
+                    window, pushed = times.pop(due)
+                    late = now - due > END_SWEEP_LATE_SEC
+                    if (late or protected > 0) and not pushed:
+                        wait = max(window if late else 0.0, protected)
+                        later = self._step(now + wait + END_SWEEP_AFTER_SEC)
+                        times[later] = (max(window, times.get(later, (0.0, False))[0]), True)
+                        logger.info("The sweep for an announced session end woke %.1f s after its moment (this server "
+                                    "process stood still or was starved): pushed back %.1f s", now - due, wait)
+                    else:
+                        run = True
+                if run:
+                    ready.append(sweep)
+                if not times:
+                    del self._due[database]
+            nearest = min((min(times) for times, _ in self._due.values()), default=None)
+            return ready, nearest
+
     def _run(self) -> None:
         while True:
-            with self._cond:
-                now = time.monotonic()
-                ready = []
-                for database, (times, sweep) in list(self._due.items()):
-                    if any(t <= now for t in times):
-                        times.difference_update([t for t in times if t <= now])
-                        ready.append(sweep)
-                    if not times:
-                        del self._due[database]
-                if not ready:
+            ready, nearest = self.take_ready()
+            if not ready:
+                with self._cond:
+                    # Re-read under the lock: a schedule() between take_ready and here notified no one.
                     nearest = min((min(times) for times, _ in self._due.values()), default=None)
-                    self._cond.wait(None if nearest is None else max(0.0, nearest - now))
-                    continue
+                    self._cond.wait(None if nearest is None else max(0.0, nearest - self._clock()))
+                continue
             for sweep in ready:
                 try:
                     sweep()
@@ -742,6 +855,8 @@ class _EndSweeps:
 
 #: See :class:`_EndSweeps`.
 END_SWEEP_STEP_SEC = 0.5
+#: A wake-up of the end sweeps this late after its moment is taken for a stand-still (:class:`_EndSweeps`).
+END_SWEEP_LATE_SEC = 1.5
 #: How long after its announced moment a session is swept (the database's clock, which wrote the
 #: heartbeat, and this process's monotonic clock tick apart: a sweep a hair early finds nothing).
 END_SWEEP_AFTER_SEC = 0.25
@@ -763,7 +878,7 @@ def schedule_end_sweep(engine: sa.Engine, expire_sec: float, within_sec: float,
         if expired and wake is not None:
             wake()
 
-    _end_sweeps.schedule(str(engine.url), time.monotonic() + within_sec + END_SWEEP_AFTER_SEC, sweep)
+    _end_sweeps.schedule(str(engine.url), within_sec, sweep)
 
 
 def parse_acquire(payload: Any) -> SessionAcquire:

@@ -468,6 +468,13 @@ class SerialMode(JobMode):
         spool = self.context.spool_path
         if spool is not None and any(Path(spool).glob(f"{spool_prefix(record.get('host'), record.get('pid'))}*")):
             logger.warning("session %s of the dead serial master is left to expire: it spooled updates", session_id)
+            # The master may have announced its end (balsam.client.lease, "An announced end"): its
+            # Session would expire seconds later and the agent's replay be refused (the job no longer
+            # held: its result lost, run again). A plain heartbeat gives it a full expiry again.
+            try:
+                default_client().put(f"/sessions/{session_id}", json={}, retry_count=0)
+            except Exception as exc:  # the API is down: the server restarts every clock once it is back
+                logger.warning("could not give session %s a full expiry for the agent's replay: %s", session_id, exc)
             return
         try:
             default_client().delete(f"/sessions/{session_id}")

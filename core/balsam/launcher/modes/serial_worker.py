@@ -1146,8 +1146,9 @@ def build_master(
     # job now: a lost one is replaced), and the server refuses those of a job it no longer holds.
     updater.session_id = lambda: getattr(prefetcher.lease, "session_id", None)
     # At the batch system's SIGTERM the master's Session is said to end soon (its SIGKILL may come
-    # before the master has reported its tasks: balsam.client.lease, "An announced end").
-    stop.when_requested(lambda: announce_end(prefetcher.lease))
+    # before the master has reported its tasks: balsam.client.lease, "An announced end"). Through the
+    # prefetcher: a stop requested while its thread still creates the Session is announced once it exists.
+    stop.when_requested(lambda: announce_end(prefetcher))
     pool: Any = None
     try:
         own_node = nodes[list(rank_of_node).index(0)] if 0 in rank_of_node else nodes[0]
