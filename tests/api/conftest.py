@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import pytest
+
+
+@pytest.fixture
+def chicago(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The client's local time is America/Chicago's (CST/CDT) for the test, this process's again after."""
+    monkeypatch.setenv("TZ", "America/Chicago")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 @pytest.fixture(autouse=True)

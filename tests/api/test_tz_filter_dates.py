@@ -8,21 +8,9 @@ before (and in Berlin an hour into the day), where ``datetime(2026, 11, 20)`` be
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Any
 
-import pytest
-
 UTC = dt.timezone.utc
-
-
-@pytest.fixture
-def chicago(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("TZ", "America/Chicago")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def test_a_day_in_a_time_filter_is_the_local_day(bare_site: Any, chicago: Any) -> None:

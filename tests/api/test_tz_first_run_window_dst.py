@@ -10,21 +10,9 @@ of another allocation in that hour was taken for its first. (A start just after 
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Any
 
-import pytest
-
 UTC = dt.timezone.utc
-
-
-@pytest.fixture
-def chicago(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("TZ", "America/Chicago")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def _batch_job_with_runs(site: Any, start: dt.datetime, runs: list[dt.datetime]) -> Any:

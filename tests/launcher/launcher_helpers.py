@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -297,3 +298,67 @@ def wait_for_task_pid(path: Path) -> int:
         assert time.monotonic() < deadline, "the task did not start"
         time.sleep(0.01)
     return int(path.read_text())
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: its run ended, its parent has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it exited while being read
+        return False
+
+
+#: Generous, for the tests that watch a real launcher end a run: the outcome is waited for, never timed.
+RUN_END_WAIT_SEC = 45
+
+
+def wait_for(what, timeout: float = RUN_END_WAIT_SEC, message: str = "") -> None:
+    """Poll ``what()`` until it is true; fail with ``message`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, message or "condition not met"
+        time.sleep(0.1)
+
+
+class PreambleApp:
+    """An app as JobPreparer loads one (``load_app``), for the shell-preamble tests: a subclass sets
+    ``command``, ``preamble`` and, where its test needs one, its environment."""
+
+    command: str = ""
+    preamble: Any = ""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+
+    def get_arg_str(self) -> str:
+        return self.command
+
+    def get_environ_vars(self) -> dict:
+        return {}
+
+    def shell_preamble(self) -> Any:
+        return self.preamble
+
+
+def prepared_job(job_id: int, workdir: str, **fields: Any) -> Any:
+    """A one-rank job as JobPreparer reads one (``fields`` adds or overrides attributes)."""
+    return types.SimpleNamespace(**{
+        "id": job_id, "app_id": job_id, "workdir": workdir, "num_nodes": 1, "ranks_per_node": 1,
+        "threads_per_rank": 1, "threads_per_core": 1, "gpus_per_rank": 0, "node_packing_count": 1,
+        "launch_params": {}, **fields})
+
+
+def reap_all(pool: Any, tasks: Iterable[int], timeout: float = 30.0) -> dict[int, int]:
+    """Reap ``pool`` (a launcher's ProcessPool or SpawnerPool) until every job id of ``tasks`` is
+    reported: job id -> returncode."""
+    done: dict[int, int] = {}
+    tasks = set(tasks)
+    deadline = time.monotonic() + timeout  # only keeps a broken test from hanging
+    while len(done) < len(tasks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        for job_id, rc, _tail, _when in pool.reap():
+            done[job_id] = rc
+    assert set(done) == set(tasks), f"not reported: {set(tasks) - set(done)}"
+    return done
+

@@ -7,32 +7,16 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from launcher_helpers import events_of, make_runnable, wait_for_states
+from launcher_helpers import alive, events_of, make_runnable, wait_for, wait_for_states
 from launcher_harness import finish, start_launcher
 
 #: Generous: the outcome is waited for, never timed (the jobs sleep 60 s, far longer).
 WAIT_SEC = 45
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it exited while being read
-        return False
-
-
-def wait_for(what, timeout: float = WAIT_SEC, message: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, message or "condition not met"
-        time.sleep(0.1)
 
 
 def sleeper_app(name: str):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +16,7 @@ import pytest
 from balsam.launcher.app_run import JobPreparer, direct_argv, shell_line
 from balsam.launcher.runner import ProcessPool, SpawnerPool, SpawnerShards
 from launcher_harness import finish, start_launcher
-from launcher_helpers import make_runnable, wait_for_states
+from launcher_helpers import PreambleApp, make_runnable, prepared_job, reap_all, wait_for_states
 
 POOLS: dict[str, Callable[[], Any]] = {
     "spawner": lambda: SpawnerPool(5, threading.Event()),
@@ -43,14 +41,7 @@ def _run(pool: Any, tasks: dict[int, tuple[str, Path]], env: dict[str, str], cpu
     """Start ``tasks`` (job id -> (shell line, workdir)); reap until all reported: job id -> returncode."""
     for job_id, (line, workdir) in tasks.items():
         pool.start(job_id, line, workdir, env, cpu_ids)
-    done: dict[int, int] = {}
-    deadline = time.monotonic() + timeout  # only keeps a broken test from hanging
-    while len(done) < len(tasks) and time.monotonic() < deadline:
-        time.sleep(0.01)
-        for job_id, rc, _tail, _when in pool.reap():
-            done[job_id] = rc
-    assert set(done) == set(tasks), f"not reported: {set(tasks) - set(done)}"
-    return done
+    return reap_all(pool, tasks, timeout)
 
 
 # -- shell_preamble() -------------------------------------------------------------------------------
@@ -80,28 +71,11 @@ PREAMBLES: dict[str, tuple[Any, bool]] = {
 }
 
 
-class _App:
-    """An app as JobPreparer loads one: ``printenv FOO`` after the preamble of the test's choice."""
+class _App(PreambleApp):
+    """An app as JobPreparer loads one: ``printenv FOO`` (in an empty app environment) after the
+    preamble of the test's choice."""
 
-    preamble: Any = ""
-
-    def __init__(self, job: Any) -> None:
-        self.job = job
-
-    def get_arg_str(self) -> str:
-        return "printenv FOO"
-
-    def get_environ_vars(self) -> dict:
-        return {}
-
-    def shell_preamble(self) -> Any:
-        return self.preamble
-
-
-def _job(job_id: int, workdir: str) -> Any:
-    return types.SimpleNamespace(id=job_id, app_id=job_id, workdir=workdir, num_nodes=1, ranks_per_node=1,
-                                 threads_per_rank=1, threads_per_core=1, gpus_per_rank=0, node_packing_count=1,
-                                 launch_params={})
+    command = "printenv FOO"
 
 
 def test_every_form_of_shell_preamble_runs_before_the_app(pool: Any, tmp_path: Path) -> None:
@@ -109,7 +83,7 @@ def test_every_form_of_shell_preamble_runs_before_the_app(pool: Any, tmp_path: P
     preparer = JobPreparer(tmp_path / "data", load_app=apps.__getitem__)
     tasks = {}
     for job_id, name in enumerate(PREAMBLES, 1):
-        prepared = preparer.prepare(_job(job_id, name.replace(" ", "-")))
+        prepared = preparer.prepare(prepared_job(job_id, name.replace(" ", "-")))
         tasks[job_id] = (shell_line(prepared.cmdline, prepared.preamble, prepared.workdir), prepared.workdir)
     exits = _run(pool, tasks, dict(os.environ, FOO="unset-by-preamble"))
     for job_id, (name, (_, runs)) in enumerate(PREAMBLES.items(), 1):

@@ -16,8 +16,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from balsam.launcher import app_run
 from balsam.launcher.app_run import JobPreparer, shell_line
 from balsam.launcher.runner import ProcessPool, SpawnerPool
 from launcher_harness import finish, start_launcher
-from launcher_helpers import make_runnable, wait_for_states
+from launcher_helpers import PreambleApp, make_runnable, prepared_job, reap_all, wait_for_states
 
 SECRETS = {"BALSAM_AUTH_SECRET_KEY": "signing-key-0123", "BALSAM_DATABASE_URL": "postgresql://balsam:hunter2@db/balsam",
            "BALSAM_INVITATION": "invite-abc"}
@@ -43,22 +41,14 @@ def _dumped(out: str) -> dict[str, str]:
 
 
 def _job(job_id: int, workdir: str) -> Any:
-    return types.SimpleNamespace(id=job_id, app_id=job_id, workdir=workdir, num_nodes=1, ranks_per_node=1,
-                                 threads_per_rank=1, threads_per_core=1, gpus_per_rank=0, node_packing_count=1,
-                                 launch_params={}, parameters={}, serialized_parameters="", get_parameters=lambda: {})
+    """A one-rank job with the parameter fields a run() app's job also has."""
+    return prepared_job(job_id, workdir, parameters={}, serialized_parameters="", get_parameters=lambda: {})
 
 
 def _run(pool: Any, tasks: dict[int, tuple[str, Path, dict]], timeout: float = 30.0) -> dict[int, int]:
     for job_id, (line, workdir, env) in tasks.items():
         pool.start(job_id, line, workdir, env)
-    done: dict[int, int] = {}
-    deadline = time.monotonic() + timeout  # only keeps a broken test from hanging
-    while len(done) < len(tasks) and time.monotonic() < deadline:
-        time.sleep(0.01)
-        for job_id, rc, _tail, _when in pool.reap():
-            done[job_id] = rc
-    assert set(done) == set(tasks), f"not reported: {set(tasks) - set(done)}"
-    return done
+    return reap_all(pool, tasks, timeout)
 
 
 def _apps() -> dict[int, type]:
@@ -142,20 +132,11 @@ def test_a_failing_preamble_says_so_in_job_out(tmp_path: Path) -> None:
     ``module load`` left its banner only. The app never runs; ``(exit N)`` in a subshell (an idiom
     of setup scripts) is no exit of the preamble."""
 
-    class _App:
-        preamble: Any = ""
-
-        def __init__(self, job: Any) -> None:
-            self.job = job
-
-        def get_arg_str(self) -> str:
-            return "echo APP-RAN"
+    class _App(PreambleApp):
+        command = "echo APP-RAN"
 
         def get_environ_vars(self) -> dict:
             return dict(os.environ)
-
-        def shell_preamble(self) -> Any:
-            return self.preamble
 
     cases = {**FAILING, "subshell exit idiom": ("(exit 4); echo set-up", 0, "APP-RAN")}
     apps = {i: type(f"App{i}", (_App,), {"preamble": value[0]}) for i, value in enumerate(cases.values(), 1)}

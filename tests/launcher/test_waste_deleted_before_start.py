@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from launcher_harness import finish, start_launcher
-from launcher_helpers import make_runnable, site_logs, wait_for_states
+from launcher_helpers import alive, make_runnable, site_logs, wait_for, wait_for_states
 
 #: Generous, and far below the doomed job's 300 s sleep and the 60 s heartbeat: the outcome is
 #: waited for, never timed.
@@ -42,21 +41,6 @@ def _long_session_server(live_server_factory: Any) -> Any:
 def live_server(_long_session_server: Any, request: pytest.FixtureRequest) -> str:
     request.node._balsam_live_server = _long_session_server
     return _long_session_server.url
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def wait_for(what, timeout: float = WAIT_SEC, message: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, message or "condition not met"
-        time.sleep(0.1)
 
 
 def pid_of(path: Path, workdir: str) -> int:

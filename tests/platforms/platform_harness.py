@@ -156,3 +156,21 @@ def flat_aurora_app(fake_machine: Any, hosts: list[str], tmp_path: Path, monkeyp
     app = type(name, (ApplicationDefinition,), {"site": site[0], "command_template": command_template})
     app.sync()
     return machine, site, app
+
+
+def polaris_site_init(tmp_path: Path, qstat_q: Path, *options: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``balsam site init --platform polaris [options] -n polaris-site`` on a login node whose
+    ``qstat`` prints the recording ``qstat_q`` (for ``qstat -Q -f -F json``): the CLI's run and the
+    site's path."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    qstat = fake_bin / "qstat"
+    qstat.write_text(f"#!/bin/sh\nexec cat {qstat_q}\n")
+    qstat.chmod(0o755)
+    path = tmp_path / "polaris-site"
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([PYTHON, "-c", "from balsam.cli import main; main()", "site", "init",
+                           "--platform", "polaris", *options, "-n", "polaris-site", str(path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    return proc, path
+

@@ -6,27 +6,17 @@ waiting debug BatchJob."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+
+from platform_harness import polaris_site_init
 
 QSTAT_Q = Path(__file__).resolve().parents[1] / "schedulers" / "data" / "polaris_pbs" / "qstat_Qf_json_polaris.txt"
 
 
 def test_site_init_writes_the_debug_queues_limit_of_waiting_jobs(balsam_env, client, tmp_path: Path) -> None:
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    qstat = fake_bin / "qstat"
-    qstat.write_text(f"#!/bin/sh\nexec cat {QSTAT_Q}\n")
-    qstat.chmod(0o755)
-    path = tmp_path / "polaris-site"
-    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "-c", "from balsam.cli import main; main()", "site", "init",
-                           "--platform", "polaris", "-A", "PROJ", "-n", "polaris-site", str(path)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc, path = polaris_site_init(tmp_path, QSTAT_Q, "-A", "PROJ")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     scheduler = yaml.safe_load((path / "settings.yml").read_text())["scheduler"]
     queues = scheduler["allowed_queues"]

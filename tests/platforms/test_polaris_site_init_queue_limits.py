@@ -4,27 +4,17 @@ wins over the platform's hard-coded one; queues only the platform names stay."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+
+from platform_harness import polaris_site_init
 
 QSTAT_Q = Path(__file__).resolve().parents[1] / "schedulers" / "data" / "pbs" / "qstat_Qf_json.txt"
 
 
 def test_live_queue_limits_win_when_stricter(balsam_env, client, tmp_path: Path) -> None:
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    qstat = fake_bin / "qstat"
-    qstat.write_text(f"#!/bin/sh\nexec cat {QSTAT_Q}\n")
-    qstat.chmod(0o755)
-    path = tmp_path / "polaris-site"
-    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "-c", "from balsam.cli import main; main()", "site", "init",
-                           "--platform", "polaris", "-n", "polaris-site", str(path)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc, path = polaris_site_init(tmp_path, QSTAT_Q)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     queues = yaml.safe_load((path / "settings.yml").read_text())["scheduler"]["allowed_queues"]
     # The server's "max_queued":"[u:PBS_GENERIC=1]" beats the platform's 100.
