@@ -36,7 +36,7 @@ def _site_rm(cwd: Path, *args: str, stdin: str = "") -> subprocess.CompletedProc
 
 
 def _warning(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if "jobs of other sites" in line]
+    return [line for line in proc.stderr.splitlines() if "of other sites" in line]
 
 
 def test_site_rm_names_the_jobs_of_other_sites_that_wait_for_its_jobs(make_site, client, tmp_path) -> None:
@@ -87,6 +87,6 @@ def test_site_rm_force_says_which_jobs_elsewhere_it_released(make_site, client, 
     forced = _site_rm(tmp_path, str(site_a.site_path), "--force")
     assert forced.returncode == 0, forced.stderr
     assert _warning(forced) == [
-        "Note: 1 jobs of other sites (1 at cori) waited for its unfinished jobs: they are released as if those "
+        "Note: 1 job of other sites (1 at cori) waited for its unfinished jobs: they are released as if those "
         "parents had finished, to stage in and run without their results"], forced.stderr
     assert client.get(f"/jobs/{child.id}")["state"] == "STAGED_IN"
