@@ -228,3 +228,54 @@ def test_a_stand_still_is_not_counted_against_the_sessions_until_its_backlog_is_
     assert watch.stand_still_discount(limit) == 0.0 and watch.protected_for(limit) == 0.0
     watch._stood.append((mono[0], 100.0))  # over the limit (75 s): an outage, the clocks restarted instead
     assert watch.stand_still_discount(limit) == 0.0
+
+
+def test_the_full_expiry_for_the_spool_is_one_bounded_attempt(monkeypatch: Any) -> None:
+    """close() after an announced end, its reports spooled (the API did not take them): the plain
+    heartbeat that gives the Session its full expiry back is one attempt with a deadline of
+    RESTORE_WAIT_SEC. Without them it waited the client's read timeout (120 s) per retry against a
+    hung server: close() took minutes, past the batch system's kill (reviewer's probe: 129 s with
+    one attempt, > 460 s with the default retries, against 5 s before)."""
+    from balsam.client import lease as lease_module
+
+    class Server(_StrictServer):
+        def put(self, path: str, json: Any = None, **kw: Any) -> Any:
+            self.puts.append((dict(json or {}), dict(kw)))
+            return {"id": 7, "heartbeat": "2026-12-07T00:00:00", "expires": "2026-12-07T00:00:10"}
+
+    monkeypatch.setattr(lease_module, "send_spooled", lambda client, session_id: False)
+    server = Server()
+    lease = JobLease(server, 1, tick_period=3600, heartbeat_thread=False)
+    lease.tick()
+    lease.announce_end()
+    lease.tick_if_due()
+    before = time.monotonic()
+    lease.close()
+    restore_body, restore_kw = server.puts[-1]
+    assert "ending_in_sec" not in restore_body
+    assert restore_kw.get("retry_count") == 0
+    assert before <= restore_kw["deadline"] <= time.monotonic() + lease_module.RESTORE_WAIT_SEC
+
+
+def test_a_stand_still_longer_than_the_stall_limit_does_not_hold_back_end_sweeps(monkeypatch: Any) -> None:
+    """A gap longer than the stall limit (a VM paused overnight, the wall clock stepped a day) is an
+    outage, every clock restarted once for it: the end sweeps were held back for all of it
+    (``protected_for(inf)``), so for a day a killed launcher's jobs waited for the periodic sweep.
+    Real watch; the wall clock stepped as NTP would."""
+    from balsam.server import sessions_logic as sl
+
+    watch = sl._ProcessWatch()
+    monkeypatch.setattr(sl, "_process_watch", watch)
+    watch.take_gap(sl.stall_limit(300))  # starts the watch's thread in this process
+    time.sleep(3 * sl.WATCH_PERIOD_SEC)
+    real = time.time
+    monkeypatch.setattr(sl.time, "time", lambda: real() + 86400.0)
+    time.sleep(4 * sl.WATCH_PERIOD_SEC)  # the watch notes the step
+    now = [1000.0]
+    sweeps = sl._EndSweeps(clock=lambda: now[0], start_thread=False)
+    sweeps.stall_limit = sl.stall_limit(300)  # what schedule_end_sweep sets from the server's expiry
+    ran: list[float] = []
+    sweeps.schedule("db", 10.0, lambda: ran.append(now[0]))
+    now[0] += 10.0 + sl.END_SWEEP_AFTER_SEC + 0.75  # past its due moment (rounded up to half-second steps)
+    ready, _nearest = sweeps.take_ready()
+    assert len(ready) == 1, "the end sweep was pushed back past a stand-still already taken for an outage"

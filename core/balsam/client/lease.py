@@ -102,6 +102,9 @@ MIN_ASKED_TICK_GAP_SEC = 5.0
 #: killed launcher's jobs are RUN_TIMEOUT that long after its last heartbeat, and a live one must
 #: get a heartbeat through within it (several :data:`ENDING_TICK_SEC` periods, each retried).
 ENDING_IN_SEC = 10.0
+#: The most :meth:`JobLease.close` waits for an announcement in flight, and then for the plain
+#: heartbeat that gives a Session left for the spool its full expiry back (each).
+RESTORE_WAIT_SEC = 3.0
 #: The heartbeat period of a stopping launcher.
 ENDING_TICK_SEC = 2.0
 
@@ -488,10 +491,16 @@ class JobLease:
         heartbeat it would shorten the expiry again."""
         if not self.ending or self._ending_known is False:
             return
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(ENDING_IN_SEC)
+        # Bounded, one attempt: this runs when the API did not take the reports, usually still hung
+        # (a stopped server whose backlog takes connections and never answers), and the batch system
+        # kills the launcher KillWait (30 s by default) after its SIGTERM. Unbounded, the heartbeat
+        # waited the client's read timeout (120 s) per retry: close() took minutes. The thread's
+        # announcement is not waited for when its last tick failed (the API is not answering).
+        if self._thread is not None and self._thread.is_alive() and not self.tick_errors:
+            self._thread.join(RESTORE_WAIT_SEC)
         try:
-            client.put(f"/sessions/{self._session_id}", json=self._tick_body())  # close's retries (retry_count)
+            client.put(f"/sessions/{self._session_id}", json=self._tick_body(), retry_count=0,
+                       deadline=time.monotonic() + RESTORE_WAIT_SEC)
             logger.info("%s %s: a full expiry again for the site agent's replay of the spool", self.name,
                         self._session_id)
         except Exception as exc:

@@ -780,7 +780,12 @@ class _EndSweeps:
         self._clock = clock
         self._start_thread = start_thread
         # No limit: a longer stand-still restarted every clock (a full expiry): a later sweep is as good.
-        self._protected_for = protected_for or (lambda: _process_watch.protected_for(float("inf")))
+        #: The longest stand-still still discounted (:func:`stall_limit` of the expiry, set by
+        #: :func:`schedule_end_sweep`): a longer one is an outage, every clock restarted for it, and
+        #: holding the end sweeps back for all of it (a VM paused overnight, a wall-clock step of a
+        #: day) left killed launchers' jobs to the periodic sweep for that long.
+        self.stall_limit = float("inf")
+        self._protected_for = protected_for or (lambda: _process_watch.protected_for(self.stall_limit))
         self._cond = threading.Condition()
         self._pid: "int | None" = None
         #: database URL -> ({due time on ``clock``: (the announced window, pushed back already)}, the sweep).
@@ -878,6 +883,7 @@ def schedule_end_sweep(engine: sa.Engine, expire_sec: float, within_sec: float,
         if expired and wake is not None:
             wake()
 
+    _end_sweeps.stall_limit = stall_limit(expire_sec)
     _end_sweeps.schedule(str(engine.url), within_sec, sweep)
 
 

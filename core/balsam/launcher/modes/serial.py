@@ -53,6 +53,7 @@ from typing import Any, Callable, Optional
 
 import attrs
 
+from balsam.client.lease import RESTORE_WAIT_SEC
 from balsam.platform import LaunchSpec
 from balsam.util import api_text, same_process, tail_file
 
@@ -472,7 +473,9 @@ class SerialMode(JobMode):
             # Session would expire seconds later and the agent's replay be refused (the job no longer
             # held: its result lost, run again). A plain heartbeat gives it a full expiry again.
             try:
-                default_client().put(f"/sessions/{session_id}", json={}, retry_count=0)
+                # One attempt, bounded: the API that did not take the reports may still hang.
+                default_client().put(f"/sessions/{session_id}", json={}, retry_count=0,
+                                     deadline=time.monotonic() + RESTORE_WAIT_SEC)
             except Exception as exc:  # the API is down: the server restarts every clock once it is back
                 logger.warning("could not give session %s a full expiry for the agent's replay: %s", session_id, exc)
             return
