@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ensure_pg_database, pg_test_url
-
 pytestmark = pytest.mark.slow
 
 DRIVER = Path(__file__).resolve().parents[2] / "benchmarks" / "deephyper_style_search.py"
@@ -53,9 +51,9 @@ def test_deephyper_style_search_on_sqlite(mode: str, tmp_path: Path) -> None:
     check(report, 24, 4)
 
 
-@pytest.mark.postgres
-def test_deephyper_style_search_on_postgresql_polling_with_filters(tmp_path: Path) -> None:
-    url = pg_test_url("deephyper")
-    ensure_pg_database(url)
-    report = run_search(tmp_path, "--evals", "24", "--left-queued", "4", "--poll", "filter", "--database-url", url)
+# The top conftest's database_url, PostgreSQL only (a private database, its schema reset): imported
+# from "conftest" by name, another folder's conftest could answer under pytest-xdist.
+@pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_deephyper_style_search_on_postgresql_polling_with_filters(tmp_path: Path, database_url: str) -> None:
+    report = run_search(tmp_path, "--evals", "24", "--left-queued", "4", "--poll", "filter", "--database-url", database_url)
     check(report, 24, 4)

@@ -203,6 +203,6 @@ def test_our_apps_keep_our_envelope_with_the_exception_chain(tmp_path):
     ran = subprocess.run(python_runner_command(Chained, job), shell=True, capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     _, payload = parse_run_markers(ran.stdout)
-    assert ran.returncode == 1 and payload, ran.stderr[-2000:]
+    assert ran.returncode == 70 and payload, ran.stderr[-2000:]
     exc = codec.deserialize_exception(payload)
     assert isinstance(exc, RuntimeError) and isinstance(exc.__cause__, KeyError)

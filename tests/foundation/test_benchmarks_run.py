@@ -87,10 +87,16 @@ RUNS = [
     bench("transfers_throughput.py", "--items 10", r"large +10 items -> 10 jobs STAGED_IN in +[\d.]+ s"),
     bench("windowed_count.py", f"--jobs 60 --repeat 1 --pg-url {PG}",
           r"(?s)\[postgresql\] 60 jobs.*after VACUUM ANALYZE jobs.*workdir__contains runs/99 \(1%\) +[\d.]+/", postgres),
+    bench("soak_idle_records.py", "--polls 20 --repeat 1", r"now: empty ones not kept +0 +0\.00"),
+    bench("site_refresh_records.py", "--seconds 5", r"per hour: \d+ at sync_period 1 s"),
+    bench("credential_retention.py", "--rows 200 --requests 5", r"sweep deleted 200 rows in [\d.]+ s, 1 left"),
+    bench("dag_dependencies.py", "--jobs 50 --batch 10 --depth 5 --repeat 1 --backends sqlite",
+          r"chain: walk depth 5 \(5 moves per link\) +[\d.]+ ms/link"),
     bench("compare_balsam07.py", f"--jobs 10 --rounds 1 --sqlite --venv07 {VENV07} --database-prefix {PG_NAME}",
           r"(?s)our client -> our server on SQLite.*our Python-API listing / our raw-HTTP listing: [\d.]+×", postgres),
 ]
-HELPERS = {"bench_server.py": "imported by the others", "balsam07_compare_driver.py": "run by compare_balsam07.py"}
+HELPERS = {"bench_server.py": "imported by the others", "balsam07_compare_driver.py": "run by compare_balsam07.py",
+           "deephyper_style_search.py": "run by tests/compat/test_deephyper_style_search.py"}
 
 
 @pytest.fixture(scope="session")
