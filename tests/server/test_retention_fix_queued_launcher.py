@@ -88,9 +88,9 @@ def test_the_expired_credential_of_a_queued_batch_job_survives_the_sweep_and_is_
         assert _existing(app, [ids["queued"]]) == set()
 
 
+# PostgreSQL only (row locks; SQLite runs one write transaction at a time).
+@pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
 def test_a_renewal_waiting_on_a_sweeps_uncommitted_delete_answers_404(database_url):
-    if not database_url.startswith("postgresql"):
-        pytest.skip("row locks: SQLite runs one write transaction at a time")
     with logged_in_test_client(database_url, uuid.uuid4().hex * 2, session_sweep_sec=3600) as (client, app):
         site_id, _ = create_site_and_app(client)
         cid = _launcher_credential(client, site_id, None)["id"]

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pytest
+from click.testing import CliRunner
+
+from balsam.cli.site_commands import status
+from balsam.site.module import AgentModule
 
 #: Settings that make sites react within seconds in tests.
 FAST_SETTINGS = {
@@ -247,3 +251,20 @@ def assert_site_stop_says_it_cannot_end(site_path: Path, batch_job_id: int, why:
         stopped.stderr
     assert "still await deletion" not in stopped.stderr
     assert "shutdown OK" in stopped.stdout
+
+
+
+class StatusOnceModule(AgentModule):
+    """An agent module that runs ``balsam site status SITE`` once from inside the running agent,
+    keeps its output in ``output`` and stops the agent (``ref[0]``)."""
+
+    section = "status_once"
+
+    def __init__(self, site: Path, ref: list) -> None:
+        super().__init__(None, None, None)
+        self.site, self.ref, self.output = site, ref, ""
+
+    def run_cycle(self) -> float:
+        self.output = CliRunner().invoke(status, [str(self.site)]).output
+        self.ref[0].request_stop("test")
+        return 0.01

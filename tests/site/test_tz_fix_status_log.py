@@ -14,25 +14,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
-from click.testing import CliRunner
 
-from balsam.cli.site_commands import status
 from balsam.config import SITE_MARKER
 from balsam.site.agent import Agent
-from balsam.site.module import AgentModule
-
-
-class _Status(AgentModule):
-    section = "status_once"
-
-    def __init__(self, site: Path, ref: list) -> None:
-        super().__init__(None, None, None)
-        self.site, self.ref, self.output = site, ref, ""
-
-    def run_cycle(self) -> float:
-        self.output = CliRunner().invoke(status, [str(self.site)]).output
-        self.ref[0].request_stop("test")
-        return 0.01
+from site_test_utils import StatusOnceModule
 
 
 def _log(site: Path, when: float, last_written: float) -> Path:
@@ -51,7 +36,7 @@ def _status_output(tmp_path: Path, logs) -> tuple[str, Path]:
     started = psutil.Process().create_time()
     logs(site, started)
     ref: list = []
-    module = _Status(site, ref)
+    module = StatusOnceModule(site, ref)
     agent = Agent(SimpleNamespace(site_path=str(site), site_id=1), client=object(), modules=[module])
     ref.append(agent)
     assert agent.run() == 0

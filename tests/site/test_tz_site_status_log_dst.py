@@ -18,12 +18,10 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from click.testing import CliRunner
 
-from balsam.cli.site_commands import status
 from balsam.config import SITE_MARKER
 from balsam.site.agent import Agent
-from balsam.site.module import AgentModule
+from site_test_utils import StatusOnceModule
 
 UTC = dt.timezone.utc
 
@@ -33,19 +31,6 @@ def _fall_back_at(when: dt.datetime) -> str:
     local = when.astimezone(UTC) - dt.timedelta(hours=5)
     day = local.timetuple().tm_yday - 1
     return f"XST6XDT5,{(day + 180) % 365}/02:00:00,{day}/{local:%H:%M:%S}"
-
-
-class _Status(AgentModule):
-    section = "status_once"
-
-    def __init__(self, site: Path, ref: list) -> None:
-        super().__init__(None, None, None)
-        self.site, self.ref, self.output = site, ref, ""
-
-    def run_cycle(self) -> float:
-        self.output = CliRunner().invoke(status, [str(self.site)]).output
-        self.ref[0].request_stop("test")
-        return 0.01
 
 
 def test_site_status_names_the_running_agents_log_after_the_fall_back(tmp_path: Path,
@@ -72,7 +57,7 @@ def test_site_status_names_the_running_agents_log_after_the_fall_back(tmp_path: 
         assert running.name < before.name  # the repeated hour: the newer log sorts first by name
 
         ref: list = []
-        module = _Status(site, ref)
+        module = StatusOnceModule(site, ref)
         agent = Agent(SimpleNamespace(site_path=str(site), site_id=1), client=object(), modules=[module])
         ref.append(agent)
         assert agent.run() == 0
