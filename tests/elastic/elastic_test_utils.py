@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -34,6 +35,16 @@ def runnable_jobs(client, site, n: int, **job_fields) -> list:
                                     for i in range(n)])
     client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in jobs])
     return jobs
+
+
+def idle_after_the_drain(log: str, strategy: str) -> bool:
+    """Whether the last decision line of ``strategy`` in an agent's ``log`` says nothing runnable
+    and nothing reserved (backfill ``reserved=0``, simple ``blocks=0``): a cycle that saw every
+    BatchJob ended and submitted nothing. Its last, not a new one: an unchanged cycle logs its line
+    at DEBUG (balsam_elastic.cycle_log), so the line of the first cycle after the drain stays the last."""
+    lines = [ln for ln in log.splitlines() if f"] [{strategy}] " in ln]
+    return bool(lines) and re.search(rf"\[{strategy}\] (still )?nothing: no runnable jobs \| ", lines[-1]) is not None \
+        and re.search(r" (reserved|blocks)=0( |$)", lines[-1]) is not None
 
 
 def batch_jobs_of(client, site) -> list[dict]:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from elastic_test_utils import needs_module_sections, runnable_jobs
+from elastic_test_utils import idle_after_the_drain, needs_module_sections, runnable_jobs
 from e2e_helpers import FAST, deep_merge, end_site, new_user, selected, wait_batch_job, wait_jobs_done
 from fake_env import fake_batch_env, wait_for
 
@@ -188,8 +188,7 @@ def _run_a_burst(path: Path, site_id: int, client: Any, tags: dict, strategy: st
     # the backlog is empty: the launchers leave after idle_ttl_sec, and nothing new is submitted
     for b in made:
         wait_batch_job(client, b["id"], {"finished"}, 120)
-    seen = len(_agent_log(path))
-    wait_for(lambda: f"[{strategy}] nothing: no runnable jobs" in _agent_log(path)[seen:], 30, "an idle decision after the drain")
+    wait_for(lambda: idle_after_the_drain(_agent_log(path), strategy), 30, "an idle decision after the drain")
     assert len(client.get("/batch-jobs/", params={"site_id": site_id})["results"]) == len(made)
     assert all(r["batch_job_id"] in {b["id"] for b in made} for r in rows.values())
     return made, rows

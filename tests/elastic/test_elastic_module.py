@@ -16,7 +16,7 @@ from balsam.models import BackfillWindow
 from balsam.testing import ReplayRunner, load_recorded, result
 from balsam_elastic import ElasticQueueOptions
 from balsam_elastic.module import ElasticQueueModule
-from elastic_test_utils import needs_module_sections
+from elastic_test_utils import idle_after_the_drain, needs_module_sections
 from site_test_utils import wait_for
 
 
@@ -150,9 +150,7 @@ def test_agent_on_the_local_scheduler_runs_a_burst_then_drains(strategy, make_si
     # empty backlog: the launcher leaves after idle_ttl_sec and nothing new is submitted
     wait_for(lambda: all(b["state"] == "finished" for b in client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]),
              timeout=60, what="the launchers to drain")
-    seen = len(_agent_log(site))
-    wait_for(lambda: f"[{strategy}] nothing: no runnable jobs" in _agent_log(site)[seen:], timeout=30,
-             what="an idle decision after the drain")
+    wait_for(lambda: idle_after_the_drain(_agent_log(site), strategy), timeout=30, what="an idle decision after the drain")
     assert len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]) == len(made), _agent_log(site)[-3000:]
 
 

@@ -48,14 +48,17 @@ changed since the snapshot read it, submitted or started meanwhile, is left alon
 its submission goes ``pending_deletion``; a queued one is marked ``status_info.withdraw_if_queued``,
 and the scheduler module deletes it only if its own poll shows it still waiting (a request that
 started since this cycle's poll keeps its launcher running). It never cancels a BatchJob without its stamp, whatever a strategy asks. Every
-cycle logs one INFO line: the action or "nothing", the reason, and the numbers it was based on (and
-the BatchJobs the scheduler module holds back at a queue limit, in its words).
+cycle logs one line: the action or "nothing", the reason, and the numbers it was based on (and
+the BatchJobs the scheduler module holds back at a queue limit, in its words); at INFO when it
+submits or cancels or differs from the last cycle's, else at DEBUG, with one INFO "still" line an
+hour while it stays the same (:mod:`balsam_elastic.cycle_log`).
 Launchers release their nodes themselves after ``launcher.idle_ttl_sec`` without work.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -76,6 +79,7 @@ from balsam.site.modules.scheduler import WITHDRAW_IF_QUEUED
 from balsam.states import BatchJobState, JobState
 
 from .churn import CHURN_BACKOFF_MAX_S, ChurnGuard, backlog_key
+from .cycle_log import CycleLog
 from .options import ElasticQueueOptions
 from .strategy import Backlog, BatchJobView, Decision, Snapshot, leased_up_to_min, load_strategy, never_starts_reason
 
@@ -210,6 +214,10 @@ class ElasticQueueModule(AgentModule):
         #: reads them only then: nothing new to count otherwise).
         self._own_active: set[int] = set()
         self._own_ended_since_read = False
+        #: Seconds, monotonic, that time the decision line's hourly INFO "still" line (a test sets
+        #: its own clock, so that hours of cycles pass without sleeping). See balsam_elastic.cycle_log.
+        self.clock = time.monotonic
+        self.cycle_log = CycleLog(self.logger, clock=lambda: self.clock())
         self.warn_about_queue_maintainer()
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -925,7 +933,9 @@ class ElasticQueueModule(AgentModule):
                 if why:
                     decision = attrs.evolve(decision, submit=(), reason=f"{decision.reason}; {why}")
         self.last_decision = decision
-        self.logger.info("%s%s", decision.log_line(self.strategy.name), self.held_note(snapshot))
+        # At INFO when it acts or differs from the last cycle's, else at DEBUG with an hourly INFO
+        # "still" line: an idle agent wrote 1,440 identical INFO lines a day at service_period 60.
+        self.cycle_log.log(self.strategy.name, decision, self.held_note(snapshot))
         backlog = snapshot.backlog
         if backlog.unfit_count:
             # Logged once per distinct reason: at ERROR when nothing runnable fits (no BatchJob is

@@ -1,0 +1,102 @@
+"""The elastic queue's log volume: docs/site.md says a healthy agent writes a few lines an hour at
+INFO, but the module wrote its decision line at INFO every cycle (1,440 a day at service_period 60,
+all "nothing: no runnable jobs"). Now an unchanged idle cycle logs it at DEBUG, a change (or a
+submission, a cancellation) at INFO, and one INFO "still" line an hour repeats an unchanged one.
+The real module against a real API server and the site's local scheduler, its clock advanced
+by the test (no sleeping); warnings are still logged every cycle they were."""
+
+from __future__ import annotations
+
+import logging
+
+from balsam_elastic import ElasticQueueOptions
+from balsam_elastic.module import ElasticQueueModule
+from elastic_test_utils import batch_jobs_of, runnable_jobs
+
+LOGGER = "balsam.site.modules.elastic_queue"
+PERIOD_S = 60.0  # the default service_period: 60 cycles an hour
+QUEUES = {"scheduler": {"allowed_queues": {"local": {"max_nodes": 4, "max_walltime": 600, "max_queued_jobs": 10}}}}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _decision_lines(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == LOGGER and r.levelno == level and r.getMessage().startswith("[backfill] ")]
+
+
+def _cycles(module: ElasticQueueModule, clock: Clock, n: int) -> None:
+    for _ in range(n):
+        module.run_cycle()
+        clock.now += PERIOD_S
+
+
+def test_an_idle_site_logs_a_few_info_lines_an_hour_and_changes_at_once(make_site, client, caplog) -> None:
+    site = make_site(overrides=QUEUES)
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, job_mode="serial", max_num_nodes=1,
+                                                          max_wall_time_min=60, max_queued_jobs=1), client)
+    module.clock = clock = Clock()
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+
+    _cycles(module, clock, 100)  # 100 minutes, nothing to do
+    info = _decision_lines(caplog, logging.INFO)
+    # Before: 100 INFO lines. Now: the first, and one "still" line after an hour.
+    assert len(info) == 2, info
+    assert info[0].startswith("[backfill] nothing: no runnable jobs | runnable=0 "), info
+    assert info[1].startswith("[backfill] still nothing: no runnable jobs | runnable=0 "), info
+    assert info[1].endswith(" (unchanged for 60 min, 61 cycles)"), info
+    assert len(_decision_lines(caplog, logging.DEBUG)) == 98  # nothing lost: at DEBUG
+
+    # Work arrives: the submitting cycle and its BatchJob are logged at INFO at once, as is the next
+    # (other numbers, and another reason); the one after that is the same again: DEBUG.
+    caplog.clear()
+    runnable_jobs(client, site, 3)
+    _cycles(module, clock, 3)
+    info = _decision_lines(caplog, logging.INFO)
+    assert len(info) == 2 and info[0].startswith("[backfill] submit 1 nodes x 55 min (regular queue): "), info
+    assert info[1].startswith("[backfill] nothing: max_queued_jobs reached (1 of 1 BatchJobs wait or run)"), info
+    assert len(_decision_lines(caplog, logging.DEBUG)) == 1
+    (made,) = batch_jobs_of(client, site)
+    assert any(r.levelno == logging.INFO and r.getMessage().startswith(f"created BatchJob {made['id']} ")
+               for r in caplog.records)
+
+    # An input that changes while the decision does not (another runnable job) is logged at INFO.
+    caplog.clear()
+    runnable_jobs(client, site, 1)
+    _cycles(module, clock, 2)
+    info = _decision_lines(caplog, logging.INFO)
+    assert len(info) == 1 and "runnable=4 " in info[0], info
+    assert len(_decision_lines(caplog, logging.DEBUG)) == 1
+
+
+class FailingPoll:
+    """A scheduler driver whose status poll fails in every cycle (the module warns each time)."""
+
+    def get_statuses(self) -> dict:
+        raise RuntimeError("squeue: slurm_load_jobs error: Unable to contact slurm controller")
+
+    def get_backfill_windows(self) -> dict:
+        return {}
+
+
+def test_warnings_are_still_logged_every_cycle(make_site, client, caplog) -> None:
+    site = make_site(overrides=QUEUES)
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_num_nodes=1, max_wall_time_min=60,
+                                                          max_queued_jobs=1), client, scheduler=FailingPoll())
+    module.clock = clock = Clock()
+    # A BatchJob made by hand, queued: the module polls the scheduler only when one of them is.
+    made = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "local",
+                                             "num_nodes": 1, "wall_time_min": 30, "job_mode": "mpi"})
+    client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "queued", "scheduler_id": 4242}])
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    _cycles(module, clock, 5)
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert len(warnings) == 5 and all(w.startswith("scheduler status poll failed: ") for w in warnings), warnings
+    assert len(_decision_lines(caplog, logging.INFO)) == 1
+
