@@ -321,7 +321,7 @@ def test_settings_keyword_overrides():
 # plus the driver options and balsam's own additions (launcher.default_postprocess_in_launcher). The transfers and elastic_queue sections belong to their own agent modules
 # (their tests check them).
 INVENTORY_KEYS = {
-    "logging": ["level", "format", "datefmt", "buffer_num_records", "flush_period"],
+    "logging": ["level", "format", "datefmt", "buffer_num_records", "flush_period", "retention_days"],
     "launcher": ["platform_options", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "max_concurrent_mpiruns",
                  "mpi_drain_for_large_jobs_sec", "mpirun_allows_node_packing", "serial_mode_prefetch_per_rank", "sort_by",
                  "serial_mode_startup_params", "platform", "default_postprocess_in_launcher"],

@@ -40,6 +40,9 @@ def setting(default: Any = attrs.NOTHING, help: str = "", *, factory: Any = None
 #: and a SIGKILL lost all of it.
 MAX_LOG_BUFFER_RECORDS = 100_000
 
+#: The most days ``logging.retention_days`` may say (100 years); 0 or null keeps files for ever.
+MAX_RETENTION_DAYS = 36_500
+
 DEFAULT_LOG_FORMAT = "%(asctime)s.%(msecs)03d | %(process)d | %(levelname)s | %(name)s:%(lineno)s] %(message)s"
 
 
@@ -56,6 +59,11 @@ class LoggingSettings:
         30, "Held log records are written at least this often (seconds); 0: every record is written at once. "
         "A process killed with SIGKILL loses what it holds."
     )
+    retention_days: Optional[int] = setting(
+        30, "Once an hour the scheduler module removes the site's files not changed for this many days: agent logs "
+        "(log/agent_*.log) but the running agent's, launcher logs (log/*_mode_*), and the batch scripts and outputs "
+        "(qsubmit/qlaunch*) of BatchJobs no longer pending, queued or running. 0 or null: keep them for ever."
+    )
 
     def validate(self) -> dict[str, str]:
         problems = {}
@@ -70,6 +78,14 @@ class LoggingSettings:
         for name in ("buffer_num_records", "flush_period"):
             if getattr(self, name) < 0:
                 problems[name] = f"must not be negative, got {getattr(self, name)!r}"
+        # Bounded: days past what a float holds (a 400-digit YAML int) would raise OverflowError in the
+        # scheduler module's hourly sweep, and a century is "for ever" for a site's logs anyway.
+        if self.retention_days is not None and self.retention_days < 0:
+            problems["retention_days"] = (f"must not be negative (0 or null: keep for ever), "
+                                          f"got {self.retention_days!r}")
+        elif self.retention_days is not None and self.retention_days > MAX_RETENTION_DAYS:
+            problems["retention_days"] = (f"must be at most {MAX_RETENTION_DAYS} (100 years; 0 or null: keep for "
+                                          f"ever), got {show(self.retention_days)}")
         if self.buffer_num_records > MAX_LOG_BUFFER_RECORDS:
             problems["buffer_num_records"] = (f"must be at most {MAX_LOG_BUFFER_RECORDS} (records held in memory by "
                                               f"each process), got {show(self.buffer_num_records)}")

@@ -28,6 +28,9 @@ Each cycle (``scheduler.sync_period`` seconds):
 6. keeps the launcher credentials of queued and running BatchJobs alive (each BatchJob's launcher
    gets a site-scoped credential minted before its submission; see
    :mod:`balsam.site.launcher_credentials`).
+7. once an hour, removes the site's files older than ``logging.retention_days`` that nothing else
+   removes (:func:`sweep_expired_files`): the batch scripts and scheduler outputs of BatchJobs not in
+   this cycle's list of active ones, launchers' logs, and agent logs but the running agent's.
 
 A BatchJob that ended whose launcher wrote its one-line ``Error: ...`` last (a settings.yml broken
 since the agent started: every launcher exits 1 at once, which the scheduler reports only as "exit
@@ -46,11 +49,12 @@ import datetime as dt
 import logging
 import os
 import re
+import stat
 import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 import attrs
 
@@ -339,6 +343,128 @@ def _write_replacing(path: Path, text: str) -> None:
 HOOK_RETRY_MAX_SEC = 300.0
 
 
+#: How often the scheduler module removes files past ``logging.retention_days`` (docs/site.md, "Logs"):
+#: the retention is counted in days, so an hour late is nothing, and the sweep's two directory scans
+#: (qsubmit/ and log/, a stat per file) are not repeated every sync_period.
+RETENTION_SWEEP_PERIOD_SEC = 3600.0
+
+#: A launcher's file changed less than this before the earliest start of an active BatchJob may be
+#: that BatchJob's launcher's (a launcher file's name does not say whose it is): the scheduler's
+#: clock (start_time) and the file system's (mtime) need not agree.
+RETENTION_CLOCK_SLACK_SEC = 3600.0
+
+#: A BatchJob's files in the submit directory: ``qlaunch<id:05d>.sh`` and what comes with it
+#: (``.sh.output``, ``.output``, ``.error``, ``.sh.scheduler_id``, markers moved aside as ``.stale-*``).
+#: Temporary files start with ``.tmp-`` and never match.
+_BATCH_JOB_FILE = re.compile(r"qlaunch(\d+)\.")
+#: A launcher's files in log/: ``<mode>_mode_<YYYY-mm-dd_HHMMSS>_<host>_<pid>.<partition>.<suffix>``
+#: (:meth:`balsam.launcher.job_mode.LauncherContext.log_file`: ``.log``, ``.master.log``, each
+#: serial-mode rank's log, ``.out``, ``.serial.json`` ...).
+_LAUNCHER_FILE = re.compile(r"\w+?_mode_\d{4}-\d\d-\d\d_\d{6}_")
+#: An agent's log (:func:`balsam.site.agent.setup_logging`).
+_AGENT_LOG = re.compile(r"agent_\d{4}-\d\d-\d\d_\d{6}\.log")
+
+
+@attrs.define
+class RetentionSweep:
+    """What one :func:`sweep_expired_files` removed (by kind: ``batch_job``, ``launcher``,
+    ``agent``), and the files it could not remove with why."""
+
+    removed: dict[str, int] = attrs.Factory(dict)
+    failed: list[tuple[str, str]] = attrs.Factory(list)
+
+
+def sweep_expired_files(submit_dir: Path, log_dir: Path, cutoff: float, active_ids: Collection[int],
+                        launcher_cutoff: float, keep: Collection[str] = ()) -> RetentionSweep:
+    """Remove the site's files last changed before ``cutoff`` (a ``time.time()``) that nothing else
+    removes, with one scan of each directory and no request to the API:
+
+    * in ``submit_dir``, the files of each BatchJob whose id is not in ``active_ids`` (the BatchJobs
+      still pending, queued, running or being deleted, from the caller's list). All files of an id
+      with a ``.submitting`` marker stay: that submission's outcome is unknown, and its job may
+      still be waiting in the queue for its script (whatever its BatchJob's state);
+    * in ``log_dir``, launchers' files last changed before ``launcher_cutoff`` too (a launcher of an
+      active BatchJob may still write its log; the caller bounds it by their start times), and
+      agent logs, but those in ``keep`` (real paths of the logs this process writes to: a log
+      buffered with a long ``flush_period`` is written rarely, and its mtime says nothing).
+
+    Directories are left alone; a file removed meanwhile is not a failure."""
+    result = RetentionSweep()
+    entries = _scan_dir(submit_dir, result)
+    unknown = set()
+    for name, _ in entries:
+        match = _BATCH_JOB_FILE.match(name)
+        if match and name.endswith(".submitting"):
+            unknown.add(int(match[1]))
+    for name, entry in entries:
+        match = _BATCH_JOB_FILE.match(name)
+        if match and int(match[1]) not in active_ids and int(match[1]) not in unknown:
+            _remove_if_older(entry, cutoff, "batch_job", result)
+    for name, entry in _scan_dir(log_dir, result):
+        if _AGENT_LOG.fullmatch(name):
+            if os.path.realpath(entry.path) not in keep:
+                _remove_if_older(entry, cutoff, "agent", result)
+        elif _LAUNCHER_FILE.match(name):
+            _remove_if_older(entry, min(cutoff, launcher_cutoff), "launcher", result)
+    return result
+
+
+def _scan_dir(directory: Path, result: RetentionSweep) -> list[tuple[str, Any]]:
+    try:
+        with os.scandir(directory) as scan:
+            return [(entry.name, entry) for entry in scan]
+    except FileNotFoundError:  # no BatchJob submitted yet, or no log written
+        return []
+    except OSError as exc:
+        result.failed.append((str(directory), exc.strerror or str(exc)))
+        return []
+
+
+def _remove_if_older(entry: Any, cutoff: float, kind: str, result: RetentionSweep) -> None:
+    try:
+        info = entry.stat(follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode) or info.st_mtime >= cutoff:
+            return
+        os.unlink(entry.path)
+    except FileNotFoundError:  # removed since the scan
+        return
+    except OSError as exc:
+        result.failed.append((entry.path, exc.strerror or str(exc)))
+        return
+    result.removed[kind] = result.removed.get(kind, 0) + 1
+
+
+def open_log_files() -> set[str]:
+    """Real paths of the files this process's root log handlers write to (the agent's log, also
+    behind the buffering handler: its ``target``)."""
+    paths = set()
+    for handler in logging.getLogger().handlers:
+        for each in (handler, getattr(handler, "target", None)):
+            name = getattr(each, "baseFilename", None)
+            if isinstance(name, str):
+                paths.add(os.path.realpath(name))
+    return paths
+
+
+def launcher_files_cutoff(batch_jobs: list[dict]) -> float:
+    """The time before which no launcher file can be an active BatchJob's launcher's: the earliest
+    start of the active BatchJobs that started, less :data:`RETENTION_CLOCK_SLACK_SEC` (a launcher
+    starts after its BatchJob, and its files change after it starts); no bound without one; none
+    kept (-inf) while a running BatchJob (or one being deleted) has no start time that reads."""
+    earliest = float("inf")
+    for batch_job in batch_jobs:
+        text = batch_job.get("start_time")
+        try:
+            start = _aware(parse_datetime(text)).timestamp() if text else None
+        except (TypeError, ValueError, OverflowError, OSError):
+            start = None
+        if start is not None:
+            earliest = min(earliest, start)
+        elif batch_job.get("state") in (BatchJobState.running.value, BatchJobState.pending_deletion.value):
+            return float("-inf")
+    return earliest - RETENTION_CLOCK_SLACK_SEC
+
+
 def status_info_merge(stored: Any, wanted: Any) -> dict[str, Optional[str]]:
     """The ``status_info_merge`` (docs/rest-api.md) that turns ``stored`` (the status_info this
     cycle read) into ``wanted`` (what this cycle made of it): the keys set or changed, and the keys
@@ -605,6 +731,8 @@ class SchedulerModule(AgentModule):
         #: tried again).
         self._no_room_retry: dict[int, tuple[int, float]] = {}
         self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
+        #: When (time.monotonic()) the next retention sweep is due (the first cycle sweeps).
+        self._next_retention_sweep = float("-inf")
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -732,7 +860,37 @@ class SchedulerModule(AgentModule):
             # Even when the API refused the cycle's writes: a launcher credential that expires
             # ends a running launcher's work (its renewal call has its own error handling).
             self._keep_launcher_credentials(batch_jobs, updates)
+        try:
+            self._sweep_expired_files(batch_jobs)
+        except Exception:  # a bug of the sweep must not stop the submissions (it is tried again in an hour)
+            self.logger.exception("removing files older than logging.retention_days failed")
         return None
+
+    def _sweep_expired_files(self, batch_jobs: list[dict]) -> None:
+        """Once every :data:`RETENTION_SWEEP_PERIOD_SEC`, :func:`sweep_expired_files` with this
+        cycle's list of active BatchJobs; one INFO line when it removed something, one WARNING when
+        it could not remove some."""
+        settings = getattr(self.site_config, "settings", None)
+        days = getattr(getattr(settings, "logging", None), "retention_days", None)
+        now = time.monotonic()
+        if not days or now < self._next_retention_sweep:
+            return
+        self._next_retention_sweep = now + RETENTION_SWEEP_PERIOD_SEC
+        log_dir = Path(getattr(self.site_config, "log_path", self.site_path / "log"))
+        result = sweep_expired_files(self.submit_dir, log_dir, time.time() - days * 86400.0,
+                                     {b["id"] for b in batch_jobs}, launcher_files_cutoff(batch_jobs),
+                                     keep=open_log_files())
+        removed = result.removed
+        if removed:
+            self.logger.info("removed %d files older than logging.retention_days (%d days): %d of ended BatchJobs "
+                             "(%s), %d of launchers and %d agent logs (%s)", sum(removed.values()), days,
+                             removed.get("batch_job", 0), self.submit_dir, removed.get("launcher", 0),
+                             removed.get("agent", 0), log_dir)
+        if result.failed:
+            path, why = result.failed[0]
+            self.logger.warning("could not remove %d files older than logging.retention_days (%d days), tried again "
+                                "in %.0f s: %s: %s%s", len(result.failed), days, RETENTION_SWEEP_PERIOD_SEC, path, why,
+                                f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else "")
 
     def _revoke_unused_credentials(self, updates: dict[int, dict], refused: "set[int]") -> None:
         """The credentials of BatchJobs that went submit_failed this cycle are revoked, unless a

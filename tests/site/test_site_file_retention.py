@@ -1,0 +1,298 @@
+"""settings.yml ``logging.retention_days``: the scheduler module removes a site's old files that
+nothing else removed (docs/site.md, "Logs").
+
+Each BatchJob left ``qsubmit/qlaunchNNNNN.sh`` with its scheduler output and ``.scheduler_id``
+marker, each launcher its logs under ``log/``, each agent start an ``agent_*.log``: an idle site with
+a queue_maintainer made hundreds a day, for ever (inode quotas of HPC file systems). Now once an
+hour the scheduler module removes those not changed for ``retention_days`` days, with one scan of
+each directory and the list of active BatchJobs its cycle already read: never a file of a BatchJob
+still pending, queued or running, never the running agent's log, never a launcher's file changed
+since the start of an active BatchJob.
+
+Real site on the live server, the real scheduler module and agent logging set-up, real files aged
+with ``os.utime``. The scheduler driver is an in-memory queue (as in test_batchjob_start_time.py)
+where a test needs a BatchJob running: the local scheduler would start a real launcher.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balsam.builtin.local_scheduler import LocalScheduler
+from balsam.config import SettingsError, loads_settings
+from balsam.models import SchedulerJobStatus
+from balsam.scheduler import Command, CommandResult, Scheduler, StatusPoll, SubmitRequest
+from balsam.serialization import format_datetime
+from balsam.site.agent import setup_logging
+from balsam.site.modules.scheduler import SchedulerModule
+from balsam.states import BatchJobState
+from site_test_utils import batch_job, create_batch_job
+
+REPO = Path(__file__).resolve().parents[2]
+DAY = 86400.0
+MODULE_LOGGER = "balsam.site.modules.scheduler"
+
+
+def _age(path: Path, days: float) -> Path:
+    """Create ``path`` (if missing) last changed ``days`` ago."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("x\n")
+    when = time.time() - days * DAY
+    os.utime(path, (when, when))
+    return path
+
+
+def _sweep_lines(caplog: Any) -> tuple[list[str], list[str]]:
+    records = [r for r in caplog.records if r.name == MODULE_LOGGER and "logging.retention_days" in r.getMessage()]
+    return ([r.getMessage() for r in records if r.levelno == logging.INFO],
+            [r.getMessage() for r in records if r.levelno == logging.WARNING])
+
+
+class ListedScheduler(Scheduler):
+    """A scheduler whose queue is in memory: what the test puts there is polled as listed, with the
+    start times it sets (the base class's get_statuses keeps the poll, as a real driver's)."""
+
+    name = "listed"
+
+    def __init__(self) -> None:
+        super().__init__(lambda command: CommandResult(tuple(command.args), 0, "", ""), user="tester")
+        self.queue: dict[int, SchedulerJobStatus] = {}
+        self.starts: dict[int, Any] = {}
+
+    def render_submit(self, request: SubmitRequest) -> Command:
+        return Command(["sbatch"])
+
+    def parse_submit(self, result: CommandResult) -> int:
+        raise AssertionError("these tests submit nothing")
+
+    def render_status(self, user: str) -> Command:
+        return Command(["squeue"])
+
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> StatusPoll:
+        return StatusPoll(time=now, statuses=dict(self.queue), start_times=dict(self.starts))
+
+    def render_delete(self, scheduler_id: int) -> Command:
+        return Command(["scancel"])
+
+    def run_job(self, scheduler_id: int, start: dt.datetime) -> None:
+        self.queue[scheduler_id] = SchedulerJobStatus(
+            scheduler_id=scheduler_id, state=BatchJobState.running, queue="local", num_nodes=1, wall_time_min=90000,
+            project="local", time_remaining_min=30000, queued_time_min=0)
+        self.starts[scheduler_id] = start
+
+
+@pytest.fixture
+def agent_log(make_site: Any) -> Any:
+    """A site whose agent logging is set up as the agent's (balsam.site.agent.setup_logging): the
+    handler on the root logger writes the agent's current log; removed again after the test."""
+    # The default buffering: the file is behind the buffering handler (its target).
+    site = make_site(overrides={"logging": {"buffer_num_records": 1024}})
+    root = logging.getLogger()
+    before = list(root.handlers)
+    path = setup_logging(site)
+    try:
+        yield site, path
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def test_old_files_of_ended_batch_jobs_launchers_and_agents_are_removed(agent_log, client, caplog) -> None:
+    site, current = agent_log
+    caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
+    qsubmit, log = Path(site.job_path), Path(site.log_path)
+    # BatchJobs 41-43 ended (none of this new site's BatchJobs is active): their script, scheduler
+    # output (both namings), marker, and a marker an id's reuse moved aside.
+    old_batch = [_age(qsubmit / name, 40) for name in (
+        "qlaunch00041.sh", "qlaunch00041.sh.output", "qlaunch00041.sh.scheduler_id", "qlaunch00042.sh",
+        "qlaunch00042.output", "qlaunch00042.error", "qlaunch00043.sh.scheduler_id.stale-20260101T000000000000")]
+    old_launcher = [_age(log / name, 40) for name in (
+        "mpi_mode_2026-01-01_000000_nid001_4242.0.log", "serial_mode_2026-01-01_000000_nid002_77.0.master.log",
+        "serial_mode_2026-01-01_000000_nid002_77.0.nid002.3.log", "serial_mode_2026-01-01_000000_nid002_77.0.out",
+        "serial_mode_2026-01-01_000000_nid002_77.0.serial.json")]
+    old_agent = [_age(log / name, 40) for name in ("agent_2026-01-01_000000.log", "agent_2026-01-02_101010.log")]
+    kept = [
+        _age(qsubmit / "qlaunch00044.sh", 29),  # younger than 30 days
+        _age(log / "mpi_mode_2026-02-01_000000_nid001_4243.0.log", 1),
+        _age(log / "agent_2026-02-01_000000.log", 29),
+        # A submission whose outcome is unknown (its .submitting marker): its job may still be
+        # waiting in the queue for this script, whatever became of its BatchJob.
+        _age(qsubmit / "qlaunch00045.sh", 40), _age(qsubmit / "qlaunch00045.sh.submitting", 40),
+        # Not balsam's, or not of these kinds: a user's notes, the agent's console, a temporary write.
+        _age(log / "notes.txt", 40), _age(log / "agent-console.out", 40), _age(qsubmit / "README", 40),
+        _age(qsubmit / ".tmp-qlaunch00041.sh", 40),
+        # The running agent's log, however long ago it was written (buffered with a long flush_period).
+        _age(current, 40),
+    ]
+    (log / "mpi_mode_2026-01-01_000000_nid001_1.0.log.d").mkdir()  # a directory: left alone
+    os.utime(log / "mpi_mode_2026-01-01_000000_nid001_1.0.log.d", (time.time() - 40 * DAY,) * 2)
+
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler())
+    assert module.run_cycle() is None
+
+    gone = [p for p in old_batch + old_launcher + old_agent if p.exists()]
+    assert not gone, f"not removed: {[p.name for p in gone]}"
+    assert all(p.exists() for p in kept), [p.name for p in kept if not p.exists()]
+    assert (log / "mpi_mode_2026-01-01_000000_nid001_1.0.log.d").is_dir()
+    infos, warnings = _sweep_lines(caplog)
+    assert infos == [f"removed 14 files older than logging.retention_days (30 days): 7 of ended BatchJobs "
+                     f"({qsubmit}), 5 of launchers and 2 agent logs ({log})"], infos
+    assert warnings == []
+
+    # Once an hour: the next cycles neither scan again nor log.
+    again = _age(qsubmit / "qlaunch00046.sh", 40)
+    caplog.clear()
+    module.run_cycle()
+    assert again.exists() and _sweep_lines(caplog) == ([], [])
+
+
+def test_a_sweep_that_removes_nothing_logs_nothing(make_site, client, caplog) -> None:
+    site = make_site()
+    caplog.set_level(logging.DEBUG, logger=MODULE_LOGGER)
+    fresh = _age(Path(site.job_path) / "qlaunch00001.sh", 1)
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler()).run_cycle()
+    assert fresh.exists() and _sweep_lines(caplog) == ([], [])
+
+
+def test_an_active_batch_jobs_files_stay_and_so_do_launcher_files_since_its_start(make_site, client, caplog) -> None:
+    """A BatchJob pending submission (here one of another agent's filter_tags) and one running for
+    41 days (a long reservation: its launcher logs rarely) keep their qsubmit files, however old; a
+    launcher file changed since the running one's start may be its launcher's and stays; an older
+    one, and an ended BatchJob's files, go."""
+    site = make_site(overrides={"filter_tags": {"agent": "this"}})
+    caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
+    fake = ListedScheduler()
+    pending = create_batch_job(client, site.site_id, filter_tags={"agent": "other"})
+    running = create_batch_job(client, site.site_id, filter_tags={"agent": "other"})
+    started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=41)
+    client.patch("/batch-jobs/", json=[{"id": running["id"], "state": "running", "scheduler_id": 777,
+                                        "start_time": format_datetime(started)}])
+    fake.run_job(777, started)
+    assert batch_job(client, running["id"])["state"] == "running"
+    qsubmit, log = Path(site.job_path), Path(site.log_path)
+    active_files = [_age(qsubmit / f"qlaunch{b['id']:05d}.sh{end}", 60)
+                    for b in (pending, running) for end in ("", ".output", ".scheduler_id")]
+    ended = _age(qsubmit / f"qlaunch{running['id'] + 1000:05d}.sh", 60)
+    # Its launcher's log, last written 40 days ago (after the start): may be that launcher's.
+    since_start = _age(log / "mpi_mode_2026-01-01_000000_nid001_9.0.log", 40)
+    # Written 50 days ago, before the start (less an hour for the clocks): no active BatchJob's.
+    before_start = _age(log / "mpi_mode_2026-01-01_000000_nid001_8.0.log", 50)
+
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=fake).run_cycle()
+
+    assert batch_job(client, running["id"])["state"] == "running"
+    assert all(p.exists() for p in active_files), [p.name for p in active_files if not p.exists()]
+    assert since_start.exists()
+    assert not ended.exists() and not before_start.exists()
+    infos, _ = _sweep_lines(caplog)
+    assert len(infos) == 1 and "removed 2 files" in infos[0] and "1 of ended BatchJobs" in infos[0], infos
+
+    # The BatchJob ended: its files go at the next sweep (another agent start here; hourly otherwise).
+    client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "finished"} for b in (pending, running)])
+    fake.queue.clear()
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=fake).run_cycle()
+    assert not any(p.exists() for p in active_files + [since_start])
+
+
+@pytest.mark.parametrize("value", [0, None])
+def test_retention_0_or_null_keeps_every_file(make_site, client, caplog, value) -> None:
+    site = make_site(overrides={"logging": {"retention_days": value}})
+    assert site.settings.logging.retention_days == value
+    caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
+    old = [_age(Path(site.job_path) / "qlaunch00001.sh", 4000),
+           _age(Path(site.log_path) / "agent_2016-01-01_000000.log", 4000)]
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler()).run_cycle()
+    assert all(p.exists() for p in old) and _sweep_lines(caplog) == ([], [])
+
+
+def test_the_retention_is_days_of_the_setting(make_site, client) -> None:
+    site = make_site(overrides={"logging": {"retention_days": 2}})
+    older, younger = _age(Path(site.job_path) / "qlaunch00001.sh", 3), _age(Path(site.job_path) / "qlaunch00002.sh", 1)
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler()).run_cycle()
+    assert not older.exists() and younger.exists()
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """chattr +i: a file not even root can remove (EPERM)."""
+    if shutil.which("chattr") is None:
+        return False
+    return subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True).returncode == 0
+
+
+def test_files_that_cannot_be_removed_are_one_warning_and_the_cycle_goes_on(make_site, client, caplog) -> None:
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
+    stuck = [_age(Path(site.job_path) / "qlaunch00001.sh", 40),
+             _age(Path(site.log_path) / "agent_2026-01-01_000000.log", 40)]
+    other = _age(Path(site.job_path) / "qlaunch00002.sh", 40)
+    made = [p for p in stuck if _immutable(p, True)]
+    try:
+        if len(made) < len(stuck):
+            pytest.skip("chattr +i is not available on this file system")
+        module = SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler())
+        assert module.run_cycle() is None
+        assert all(p.exists() for p in stuck) and not other.exists()
+        infos, warnings = _sweep_lines(caplog)
+        assert len(infos) == 1 and "removed 1 files" in infos[0], infos
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith("could not remove 2 files older than logging.retention_days (30 days), "
+                                      "tried again in 3600 s: "), warnings[0]
+        assert "Operation not permitted" in warnings[0] and "(and 1 more)" in warnings[0], warnings[0]
+        # The module keeps working: its next cycle runs (and does not sweep or warn again within the hour).
+        caplog.clear()
+        assert module.run_cycle() is None
+        assert _sweep_lines(caplog) == ([], [])
+    finally:
+        for path in made:
+            _immutable(path, False)
+
+
+# -- the setting ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,problem", [
+    ("-1", "must not be negative (0 or null: keep for ever), got -1"),
+    ("soon", "expected an integer, got 'soon'"),
+    ("1.5", "expected an integer, got 1.5"),
+    ("true", "expected an integer, got true"),
+    ("36501", "must be at most 36500 (100 years; 0 or null: keep for ever), got 36501"),
+])
+def test_a_bad_retention_is_refused_in_one_line(value: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        loads_settings(f"logging:\n  level: INFO\n  retention_days: {value}\n")
+    assert caught.value.errors == [f"settings.yml:3 logging.retention_days: {problem}"]
+    assert "\n" not in str(caught.value)
+
+
+def test_a_misspelt_retention_key_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"settings.yml:2 logging.retension_days: unknown key \(did you mean "
+                                            r"'retention_days'\?\)"):
+        loads_settings("logging:\n  retension_days: 3\n")
+
+
+@pytest.mark.parametrize("text,value", [("", 30), ("logging:\n  retention_days: null\n", None),
+                                        ("logging:\n  retention_days: 0\n", 0),
+                                        ("logging:\n  retention_days: 36500\n", 36500)])
+def test_retention_values_that_load(text: str, value: Any) -> None:
+    assert loads_settings(text).logging.retention_days == value
+
+
+def test_the_retention_is_documented_with_the_settings_and_the_sample() -> None:
+    from balsam.config import render_sample_settings
+
+    doc = (REPO / "docs" / "settings.md").read_text()
+    logging_section = doc.split("### `logging`", 1)[1].split("\n### ", 1)[0]
+    assert "| `retention_days` | `Optional[int]` | `30` |" in logging_section
+    assert "  retention_days: 30\n" in render_sample_settings()
+    assert "retention_days" in (REPO / "docs" / "site.md").read_text()
