@@ -40,6 +40,29 @@ _TEMPLATE_VAR = re.compile(r"{{(.*?)}}")
 #: argv chunk size when a run() app and its job are passed on the command line
 ARG_CHUNK_SIZE = 128_000
 RUNNER_MODULE = "balsam._api.python_runner"
+#: The ``-c`` program that starts the runner in a ``python_exe`` other than this Python (see
+#: :func:`python_runner_command`). ``-m`` in a Python without Balsam (a bare venv, a container
+#: without it) ended with Python's own "No module named 'balsam'" and exit status 1, one of serial
+#: mode's quick-failure codes: started up to 4 times, each failing the same way. This program says
+#: so in the runner's one line (:func:`balsam._api.python_runner.cannot_run`) and exits 78
+#: (``CANNOT_RUN_EXIT``), not relaunched; otherwise it runs the runner as ``-m`` does. One line of
+#: Python 3.6+ with no ``'`` (one shell-quoted word, also under a python_exe of shell words such as
+#: ``apptainer exec img.sif python3``): statements joined by ``;``, hence no if/try.
+RUNNER_BOOTSTRAP = ";".join((
+    "import importlib.util as u,os,platform as p,runpy,sys",
+    # The first of Balsam, its _api package and the runner that is not there ("" when all are):
+    # find_spec imports a dotted name's parent, so each is looked up only once its parent is found.
+    # A module Balsam's own imports lack is not caught here (the runner words it, exit 78 too).
+    f'n=next((x for x in ("balsam","balsam._api","{RUNNER_MODULE}") if not u.find_spec(x)),"")',
+    # The line on rank 0 only, as cannot_run() (the rank variables of python_runner.mpi_rank).
+    'n and (any(int(v) for v in map(os.environ.get,"PMI_RANK PMIX_RANK OMPI_COMM_WORLD_RANK MV2_COMM_WORLD_RANK '
+    'ALPS_APP_PE".split()) if v and v.strip().isdecimal()) or print(f"balsam: the run() app cannot run in '
+    '{sys.executable} (Python {p.python_version()}): module {n!r} is not installed there; install Balsam into it, '
+    'or set the app\\x27s python_exe to a Python that has Balsam",file=sys.stderr))',
+    # The runner ends the process itself (0, 70, 78, or the app's own sys.exit status).
+    f'sys.exit(78) if n else runpy.run_module("{RUNNER_MODULE}",run_name="__main__",alter_sys=True)',
+))
+_RUNNER_BOOTSTRAP_WORD = shlex.quote(RUNNER_BOOTSTRAP)
 #: Linux's cap on one exec argument (MAX_ARG_STRLEN): a runner line with the job's raw JSON goes
 #: through ``bash -c`` as one argument, so the JSON goes raw only in a line under this.
 RAW_JOB_LINE_MAX_BYTES = 131_072
@@ -669,6 +692,13 @@ def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> s
 
     ``<python_exe> -m balsam._api.python_runner <app_id> <n_app_chunks> <app chunks...> <job chunks...>``
     (chunks of 128,000 characters, shell-quoted) so no file needs to be shared with the node.
+    A ``python_exe`` other than this Python (the default: the launcher's own, which has Balsam)
+    starts with ``<python_exe> -c '<RUNNER_BOOTSTRAP>'`` instead of ``-m balsam._api.python_runner``
+    (the same argv after it, which the runner reads alike): where that Python has no Balsam, the
+    job ends with the runner's one line and exit status 78, not Python's "No module named 'balsam'"
+    and 1, which serial mode relaunched 3 times (:data:`RUNNER_BOOTSTRAP`). Its Python code makes
+    the line one for bash (as a raw job's braces already do), never exec'd as its words: over
+    128 KiB it runs from a script file (:func:`balsam.launcher.app_run.shell_argv`).
     The job chunks are its JSON, as runners of every version read it, when the line stays under
     :data:`RAW_JOB_LINE_MAX_BYTES`: the JSON's braces and quotes make the line go through
     ``bash -c`` as ONE argument, which Linux caps at 128 KiB (MAX_ARG_STRLEN). A longer line
@@ -683,7 +713,9 @@ def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> s
         raise ValueError(f"{app_cls.__name__} has no app id: load it from the API or sync() it")
     payload = app_cls._serialized_class or _serialize_class(app_cls)
     app_chunks = _chunk(payload, app_cls.ARG_CHUNK_SIZE)
-    head = f"{python_exe_words(app_cls.python_exe)} -m {RUNNER_MODULE} "
+    python_exe = app_cls.python_exe
+    start = f"-m {RUNNER_MODULE}" if python_exe == sys.executable else f"-c {_RUNNER_BOOTSTRAP_WORD}"
+    head = f"{python_exe_words(python_exe)} {start} "
     job_json = json.dumps(_job_json(job))
     line = _runner_line(head, app_id, app_chunks, _chunk(job_json, app_cls.ARG_CHUNK_SIZE))
     if len(line) * 4 < RAW_JOB_LINE_MAX_BYTES or len(line.encode("utf-8", "surrogateescape")) < RAW_JOB_LINE_MAX_BYTES:

@@ -1,6 +1,8 @@
 """Runs a run() app for one job: ``python -m balsam._api.python_runner <app_id> <n> <app chunks> <job chunks>``.
 
-The launcher builds this command with :func:`balsam._api.app.python_runner_command`. The runner
+The launcher builds this command with :func:`balsam._api.app.python_runner_command`; for an app
+whose ``python_exe`` is not the launcher's own Python it is ``python -c '<RUNNER_BOOTSTRAP>' <app_id>
+...``, a program that runs this module as ``-m`` does (``runpy``, as ``__main__``). The runner
 rebuilds the app class and the job, calls ``run(**parameters)`` and prints on stdout (``job.out``)
 ``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI; the exception
 in Balsam 0.7's format for an app a 0.7 client synced: see :func:`serialize_exception`); an exception
@@ -15,7 +17,9 @@ A runner that cannot set up in the app's ``python_exe`` (a venv or container wit
 attrs; another Python minor version than the one that synced the app) prints ONE line on stderr,
 ``balsam: the run() app cannot run in <interpreter> (Python X.Y.Z): <reason>``, and exits
 :data:`CANNOT_RUN_EXIT` (78), with no marker (:func:`cannot_run`). A Python without Balsam at all
-fails before this module runs; its own line names the interpreter and the missing module (exit 1).
+(or with one that has no such module: Balsam 0.7's) never reaches this module: the ``-c`` program
+(:data:`balsam._api.app.RUNNER_BOOTSTRAP`) prints the same line, ``module 'balsam' is not installed
+there``, and exits 78 too (with ``-m``, Python's own "No module named 'balsam'" and exit 1).
 
 Neither exit is 1, what Python gives an uncaught exception: 1 is one of serial mode's quick-failure
 codes (:data:`balsam.launcher.runner.RETRY_CODES`, Balsam 0.7's), which relaunch a task that exits
