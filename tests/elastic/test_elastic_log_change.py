@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 
+import attrs
 import pytest
 
-from balsam_elastic import Decision
+from balsam.states import BatchJobState
+from balsam_elastic import BackfillStrategy, Backlog, BatchJobView, Decision, ElasticQueueOptions, Snapshot
 from balsam_elastic.cycle_log import STILL_EVERY_S, CycleLog
 
 LOGGER = "balsam.site.modules.elastic_queue"
@@ -60,3 +62,63 @@ def test_one_still_line_an_hour_with_the_current_figures(caplog) -> None:
                        "oldest_wait_min=60.5 (unchanged for 60 min, 61 cycles)"), info
     assert info[2].endswith("oldest_wait_min=120.5 (unchanged for 120 min, 121 cycles)"), info
     assert sum(r.levelno == logging.DEBUG for r in caplog.records) == cycles - 3
+
+
+def _levels(decisions, **log_kwargs) -> list[int]:
+    """The level of each decision's line, one cycle (PERIOD_S) apart."""
+    clock = Clock()
+    log = CycleLog(logging.getLogger(LOGGER), clock=clock)
+    levels = []
+    for decision in decisions:
+        levels.append(log.log("backfill", decision, **log_kwargs))
+        clock.now += PERIOD_S
+    return levels
+
+
+def test_float_noise_is_no_change() -> None:
+    # running_footprint is a SQL SUM of floats without ORDER BY: the same running jobs summed in
+    # another row order differ in the last bit, and idle = reserved - running_footprint showed as
+    # 1.11022e-16 in one cycle and 0 in the next (each flip an INFO line).
+    running = (0.9999999999999999, 1.0, 0.9999999999999999, 1.0)
+    decisions = [_idle("no runnable jobs", running_footprint=r, reserved=1, idle=max(1 - r, 0.0)) for r in running]
+    assert _levels(decisions) == [logging.INFO] + [logging.DEBUG] * 3
+    assert decisions[0].log_line("backfill").endswith(" running_footprint=1 reserved=1 idle=0")
+    # -0.0 (a difference of equal sums) is shown as 0, and is no change from it
+    assert _levels([_idle("w", idle=0.0), _idle("w", idle=-0.0)]) == [logging.INFO, logging.DEBUG]
+    assert _idle("w", idle=-0.0).log_line("backfill") == "[backfill] nothing: w | idle=0"
+    # a real change still is one
+    assert _levels([_idle("w", idle=0.0), _idle("w", idle=0.5)]) == [logging.INFO, logging.INFO]
+
+
+def test_a_held_regular_queue_submission_is_no_change_while_its_job_waits_on() -> None:
+    # backfill's regular-queue fallback says "a runnable job has waited N min" in its reason; when
+    # the module holds the submission back (a BatchJob held at a queue limit: run_cycle appends
+    # held_in_queue's words, and submits nothing), the idle line kept the minutes, and was logged
+    # at INFO every cycle.
+    opts = ElasticQueueOptions(regular_queue_after_min=60, max_num_nodes=8, use_backfill=True, submit_queue="debug",
+                               submit_project="p")
+    held = BatchJobView(id=7, state=BatchJobState.pending_submission, num_nodes=1, wall_time_min=60, owned=False,
+                        project="p", held="waiting: queue 'debug' is at a scheduler limit")
+    decisions = []
+    for minute in range(61, 66):
+        snapshot = Snapshot(batch_jobs=(held,), windows=(), project="p",
+                            backlog=Backlog(runnable_count=3, runnable_footprint=3.0, min_runnable_nodes=1,
+                                            max_runnable_nodes=1, oldest_runnable_wait_min=minute + 0.3))
+        decision = BackfillStrategy(opts).decide(snapshot)
+        assert decision.submit and f"a runnable job has waited {minute} min (regular_queue_after_min 60)" in decision.reason
+        decisions.append(attrs.evolve(decision, submit=(), reason=f"{decision.reason}; BatchJob 7 of queue 'debug' "
+                                      f"(project 'p') is held back ({held.held}): nothing more is submitted"))
+    assert _levels(decisions) == [logging.INFO] + [logging.DEBUG] * 4
+    # the line itself still says the minutes
+    assert "a runnable job has waited 65 min" in decisions[-1].log_line("backfill")
+    # the same text anywhere else in the reason is compared
+    changed = attrs.evolve(decisions[0], reason=decisions[0].reason + "; 3 more")
+    assert _levels([decisions[0], changed]) == [logging.INFO, logging.INFO]
+
+
+def test_a_strategys_own_clock_figures_are_not_compared() -> None:
+    # A strategy names its figures that count elapsed time (Strategy.clock_figures); the module
+    # passes them (run_cycle), and they are compared no more than oldest_wait_min is.
+    decisions = [_idle("no window", runnable=2, waited_min=61.0 + m) for m in range(3)]
+    assert _levels(decisions, clock_figures=frozenset({"waited_min"})) == [logging.INFO, logging.DEBUG, logging.DEBUG]
+    assert _levels(decisions) == [logging.INFO] * 3

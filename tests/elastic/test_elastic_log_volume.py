@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from balsam_elastic import ElasticQueueOptions
+from balsam_elastic import Decision, ElasticQueueOptions, Snapshot, Strategy
 from balsam_elastic.module import ElasticQueueModule
 from elastic_test_utils import batch_jobs_of, runnable_jobs
 
@@ -98,5 +98,69 @@ def test_warnings_are_still_logged_every_cycle(make_site, client, caplog) -> Non
     _cycles(module, clock, 5)
     warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     assert len(warnings) == 5 and all(w.startswith("scheduler status poll failed: ") for w in warnings), warnings
-    assert len(_decision_lines(caplog, logging.INFO)) == 1
+    info = _decision_lines(caplog, logging.INFO)
+    assert len(info) == 1 and info[0].endswith(" | poll=failed"), info
+
+
+class FlakyPoll(FailingPoll):
+    """A status poll that fails until ``fail`` is set False (the scheduler's controller back)."""
+
+    fail = True
+
+    def get_statuses(self) -> dict:
+        return super().get_statuses() if self.fail else {}
+
+
+def test_a_poll_that_works_again_is_logged_at_info(make_site, client, caplog) -> None:
+    # The poll failed twice (a WARNING each), then worked: nothing in the decision line changed, so
+    # the recovery was logged at DEBUG, and the last INFO words of the module were the failure's.
+    site = make_site(overrides=QUEUES)
+    poll = FlakyPoll()
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_num_nodes=1, max_wall_time_min=60,
+                                                          max_queued_jobs=1), client, scheduler=poll)
+    module.clock = clock = Clock()
+    made = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "local",
+                                             "num_nodes": 1, "wall_time_min": 30, "job_mode": "mpi"})
+    client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "queued", "scheduler_id": 4242}])
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    _cycles(module, clock, 2)
+    poll.fail = False
+    _cycles(module, clock, 3)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records
+             if r.name == LOGGER and r.getMessage().startswith("[backfill] ")]
+    assert [level for level, _ in lines] == [logging.INFO, logging.DEBUG, logging.INFO, logging.DEBUG, logging.DEBUG], lines
+    assert lines[0][1].endswith(" batch_jobs=1/1 | poll=failed"), lines
+    assert lines[2][1].endswith(" batch_jobs=1/1"), lines  # the recovery: the same line without the note
+    # and it fails again: INFO at once
+    poll.fail = True
+    _cycles(module, clock, 1)
+    assert _decision_lines(caplog, logging.INFO)[-1] == lines[0][1]
+
+
+class WaitingStrategy(Strategy):
+    """A plugin strategy whose line carries a figure of elapsed time under a name of its own."""
+
+    name = "waiting"
+    clock_figures = frozenset({"waited_min"})
+
+    def __init__(self, settings, options=None) -> None:
+        super().__init__(settings, options)
+        self.cycles = 0
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        self.cycles += 1
+        return Decision(reason="no window", numbers=(("runnable", snapshot.backlog.runnable_count),
+                                                     ("waited_min", 60.5 + self.cycles)))
+
+
+def test_a_strategys_clock_figures_are_not_compared(make_site, client, caplog) -> None:
+    site = make_site(overrides=QUEUES)
+    options = ElasticQueueOptions(use_backfill=False, max_num_nodes=1, max_wall_time_min=60, max_queued_jobs=1)
+    module = ElasticQueueModule(site, options, client)
+    module.strategy = WaitingStrategy(options)
+    module.clock = clock = Clock()
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    _cycles(module, clock, 3)
+    levels = [r.levelno for r in caplog.records if r.name == LOGGER and r.getMessage().startswith("[waiting] ")]
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG], levels
 

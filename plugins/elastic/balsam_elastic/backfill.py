@@ -48,7 +48,7 @@ from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
 
 from .strategy import (STRATEGY_SECTION_KEYS, BatchJobView, Decision, Snapshot, Strategy, Submission, never_starts_reason,
-                       nodes_for, not_started_newest_first, request_min_for)
+                       nodes_for, not_started_newest_first, request_min_for, show_figure)
 
 
 class BackfillStrategy(Strategy):
@@ -107,7 +107,10 @@ class BackfillStrategy(Strategy):
         if len(live) >= s.max_queued_jobs:
             return nothing(f"max_queued_jobs reached ({len(live)} of {s.max_queued_jobs} BatchJobs wait or run)")
         if backlog.runnable_footprint <= idle + 1e-9:
-            return nothing(f"idle nodes cover the backlog ({max(idle, 0.0):.6g} idle >= {backlog.runnable_footprint:.6g} needed)")
+            # Figures shown as in the numbers (show_figure: float noise rounded off), so that a sum in
+            # another row order does not change the line.
+            return nothing(f"idle nodes cover the backlog ({show_figure(max(idle, 0.0))} idle >= "
+                           f"{show_figure(backlog.runnable_footprint)} needed)")
         smallest = max(1, backlog.min_runnable_nodes)
         if smallest > s.max_num_nodes:
             return nothing(f"the smallest runnable job needs {smallest} nodes, more than max_num_nodes ({s.max_num_nodes})")
@@ -130,7 +133,7 @@ class BackfillStrategy(Strategy):
         request = Submission(num_nodes=num_nodes, wall_time_min=wall_time, regular_queue=not s.use_backfill)
         return Decision(
             submit=(request,), cancel=stale, numbers=tuple(numbers),
-            reason=(f"{backlog.runnable_footprint:.6g} runnable nodes of work, {max(idle, 0.0):.6g} idle"
+            reason=(f"{show_figure(backlog.runnable_footprint)} runnable nodes of work, {show_figure(max(idle, 0.0))} idle"
                     + (f"; {len(stale)} stale BatchJob(s) cancelled" if stale else "")),
         )
 
@@ -197,9 +200,12 @@ class BackfillStrategy(Strategy):
         blocked = snapshot.never_starting_as_large(request.num_nodes, request.wall_time_min)
         if blocked is not None:
             return Decision(cancel=stale, numbers=tuple(numbers), reason=f"{why_none}; {never_starts_reason(blocked)}")
-        return Decision(submit=(request,), cancel=stale, numbers=tuple(numbers),
-                        reason=(f"{why_none}, and a runnable job has waited {waited:.0f} min "
-                                f"(regular_queue_after_min {s.regular_queue_after_min})"))
+        # The minutes grow every cycle: a submission the module then holds back (a BatchJob held at
+        # a queue limit, a back-off) kept this reason, and its unchanged idle line was logged at
+        # INFO every cycle. clock_text: not compared (oldest_wait_min shows them too).
+        waited_text = f"a runnable job has waited {waited:.0f} min"
+        return Decision(submit=(request,), cancel=stale, numbers=tuple(numbers), clock_text=(waited_text,),
+                        reason=f"{why_none}, and {waited_text} (regular_queue_after_min {s.regular_queue_after_min})")
 
     def choose_window(self, snapshot: Snapshot, smallest: int) -> tuple[Optional[BackfillWindow], str]:
         s = self.settings

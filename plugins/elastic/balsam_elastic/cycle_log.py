@@ -23,7 +23,11 @@ from .strategy import Decision
 STILL_EVERY_S = 3600.0
 #: Figures of a decision that count elapsed time (``oldest_wait_min``: minutes the oldest runnable
 #: job has waited): they differ in every cycle when nothing else does, so they are not compared.
+#: A strategy adds its own (:attr:`Strategy.clock_figures`), and a decision names the words of its
+#: reason that count time (:attr:`Decision.clock_text`).
 CLOCK_FIGURES = frozenset({"oldest_wait_min"})
+#: What stands for a decision's ``clock_text`` in the line compared.
+CLOCK_MASK = "<clock>"
 
 
 class CycleLog:
@@ -41,12 +45,20 @@ class CycleLog:
         self._info_at = 0.0
         self._cycles = 0
 
-    def log(self, strategy: str, decision: Decision, note: str = "") -> int:
-        """Log ``decision``'s line (``note`` appended, e.g. the held BatchJobs); returns the level used.
-        The records name the caller's line (stacklevel 2: the module's run_cycle), as before."""
+    def log(self, strategy: str, decision: Decision, note: str = "",
+            clock_figures: frozenset[str] = frozenset()) -> int:
+        """Log ``decision``'s line (``note`` appended, e.g. the held BatchJobs, a failed status
+        poll); returns the level used. ``clock_figures``: the strategy's own figures that count
+        elapsed time (:attr:`Strategy.clock_figures`), not compared, as :data:`CLOCK_FIGURES` and
+        the decision's ``clock_text`` are not. The records name the caller's line (stacklevel 2:
+        the module's run_cycle), as before."""
         now = self.clock()
         line = decision.log_line(strategy) + note
-        compared = attrs.evolve(decision, numbers=tuple((k, v) for k, v in decision.numbers if k not in CLOCK_FIGURES))
+        skip = CLOCK_FIGURES | clock_figures
+        reason = decision.reason
+        for text in decision.clock_text:
+            reason = reason.replace(text, CLOCK_MASK) if text else reason
+        compared = attrs.evolve(decision, reason=reason, numbers=tuple((k, v) for k, v in decision.numbers if k not in skip))
         key = compared.log_line(strategy) + note
         if key != self._last_key or not decision.idle:
             self._last_key, self._since, self._info_at, self._cycles = key, now, now, 1

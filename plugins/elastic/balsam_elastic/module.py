@@ -49,7 +49,8 @@ its submission goes ``pending_deletion``; a queued one is marked ``status_info.w
 and the scheduler module deletes it only if its own poll shows it still waiting (a request that
 started since this cycle's poll keeps its launcher running). It never cancels a BatchJob without its stamp, whatever a strategy asks. Every
 cycle logs one line: the action or "nothing", the reason, and the numbers it was based on (and
-the BatchJobs the scheduler module holds back at a queue limit, in its words); at INFO when it
+``poll=failed`` when its status poll failed, the BatchJobs the scheduler module holds back at a
+queue limit, in its words); at INFO when it
 submits or cancels or differs from the last cycle's, else at DEBUG, with one INFO "still" line an
 hour while it stays the same (:mod:`balsam_elastic.cycle_log`).
 Launchers release their nodes themselves after ``launcher.idle_ttl_sec`` without work.
@@ -169,6 +170,8 @@ class ElasticQueueModule(AgentModule):
         #: scheduler ids of the site's BatchJobs it read (for :meth:`read_others_waiting`).
         self._poll: Optional[dict[int, Any]] = None
         self._polled = False
+        #: Whether the last snapshot's status poll failed (its decision line says so: see cycle_note).
+        self.poll_failed = False
         #: The node pools the driver gave with that poll (``StatusPoll.node_pools``), and those the
         #: last windows read are in (None: the driver does not say): see read_others_waiting.
         self._poll_pools: Mapping[int, tuple[str, ...]] = {}
@@ -886,6 +889,7 @@ class ElasticQueueModule(AgentModule):
         queued = BatchJobState.queued.value
         self._polled = any(r["state"] == queued for r in rows + others)
         poll = self._poll = self.read_poll() if self._polled else None
+        self.poll_failed = self._polled and poll is None  # read_poll's None: it failed (and warned)
         self._site_scheduler_ids = {int(r["scheduler_id"]) for r in rows + others if r.get("scheduler_id") is not None}
         self.left_over_ids = {int(r["id"]): BatchJobState(r["state"]) for r in others if self.left_over(r, poll)}
         windows, error = self.read_windows()
@@ -935,7 +939,8 @@ class ElasticQueueModule(AgentModule):
         self.last_decision = decision
         # At INFO when it acts or differs from the last cycle's, else at DEBUG with an hourly INFO
         # "still" line: an idle agent wrote 1,440 identical INFO lines a day at service_period 60.
-        self.cycle_log.log(self.strategy.name, decision, self.held_note(snapshot))
+        self.cycle_log.log(self.strategy.name, decision, self.cycle_note(snapshot),
+                           clock_figures=self.strategy.clock_figures)
         backlog = snapshot.backlog
         if backlog.unfit_count:
             # Logged once per distinct reason: at ERROR when nothing runnable fits (no BatchJob is
@@ -1059,6 +1064,14 @@ class ElasticQueueModule(AgentModule):
                 f"{b.project!r}) was refused by the scheduler: {b.never_starts}. No BatchJob at least as large is "
                 f"requested for this project and queue while the agent runs (for {REFUSAL_MEMORY_MIN // 60} h at "
                 f"most); smaller ones still are. {REFUSAL_ADVICE}", error=True)
+
+    def cycle_note(self, snapshot: Snapshot) -> str:
+        """What the cycle's decision line ends with: `` | poll=failed`` when this cycle's status
+        poll failed (its WARNING says why), then :meth:`held_note`. Part of the line compared
+        (cycle_log), so that the first cycle whose poll fails and the first whose poll works again
+        are logged at INFO: without it a recovery changed no figure, and the line stayed at DEBUG
+        after the warnings stopped."""
+        return (" | poll=failed" if self.poll_failed else "") + self.held_note(snapshot)
 
     def held_note(self, snapshot: Snapshot) -> str:
         """For the cycle's INFO line: the BatchJobs the scheduler module holds back in

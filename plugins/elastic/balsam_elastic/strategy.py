@@ -44,6 +44,7 @@ __all__ = [
     "nodes_for",
     "not_started_newest_first",
     "request_min_for",
+    "show_figure",
 ]
 
 STRATEGY_GROUP = "balsam.elastic_strategies"
@@ -275,6 +276,10 @@ class Decision:
     cancel: tuple[int, ...] = ()
     reason: str = ""
     numbers: tuple[tuple[str, Any], ...] = ()
+    #: Parts of ``reason`` that count elapsed time ("a runnable job has waited 61 min"): they change
+    #: every cycle when nothing else does, so the module's log does not compare them (as it does not
+    #: compare :attr:`Strategy.clock_figures`; :mod:`balsam_elastic.cycle_log`).
+    clock_text: tuple[str, ...] = ()
 
     @property
     def idle(self) -> bool:
@@ -291,9 +296,21 @@ class Decision:
         return f"[{strategy}] {action}: {self.reason} | {figures}".rstrip(" |")
 
 
+#: Decimal places a float figure of the log line is rounded to (the float noise ``nodes_for`` ignores too).
+FIGURE_DECIMALS = 9
+
+
+def show_figure(value: float) -> str:
+    """A number as the decision line shows a float figure: 6 significant digits, float noise
+    rounded off first. A footprint summed in another row order (a SQL SUM without ORDER BY) differs
+    in its last bit, and an idle of 1 - 0.9999999999999999 showed as 1.11022e-16 in one cycle, 0 in
+    the next: a changed line, logged at INFO (cycle_log). "+ 0.0" shows -0.0 as 0."""
+    return f"{round(float(value), FIGURE_DECIMALS) + 0.0:.6g}"
+
+
 def _show(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return show_figure(value)
     if isinstance(value, BackfillWindow):
         return f"{value.num_nodes}x{value.wall_time_min}min"
     if isinstance(value, (list, tuple)):
@@ -364,6 +381,12 @@ class Strategy(abc.ABC):
     #: The ``elastic_queue`` key that sets :meth:`widest_request_nodes`, named in the message on jobs
     #: wider than that ("" when no key does).
     widest_request_key: ClassVar[str] = ""
+    #: Names of the figures of its decisions' ``numbers`` that count elapsed time (minutes something
+    #: has waited): not compared when the module decides whether a cycle's line changed (an idle
+    #: cycle whose line is the same as the last one's is logged at DEBUG). ``oldest_wait_min`` is
+    #: never compared, whatever this says; words of ``reason`` that count time go in
+    #: :attr:`Decision.clock_text`.
+    clock_figures: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: Any, options: Any = None) -> None:
         self.settings = settings
