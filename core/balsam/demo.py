@@ -16,6 +16,7 @@ The site stays: ``balsam job ls``, ``balsam queue ls``, ``balsam site ls`` keep 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import click
 
@@ -62,6 +63,13 @@ class _Left:
 
 def interrupted_line(left: _Left) -> str:
     """One line: what a demo stopped by Ctrl-C leaves running, and the commands that stop it."""
+    return "Interrupted: " + left_running(left)
+
+
+def left_running(left: _Left) -> str:
+    """What ``left`` says goes on running, and the commands that stop each ("still running: ..."),
+    else "the demo started nothing that runs on": the end of a Ctrl-C's line, of a closed output's
+    (:func:`_output_closed`) and of a campaign that timed out."""
     parts = []
     where = f" {left.site_path}" if left.site_path else ""
     if left.batch_job_ids:
@@ -84,8 +92,62 @@ def interrupted_line(left: _Left) -> str:
     elif left.step == "server":
         parts.append("the Balsam server may be starting (`balsam server status`; `balsam server stop`)")
     if not parts:
-        return "Interrupted: the demo started nothing that runs on"
-    return "Interrupted: still running: " + "; ".join(parts)
+        return "the demo started nothing that runs on"
+    return "still running: " + "; ".join(parts)
+
+
+#: Exit status of a demo whose output was closed (`balsam demo | head`): what a shell reports for a
+#: process that SIGPIPE killed (128 + 13); Python ignores SIGPIPE, so the write raises instead.
+BROKEN_PIPE_EXIT_CODE = 141
+
+
+def _to_devnull(stream: Any) -> None:
+    """Point ``stream``'s file descriptor at /dev/null, as Python's docs advise for a
+    BrokenPipeError: the interpreter flushes the standard streams at exit, and the data a failed
+    write left in the buffer raised again there ("Exception ignored ... BrokenPipeError")."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (click's CliRunner)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def demo_log_path(left: _Left) -> Path:
+    """Where the demo writes what it cannot say on a closed stderr: the site's log directory once
+    it exists, else $BALSAM_HOME."""
+    from balsam.config import balsam_home
+
+    if left.site_path is not None and (left.site_path / "log").is_dir():
+        return left.site_path / "log" / "demo.log"
+    return balsam_home() / "demo.log"
+
+
+def _output_closed(left: _Left) -> NoReturn:
+    """End a demo whose output was closed by its reader (`balsam demo 2>&1 | head -8`) as a Ctrl-C
+    ends it: nothing more started, one line naming what goes on running, a non-zero exit. It died
+    after "Creating jobs" with click's silent status 1, leaving the jobs and the site agent it
+    started and no word of either. The line goes to stderr, else (closed too) to
+    :func:`demo_log_path`."""
+    line = "balsam demo: output closed (broken pipe), demo stopped: " + left_running(left)
+    _to_devnull(sys.stdout)
+    try:
+        click.echo(line, err=True)
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        _to_devnull(sys.stderr)
+        try:
+            log = demo_log_path(left)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as fh:
+                fh.write(f"{dt.datetime.now().isoformat(timespec='seconds')} {line}\n")
+        except OSError:
+            pass  # nowhere left to say it: the exit status still tells
+    raise click.exceptions.Exit(BROKEN_PIPE_EXIT_CODE)
 
 
 class _DemoCommand(click.Command):
@@ -151,10 +213,12 @@ def ensure_server(left: Optional[_Left] = None) -> Any:
         client.retry_count = 0
         client.get("/sites/", params={"limit": 1})
         client.retry_count = 10
+    except Exception:
+        client = None
+    if client is not None:
+        # Outside the try: a closed output (BrokenPipeError) there started a second server.
         click.echo(f"    using the Balsam server at {client.api_root}")
         return client
-    except Exception:
-        pass
     command = [*_balsam_cli(), "server", "start"]
     if not _port_free(DEFAULT_SERVER_PORT):
         # Another server (someone else's, or another BALSAM_HOME's) holds the default port.
@@ -331,6 +395,34 @@ def submit_batch_jobs(site_id: int, run_id: str, wall_time_min: int,
 # -- 5. progress and summary ----------------------------------------------------------------------
 
 
+#: How long --stop-agent waits for the BatchJobs to end (launchers idle out after 5 s) before it
+#: stops the agent.
+STOP_AGENT_WAIT_SEC = 60
+
+
+def _live_batch_jobs(client: Any, ids: list[int]) -> list[int]:
+    """Those of ``ids`` whose BatchJob may still run a launcher (one GET each: the demo has 2 to
+    2 + 2 * MAX_REPLACEMENTS); one that cannot be read counts as live."""
+    live = []
+    for batch_job_id in ids:
+        try:
+            state = client.get(f"/batch-jobs/{batch_job_id}")["state"]
+        except Exception:
+            state = None
+        if state is None or state in LIVE_BATCH_JOB_STATES:
+            live.append(batch_job_id)
+    return live
+
+
+def _wait_for_batch_jobs(client: Any, ids: list[int], wait_sec: float) -> list[int]:
+    """Wait up to ``wait_sec`` for the BatchJobs ``ids`` to end; those still live then."""
+    deadline = time.monotonic() + wait_sec
+    while ids and time.monotonic() < deadline:
+        time.sleep(1)
+        ids = _live_batch_jobs(client, ids)
+    return ids
+
+
 def job_rows(client: Any, run_id: str) -> list[dict]:
     from balsam.site.service_client import list_all
 
@@ -455,7 +547,9 @@ def throughput(client: Any, run_id: str) -> Optional[tuple[float, float, int]]:
     return span, len(finished) / span, len(finished)
 
 
-def summary(client: Any, site_path: Path, run_id: str, states: Counter, elapsed: float, apps: dict[str, type]) -> int:
+def summary(client: Any, site_path: Path, run_id: str, states: Counter, elapsed: Optional[float],
+            apps: dict[str, type]) -> int:
+    """The summary; ``elapsed`` None: the campaign did not finish within --timeout (no wall time)."""
     from balsam.api import Job
 
     _step("Summary")
@@ -468,7 +562,10 @@ def summary(client: Any, site_path: Path, run_id: str, states: Counter, elapsed:
     if figures:
         span, rate, finished = figures
         click.echo(f"    throughput: {finished} jobs finished in {span:.1f} s from the first RUNNING: {rate:.1f} jobs/s")
-    click.echo(f"    wall time of the campaign (jobs created -> all done): {elapsed:.1f} s")
+    if elapsed is None:
+        click.echo("    wall time of the campaign: none, it did not finish within the timeout")
+    else:
+        click.echo(f"    wall time of the campaign (jobs created -> all done): {elapsed:.1f} s")
     data = site_path / "data" / run_id
     dag_sum = data / "dag" / "sum" / "sum.txt"
     if dag_sum.is_file():
@@ -504,6 +601,10 @@ def demo(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bo
         _campaign(site_path, num_jobs, timeout, stop_agent, left)
     except KeyboardInterrupt:
         raise Interrupted(interrupted_line(left)) from None
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        _output_closed(left)
 
 
 def _campaign(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bool, left: _Left) -> None:
@@ -546,21 +647,38 @@ def _campaign(site_path: Optional[str], num_jobs: int, timeout: float, stop_agen
     keeper = _BatchJobKeeper(site_id, run_id, BATCH_JOB_WALL_TIME_MIN, batch_jobs, left)
     states, _ = watch(client, run_id, total, timeout, keeper)
     elapsed = time.monotonic() - t_jobs
-    code = summary(client, path, run_id, states, elapsed, apps)
+    timed_out = sum(states[s] for s in DONE) < total
+    if timed_out:
+        click.echo(f"    the campaign did not finish within the timeout (--timeout {timeout:g} s): "
+                   f"{sum(states[s] for s in DONE)} of {total} jobs done")
+    left.step = "summary"
+    live = _live_batch_jobs(client, left.batch_job_ids) if timed_out or stop_agent else []
     if stop_agent:
         from balsam.site.site_ops import stop_agent as stop
 
         # Let the launchers idle out and the agent record the BatchJobs as finished first.
-        ids = list(left.batch_job_ids)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            states = {client.get(f"/batch-jobs/{i}")["state"] for i in ids}
-            if states <= {"finished", "submit_failed"}:
-                break
-            time.sleep(1)
+        if live:
+            click.echo(f"    waiting up to {STOP_AGENT_WAIT_SEC} s for BatchJobs {', '.join(map(str, live))} "
+                       "to end before stopping the site agent")
+            live = _wait_for_batch_jobs(client, live, STOP_AGENT_WAIT_SEC)
         stop(path)
+        left.agent_pid = None
+        if timed_out:
+            # The launchers ran jobs while the demo waited: count them as they are now (one
+            # listing), not as they stood at the timeout.
+            states = job_states(client, run_id)
+    code = summary(client, path, run_id, states, None if timed_out else elapsed, apps)
+    if stop_agent:
         click.echo("    site agent stopped (start it again with `balsam site start " + str(path) + "`)")
-    click.echo(f"    demo finished in {time.monotonic() - t0:.1f} s")
+    if timed_out:
+        # What goes on running, as a Ctrl-C says it: only the BatchJobs still live.
+        left.batch_job_ids = live
+        running = left_running(left) if live or left.agent_pid is not None or left.server_started else ""
+        click.echo("    " + (running or "nothing the demo started goes on running"))
+    click.echo(f"    demo {'ended' if timed_out else 'finished'} in {time.monotonic() - t0:.1f} s")
+    if timed_out:
+        raise DemoError(f"some jobs did not finish within --timeout {timeout:g} s: see the summary above and "
+                        "the logs in " + str(path / "log"))
     if code:
         raise DemoError("some jobs did not finish: see the summary above and the logs in " + str(path / "log"))
 

@@ -167,7 +167,7 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str], sche
     """Create a new site directory and register it with the API.
 
     Without --platform, every installed platform plugin is offered (the one that recognises this
-    host first); outside a terminal the recognised one, else ``default``, is taken.
+    host first); outside a terminal the recognised one, else 'default', is taken.
     """
     from balsam.site.site_ops import available_platforms, detect_platform, init_site, platform_projects
 
