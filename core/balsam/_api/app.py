@@ -40,27 +40,53 @@ _TEMPLATE_VAR = re.compile(r"{{(.*?)}}")
 #: argv chunk size when a run() app and its job are passed on the command line
 ARG_CHUNK_SIZE = 128_000
 RUNNER_MODULE = "balsam._api.python_runner"
+#: The variables that hold this process's MPI rank, in the order the runner reads them
+#: (:func:`balsam._api.python_runner.mpi_rank`, which keeps its own copy: it cannot import this
+#: module before it has set up): PMI-1/2 (MPICH hydra, Intel MPI, Slurm's pmi2), PMIx, Open MPI,
+#: MVAPICH, ALPS (aprun), Cray PALS (Aurora's and Polaris' mpiexec, and Slurm's cray_shasta, the
+#: default MPI plugin of Perlmutter's srun). Then ``SLURM_PROCID``, only when ``SLURM_TASK_PID`` is
+#: this process (:data:`RUNNER_BOOTSTRAP`).
+RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "ALPS_APP_PE", "PALS_RANKID")
 #: The ``-c`` program that starts the runner in a ``python_exe`` other than this Python (see
 #: :func:`python_runner_command`). ``-m`` in a Python without Balsam (a bare venv, a container
 #: without it) ended with Python's own "No module named 'balsam'" and exit status 1, one of serial
 #: mode's quick-failure codes: started up to 4 times, each failing the same way. This program says
 #: so in the runner's one line (:func:`balsam._api.python_runner.cannot_run`) and exits 78
-#: (``CANNOT_RUN_EXIT``), not relaunched; otherwise it runs the runner as ``-m`` does. One line of
-#: Python 3.6+ with no ``'`` (one shell-quoted word, also under a python_exe of shell words such as
-#: ``apptainer exec img.sif python3``): statements joined by ``;``, hence no if/try.
+#: (``CANNOT_RUN_EXIT``), not relaunched; otherwise it runs the runner as ``-m`` does. One line with
+#: no ``'`` (one shell-quoted word, also under a python_exe of shell words such as ``apptainer exec
+#: img.sif python3``): statements joined by ``;``, hence no if/try. Python 2 syntax as well (no
+#: f-string, no print()): Python compiles the whole program first, and a Python 2 ``python_exe``
+#: printed a SyntaxError with the program in it (4 lines, exit 1) instead of the one line.
 RUNNER_BOOTSTRAP = ";".join((
-    "import importlib.util as u,os,platform as p,runpy,sys",
+    "import os,sys,platform",
+    # What -m puts first on sys.path: the directory it started in, not "" (which follows a run()
+    # that chdirs: a module of the job's workdir was no longer found, and a file of the new
+    # directory named like a stdlib module shadowed it).
+    'sys.path[:1]==[""]and sys.path.__setitem__(0,os.getcwd())',
+    # The rank (the line on rank 0 only, as cannot_run()). SLURM_PROCID only in the task srun
+    # started itself (--mpi=none sets no other): a serial-mode worker that srun started keeps
+    # SLURM_* in its tasks' environment, so a task of worker k > 0 inherits SLURM_PROCID=k.
+    # Digits checked without str.isdecimal, which Python 2's str lacks.
+    'e=os.environ.get',
+    'r=next((int(v) for v in [e(x) for x in "' + " ".join(RANK_VARIABLES) + '".split()]+[e("SLURM_TASK_PID")'
+    '==str(os.getpid())and e("SLURM_PROCID")] if v and v.strip() and not v.strip().strip("0123456789")),0)',
+    'm=lambda s:(r or sys.stderr.write("balsam: the run() app cannot run in %s (Python %s): %s the app\\x27s '
+    'python_exe to a Python that has Balsam\\n"%(sys.executable,platform.python_version(),s)),sys.exit(78))',
+    'sys.version_info<(3,4)and m("Balsam needs Python 3; set")',
     # The first of Balsam, its _api package and the runner that is not there ("" when all are):
     # find_spec imports a dotted name's parent, so each is looked up only once its parent is found.
     # A module Balsam's own imports lack is not caught here (the runner words it, exit 78 too).
-    f'n=next((x for x in ("balsam","balsam._api","{RUNNER_MODULE}") if not u.find_spec(x)),"")',
-    # The line on rank 0 only, as cannot_run() (the rank variables of python_runner.mpi_rank).
-    'n and (any(int(v) for v in map(os.environ.get,"PMI_RANK PMIX_RANK OMPI_COMM_WORLD_RANK MV2_COMM_WORLD_RANK '
-    'ALPS_APP_PE".split()) if v and v.strip().isdecimal()) or print(f"balsam: the run() app cannot run in '
-    '{sys.executable} (Python {p.python_version()}): module {n!r} is not installed there; install Balsam into it, '
-    'or set the app\\x27s python_exe to a Python that has Balsam",file=sys.stderr))',
-    # The runner ends the process itself (0, 70, 78, or the app's own sys.exit status).
-    f'sys.exit(78) if n else runpy.run_module("{RUNNER_MODULE}",run_name="__main__",alter_sys=True)',
+    f'n=next((x for x in ("balsam","balsam._api","{RUNNER_MODULE}") if not '
+    '__import__("importlib.util").util.find_spec(x)),"")',
+    # A Balsam without this runner is an older one (0.7 runs balsam.site.launcher.python_runner).
+    'n and m(("module %r is not installed there; install Balsam into it" if n=="balsam" else "its Balsam has '
+    'no module %r (an older Balsam, such as 0.7); install the current Balsam into it")%n+", or set")',
+    # __main__ as -m leaves it: what -m itself calls (in CPython 3.6 to 3.13 alike), the runner in
+    # __main__ for good, with sys.argv[0] its file. runpy.run_module(alter_sys=True) put __main__
+    # and argv[0] back when the runner's sys.exit went through it: a thread or atexit handler of
+    # run() then saw the program's __main__. The program's own names go first (-m has none).
+    "del e,r,m,n",
+    f'__import__("runpy")._run_module_as_main("{RUNNER_MODULE}")',
 ))
 _RUNNER_BOOTSTRAP_WORD = shlex.quote(RUNNER_BOOTSTRAP)
 #: Linux's cap on one exec argument (MAX_ARG_STRLEN): a runner line with the job's raw JSON goes

@@ -2,7 +2,7 @@
 
 The launcher builds this command with :func:`balsam._api.app.python_runner_command`; for an app
 whose ``python_exe`` is not the launcher's own Python it is ``python -c '<RUNNER_BOOTSTRAP>' <app_id>
-...``, a program that runs this module as ``-m`` does (``runpy``, as ``__main__``). The runner
+...``, a program that runs this module as ``-m`` does (see below). The runner
 rebuilds the app class and the job, calls ``run(**parameters)`` and prints on stdout (``job.out``)
 ``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI; the exception
 in Balsam 0.7's format for an app a 0.7 client synced: see :func:`serialize_exception`); an exception
@@ -17,9 +17,14 @@ A runner that cannot set up in the app's ``python_exe`` (a venv or container wit
 attrs; another Python minor version than the one that synced the app) prints ONE line on stderr,
 ``balsam: the run() app cannot run in <interpreter> (Python X.Y.Z): <reason>``, and exits
 :data:`CANNOT_RUN_EXIT` (78), with no marker (:func:`cannot_run`). A Python without Balsam at all
-(or with one that has no such module: Balsam 0.7's) never reaches this module: the ``-c`` program
-(:data:`balsam._api.app.RUNNER_BOOTSTRAP`) prints the same line, ``module 'balsam' is not installed
-there``, and exits 78 too (with ``-m``, Python's own "No module named 'balsam'" and exit 1).
+(or an older Balsam without this module, such as 0.7, whose runner is
+``balsam.site.launcher.python_runner``; or Python 2) never reaches this module: the ``-c`` program
+(:data:`balsam._api.app.RUNNER_BOOTSTRAP`) prints the same kind of line, with the reason ``module
+'balsam' is not installed there``, ``its Balsam has no module 'balsam._api.python_runner' (an older
+Balsam, such as 0.7); install the current Balsam into it`` or ``Balsam needs Python 3``, and exits
+78 too (with ``-m``, Python's own "No module named 'balsam'" and exit 1). The program runs this
+module as ``-m`` does (``runpy._run_module_as_main``: ``__main__`` and ``sys.argv[0]`` are this
+module's to the end, ``sys.path[0]`` the directory it started in).
 
 Neither exit is 1, what Python gives an uncaught exception: 1 is one of serial mode's quick-failure
 codes (:data:`balsam.launcher.runner.RETRY_CODES`, Balsam 0.7's), which relaunch a task that exits
@@ -51,16 +56,32 @@ RAISED_EXIT = 70
 CANNOT_RUN_EXIT = 78
 
 
+#: The variables that hold this process's MPI rank, first found first (a copy of
+#: :data:`balsam._api.app.RANK_VARIABLES`: this module reads them before it can import that one).
+#: ``PALS_RANKID``: Aurora's and Polaris' mpiexec and Perlmutter's srun (Slurm's cray_shasta MPI
+#: plugin) set no other; every rank printed the cannot-run line, and a result marker.
+RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "ALPS_APP_PE", "PALS_RANKID")
+
+
 def mpi_rank() -> int:
     if "mpi4py.MPI" in sys.modules:
         try:
             return int(sys.modules["mpi4py.MPI"].COMM_WORLD.Get_rank())
         except Exception:  # noqa: BLE001 - MPI not initialised: treat as a single process
             return 0
-    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "ALPS_APP_PE"):
+    for var in RANK_VARIABLES:
         value = os.environ.get(var)
         if value is not None and value.strip().isdecimal():
             return int(value)
+    # srun --mpi=none sets only SLURM_PROCID. It is this process's rank only in the task srun
+    # started (SLURM_TASK_PID, which slurmstepd sets to the task's pid; an srun line's wrappers
+    # exec): a serial-mode worker that srun started keeps SLURM_* in its tasks' environment, so a
+    # run() app of worker k > 0 inherits SLURM_PROCID=k and would print no result marker.
+    # (SLURM_NTASKS > 1 does not tell them apart: the workers' step has one task per node.) A
+    # wrapper that forks instead of exec'ing leaves every task rank 0: one marker each, as before.
+    value = os.environ.get("SLURM_PROCID")
+    if value is not None and value.strip().isdecimal() and os.environ.get("SLURM_TASK_PID") == str(os.getpid()):
+        return int(value)
     return 0
 
 
