@@ -12,6 +12,7 @@ import pytest
 from balsam.states import BatchJobState
 from balsam_elastic import BackfillStrategy, Backlog, BatchJobView, Decision, ElasticQueueOptions, Snapshot
 from balsam_elastic.cycle_log import STILL_EVERY_S, CycleLog
+from balsam_elastic.strategy import show_figure
 
 LOGGER = "balsam.site.modules.elastic_queue"
 PERIOD_S = 60.0
@@ -122,3 +123,42 @@ def test_a_strategys_own_clock_figures_are_not_compared() -> None:
     decisions = [_idle("no window", runnable=2, waited_min=61.0 + m) for m in range(3)]
     assert _levels(decisions, clock_figures=frozenset({"waited_min"})) == [logging.INFO, logging.DEBUG, logging.DEBUG]
     assert _levels(decisions) == [logging.INFO] * 3
+
+
+def test_one_string_of_clock_text_is_one_part() -> None:
+    # Decision(clock_text=(text)): the tuple's comma forgotten, a plain string. Taken as its
+    # characters, every character of it was masked wherever it was in the reason: "need 1 node" ->
+    # "need 6 node" was no change (DEBUG), and the minutes, masked letter by letter, still were one.
+    def waiting(need: int, minute: int) -> Decision:
+        waited = f"waited {minute} min"
+        return Decision(reason=f"no window for need {need} node; {waited}", clock_text=(waited))  # a str
+
+    assert waiting(1, 61).clock_text == ("waited 61 min",)
+    assert _levels([waiting(1, 61), waiting(6, 61), waiting(1, 61)]) == [logging.INFO] * 3
+    assert _levels([waiting(2, 61), waiting(2, 62), waiting(2, 63)]) == [logging.INFO, logging.DEBUG, logging.DEBUG]
+    # any iterable is a tuple; None is none; a part that is not words is refused at once, by name
+    assert Decision(clock_text=["a", "b"]).clock_text == ("a", "b") and Decision(clock_text=None).clock_text == ()
+    assert attrs.evolve(waiting(1, 61), reason="x").clock_text == ("waited 61 min",)
+    with pytest.raises(TypeError, match=r"^Decision.clock_text: expected words of the reason \(str\), got 61 \(int\)$"):
+        Decision(reason="waited 61 min", clock_text=(61,))
+
+
+@pytest.mark.parametrize("value, shown", [
+    # a figure: rounded once, to 6 significant digits (rounded to 9 decimals first, then to 6
+    # digits, these showed 0.0495049, 0.00961539 and 0.0364963)
+    (5 / 101, "0.049505"), (1 / 104, "0.00961538"), (5 / 137, "0.0364964"), (2.5, "2.5"), (1e-7, "1e-07"),
+    # float noise: a sum in another row order, a difference of equal sums
+    (1 - 0.9999999999999999, "0"), (0.9999999999999999, "1"), (-0.0, "0"), (0.1 + 0.2, "0.3"),
+    (3 - (0.1 + 0.2) * 10, "0"),
+])
+def test_show_figure_rounds_a_figure_once_and_noise_off(value, shown) -> None:
+    assert show_figure(value) == shown
+
+
+def test_show_figure_shows_every_footprint_as_its_own_six_digits() -> None:
+    # Footprints k / packing (node_packing_count up to 256), and what is left of 16 nodes by them:
+    # none is float noise, each is shown as it is to 6 digits (22 of them were not).
+    grid = [k / p for p in range(1, 257) for k in range(0, 257)]
+    grid += [16 - x for x in grid if x <= 16]
+    wrong = [(x, show_figure(x)) for x in grid if show_figure(x) != f"{x + 0.0:.6g}"]
+    assert wrong == [], wrong[:5]

@@ -7,15 +7,21 @@ by the test (no sleeping); warnings are still logged every cycle they were."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 
+import attrs
+import pytest
+
+import balsam_elastic.strategy as strategy_module
 from balsam_elastic import Decision, ElasticQueueOptions, Snapshot, Strategy
 from balsam_elastic.module import ElasticQueueModule
-from elastic_test_utils import batch_jobs_of, runnable_jobs
+from elastic_test_utils import Windows, batch_jobs_of, runnable_jobs
 
 LOGGER = "balsam.site.modules.elastic_queue"
 PERIOD_S = 60.0  # the default service_period: 60 cycles an hour
 QUEUES = {"scheduler": {"allowed_queues": {"local": {"max_nodes": 4, "max_walltime": 600, "max_queued_jobs": 10}}}}
+HELD = "waiting: queue 'debug' is at a scheduler limit: qsub: would exceed queue debug's per-user limit"
 
 
 class Clock:
@@ -164,3 +170,82 @@ def test_a_strategys_clock_figures_are_not_compared(make_site, client, caplog) -
     levels = [r.levelno for r in caplog.records if r.name == LOGGER and r.getMessage().startswith("[waiting] ")]
     assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG], levels
 
+
+class TupleClockStrategy(WaitingStrategy):
+    """clock_figures as a tuple, the natural spelling of "a few names" (the docs' is a frozenset)."""
+
+    name = "tuple_clock"
+    clock_figures = ("waited_min",)  # type: ignore[assignment]
+
+
+class StringClockStrategy(WaitingStrategy):
+    """clock_figures as one name, not a set of names."""
+
+    name = "string_clock"
+    clock_figures = "waited_min"  # type: ignore[assignment]
+
+
+def _installed(monkeypatch, *classes: type) -> None:
+    """``classes`` installed as strategies under their names (entry points of this module, as a
+    plugin package declares them), beside the real ones."""
+    real = strategy_module.available_strategies()
+    plugins = {cls.name: importlib.metadata.EntryPoint(name=cls.name, value=f"{__name__}:{cls.__qualname__}",
+                                                       group=strategy_module.STRATEGY_GROUP) for cls in classes}
+    monkeypatch.setattr(strategy_module, "available_strategies", lambda: {**real, **plugins})
+
+
+def test_clock_figures_as_a_tuple_are_taken_and_as_a_string_refused(make_site, client, caplog, monkeypatch) -> None:
+    # A tuple made every run_cycle raise a bare TypeError in the decision log (frozenset | tuple):
+    # the elastic queue stopped, the module's loop logging the traceback every cycle.
+    _installed(monkeypatch, TupleClockStrategy, StringClockStrategy)
+    site = make_site(overrides=QUEUES)
+    settings = {"use_backfill": False, "max_num_nodes": 1, "max_wall_time_min": 60, "max_queued_jobs": 1}
+    module = ElasticQueueModule(site, {**settings, "strategy": "tuple_clock"}, client)
+    module.clock = clock = Clock()
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    _cycles(module, clock, 3)
+    levels = [r.levelno for r in caplog.records if r.name == LOGGER and r.getMessage().startswith("[tuple_clock] ")]
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG], levels
+    assert module.strategy.clock_figures == frozenset({"waited_min"})
+    # One name, not a set of names: refused when settings.yml is read, naming the strategy (the
+    # module would have raised the same TypeError every cycle, or taken the name's letters).
+    where = f"{__name__}:StringClockStrategy"
+    with pytest.raises(ValueError, match=rf"^elastic_queue.strategy: strategy 'string_clock' \({where}\): clock_figures "
+                                         r"must be a set of figure names \(e.g. frozenset\(\{'waited_min'\}\)\), "
+                                         r"got 'waited_min' \(str\)$"):
+        ElasticQueueModule(site, {**settings, "strategy": "string_clock"}, client)
+
+
+def test_a_held_regular_queue_fallback_stays_debug_while_its_job_waits_on(make_site, client, caplog) -> None:
+    # backfill's regular-queue fallback, due (a runnable job has waited past regular_queue_after_min,
+    # no window), held back because a BatchJob of the queue is held at a scheduler limit: the
+    # module's idle line said "a runnable job has waited N min", N one more each cycle, and was
+    # logged at INFO every cycle while nothing changed.
+    site = make_site(overrides={"scheduler": {"allowed_queues": {"debug": {"max_nodes": 4, "max_walltime": 60,
+                                                                           "max_queued_jobs": 5}},
+                                              "allowed_projects": ["proj"]}})
+    module = ElasticQueueModule(site, {"submit_queue": "debug", "submit_project": "proj", "use_backfill": True,
+                                       "regular_queue_after_min": 60, "max_num_nodes": 4, "max_wall_time_min": 60},
+                                client, scheduler=Windows())  # no backfill window
+    module.clock = clock = Clock()
+    runnable_jobs(client, site, 3)
+    held = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "proj", "queue": "debug",
+                                             "num_nodes": 1, "wall_time_min": 30, "job_mode": "mpi"})
+    client.patch("/batch-jobs/", json=[{"id": held["id"], "status_info": {"waiting": HELD}}])
+    # The jobs became runnable 61.3 minutes ago, and wait a minute more each cycle.
+    waited = iter([61.3, 62.3, 63.3])
+    module.read_backlog = lambda: attrs.evolve(ElasticQueueModule.read_backlog(module),
+                                               oldest_runnable_wait_min=next(waited))
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    decisions = []
+    for _ in range(3):
+        _cycles(module, clock, 1)
+        decisions.append(module.last_decision)
+    assert [d.submit for d in decisions] == [()] * 3 and len(batch_jobs_of(client, site)) == 1, decisions
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER and r.getMessage().startswith("[backfill] ")]
+    assert [level for level, _ in lines] == [logging.INFO, logging.DEBUG, logging.DEBUG], lines
+    # the held decision keeps the fallback's clock_text (run_cycle's attrs.evolve of the hold)
+    assert decisions[-1].clock_text == ("a runnable job has waited 63 min",), decisions[-1]
+    assert lines[0][1].startswith("[backfill] nothing: no backfill window in queue 'debug', and a runnable job has "
+                                  "waited 61 min (regular_queue_after_min 60); BatchJob "), lines
+    assert "a runnable job has waited 63 min" in lines[2][1] and lines[2][1].endswith(f"held=1 (BatchJob {held['id']}: {HELD})")

@@ -267,6 +267,17 @@ class Submission:
     regular_queue: bool = False
 
 
+def _clock_text(value: Any) -> tuple[str, ...]:
+    """``Decision.clock_text`` as a tuple: a string is one part, not its characters."""
+    if value is None:
+        return ()
+    parts = (value,) if isinstance(value, str) else tuple(value)
+    for part in parts:
+        if not isinstance(part, str):
+            raise TypeError(f"Decision.clock_text: expected words of the reason (str), got {part!r} ({type(part).__name__})")
+    return parts
+
+
 @attrs.frozen
 class Decision:
     """What to do this cycle. ``reason`` says why in words (why nothing, when nothing);
@@ -278,8 +289,9 @@ class Decision:
     numbers: tuple[tuple[str, Any], ...] = ()
     #: Parts of ``reason`` that count elapsed time ("a runnable job has waited 61 min"): they change
     #: every cycle when nothing else does, so the module's log does not compare them (as it does not
-    #: compare :attr:`Strategy.clock_figures`; :mod:`balsam_elastic.cycle_log`).
-    clock_text: tuple[str, ...] = ()
+    #: compare :attr:`Strategy.clock_figures`; :mod:`balsam_elastic.cycle_log`). One string is one
+    #: part (``clock_text=(text)``, the tuple's comma forgotten, masked each character of it).
+    clock_text: tuple[str, ...] = attrs.field(default=(), converter=_clock_text)
 
     @property
     def idle(self) -> bool:
@@ -298,14 +310,21 @@ class Decision:
 
 #: Decimal places a float figure of the log line is rounded to (the float noise ``nodes_for`` ignores too).
 FIGURE_DECIMALS = 9
+#: How far from its :data:`FIGURE_DECIMALS` rounding a float is still float noise (a few ulps of a
+#: sum of footprints); farther, it is a real figure (a footprint of 5/101 nodes), shown as it is.
+FIGURE_NOISE = 1e-12
 
 
 def show_figure(value: float) -> str:
     """A number as the decision line shows a float figure: 6 significant digits, float noise
     rounded off first. A footprint summed in another row order (a SQL SUM without ORDER BY) differs
     in its last bit, and an idle of 1 - 0.9999999999999999 showed as 1.11022e-16 in one cycle, 0 in
-    the next: a changed line, logged at INFO (cycle_log). "+ 0.0" shows -0.0 as 0."""
-    return f"{round(float(value), FIGURE_DECIMALS) + 0.0:.6g}"
+    the next: a changed line, logged at INFO (cycle_log). Only noise is snapped to the rounded
+    value: rounded first, then to 6 digits, 0.04950495049504951 showed as 0.0495049 (two roundings),
+    not 0.049505. "+ 0.0" shows -0.0 as 0."""
+    value = float(value)
+    rounded = round(value, FIGURE_DECIMALS)
+    return f"{(rounded if abs(value - rounded) < FIGURE_NOISE else value) + 0.0:.6g}"
 
 
 def _show(value: Any) -> str:
@@ -385,7 +404,8 @@ class Strategy(abc.ABC):
     #: has waited): not compared when the module decides whether a cycle's line changed (an idle
     #: cycle whose line is the same as the last one's is logged at DEBUG). ``oldest_wait_min`` is
     #: never compared, whatever this says; words of ``reason`` that count time go in
-    #: :attr:`Decision.clock_text`.
+    #: :attr:`Decision.clock_text`. A set, tuple or list of names is taken (made a frozenset when the
+    #: strategy is loaded: :func:`strategy_class`); anything else refuses the strategy.
     clock_figures: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: Any, options: Any = None) -> None:
@@ -436,7 +456,19 @@ def strategy_class(name: str) -> type[Strategy]:
         raise StrategyError(f"strategy {name!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise StrategyError(f"strategy {name!r} ({known[name].value}) is not a balsam_elastic Strategy subclass")
+    # Checked here, where settings.yml's check and the module load it: a tuple given where a
+    # frozenset was meant made every cycle raise a bare TypeError in the decision log (the queue
+    # stopped), and a plain string ("waited_min") would be taken as its letters.
+    cls.clock_figures = _clock_figures(name, known[name].value, cls.clock_figures)
     return cls
+
+
+def _clock_figures(name: str, where: str, figures: Any) -> frozenset[str]:
+    """A strategy's ``clock_figures`` as a frozenset, or StrategyError naming the strategy."""
+    if isinstance(figures, (set, frozenset, tuple, list)) and all(isinstance(f, str) for f in figures):
+        return frozenset(figures)
+    raise StrategyError(f"strategy {name!r} ({where}): clock_figures must be a set of figure names "
+                        f"(e.g. frozenset({{'waited_min'}})), got {figures!r} ({type(figures).__name__})")
 
 
 def load_strategy(settings: Any) -> Strategy:
