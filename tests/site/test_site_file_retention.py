@@ -7,7 +7,9 @@ a queue_maintainer made hundreds a day, for ever (inode quotas of HPC file syste
 hour the scheduler module removes those not changed for ``retention_days`` days, with one scan of
 each directory and the list of active BatchJobs its cycle already read: never a file of a BatchJob
 still pending, queued or running, never the running agent's log, never a launcher's file changed
-since the start of an active BatchJob.
+since the start of an active BatchJob, never a running launcher's files (it touches its log hourly:
+one started by hand has no BatchJob), and no name balsam does not write; a sweep goes on over
+cycles in bounded parts.
 
 Real site on the live server, the real scheduler module and agent logging set-up, real files aged
 with ``os.utime``. The scheduler driver is an in-memory queue (as in test_batchjob_start_time.py)
@@ -20,7 +22,9 @@ import datetime as dt
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +37,10 @@ from balsam.models import SchedulerJobStatus
 from balsam.scheduler import Command, CommandResult, Scheduler, StatusPoll, SubmitRequest
 from balsam.serialization import format_datetime
 from balsam.site.agent import setup_logging
+import balsam.site.modules.scheduler as scheduler_module
 from balsam.site.modules.scheduler import SchedulerModule
 from balsam.states import BatchJobState
-from site_test_utils import batch_job, create_batch_job
+from site_test_utils import batch_job, create_batch_job, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 86400.0
@@ -295,4 +300,187 @@ def test_the_retention_is_documented_with_the_settings_and_the_sample() -> None:
     logging_section = doc.split("### `logging`", 1)[1].split("\n### ", 1)[0]
     assert "| `retention_days` | `Optional[int]` | `30` |" in logging_section
     assert "  retention_days: 30\n" in render_sample_settings()
-    assert "retention_days" in (REPO / "docs" / "site.md").read_text()
+    site_doc = " ".join((REPO / "docs" / "site.md").read_text().split())
+    assert "retention_days" in site_doc
+    # A sweep knows only its own site's BatchJobs: a shared qsubmit/ loses another site's files.
+    assert "`qsubmit/` and `log/` must be the site's own, not shared with another site" in site_doc
+    # A launcher started by hand has no BatchJob whose start would keep its files.
+    assert "touches its `.log` every hour" in " ".join((REPO / "docs" / "launcher.md").read_text().split())
+
+
+# -- live launchers' files, the guards, the names, the sweep's parts -------------------------------
+
+
+def _launcher_script(period: float) -> str:
+    """``python -m balsam.launcher`` with the launcher's log touched every ``period`` seconds
+    instead of hourly (the module constant, set before the launcher runs)."""
+    return ("import runpy, sys; import balsam.launcher.entry as entry; "
+            f"entry.LOG_TOUCH_PERIOD_SEC = {period!r}; sys.argv[0] = 'python -m balsam.launcher'; "
+            "runpy.run_module('balsam.launcher', run_name='__main__')")
+
+
+def test_a_live_launcher_started_by_hand_keeps_its_quiet_log(make_site, client, tmp_path) -> None:
+    """docs/launcher.md, "By hand inside an allocation": a launcher with no BatchJob whose log has
+    been quiet for longer than retention_days (an mpi launcher logs at a job's start and end only)
+    keeps its log and its other files: it touches its log (hourly; here every 0.2 s), and a
+    launcher's files stay while its log is fresh. The log of a launcher that ended goes."""
+    site = make_site(overrides={"launcher": {"idle_ttl_sec": 600}, "logging": {"retention_days": 1}})
+    log = Path(site.log_path)
+    dead = [_age(log / name, 3) for name in ("mpi_mode_2026-01-01_000000_nid001_4242.0.log",
+                                             "serial_mode_2026-01-01_000000_nid001_77.0.master.log")]
+    env = {**os.environ, "BALSAM_SITE_PATH": str(site.site_path)}
+    env.pop("BALSAM_BATCH_JOB_ID", None)
+    console = open(tmp_path / "launcher.console", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", _launcher_script(0.2), "-j", "mpi", "-t", "30"], env=env,
+                            stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        live = wait_for(lambda: [p for p in log.glob("mpi_mode_*.0.log") if p not in dead] or proc.poll() is not None,
+                        timeout=60, what="the launcher's log")
+        assert proc.poll() is None, (tmp_path / "launcher.console").read_text()[-3000:]
+        (live,) = live
+        # Started (its Session open): an idle mpi launcher logs nothing more at INFO.
+        wait_for(lambda: " created (site " in live.read_text() or proc.poll() is not None, timeout=60,
+                 what="the launcher's Session")
+        # Its log quiet for 2 days, and another file of its own (same launcher stamp) for 3.
+        sibling = _age(live.with_name(live.name[:-len("log")] + "out"), 3)
+        _age(live, 2)
+        wait_for(lambda: live.stat().st_mtime > time.time() - 600, timeout=30, what="the launcher to touch its log")
+
+        SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler()).run_cycle()
+
+        assert live.exists() and sibling.exists()
+        assert not any(p.exists() for p in dead)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        console.close()
+    # Its last line reached the file the site still has (not an unlinked one).
+    assert "mpi mode done (signal 15)" in live.read_text().splitlines()[-1], live.read_text()[-2000:]
+
+
+def test_a_running_batch_job_with_no_start_time_keeps_every_launcher_file(make_site, client, caplog) -> None:
+    """A running BatchJob whose start the API does not have (a scheduler that gives none, a start
+    not recorded yet): any launcher file may be its launcher's, however old; the sweep still
+    removes ended BatchJobs' files."""
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
+    fake = ListedScheduler()
+    running = create_batch_job(client, site.site_id)
+    client.patch("/batch-jobs/", json=[{"id": running["id"], "state": "running", "scheduler_id": 778}])
+    fake.run_job(778, None)
+    assert batch_job(client, running["id"])["start_time"] is None
+    log = Path(site.log_path)
+    launcher = [_age(log / "mpi_mode_2026-01-01_000000_nid001_9.0.log", 400),
+                _age(log / "serial_mode_2026-01-01_000000_nid001_8.0.master.log", 400)]
+    ended = _age(Path(site.job_path) / f"qlaunch{running['id'] + 1000:05d}.sh", 400)
+
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=fake).run_cycle()
+
+    assert all(p.exists() for p in launcher), [p.name for p in launcher if not p.exists()]
+    assert not ended.exists()
+    infos, _ = _sweep_lines(caplog)
+    assert len(infos) == 1 and "removed 1 files" in infos[0] and "0 of launchers" in infos[0], infos
+
+
+def test_launcher_files_changed_within_the_clock_slack_before_an_active_start_stay(make_site, client) -> None:
+    """The scheduler's start_time and the file system's mtime come from different clocks: a
+    launcher file changed half an hour before the earliest start of an active BatchJob may be its
+    launcher's and stays; one changed two hours before goes."""
+    site = make_site()
+    fake = ListedScheduler()
+    running = create_batch_job(client, site.site_id)
+    started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=41)
+    client.patch("/batch-jobs/", json=[{"id": running["id"], "state": "running", "scheduler_id": 779,
+                                        "start_time": format_datetime(started)}])
+    fake.run_job(779, started)
+    log = Path(site.log_path)
+    within = _age(log / "mpi_mode_2026-01-01_000000_nid001_5.0.log", 41 + 0.5 / 24)
+    before = _age(log / "mpi_mode_2026-01-01_000000_nid001_6.0.log", 41 + 2 / 24)
+
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=fake).run_cycle()
+
+    assert within.exists() and not before.exists()
+
+
+def test_only_the_names_balsam_writes_are_removed(make_site, client, caplog) -> None:
+    """The sweep removes balsam's own names only: a BatchJob's script, outputs and markers (also
+    moved aside) in qsubmit/, a launcher's files of any mode (a plugin's ``one-at-a-time``, a host
+    with a hyphen) and agent logs in log/; a user's copies and notes that only resemble them stay."""
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
+    qsubmit, log = Path(site.job_path), Path(site.log_path)
+    gone = [_age(qsubmit / name, 40) for name in (
+        "qlaunch00007.sh", "qlaunch00007.sh.output", "qlaunch00007.sh.error", "qlaunch00007.output",
+        "qlaunch00007.error", "qlaunch00007.cobaltlog", "qlaunch00007.sh.scheduler_id",
+        "qlaunch00007.sh.submitting.stale-20260101T000000000000", "qlaunch123456.sh")]
+    gone += [_age(log / name, 40) for name in (
+        "one-at-a-time_mode_2026-01-01_000000_nid001_1.0.log", "my.mode_mode_2026-01-01_000000_nid001_2.0.out",
+        "mpi_mode_2026-01-01_000000_login-3_3.0.log", "serial_mode_2026-01-01_000000_nid001_4.0.serial.json",
+        "serial_mode_2026-01-01_000000_nid001_4.0.nid001.cluster.7.log",
+        "serial_mode_2026-01-01_000000_nid001_4.0.serial.session",
+        "serial_mode_2026-01-01_000000_nid001_4.0.serial.start-error")]
+    kept = [_age(qsubmit / name, 40) for name in (
+        "qlaunch00007.sh.bak", "qlaunch7.py.orig", "qlaunch00007.sh~", "qlaunch00012.notes.txt",
+        "qlaunch\u0660\u0667.sh", "qlaunch.sh", "qlaunch00007.output.1")]
+    kept += [_age(log / name, 40) for name in (
+        "my_mode_2020-01-01_000000_anything.keep.txt", "serial_mode_2020-01-01_000000_host_1.0.log.gz",
+        "mpi_mode_2020-01-01_000000_host_1.0.log.bak", "mpi_mode_2020-01-01_000000_host.0.log",
+        "agent_2020-01-01_000000.log.1")]
+
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler()).run_cycle()
+
+    assert not [p.name for p in gone if p.exists()]
+    assert not [p.name for p in kept if not p.exists()]
+    infos, _ = _sweep_lines(caplog)
+    assert len(infos) == 1 and f"removed {len(gone)} files" in infos[0], infos
+
+
+def test_a_launchers_files_stay_while_its_log_is_fresh(make_site, client) -> None:
+    """A running launcher touches its ``.log`` hourly: its other files (a serial master's or a
+    rank's log, quiet for days) stay while that log is fresh, whatever their own age; all files
+    of a launcher whose log is old go."""
+    site = make_site()
+    log = Path(site.log_path)
+    live = "serial_mode_2026-01-01_000000_nid001_11.0"
+    ended = "serial_mode_2026-01-01_000000_nid001_12.0"
+    kept = [_age(log / f"{live}.log", 0.01)] + [_age(log / f"{live}.{end}", 40) for end in (
+        "master.log", "nid001.0.log", "out", "serial.json")]
+    gone = [_age(log / f"{ended}.{end}", 40) for end in ("log", "master.log", "nid001.0.log", "out", "serial.json")]
+
+    SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler()).run_cycle()
+
+    assert not [p.name for p in kept if not p.exists()]
+    assert not [p.name for p in gone if p.exists()]
+
+
+def test_a_sweep_goes_on_over_cycles_in_bounded_parts_with_one_line_at_its_end(make_site, client, caplog,
+                                                                               monkeypatch) -> None:
+    """At most RETENTION_SWEEP_MAX_CALLS stats and removals a cycle (here 6: three old files), the
+    rest at the next cycles; one INFO line once the sweep is done. A module closed (the agent
+    stopping) stops its sweep."""
+    monkeypatch.setattr(scheduler_module, "RETENTION_SWEEP_MAX_CALLS", 6, raising=False)
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
+    old = [_age(Path(site.job_path) / f"qlaunch{i:05d}.sh", 40) for i in range(1, 9)]
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler())
+
+    left = []
+    for _ in range(3):
+        module.run_cycle()
+        left.append(sum(p.exists() for p in old))
+        if left[-1] == 0:
+            break
+        assert _sweep_lines(caplog) == ([], [])
+    assert left == [5, 2, 0], left
+    infos, warnings = _sweep_lines(caplog)
+    assert len(infos) == 1 and "removed 8 files" in infos[0] and warnings == [], infos
+
+    # The next sweep is an hour away; one begun and then closed stops where it is.
+    caplog.clear()
+    again = [_age(Path(site.job_path) / f"qlaunch{i:05d}.sh", 40) for i in range(11, 19)]
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler())
+    module.run_cycle()
+    assert sum(p.exists() for p in again) == 5
+    module.close()
+    module.run_cycle()
+    assert sum(p.exists() for p in again) == 5 and _sweep_lines(caplog) == ([], [])

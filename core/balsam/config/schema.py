@@ -61,7 +61,8 @@ class LoggingSettings:
     )
     retention_days: Optional[int] = setting(
         30, "Once an hour the scheduler module removes the site's files not changed for this many days: agent logs "
-        "(log/agent_*.log) but the running agent's, launcher logs (log/*_mode_*), and the batch scripts and outputs "
+        "(log/agent_*.log) but the running agent's, launcher logs (log/*_mode_*) but running launchers', and the batch "
+        "scripts and outputs "
         "(qsubmit/qlaunch*) of BatchJobs no longer pending, queued or running. 0 or null: keep them for ever."
     )
 

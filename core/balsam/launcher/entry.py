@@ -242,6 +242,41 @@ def configure_logging(path: Path, settings: Any = None) -> None:
     root.addHandler(console)
 
 
+#: How often a running launcher touches its log file (its mtime set to now): the site agent's
+#: scheduler module removes launcher files unchanged for ``logging.retention_days`` (at least a day)
+#: but those whose launcher's log changed since (docs/site.md, "Logs"), and a live launcher's log
+#: may be quiet for days (mpi mode logs at a job's start and end only; a launcher started by hand
+#: has no BatchJob whose start would keep it). One utime call an hour.
+LOG_TOUCH_PERIOD_SEC = 3600.0
+
+
+class LogToucher:
+    """A daemon thread that touches ``path`` every :data:`LOG_TOUCH_PERIOD_SEC` (read at the
+    start) until :meth:`stop`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.period = float(LOG_TOUCH_PERIOD_SEC)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-toucher", daemon=True)
+
+    def start(self) -> "LogToucher":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.period):
+            try:
+                os.utime(self.path)
+            except OSError:
+                # Removed by hand, or the file system unreachable for now: the log handler says
+                # what it cannot write; the next period tries again.
+                pass
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 def _find_site(site_path: Optional[str]) -> Any:
     """The site and its id, without its settings (see :func:`_load_settings`)."""
     from balsam.config import SiteConfig
@@ -591,6 +626,7 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
         previous: dict[int, Any] = {}
     else:
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    toucher = LogToucher(context.log_file("log")).start()
     try:
         logger.info("launcher %s: site %s, batch job %s, %d nodes", partition.job_mode, site_config.site_path, batch_job_id, len(context.nodes))
         resume_gc_after_start_up()  # start-up is over (see balsam.launcher.__main__)
@@ -612,6 +648,7 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
             # that timed out); here, while the log file is open for its warning.
             flush_notes()
         finally:
+            toucher.stop()
             if signals is not None:
                 signals.hand_over(None)
             for sig, handler in previous.items():

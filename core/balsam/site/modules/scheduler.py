@@ -29,8 +29,10 @@ Each cycle (``scheduler.sync_period`` seconds):
    gets a site-scoped credential minted before its submission; see
    :mod:`balsam.site.launcher_credentials`).
 7. once an hour, removes the site's files older than ``logging.retention_days`` that nothing else
-   removes (:func:`sweep_expired_files`): the batch scripts and scheduler outputs of BatchJobs not in
-   this cycle's list of active ones, launchers' logs, and agent logs but the running agent's.
+   removes (:class:`RetentionSweeper`): the batch scripts and scheduler outputs of BatchJobs not in
+   this cycle's list of active ones, launchers' logs but a running launcher's, and agent logs but
+   the running agent's; at most :data:`RETENTION_SWEEP_MAX_CALLS` stats and removals a cycle, the
+   rest of the sweep at the next cycles.
 
 A BatchJob that ended whose launcher wrote its one-line ``Error: ...`` last (a settings.yml broken
 since the agent started: every launcher exits 1 at once, which the scheduler reports only as "exit
@@ -50,6 +52,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 import traceback
 import uuid
@@ -353,66 +356,132 @@ RETENTION_SWEEP_PERIOD_SEC = 3600.0
 #: clock (start_time) and the file system's (mtime) need not agree.
 RETENTION_CLOCK_SLACK_SEC = 3600.0
 
-#: A BatchJob's files in the submit directory: ``qlaunch<id:05d>.sh`` and what comes with it
-#: (``.sh.output``, ``.output``, ``.error``, ``.sh.scheduler_id``, markers moved aside as ``.stale-*``).
-#: Temporary files start with ``.tmp-`` and never match.
-_BATCH_JOB_FILE = re.compile(r"qlaunch(\d+)\.")
+#: The most file-system calls (a stat or a removal each) one scheduler cycle spends on a sweep; the
+#: rest of its listing waits for the next cycles. In one go, a site with 10^5 old files held a cycle
+#: (its submissions, its status updates) for 2-7 s on a local disk, and far longer on Lustre.
+RETENTION_SWEEP_MAX_CALLS = 10_000
+
+#: A BatchJob's files in the submit directory, as the module and the scheduler drivers name them:
+#: ``qlaunch<id:05d>.sh``, its output (``.sh.output``: local; ``.output`` and ``.error``: Slurm, PBS,
+#: Cobalt's ``-O`` stem, with its ``.cobaltlog``; ``.sh.error`` read as an output too), its markers
+#: ``.sh.scheduler_id`` and ``.sh.submitting``, and those moved aside as ``.stale-<UTC stamp>``
+#: (:meth:`SchedulerModule._move_aside`). Nothing else: a user's ``qlaunch00007.sh.bak`` is theirs;
+#: temporary files start with ``.tmp-``. ASCII digits: ``int()`` also reads other scripts' digits.
+_BATCH_JOB_FILE = re.compile(
+    r"qlaunch(?P<id>[0-9]+)(?:\.sh(?:\.output|\.error)?|\.output|\.error|\.cobaltlog"
+    r"|\.sh\.(?:scheduler_id|submitting)(?:\.stale-[0-9]{8}T[0-9]{12})?)")
 #: A launcher's files in log/: ``<mode>_mode_<YYYY-mm-dd_HHMMSS>_<host>_<pid>.<partition>.<suffix>``
-#: (:meth:`balsam.launcher.job_mode.LauncherContext.log_file`: ``.log``, ``.master.log``, each
-#: serial-mode rank's log, ``.out``, ``.serial.json`` ...).
-_LAUNCHER_FILE = re.compile(r"\w+?_mode_\d{4}-\d\d-\d\d_\d{6}_")
+#: (:meth:`balsam.launcher.job_mode.LauncherContext.log_file`, ``launcher_stamp``): the launcher's
+#: ``.log``, serial mode's ``.master.log`` and ``.<hostname>.<rank>.log`` (any ``.log``), ``.out``,
+#: ``.serial.json``, ``.serial.session``, ``.serial.start-error``. A plugin mode's name may hold
+#: ``-`` or ``.`` (docs/launcher.md's ``one-at-a-time``). Group ``launcher``: the files of one
+#: launcher process, whose ``<launcher>.log`` it touches hourly while it runs
+#: (:data:`balsam.launcher.entry.LOG_TOUCH_PERIOD_SEC`).
+_LAUNCHER_FILE = re.compile(
+    r"(?P<launcher>[\w.-]+?_mode_[0-9]{4}-[0-9]{2}-[0-9]{2}_[0-9]{6}_[\w-]+_[0-9]+\.[0-9]+)"
+    r"\.(?:log|out|serial\.json|serial\.session|serial\.start-error|[\w.-]+\.log)")
 #: An agent's log (:func:`balsam.site.agent.setup_logging`).
-_AGENT_LOG = re.compile(r"agent_\d{4}-\d\d-\d\d_\d{6}\.log")
+_AGENT_LOG = re.compile(r"agent_[0-9]{4}-[0-9]{2}-[0-9]{2}_[0-9]{6}\.log")
 
 
 @attrs.define
 class RetentionSweep:
-    """What one :func:`sweep_expired_files` removed (by kind: ``batch_job``, ``launcher``,
-    ``agent``), and the files it could not remove with why."""
+    """What one sweep removed (by kind: ``batch_job``, ``launcher``, ``agent``), and the files it
+    could not remove with why."""
 
     removed: dict[str, int] = attrs.Factory(dict)
     failed: list[tuple[str, str]] = attrs.Factory(list)
 
 
-def sweep_expired_files(submit_dir: Path, log_dir: Path, cutoff: float, active_ids: Collection[int],
-                        launcher_cutoff: float, keep: Collection[str] = ()) -> RetentionSweep:
-    """Remove the site's files last changed before ``cutoff`` (a ``time.time()``) that nothing else
-    removes, with one scan of each directory and no request to the API:
+class RetentionSweeper:
+    """One sweep of the site's files that nothing else removes, done in parts. Built, it lists
+    ``submit_dir`` and ``log_dir`` once each (names only: no stat) and keeps the names of balsam's
+    kinds; each :meth:`step` then makes at most ``max_calls`` file-system calls on them:
 
     * in ``submit_dir``, the files of each BatchJob whose id is not in ``active_ids`` (the BatchJobs
       still pending, queued, running or being deleted, from the caller's list). All files of an id
       with a ``.submitting`` marker stay: that submission's outcome is unknown, and its job may
       still be waiting in the queue for its script (whatever its BatchJob's state);
     * in ``log_dir``, launchers' files last changed before ``launcher_cutoff`` too (a launcher of an
-      active BatchJob may still write its log; the caller bounds it by their start times), and
-      agent logs, but those in ``keep`` (real paths of the logs this process writes to: a log
+      active BatchJob may still write its log; the caller bounds it by their start times), unless
+      their launcher's ``.log`` changed since (a running launcher touches it hourly: a serial rank's
+      log or an mpi launcher's quiet ``.log`` is a live launcher's whether or not it has a BatchJob);
+      and agent logs, but those in ``keep`` (real paths of the logs this process writes to: a log
       buffered with a long ``flush_period`` is written rarely, and its mtime says nothing).
 
-    Directories are left alone; a file removed meanwhile is not a failure."""
-    result = RetentionSweep()
-    entries = _scan_dir(submit_dir, result)
-    unknown = set()
-    for name, _ in entries:
-        match = _BATCH_JOB_FILE.match(name)
-        if match and name.endswith(".submitting"):
-            unknown.add(int(match[1]))
-    for name, entry in entries:
-        match = _BATCH_JOB_FILE.match(name)
-        if match and int(match[1]) not in active_ids and int(match[1]) not in unknown:
-            _remove_if_older(entry, cutoff, "batch_job", result)
-    for name, entry in _scan_dir(log_dir, result):
-        if _AGENT_LOG.fullmatch(name):
-            if os.path.realpath(entry.path) not in keep:
-                _remove_if_older(entry, cutoff, "agent", result)
-        elif _LAUNCHER_FILE.match(name):
-            _remove_if_older(entry, min(cutoff, launcher_cutoff), "launcher", result)
-    return result
+    Each step takes the caller's present list and cutoffs. Directories are left alone; a file
+    removed meanwhile is not a failure."""
+
+    def __init__(self, submit_dir: Path, log_dir: Path) -> None:
+        self.result = RetentionSweep()
+        #: (kind, path, BatchJob id or launcher) in listing order; :attr:`_next` is the first not done.
+        self._todo: list[tuple[str, str, Any]] = []
+        self._next = 0
+        #: Ids with a ``.submitting`` marker at the listing (a later one's BatchJob is active).
+        self._unknown: set[int] = set()
+        for name in _scan_dir(submit_dir, self.result):
+            match = _BATCH_JOB_FILE.fullmatch(name)
+            if match:
+                if name.endswith(".submitting"):
+                    self._unknown.add(int(match["id"]))
+                self._todo.append(("batch_job", os.path.join(submit_dir, name), int(match["id"])))
+        for name in _scan_dir(log_dir, self.result):
+            if _AGENT_LOG.fullmatch(name):
+                self._todo.append(("agent", os.path.join(log_dir, name), None))
+            else:
+                match = _LAUNCHER_FILE.fullmatch(name)
+                if match:
+                    self._todo.append(("launcher", os.path.join(log_dir, name),
+                                       os.path.join(log_dir, match["launcher"] + ".log")))
+
+    def step(self, cutoff: float, active_ids: Collection[int], launcher_cutoff: float, keep: Collection[str] = (),
+             max_calls: Optional[int] = None, stop: Optional[threading.Event] = None) -> bool:
+        """Remove what of the listing is past ``cutoff`` (a ``time.time()``), with at most
+        ``max_calls`` stats and removals (None: no bound; at least one file a step) or until
+        ``stop`` is set; True once the listing is done."""
+        calls = 0
+        anchors: dict[str, float] = {}  # a launcher's .log -> its mtime (-inf: none), once a step
+        launcher_cutoff = min(cutoff, launcher_cutoff)
+        while self._next < len(self._todo):
+            if stop is not None and stop.is_set():
+                return False
+            kind, path, key = self._todo[self._next]
+            most = 3 if kind == "launcher" and key not in anchors else 2  # (its launcher's .log,) stat, unlink
+            if max_calls is not None and calls and calls + most > max_calls:
+                return False
+            self._next += 1
+            if kind == "batch_job":
+                if key in active_ids or key in self._unknown:
+                    continue
+                calls += _remove_if_older(path, cutoff, kind, self.result)
+            elif kind == "agent":
+                if os.path.realpath(path) not in keep:
+                    calls += _remove_if_older(path, cutoff, kind, self.result)
+            else:
+                if key not in anchors:
+                    calls += 1
+                    try:
+                        anchors[key] = os.lstat(key).st_mtime
+                    except OSError:  # gone (or unreadable): the file's own mtime decides
+                        anchors[key] = float("-inf")
+                if anchors[key] < launcher_cutoff:
+                    calls += _remove_if_older(path, launcher_cutoff, kind, self.result)
+        return True
 
 
-def _scan_dir(directory: Path, result: RetentionSweep) -> list[tuple[str, Any]]:
+def sweep_expired_files(submit_dir: Path, log_dir: Path, cutoff: float, active_ids: Collection[int],
+                        launcher_cutoff: float, keep: Collection[str] = ()) -> RetentionSweep:
+    """A whole :class:`RetentionSweeper` sweep in one call (the scheduler module spreads its own
+    over its cycles)."""
+    sweeper = RetentionSweeper(submit_dir, log_dir)
+    sweeper.step(cutoff, active_ids, launcher_cutoff, keep)
+    return sweeper.result
+
+
+def _scan_dir(directory: Path, result: RetentionSweep) -> list[str]:
     try:
         with os.scandir(directory) as scan:
-            return [(entry.name, entry) for entry in scan]
+            return [entry.name for entry in scan]
     except FileNotFoundError:  # no BatchJob submitted yet, or no log written
         return []
     except OSError as exc:
@@ -420,18 +489,23 @@ def _scan_dir(directory: Path, result: RetentionSweep) -> list[tuple[str, Any]]:
         return []
 
 
-def _remove_if_older(entry: Any, cutoff: float, kind: str, result: RetentionSweep) -> None:
+def _remove_if_older(path: str, cutoff: float, kind: str, result: RetentionSweep) -> int:
+    """Remove ``path`` if it is no directory and last changed before ``cutoff``; the number of
+    file-system calls made."""
+    calls = 1
     try:
-        info = entry.stat(follow_symlinks=False)
+        info = os.lstat(path)
         if stat.S_ISDIR(info.st_mode) or info.st_mtime >= cutoff:
-            return
-        os.unlink(entry.path)
-    except FileNotFoundError:  # removed since the scan
-        return
+            return calls
+        calls += 1
+        os.unlink(path)
+    except FileNotFoundError:  # removed since the listing
+        return calls
     except OSError as exc:
-        result.failed.append((entry.path, exc.strerror or str(exc)))
-        return
+        result.failed.append((path, exc.strerror or str(exc)))
+        return calls
     result.removed[kind] = result.removed.get(kind, 0) + 1
+    return calls
 
 
 def open_log_files() -> set[str]:
@@ -733,6 +807,10 @@ class SchedulerModule(AgentModule):
         self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
         #: When (time.monotonic()) the next retention sweep is due (the first cycle sweeps).
         self._next_retention_sweep = float("-inf")
+        #: The sweep in progress, carried on at the next cycle (None: none).
+        self._retention_sweeper: Optional[RetentionSweeper] = None
+        #: Set by :meth:`close`: a sweep in progress stops.
+        self._closing = threading.Event()
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -867,19 +945,30 @@ class SchedulerModule(AgentModule):
         return None
 
     def _sweep_expired_files(self, batch_jobs: list[dict]) -> None:
-        """Once every :data:`RETENTION_SWEEP_PERIOD_SEC`, :func:`sweep_expired_files` with this
-        cycle's list of active BatchJobs; one INFO line when it removed something, one WARNING when
-        it could not remove some."""
+        """Once every :data:`RETENTION_SWEEP_PERIOD_SEC`, a :class:`RetentionSweeper` sweep, at most
+        :data:`RETENTION_SWEEP_MAX_CALLS` of its file-system calls a cycle, each part with its own
+        cycle's list of active BatchJobs; once it is done, one INFO line when it removed something,
+        one WARNING when it could not remove some."""
         settings = getattr(self.site_config, "settings", None)
         days = getattr(getattr(settings, "logging", None), "retention_days", None)
-        now = time.monotonic()
-        if not days or now < self._next_retention_sweep:
+        sweeper, self._retention_sweeper = self._retention_sweeper, None
+        if not days:
             return
-        self._next_retention_sweep = now + RETENTION_SWEEP_PERIOD_SEC
+        now = time.monotonic()
         log_dir = Path(getattr(self.site_config, "log_path", self.site_path / "log"))
-        result = sweep_expired_files(self.submit_dir, log_dir, time.time() - days * 86400.0,
-                                     {b["id"] for b in batch_jobs}, launcher_files_cutoff(batch_jobs),
-                                     keep=open_log_files())
+        if sweeper is None:
+            if now < self._next_retention_sweep:
+                return
+            self._next_retention_sweep = now + RETENTION_SWEEP_PERIOD_SEC
+            sweeper = RetentionSweeper(self.submit_dir, log_dir)
+        # Taken back only once its step returns: a step that raises (a bug) drops the sweep, tried
+        # again at the next period rather than raising again each cycle.
+        if not sweeper.step(time.time() - days * 86400.0, {b["id"] for b in batch_jobs},
+                            launcher_files_cutoff(batch_jobs), keep=open_log_files(),
+                            max_calls=RETENTION_SWEEP_MAX_CALLS, stop=self._closing):
+            self._retention_sweeper = sweeper
+            return
+        result = sweeper.result
         removed = result.removed
         if removed:
             self.logger.info("removed %d files older than logging.retention_days (%d days): %d of ended BatchJobs "
@@ -889,8 +978,13 @@ class SchedulerModule(AgentModule):
         if result.failed:
             path, why = result.failed[0]
             self.logger.warning("could not remove %d files older than logging.retention_days (%d days), tried again "
-                                "in %.0f s: %s: %s%s", len(result.failed), days, RETENTION_SWEEP_PERIOD_SEC, path, why,
+                                "in %.0f s: %s: %s%s", len(result.failed), days,
+                                max(0.0, self._next_retention_sweep - time.monotonic()), path, why,
                                 f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else "")
+
+    def close(self) -> None:
+        """A sweep in progress stops at its next file (the agent closes its modules as it stops)."""
+        self._closing.set()
 
     def _revoke_unused_credentials(self, updates: dict[int, dict], refused: "set[int]") -> None:
         """The credentials of BatchJobs that went submit_failed this cycle are revoked, unless a
