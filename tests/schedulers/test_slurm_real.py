@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import attrs
@@ -203,3 +205,48 @@ def test_a_running_jobs_start_is_slurms_own(slurm, tmp_path):
         assert statuses[later].state is BatchJobState.queued and later not in polled.start_times
     finally:
         subprocess.run(["scancel", str(running), str(later)], check=False)
+
+
+#: A serial-mode task (with the environment the worker gives it) on worker 1 of a 2-node worker
+#: step in a 3-node allocation; it runs srun as a job script would.
+SERIAL_TASK = """
+import json, os, subprocess, sys
+from balsam.launcher.modes.serial_worker import drop_rank_bootstrap_environment
+if os.environ["SLURM_PROCID"] != "1":
+    sys.exit(0)
+env = dict(os.environ)
+drop_rank_bootstrap_environment(env)
+probe = ["sh", "-c", 'echo "$SLURMD_NODENAME $SLURM_PROCID/$SLURM_NTASKS"']
+seen = {n: env.get(n) for n in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID", "PMI_RANK")}
+runs = {}
+for name, line in (("bare", ["srun", "--overlap"]), ("n2", ["srun", "--overlap", "-n", "2"])):
+    run = subprocess.run(line + probe, env=env, capture_output=True, text=True, timeout=60)
+    runs[name] = [run.returncode, sorted(run.stdout.split(chr(10))[:-1]), run.stderr]
+json.dump({"seen": seen, "runs": runs}, open(sys.argv[1], "w"))
+"""
+
+
+def test_a_serial_task_has_no_rank_of_its_worker_and_its_own_srun_uses_the_allocation(tmp_path):
+    """Every serial-mode worker under Slurm is a task of an srun step. Before, a task of worker 1
+    saw SLURM_PROCID=1 SLURM_NTASKS=2, and its bare ``srun`` ran 2 processes (the workers' step's
+    count, read back from SLURM_NTASKS/SLURM_NNODES) where a job script's runs one per node (3)."""
+    worker = tmp_path / "task.py"
+    worker.write_text(SERIAL_TASK)
+    result = tmp_path / "result.json"
+    script = _script(tmp_path, "serial_env",
+                     f"srun -N 2 -n 2 --ntasks-per-node 1 --overlap {sys.executable} {worker} {result}")
+    # salloc, not sbatch -W: the same allocation and job-script environment, and it returns when
+    # the script ends (sbatch -W took 5 s more to notice here).
+    ran = subprocess.run(["salloc", "-p", PARTITION, "-A", ACCOUNT, "-N", "3", "--exclusive", "-t", "2", str(script)],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert ran.returncode == 0, (ran.stdout, ran.stderr)
+    jobid = [line.split()[-1] for line in ran.stderr.splitlines() if "Granted job allocation" in line][0]
+    report = json.loads(result.read_text())
+    assert report["seen"] == {"SLURM_PROCID": None, "SLURM_NTASKS": None, "SLURM_STEP_ID": None,
+                              "SLURM_JOB_ID": jobid, "PMI_RANK": None}
+    rc, lines, err = report["runs"]["bare"]
+    # one process on each node of the allocation (whichever 3 of node[1-4] it got)
+    assert rc == 0 and sorted(line.split()[1] for line in lines) == ["0/3", "1/3", "2/3"], (lines, err)
+    assert len({line.split()[0] for line in lines}) == 3, lines
+    rc, lines, err = report["runs"]["n2"]
+    assert rc == 0 and [line.split()[1] for line in lines] == ["0/2", "1/2"], (lines, err)

@@ -64,8 +64,8 @@ RUNNER_BOOTSTRAP = ";".join((
     # directory named like a stdlib module shadowed it).
     'sys.path[:1]==[""]and sys.path.__setitem__(0,os.getcwd())',
     # The rank (the line on rank 0 only, as cannot_run()). SLURM_PROCID only in the task srun
-    # started itself (--mpi=none sets no other): a serial-mode worker that srun started keeps
-    # SLURM_* in its tasks' environment, so a task of worker k > 0 inherits SLURM_PROCID=k.
+    # started itself (--mpi=none sets no other): a task started under another srun step (an older
+    # launcher's serial worker k passed SLURM_PROCID=k to its tasks) must not take it for its own.
     # Digits checked without str.isdecimal, which Python 2's str lacks.
     'e=os.environ.get',
     'r=next((int(v) for v in [e(x) for x in "' + " ".join(RANK_VARIABLES) + '".split()]+[e("SLURM_TASK_PID")'

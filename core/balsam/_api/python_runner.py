@@ -75,8 +75,9 @@ def mpi_rank() -> int:
             return int(value)
     # srun --mpi=none sets only SLURM_PROCID. It is this process's rank only in the task srun
     # started (SLURM_TASK_PID, which slurmstepd sets to the task's pid; an srun line's wrappers
-    # exec): a serial-mode worker that srun started keeps SLURM_* in its tasks' environment, so a
-    # run() app of worker k > 0 inherits SLURM_PROCID=k and would print no result marker.
+    # exec): a task of a serial-mode worker that srun started inherited SLURM_PROCID=k (serial mode
+    # now drops the step's variables from its tasks; an older launcher, or a task started some other
+    # way under a step, may still pass them), and would print no result marker.
     # (SLURM_NTASKS > 1 does not tell them apart: the workers' step has one task per node.) A
     # wrapper that forks instead of exec'ing leaves every task rank 0: one marker each, as before.
     value = os.environ.get("SLURM_PROCID")

@@ -1283,7 +1283,10 @@ class Worker:
 #: removed from this process's environment, so that tasks start from a clean one (an mpi4py task
 #: runs as a singleton, or under its own mpiexec). User settings stay: MPICH_*, I_MPI_*, FI_*,
 #: UCX_*, HYDRA_* (hydra's mpiexec options, e.g. HYDRA_LAUNCHER), OMPI_MCA_ and PMIX_MCA_ tuning
-#: parameters, SLURM_*/PBS_* (the allocation's, which a task's own srun/mpiexec needs).
+#: parameters, PBS_* and the allocation's SLURM_* (SLURM_JOB_*, SLURM_NODELIST, SLURM_CONF, ...:
+#: a task's own srun needs them). Under Slurm a rank is also a task of an srun step (the serial
+#: line's srun, or the one hydra's mpiexec starts its proxies with): the step's per-task and
+#: per-step SLURM_* (:data:`SLURM_STEP_NAMES`) go too.
 RANK_BOOTSTRAP_PREFIXES = (
     # PMI-1/PMI-2 (MPICH hydra, Intel MPI, Slurm --mpi=pmi2, Cray PMI under PALS): PMI_FD, PMI_PORT,
     # PMI_ID, PMI_RANK, PMI_SIZE, PMI_HOSTNAME, PMI_KVSNAME, PMI_JOBID, PMI_LOCAL_RANK,
@@ -1308,13 +1311,45 @@ RANK_BOOTSTRAP_NAMES = frozenset({
     # ALPS (aprun): this rank's processing element number and its application id.
     "ALPS_APP_PE", "ALPS_APP_ID",
 })
+#: What srun/slurmstepd set for one task of a step and for the step itself (srun(1), OUTPUT
+#: ENVIRONMENT VARIABLES, Slurm 22.05, and a worker step's environment on the real Slurm). A task
+#: of worker k inherited SLURM_PROCID=k, SLURM_NTASKS=<workers>: code that reads them (PyTorch
+#: Lightning, torchrun-less DDP setups, scripts) took itself for rank k of the workers' step. The
+#: srun inputs among them (SLURM_NTASKS, SLURM_NNODES, SLURM_NTASKS_PER_NODE, SLURM_DISTRIBUTION,
+#: SLURM_CPU_BIND, SLURM_MEM_BIND) also made a task's own srun take the workers' layout: a bare
+#: ``srun`` ran one process per worker, not per node of the allocation, and ``srun -N 3 -n 6``
+#: went cyclic. Without them a task's srun lays out its step as a job script's srun does: the
+#: allocation's SLURM_JOB_NUM_NODES, SLURM_JOB_CPUS_PER_NODE, SLURM_NODELIST... stay. Also kept:
+#: SLURM_MPI_TYPE (srun sets it from --mpi, which the serial line leaves to the site's default or
+#: the user's own export unless serial_mode_startup_params give one) and the node's facts
+#: (SLURMD_NODENAME, SLURM_CPUS_ON_NODE, SLURM_TOPOLOGY_ADDR).
+SLURM_STEP_NAMES = frozenset({
+    # this task: its rank in the step, on its node, its node's index in the step, its pid, and
+    # SLURM_GTIDS (the step's task ids on the node, which Slurm's PMI reads: srun(1) warns that
+    # leaving it set breaks third-party software)
+    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_TASK_PID", "SLURM_GTIDS",
+    # the step: its id, nodes, task layout, and the srun that started it
+    "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_NODES", "SLURM_STEP_NUM_TASKS",
+    "SLURM_STEP_TASKS_PER_NODE", "SLURM_STEP_GPUS", "SLURM_STEP_RESV_PORTS", "SLURM_STEP_LAUNCHER_PORT",
+    "SLURM_SRUN_COMM_HOST", "SLURM_SRUN_COMM_PORT", "SLURM_LAUNCH_NODE_IPADDR",
+    "SLURM_PTY_PORT", "SLURM_PTY_WIN_COL", "SLURM_PTY_WIN_ROW",
+    # the step's options, which srun writes over the job script's (and reads back as input)
+    "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NNODES", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE",
+    "SLURM_CPUS_PER_TASK", "SLURM_DISTRIBUTION",
+    "SLURM_CPU_BIND", "SLURM_CPU_BIND_LIST", "SLURM_CPU_BIND_TYPE", "SLURM_CPU_BIND_VERBOSE",
+    "SLURM_MEM_BIND", "SLURM_MEM_BIND_LIST", "SLURM_MEM_BIND_PREFER", "SLURM_MEM_BIND_SORT",
+    "SLURM_MEM_BIND_TYPE", "SLURM_MEM_BIND_VERBOSE",
+    # --mpi=pmix: the step's process map and srun's abort agent (PMIX_* is dropped below)
+    "SLURM_PMIX_MAPPING_SERV", "SLURM_PMIXP_ABORT_AGENT_PORT",
+})
 
 
 def is_rank_bootstrap_variable(name: str) -> bool:
     """Whether ``name`` is one of the variables an MPI launcher sets to identify the process it
-    started (:data:`RANK_BOOTSTRAP_PREFIXES`, :data:`RANK_BOOTSTRAP_NAMES`, and ``PMIX_*``: the
-    PMIx server's address, namespace and rank, but not ``PMIX_MCA_*``, which are user settings)."""
-    if name in RANK_BOOTSTRAP_NAMES or name.startswith(RANK_BOOTSTRAP_PREFIXES):
+    started (:data:`RANK_BOOTSTRAP_PREFIXES`, :data:`RANK_BOOTSTRAP_NAMES`, :data:`SLURM_STEP_NAMES`,
+    and ``PMIX_*``: the PMIx server's address, namespace and rank, but not ``PMIX_MCA_*``, which
+    are user settings)."""
+    if name in RANK_BOOTSTRAP_NAMES or name in SLURM_STEP_NAMES or name.startswith(RANK_BOOTSTRAP_PREFIXES):
         return True
     return name.startswith("PMIX_") and not name.startswith("PMIX_MCA_")
 
