@@ -216,6 +216,10 @@ def ensure_server(left: Optional[_Left] = None) -> Any:
     except Exception:
         client = None
     if client is not None:
+        if left is not None:
+            # A closed output from here on must not say a server "may be starting": the demo
+            # uses one it did not start.
+            left.step = "server in use"
         # Outside the try: a closed output (BrokenPipeError) there started a second server.
         click.echo(f"    using the Balsam server at {client.api_root}")
         return client
@@ -401,17 +405,18 @@ STOP_AGENT_WAIT_SEC = 60
 
 
 def _live_batch_jobs(client: Any, ids: list[int]) -> list[int]:
-    """Those of ``ids`` whose BatchJob may still run a launcher (one GET each: the demo has 2 to
-    2 + 2 * MAX_REPLACEMENTS); one that cannot be read counts as live."""
-    live = []
-    for batch_job_id in ids:
-        try:
-            state = client.get(f"/batch-jobs/{batch_job_id}")["state"]
-        except Exception:
-            state = None
-        if state is None or state in LIVE_BATCH_JOB_STATES:
-            live.append(batch_job_id)
-    return live
+    """Those of ``ids`` whose BatchJob may still run a launcher, from one listing (the id and state
+    filters) whatever their number; when the listing fails, all count as live."""
+    from balsam.site.service_client import list_all
+
+    if not ids:
+        return []
+    try:
+        rows = list_all(client, "/batch-jobs/", {"id": list(ids), "state": list(LIVE_BATCH_JOB_STATES)})
+    except Exception:
+        return list(ids)
+    live = {row["id"] for row in rows}
+    return [batch_job_id for batch_job_id in ids if batch_job_id in live]
 
 
 def _wait_for_batch_jobs(client: Any, ids: list[int], wait_sec: float) -> list[int]:
@@ -607,6 +612,22 @@ def demo(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bo
         _output_closed(left)
 
 
+def _stop_agent_after_batch_jobs(client: Any, path: Path, left: _Left) -> list[int]:
+    """--stop-agent: wait up to STOP_AGENT_WAIT_SEC for the demo's BatchJobs to end (their
+    launchers idle out, the agent records them as finished), then stop the site agent; the
+    BatchJobs still live then."""
+    from balsam.site.site_ops import stop_agent
+
+    live = _live_batch_jobs(client, left.batch_job_ids)
+    if live:
+        click.echo(f"    waiting up to {STOP_AGENT_WAIT_SEC} s for BatchJobs {', '.join(map(str, live))} "
+                   "to end before stopping the site agent")
+        live = _wait_for_batch_jobs(client, live, STOP_AGENT_WAIT_SEC)
+    stop_agent(path)
+    left.agent_pid = None
+    return live
+
+
 def _campaign(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bool, left: _Left) -> None:
     from balsam.config import balsam_home
 
@@ -652,25 +673,27 @@ def _campaign(site_path: Optional[str], num_jobs: int, timeout: float, stop_agen
         click.echo(f"    the campaign did not finish within the timeout (--timeout {timeout:g} s): "
                    f"{sum(states[s] for s in DONE)} of {total} jobs done")
     left.step = "summary"
-    live = _live_batch_jobs(client, left.batch_job_ids) if timed_out or stop_agent else []
-    if stop_agent:
-        from balsam.site.site_ops import stop_agent as stop
-
-        # Let the launchers idle out and the agent record the BatchJobs as finished first.
-        if live:
-            click.echo(f"    waiting up to {STOP_AGENT_WAIT_SEC} s for BatchJobs {', '.join(map(str, live))} "
-                       "to end before stopping the site agent")
-            live = _wait_for_batch_jobs(client, live, STOP_AGENT_WAIT_SEC)
-        stop(path)
-        left.agent_pid = None
-        if timed_out:
-            # The launchers ran jobs while the demo waited: count them as they are now (one
-            # listing), not as they stood at the timeout.
-            states = job_states(client, run_id)
+    done = sum(states[s] for s in DONE)
+    live: list[int] = []
+    if timed_out and stop_agent:
+        # The launchers run jobs while the demo waits: wait first, then count the jobs as they are
+        # after the wait (one listing), not as they stood at the timeout.
+        live = _stop_agent_after_batch_jobs(client, path, left)
+        states = job_states(client, run_id)
     code = summary(client, path, run_id, states, None if timed_out else elapsed, apps)
+    if not timed_out and stop_agent:
+        # The campaign is done: its summary first, then the wait (up to STOP_AGENT_WAIT_SEC).
+        live = _stop_agent_after_batch_jobs(client, path, left)
+    elif timed_out and not stop_agent:
+        live = _live_batch_jobs(client, left.batch_job_ids)
     if stop_agent:
         click.echo("    site agent stopped (start it again with `balsam site start " + str(path) + "`)")
-    if timed_out:
+    if timed_out and stop_agent:
+        # The exit status stays 1 (documented): the campaign did not finish within --timeout.
+        finished = states["JOB_FINISHED"]
+        if finished == sum(states.values()) > done:
+            click.echo(f"    all {finished} jobs finished after the timeout, during the --stop-agent wait")
+    if timed_out or live:
         # What goes on running, as a Ctrl-C says it: only the BatchJobs still live.
         left.batch_job_ids = live
         running = left_running(left) if live or left.agent_pid is not None or left.server_started else ""

@@ -9,6 +9,9 @@ a real server (the session's live uvicorn), site agent, local scheduler and laun
    pipe), leaving its jobs and the site agent it started without a word: it now ends as a Ctrl-C
    does, one line naming what runs on (on stderr, else in the site's log/demo.log), status 141.
 3. `balsam site init --help` showed reST markup (``default``).
+4. Review of 1. and 2.: a closed output while the demo used a running server named that server ("may be
+   starting"); a --stop-agent run without a timeout printed its summary only after the wait and never
+   named BatchJobs still live after it; the wait read each BatchJob with its own GET every second.
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ def test_a_timed_out_demo_with_stop_agent_counts_the_jobs_after_its_wait(demo_si
     after = out.split("==> Summary", 1)[1]
     assert "site agent stopped" in after and "the site agent [pid" not in after, after
     assert "    nothing the demo started goes on running" in after, after
+    # All finished while the demo waited: it says so, and still exits 1 (not within --timeout).
+    all_finished = _summary_counts(out)["JOB_FINISHED"] == 20
+    assert ("    all 20 jobs finished after the timeout, during the --stop-agent wait" in after) == all_finished, after
 
 
 @pytest.mark.slow
@@ -128,6 +134,71 @@ def test_a_demo_whose_output_is_closed_says_what_runs_on(demo_site, stderr):
         assert len(err.splitlines()) == 1, err
     assert "balsam demo: output closed (broken pipe), demo stopped: still running:" in note, note
     assert agent in note, note
+
+
+def test_a_closed_output_while_the_demo_uses_a_running_server_names_no_server(balsam_env, demo_site):
+    # `balsam demo 2>&1 | head -1` with the server already running (the session's): the demo
+    # started nothing, and its note said "the Balsam server may be starting (`balsam server stop`)".
+    proc = subprocess.Popen([*DEMO, "--num-jobs", "20", "--site-path", str(demo_site)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    code = proc.wait(timeout=120)
+    assert first.startswith(b"==> Starting the Balsam API server"), first
+    assert code == 141, code
+    # The note goes to $BALSAM_HOME/demo.log (stderr is closed too; no site log directory yet).
+    note = (balsam_env.home / "demo.log").read_text()
+    assert "balsam demo: output closed (broken pipe), demo stopped: the demo started nothing that runs on" in note, note
+    assert "server" not in note, note
+    # No second server: a closed output while using the found one once started `balsam server start`.
+    assert not (balsam_env.home / "server").exists(), list((balsam_env.home / "server").iterdir())
+
+
+@pytest.mark.slow
+def test_stop_agent_prints_the_summary_first_and_names_batch_jobs_live_after_its_wait(demo_site):
+    # A wait of 0 s stands for BatchJobs that outlive the 60 s wait (the launchers idle out 5 s
+    # after the campaign's last job).
+    program = "import balsam.demo as d; d.STOP_AGENT_WAIT_SEC = 0; from balsam.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", program, "demo", "--num-jobs", "20", "--stop-agent",
+                           "--site-path", str(demo_site)], capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    run_id = re.search(r"tag demo_run=(run-[0-9-]+)\)", out).group(1)
+    # The campaign is done: its summary comes before the wait for the BatchJobs.
+    summary_at = out.index("==> Summary")
+    waiting = re.search(r"waiting up to 0 s for BatchJobs ([0-9, ]+) to end before stopping the site agent", out)
+    assert waiting and waiting.start() > summary_at, out
+    after = out[waiting.end():]
+    assert "site agent stopped" in after and "the site agent [pid" not in after, after
+    line = (f"    still running: BatchJobs {waiting.group(1)} go on running the jobs tagged demo_run={run_id} "
+            f"(`balsam job ls --tag demo_run={run_id} --by-state`; `balsam queue term --id ID` ends one)")
+    assert line in after, after
+
+
+def test_live_batch_jobs_is_one_listing(balsam_env, tmp_path):
+    from balsam.api import BatchJob, Site
+    from balsam.client import load_client
+    from balsam.demo import _live_batch_jobs
+
+    site = Site.objects.create(name="live-bj", path=str(tmp_path / "live-bj"))
+    made = [BatchJob(site_id=site.id, num_nodes=1, wall_time_min=5, queue="local", project="local", job_mode="serial")
+            for _ in range(4)]
+    for batch_job in made:
+        batch_job.save()
+    made[1].state = "queued"
+    made[1].scheduler_id = 11
+    made[1].save()
+    made[2].state = "submit_failed"
+    made[2].save()
+    made[3].state = "finished"
+    made[3].save()
+    client = load_client()
+    gets = []
+    real_get = client.get
+    client.get = lambda path, *args, **kwargs: gets.append(path) or real_get(path, *args, **kwargs)
+    ids = [b.id for b in made]
+    assert _live_batch_jobs(client, ids) == ids[:2]
+    assert gets == ["/batch-jobs/"], gets
 
 
 def _commands(cmd: click.Command, path: list[str]):
