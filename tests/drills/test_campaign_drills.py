@@ -3,7 +3,8 @@
 Every job's command appends its id to one ``runs`` file (O_APPEND: one line per run, however many
 launchers write), so "run twice" and "lost" are counted from what really ran, not from the API.
 
-- 8 launchers on 10,000 jobs: every job runs exactly once and finishes;
+- 8 launchers on ``DRILL_JOBS`` jobs (3,000 by default; 10,000 for the full drill): every job runs
+  exactly once and finishes;
 - kill -9 of a launcher, the agent and the server mid-campaign: nothing lost; a job runs again only
   if its launcher's lease expired (a RUN_TIMEOUT event says so): that is the at-least-once side;
   and no Session expires but the killed processes' (every live launcher and agent keeps its first);
@@ -42,6 +43,11 @@ SESSION_EXPIRE_SEC = 20
 #: (sessions_logic), so the live ones keep theirs: the drill asserts that they do.
 KILL_DRILL_SESSION_EXPIRE_SEC = 10
 TICK_SEC = 1.0
+#: The eight-launcher drill's jobs. 3,000 still makes the eight contend: each takes at most 160 at a
+#: time (10 nodes x packing 16), so all eight acquire from one site at once over several rounds
+#: (3,000 over 1,280 slots): with the acquire's FOR UPDATE SKIP LOCKED taken out, 3,000 fail here
+#: (jobs leased to two sessions). 10,000 (``DRILL_JOBS=10000``) took 77-115 s of a 30-minute CI run.
+DRILL_JOBS = int(os.environ.get("DRILL_JOBS", "3000"))
 
 
 @pytest.fixture
@@ -219,7 +225,7 @@ def server_env(expire_sec: float = SESSION_EXPIRE_SEC) -> dict[str, str]:
 
 # -- drills ------------------------------------------------------------------------------------------------
 
-def test_eight_launchers_run_ten_thousand_jobs_exactly_once(live_server_factory: Any, act_as: Any, tmp_path: Path) -> None:
+def test_eight_launchers_run_thousands_of_jobs_exactly_once(live_server_factory: Any, act_as: Any, tmp_path: Path) -> None:
     """Launchers only (the jobs start runnable, as after the default preprocess): eight of them
     acquire from one site at once, on PostgreSQL (SKIP LOCKED) as a shared deployment runs."""
     server = live_server_factory("postgresql", env=server_env())
@@ -228,14 +234,14 @@ def test_eight_launchers_run_ten_thousand_jobs_exactly_once(live_server_factory:
     # POSTPROCESSED travel in one call, and the server finishes the job.
     site = make_site(tmp_path / "site8", "site8", {"idle_ttl_sec": 10, "default_postprocess_in_launcher": True})
     runs = tmp_path / "runs"
-    ids = campaign("site8", runs, 10_000, packing=16, runnable=True)
+    ids = campaign("site8", runs, DRILL_JOBS, packing=16, runnable=True)
     launchers = [start_launcher(site, "serial", 10, tick_sec=TICK_SEC) for _ in range(8)]
     try:
         wait_for_campaign("site8", len(ids), "JOB_FINISHED", 240, launchers)
     finally:
         stop_launchers(launchers)
     ran = runs_of(runs)
-    assert len(ran) == 10_000 and set(ran) == set(ids), f"{len(set(ids) - set(ran))} jobs never ran"
+    assert len(ran) == DRILL_JOBS and set(ran) == set(ids), f"{len(set(ids) - set(ran))} jobs never ran"
     twice = {i: n for i, n in ran.items() if n > 1}
     assert not twice, f"{len(twice)} jobs ran more than once: {list(twice.items())[:5]}"
     for state in ("RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"):
