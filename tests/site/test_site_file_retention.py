@@ -457,7 +457,7 @@ def test_a_sweep_goes_on_over_cycles_in_bounded_parts_with_one_line_at_its_end(m
                                                                                monkeypatch) -> None:
     """At most RETENTION_SWEEP_MAX_CALLS stats and removals a cycle (here 6: three old files), the
     rest at the next cycles; one INFO line once the sweep is done. A module closed (the agent
-    stopping) stops its sweep."""
+    stopping) stops its sweep, with one line saying what it removed so far."""
     monkeypatch.setattr(scheduler_module, "RETENTION_SWEEP_MAX_CALLS", 6, raising=False)
     site = make_site()
     caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
@@ -481,6 +481,105 @@ def test_a_sweep_goes_on_over_cycles_in_bounded_parts_with_one_line_at_its_end(m
     module = SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler())
     module.run_cycle()
     assert sum(p.exists() for p in again) == 5
+    assert _sweep_lines(caplog) == ([], [])
     module.close()
+    infos, warnings = _sweep_lines(caplog)
+    assert len(infos) == 1 and "stopped before its end (the module was closed)" in infos[0], infos
+    assert "removed 3 files: 3 of ended BatchJobs" in infos[0] and warnings == [], infos
     module.run_cycle()
-    assert sum(p.exists() for p in again) == 5 and _sweep_lines(caplog) == ([], [])
+    assert sum(p.exists() for p in again) == 5 and _sweep_lines(caplog) == (infos, [])
+
+
+def test_a_sweep_stopped_by_a_part_that_raises_logs_what_it_removed(make_site, client, caplog, monkeypatch) -> None:
+    """A part of a sweep that raises (a bug) drops the sweep (tried again in an hour): what its
+    earlier parts removed is one line too, not lost with it."""
+    monkeypatch.setattr(scheduler_module, "RETENTION_SWEEP_MAX_CALLS", 6, raising=False)
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
+    old = [_age(Path(site.job_path) / f"qlaunch{i:05d}.sh", 40) for i in range(1, 9)]
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler())
+    module.run_cycle()
+    assert sum(p.exists() for p in old) == 5 and _sweep_lines(caplog) == ([], [])
+
+    def broken(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("a bug in a later part")
+
+    monkeypatch.setattr(scheduler_module.RetentionSweeper, "step", broken)
+    module.run_cycle()  # the cycle goes on (the error is logged with its traceback)
+    infos, warnings = _sweep_lines(caplog)
+    assert len(infos) == 1 and "stopped before its end (a part of it raised)" in infos[0], infos
+    assert "removed 3 files: 3 of ended BatchJobs" in infos[0] and warnings == [], infos
+    module.close()  # that sweep was dropped: nothing more
+    assert _sweep_lines(caplog) == (infos, [])
+
+
+def test_a_part_of_a_sweep_is_bounded_in_time_too(make_site, client, monkeypatch) -> None:
+    """Each part also ends after RETENTION_SWEEP_MAX_PART_SEC (on a slow file system its calls alone
+    held the cycle past the agent's stop wait); at least one file a part: with no time at all, a
+    file a cycle."""
+    monkeypatch.setattr(scheduler_module, "RETENTION_SWEEP_MAX_PART_SEC", 0.0, raising=False)
+    site = make_site()
+    old = [_age(Path(site.job_path) / f"qlaunch{i:05d}.sh", 40) for i in range(1, 4)]
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler())
+    left = []
+    for _ in range(3):
+        module.run_cycle()
+        left.append(sum(p.exists() for p in old))
+    assert left == [2, 1, 0], left
+
+
+def test_each_part_of_a_sweep_keeps_the_files_of_batch_jobs_active_by_its_own_cycle(make_site, client,
+                                                                                   monkeypatch) -> None:
+    """A BatchJob created while a sweep is in progress (here after its first part) keeps its files
+    listed before it existed: each part takes its own cycle's list of active BatchJobs. Its files
+    are recent at the first part (which can reach one of them and keeps it) and old after it."""
+    monkeypatch.setattr(scheduler_module, "RETENTION_SWEEP_MAX_CALLS", 2, raising=False)  # a file a part
+    site = make_site(overrides={"filter_tags": {"agent": "this"}})  # its BatchJobs are not submitted here
+    first = create_batch_job(client, site.site_id, filter_tags={"agent": "other"})
+    qsubmit = Path(site.job_path)
+    # The files of the BatchJob to come (ids are given in order), and an ended BatchJob's.
+    coming = [_age(qsubmit / f"qlaunch{first['id'] + 1:05d}{end}", 0) for end in (".sh", ".sh.output", ".output")]
+    ended = [_age(qsubmit / f"qlaunch{first['id'] + 1000:05d}{end}", 40) for end in (".sh", ".output")]
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=LocalScheduler())
+    module.run_cycle()
+    assert sum(p.exists() for p in coming + ended) in (4, 5)  # one file done: a recent one kept, or an old one gone
+    second = create_batch_job(client, site.site_id, filter_tags={"agent": "other"})
+    assert second["id"] == first["id"] + 1
+    for path in coming:
+        _age(path, 40)
+    for _ in range(5):
+        module.run_cycle()
+
+    assert not any(p.exists() for p in ended)
+    assert all(p.exists() for p in coming), [p.name for p in coming if not p.exists()]
+
+
+def test_each_part_of_a_sweep_keeps_launcher_files_since_a_start_of_its_own_cycle(make_site, client,
+                                                                                monkeypatch) -> None:
+    """A BatchJob that starts running while a sweep is in progress (here after its first part), 41
+    days ago by the scheduler's record, keeps the launcher files changed since (40 days ago) that
+    the sweep listed before: each part takes its own cycle's launcher cutoff. The files are recent
+    at the first part (which reaches one of them and keeps it) and old after it."""
+    monkeypatch.setattr(scheduler_module, "RETENTION_SWEEP_MAX_CALLS", 3, raising=False)  # a file a part
+    site = make_site(overrides={"filter_tags": {"agent": "this"}})
+    fake = ListedScheduler()
+    running = create_batch_job(client, site.site_id, filter_tags={"agent": "other"})
+    log = Path(site.log_path)
+    launchers = [_age(log / f"mpi_mode_2026-01-01_000000_nid001_{pid}.0.log", 0) for pid in (21, 22, 23)]
+    # Old in any part: changed before the start, less the clock slack.
+    before_start = _age(log / "mpi_mode_2026-01-01_000000_nid001_24.0.log", 50)
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    module.run_cycle()
+    started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=41)
+    client.patch("/batch-jobs/", json=[{"id": running["id"], "state": "running", "scheduler_id": 781,
+                                        "start_time": format_datetime(started)}])
+    fake.run_job(781, started)
+    for path in launchers:
+        _age(path, 40)
+    for _ in range(5):
+        module.run_cycle()
+
+    assert batch_job(client, running["id"])["state"] == "running"
+    assert all(p.exists() for p in launchers), [p.name for p in launchers if not p.exists()]
+    # The sweep did reach the launcher files: one changed before the start goes.
+    assert not before_start.exists()

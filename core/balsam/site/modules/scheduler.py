@@ -31,8 +31,8 @@ Each cycle (``scheduler.sync_period`` seconds):
 7. once an hour, removes the site's files older than ``logging.retention_days`` that nothing else
    removes (:class:`RetentionSweeper`): the batch scripts and scheduler outputs of BatchJobs not in
    this cycle's list of active ones, launchers' logs but a running launcher's, and agent logs but
-   the running agent's; at most :data:`RETENTION_SWEEP_MAX_CALLS` stats and removals a cycle, the
-   rest of the sweep at the next cycles.
+   the running agent's; at most :data:`RETENTION_SWEEP_MAX_CALLS` stats and removals and about
+   :data:`RETENTION_SWEEP_MAX_PART_SEC` a cycle, the rest of the sweep at the next cycles.
 
 A BatchJob that ended whose launcher wrote its one-line ``Error: ...`` last (a settings.yml broken
 since the agent started: every launcher exits 1 at once, which the scheduler reports only as "exit
@@ -361,6 +361,11 @@ RETENTION_CLOCK_SLACK_SEC = 3600.0
 #: (its submissions, its status updates) for 2-7 s on a local disk, and far longer on Lustre.
 RETENTION_SWEEP_MAX_CALLS = 10_000
 
+#: The most wall time one scheduler cycle spends on a sweep (checked before each file, so a part
+#: ends within one file's stat and removal of it): 10,000 calls of 2-3 ms each on a loaded Lustre
+#: held the cycle 20-30 s, longer than the agent's stop wait (balsam.site.agent.DEFAULT_STOP_WAIT_SEC).
+RETENTION_SWEEP_MAX_PART_SEC = 1.0
+
 #: A BatchJob's files in the submit directory, as the module and the scheduler drivers name them:
 #: ``qlaunch<id:05d>.sh``, its output (``.sh.output``: local; ``.output`` and ``.error``: Slurm, PBS,
 #: Cobalt's ``-O`` stem, with its ``.cobaltlog``; ``.sh.error`` read as an output too), its markers
@@ -435,11 +440,13 @@ class RetentionSweeper:
                                        os.path.join(log_dir, match["launcher"] + ".log")))
 
     def step(self, cutoff: float, active_ids: Collection[int], launcher_cutoff: float, keep: Collection[str] = (),
-             max_calls: Optional[int] = None, stop: Optional[threading.Event] = None) -> bool:
+             max_calls: Optional[int] = None, stop: Optional[threading.Event] = None,
+             max_seconds: Optional[float] = None) -> bool:
         """Remove what of the listing is past ``cutoff`` (a ``time.time()``), with at most
-        ``max_calls`` stats and removals (None: no bound; at least one file a step) or until
-        ``stop`` is set; True once the listing is done."""
+        ``max_calls`` stats and removals and for at most ``max_seconds`` (None: no bound; at least
+        one file a step) or until ``stop`` is set; True once the listing is done."""
         calls = 0
+        started = time.monotonic()
         anchors: dict[str, float] = {}  # a launcher's .log -> its mtime (-inf: none), once a step
         launcher_cutoff = min(cutoff, launcher_cutoff)
         while self._next < len(self._todo):
@@ -448,6 +455,8 @@ class RetentionSweeper:
             kind, path, key = self._todo[self._next]
             most = 3 if kind == "launcher" and key not in anchors else 2  # (its launcher's .log,) stat, unlink
             if max_calls is not None and calls and calls + most > max_calls:
+                return False
+            if max_seconds is not None and calls and time.monotonic() - started >= max_seconds:
                 return False
             self._next += 1
             if kind == "batch_job":
@@ -811,6 +820,12 @@ class SchedulerModule(AgentModule):
         self._retention_sweeper: Optional[RetentionSweeper] = None
         #: Set by :meth:`close`: a sweep in progress stops.
         self._closing = threading.Event()
+        #: The sweep begun and not yet logged (sweeper, retention_days, log dir), whether a part of
+        #: it runs now; under the lock: :meth:`close` (the agent's thread) logs a stopped sweep
+        #: unless a part runs, which then logs it as it returns (its counts final).
+        self._sweep_lock = threading.Lock()
+        self._sweep_unlogged: Optional[tuple[RetentionSweeper, int, Path]] = None
+        self._sweep_stepping = False
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -946,9 +961,11 @@ class SchedulerModule(AgentModule):
 
     def _sweep_expired_files(self, batch_jobs: list[dict]) -> None:
         """Once every :data:`RETENTION_SWEEP_PERIOD_SEC`, a :class:`RetentionSweeper` sweep, at most
-        :data:`RETENTION_SWEEP_MAX_CALLS` of its file-system calls a cycle, each part with its own
-        cycle's list of active BatchJobs; once it is done, one INFO line when it removed something,
-        one WARNING when it could not remove some."""
+        :data:`RETENTION_SWEEP_MAX_CALLS` of its file-system calls and about
+        :data:`RETENTION_SWEEP_MAX_PART_SEC` a cycle, each part with its own cycle's list of active
+        BatchJobs; once it is done, one INFO line when it removed something, one WARNING when it
+        could not remove some; one line with what it removed so far when it stops before its end
+        (:meth:`close`, or a part raised)."""
         settings = getattr(self.site_config, "settings", None)
         days = getattr(getattr(settings, "logging", None), "retention_days", None)
         sweeper, self._retention_sweeper = self._retention_sweeper, None
@@ -961,13 +978,32 @@ class SchedulerModule(AgentModule):
                 return
             self._next_retention_sweep = now + RETENTION_SWEEP_PERIOD_SEC
             sweeper = RetentionSweeper(self.submit_dir, log_dir)
+            with self._sweep_lock:
+                self._sweep_unlogged = (sweeper, days, log_dir)
+        with self._sweep_lock:
+            self._sweep_stepping = True
         # Taken back only once its step returns: a step that raises (a bug) drops the sweep, tried
         # again at the next period rather than raising again each cycle.
-        if not sweeper.step(time.time() - days * 86400.0, {b["id"] for b in batch_jobs},
-                            launcher_files_cutoff(batch_jobs), keep=open_log_files(),
-                            max_calls=RETENTION_SWEEP_MAX_CALLS, stop=self._closing):
+        try:
+            done = sweeper.step(time.time() - days * 86400.0, {b["id"] for b in batch_jobs},
+                                launcher_files_cutoff(batch_jobs), keep=open_log_files(),
+                                max_calls=RETENTION_SWEEP_MAX_CALLS, stop=self._closing,
+                                max_seconds=RETENTION_SWEEP_MAX_PART_SEC)
+        except Exception:
+            self._log_stopped_sweep("a part of it raised", stepping_ends=True)
+            raise
+        if not done:
             self._retention_sweeper = sweeper
+            # Read under the lock: a close() that came while the part ran left the line to it.
+            with self._sweep_lock:
+                self._sweep_stepping = False
+                closed = self._closing.is_set()
+            if closed:
+                self._log_stopped_sweep("the module was closed")
             return
+        with self._sweep_lock:
+            self._sweep_stepping = False
+            self._sweep_unlogged = None
         result = sweeper.result
         removed = result.removed
         if removed:
@@ -982,9 +1018,37 @@ class SchedulerModule(AgentModule):
                                 max(0.0, self._next_retention_sweep - time.monotonic()), path, why,
                                 f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else "")
 
+    def _log_stopped_sweep(self, why: str, stepping_ends: bool = False) -> None:
+        """One line with what the sweep begun removed (and could not remove) before it stopped, once
+        per sweep; nothing while a part of it runs (that part logs it as it returns), or when it
+        removed and failed nothing."""
+        with self._sweep_lock:
+            if stepping_ends:
+                self._sweep_stepping = False
+            elif self._sweep_stepping:
+                return
+            unlogged, self._sweep_unlogged = self._sweep_unlogged, None
+        if unlogged is None:
+            return
+        sweeper, days, log_dir = unlogged
+        removed, failed = sweeper.result.removed, sweeper.result.failed
+        if not removed and not failed:
+            return
+        failure = ""
+        if failed:
+            failure = f"; could not remove {len(failed)}: {failed[0][0]}: {failed[0][1]}"
+        self.logger.log(logging.WARNING if failed else logging.INFO,
+                        "the sweep of files older than logging.retention_days (%d days) stopped before its end (%s): "
+                        "removed %d files: %d of ended BatchJobs (%s), %d of launchers and %d agent logs (%s)%s",
+                        days, why, sum(removed.values()), removed.get("batch_job", 0), self.submit_dir,
+                        removed.get("launcher", 0), removed.get("agent", 0), log_dir, failure)
+
     def close(self) -> None:
-        """A sweep in progress stops at its next file (the agent closes its modules as it stops)."""
+        """A sweep in progress stops at its next file, and what it removed so far is logged. The
+        agent closes its modules as it stops, after its stop wait for the cycles in progress (a
+        part of a sweep is bounded by :data:`RETENTION_SWEEP_MAX_PART_SEC`, well within it)."""
         self._closing.set()
+        self._log_stopped_sweep("the module was closed")
 
     def _revoke_unused_credentials(self, updates: dict[int, dict], refused: "set[int]") -> None:
         """The credentials of BatchJobs that went submit_failed this cycle are revoked, unless a
