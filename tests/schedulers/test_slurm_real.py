@@ -207,8 +207,9 @@ def test_a_running_jobs_start_is_slurms_own(slurm, tmp_path):
         subprocess.run(["scancel", str(running), str(later)], check=False)
 
 
-#: A serial-mode task (with the environment the worker gives it) on worker 1 of a 2-node worker
-#: step in a 3-node allocation; it runs srun as a job script would.
+#: A serial-mode task (with the environment the worker gives it: the worker's drop, and the
+#: launcher's SLURM_* put back from the job script's, as serial mode's launcher passes them) on
+#: worker 1 of a 2-node worker step in a 3-node allocation; it runs srun as a job script would.
 SERIAL_TASK = """
 import json, os, subprocess, sys
 from balsam.launcher.modes.serial_worker import drop_rank_bootstrap_environment
@@ -229,24 +230,34 @@ json.dump({"seen": seen, "runs": runs}, open(sys.argv[1], "w"))
 def test_a_serial_task_has_no_rank_of_its_worker_and_its_own_srun_uses_the_allocation(tmp_path):
     """Every serial-mode worker under Slurm is a task of an srun step. Before, a task of worker 1
     saw SLURM_PROCID=1 SLURM_NTASKS=2, and its bare ``srun`` ran 2 processes (the workers' step's
-    count, read back from SLURM_NTASKS/SLURM_NNODES) where a job script's runs one per node (3)."""
+    count, read back from SLURM_NTASKS/SLURM_NNODES); with those only dropped, it ran one per node
+    (3) where the job script's (``--ntasks-per-node 2``) runs 6. It must run what the job script's does."""
     worker = tmp_path / "task.py"
     worker.write_text(SERIAL_TASK)
     result = tmp_path / "result.json"
-    script = _script(tmp_path, "serial_env",
-                     f"srun -N 2 -n 2 --ntasks-per-node 1 --overlap {sys.executable} {worker} {result}")
+    carrier = (f"{sys.executable} -c 'from balsam.launcher.modes.serial_worker import launcher_slurm_environment as f; "
+               "print(f())'")
+    script = _script(tmp_path, "serial_env", "\n".join([
+        f"srun --overlap sh -c 'echo \"$SLURMD_NODENAME $SLURM_PROCID/$SLURM_NTASKS\"' > {tmp_path}/job_srun.txt",
+        # what serial mode's launcher (run from the job script) passes to its workers
+        f'export BALSAM_LAUNCHER_SLURM_ENV="$({carrier})"',
+        f"srun -N 2 -n 2 --ntasks-per-node 1 --overlap {sys.executable} {worker} {result}",
+    ]))
     # salloc, not sbatch -W: the same allocation and job-script environment, and it returns when
     # the script ends (sbatch -W took 5 s more to notice here).
-    ran = subprocess.run(["salloc", "-p", PARTITION, "-A", ACCOUNT, "-N", "3", "--exclusive", "-t", "2", str(script)],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    ran = subprocess.run(["salloc", "-p", PARTITION, "-A", ACCOUNT, "-N", "3", "--ntasks-per-node", "2", "--exclusive",
+                          "-t", "2", str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert ran.returncode == 0, (ran.stdout, ran.stderr)
     jobid = [line.split()[-1] for line in ran.stderr.splitlines() if "Granted job allocation" in line][0]
     report = json.loads(result.read_text())
-    assert report["seen"] == {"SLURM_PROCID": None, "SLURM_NTASKS": None, "SLURM_STEP_ID": None,
+    # the job script's (salloc's shell has no SLURM_PROCID or step id; its SLURM_NTASKS is 3 x 2)
+    assert report["seen"] == {"SLURM_PROCID": None, "SLURM_NTASKS": "6", "SLURM_STEP_ID": None,
                               "SLURM_JOB_ID": jobid, "PMI_RANK": None}
+    job_lines = sorted((tmp_path / "job_srun.txt").read_text().splitlines())
     rc, lines, err = report["runs"]["bare"]
-    # one process on each node of the allocation (whichever 3 of node[1-4] it got)
-    assert rc == 0 and sorted(line.split()[1] for line in lines) == ["0/3", "1/3", "2/3"], (lines, err)
+    # two processes on each node of the allocation (whichever 3 of node[1-4] it got), as the job script's
+    assert rc == 0 and lines == job_lines, (lines, job_lines, err)
+    assert sorted(line.split()[1] for line in lines) == [f"{i}/6" for i in range(6)], lines
     assert len({line.split()[0] for line in lines}) == 3, lines
     rc, lines, err = report["runs"]["n2"]
     assert rc == 0 and [line.split()[1] for line in lines] == ["0/2", "1/2"], (lines, err)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import signal
@@ -64,8 +65,8 @@ from ..job_mode import (
     too_long_note,
 )
 from .serial_worker import (
-    EXIT_START_FAILED, FINAL_COLLECT_EXTRA_SEC, LocalTransport, StartError, build_master, master_exit_code, rank_for_node, read_session_record,
-    record_start_error,
+    EXIT_START_FAILED, FINAL_COLLECT_EXTRA_SEC, LAUNCHER_SLURM_ENV, LocalTransport, StartError, build_master,
+    launcher_slurm_environment, master_exit_code, rank_for_node, read_session_record, record_start_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -313,11 +314,15 @@ class SerialMode(JobMode):
         out_path = ctx.log_file("out")
         logger.info("serial mode: %d nodes; starting %s", len(ctx.nodes), cmd)
         with open(out_path, "ab") as out:
+            # srun writes its step's values over the job script's SLURM_NTASKS, SLURM_NNODES...
+            # in the ranks (also under hydra's mpiexec, which starts its proxies with srun): this
+            # launcher's own values travel beside them, for the ranks to give their tasks back.
+            env = {**os.environ, LAUNCHER_SLURM_ENV: launcher_slurm_environment()}
             # The MPI launcher keeps SIGPIPE ignored, as mpi mode's do (runner.local_pool: hydra's
             # mpiexec can die of a late write at the end of a run that succeeded); restore_signals
             # restores SIGPIPE and SIGXFSZ together, so SIGXFSZ stays ignored for it too.
             self._proc = subprocess.Popen(["/bin/bash", "-c", "exec " + cmd], stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, restore_signals=False)
+                                          stdin=subprocess.DEVNULL, restore_signals=False, env=env)
             if self.stop.requested:
                 self.request_stop(self.stop_reason)
             # The ranks keep their own countdown; this is only a backstop if they hang.

@@ -1285,8 +1285,9 @@ class Worker:
 #: UCX_*, HYDRA_* (hydra's mpiexec options, e.g. HYDRA_LAUNCHER), OMPI_MCA_ and PMIX_MCA_ tuning
 #: parameters, PBS_* and the allocation's SLURM_* (SLURM_JOB_*, SLURM_NODELIST, SLURM_CONF, ...:
 #: a task's own srun needs them). Under Slurm a rank is also a task of an srun step (the serial
-#: line's srun, or the one hydra's mpiexec starts its proxies with): the step's per-task and
-#: per-step SLURM_* (:data:`SLURM_STEP_NAMES`) go too.
+#: line's srun, or the one hydra's mpiexec starts its proxies with): the SLURM_* srun sets or
+#: changes for a step (:data:`SLURM_LAUNCHER_NAMES`) are put back to the launcher's values, the
+#: job script's (see :data:`LAUNCHER_SLURM_ENV`).
 RANK_BOOTSTRAP_PREFIXES = (
     # PMI-1/PMI-2 (MPICH hydra, Intel MPI, Slurm --mpi=pmi2, Cray PMI under PALS): PMI_FD, PMI_PORT,
     # PMI_ID, PMI_RANK, PMI_SIZE, PMI_HOSTNAME, PMI_KVSNAME, PMI_JOBID, PMI_LOCAL_RANK,
@@ -1317,12 +1318,11 @@ RANK_BOOTSTRAP_NAMES = frozenset({
 #: Lightning, torchrun-less DDP setups, scripts) took itself for rank k of the workers' step. The
 #: srun inputs among them (SLURM_NTASKS, SLURM_NNODES, SLURM_NTASKS_PER_NODE, SLURM_DISTRIBUTION,
 #: SLURM_CPU_BIND, SLURM_MEM_BIND) also made a task's own srun take the workers' layout: a bare
-#: ``srun`` ran one process per worker, not per node of the allocation, and ``srun -N 3 -n 6``
-#: went cyclic. Without them a task's srun lays out its step as a job script's srun does: the
-#: allocation's SLURM_JOB_NUM_NODES, SLURM_JOB_CPUS_PER_NODE, SLURM_NODELIST... stay. Also kept:
-#: SLURM_MPI_TYPE (srun sets it from --mpi, which the serial line leaves to the site's default or
-#: the user's own export unless serial_mode_startup_params give one) and the node's facts
-#: (SLURMD_NODENAME, SLURM_CPUS_ON_NODE, SLURM_TOPOLOGY_ADDR).
+#: ``srun`` ran one process per worker, and ``srun -N 3 -n 6`` went cyclic. Dropping them is not
+#: enough: a job script has its own SLURM_NNODES, SLURM_NTASKS, SLURM_TASKS_PER_NODE... (from
+#: sbatch/salloc -N/-n/--ntasks-per-node), which ``srun -N "$SLURM_NNODES"`` and a bare srun read.
+#: So a task gets the launcher's values of these names (the batch shell's, as a command of the
+#: job script sees them), or none where the launcher had none: see :data:`LAUNCHER_SLURM_ENV`.
 SLURM_STEP_NAMES = frozenset({
     # this task: its rank in the step, on its node, its node's index in the step, its pid, and
     # SLURM_GTIDS (the step's task ids on the node, which Slurm's PMI reads: srun(1) warns that
@@ -1342,6 +1342,23 @@ SLURM_STEP_NAMES = frozenset({
     # --mpi=pmix: the step's process map and srun's abort agent (PMIX_* is dropped below)
     "SLURM_PMIX_MAPPING_SERV", "SLURM_PMIXP_ABORT_AGENT_PORT",
 })
+#: Also set for a step's tasks by srun from its options (--overcommit, --threads-per-core,
+#: --cpu-freq) or by slurmstepd (SLURM_CPUS_ON_NODE: the step's CPUs on the node, not the job's):
+#: without the launcher's values (:data:`LAUNCHER_SLURM_ENV`) they stay as srun set them.
+SLURM_STEP_OUTPUT_NAMES = frozenset({"SLURM_OVERCOMMIT", "SLURM_THREADS_PER_CORE", "SLURM_CPU_FREQ_REQ", "SLURM_CPUS_ON_NODE"})
+#: Every SLURM_* name srun may set or change for a step: those a task gets as the launcher had them.
+SLURM_LAUNCHER_NAMES = SLURM_STEP_NAMES | SLURM_STEP_OUTPUT_NAMES
+#: The variable by which the launcher hands its own values of :data:`SLURM_LAUNCHER_NAMES` to the
+#: ranks (a JSON object, null for a name it had not): srun and mpiexec pass the launcher's
+#: environment to the ranks, but srun writes its step's values over these names first. The ranks
+#: put the launcher's values back and remove it (:func:`drop_rank_bootstrap_environment`).
+LAUNCHER_SLURM_ENV = "BALSAM_LAUNCHER_SLURM_ENV"
+
+
+def launcher_slurm_environment(environ: Any = None) -> str:
+    """The value of :data:`LAUNCHER_SLURM_ENV` for the ranks started from ``environ`` (``os.environ``)."""
+    environ = os.environ if environ is None else environ
+    return json.dumps({name: environ.get(name) for name in sorted(SLURM_LAUNCHER_NAMES)})
 
 
 def is_rank_bootstrap_variable(name: str) -> bool:
@@ -1356,12 +1373,28 @@ def is_rank_bootstrap_variable(name: str) -> bool:
 
 def drop_rank_bootstrap_environment(environ: Any = None) -> list[str]:
     """Remove this rank's MPI bootstrap variables from ``environ`` (``os.environ``), which the
-    tasks' environment is built from; returns the names removed. Call only after MPI_Init."""
+    tasks' environment is built from, and give :data:`SLURM_LAUNCHER_NAMES` the launcher's values
+    where it passed them (:data:`LAUNCHER_SLURM_ENV`, removed too); returns the names removed or
+    changed. Call only after MPI_Init."""
     environ = os.environ if environ is None else environ
-    names = sorted(name for name in environ if is_rank_bootstrap_variable(name))
-    for name in names:
+    before = dict(environ)
+    for name in [name for name in environ if is_rank_bootstrap_variable(name)]:
         del environ[name]
-    return names
+    carried = environ.pop(LAUNCHER_SLURM_ENV, None)
+    if carried is not None:
+        try:
+            values = json.loads(carried)
+        except ValueError:
+            values = None
+        if not isinstance(values, dict) or not all(v is None or isinstance(v, str) for v in values.values()):
+            raise ValueError(f"{LAUNCHER_SLURM_ENV}: not a JSON object of SLURM_* names to strings or null: {carried[:200]!r}")
+        for name in SLURM_LAUNCHER_NAMES:
+            value = values.get(name)
+            if value is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = value
+    return sorted(name for name in before if name != LAUNCHER_SLURM_ENV and environ.get(name) != before[name])
 
 
 def _usable_cpus() -> int:
@@ -1414,7 +1447,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     hosts = transport.hosts()  # collective: before anything else, on every rank
     if transport.rank != 0:
         _setup_logging(log_dir / f"{base}.{socket.gethostname()}.{transport.rank}.log", config.get("logging"))
-        logger.debug("MPI bootstrap variables not passed to tasks: %s", " ".join(dropped) or "none")
+        logger.debug("MPI bootstrap variables not passed to tasks, or set to the launcher's: %s", " ".join(dropped) or "none")
         try:
             # Spawner processes here too, as on the master's node: a fork/exec from this
             # interpreter holds its GIL (and forks an MPI process) once per task.
@@ -1425,7 +1458,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             logger.exception("serial worker failed")
             return 1
     _setup_logging(log_dir / f"{base}.master.log", config.get("logging"))
-    logger.debug("MPI bootstrap variables not passed to tasks: %s", " ".join(dropped) or "none")
+    logger.debug("MPI bootstrap variables not passed to tasks, or set to the launcher's: %s", " ".join(dropped) or "none")
     nodes = [NodeInfo(**n) for n in config["nodes"]]
     try:
         ranks = rank_for_node(nodes, hosts)
