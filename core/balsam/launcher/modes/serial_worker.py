@@ -1355,10 +1355,21 @@ SLURM_LAUNCHER_NAMES = SLURM_STEP_NAMES | SLURM_STEP_OUTPUT_NAMES
 LAUNCHER_SLURM_ENV = "BALSAM_LAUNCHER_SLURM_ENV"
 
 
+#: The carrier's key for the launcher's node (``SLURMD_NODENAME``; not a variable to restore).
+LAUNCHER_NODE_KEY = "SLURMD_NODENAME"
+#: The batch shell's values that describe its own node and process: restored on the launcher's
+#: node only.
+SLURM_PER_NODE_NAMES = frozenset({"SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID", "SLURM_TASK_PID", "SLURM_GTIDS",
+                                  "SLURM_CPUS_ON_NODE"})
+
+
 def launcher_slurm_environment(environ: Any = None) -> str:
     """The value of :data:`LAUNCHER_SLURM_ENV` for the ranks started from ``environ`` (``os.environ``)."""
     environ = os.environ if environ is None else environ
-    return json.dumps({name: environ.get(name) for name in sorted(SLURM_LAUNCHER_NAMES)})
+    values = {name: environ.get(name) for name in sorted(SLURM_LAUNCHER_NAMES)}
+    # The launcher's node: its per-node values are the batch shell's on that node only.
+    values[LAUNCHER_NODE_KEY] = environ.get("SLURMD_NODENAME")
+    return json.dumps(values)
 
 
 def is_rank_bootstrap_variable(name: str) -> bool:
@@ -1388,13 +1399,26 @@ def drop_rank_bootstrap_environment(environ: Any = None) -> list[str]:
             values = None
         if not isinstance(values, dict) or not all(v is None or isinstance(v, str) for v in values.values()):
             raise ValueError(f"{LAUNCHER_SLURM_ENV}: not a JSON object of SLURM_* names to strings or null: {carried[:200]!r}")
+        launcher_node = values.get(LAUNCHER_NODE_KEY)
+        elsewhere = launcher_node is not None and before.get("SLURMD_NODENAME") not in (None, launcher_node)
         for name in SLURM_LAUNCHER_NAMES:
             value = values.get(name)
+            if elsewhere and name in SLURM_PER_NODE_NAMES:
+                # On another node than the launcher's, the batch shell's node id, task pid, local
+                # ids and CPU count are another node's (a task on node2 read SLURM_NODEID=0 and
+                # node1's CPU count): no job-script command runs here, so its identity names go,
+                # and SLURM_CPUS_ON_NODE stays as srun set it for this node.
+                if name != "SLURM_CPUS_ON_NODE":
+                    environ.pop(name, None)
+                elif "SLURM_CPUS_ON_NODE" in before:
+                    environ[name] = before[name]
+                continue
             if value is None:
                 environ.pop(name, None)
             else:
                 environ[name] = value
-    return sorted(name for name in before if name != LAUNCHER_SLURM_ENV and environ.get(name) != before[name])
+    return sorted(name for name in set(before) | set(environ)
+                  if name != LAUNCHER_SLURM_ENV and environ.get(name) != before.get(name))
 
 
 def _usable_cpus() -> int:
