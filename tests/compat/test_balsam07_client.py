@@ -55,11 +55,19 @@ def balsam07_venv() -> Path:
     return venv
 
 
+@pytest.fixture(scope="module")
+def sqlite_server(live_server_factory):
+    """One SQLite server for this module's SQLite tests: each logs in as a user of its own and
+    makes a site of its own, so they need no server each (a start is seconds on a loaded CI)."""
+    return live_server_factory("sqlite")
+
+
 @pytest.mark.parametrize("database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_the_unmodified_07_client_works_against_our_server(database, balsam07_venv, live_server_factory, tmp_path):
+def test_the_unmodified_07_client_works_against_our_server(database, balsam07_venv, live_server_factory, tmp_path,
+                                                           request):
     from balsam.server.admin import Admin
 
-    server = live_server_factory(database)
+    server = request.getfixturevalue("sqlite_server") if database == "sqlite" else live_server_factory(database)
     username = f"user07-{uuid.uuid4().hex[:6]}"
     with Admin(server.database_url) as admin:
         admin.add_user(username, PASSWORD, 12)
@@ -88,13 +96,12 @@ def test_the_unmodified_07_client_works_against_our_server(database, balsam07_ve
     assert site_name in listing.stdout and "Active" in listing.stdout
 
 
-def test_the_07_client_under_libensembles_pydantic_setting_creates_and_updates(balsam07_venv, live_server_factory,
-                                                                              tmp_path):
+def test_the_07_client_under_libensembles_pydantic_setting_creates_and_updates(balsam07_venv, sqlite_server, tmp_path):
     """libEnsemble's import makes 0.7's models send "kwargs": {} in every body: each create was a 422
     (and the 0.7 client retried it for 34 minutes), so its executor could submit nothing."""
     from balsam.server.admin import Admin
 
-    server = live_server_factory("sqlite")
+    server = sqlite_server
     username = f"libe07-{uuid.uuid4().hex[:6]}"
     with Admin(server.database_url) as admin:
         admin.add_user(username, PASSWORD, 12)

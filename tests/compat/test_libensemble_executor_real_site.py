@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +52,13 @@ def test_libensemble_executor_runs_tasks_on_a_real_site(tmp_path: Path, monkeypa
     balsam(home, "server", "start", "--port", "0")
     try:
         balsam(home, "site", "init", str(site_path), "-n", site_name, "--platform", "default")
+        # The agent polls the scheduler every second, not every 10 s: the allocation's launcher
+        # starts, and the revoked allocation is deleted, without waiting out a default sync_period
+        # (what tests/schedulers/e2e_helpers.py's FAST settings do; the period is not the subject).
+        settings_path = site_path / "settings.yml"
+        settings = yaml.safe_load(settings_path.read_text()) or {}
+        settings["scheduler"] = {**(settings.get("scheduler") or {}), "sync_period": 1}
+        settings_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         balsam(home, "site", "start", cwd=site_path)
         try:
             run_libensemble_tasks(site_name)

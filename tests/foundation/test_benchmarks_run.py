@@ -88,7 +88,8 @@ RUNS = [
     bench("windowed_count.py", f"--jobs 60 --repeat 1 --pg-url {PG}",
           r"(?s)\[postgresql\] 60 jobs.*after VACUUM ANALYZE jobs.*workdir__contains runs/99 \(1%\) +[\d.]+/", postgres),
     bench("soak_idle_records.py", "--polls 20 --repeat 1", r"now: empty ones not kept +0 +0\.00"),
-    bench("site_refresh_records.py", "--seconds 5", r"per hour: \d+ at sync_period 1 s"),
+    # 2 s of an idle agent, not 5: the row checks the script runs to its projection, not its figure.
+    bench("site_refresh_records.py", "--seconds 2", r"per hour: \d+ at sync_period 1 s"),
     bench("credential_retention.py", "--rows 200 --requests 5", r"sweep deleted 200 rows in [\d.]+ s, 1 left"),
     bench("dag_dependencies.py", "--jobs 50 --batch 10 --depth 5 --repeat 1 --backends sqlite",
           r"chain: walk depth 5 \(5 moves per link\) +[\d.]+ ms/link"),

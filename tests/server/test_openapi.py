@@ -120,6 +120,10 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(live_server_
             # These revoke the token the run authenticates with.
             "--exclude-path", "/auth/logout", "--exclude-path-regex", r"^/auth/credentials/\{credential_id\}$",
             "--phases", phase, *bounds, "--workers", str(workers), "--max-response-time", "60", "--seed", "1",
+            # Hypothesis' "data generation is too slow" health check times the fuzzer's own work: on a
+            # loaded 2-core host (load 20) it failed POST /jobs/ and POST /batch-jobs/, left untested.
+            # It says nothing of the server; every check of the answers stays on.
+            "--suppress-health-check", "too_slow",
             "--report", "junit", "--report-dir", str(tmp_path / phase),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(seconds or 60) + 240, env=env, cwd=tmp_path)
