@@ -47,7 +47,7 @@ def check(report: dict, evals: int, left_queued: int) -> None:
 
 @pytest.mark.parametrize("mode", ["serial", pytest.param("mpi", marks=pytest.mark.mpi)])
 def test_deephyper_style_search_on_sqlite(mode: str, tmp_path: Path) -> None:
-    report = run_search(tmp_path, "--evals", "24", "--left-queued", "4", "--job-mode", mode)
+    report = run_search(tmp_path, "--evals", "24", "--left-queued", "4", "--sync-period", "1", "--job-mode", mode)
     check(report, 24, 4)
 
 
@@ -55,5 +55,6 @@ def test_deephyper_style_search_on_sqlite(mode: str, tmp_path: Path) -> None:
 # from "conftest" by name, another folder's conftest could answer under pytest-xdist.
 @pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
 def test_deephyper_style_search_on_postgresql_polling_with_filters(tmp_path: Path, database_url: str) -> None:
-    report = run_search(tmp_path, "--evals", "24", "--left-queued", "4", "--poll", "filter", "--database-url", database_url)
+    report = run_search(tmp_path, "--evals", "24", "--left-queued", "4", "--sync-period", "1", "--poll", "filter",
+                        "--database-url", database_url)
     check(report, 24, 4)
