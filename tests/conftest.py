@@ -271,6 +271,10 @@ class LiveServer:
             # PostgreSQL connections (bursts still open up to max_overflow more, closed after use);
             # at the default 10, some 25 servers held PostgreSQL's 100 by the end of a full run.
             "BALSAM_DB_POOL_SIZE": "2",
+            # Every test registers and logs in its own user: two scrypt hashes each, ~57 ms apiece
+            # at the default N=2**14, ~4 ms at the floor. tests/server/test_scrypt_work_factor.py
+            # runs servers at the default (a blank value is an unset one).
+            "BALSAM_AUTH_SCRYPT_N": "1024",
             **self.extra_env,
         })
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env",

@@ -50,10 +50,12 @@ import sqlalchemy as sa
 from ..states import BATCH_JOB_TRANSITIONS
 from .db import write_tx
 from .errors import Forbidden, TooManyRequests, Unauthorized
+from .settings import MAX_SCRYPT_N, scrypt_n_from_env
 from .tables import batch_jobs, credentials, users
 
-# scrypt parameters (RFC 7914 recommendation for interactive logins: N=2**14, r=8, p=1).
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN = 2**14, 8, 1, 32
+# scrypt parameters (RFC 7914 recommendation for interactive logins: N=2**14, r=8, p=1). N of new
+# hashes is BALSAM_AUTH_SCRYPT_N (settings.scrypt_n_from_env, default 2**14); r and p are fixed.
+_SCRYPT_R, _SCRYPT_P, _DKLEN = 8, 1, 32
 ALGORITHM = "HS256"
 REFRESH_PREFIX = "bsr1"
 INVITATION_PREFIX = "bsi1"
@@ -61,11 +63,26 @@ CREDENTIAL_KINDS = ("login", "refresh", "launcher", "invitation", "dashboard")
 LOGIN_FAILED = "Incorrect username or password"
 
 
-def hash_password(password: str) -> str:
+def _scrypt_maxmem(n: int, r: int, p: int) -> int:
+    # OpenSSL's own count (128*r*(N+2) for V, 128*r*p for B) plus slack; its default limit
+    # (32 MiB) refused N=2**15 at r=8, so a larger configured N could never have been used.
+    return 128 * r * (n + p + 2) + 1024 * 1024
+
+
+#: The most memory one stored hash may make verify_password spend (the cap of BALSAM_AUTH_SCRYPT_N).
+_MAX_VERIFY_MEM = _scrypt_maxmem(MAX_SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
+
+
+def hash_password(password: str, n: "int | None" = None) -> str:
+    """A new scrypt hash of ``password`` at work factor ``n`` (default ``$BALSAM_AUTH_SCRYPT_N``,
+    read at each call: the server validated it at its start, and ``balsam server user add`` hashes
+    with the same setting as the server it administers)."""
+    n = scrypt_n_from_env() if n is None else n
     salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=_DKLEN)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=_SCRYPT_R, p=_SCRYPT_P, dklen=_DKLEN,
+                            maxmem=_scrypt_maxmem(n, _SCRYPT_R, _SCRYPT_P))
     b64 = base64.b64encode
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+    return f"scrypt${n}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
 
 
 def verify_password(password: str, stored: "str | None") -> bool:
@@ -76,21 +93,31 @@ def verify_password(password: str, stored: "str | None") -> bool:
         if scheme != "scrypt":
             return False
         salt, expected = base64.b64decode(salt_b64), base64.b64decode(digest_b64)
-        digest = hashlib.scrypt(password.encode(), salt=salt, n=int(n), r=int(r), p=int(p), dklen=len(expected))
+        # The hash's own parameters, not the current setting: hashes made before a change of
+        # BALSAM_AUTH_SCRYPT_N keep verifying. Memory is bounded by the setting's cap.
+        maxmem = _scrypt_maxmem(int(n), int(r), int(p))
+        if maxmem > _MAX_VERIFY_MEM:
+            return False
+        digest = hashlib.scrypt(password.encode(), salt=salt, n=int(n), r=int(r), p=int(p), dklen=len(expected),
+                                maxmem=maxmem)
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(digest, expected)
 
 
-_dummy_hash: "list[str]" = []
+#: One dummy hash per work factor (the setting is read per call; a process sees one value).
+_dummy_hash: "dict[int, str]" = {}
 
 
 def _hash_for_timing() -> str:
     """A real scrypt hash to check against when there is no user (or no password): an unknown
-    user name then costs the same scrypt work as a known one, so timing tells nothing."""
-    if not _dummy_hash:
-        _dummy_hash.append(hash_password(secrets.token_urlsafe(16)))
-    return _dummy_hash[0]
+    user name then costs the same scrypt work as a known one, so timing tells nothing. It is made
+    at the configured ``BALSAM_AUTH_SCRYPT_N``, the N of every hash made since; a user whose hash
+    predates a change of the setting costs its own N until the password is set again."""
+    n = scrypt_n_from_env()
+    if n not in _dummy_hash:
+        _dummy_hash[n] = hash_password(secrets.token_urlsafe(16), n)
+    return _dummy_hash[n]
 
 
 def password_problem(password: Any, min_length: int) -> Optional[str]:
@@ -649,7 +676,7 @@ def check_password_login(conn: sa.Connection, throttle: LoginThrottle, username:
 def password_login(open_read: Callable[[], Any], throttle: LoginThrottle, username: str, password: str,
                    address: str, *, only_user: Optional[str] = None) -> int:
     """:func:`check_password_login` that holds a database connection (``open_read()``, a context
-    manager) only to read the user's hash, not during the ~40 ms scrypt check, and asks the
+    manager) only to read the user's hash, not during the scrypt check (~40 ms at the default N), and asks the
     database nothing for a throttled attempt."""
     refuse_if_throttled(throttle, username, address)
     with open_read() as conn:

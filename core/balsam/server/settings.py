@@ -12,6 +12,7 @@
 | ``BALSAM_AUTH_REGISTRATION`` | ``closed`` (admins add users), ``invitation`` or ``open`` |
 | ``BALSAM_AUTH_ONLY_USER`` | unset; the embedded server sets it to its local user |
 | ``BALSAM_AUTH_MIN_PASSWORD_LENGTH`` | 12 |
+| ``BALSAM_AUTH_SCRYPT_N`` | 16384 (2**14, RFC 7914's interactive-login cost): scrypt's work factor for new password hashes, a power of two from 1024 to 131072; below 16384 the server warns at its start |
 | ``BALSAM_AUTH_MAX_FAILURES_PER_USER`` / ``..._PER_ADDRESS`` | 10 / 50 failed logins per window |
 | ``BALSAM_AUTH_FAILURE_WINDOW_SEC`` | 900 (the sliding window of login throttling) |
 | ``BALSAM_TRUSTED_PROXIES`` | unset: ``X-Forwarded-For`` is ignored; else the proxies' addresses (uvicorn's ``forwarded_allow_ips``) |
@@ -34,18 +35,20 @@ Numbers are plain decimal digits (``BALSAM_AUTH_REVOCATION_CACHE_SEC`` and
 (:data:`balsam.util.MAX_SETTING_SEC`: the server adds it to now or takes it from now, and
 datetime overflows ~2,000 years back) or of 0 (the failure window and the sweep period may be 0; an idempotency TTL of 0 would
 remember no answer, so a resent create made its records twice), ``BALSAM_MAX_BODY_BYTES=0``, or a
-yes/no or choice setting spelt otherwise. A blank value is an unset one.
+yes/no or choice setting spelt otherwise, or a ``BALSAM_AUTH_SCRYPT_N`` that is not a power of two.
+A blank value is an unset one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..util import MAX_SETTING_SEC, env_number, session_expire_from_env
+from ..util import MAX_SETTING_SEC, EnvNumberError, env_number, session_expire_from_env, warn_env_once
 
 
 def balsam_home() -> Path:
@@ -97,6 +100,36 @@ def _int_env(name: str, default: int, minimum: int = 0, maximum: "int | None" = 
     ``inf``, which int(float()) took or turned into a traceback); a bad one stops the server at its
     start with one line naming the variable (:class:`EnvNumberError`, a ValueError)."""
     return env_number(name, default, minimum=minimum, maximum=maximum, on_bad="raise", words=words)
+
+
+#: ``BALSAM_AUTH_SCRYPT_N``: scrypt's work factor for new password hashes. The default is RFC 7914's
+#: for interactive logins (~50 ms and 16 MiB a hash at r=8). The floor keeps a hash from being
+#: trivially cheap to crack; the cap keeps one login's memory sane (128 * r * N bytes: 128 MiB at
+#: the cap, per login being checked at the same time). Hashes store their own N, so a hash made
+#: under another setting keeps verifying (auth.verify_password).
+SCRYPT_N_ENV = "BALSAM_AUTH_SCRYPT_N"
+DEFAULT_SCRYPT_N, MIN_SCRYPT_N, MAX_SCRYPT_N = 2**14, 2**10, 2**17
+
+
+def scrypt_n_from_env() -> int:
+    """``$BALSAM_AUTH_SCRYPT_N`` (default :data:`DEFAULT_SCRYPT_N`): a power of two from
+    :data:`MIN_SCRYPT_N` to :data:`MAX_SCRYPT_N`, else an :class:`EnvNumberError` (one line naming
+    the variable: scrypt itself takes only a power of two, and would fail at the first login)."""
+    n = _int_env(SCRYPT_N_ENV, DEFAULT_SCRYPT_N, MIN_SCRYPT_N, MAX_SCRYPT_N)
+    if n & (n - 1):
+        raise EnvNumberError(f"environment variable {SCRYPT_N_ENV}={os.environ.get(SCRYPT_N_ENV)!r} is not a power "
+                             f"of two from {MIN_SCRYPT_N} to {MAX_SCRYPT_N} (e.g. {DEFAULT_SCRYPT_N})")
+    return n
+
+
+def warn_if_weak_scrypt(n: int) -> None:
+    """A WARNING line (once per process and value) when new password hashes are cheaper than
+    recommended: fine for a test server, not for one whose hashes could leak."""
+    if n < DEFAULT_SCRYPT_N:
+        warn_env_once(SCRYPT_N_ENV, str(n),
+                      f"balsam server: WARNING: {SCRYPT_N_ENV}={n} is weaker than recommended ({DEFAULT_SCRYPT_N}, "
+                      f"RFC 7914 for interactive logins): new password hashes are {DEFAULT_SCRYPT_N // n}x cheaper "
+                      f"to crack if the database leaks", logging.getLogger("balsam.server").warning)
 
 
 #: The shortest ``BALSAM_AUTH_CREDENTIAL_RETENTION_SEC`` (see ``ServerSettings.credential_retention_sec``).
@@ -166,6 +199,10 @@ class ServerSettings:
     #: The embedded server serves its own local user only (tokens of anybody else are refused).
     only_user: "str | None" = None
     min_password_length: int = 12
+    #: scrypt's N for new password hashes (``BALSAM_AUTH_SCRYPT_N``), validated at the start.
+    #: auth.hash_password reads the variable itself (its callers, ``balsam server user add`` among
+    #: them, have no settings at hand): this field records it, setting it changes no hash.
+    scrypt_n: int = DEFAULT_SCRYPT_N
     max_failures_per_user: int = 10
     max_failures_per_address: int = 50
     failure_window_sec: int = 900
@@ -214,6 +251,8 @@ class ServerSettings:
             key = load_or_create_secret(key_path or server_dir() / "secret.key")
         methods = [m.strip() for m in os.environ.get("BALSAM_AUTH_LOGIN_METHODS", "password").split(",") if m.strip()]
         create_default = url.startswith("sqlite")
+        scrypt_n = scrypt_n_from_env()
+        warn_if_weak_scrypt(scrypt_n)
         return cls(
             database_url=url,
             secret_key=key,
@@ -225,6 +264,7 @@ class ServerSettings:
             registration=_choice_env("BALSAM_AUTH_REGISTRATION", ("closed", "invitation", "open"), "closed"),
             only_user=os.environ.get("BALSAM_AUTH_ONLY_USER") or None,
             min_password_length=_int_env("BALSAM_AUTH_MIN_PASSWORD_LENGTH", 12),
+            scrypt_n=scrypt_n,
             max_failures_per_user=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_USER", 10),
             max_failures_per_address=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_ADDRESS", 50),
             failure_window_sec=_sec_env("BALSAM_AUTH_FAILURE_WINDOW_SEC", 900, minimum=0),
