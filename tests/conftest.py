@@ -37,6 +37,34 @@ import httpx
 import pytest
 import yaml
 
+
+
+def _share_httpx_default_tls_context() -> None:
+    """httpx builds a new TLS context for every Client, loading certifi's CA bundle: every
+    ``httpx.get``/``httpx.post`` is a Client. That cost 20-40 ms on a quiet 2-core VM and ~230 ms at
+    load 8, and register_user alone paid it twice per test (the tests talk plain http to 127.0.0.1
+    and never use the context). The default-verification contexts are all alike and a context is
+    meant to be shared between connections: one per test process and SSL_CERT_FILE/SSL_CERT_DIR
+    (which httpx reads). Any other ``verify``/``cert``/``trust_env`` builds its own as before."""
+    transport = sys.modules.get("httpx._transports.default")
+    build = getattr(transport, "create_ssl_context", None)
+    if build is None:  # another httpx layout: nothing to share
+        return
+    shared: dict = {}
+
+    def create_ssl_context(verify=True, cert=None, trust_env=True):  # noqa: ANN001, ANN202
+        if verify is True and cert is None and trust_env:
+            key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+            if key not in shared:
+                shared[key] = build(verify=verify, cert=cert, trust_env=trust_env)
+            return shared[key]
+        return build(verify=verify, cert=cert, trust_env=trust_env)
+
+    transport.create_ssl_context = create_ssl_context
+
+
+_share_httpx_default_tls_context()
+
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/balsam_test"
 SERVER_SECRET = "balsam-test-secret-key-not-for-production-use-0123456789"
 
