@@ -11,6 +11,7 @@ scheduler refusal, a timed-out submit command): `balsam server credentials` list
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -35,6 +36,10 @@ class FakeTime:
 
     def monotonic(self) -> float:
         return self.now
+
+    def time(self) -> float:
+        """Wall time, real: the module's retention sweep compares files' mtimes with it."""
+        return time.time()
 
 
 class BrokenContextPlugin:
