@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -10,11 +11,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import attrs
 import pytest
 from click.testing import CliRunner
 
 from balsam.cli.site_commands import status
+from balsam.models import SchedulerJobStatus
+from balsam.scheduler import Command, CommandResult, Scheduler, StatusPoll, SubmitRequest
 from balsam.site.module import AgentModule
+from balsam.states import BatchJobState
 
 #: Settings that make sites react within seconds in tests.
 FAST_SETTINGS = {
@@ -268,3 +273,45 @@ class StatusOnceModule(AgentModule):
         self.output = CliRunner().invoke(status, [str(self.site)]).output
         self.ref[0].request_stop("test")
         return 0.01
+
+
+class InMemoryScheduler(Scheduler):
+    """A driver whose queue is in memory, polled through the base class's get_statuses (so the
+    poll it keeps, ``last_poll``, is what the scheduler module reads, as with a real driver), with
+    the start times a test sets. A submission joins the queue as queued; ``run_job`` runs one."""
+
+    name = "in-memory"
+
+    def __init__(self) -> None:
+        super().__init__(lambda command: CommandResult(tuple(command.args), 0, "", ""), user="tester")
+        self.queue: dict[int, SchedulerJobStatus] = {}
+        self.starts: dict[int, Any] = {}
+        self.next_id = 500
+
+    def render_submit(self, request: SubmitRequest) -> Command:
+        return Command(["sbatch"])
+
+    def parse_submit(self, result: CommandResult) -> int:
+        self.next_id += 1
+        self.queue[self.next_id] = SchedulerJobStatus(
+            scheduler_id=self.next_id, state=BatchJobState.queued, queue="local", num_nodes=1, wall_time_min=10,
+            project="local", time_remaining_min=10, queued_time_min=0)
+        return self.next_id
+
+    def render_status(self, user: str) -> Command:
+        return Command(["squeue"])
+
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> StatusPoll:
+        return StatusPoll(time=now, statuses=dict(self.queue), start_times=dict(self.starts))
+
+    def render_delete(self, scheduler_id: int) -> Command:
+        return Command(["scancel"])
+
+    def run_job(self, scheduler_id: int, start: Any = None) -> None:
+        """Runs a job of the queue, or one the test never submitted (a long wall time then)."""
+        queued = self.queue.get(scheduler_id) or SchedulerJobStatus(
+            scheduler_id=scheduler_id, state=BatchJobState.queued, queue="local", num_nodes=1, wall_time_min=90000,
+            project="local", time_remaining_min=30000, queued_time_min=0)
+        self.queue[scheduler_id] = attrs.evolve(queued, state=BatchJobState.running)
+        if start is not None:
+            self.starts[scheduler_id] = start

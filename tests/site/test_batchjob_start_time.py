@@ -28,56 +28,19 @@ import pytest
 
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.models import SchedulerJobStatus
-from balsam.scheduler import Command, CommandResult, JobHistory, Scheduler, SchedulerError, StatusPoll, SubmitRequest
+from balsam.scheduler import JobHistory, SchedulerError, SubmitRequest
 from balsam.serialization import parse_datetime
 from balsam.site.modules.scheduler import START_TIME_SKEW_SEC, SchedulerModule
 from balsam.states import BatchJobState
-from site_test_utils import batch_job, create_batch_job
+from site_test_utils import InMemoryScheduler, batch_job, create_batch_job
 
 R, Q = BatchJobState.running, BatchJobState.queued
-
-
-class StartingScheduler(Scheduler):
-    """A driver whose queue is in memory, polled through the base class's get_statuses (so the
-    poll it keeps, ``last_poll``, is what the module reads), with the start times the test sets."""
-
-    name = "starting"
-
-    def __init__(self) -> None:
-        super().__init__(lambda command: CommandResult(tuple(command.args), 0, "", ""), user="tester")
-        self.queue: dict[int, SchedulerJobStatus] = {}
-        self.starts: dict[int, Any] = {}
-        self.next_id = 500
-
-    def render_submit(self, request: SubmitRequest) -> Command:
-        return Command(["sbatch"])
-
-    def parse_submit(self, result: CommandResult) -> int:
-        self.next_id += 1
-        self.queue[self.next_id] = SchedulerJobStatus(
-            scheduler_id=self.next_id, state=Q, queue="local", num_nodes=1, wall_time_min=10, project="local",
-            time_remaining_min=10, queued_time_min=0)
-        return self.next_id
-
-    def render_status(self, user: str) -> Command:
-        return Command(["squeue"])
-
-    def parse_status(self, result: CommandResult, now: dt.datetime) -> StatusPoll:
-        return StatusPoll(time=now, statuses=dict(self.queue), start_times=dict(self.starts))
-
-    def render_delete(self, scheduler_id: int) -> Command:
-        return Command(["scancel"])
-
-    def run_job(self, scheduler_id: int, start: Any = None) -> None:
-        self.queue[scheduler_id] = attrs.evolve(self.queue[scheduler_id], state=R)
-        if start is not None:
-            self.starts[scheduler_id] = start
 
 
 @pytest.fixture
 def setup(make_site, client):
     site = make_site(overrides={"scheduler": {"sync_period": 5}})
-    fake = StartingScheduler()
+    fake = InMemoryScheduler()
     return site, fake, SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
 
 
@@ -251,7 +214,7 @@ def test_real_local_scheduler_start_is_its_queues_record(make_site, client, tmp_
 # -- a submission recorded after the fact -------------------------------------------------------------
 
 
-class FindingScheduler(StartingScheduler):
+class FindingScheduler(InMemoryScheduler):
     """Looks an earlier submission up by name: the job whose id ``found`` holds."""
 
     found: Optional[int] = None
@@ -260,7 +223,7 @@ class FindingScheduler(StartingScheduler):
         return [self.found] if self.found in self.queue else []
 
 
-def _running_since(fake: StartingScheduler, scheduler_id: int, minutes: float) -> dt.datetime:
+def _running_since(fake: InMemoryScheduler, scheduler_id: int, minutes: float) -> dt.datetime:
     started = _utcnow() - dt.timedelta(minutes=minutes)
     fake.queue[scheduler_id] = SchedulerJobStatus(
         scheduler_id=scheduler_id, state=R, queue="local", num_nodes=1, wall_time_min=60, project="local",

@@ -33,14 +33,11 @@ import pytest
 
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.config import SettingsError, loads_settings
-from balsam.models import SchedulerJobStatus
-from balsam.scheduler import Command, CommandResult, Scheduler, StatusPoll, SubmitRequest
 from balsam.serialization import format_datetime
 from balsam.site.agent import setup_logging
 import balsam.site.modules.scheduler as scheduler_module
 from balsam.site.modules.scheduler import SchedulerModule
-from balsam.states import BatchJobState
-from site_test_utils import batch_job, create_batch_job, wait_for
+from site_test_utils import InMemoryScheduler, batch_job, create_batch_job, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 86400.0
@@ -61,39 +58,6 @@ def _sweep_lines(caplog: Any) -> tuple[list[str], list[str]]:
     records = [r for r in caplog.records if r.name == MODULE_LOGGER and "logging.retention_days" in r.getMessage()]
     return ([r.getMessage() for r in records if r.levelno == logging.INFO],
             [r.getMessage() for r in records if r.levelno == logging.WARNING])
-
-
-class ListedScheduler(Scheduler):
-    """A scheduler whose queue is in memory: what the test puts there is polled as listed, with the
-    start times it sets (the base class's get_statuses keeps the poll, as a real driver's)."""
-
-    name = "listed"
-
-    def __init__(self) -> None:
-        super().__init__(lambda command: CommandResult(tuple(command.args), 0, "", ""), user="tester")
-        self.queue: dict[int, SchedulerJobStatus] = {}
-        self.starts: dict[int, Any] = {}
-
-    def render_submit(self, request: SubmitRequest) -> Command:
-        return Command(["sbatch"])
-
-    def parse_submit(self, result: CommandResult) -> int:
-        raise AssertionError("these tests submit nothing")
-
-    def render_status(self, user: str) -> Command:
-        return Command(["squeue"])
-
-    def parse_status(self, result: CommandResult, now: dt.datetime) -> StatusPoll:
-        return StatusPoll(time=now, statuses=dict(self.queue), start_times=dict(self.starts))
-
-    def render_delete(self, scheduler_id: int) -> Command:
-        return Command(["scancel"])
-
-    def run_job(self, scheduler_id: int, start: dt.datetime) -> None:
-        self.queue[scheduler_id] = SchedulerJobStatus(
-            scheduler_id=scheduler_id, state=BatchJobState.running, queue="local", num_nodes=1, wall_time_min=90000,
-            project="local", time_remaining_min=30000, queued_time_min=0)
-        self.starts[scheduler_id] = start
 
 
 @pytest.fixture
@@ -177,7 +141,7 @@ def test_an_active_batch_jobs_files_stay_and_so_do_launcher_files_since_its_star
     one, and an ended BatchJob's files, go."""
     site = make_site(overrides={"filter_tags": {"agent": "this"}})
     caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
-    fake = ListedScheduler()
+    fake = InMemoryScheduler()
     pending = create_batch_job(client, site.site_id, filter_tags={"agent": "other"})
     running = create_batch_job(client, site.site_id, filter_tags={"agent": "other"})
     started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=41)
@@ -364,7 +328,7 @@ def test_a_running_batch_job_with_no_start_time_keeps_every_launcher_file(make_s
     removes ended BatchJobs' files."""
     site = make_site()
     caplog.set_level(logging.INFO, logger=MODULE_LOGGER)
-    fake = ListedScheduler()
+    fake = InMemoryScheduler()
     running = create_batch_job(client, site.site_id)
     client.patch("/batch-jobs/", json=[{"id": running["id"], "state": "running", "scheduler_id": 778}])
     fake.run_job(778, None)
@@ -387,7 +351,7 @@ def test_launcher_files_changed_within_the_clock_slack_before_an_active_start_st
     launcher file changed half an hour before the earliest start of an active BatchJob may be its
     launcher's and stays; one changed two hours before goes."""
     site = make_site()
-    fake = ListedScheduler()
+    fake = InMemoryScheduler()
     running = create_batch_job(client, site.site_id)
     started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=41)
     client.patch("/batch-jobs/", json=[{"id": running["id"], "state": "running", "scheduler_id": 779,
@@ -562,7 +526,7 @@ def test_each_part_of_a_sweep_keeps_launcher_files_since_a_start_of_its_own_cycl
     at the first part (which reaches one of them and keeps it) and old after it."""
     monkeypatch.setattr(scheduler_module, "RETENTION_SWEEP_MAX_CALLS", 3, raising=False)  # a file a part
     site = make_site(overrides={"filter_tags": {"agent": "this"}})
-    fake = ListedScheduler()
+    fake = InMemoryScheduler()
     running = create_batch_job(client, site.site_id, filter_tags={"agent": "other"})
     log = Path(site.log_path)
     launchers = [_age(log / f"mpi_mode_2026-01-01_000000_nid001_{pid}.0.log", 0) for pid in (21, 22, 23)]
