@@ -560,7 +560,11 @@ def item_transfer_paths(item: Mapping[str, Any], workdir: Path) -> tuple[Path, T
     """The job-side path of ``item`` (inside ``workdir``) and the file the backend moves.
 
     A stage-in with ``local_path`` ``.`` that is not recursive lands as ``workdir/<remote basename>``.
-    Raises a non-retryable :class:`TransferError` for a path that leaves the workdir.
+    Raises a non-retryable :class:`TransferError` for a path that leaves the workdir: as written
+    (absolute, ``..``), or, for a stage-in (what it writes), through a symbolic link in the workdir.
+    A stage-out's source is read wherever a link in the workdir points (its run's result written in
+    scratch and linked into the workdir is shipped, as Balsam 0.7's ``workdir/local_path`` was):
+    the account the agent runs as may read it anyway, and the job's run could have copied it there.
     """
     local_rel = str(item.get("local_path") or ".")
     remote = str(item["remote_path"])
@@ -574,19 +578,22 @@ def item_transfer_paths(item: Mapping[str, Any], workdir: Path) -> tuple[Path, T
     local = workdir / rel
     if stage_in and rel.parts in ((), (".",)) and not recursive:
         local = workdir / PurePosixPath(remote).name
+    if not stage_in:
+        return local, TransferFile(src=str(local), dest=remote, recursive=recursive)
     root = workdir.resolve()
     resolved = local.resolve()
     if resolved != root and root not in resolved.parents:
         raise TransferError(f"local_path {local_rel!r} leads outside the job's workdir ({resolved})", retryable=False)
-    if stage_in:
-        return local, TransferFile(src=remote, dest=str(local), recursive=recursive)
-    return local, TransferFile(src=str(local), dest=remote, recursive=recursive)
+    return local, TransferFile(src=remote, dest=str(local), recursive=recursive)
 
 
 def _norm_path(path: str) -> str:
     """``path`` without repeated or trailing slashes (how backends may spell a destination)."""
     return re.sub("/+", "/", path).rstrip("/") or "/"
 
+
+#: The key the cycle's summary line counts the updates without a new state under (a reason, progress).
+NO_STATE_CHANGE = "reason or progress only"
 
 #: The direction of the files of a task whose location is unknown (:meth:`TransfersModule._writers`):
 #: a task of an in-flight file written before its location was kept. An item writing one of its
@@ -1136,7 +1143,9 @@ class TransfersModule(AgentModule):
         self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
         counts = defaultdict(int)
         for update in updates.values():
-            counts[update.get("state", "?")] += 1
+            # An update without a state wrote a reason or progress only (items waiting for a slot):
+            # named as such, not "?", which read as items in an unknown state.
+            counts[update.get("state", NO_STATE_CHANGE)] += 1
         moved = any("state" in u and u["state"] != read_states.get(u["id"]) for u in updates.values())
         if updates or in_flight:
             # INFO only when an item changed state or a task was submitted: a cycle that only polled
