@@ -180,8 +180,8 @@ def _reserved_map(name: str) -> dict:
     return {key: launch_option_name(option) for key, option in reserved.items()}
 
 
-def _spellings(key: str) -> list[tuple[str, str]]:
-    return [(key, "7"), (f"-{key}", "7"), (f"--{key}", "7"), (f"--{key}=7", ""), (f"-{key}=7", "")]
+def _spellings(key: str, value: str = "7") -> list[tuple[str, str]]:
+    return [(key, value), (f"-{key}", value), (f"--{key}", value), (f"--{key}={value}", ""), (f"-{key}={value}", "")]
 
 
 @pytest.mark.parametrize("name", sorted(SPELLING_CASES))
@@ -194,7 +194,9 @@ def test_no_option_twice_for_any_spelling(name: str) -> None:
         canonical.update({key: group[0] for key in group})
     keys = [key for group in SPELLING_CASES[name] for key in group] + sorted(_reserved_map(name))
     for key in keys:
-        for spelled, value in _spellings(key):
+        # PALS refuses a --cpu-bind of "7" (the platforms fail such a job): a kind it takes.
+        good = "core" if name in ("aurora", "sunspot", "polaris") and key in ("cpu-bind", "cpu_bind") else "7"
+        for spelled, value in _spellings(key, good):
             args = line(name, {spelled: value})
             names = [canonical.get(option, option) for option in option_names(args)]
             doubled = sorted({option for option in names if names.count(option) > 1})
@@ -204,7 +206,7 @@ def test_no_option_twice_for_any_spelling(name: str) -> None:
                 at = next(i for i, a in enumerate(args[1:], 1) if a.startswith("-")
                           and canonical.get(option_names(["", a])[0], option_names(["", a])[0]) == option)
                 shown = args[at].split("=", 1)[1] if "=" in args[at] else args[at + 1]
-                assert shown == "7", (spelled, value, args)
+                assert shown == good, (spelled, value, args)
 
 
 def test_platforms_use_the_launchers_maps_of_core() -> None:

@@ -116,7 +116,7 @@ def test_site_init_uses_qos_queues(balsam_env, client, tmp_path: Path) -> None:
     init_site(tmp_path / "pm", "pm-gpu", "perlmutter-gpu", client, projects=["m1234"])
     raw = yaml.safe_load((tmp_path / "pm" / "settings.yml").read_text())
     assert raw["scheduler"]["name"] == "slurm" and raw["scheduler"]["options"]["queue_flag"] == "--qos"
-    assert set(raw["scheduler"]["allowed_queues"]) == {"regular", "debug"} and raw["scheduler"]["allowed_projects"] == ["m1234"]
+    assert set(raw["scheduler"]["allowed_queues"]) == {"regular", "debug", "shared"} and raw["scheduler"]["allowed_projects"] == ["m1234"]
     assert raw["launcher"]["serial_mode_startup_params"] == {"cpus-per-task": "128"}
     settings = load_settings(tmp_path / "pm" / "settings.yml")
     scheduler = get_plugin_manager().load_driver("scheduler", "slurm")(options=settings.scheduler.options)

@@ -88,6 +88,11 @@ RESERVED_OPTIONS = {
     "N": "--nodes", "nodes": "--nodes",
     "w": "--nodelist", "nodelist": "--nodelist", "F": "--nodelist", "nodefile": "--nodelist",
 }
+#: NERSC's shared QOS (part of one node, up to 48 hours), which the BatchJobs of ``-x exclusive=no``
+#: are for (docs/platforms/perlmutter.md): without it in a new site's allowed_queues, the documented
+#: ``balsam queue submit -q shared -x exclusive=no ...`` was refused ("queue 'shared' is not in the
+#: site's allowed_queues (debug, regular)").
+SHARED_QOS = {"shared": {"max_nodes": 1, "max_walltime": 2880, "max_queued_jobs": 5000}}
 #: Seconds one scontrol or scancel call may take at the launcher's stop (the grace is short).
 SLURM_CALL_TIMEOUT_SEC = 5.0
 #: Flags the line has already: a launch param naming one is dropped without a warning.
@@ -128,6 +133,27 @@ def task_wrapper(variables: Mapping[str, str], unset: Sequence[str] = ()) -> lis
     if not variables and not unset:
         return []
     return ["/bin/sh", "-c", TASK_SCRIPT, "sh", *(f"{k}={v}" for k, v in variables.items()), *unset, "--"]
+
+
+#: One Slurm host list item: name parts and bracketed lists of numbers and ranges
+#: (``nid[001234-001236,001240]``, ``rack[1-2]n[01-04]``).
+_HOSTLIST_RANGE = r"\d+(?:-\d+)?"
+_HOSTLIST_ITEM = rf"(?:[^,\[\]\s]+|\[{_HOSTLIST_RANGE}(?:,{_HOSTLIST_RANGE})*\])+"
+_HOSTLIST = re.compile(rf"{_HOSTLIST_ITEM}(?:,{_HOSTLIST_ITEM})*")
+
+
+def hostlist_problem(text: str) -> Optional[str]:
+    """Why ``text`` is not a Slurm host list (``$SLURM_JOB_NODELIST``), or None. The core's
+    expansion reads what it can of any text: a cut-off ``nid[001-`` gave hosts ``nid`` and
+    ``001-`` (every srun of the allocation refused), a backwards ``nid[003-001]`` no host at all
+    (the launcher said only "found no nodes")."""
+    value = text.strip()
+    if not _HOSTLIST.fullmatch(value):
+        return "not a Slurm host list like nid[001234-001236,001240] (unbalanced brackets, blanks or empty items)"
+    for low, high in re.findall(r"(\d+)-(\d+)", "".join(re.findall(r"\[[^\]]*\]", value))):
+        if int(high) < int(low):
+            return f"the range {low}-{high} runs backwards"
+    return None
 
 
 def parse_cpus_per_node(text: str) -> list[int]:
@@ -380,9 +406,13 @@ class PerlmutterGPUPlatform(Platform):
 
     # -- inside an allocation -------------------------------------------------------------------
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        variable = "SLURM_JOB_NODELIST" if env.get("SLURM_JOB_NODELIST") else "SLURM_NODELIST"
+        nodelist = env.get(variable)
         if not nodelist:
             raise RuntimeError("$SLURM_JOB_NODELIST is not set: not inside a Slurm job")
+        problem = hostlist_problem(nodelist)
+        if problem:
+            raise RuntimeError(f"${variable}={nodelist!r}: {problem}")
         nodes = [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
                  for host in expand_hostlist(nodelist)]
         # The shared QOS (--gpus=1|2) and partial-node allocations: Slurm names the job's GPUs there,
@@ -657,6 +687,7 @@ class PerlmutterGPUPlatform(Platform):
         return {
             "regular": {"max_nodes": 1536, "max_walltime": 720, "max_queued_jobs": 5000},
             "debug": {"max_nodes": 8, "max_walltime": 30, "max_queued_jobs": 5},
+            **SHARED_QOS,
         }
 
     def settings_defaults(self) -> dict[str, Any]:
@@ -712,4 +743,5 @@ class PerlmutterCPUPlatform(PerlmutterGPUPlatform):
         return {
             "regular": {"max_nodes": 3072, "max_walltime": 720, "max_queued_jobs": 5000},
             "debug": {"max_nodes": 8, "max_walltime": 30, "max_queued_jobs": 5},
+            **SHARED_QOS,
         }

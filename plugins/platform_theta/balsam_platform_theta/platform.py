@@ -178,7 +178,14 @@ class ThetaKNLPlatform(Platform):
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
-        affinity = aprun_cc_value(first_launch_param(params, AFFINITY_KEYS) or self.options.cpu_affinity)
+        own = first_launch_param(params, AFFINITY_KEYS)
+        problem = aprun_cc_problem(str(own)) if own is not None else None
+        if problem:
+            # The check the option cpu_affinity gets in settings.yml: aprun refused the value at
+            # the run's start, with its own message in job.out and nothing naming the launch param.
+            of = "" if spec.job_id is None else f" of job {spec.job_id}"
+            raise ValueError(f"launch param cpu_affinity{of} (app {spec.app_id}) is not an aprun -cc: {problem}")
+        affinity = aprun_cc_value(own or self.options.cpu_affinity)
         # aprun -L takes node ids; the launcher knows hosts nid01001 ...: back to the numbers.
         nids = [str(int(h[3:])) if re.fullmatch(r"nid\d+", h) else h for h in spec.hostnames]
         args = [

@@ -1,0 +1,79 @@
+"""Perlmutter as a user moving from Balsam 0.7 meets it: the shared QOS that
+docs/platforms/perlmutter.md submits to (``balsam queue submit -q shared -x exclusive=no ...``) is
+one of a new site's queues, and a ``$SLURM_JOB_NODELIST`` that is not a Slurm host list stops the
+launcher in one line naming it (before: a cut-off ``nid[001-`` gave hosts ``nid`` and ``001-``, a
+backwards range no node at all)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from balsam_platform_perlmutter.platform import PerlmutterCPUPlatform, PerlmutterGPUPlatform
+
+
+def balsam(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", "from balsam.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"balsam {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("platform", [PerlmutterGPUPlatform, PerlmutterCPUPlatform])
+def test_the_shared_qos_is_a_queue_of_both_node_types(platform) -> None:
+    queues = platform().settings_defaults()["scheduler"]["allowed_queues"]
+    # One node at most (the QOS shares a node among jobs), up to 48 hours.
+    assert queues["shared"] == {"max_nodes": 1, "max_walltime": 2880, "max_queued_jobs": 5000}
+    assert {"regular", "debug"} <= set(queues)
+
+
+def test_the_documented_shared_qos_submission_is_accepted(balsam_env, client, tmp_path: Path) -> None:
+    path = tmp_path / "pm"
+    balsam("site", "init", "--platform", "perlmutter-gpu", "-A", "m1234", "-n", "pm", str(path))
+    settings = yaml.safe_load((path / "settings.yml").read_text())["scheduler"]
+    assert "shared" in settings["allowed_queues"], settings["allowed_queues"]
+    # docs/platforms/perlmutter.md, as written.
+    balsam("queue", "submit", "-n", "1", "-t", "30", "-q", "shared", "-A", "m1234", "-j", "mpi",
+           "-x", "exclusive=no", "-x", "gpus_per_node=1", cwd=path)
+    (batch_job,) = client.get("/batch-jobs/", params={"site_id": int((path / ".balsam-site").read_text())})["results"]
+    assert batch_job["queue"] == "shared"
+    assert batch_job["optional_params"] == {"exclusive": "no", "gpus_per_node": "1"}
+    # More than the one node the QOS allows is refused by name.
+    proc = balsam("queue", "submit", "-n", "2", "-t", "30", "-q", "shared", "-A", "m1234", "-j", "mpi",
+                  "-x", "exclusive=no", cwd=path, check=False)
+    assert proc.returncode != 0 and "shared" in proc.stderr
+
+
+@pytest.mark.parametrize("nodelist, why", [
+    ("nid[001234-", "not a Slurm host list"),          # cut off: hosts 'nid' and '001234-' before
+    ("nid[001236-001234]", "001236-001234 runs backwards"),  # no node at all before
+    ("nid001234, nid001235", "not a Slurm host list"),  # ' nid001235', a host with a blank, before
+    ("nid[]", "not a Slurm host list"),
+    ("nid001234,,nid001235", "not a Slurm host list"),
+])
+def test_a_nodelist_that_is_not_a_host_list_is_named_in_one_line(nodelist: str, why: str) -> None:
+    with pytest.raises(RuntimeError) as error:
+        PerlmutterGPUPlatform().discover_nodes({"SLURM_JOB_NODELIST": nodelist})
+    message = str(error.value)
+    assert message.startswith(f"$SLURM_JOB_NODELIST={nodelist!r}: ") and why in message and "\n" not in message
+
+
+def test_the_older_variable_is_named_when_it_is_the_one_read() -> None:
+    with pytest.raises(RuntimeError, match=r"^\$SLURM_NODELIST='nid\[2-1\]': the range 2-1 runs backwards$"):
+        PerlmutterCPUPlatform().discover_nodes({"SLURM_NODELIST": "nid[2-1]"})
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("nid[001234-001236,001240]", ["nid001234", "nid001235", "nid001236", "nid001240"]),
+    ("nid001234", ["nid001234"]),
+    ("nid[001234-001235],login07", ["nid001234", "nid001235", "login07"]),
+    ("rack[1-2]n[01-02]", ["rack1n01", "rack1n02", "rack2n01", "rack2n02"]),
+])
+def test_host_lists_slurm_writes_still_expand(nodelist: str, hosts: list[str]) -> None:
+    nodes = PerlmutterGPUPlatform().discover_nodes({"SLURM_JOB_NODELIST": nodelist})
+    assert [n.hostname for n in nodes] == hosts
