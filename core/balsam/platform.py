@@ -32,6 +32,7 @@ __all__ = [
     "cpu_ids_beyond_cores_errors",
     "cpu_ids_errors", "cuda_visible_only", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
     "hosts_from_node_file", "is_mig_id", "launch_option", "launch_option_name", "launch_param_args",
+    "launch_param_words",
     "launch_params_to_pass", "leading_job_number", "near_cpus_of",
     "nvidia_smi_list", "nvidia_smi_note", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
     "read_fresh_gpu_list", "read_node_file", "split_launch_params", "launch_param_value",
@@ -521,18 +522,39 @@ def launch_option(key: str, prefix: str = "--") -> str:
 def launch_param_args(params: Mapping[str, Any], *, skip: Sequence[str] = (), prefix: str = "--") -> list[str]:
     """``launch_params`` as command-line options: ``key`` -> ``--key value`` (see :func:`launch_option`
     for the option's name); an empty or ``None`` value gives the option alone (a flag, such as
-    ``{"exclusive": ""}`` -> ``--exclusive``), never an empty argument; ``skip`` keys left out, in
-    any spelling of their option (:func:`launch_option_name`: ``skip=("depth",)`` leaves out
-    ``"--depth"`` and ``"--depth=8"`` too), the rule :func:`first_launch_param` finds them by."""
+    ``{"exclusive": ""}`` -> ``--exclusive``), never an empty argument; a boolean gives a flag or
+    nothing (:func:`launch_param_words`); ``skip`` keys left out, in any spelling of their option
+    (:func:`launch_option_name`: ``skip=("depth",)`` leaves out ``"--depth"`` and ``"--depth=8"``
+    too), the rule :func:`first_launch_param` finds them by."""
     skipped = {launch_option_name(k) for k in skip}
     args: list[str] = []
     for key, value in params.items():
         if skipped and launch_option_name(key) in skipped:
             continue
-        args.append(launch_option(key, prefix))
-        if value not in ("", None):
-            args.append(str(value))
+        args += launch_param_words(key, value, prefix)
     return args
+
+
+def launch_param_words(key: str, value: Any, prefix: str = "--") -> list[str]:
+    """The words one launch param puts on a launcher line (:func:`launch_param_args`): ``[option,
+    value]``; ``[option]`` for an empty or ``None`` value and for True; ``[]`` for False (the flag
+    is not given). ``{"verbose": True}`` was ``--verbose True``, which the launcher took for the
+    program to run, or refused.
+
+    True and False are recognised as they reach a platform: the bools, and the strings ``"True"``
+    and ``"False"`` in any case, blanks around them ignored. launch_params is a map of strings, so a
+    job's ``{"verbose": True}`` is stored as ``"True"`` (the client turns a number or a bool into its
+    ``str``, as Balsam 0.7's pydantic did); ``balsam job create -lp verbose=true`` and a quoted
+    ``"true"`` in settings.yml's ``serial_mode_startup_params`` give ``"true"``. No option of the
+    launchers balsam drives (mpiexec, srun, aprun) takes a lone true or false as its value; one
+    that did would be written whole in the key: ``{"--opt=true": ""}``."""
+    word = value.strip().lower() if isinstance(value, str) else None
+    if value is False or word == "false":
+        return []
+    option = launch_option(key, prefix)
+    if value is True or word in ("true", "") or value is None:
+        return [option]
+    return [option, str(value)]
 
 
 def launch_option_name(key: str) -> str:

@@ -10,6 +10,7 @@ runs on.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from balsam.platform import (
-    HYDRA_RESERVED_OPTIONS, OPENMPI_RESERVED_OPTIONS, LaunchSpec, NodeInfo, Platform, launch_option,
+    HYDRA_RESERVED_OPTIONS, OPENMPI_RESERVED_OPTIONS, LaunchSpec, NodeInfo, Platform, launch_param_args,
     launch_params_to_pass, nvidia_smi_list, parse_nvidia_smi_list,
 )
 
-__all__ = ["DefaultPlatform", "detect_mpi_flavor", "expand_hostlist", "parse_mpi_flavor"]
+__all__ = ["DefaultPlatform", "HostlistError", "detect_mpi_flavor", "expand_hostlist", "parse_mpi_flavor"]
 
 MPICH, OPENMPI = "mpich", "openmpi"
 FLAVOR_PARAM = "mpi_flavor"
@@ -49,29 +50,108 @@ _flavor_cache: dict[str, str] = {}
 _mpiexec_found: dict[str, str] = {}
 
 
+class HostlistError(ValueError):
+    """A text that is not a Slurm host list: ``text`` (as given) and ``problem`` (why, one line)."""
+
+    def __init__(self, text: str, problem: str) -> None:
+        super().__init__(f"{text!r} is not a Slurm host list: {problem}")
+        self.text = text
+        self.problem = problem
+
+
+#: The most hosts one bracketed range may name: Slurm's own limit (hostlist.c ``MAX_RANGE``,
+#: ``Too many hosts in range``); beyond it the text is garbage, not an allocation.
+MAX_HOSTS_IN_RANGE = 64 * 1024
+#: What separates the items of a host list at the top level (outside brackets): Slurm takes commas
+#: and blanks alike and skips empty items (``scontrol show hostnames 'a,,b c'`` gives a, b, c).
+_HOSTLIST_SEPARATORS = frozenset(", \t\n\r")
+#: One entry between brackets: a number, or a range of numbers ``low-high`` (ASCII digits: ``\d``
+#: would take other scripts' digits, which Slurm refuses).
+_BRACKET_ENTRY = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+
+
 def expand_hostlist(text: str) -> list[str]:
-    """Expand a Slurm host list: ``node[01-03,7],gpu5`` -> ``node01 node02 node03 node7 gpu5``."""
+    """The hosts of a Slurm host list, in its order, as ``scontrol show hostnames`` gives them.
+
+    Items are separated by commas or blanks; each is name parts and bracketed lists of numbers and
+    ranges, the numbers as written (zero padding kept: ``nid[0008-0010,0012]``); several bracket
+    groups give every combination, the first varying slowest (``rack[1-2]n[01-02]`` -> rack1n01,
+    rack1n02, rack2n01, rack2n02). A name after the last bracket (``node[1-3]-ib``), which Slurm
+    itself does not allow in slurm.conf and so never writes, is expanded the same way, since it
+    can be read only one way.
+
+    Anything else raises :class:`HostlistError` (a ValueError) naming the text and what is wrong
+    with it: a ``[`` not closed (a cut-off ``nid[001-``), a ``]`` or ``[`` out of place, an entry in
+    brackets that is not a number or a range (``00a-3``, ``1-2-3``, empty), a range running
+    backwards (``003-001``) or naming more hosts than Slurm allows in one range, or no host at all.
+    Where Slurm's own parser reads such a text at all, it reads it wrong (``nid[001-`` gives one host
+    ``nid]``)."""
     hosts: list[str] = []
-    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", text.strip()):
-        hosts.extend(_expand_one(item))
+    for item in _hostlist_items(text):
+        hosts.extend(_expand_hostlist_item(text, item))
+    if not hosts:
+        raise HostlistError(text, "it names no host")
     return hosts
 
 
-def _expand_one(item: str) -> list[str]:
-    match = re.search(r"\[([^\]]*)\]", item)
-    if not match:
-        return [item] if item else []
-    prefix, suffix = item[: match.start()], item[match.end() :]
-    results = []
-    for part in match.group(1).split(","):
-        if "-" in part:
-            low, high = part.split("-", 1)
-            width = len(low)
-            for number in range(int(low), int(high) + 1):
-                results.extend(_expand_one(f"{prefix}{number:0{width}d}{suffix}"))
-        elif part:
-            results.extend(_expand_one(f"{prefix}{part}{suffix}"))
-    return results
+def _hostlist_items(text: str) -> list[str]:
+    """The items of ``text``, split at separators outside brackets (commas within them are the
+    bracket's own: ``nid[1,3-5],gpu2`` is two items)."""
+    items: list[str] = []
+    start, opened = 0, -1  # opened: where the bracket being read began (-1: none)
+    for index, char in enumerate(text):
+        if char == "[":
+            if opened >= 0:
+                raise HostlistError(text, f"a '[' inside brackets, at character {index + 1}")
+            opened = index
+        elif char == "]":
+            if opened < 0:
+                raise HostlistError(text, f"a ']' without its '[', at character {index + 1}")
+            opened = -1
+        elif opened < 0 and char in _HOSTLIST_SEPARATORS:
+            items.append(text[start:index])
+            start = index + 1
+    if opened >= 0:
+        raise HostlistError(text, f"the '[' at character {opened + 1} is not closed (a cut-off list?)")
+    items.append(text[start:])
+    return [item for item in items if item]
+
+
+def _expand_hostlist_item(text: str, item: str) -> list[str]:
+    # "a[1-2]b[3]" -> ["a", "1-2", "b", "3", ""]: names at even places, bracket bodies at odd ones.
+    parts = re.split(r"\[([^\]]*)\]", item)
+    choices = [[part] if index % 2 == 0 else _bracket_numbers(text, part) for index, part in enumerate(parts)]
+    return ["".join(pieces) for pieces in itertools.product(*choices)]
+
+
+def _bracket_numbers(text: str, body: str) -> list[str]:
+    """The numbers a bracket body names, as strings: each range's numbers padded to the width of its
+    first (``08-11`` -> 08 09 10 11; ``8-11`` -> 8 9 10 11), a single number as written."""
+    numbers: list[str] = []
+    for entry in body.split(","):
+        match = _BRACKET_ENTRY.fullmatch(entry)
+        if match is None:
+            raise HostlistError(text, f"{entry!r} in [{body}] is not a number or a range of numbers like 1-3")
+        low, high = match.groups()
+        if high is None:
+            numbers.append(low)
+            continue
+        if int(high) < int(low):
+            raise HostlistError(text, f"the range {entry} runs backwards")
+        if int(high) - int(low) + 1 > MAX_HOSTS_IN_RANGE:
+            raise HostlistError(text, f"the range {entry} names more than {MAX_HOSTS_IN_RANGE} hosts, Slurm's limit")
+        numbers.extend(f"{number:0{len(low)}d}" for number in range(int(low), int(high) + 1))
+    return numbers
+
+
+def _hosts_of_variable(env: Mapping[str, str], variable: str) -> list[str]:
+    """The hosts of the host list in ``$variable``, each once (a host named twice would be two nodes
+    to the launcher, and get twice the jobs); a one-line RuntimeError naming the variable and its
+    value when it is not a host list."""
+    try:
+        return list(dict.fromkeys(expand_hostlist(env[variable])))
+    except HostlistError as exc:
+        raise RuntimeError(f"${variable}={exc.text!r} is not a Slurm host list: {exc.problem}") from None
 
 
 def _read_nodefile(path: str) -> list[str]:
@@ -175,9 +255,11 @@ class DefaultPlatform(Platform):
 
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if nodelist:
-            return expand_hostlist(nodelist)
+        """The allocation's hosts, each once, in order; a RuntimeError naming the variable and its
+        value when the one read is not a host list (the launcher stops with that line)."""
+        for variable in ("SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+            if env.get(variable):
+                return _hosts_of_variable(env, variable)
         for variable in ("PBS_NODEFILE", "COBALT_NODEFILE"):
             path = env.get(variable)
             if path and Path(path).is_file():
@@ -186,7 +268,7 @@ class DefaultPlatform(Platform):
                     return hosts
         cobalt_partition = env.get("COBALT_PARTNAME")
         if cobalt_partition and not cobalt_partition.isdecimal():
-            return expand_hostlist(cobalt_partition)
+            return _hosts_of_variable(env, "COBALT_PARTNAME")
         return [socket.gethostname()]
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
@@ -219,16 +301,10 @@ class DefaultPlatform(Platform):
 
     @staticmethod
     def _extra_args(params: Mapping[str, Any]) -> list[str]:
-        """Launch params other than ``mpi_flavor`` as ``--key value`` (``-k value`` for a one-letter key;
-        an empty value: just the option)."""
-        args: list[str] = []
-        for key, value in params.items():
-            if key == FLAVOR_PARAM:
-                continue
-            args.append(launch_option(key))
-            if value not in (None, "", True):
-                args.append(str(value))
-        return args
+        """Launch params other than ``mpi_flavor`` as every platform passes them
+        (:func:`balsam.platform.launch_param_args`: ``--key value``, ``-k value`` for a one-letter
+        key, the option alone for an empty value or True, nothing for False)."""
+        return launch_param_args({key: value for key, value in params.items() if key != FLAVOR_PARAM})
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         hosts = list(spec.hostnames) or [socket.gethostname()]
