@@ -216,6 +216,16 @@ def like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def contains_text(column: Any, text: str, dialect: str) -> sa.ColumnElement[bool]:
+    """``column`` holds ``text``, literally and case-sensitively (``workdir__contains``, the sites'
+    ``path``, the apps' ``site_path``), as PostgreSQL's LIKE and Balsam 0.7 matched. SQLite's LIKE
+    folds ASCII case: ``workdir__contains=Run`` matched ``run/1`` there (and a query delete with it
+    deleted those jobs), so SQLite tests ``instr``, which compares the text as it is."""
+    if dialect == "sqlite":
+        return sa.func.instr(column, text) > 0
+    return column.like(f"%{like_escape(text)}%", escape="\\")
+
+
 def job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
     """Rows selected with JOB_OUT_COLUMNS -> response dicts (JSON columns as orjson fragments)."""
     keys, positions, fragment = JOB_OUT_FIELDS, _JSON_POSITIONS, orjson.Fragment
@@ -244,6 +254,28 @@ def plain_job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
 # Filters
 # ---------------------------------------------------------------------------------------------
 
+def enum_values(q: QueryParams, name: str, cls: type) -> "list[str] | None":
+    """A list filter of enum values (``state``) given repeated and/or comma-separated, as the id
+    lists are (``QueryParams.int_list``): ``state=READY,RUNNING`` was refused (422) where
+    ``id=1,2`` was taken. No state's name holds a comma, so the split reads nothing else; blanks
+    around the commas are dropped (a blank ``state=`` is refused, as before). 422 naming the first
+    unknown value. (Text filters, ``tags=K:V`` among them, are never split: a value may hold a
+    comma.) The one place for the listings' state lists (jobs, their counts, the query update and
+    delete, batch-jobs, transfers, the backlog)."""
+    raws = q.params.getlist(name)
+    if not raws:
+        return None
+    valid = {str(member.value) for member in cls}  # type: ignore[attr-defined]
+    out: list[str] = []
+    for raw in raws:
+        parts = [part.strip() for part in raw.split(",")]
+        for value in [part for part in parts if part] if len(parts) > 1 else parts:  # ``state=READY,`` as ``id=1,``
+            if value not in valid:
+                raise ValidationFailed.field(["query", name], f"expected one of {', '.join(sorted(valid))}; got {value!r}")
+            out.append(value)
+    return out
+
+
 def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str, *, by_time: bool = False) -> sa.Select:
     """``stmt`` limited to the jobs the query's filters match. ``by_time``: the site and app tests as
     ``column + 0``, which no index serves, so that SQLite reads the jobs of the ``last_update``
@@ -262,11 +294,11 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str, *, by_time:
         stmt = stmt.where(condition)
     contains = q.str("workdir__contains")
     if contains:
-        stmt = stmt.where(jobs.c.workdir.like(f"%{like_escape(contains)}%", escape="\\"))
+        stmt = stmt.where(contains_text(jobs.c.workdir, contains, dialect))
     state_ne = q.enum("state__ne", JobState)
     if state_ne is not None:
         stmt = stmt.where(jobs.c.state != state_ne)
-    states, pending_cleanup = q.enum_list("state", JobState), q.bool("pending_file_cleanup")
+    states, pending_cleanup = enum_values(q, "state", JobState), q.bool("pending_file_cleanup")
     if states == [JobState.finished.value] and pending_cleanup is True:
         # The file cleaner's listing: the jobs of its partial index (migration 0015), with the
         # index's predicate word for word (SQLite uses a partial index only then; see tables.py).
@@ -278,6 +310,16 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str, *, by_time:
         stmt = stmt.where(json_contains(jobs.c.tags, tags, dialect))
     stmt = where_eq(stmt, jobs.c.pending_file_cleanup, pending_cleanup)
     return stmt
+
+
+def check_job_filters(q: QueryParams, dialect: str) -> None:
+    """Read every filter of a query update or delete, and its ordering, before anything is done: a
+    bad value is its one-line 422 then. The ordering, which neither reads, was never checked there
+    (``DELETE /jobs/?ordering=nope`` deleted every job), and a bad filter of a delete was refused
+    only after its Idempotency-Key was claimed and expired sessions swept."""
+    apply_job_filters(sa.select(jobs.c.id), q, dialect)
+    job_ordering(q)
+    q.bool(LEASED_FILTER)
 
 
 def _time_range(q: QueryParams) -> list[sa.ColumnElement[bool]]:
@@ -457,6 +499,9 @@ def _job_page(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
               columns: list[Any]) -> tuple[int, "sa.Select | None"]:
     """The number of matching jobs, and the statement selecting ``columns`` of one page (None if empty)."""
     dialect = conn.dialect.name
+    # Read first, so that a bad ordering is refused even when nothing matches (the page, which
+    # alone uses it, is then not built: ``ordering=nope`` answered 200 to a user with no jobs).
+    order = job_ordering(q)
     # SQLite, which has no statistics unless someone runs ANALYZE (the server never does), takes an
     # equality on site_id for ~10 rows and a range on last_update for a quarter of the table: it
     # reads the site's every job through (site_id, id) or (site_id, state, id), whatever the range.
@@ -476,7 +521,6 @@ def _job_page(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
     # The owner's site ids as values, not a subquery: PostgreSQL then walks (site_id, state, id) in
     # id order for a page instead of joining sites and sorting every match (10^6 jobs: 2 vs 130 ms).
     site_ids = list(conn.execute(owned_site_ids(user_id)).scalars())
-    order = job_ordering(q)
     ordering = q.choice("ordering", JOB_ORDERINGS)
     if dialect == "sqlite" and not by_time and ordering in ("last_update", "-last_update"):
         by_time = _walk_in_time_order(conn, count, limit, offset)
@@ -517,7 +561,7 @@ def _few_in_time_range(conn: sa.Connection, user_id: int, q: QueryParams) -> boo
     # The jobs the other plans read: the sites' (their states', their app's) through their indexes.
     app_id = q.int("app_id")
     walked = count_matching(conn, owned_site_ids(user_id), site_ids=q.int_list("site_id"),
-                            app_ids=None if app_id is None else [app_id], states=q.enum_list("state", JobState))
+                            app_ids=None if app_id is None else [app_id], states=enum_values(q, "state", JobState))
     bound = max(FEW_CHANGED, walked // 2)
     probe = sa.select(jobs.c.id).where(*conditions).limit(bound + 1).subquery()
     return conn.execute(sa.select(sa.func.count()).select_from(probe)).scalar_one() <= bound
@@ -561,7 +605,7 @@ def counted_from_counters(conn: sa.Connection, user_id: int, q: QueryParams) -> 
         return None
     app_id = q.int("app_id")
     return count_matching(conn, owned_site_ids(user_id), site_ids=q.int_list("site_id"), app_ids=None if app_id is None else [app_id],
-                          states=q.enum_list("state", JobState), tag=next(iter(tags.items()), None))
+                          states=enum_values(q, "state", JobState), tag=next(iter(tags.items()), None))
 #: Counting with other filters looks at the user's newest jobs only, this many (None: all of them).
 COUNT_SCAN_WINDOW = 10_000
 #: PostgreSQL: a filter with a tag that at most ``window // RARE_TAG_SHARE`` jobs carry (in every

@@ -14,7 +14,7 @@ from ..db import count_and_page, where_in
 from ..errors import APIError, Conflict, NotFound, Refusal, ValidationFailed, parse_partial, refusals_answered
 from ..idempotency import replay_one
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
-from ..jobs_logic import delete_jobs_of, like_escape, site_owned_by
+from ..jobs_logic import contains_text, delete_jobs_of, site_owned_by
 from ..routing import Ctx, route
 from ..tables import apps, sites
 
@@ -98,8 +98,9 @@ def list_apps(ctx: Ctx) -> Response:
     stmt = where_in(stmt, apps.c.id, q.int_list("id"))
     if q.str("name"):
         stmt = stmt.where(apps.c.name == q.str("name"))
-    if q.str("site_path"):
-        stmt = stmt.where(sites.c.path.like(f"%{like_escape(q.str('site_path'))}%", escape="\\"))
+    site_path = q.str("site_path")
+    if site_path:
+        stmt = stmt.where(contains_text(sites.c.path, site_path, ctx.engine.dialect.name))
     if q.str("site_name"):
         stmt = stmt.where(sites.c.name == q.str("site_name"))
     with ctx.read() as conn:

@@ -18,7 +18,7 @@ from ..errors import Conflict, NotFound, ValidationFailed, missing_answers, not_
 from ..http import (ID_AFTER, MAX_TAG_FILTERS, PAGINATION, QueryParams, check_int_fields, is_json_int, json_response,
                     no_content, pagination, parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
-from ..jobs_logic import BATCH_JOB_ENDED_MSG, json_contains, owned_site_ids, site_owned_by, utcnow
+from ..jobs_logic import BATCH_JOB_ENDED_MSG, enum_values, json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sessions, sites
@@ -104,7 +104,7 @@ def batch_jobs_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Se
     stmt = where_in(stmt, batch_jobs.c.id, q.int_list("id"))
     stmt = where_gt(stmt, batch_jobs.c.id, q.int(ID_AFTER))  # 32-bit ids, as the id filter's
     stmt = where_in(stmt, batch_jobs.c.site_id, q.int_list("site_id"))
-    stmt = where_in(stmt, batch_jobs.c.state, q.enum_list("state", BatchJobState))
+    stmt = where_in(stmt, batch_jobs.c.state, enum_values(q, "state", BatchJobState))
     stmt = where_eq(stmt, batch_jobs.c.scheduler_id, q.int("scheduler_id", bits=64))
     if q.str("queue"):
         stmt = stmt.where(batch_jobs.c.queue == q.str("queue"))

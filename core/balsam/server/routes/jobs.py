@@ -157,6 +157,7 @@ def query_update(ctx: Ctx) -> Response:
     row locks (PostgreSQL) or its write lock (SQLite), so a job a launcher started (RUNNING) or
     acquired (``leased=false``) meanwhile is left alone (see _update_matching)."""
     q = ctx.query(logic.UPDATE_FILTERS)
+    logic.check_job_filters(q, ctx.engine.dialect.name)
     patch = logic.parse_job_patch(ctx.json(), ["body"], allow_id=False)
     with refusals_answered(), ctx.write() as conn:  # as bulk_update
         ids = logic.matching_job_ids(conn, ctx.user.id, q)
@@ -328,6 +329,7 @@ def query_delete(ctx: Ctx) -> Response:
     over meanwhile (a batch waited longer than the lease) records nothing and answers its own count
     (:class:`_Claim`)."""
     q = ctx.query(logic.JOB_FILTERS)
+    logic.check_job_filters(q, ctx.engine.dialect.name)
     started = time.monotonic()
     keyed = ctx.idempotency.key is not None
     sqlite = ctx.engine.dialect.name == "sqlite"

@@ -16,7 +16,7 @@ from ..db import count_and_page, where_in
 from ..errors import APIError, Conflict, Forbidden, NotFound, Refusal, ValidationFailed, parse_partial, refusals_answered
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
 from ..idempotency import replay_one
-from ..jobs_logic import delete_jobs_of, like_escape, site_owned_by, utcnow
+from ..jobs_logic import contains_text, delete_jobs_of, enum_values, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sessions, sites
 
@@ -94,8 +94,9 @@ def list_sites(ctx: Ctx) -> Response:
     stmt = sa.select(*SITE_COLUMNS).where(site_owned_by(ctx.user.id))
     if q.str("name"):
         stmt = stmt.where(sites.c.name == q.str("name"))
-    if q.str("path"):
-        stmt = stmt.where(sites.c.path.like(f"%{like_escape(q.str('path'))}%", escape="\\"))
+    path = q.str("path")
+    if path:
+        stmt = stmt.where(contains_text(sites.c.path, path, ctx.engine.dialect.name))
     stmt = where_in(stmt, sites.c.id, q.int_list("id"))
     after = q.datetime("last_refresh_after")
     if after is not None:
@@ -255,7 +256,7 @@ def site_backlog(ctx: Ctx) -> Response:
     site_id = ctx.path_int("site_id")
     q = ctx.query({"state", "tags", "max_nodes_per_job", "serial_only", "max_wall_time_min", "batch_job_id", "leased",
                    "max_gpus_per_node", *NODE_SHAPE_PARAMS})
-    states = q.enum_list("state", JobState)
+    states = enum_values(q, "state", JobState)
     raw_tags = q.params.getlist("tags")
     if len(raw_tags) > MAX_BACKLOG_TAGS:
         raise ValidationFailed.field(["query", "tags"], f"at most {MAX_BACKLOG_TAGS} tags, got {len(raw_tags)}")
