@@ -231,12 +231,24 @@ def search(args: argparse.Namespace, site_name: str, search_id: str) -> dict[str
     search_s = time.monotonic() - started
 
     # Early stop: the evaluations still queued are deleted in one request (the server keeps those
-    # RUNNING in a launcher and says so on stderr); they are not awaited.
+    # RUNNING in a launcher and says so on stderr); they are not awaited. How many are still
+    # pending here is the launcher's timing: the loop stops once ``stop_at`` results are in, and
+    # records every result of its last poll (as DeepHyper's search counts every result of its last
+    # gather: a result that came back is never thrown away), so it may hold more than ``stop_at``
+    # and fewer than ``left_queued`` evaluations may be pending (none, where the last poll had them
+    # all). The budget is on submissions (``evals``, DeepHyper's max_evals, libEnsemble's sim_max).
+    pending_ids = [j.id for j in pending]
     outstanding = Job.objects.filter(tags={"search": search_id}, state__ne="JOB_FINISHED").filter(
-        id=[j.id for j in pending]) if pending else None
+        id=pending_ids) if pending else None
     deleted = outstanding.delete() if outstanding is not None else 0
     by_route = dict(collections.Counter(client.request_counts) - counts_before)
     sent = sum(by_route.values())
+    # What the stop left of the pending evaluations, read at once: each must be one the server said
+    # was RUNNING in a launcher, or one finished before the stop (left out by the filter).
+    skipped = outstanding.skipped_running if outstanding is not None else None
+    skipped_running = set(skipped[1]) if skipped else set()
+    kept = [{"id": j.id, "state": str(getattr(j.state, "value", j.state)), "skipped_running": j.id in skipped_running}
+            for j in Job.objects.filter(id=pending_ids)] if pending_ids else []
 
     # Audit: every evaluation ran at most once (RUNNING events per job) and none is lost.
     from balsam.api import EventLog
@@ -252,7 +264,8 @@ def search(args: argparse.Namespace, site_name: str, search_id: str) -> dict[str
     ran_twice = sorted(job_id for job_id, n in runs.items() if n > 1)
     left = Job.objects.filter(tags={"search": search_id}).count()
     return {
-        "evaluations_done": len(results), "submitted": next_index, "deleted_at_stop": deleted,
+        "evaluations_done": len(results), "submitted": next_index, "pending_at_stop": len(pending_ids),
+        "deleted_at_stop": deleted, "kept_at_stop": kept,
         "left_in_db": left, "doubled": doubled, "ran_twice": ran_twice[:10], "wrong": wrong[:10],
         "wrong_count": len(wrong), "search_wall_s": round(search_s, 2), "driver_requests": sent,
         "driver_requests_per_eval": round(sent / max(1, len(results)), 2), "driver_requests_by_route": by_route,

@@ -2,9 +2,18 @@
 the backoff, 0.5 s doubling to 30 s, 10 retries: ~2.5 min) or answers 503 with ``Retry-After: 5``
 (its database restarting). Obeyed ``retry_count`` times, the Retry-After made a call give up after
 ~50 s of a database outage (a PostgreSQL restart or fail-over takes 30-90 s), and every client came
-back at the same instant. Fake clock and transport: no real waits."""
+back at the same instant. Fake clock and transport: no real waits.
+
+The fake clock is the test's thread's alone: ``rest.time`` is the process's ``time`` module, and a
+pytest worker holds other threads that sleep (an in-process server's session watch,
+balsam.server.sessions_logic._ProcessWatch, sleeps 0.5 s in a loop for the rest of the process).
+Faked for every thread, their sleeps were counted among the call's waits (and spun, each returning
+at once): under load, one fell within a call and failed ``5 <= wait``."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import httpx
 import pytest
@@ -14,14 +23,25 @@ from balsam.client import APIError, RESTClient, ServerUnavailable
 
 
 class FakeClock:
+    """``time.monotonic`` and ``time.sleep`` of the thread that made it; any other thread gets the
+    real ones (see the module's docstring)."""
+
     def __init__(self) -> None:
         self.now = 1000.0
         self.sleeps: list[float] = []
+        self._owner = threading.get_ident()
+        self._real_monotonic = time.monotonic
+        self._real_sleep = time.sleep
 
     def monotonic(self) -> float:
+        if threading.get_ident() != self._owner:
+            return self._real_monotonic()
         return self.now
 
     def sleep(self, seconds: float) -> None:
+        if threading.get_ident() != self._owner:
+            self._real_sleep(seconds)
+            return
         self.sleeps.append(seconds)
         self.now += seconds
 
@@ -100,6 +120,40 @@ def test_retry_after_waits_are_spread(clock: FakeClock) -> None:
         client.get("/sites/")
     assert all(5 <= wait <= 5.5 for wait in clock.sleeps)
     assert len({round(wait, 6) for wait in clock.sleeps}) > 1  # not every client back at the same instant
+
+
+def test_retry_after_waits_are_spread_beside_a_thread_that_sleeps(clock: FakeClock) -> None:
+    """The same waits while another thread of the process sleeps during the call, as the session
+    watch of an earlier test's in-process server does: its sleeps are not the call's, and do not
+    move the call's clock. Events order the two threads: nothing here depends on timing."""
+    slept, stop = threading.Event(), threading.Event()
+
+    def watch() -> None:  # balsam.server.sessions_logic._ProcessWatch._run's loop, shortened
+        while not stop.is_set():
+            time.sleep(0.001)
+            slept.set()
+
+    watcher = threading.Thread(target=watch, name="sleeping-neighbour", daemon=True)
+
+    def answer(n: int) -> httpx.Response:
+        if n == 0:  # the neighbour has slept once within the call before the call's first wait
+            watcher.start()
+            slept.wait()
+        return unavailable(n)
+
+    start = clock.now
+    client, pool = client_with(answer)
+    try:
+        with pytest.raises(APIError):
+            client.get("/sites/")
+    finally:
+        stop.set()
+        if watcher.ident is not None:  # started
+            watcher.join()
+    assert pool.count == 31 and len(clock.sleeps) == 30, (pool.count, len(clock.sleeps), clock.sleeps[:5])
+    assert all(5 <= wait <= 5.5 for wait in clock.sleeps)
+    assert len({round(wait, 6) for wait in clock.sleeps}) > 1
+    assert clock.now - start == pytest.approx(sum(clock.sleeps))  # moved by the call's own waits alone
 
 
 def test_short_retry_counts_keep_their_retries(clock: FakeClock) -> None:

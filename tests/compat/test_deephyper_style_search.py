@@ -29,12 +29,21 @@ def run_search(tmp_path: Path, *args: str) -> dict:
 
 def check(report: dict, evals: int, left_queued: int) -> None:
     seen = report["balsam"]
-    # Every evaluation awaited came back once, with the value (or exception) run() gave.
-    assert seen["evaluations_done"] == evals - left_queued, seen
+    # Every evaluation came back once, with the value (or exception) run() gave, or was still
+    # pending at the early stop: none lost, none doubled. The search stops once evals - left_queued
+    # results are in and keeps every result of its last poll (DeepHyper's search counts all of its
+    # last gather), so how many more came back with the last poll is the launcher's timing: in a
+    # CI run one poll brought two, and an exact evals - left_queued failed.
+    assert evals - left_queued <= seen["evaluations_done"] <= evals, seen
     assert seen["submitted"] == evals
+    assert seen["evaluations_done"] + seen["pending_at_stop"] == evals, seen
     assert (seen["doubled"], seen["ran_twice"], seen["wrong"]) == (0, [], []), seen
-    # The early stop removed what it could (a job already RUNNING in the launcher is kept), nothing more.
-    assert 0 < seen["deleted_at_stop"] <= left_queued
+    # The early stop removed what it could, nothing more: every evaluation pending at the stop was
+    # deleted but those the server said were RUNNING in the launcher and those finished before it
+    # (how many of each is the launcher's timing, not Balsam's: nothing here counts on one queued).
+    kept = seen["kept_at_stop"]
+    assert seen["deleted_at_stop"] + len(kept) == seen["pending_at_stop"], seen
+    assert all(k["skipped_running"] or k["state"] == "JOB_FINISHED" for k in kept), kept
     assert seen["left_in_db"] == evals - seen["deleted_at_stop"]
     # Polling is bulk: one listing per poll of all pending evaluations, never one request per job.
     # A poll is the first of each loop turn, or one more inside wait() after each poll_interval
