@@ -121,4 +121,4 @@ def test_cycle_summary_names_the_updates_that_wrote_only_a_reason(tmp_path: Path
     assert api.states() == {"active": 1, "pending": 2}
     assert "waiting for a free transfer slot" in str(api.items[2])
     assert "'?'" not in summary, summary
-    assert summary.endswith("updates {'active': 1, 'reason or progress only': 2}"), summary
+    assert summary.endswith("updates {'active': 1, 'no new state': 2}"), summary

@@ -6,10 +6,12 @@ destinations the agent passed.
 Each task runs in a worker thread. A file or directory is copied next to its destination under a
 hidden temporary name and renamed into place, so a destination is either absent, the old version
 or the complete new one, never half-written (a directory copied onto an existing one is merged
-into it, each file renamed into place, a symlink there replaced by a directory, never followed)
-(an agent killed mid-copy leaves only a ``.NAME.balsam-partial-HOST-PID-START-*`` file, which the
-next copy of that destination removes once that process no longer runs: a copy in progress to the
-same destination is left alone). A sparse source (a file with holes) is copied with its holes,
+into it, each file renamed into place, a symlink there replaced by a directory, never followed;
+a destination that is itself a symlink to a directory is copied into, the link kept, as rsync
+does) (an agent killed mid-copy leaves only a ``.NAME.balsam-partial-HOST-PID-START-*`` file,
+which the next copy of that destination removes once that process no longer runs: a copy in
+progress to the same destination is left alone). An error names the destination, never the
+temporary. A sparse source (a file with holes) is copied with its holes,
 only its data ranges written (``SEEK_DATA``/``SEEK_HOLE``). Task ids live
 in this process: after an agent restart they are ``unknown`` and the agent copies those items
 again, which is harmless because copies are atomic and idempotent.
@@ -229,28 +231,81 @@ def _resolve(path: Path) -> Optional[Path]:
         raise
 
 
+def symlink_problem(path: str) -> str:
+    """Why ``path`` cannot be read when a symbolic link on its way (itself, or a directory above it)
+    points to nothing or into a loop, one line naming that link: ``X is a symbolic link to T, which
+    does not exist`` or ``X is a symbolic link to T: a symbolic link loop``; '' when ``path``
+    exists or no link explains its absence (a file simply missing). The words of the agent's check
+    of a stage-out's source, of the rsync backend's look before it runs and of a link out of a tree
+    here: all read ``no such file or directory: <path>`` while ``ls`` listed the path."""
+    if os.path.exists(path):
+        return ""
+    p = Path(os.path.abspath(path))
+    try:
+        for q in (*reversed(p.parents), p):
+            if not q.is_symlink():
+                continue
+            target = os.readlink(q)
+            resolved = _resolve(q)
+            if resolved is None:
+                return f"{q} is a symbolic link to {target}: a symbolic link loop"
+            if not resolved.exists():
+                # A chain (result.h5 -> inner.h5 -> /scratch/gone.h5): ls shows inner.h5, so say where it ends.
+                leads = f" (which leads to {resolved})" if os.path.islink(os.path.join(q.parent, target)) else ""
+                return f"{q} is a symbolic link to {target}{leads}, which does not exist"
+    except OSError:
+        return ""  # changed while looked at: the caller's own words
+    return ""
+
+
+def _climbs_out(parent: Path, target: str) -> bool:
+    """Whether a link ``target`` at ``parent`` (relative to a tree's root) is unsafe as rsync's
+    --copy-unsafe-links judges it, on its text: absolute, or its ``..`` leave the root."""
+    return os.path.isabs(target) or os.path.normpath(os.path.join(parent, target)).split(os.sep)[0] == ".."
+
+
 def _copy_tree(src: Path, dst: Path, stop: Optional[threading.Event]) -> None:
-    """Copy a directory, as rsync --copy-unsafe-links does: a symlink pointing inside the tree stays
-    a link; one pointing out of it (absolute, or ``../``) is replaced by what it points to, which
-    would otherwise dangle at the destination (a dangling link stays as it is, and so does a link
-    loop, which rsync too copies as links)."""
-    shutil.copytree(src, dst, symlinks=True, copy_function=lambda a, b: _copy_file(Path(a), Path(b), stop))
-    root = src.resolve()
-    for link in sorted(p for p in dst.rglob("*") if p.is_symlink()):
-        original = src / link.relative_to(dst)
-        target = os.readlink(original)
-        resolved = _resolve(original)
-        if resolved is None:
-            continue  # a loop: there is nothing to copy in its place
-        if not os.path.isabs(target) and (resolved == root or root in resolved.parents):
-            continue  # inside the tree: the copy's link points into the copy
-        if not resolved.exists():
-            continue
-        link.unlink()
-        if resolved.is_dir():
-            shutil.copytree(resolved, link, symlinks=True, copy_function=lambda a, b: _copy_file(Path(a), Path(b), stop))
-        else:
-            _copy_file(resolved, link, stop)
+    """Copy a directory as rsync --copy-unsafe-links does. A symlink whose text stays inside the
+    tree (relative, its ``..`` read at its place in the tree) stays a link, as it is (a dangling one
+    and a loop too: rsync copies them as links). One pointing out of it (absolute, or ``../`` past
+    the root) is replaced by what it points to, which would otherwise dangle at the destination;
+    the links inside a directory so copied are judged the same way, at their place in the copy
+    (against ``src``'s root, as rsync does): a directory linked in from scratch arrives with its
+    own links out of it copied too, not left pointing into scratch. Such a link that points to
+    nothing, into a loop, or to a directory holding it (copied into itself for ever) raises
+    OSError naming it, as rsync fails the item (exit 23: "symlink has no referent", "Too many
+    levels of symbolic links"): one outcome from both backends."""
+
+    def copy(a: str, b: str) -> None:
+        _copy_file(Path(a), Path(b), stop)
+
+    shutil.copytree(src, dst, symlinks=True, copy_function=copy)
+    below = [dst]
+    while below:
+        top = below.pop()
+        for link in sorted(p for p in top.rglob("*") if p.is_symlink()):
+            _check_stop(stop, dst)
+            rel = link.relative_to(dst)
+            target = os.readlink(link)
+            if not _climbs_out(rel.parent, target):
+                continue  # the copy's link points into the copy
+            # Named in the job's tree: through its links, where this part of the copy came from.
+            original = src / rel
+            resolved = _resolve(original)
+            if resolved is None or not resolved.exists():
+                raise OSError(symlink_problem(str(original))
+                              or f"{original} is a symbolic link to {target}, which cannot be followed")
+            if resolved.is_dir():
+                holders = (Path(os.path.realpath(src / d)) for d in (rel.parent, *rel.parent.parents))
+                if any(resolved == h or resolved in h.parents for h in holders):
+                    raise OSError(f"{original} is a symbolic link to {target}, a directory holding it "
+                                  "(its copy would hold itself, without end)")
+                link.unlink()
+                shutil.copytree(resolved, link, symlinks=True, copy_function=copy)
+                below.append(link)  # its links, judged at their place in the tree
+            else:
+                link.unlink()
+                _copy_file(resolved, link, stop)
 
 
 #: :func:`_partial_owner` by pid (a forked child is another owner).
@@ -289,6 +344,37 @@ def _replace_with_directory(target: Path) -> None:
     target.mkdir(exist_ok=True)
 
 
+def _as_given(text: str, tmp: str, dest: str) -> str:
+    """``text`` with the temporary ``tmp`` (or a path below it) named as ``dest`` (the path below it)."""
+    if text == tmp or text.startswith(tmp + "/"):
+        return dest + text[len(tmp):]
+    return text.replace(tmp, dest)
+
+
+def _named_as_given(exc: OSError, tmp: Path, dest: Path) -> Optional[OSError]:
+    """``exc`` with the hidden temporary it names (``[Errno 13] Permission denied:
+    '/d/.a.txt.balsam-partial-...'``, a name the job never gave) named as the destination it stands
+    for; None when it names no temporary. A rename of the temporary onto the destination names the
+    destination once. shutil.Error (copytree's list of per-file errors) keeps its type, which
+    _run_task tells a cancelled copy by."""
+    t, d = str(tmp), str(dest)
+    if isinstance(exc, shutil.Error):
+        if t not in str(exc):
+            return None
+        rows = exc.args[0] if exc.args and isinstance(exc.args[0], list) else None
+        if rows is None:
+            return shutil.Error(_as_given(str(exc), t, d))
+        return shutil.Error([tuple(_as_given(str(v), t, d) for v in row) if isinstance(row, tuple) else row
+                             for row in rows])
+    names = (exc.filename, exc.filename2)
+    if exc.errno is None or not any(isinstance(n, str) and t in n for n in names):
+        return None
+    first, second = (_as_given(n, t, d) if isinstance(n, str) else n for n in names)
+    if second == first:
+        second = None
+    return OSError(exc.errno, exc.strerror, first, None, second)
+
+
 def names_a_directory(dest: str) -> bool:
     """Whether a file item's destination is written as a directory's name: ending in ``/``, or in
     a ``.`` or ``..`` component. ``Path`` drops a trailing ``/`` (``local`` wrote a file ``out``
@@ -314,6 +400,14 @@ def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[th
         raise NotADirectoryError(f"{src} is not a directory (the transfer slot is recursive)")
     if dest.is_dir() and not src.is_dir():
         raise IsADirectoryError(f"destination {dest} is a directory")
+    # Errors name ``given``, the path the job gave, never the temporary (see _named_as_given).
+    given = dest
+    if dest.is_symlink() and dest.is_dir():
+        # A directory copied onto a link to a directory goes into the link's target, as rsync's does
+        # (it changes into its destination directory); the link stays. The copy is made next to the
+        # target, on its file system, to be renamed into it. The agent refuses a stage-in whose
+        # destination a link in the workdir leads out of (item_transfer_paths).
+        dest = dest.resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Named with this process, so that the clean-up below tells another copy in progress to the same
     # destination (its process runs) from the leftover of a killed agent.
@@ -344,11 +438,14 @@ def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[th
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        renamed = _named_as_given(exc, tmp, given) if isinstance(exc, OSError) else None
+        if renamed is not None:
+            raise renamed from exc
         raise
     # Leftovers of copies interrupted by a killed agent. Escaped: a name holding glob characters
     # ("run[1].h5") would otherwise match other names (another copy's partial in progress) and

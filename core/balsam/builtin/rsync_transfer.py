@@ -17,8 +17,9 @@ this process: after an agent restart they are ``unknown`` and the agent runs tho
 
 Symbolic links: a single-file item whose source is a symlink arrives as the file it points to
 (``--copy-links``); inside a recursive item, links pointing out of the copied tree arrive as the
-files they point to and links within it stay links (``--copy-unsafe-links``), so nothing arrives
-dangling.
+files they point to and links within it stay links (``--copy-unsafe-links``, judged on their text:
+one naming what the tree does not hold arrives dangling; one out of it leading nowhere fails the
+item). The ``local`` backend does the same (see docs/transfers.md, Symbolic links).
 
 Each rsync runs in a session of its own (``start_new_session``): a timeout, a cancel (the agent's,
 or ``transfers.task_timeout_sec``) or :meth:`RsyncTransfer.close` (the agent stopping) kill its
@@ -80,7 +81,7 @@ import attrs
 
 from ..options import option
 from ..states import TransferDirection
-from .local_transfer import StopFlag, ThreadedTasks, at_least_one, names_a_directory
+from .local_transfer import StopFlag, ThreadedTasks, at_least_one, names_a_directory, symlink_problem
 from .local_transfer import names_a_directory_error as _names_a_directory
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
 from ..util import START_TIME_TOLERANCE_SEC, process_start_time, same_process, terminate_processes
@@ -944,7 +945,8 @@ class RsyncTransfer(TransferBackend):
         dest = f.dest if stage_in else location.remote_path(f.dest) if local_mode else None
         if src is not None:
             if not os.path.exists(src):
-                return f"no such file or directory: {src}"
+                # A link to nothing or a loop is named as such (ls lists it), in the agent's words.
+                return symlink_problem(src) or f"no such file or directory: {src}"
             if f.recursive and not os.path.isdir(src):
                 return _not_a_directory(src)
             if not f.recursive and os.path.isdir(src):

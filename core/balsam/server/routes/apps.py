@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any, Callable
 
 import sqlalchemy as sa
@@ -27,6 +28,22 @@ def app_dict(row: Any) -> dict[str, Any]:
     return dict(zip(APP_FIELDS, row))
 
 
+def local_path_problem(local_path: str) -> "str | None":
+    """Why ``local_path`` cannot be a transfer slot's, or None: relative, without a ``..`` part, as
+    the agent's item_transfer_paths requires at stage time (it also refuses a stage-in that a
+    symbolic link in the workdir leads out of: only the workdir can tell). Such a path was taken
+    here and its jobs created, each then failed at stage time. ``..`` is refused even where it
+    stays inside (``ok/../in.txt``): the agent, the server's same-destination check and the
+    waiting-destination keys compare paths as written. An app stored before this check keeps
+    working: its jobs are created and such an item fails at stage time, as it did. The error's
+    ``loc`` names the slot (``transfers.<slot>.local_path``)."""
+    if local_path.startswith("/"):
+        return f"{local_path!r} is absolute: a transfer slot's local_path is relative to the job's workdir"
+    if ".." in PurePosixPath(local_path).parts:
+        return f"{local_path!r} has a '..' part: a transfer slot's local_path stays inside the job's workdir, written without '..'"
+    return None
+
+
 def _validate(values: dict[str, Any]) -> None:
     errors = []
     name = values.get("name")
@@ -38,8 +55,9 @@ def _validate(values: dict[str, Any]) -> None:
         if not str(pname).isidentifier():
             errors.append((["body", "parameters", pname], "parameter names must be Python identifiers"))
     for slot, spec in (values.get("transfers") or {}).items():
-        if str(spec.get("local_path", "")).startswith("/"):
-            errors.append((["body", "transfers", slot, "local_path"], "must be relative to the job workdir"))
+        problem = local_path_problem(str(spec.get("local_path", "")))
+        if problem:
+            errors.append((["body", "transfers", slot, "local_path"], problem))
     if errors:
         raise ValidationFailed(errors)
 

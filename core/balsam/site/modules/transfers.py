@@ -159,6 +159,7 @@ doubled (a destination is written by rename).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import itertools
 import json
 import logging
@@ -171,6 +172,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
 
+from ...builtin.local_transfer import symlink_problem
 from ...config.settings import options_problems
 from ...options import OptionsError, build_options, option
 from ...plugins.manager import PluginError, get_plugin_manager
@@ -565,6 +567,8 @@ def item_transfer_paths(item: Mapping[str, Any], workdir: Path) -> tuple[Path, T
     A stage-out's source is read wherever a link in the workdir points (its run's result written in
     scratch and linked into the workdir is shipped, as Balsam 0.7's ``workdir/local_path`` was):
     the account the agent runs as may read it anyway, and the job's run could have copied it there.
+    A stage-out's source that is (or lies below) a link to nothing or a link loop, and a stage-in's
+    destination reached through a loop, raise a non-retryable TransferError naming the link.
     """
     local_rel = str(item.get("local_path") or ".")
     remote = str(item["remote_path"])
@@ -579,9 +583,23 @@ def item_transfer_paths(item: Mapping[str, Any], workdir: Path) -> tuple[Path, T
     if stage_in and rel.parts in ((), (".",)) and not recursive:
         local = workdir / PurePosixPath(remote).name
     if not stage_in:
+        # A link to nothing, or a loop, stays so whatever the retries (backends said "no such file
+        # or directory: <path>" while ls listed it, max_attempts times): one error naming the link.
+        broken = symlink_problem(str(local))
+        if broken:
+            raise TransferError(broken, retryable=False)
         return local, TransferFile(src=str(local), dest=remote, recursive=recursive)
-    root = workdir.resolve()
-    resolved = local.resolve()
+    try:
+        root = workdir.resolve()
+        resolved = local.resolve()
+    except (RuntimeError, OSError) as exc:
+        # A loop: RuntimeError on Python 3.11, OSError ELOOP later; neither is a TransferError, and
+        # raised out of the cycle it stopped every item of the site, not this one.
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise
+        where = symlink_problem(str(local)) or one_line(exc)
+        raise TransferError(f"local_path {local_rel!r} leads through a symbolic link loop in the job's workdir "
+                            f"({where})", retryable=False) from None
     if resolved != root and root not in resolved.parents:
         raise TransferError(f"local_path {local_rel!r} leads outside the job's workdir ({resolved})", retryable=False)
     return local, TransferFile(src=remote, dest=str(local), recursive=recursive)
@@ -592,8 +610,9 @@ def _norm_path(path: str) -> str:
     return re.sub("/+", "/", path).rstrip("/") or "/"
 
 
-#: The key the cycle's summary line counts the updates without a new state under (a reason, progress).
-NO_STATE_CHANGE = "reason or progress only"
+#: The key the cycle's summary line counts the updates without a new state under: a reason or
+#: progress written, an item put back to pending for a retry after failing at its submission.
+NO_STATE_CHANGE = "no new state"
 
 #: The direction of the files of a task whose location is unknown (:meth:`TransfersModule._writers`):
 #: a task of an in-flight file written before its location was kept. An item writing one of its
@@ -1143,9 +1162,11 @@ class TransfersModule(AgentModule):
         self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
         counts = defaultdict(int)
         for update in updates.values():
-            # An update without a state wrote a reason or progress only (items waiting for a slot):
-            # named as such, not "?", which read as items in an unknown state.
-            counts[update.get("state", NO_STATE_CHANGE)] += 1
+            # Counted by state only when it changed: a running task's progress carries the state its
+            # items already had ('active'), and an update without one a reason (a wait for a slot).
+            # Not "?", which read as items in an unknown state.
+            state = update.get("state")
+            counts[state if state is not None and state != read_states.get(update["id"]) else NO_STATE_CHANGE] += 1
         moved = any("state" in u and u["state"] != read_states.get(u["id"]) for u in updates.values())
         if updates or in_flight:
             # INFO only when an item changed state or a task was submitted: a cycle that only polled
@@ -1174,6 +1195,13 @@ class TransfersModule(AgentModule):
             try:
                 _, spec = item_transfer_paths(item, data_path / job[0])
             except TransferError:
+                continue
+            except Exception as exc:
+                # Not the cycle's end (it stopped every item of the site, every cycle): this item
+                # stays without, as one whose paths are refused does; its task's outcome decides.
+                self.logger.error("transfer item %s (job %s): unexpected error reading its paths: %s",
+                                  item["id"], item["job_id"], one_line(f"{type(exc).__name__}: {exc}"),
+                                  exc_info=True)
                 continue
             item["transfer_info"]["dest"] = spec.dest  # the dict of its update, too
 
@@ -1934,6 +1962,16 @@ class TransfersModule(AgentModule):
                     continue
                 except OSError as exc:
                     unfit.append((item, f"cannot create the job's workdir: {exc}", True))
+                    continue
+                except Exception as exc:
+                    # Whatever else one item's paths raise (a link loop's RuntimeError was one) fails
+                    # that item, for good (it would raise again), not the cycle: raised out of it, it
+                    # stopped every item of the site, every cycle. _fail_many's line names the item
+                    # and the error; the traceback is at DEBUG.
+                    self.logger.debug("transfer item %s: unexpected error reading its paths", item["id"],
+                                      exc_info=True)
+                    unfit.append((item, one_line(f"unexpected error reading its paths: {type(exc).__name__}: {exc}"),
+                                  False))
                     continue
                 writer = left_tasks.get(int(item["id"]))
                 if writer:
