@@ -140,7 +140,14 @@ def _key_identity(key_node: Any, text: Any) -> Any:
     return ("text", text)
 
 
-def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = None) -> dict[tuple, int]:
+#: The tags of the YAML scalars the loader turns into numbers (plain ``1.10``, ``012345``, ``0x10``).
+_YAML_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+#: First item of a ``numbers`` entry for a mapping *key* written as a number: ``(_KEY_TEXT, *path, number)``.
+_KEY_TEXT = "<key>"
+
+
+def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = None,
+              numbers: Optional[dict[tuple, str]] = None) -> dict[tuple, int]:
     """Key path -> 1-based line of that key (or list item) in the YAML text.
 
     Walked with an explicit stack, each node once: a node reached again through an alias keeps
@@ -149,7 +156,11 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
     "maximum recursion depth exceeded").
 
     ``duplicates``: gets (key path, line, line of the key's first place) for each key written twice
-    in one mapping, which YAML loaders accept silently (the last one wins)."""
+    in one mapping, which YAML loaders accept silently (the last one wins).
+
+    ``numbers``: gets key path -> the text as written of each value YAML reads as a number, for the
+    text keys that take a number as its text (:meth:`_Checker.value`); a mapping key read as a
+    number (a queue ``0x10:``) under ``(_KEY_TEXT, *path, number)``."""
     lines: dict[tuple, int] = {}
     try:
         root = yaml.compose(text, Loader=_FAST_YAML_LOADER)
@@ -178,6 +189,12 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
             children = [(index, item.start_mark.line + 1, item) for index, item in enumerate(node.value)]
         else:
             continue
+        if numbers is not None and isinstance(node, yaml.MappingNode):
+            for key_node, _value in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag in _YAML_NUMBER_TAGS:
+                    identity = _key_identity(key_node, key_node.value)
+                    if identity[0] == "value":
+                        numbers.setdefault((_KEY_TEXT, *path, identity[1]), key_node.value)
         if duplicates is not None and isinstance(node, yaml.MappingNode):
             first_lines: dict[Any, int] = {}
             for (key, line, _child), (key_node, _value) in zip(children, node.value):
@@ -190,6 +207,8 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
                     first_lines[identity] = line
         for key, line, child in reversed(children):
             lines.setdefault(path + (key,), line)
+            if numbers is not None and isinstance(child, yaml.ScalarNode) and child.tag in _YAML_NUMBER_TAGS:
+                numbers.setdefault(path + (key,), child.value)
             if id(child) in open_nodes:
                 raise _RecursiveYAML(path + (key,), lines[path + (key,)])
             if isinstance(child, (yaml.MappingNode, yaml.SequenceNode)) and id(child) not in walked:
@@ -238,9 +257,11 @@ class _Checker:
 
     INVALID = object()
 
-    def __init__(self, source: str, lines: dict[tuple, int]) -> None:
+    def __init__(self, source: str, lines: dict[tuple, int], numbers: Optional[dict[tuple, str]] = None) -> None:
         self.source = source
         self.lines = lines
+        #: key path -> a number's text as written (see :func:`_line_map`); empty for plain data.
+        self.numbers = numbers or {}
         self.errors: list[tuple[int, str]] = []
 
     def locate(self, path: tuple, message: str) -> tuple[int, str]:
@@ -296,7 +317,14 @@ class _Checker:
             if isinstance(data, str):
                 return data
             if isinstance(data, (int, float)) and not isinstance(data, bool):
-                return str(data)  # project names like 12345 are strings
+                # Project names like 12345 are strings; but a number YAML reads as another value than
+                # the one written was taken in its read form, silently: project 012345 became '5349'
+                # (YAML 1.1 octal), a tag `version: 1.10` became '1.1' and matched no job, 0x10 '16'.
+                written = self.numbers.get(path)
+                if written is not None and written != str(data):
+                    return self.fail(path, f"expected a string, got {written}, which YAML reads as the number "
+                                           f"{data}: quote it ('{written}')")
+                return str(data)
             return self.fail(path, f"expected a string, got {_show(data)}")
         if origin is dict:
             key_type, value_type = typing.get_args(tp) or (str, Any)
@@ -309,6 +337,12 @@ class _Checker:
                     continue
                 if isinstance(key, bool):  # `on: x` would become the name "True"
                     self.fail(self.bool_key_path(path, key), f"a key read as {_show(key)} ({_YAML_BOOL_KEY_HINT})")
+                    continue
+                written = self.numbers.get((_KEY_TEXT, *path, key)) if isinstance(key, (int, float)) else None
+                if written is not None and written != str(key):
+                    # A queue `0x10:` became the queue '16', a tag key `010:` the key '8', silently.
+                    self.fail(path + (written,), f"a key written {written}, which YAML reads as the number {key}: "
+                                             f"quote it ('{written}')")
                     continue
                 converted = self.value(item, value_type, path + (key,))
                 if converted is not self.INVALID:
@@ -489,6 +523,17 @@ class Settings:
         #: The sections read when the file was read with ``only=`` (None: every section).
         object.__setattr__(self, "only", tuple(only) if only is not None else None)
 
+    def warnings_of(self, key: str) -> tuple[str, ...]:
+        """The :attr:`warnings` about section ``key`` (the section itself or a key in it): what the
+        agent module of that section (the agent, for ``logging``) logs when it starts."""
+        found = []
+        for line in self.warnings:
+            rest = line[len(self.source):] if line.startswith(self.source) else line
+            where = rest.split(": ", 1)[0].lstrip(":0123456789").strip()
+            if where == key or where.startswith((key + ".", key + "[")):
+                found.append(line)
+        return tuple(found)
+
     # The core sections, spelled out for readers and type checkers.
     @property
     def logging(self) -> LoggingSettings:
@@ -557,14 +602,16 @@ def _wanted_specs(only: Optional[Collection[str]]) -> dict[str, SectionSpec]:
 
 
 def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[dict[tuple, int]] = None,
-                   only: Optional[Collection[str]] = None, base_dir: Optional[Path] = None) -> Settings:
+                   only: Optional[Collection[str]] = None, base_dir: Optional[Path] = None,
+                   numbers: Optional[dict[tuple, str]] = None) -> Settings:
     """Check plain data (as loaded from YAML) against the schema; raise SettingsError on problems.
 
     ``only``: read just these sections (the others are neither checked nor kept). ``base_dir``: the
     directory of the settings file (the site's, for a site's settings.yml), against which each
     section's optional ``validate_files(base_dir) -> {field: problem}`` checks the files it names;
-    None: files are not checked."""
-    checker = _Checker(source, lines or {})
+    None: files are not checked. ``numbers``: key path -> a number's text as written in the YAML
+    file (from :func:`_line_map`): a text key whose number reads as another value is refused."""
+    checker = _Checker(source, lines or {}, numbers)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -630,8 +677,26 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
         # Valid, but an agent started on it runs on and does nothing, saying nothing about why.
         warnings = (checker.locate((), "no agent module is enabled: the agent will do nothing (enable one of "
                                    f"{', '.join(modules)})")[1],) + warnings
+    if only is None:
+        retention = _retention_warning(data, ordered, checker)
+        if retention:
+            warnings = warnings + (retention,)
     object.__setattr__(settings, "warnings", warnings)
     return settings
+
+
+def _retention_warning(raw: dict, sections: dict[str, Any], checker: "_Checker") -> Optional[str]:
+    """``logging.retention_days`` written, but nothing acts on it: the sweep that removes old files
+    runs in the scheduler module only (docs/settings.md), and with ``scheduler: null`` the key
+    removed nothing, silently. Written only: the default with the module off is no one's request."""
+    written = raw.get("logging")
+    log = sections.get("logging")
+    if not isinstance(written, dict) or "retention_days" not in written or log is None or not log.retention_days:
+        return None
+    if "scheduler" not in sections or sections["scheduler"] is not None:
+        return None
+    return checker.locate(("logging", "retention_days"), "no file is removed: the sweep runs in the scheduler "
+                          "module, which is disabled (scheduler: null or left out); enable it, or set retention_days to 0")[1]
 
 
 def _check_files(sections: dict[str, Any], base_dir: Path, checker: _Checker) -> None:
@@ -663,18 +728,27 @@ def _check_module_periods(key: str, section: Any, checker: _Checker) -> None:
 def _section_warnings(sections: dict[str, Any], checker: "_Checker") -> tuple[str, ...]:
     """The located lines of each section's optional ``warnings(self) -> {field: text}``: keys that
     pass every check but do nothing as set (e.g. keys the chosen strategy does not read), which a
-    user must hear about rather than find out (the file still loads)."""
+    user must hear about rather than find out (the file still loads). Then its optional
+    ``warnings_with(sections) -> {field: text}`` (as ``validate_with`` for errors): a section valid
+    on its own that another section leaves with nothing to act on (the queue maintainer's
+    BatchJobs with the scheduler module off)."""
     found: list[tuple[int, str]] = []
     for key, section in sections.items():
-        method = getattr(section, "warnings", None) if section is not None and attrs.has(type(section)) else None
-        if not callable(method):
+        if section is None or not attrs.has(type(section)):
             continue
-        try:
-            items = dict(method() or {})
-        except Exception as exc:  # a plugin's warnings must not stop settings.yml from loading
-            items = {"": f"could not check for ignored keys: {type(exc).__name__}: {exc}"}
-        for name, text in items.items():
-            found.append(checker.locate((key, *[part for part in str(name).split(".") if part]), str(text)))
+        own, across = getattr(section, "warnings", None), getattr(section, "warnings_with", None)
+        calls = []
+        if callable(own):
+            calls.append(("could not check for ignored keys", own))
+        if callable(across):
+            calls.append(("could not check against the other sections", lambda across=across: across(sections)))
+        for failed, call in calls:
+            try:
+                items = dict(call() or {})
+            except Exception as exc:  # a plugin's warnings must not stop settings.yml from loading
+                items = {"": f"{failed}: {type(exc).__name__}: {exc}"}
+            for name, text in items.items():
+                found.append(checker.locate((key, *[part for part in str(name).split(".") if part]), str(text)))
     return tuple(message for _, message in sorted(found, key=lambda item: item[0]))
 
 
@@ -814,15 +888,16 @@ def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Co
         # RecursionError from them (or a plugin's validator) is a bug shown as one, not relabelled.
         raise SettingsError([_too_deep(text, source)])
     duplicates: list[tuple[tuple, int, int]] = []
+    numbers: dict[tuple, str] = {}
     try:
-        lines = _line_map(text, duplicates)
+        lines = _line_map(text, duplicates, numbers)
     except _RecursiveYAML as exc:
         raise SettingsError([f"{source}:{exc.line}: invalid YAML: {exc}"]) from None
     if duplicates:
         # The loaders keep the last value silently: a section written twice lost its first half.
         raise SettingsError([f"{source}:{line} {_dotted(path)}: duplicate key (first at line {first})"
                              for path, line, first in sorted(duplicates, key=lambda item: item[1])])
-    return parse_settings(data, source=source, lines=lines, only=only, base_dir=base_dir)
+    return parse_settings(data, source=source, lines=lines, only=only, base_dir=base_dir, numbers=numbers)
 
 
 def _load_yaml(text: str, source: str) -> Any:

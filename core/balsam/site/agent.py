@@ -891,6 +891,7 @@ class Agent:
 
     def start(self) -> None:
         """Build the modules (unless given), call the started hook and start one thread per module."""
+        self._log_core_settings_warnings()
         if not self._modules_given:
             self.modules = self.build_modules()
             if not self.modules:
@@ -909,6 +910,17 @@ class Agent:
             thread = threading.Thread(target=self._module_loop, args=(module,), name=f"agent-{module.name}", daemon=True)
             self.threads.append(thread)
             thread.start()
+
+    def _log_core_settings_warnings(self) -> None:
+        """settings.yml's warnings about the ``logging`` section (``logging.retention_days`` with the
+        scheduler module off): an agent module logs its own section's warnings when it starts, and
+        no module owns this one, so they reached only `balsam site check-settings`."""
+        try:
+            settings = getattr(self.site_config, "settings", None)
+        except Exception:  # unreadable now: the start already read it, and its own check reports this
+            return
+        for line in settings.warnings_of("logging") if hasattr(settings, "warnings_of") else ():
+            logger.warning("%s", line)
 
     def _log_broken_hook_plugins(self) -> None:
         """One WARNING per installed hook plugin that could not be loaded (an import error, a name

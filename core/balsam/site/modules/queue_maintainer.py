@@ -74,6 +74,14 @@ class QueueMaintainerSettings:
             problems["num_queued_jobs"] = f"must be at most {MAX_NUM_QUEUED_JOBS}, got {self.num_queued_jobs!r}"
         return problems
 
+    def warnings_with(self, sections: dict[str, Any]) -> dict[str, str]:
+        """Its BatchJobs are only posted here; the scheduler module submits them: with ``scheduler:
+        null`` they piled up in pending_submission, and nothing said why."""
+        if "scheduler" in sections and sections["scheduler"] is None and self.num_queued_jobs > 0:
+            return {"": "its BatchJobs would never be submitted: the scheduler module, which submits them, is "
+                        "disabled (scheduler: null or left out); they would wait in pending_submission"}
+        return {}
+
     def validate_with(self, sections: dict[str, Any]) -> dict[str, str]:
         """The ``scheduler`` section's rules: BatchJobs they refuse are refused when settings.yml is
         read, not found by the agent one cycle at a time (``num_queued_jobs: 0`` submits nothing)."""
@@ -118,6 +126,9 @@ class QueueMaintainerModule(AgentModule):
         #: before this start (settings.yml may have been fixed: a restart is how a change takes
         #: effect), even one the scheduler answers after it, is not held against the new settings.
         self._posted: collections.deque[int] = collections.deque(maxlen=RECENT_READ_LIMIT)
+        settings = getattr(site_config, "settings", None)
+        for line in settings.warnings_of(self.section) if hasattr(settings, "warnings_of") else ():
+            self.logger.warning("%s", line)  # once, at its start (docs/settings.md, "Errors")
 
     def _refused(self, body: dict) -> Optional[str]:
         """Why the site's scheduler settings refuse ``body``, or None (None too when the site's
