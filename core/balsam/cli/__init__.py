@@ -5,7 +5,9 @@ listed in ``balsam.builtin.core_plugin.CORE_COMMAND_MODULES``). The commands are
 use, so ``import balsam.cli`` stays cheap and ``balsam --version`` needs no plugin at all.
 
 Any error ends the command with one line ``Error: ...`` on stderr and exit status 1;
-``BALSAM_CLI_TRACEBACK=1`` re-raises it with the full traceback instead.
+``BALSAM_CLI_TRACEBACK=1`` re-raises it with the full traceback instead. A closed output
+(``balsam job ls | head -1``) ends it with status 141, as SIGPIPE would, and nothing on stderr; a
+command that changes something first finishes (:mod:`balsam.cli._streams`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Iterator, NoReturn, Optional
 import click
 
 from balsam import __version__
+
+from ._streams import StreamGuard, refuse_unseen_question, tell
 
 __all__ = ["APP_REF", "BATCH_JOB_ID", "BalsamGroup", "IdOrNameType", "IdType", "Interrupted", "JOB_ID", "SCHEDULER_ID",
            "confirm_or_yes", "main", "error_line", "newest_pages"]
@@ -96,14 +100,18 @@ def confirm_or_yes(text: str) -> bool:
     before an answer (a script, cron, a batch job), one line naming the question and ``-y``
     (click's answer was a bare "Aborted!": Balsam 0.7's ``job modify`` never asked, so its scripts
     stopped there with nothing to say why). Ctrl-C at the prompt stays an interruption."""
+    refuse_unseen_question()  # `job rm ... | head`, the reader gone: no one sees the question
     try:
-        return click.confirm(text)
+        answer = click.confirm(text)
     except click.Abort as exc:
+        refuse_unseen_question()  # the question was not shown: that, not the answer, stops it
         if isinstance(exc.__context__, EOFError):
             click.echo("", err=True)  # ends the prompt's line
             raise click.ClickException(f"no answer to {text!r}: standard input ended; pass -y/--yes to go on "
                                        "without asking") from None
         raise
+    refuse_unseen_question()  # the question's own write failed: an answer to a question not shown
+    return answer
 
 
 def newest_pages(query: Any, limit: int, size: int) -> Iterator[tuple[list[Any], bool]]:
@@ -136,8 +144,8 @@ def _interrupted(exc: "BaseException | None" = None) -> NoReturn:
     """End a command stopped by Ctrl-C: one line on stderr, exit status 130 (click's own answer is
     "Aborted!" and status 1, which a script cannot tell from a failure)."""
     message = str(exc) if isinstance(exc, Interrupted) and str(exc) else "Interrupted."
-    click.echo("", err=True)  # ends the terminal's "^C" line
-    click.echo(message, err=True)
+    tell("")  # ends the terminal's "^C" line
+    tell(message)  # a closed stderr (`2>&-`, a reader gone) loses the line, not the status
     raise click.exceptions.Exit(INTERRUPTED_EXIT_CODE)
 
 
@@ -217,6 +225,10 @@ class BalsamGroup(click.Group):
             return super().make_context(info_name, args, parent=parent, **extra)
         except KeyboardInterrupt:
             _interrupted()
+        except OSError as exc:  # `balsam --help | head -1`
+            if _guard is not None and _guard.owns(exc):
+                raise _guard.stop(exc) from None
+            raise
 
     def invoke(self, ctx: click.Context) -> Any:
         if ctx.parent is not None:
@@ -231,16 +243,36 @@ class BalsamGroup(click.Group):
             if isinstance(exc.__context__, KeyboardInterrupt):
                 _interrupted()
             raise
+        except OSError as exc:
+            # A write to a closed output (`| head -1`) stopped a command: 141 quietly, before click's
+            # own answer (a silent status 1) gets it.
+            if _guard is not None and _guard.owns(exc):
+                raise _guard.stop(exc) from None
+            raise
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        global _guard
+        outer, _guard = _guard, StreamGuard()  # a command run from a command (tests) keeps its own
+        guard = _guard
+        guard.install()
         try:
-            return super().main(*args, **kwargs)
-        except Exception as exc:
-            # click handles its own exceptions (usage errors, Abort, Exit); anything else is ours.
-            if _traceback_wanted():
-                raise
-            click.echo(f"Error: {error_line(exc)}", err=True)
-            sys.exit(1)
+            try:
+                return super().main(*args, **kwargs)
+            except Exception as exc:
+                # click handles its own exceptions (usage errors, Abort, Exit); anything else is ours.
+                if _traceback_wanted():
+                    raise
+                tell(f"Error: {error_line(exc)}")
+                sys.exit(1)
+        except SystemExit as exc:
+            raise SystemExit(guard.exit_status(exc.code)) from None
+        finally:
+            guard.uninstall()
+            _guard = outer
+
+
+#: The streams of the command running in this process (:mod:`balsam.cli._streams`).
+_guard: Optional[StreamGuard] = None
 
 
 #: Commands that run for a long time and must ride out API outages with the full retry budget.

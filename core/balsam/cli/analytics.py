@@ -57,6 +57,11 @@ def _fmt(when: dt.datetime, span: "dt.timedelta | None" = None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _not_drawn(plot_path: Optional[str]) -> str:
+    """What becomes of ``--plot FILE`` when there is nothing to draw: a user looked for the file."""
+    return f" Nothing to draw: {plot_path} was not written." if plot_path else ""
+
+
 def _load_pyplot() -> Any:
     try:
         import matplotlib
@@ -117,7 +122,8 @@ def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_p
     events = EventLog.objects.filter(to_state=to_state.upper(), **filters)
     times, counts = throughput_report(events, to_state=to_state.upper())
     if not times:
-        click.echo(f"No job reached {to_state.upper()} yet ({_selection_text(site_selector, tags, filters)}).")
+        click.echo(f"No job reached {to_state.upper()} yet ({_selection_text(site_selector, tags, filters)})."
+                   + _not_drawn(plot_path))
         return
     start, end = times[0], times[-1]
     table = []
@@ -165,13 +171,14 @@ def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, pl
     batch_jobs = batch_jobs_serving(BatchJob.objects.filter(**bj_filters), filters.get("tags"))
     avail_t, avail_y = available_nodes(batch_jobs, first_runs=first_runs_query(batch_jobs, EventLog))
     if not busy_t and not avail_t:
-        click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags, filters)}).")
+        click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags, filters)})."
+                   + _not_drawn(plot_path))
         return
     if not busy_t:
         # A table of zeros would not say that nothing was selected (a tag no job has, say).
         held = (f"; its BatchJobs held up to {max(avail_y):g} nodes between {_fmt(avail_t[0])} and {_fmt(avail_t[-1])}"
                 if avail_y else "")
-        click.echo(f"No job has run yet ({_selection_text(site_selector, tags, filters)}){held}.")
+        click.echo(f"No job has run yet ({_selection_text(site_selector, tags, filters)}){held}." + _not_drawn(plot_path))
         return
 
     start = min(busy_t[:1] + avail_t[:1], key=_instant)

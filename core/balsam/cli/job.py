@@ -153,7 +153,9 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
     if t_missing:
         raise click.UsageError(f"app {app.name} needs transfer slot(s) {', '.join(t_missing)} (-s SLOT=ALIAS:/path)")
     if t_extra:
-        raise click.UsageError(f"app {app.name} has no transfer slot(s) {', '.join(t_extra)}")
+        # The option and the app's slots named, as for -p: "has no transfer slot(s) in" read as unfinished.
+        raise click.UsageError(f"--stage-data: app {app.name} has no transfer slot(s) {', '.join(t_extra)} "
+                               f"(transfer slots: {', '.join(sorted(app.transfers)) or 'none'})")
     if parent_ids:
         found = {j.id for j in Job.objects.filter(id=list(parent_ids))}
         absent = sorted(set(parent_ids) - found)

@@ -300,6 +300,10 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
             if NOT_MARKED in submitted_by_names:
                 parts.append("that no program marked (`--submitted-by -`)")
             click.echo(f"No {which} {', nor any '.join(parts)}.")
+        elif scheduler_id is not None:
+            # The filter named: "No active batch jobs" read as no batch job at all at the site.
+            click.echo(f"No batch jobs with scheduler id {scheduler_id}." if history else
+                       f"No active batch jobs with scheduler id {scheduler_id} (`--history` includes the ended ones).")
         elif history:
             click.echo("No batch jobs.")
         else:
