@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence
 
 import attrs
 
@@ -30,8 +30,10 @@ __all__ = [
     "deliver_signal",
     "cpu_domains_of",
     "cpu_ids_beyond_cores_errors",
+    "checked_launch_param",
     "cpu_ids_errors", "cuda_visible_only", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
-    "hosts_from_node_file", "is_mig_id", "launch_option", "launch_option_name", "launch_param_args",
+    "hosts_from_node_file", "is_mig_id", "job_cpu_bind", "launch_option", "launch_option_name", "launch_param_args",
+    "launch_param_owner",
     "launch_param_words",
     "launch_params_to_pass", "leading_job_number", "near_cpus_of",
     "nvidia_smi_list", "nvidia_smi_note", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
@@ -501,6 +503,40 @@ def first_launch_param(params: Mapping[str, Any], keys: Sequence[str]) -> Any:
     return None
 
 
+def launch_param_owner(spec: "LaunchSpec", key: str) -> str:
+    """Whose launch param ``key`` is, for a one-line error: ``launch param 'cpu_bind' of job 17 (app
+    3)`` (the app's id: the spec has no name), or, for a spec of no job (the serial-mode workers'
+    line), the setting it comes from: ``launcher.serial_mode_startup_params 'cpu-bind'`` (a job's
+    words there read "(app None)" and named no setting)."""
+    if spec.job_id is None:
+        return f"launcher.serial_mode_startup_params {key!r}"
+    app = "" if spec.app_id is None else f" (app {spec.app_id})"
+    return f"launch param {key!r} of job {spec.job_id}{app}"
+
+
+def checked_launch_param(spec: "LaunchSpec", keys: Sequence[str], problem_of: Callable[[str], Optional[str]],
+                         what: str) -> Optional[str]:
+    """The value of the first of ``keys`` (any spelling, in :func:`first_launch_param`'s order) the
+    spec's launch params set, without the blanks around it (a blank value is not set, as for the
+    platform option it overrides), or None. A value ``problem_of(value)`` finds a problem with raises
+    ValueError in one line naming the key, its owner (:func:`launch_param_owner`), ``what`` it is not
+    and the problem: the launcher fails that job (or its serial workers' start) instead of starting
+    an MPI launcher that refuses the line at once, with its own message in job.out."""
+    for name in dict.fromkeys(map(launch_option_name, keys)):
+        for key, value in spec.launch_params.items():
+            if launch_option_name(key) != name:
+                continue
+            value = launch_param_value(key, value)
+            text = "" if value is None else str(value).strip()
+            if not text:
+                continue
+            problem = problem_of(text)
+            if problem:
+                raise ValueError(f"{launch_param_owner(spec, key)} is not {what}: {problem}")
+            return text
+    return None
+
+
 def launch_param_value(key: str, value: Any) -> Any:
     """The value a launch param gives its option: ``value``, or, when that is empty, the one written
     into the key (``{"--depth=8": ""}`` and ``{"--depth 8": ""}`` give ``"8"``)."""
@@ -575,16 +611,20 @@ def split_launch_params(params: Mapping[str, Any], reserved: Iterable[str]) -> t
     return passed, refused
 
 
-#: PALS ``mpiexec --cpu-bind`` kinds taking no list (HPE's mpiexec(1)); ``list:`` and ``mask:`` take
-#: one CPU set per rank, colon-separated. ``verbose,`` may lead any of them (PALS reports the binding).
-PALS_CPU_BIND_KINDS = ("none", "core", "depth", "numa", "socket")
+#: PALS ``mpiexec --cpu-bind`` kinds taking no list: the keywords HPE documents, all of them (``cray
+#: mpiexec --help``, "CPU BINDING": none; numa, socket, core, thread; depth; list; mask), which HPE's
+#: own PALS launcher of Chapel also takes and no other (launch-pals.c refuses the rest as "not a valid
+#: cpu assignment"); ``list:`` and ``mask:`` take one CPU set per rank, colon-separated. ``verbose,``
+#: may lead any of them (PALS reports the binding). ``thread`` (one hardware thread per rank) was
+#: missing: the jobs of users who pass ``--cpu-bind thread`` failed.
+PALS_CPU_BIND_KINDS = ("none", "core", "depth", "numa", "socket", "thread")
 _CPU_RANGES = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 _CPU_MASK = re.compile(r"(0x)?[0-9a-fA-F]+")
 
 
 def pals_cpu_bind_problem(value: str) -> Optional[str]:
     """Why ``value`` is not a PALS ``--cpu-bind`` (None when it is one): ``none``, ``core``, ``depth``,
-    ``numa``, ``socket``, ``list:<CPUs>:<CPUs>...`` (each rank's CPUs as comma-separated ids and
+    ``numa``, ``socket``, ``thread``, ``list:<CPUs>:<CPUs>...`` (each rank's CPUs as comma-separated ids and
     ranges: ``list:1-8:9-16``, ``list:0-1,32-33:2-3,34-35``, what :func:`cpu_bind_list` builds) or
     ``mask:<hex>:<hex>...``. Checked when settings.yml is read: mpiexec refuses any other value,
     so every job of the launcher failed at its start."""
@@ -613,6 +653,17 @@ def pals_cpu_bind_errors(name: str, value: str, *, empty_ok: bool = True) -> dic
         return {}
     problem = pals_cpu_bind_problem(value)
     return {name: problem} if problem else {}
+
+
+def job_cpu_bind(spec: "LaunchSpec", keys: Sequence[str]) -> Optional[str]:
+    """The job's own PALS ``--cpu-bind`` (its launch param, the first of ``keys`` in any spelling)
+    without surrounding blanks (``' depth '`` went to mpiexec as one word, blanks and all), or None.
+    A value PALS refuses (``depht``, ``Depth``, ``list:0-3:x``: the check the platforms' option
+    ``cpu_bind`` gets in settings.yml) raises ValueError in one line naming the key, the job and its
+    app (or the setting, for the serial workers' line) and the value: the launcher fails the job
+    instead of starting an ``mpiexec`` that exits at once (on Aurora one of the ~1,000 launches a
+    batch job has). Shared by the PALS platforms (Polaris, Aurora), through :func:`pick_cpu_binding`."""
+    return checked_launch_param(spec, keys, pals_cpu_bind_problem, "a PALS --cpu-bind")
 
 
 def non_negative_errors(options: Any, *names: str) -> dict[str, str]:
@@ -780,14 +831,16 @@ def pick_cpu_binding(
     spec: LaunchSpec, keys: Sequence[str], configured: str, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0,
     cpu_domains: Sequence[Sequence[int]] = (), max_threads_per_core: int = 0,
 ) -> str:
-    """A PALS ``--cpu-bind``: the job's launch param (first of ``keys``), else the ``configured`` option,
-    else the ``list:...`` computed by :func:`cpu_bind_list` (over ``cpu_domains``, if any; at most
-    ``max_threads_per_core`` hardware threads of a core when it is not 0)."""
-    chosen = first_launch_param(spec.launch_params, keys)
+    """A PALS ``--cpu-bind``: the job's launch param (first of ``keys``, checked: :func:`job_cpu_bind`),
+    else the ``configured`` option, else the ``list:...`` computed by :func:`cpu_bind_list` (over
+    ``cpu_domains``, if any; at most ``max_threads_per_core`` hardware threads of a core when it is
+    not 0). Both without the blanks around them: the option's check in settings.yml passes ``' depth
+    '``, which went to mpiexec blanks and all, and a blank option is empty (the computed list)."""
+    chosen = job_cpu_bind(spec, keys)
     if chosen is not None:
-        return str(chosen)
-    if configured:
-        return configured
+        return chosen
+    if str(configured or "").strip():
+        return str(configured).strip()
     return cpu_bind_list(spec, node_cpu_ids, hyperthread_offset=hyperthread_offset, cpu_domains=cpu_domains,
                          max_threads_per_core=max_threads_per_core)
 

@@ -53,10 +53,10 @@ from balsam.options import option
 from balsam.platform import (
     PALS_RESERVED_OPTIONS, pals_binding_overlaps,
     LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_domains_of, cpu_ids_errors, first_launch_param,
-    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_option_name, launch_param_args,
-    launch_param_value, launch_params_to_pass,
+    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, job_cpu_bind, launch_param_args,
+    launch_params_to_pass,
     capped_threads_per_core, format_id_ranges, leading_job_number, near_cpus_of, non_negative_errors,
-    pals_cpu_bind_errors, pals_cpu_bind_problem,
+    pals_cpu_bind_errors,
     pals_serial_startup_param_problems, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
 )
 from balsam.util import first_warning
@@ -85,27 +85,6 @@ HIERARCHIES = ("FLAT", "COMPOSITE", "COMBINED")
 DEFAULT_HIERARCHY = "FLAT"
 #: ``device_hierarchy`` option values: ``inherit`` takes the launcher's environment.
 HIERARCHY_CHOICES = ("inherit", "flat", "composite", "combined")
-
-
-def job_cpu_bind(spec: LaunchSpec) -> Optional[str]:
-    """The job's own ``--cpu-bind`` (its launch param, any key of :data:`CPU_BIND_KEYS`) without
-    surrounding blanks (``' depth '`` went to mpiexec as one word, blanks and all), or None. A value
-    PALS refuses (``depht``, ``Depth``, ``list:0-3:x``; the check the option ``cpu_bind`` gets in
-    settings.yml) raises ValueError naming the key, the job, its app and the value: the launcher
-    fails the job with that line instead of starting an ``mpiexec`` that exits at once with PALS's
-    own message in job.out (on Aurora one of the ~1,000 launches a batch job has)."""
-    # In first_launch_param's order (pick_cpu_binding's): cpu_bind before cpu-bind.
-    for key in (k for name in dict.fromkeys(map(launch_option_name, CPU_BIND_KEYS))
-                for k in spec.launch_params if launch_option_name(k) == name):
-        value = launch_param_value(key, spec.launch_params[key])
-        if value in ("", None):
-            continue
-        problem = pals_cpu_bind_problem(str(value))
-        if problem:
-            of = "" if spec.job_id is None else f" of job {spec.job_id}"
-            raise ValueError(f"launch param {key!r}{of} (app {spec.app_id}) is not a PALS --cpu-bind: {problem}")
-        return str(value).strip()
-    return None
 
 
 def tile_ids(num_gpus: int, tiles_per_gpu: int) -> tuple[str, ...]:
@@ -211,7 +190,7 @@ class AuroraOptions:
     cpu_bind: str = option(
         "",
         "mpiexec --cpu-bind for jobs whose launch_params set none: empty computes list:... from the "
-        "CPUs the launcher assigned to the job; or none, core, depth, numa, list:...",
+        "CPUs the launcher assigned to the job; or none, core, depth, numa, socket, thread, list:...",
     )
     mpiexec: str = option("mpiexec", "The PALS mpiexec command.")
     max_mpiexec_per_batch_job: int = option(
@@ -319,11 +298,12 @@ class AuroraPlatform(Platform):
 
     # -- MPI ------------------------------------------------------------------------------------
     def cpu_binding(self, spec: LaunchSpec) -> str:
-        own = job_cpu_bind(spec)
+        # The job's own (checked: a value PALS refuses fails the job in one line), else the option's
+        # (a blank one is empty: the tiles' binding or the computed list).
+        own = job_cpu_bind(spec, CPU_BIND_KEYS)
         if own is not None:
             return own
-        if (not self.options.cpu_bind
-                and self.whole_node_environment(spec)):
+        if not self.options.cpu_bind.strip() and self.whole_node_environment(spec):
             near_tiles = self.tile_rank_binding(spec)
             if near_tiles:
                 return near_tiles

@@ -58,7 +58,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import attrs
 
-from balsam.builtin.default_platform import expand_hostlist
+from balsam.builtin.default_platform import HostlistError, expand_hostlist
 from balsam.options import OptionsError, option
 from balsam.platform import (
     LaunchSpec, NodeInfo, Platform, cpu_bind_list, cpu_ids_beyond_cores_errors, cpu_ids_errors, cuda_visible_only,
@@ -133,27 +133,6 @@ def task_wrapper(variables: Mapping[str, str], unset: Sequence[str] = ()) -> lis
     if not variables and not unset:
         return []
     return ["/bin/sh", "-c", TASK_SCRIPT, "sh", *(f"{k}={v}" for k, v in variables.items()), *unset, "--"]
-
-
-#: One Slurm host list item: name parts and bracketed lists of numbers and ranges
-#: (``nid[001234-001236,001240]``, ``rack[1-2]n[01-04]``).
-_HOSTLIST_RANGE = r"\d+(?:-\d+)?"
-_HOSTLIST_ITEM = rf"(?:[^,\[\]\s]+|\[{_HOSTLIST_RANGE}(?:,{_HOSTLIST_RANGE})*\])+"
-_HOSTLIST = re.compile(rf"{_HOSTLIST_ITEM}(?:,{_HOSTLIST_ITEM})*")
-
-
-def hostlist_problem(text: str) -> Optional[str]:
-    """Why ``text`` is not a Slurm host list (``$SLURM_JOB_NODELIST``), or None. The core's
-    expansion reads what it can of any text: a cut-off ``nid[001-`` gave hosts ``nid`` and
-    ``001-`` (every srun of the allocation refused), a backwards ``nid[003-001]`` no host at all
-    (the launcher said only "found no nodes")."""
-    value = text.strip()
-    if not _HOSTLIST.fullmatch(value):
-        return "not a Slurm host list like nid[001234-001236,001240] (unbalanced brackets, blanks or empty items)"
-    for low, high in re.findall(r"(\d+)-(\d+)", "".join(re.findall(r"\[[^\]]*\]", value))):
-        if int(high) < int(low):
-            return f"the range {low}-{high} runs backwards"
-    return None
 
 
 def parse_cpus_per_node(text: str) -> list[int]:
@@ -410,11 +389,16 @@ class PerlmutterGPUPlatform(Platform):
         nodelist = env.get(variable)
         if not nodelist:
             raise RuntimeError("$SLURM_JOB_NODELIST is not set: not inside a Slurm job")
-        problem = hostlist_problem(nodelist)
-        if problem:
-            raise RuntimeError(f"${variable}={nodelist!r}: {problem}")
-        nodes = [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
-                 for host in expand_hostlist(nodelist)]
+        try:
+            # The core's parser, which reads a host list as Slurm does (commas and blanks between
+            # items, empty items skipped) and stops in one line at a cut-off or backwards one (they
+            # gave wrong or no hosts). This plugin's own regular expression check backtracked
+            # exponentially on a cut-off list of a few items: the launcher hung, silently, until
+            # walltime. Each host once, as on the default platform: one named twice is not two nodes.
+            hosts = list(dict.fromkeys(expand_hostlist(nodelist)))
+        except HostlistError as exc:
+            raise RuntimeError(f"${variable}={exc.text!r} is not a Slurm host list: {exc.problem}") from None
+        nodes = [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids) for host in hosts]
         # The shared QOS (--gpus=1|2) and partial-node allocations: Slurm names the job's GPUs there,
         # and counts the job's CPUs on each node.
         cores_per_node = self.logical_cpus // self.hardware_threads_per_core

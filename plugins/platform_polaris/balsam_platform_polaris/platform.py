@@ -35,9 +35,9 @@ from balsam.platform import (
     PALS_RESERVED_OPTIONS, pals_binding_overlaps,
     LaunchSpec, NodeInfo, Platform, cpu_ids_beyond_cores_errors, cpu_ids_errors, cuda_visible_only, file_mtime,
     first_launch_param, format_id_ranges,
-    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, is_mig_id, launch_option_name, launch_param_args,
-    launch_param_value, launch_params_to_pass, leading_job_number, near_cpus_of, non_negative_errors, nvidia_smi_list,
-    pals_cpu_bind_errors, pals_cpu_bind_problem,
+    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, is_mig_id, launch_param_args,
+    launch_params_to_pass, leading_job_number, near_cpus_of, non_negative_errors, nvidia_smi_list,
+    pals_cpu_bind_errors,
     pals_serial_startup_param_problems, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list, pick_cpu_binding,
     read_fresh_gpu_list,
 )
@@ -54,27 +54,6 @@ DEPTH_KEYS = ("depth", "d", "-d", "--depth")
 RESERVED_OPTIONS = PALS_RESERVED_OPTIONS
 #: Hardware threads per core of the EPYC 7543P (SMT 2).
 HARDWARE_THREADS_PER_CORE = 2
-
-
-def job_cpu_bind(spec: LaunchSpec) -> Optional[str]:
-    """The job's own ``--cpu-bind`` (its launch param, any key of :data:`CPU_BIND_KEYS`) without
-    surrounding blanks (``' depth '`` went to mpiexec as one word, blanks and all), or None. A value
-    PALS refuses (``depht``, ``Depth``, ``list:0-3:x``; the check the option ``cpu_bind`` gets in
-    settings.yml) raises ValueError naming the key, the job, its app and the value: the launcher
-    fails the job with that line instead of starting an ``mpiexec`` that exits at once with PALS's
-    own message in job.out (on Aurora one of the ~1,000 launches a batch job has)."""
-    # In first_launch_param's order (pick_cpu_binding's): cpu_bind before cpu-bind.
-    for key in (k for name in dict.fromkeys(map(launch_option_name, CPU_BIND_KEYS))
-                for k in spec.launch_params if launch_option_name(k) == name):
-        value = launch_param_value(key, spec.launch_params[key])
-        if value in ("", None):
-            continue
-        problem = pals_cpu_bind_problem(str(value))
-        if problem:
-            of = "" if spec.job_id is None else f" of job {spec.job_id}"
-            raise ValueError(f"launch param {key!r}{of} (app {spec.app_id}) is not a PALS --cpu-bind: {problem}")
-        return str(value).strip()
-    return None
 
 
 @attrs.frozen
@@ -94,7 +73,7 @@ class PolarisOptions:
     cpu_bind: str = option(
         "",
         "mpiexec --cpu-bind for jobs whose launch_params set none: empty computes list:... from the "
-        "CPUs the launcher assigned to the job; or none, core, depth, numa, list:...",
+        "CPUs the launcher assigned to the job; or none, core, depth, numa, socket, thread, list:...",
     )
     mpiexec: str = option("mpiexec", "The PALS mpiexec command.")
     gpu_list_dir: str = option(
@@ -218,9 +197,7 @@ class PolarisPlatform(Platform):
 
     # -- MPI ------------------------------------------------------------------------------------
     def cpu_binding(self, spec: LaunchSpec) -> str:
-        own = job_cpu_bind(spec)
-        if own is not None:
-            return own
+        # The job's own (checked: a value PALS refuses fails the job in one line), else the option's.
         return pick_cpu_binding(spec, CPU_BIND_KEYS, self.options.cpu_bind, self.cpu_ids,
                                 hyperthread_offset=self.options.hyperthread_offset,
                                 max_threads_per_core=self.hardware_threads_per_core)

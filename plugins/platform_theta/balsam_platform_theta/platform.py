@@ -29,7 +29,8 @@ from balsam.options import OptionsError, option
 from balsam.platform import (
     OPENMPI_RESERVED_OPTIONS,
     LaunchSpec, NodeInfo, Platform, capped_threads_per_core, cpu_ids_beyond_cores_errors, cpu_ids_errors,
-    cuda_visible_only, file_mtime, first_launch_param, hardware_thread_ids, hosts_from_node_file, launch_option_name,
+    checked_launch_param, cuda_visible_only, file_mtime, first_launch_param, hardware_thread_ids, hosts_from_node_file,
+    launch_option_name,
     launch_param_args, launch_params_to_pass, leading_job_number, nvidia_smi_list, parse_id_ranges,
     parse_nvidia_smi_list, read_fresh_gpu_list,
 )
@@ -178,13 +179,10 @@ class ThetaKNLPlatform(Platform):
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
-        own = first_launch_param(params, AFFINITY_KEYS)
-        problem = aprun_cc_problem(str(own)) if own is not None else None
-        if problem:
-            # The check the option cpu_affinity gets in settings.yml: aprun refused the value at
-            # the run's start, with its own message in job.out and nothing naming the launch param.
-            of = "" if spec.job_id is None else f" of job {spec.job_id}"
-            raise ValueError(f"launch param cpu_affinity{of} (app {spec.app_id}) is not an aprun -cc: {problem}")
+        # The check the option cpu_affinity gets in settings.yml: aprun refused the value at the
+        # run's start, with its own message in job.out and nothing naming the launch param. The
+        # error names the key the job used (cpu_affinity, cc or -cc), or the serial workers' setting.
+        own = checked_launch_param(spec, AFFINITY_KEYS, aprun_cc_problem, "an aprun -cc")
         affinity = aprun_cc_value(own or self.options.cpu_affinity)
         # aprun -L takes node ids; the launcher knows hosts nid01001 ...: back to the numbers.
         nids = [str(int(h[3:])) if re.fullmatch(r"nid\d+", h) else h for h in spec.hostnames]
