@@ -614,7 +614,8 @@ def split_launch_params(params: Mapping[str, Any], reserved: Iterable[str]) -> t
 #: PALS ``mpiexec --cpu-bind`` kinds taking no list: the keywords HPE documents, all of them (``cray
 #: mpiexec --help``, "CPU BINDING": none; numa, socket, core, thread; depth; list; mask), which HPE's
 #: own PALS launcher of Chapel also takes and no other (launch-pals.c refuses the rest as "not a valid
-#: cpu assignment"); ``list:`` and ``mask:`` take one CPU set per rank, colon-separated. ``verbose,``
+#: cpu assignment"); ``list:`` takes one CPU set per rank, colon-separated, ``mask:`` one hex mask per rank,
+#: comma-separated as HPE documents it (colons taken too). ``verbose,``
 #: may lead any of them (PALS reports the binding). ``thread`` (one hardware thread per rank) was
 #: missing: the jobs of users who pass ``--cpu-bind thread`` failed.
 PALS_CPU_BIND_KINDS = ("none", "core", "depth", "numa", "socket", "thread")
@@ -626,20 +627,30 @@ def pals_cpu_bind_problem(value: str) -> Optional[str]:
     """Why ``value`` is not a PALS ``--cpu-bind`` (None when it is one): ``none``, ``core``, ``depth``,
     ``numa``, ``socket``, ``thread``, ``list:<CPUs>:<CPUs>...`` (each rank's CPUs as comma-separated ids and
     ranges: ``list:1-8:9-16``, ``list:0-1,32-33:2-3,34-35``, what :func:`cpu_bind_list` builds) or
-    ``mask:<hex>:<hex>...``. Checked when settings.yml is read: mpiexec refuses any other value,
-    so every job of the launcher failed at its start."""
+    ``mask:<hex>,<hex>...`` (one mask per rank). Checked when settings.yml is read: mpiexec refuses
+    any other value, so every job of the launcher failed at its start.
+
+    Masks: HPE's ``cray mpiexec`` (Cray-HPE/craycli, cray/modules/mpiexec/cli.py, "CPU BINDING")
+    documents ``list`` as "colon-separated rangelists of CPUs" and ``mask`` as "comma-separated
+    bitmasks of CPUs" (a mask holds no comma: a comma can only separate ranks); that
+    ``mask:0xff,0xff00`` was refused here. Masks separated by ':', as list's ranks are, stay
+    accepted: refusing a form PALS takes fails every job of the launcher, while a form it refuses
+    still gets mpiexec's own error."""
     text = str(value).strip()
     body = text[len("verbose,"):] if text.startswith("verbose,") else text
     kind, sep, sets = body.partition(":")
-    forms = f"expected one of {', '.join(PALS_CPU_BIND_KINDS)}, list:<CPUs>[:<CPUs>...] or mask:<hex>[:<hex>...]"
+    forms = f"expected one of {', '.join(PALS_CPU_BIND_KINDS)}, list:<CPUs>[:<CPUs>...] or mask:<hex>[,<hex>...]"
     if not sep:
         return None if kind in PALS_CPU_BIND_KINDS else f"{forms}, got {value!r}"
-    if kind not in ("list", "mask"):
+    if kind == "list":
+        parts, pattern, what, between = sets.split(":"), _CPU_RANGES, "CPU ids and ranges like 0-7,32-39", "':'"
+    elif kind == "mask":
+        parts, pattern, what, between = re.split(r"[,:]", sets), _CPU_MASK, "hex masks", "',' or ':'"
+    else:
         return f"{forms}, got {value!r}"
-    pattern, what = (_CPU_RANGES, "CPU ids and ranges like 0-7,32-39") if kind == "list" else (_CPU_MASK, "hex masks")
-    for index, part in enumerate(sets.split(":")):
+    for index, part in enumerate(parts):
         if not pattern.fullmatch(part):
-            return f"rank {index}'s CPUs {part!r} in {value!r} are not {what} (ranks separated by ':')"
+            return f"rank {index}'s CPUs {part!r} in {value!r} are not {what} (ranks separated by {between})"
         for low, _, high in (r.partition("-") for r in part.split(",") if kind == "list"):
             if high and int(high) < int(low):
                 return f"range {low}-{high} in {value!r} runs backwards"

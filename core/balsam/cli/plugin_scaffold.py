@@ -115,7 +115,7 @@ import attrs
 
 from balsam.builtin.default_platform import expand_hostlist
 from balsam.options import option
-from balsam.platform import LaunchSpec, NodeInfo, Platform
+from balsam.platform import LaunchSpec, NodeInfo, Platform, launch_param_args
 
 __all__ = ["$klass", "${klass}Options"]
 
@@ -157,11 +157,11 @@ class $klass(Platform):
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         # TODO: the machine's MPI launcher and its CPU binding (see spec.cpu_ids, spec.cpus_per_rank)
-        args = [self.options.mpiexec, "-n", str(spec.num_ranks), "-ppn", str(spec.ranks_per_node),
-                "--hosts", ",".join(spec.hostnames)]
-        for key, value in spec.launch_params.items():
-            args += [f"--{key}"] + ([str(value)] if value not in ("", None) else [])
-        return args
+        # The job's launch_params as core writes them for every platform: "--key value", a flag for
+        # an empty value or True, nothing for False (a "--key True" written here was taken by
+        # mpiexec for the program to run).
+        return [self.options.mpiexec, "-n", str(spec.num_ranks), "-ppn", str(spec.ranks_per_node),
+                "--hosts", ",".join(spec.hostnames), *launch_param_args(spec.launch_params)]
 
     def settings_defaults(self) -> dict[str, Any]:
         # TODO: the machine's queues and their limits, and any scheduler options it needs
@@ -187,6 +187,10 @@ class Test${klass}OnSlurm(PlatformContract):
     launch_lines = [
         (LaunchSpec(cmdline="./app", hostnames=["nid001", "nid002"], ranks_per_node=4),
          "mpiexec -n 8 -ppn 4 --hosts nid001,nid002 ./app"),
+        # launch_params: a value, a flag (empty or true), a false flag left out
+        (LaunchSpec(cmdline="./app", hostnames=["nid001"], ranks_per_node=2,
+                    launch_params={"env": "A=1", "exclusive": "", "verbose": "True", "quiet": "false"}),
+         "mpiexec -n 2 -ppn 2 --hosts nid001 --env A=1 --exclusive --verbose ./app"),
     ]
     serial_worker_line = f"mpiexec -n 2 -ppn 1 --hosts nid001,nid002 {SERIAL_WORKER_CMDLINE}"
 

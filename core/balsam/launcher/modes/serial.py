@@ -305,11 +305,20 @@ class SerialMode(JobMode):
                 raise refusal
         config["session_path"] = str(self.session_path)
         config_path = ctx.log_file("serial.json")
+        try:
+            cmd = self.command(str(config_path))
+        except ValueError as exc:
+            # A launcher.serial_mode_startup_params value the platform refuses (a PALS --cpu-bind of
+            # 'depht': balsam.platform.checked_launch_param's one line, naming the setting). It was a
+            # traceback, in no log and not on the BatchJob; now the start's failure as the workers'
+            # refused start is: nothing has started, and the early lease is discarded already
+            # (no job is held).
+            self._fail_start(str(exc))
+            return 1
         config_path.parent.mkdir(parents=True, exist_ok=True)
         # Exclusive create: a name clash with another launcher must fail loudly, never be shared.
         with open(config_path, "x") as fh:
             fh.write(json.dumps(config))
-        cmd = self.command(str(config_path))
         self._launcher_name = launcher_name(cmd)
         out_path = ctx.log_file("out")
         logger.info("serial mode: %d nodes; starting %s", len(ctx.nodes), cmd)
