@@ -58,8 +58,13 @@ def test_check_settings_names_the_keys_the_simple_strategy_ignores(tmp_path) -> 
         assert proc.returncode == 0 and "ignores" not in proc.stderr, proc.stderr
 
 
-def test_the_module_logs_the_ignored_keys_once_at_start(tmp_path, caplog) -> None:
+def test_the_agent_logs_the_ignored_keys_once_at_start(tmp_path, caplog) -> None:
+    """The agent's start logs the section's warnings (one place for every module's); the module
+    itself no longer logs them too."""
+    from types import SimpleNamespace
+
     from balsam.config import SiteConfig
+    from balsam.site.agent import Agent
     from balsam_elastic.module import ElasticQueueModule
 
     site = SiteConfig(_site(tmp_path, SIMPLE))
@@ -68,8 +73,12 @@ def test_the_module_logs_the_ignored_keys_once_at_start(tmp_path, caplog) -> Non
     assert [r for r in caplog.records if "ignores" in r.getMessage()] == []
     assert len(site.settings.warnings) == 1 and NAMED in site.settings.warnings[0]
     ElasticQueueModule(site, section, client=None)
+    assert [r for r in caplog.records if "ignores" in r.getMessage()] == []
+    agent = Agent(site, client=SimpleNamespace(), modules=[])
+    agent.start()
+    agent.shutdown("signal", join_timeout=5)
     warned = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith(f"{site.settings_path} elastic_queue.strategy: {NAMED}"), warned
+    assert len(warned) == 1 and warned[0].startswith(f"{site.settings_path}:5 elastic_queue.strategy: {NAMED}"), warned
 
 
 def test_a_strategy_that_does_not_say_what_it_reads_draws_no_warning() -> None:

@@ -64,10 +64,20 @@ def test_check_settings_warns_that_max_queued_jobs_is_capped_by_the_queue(tmp_pa
 
 @needs_module_sections
 def test_the_module_says_the_same_when_it_starts_and_caps(caplog) -> None:
+    """Set in the file, the cap is a settings warning, which the agent logs once at its start (the
+    module saying it too made two lines); left at its default, the module says it caps it."""
     settings = loads_settings(SETTINGS)
     assert [w for w in settings.warnings if "capped" in w] == [f"settings.yml:10 elastic_queue.max_queued_jobs: {CAPPED}"]
+    assert [w for w in settings.agent_warnings() if "capped" in w] == [f"settings.yml:10 elastic_queue.max_queued_jobs: {CAPPED}"]
     caplog.set_level(logging.WARNING)
     module = ElasticQueueModule(SimpleNamespace(settings=settings, settings_path="settings.yml", site_id=1),
                                 settings.sections["elastic_queue"], client=None)
     assert module.strategy.settings.max_queued_jobs == 2
-    assert [r.getMessage() for r in caplog.records if "capped" in r.getMessage()] == [CAPPED]
+    assert [r.getMessage() for r in caplog.records if "capped" in r.getMessage()] == []
+    default = loads_settings(SETTINGS.replace("  max_queued_jobs: 50\n", ""))
+    assert not [w for w in default.warnings if "capped" in w]
+    module = ElasticQueueModule(SimpleNamespace(settings=default, settings_path="settings.yml", site_id=1),
+                                default.sections["elastic_queue"], client=None)
+    assert module.strategy.settings.max_queued_jobs == 2
+    assert [r.getMessage() for r in caplog.records if "capped" in r.getMessage()] == [
+        CAPPED.replace("max_queued_jobs 50", "max_queued_jobs 20")]

@@ -182,17 +182,165 @@ def test_queue_maintainer_with_the_scheduler_module_disabled_is_a_warning(tmp_pa
         assert load_settings(path, log_warnings=False).warnings == (), text
 
 
-def test_queue_maintainer_module_logs_the_warning_at_its_start(tmp_path: Path, caplog: Any) -> None:
+AGENT_LOGGED = """logging:
+  retention_days: 7
+scheduler: null
+queue_maintainer:
+  num_queued_jobs: 2
+transfers:
+  retry_backoff_sec: 60
+  retry_backoff_max_sec: 10
+processing: {}
+"""
+BACKOFF = ("transfers.retry_backoff_max_sec: 10.0 is below retry_backoff_sec (60.0): every retry waits 10.0 s and "
+           "retry_backoff_sec has no effect")
+
+
+def _start_agent_on(path: Path, caplog: Any) -> list[str]:
+    """The WARNING lines of a real Agent's start on the site's settings.yml, and stop. No module
+    is built (their constructors log none of these: test_modules_log_no_settings_warning_of_their_own),
+    nor any child process ended (end_children is off)."""
+    import logging
+    from types import SimpleNamespace
+
+    from balsam.config import SiteConfig
+    from balsam.site.agent import Agent
+
+    (path.parent / ".balsam-site").write_text("1\n")
+    (path.parent / "data").mkdir(exist_ok=True)
+    site = SiteConfig(path.parent)
+    agent = Agent(site, client=SimpleNamespace(), modules=[])
+    with caplog.at_level(logging.INFO):
+        agent.start()
+        agent.shutdown("signal", join_timeout=5)
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_warnings_are_kept_by_section_and_line(tmp_path: Path) -> None:
+    """Who logs a warning picks it by its section, not by reading the text back apart."""
+    path = tmp_path / "settings.yml"
+    path.write_text(AGENT_LOGGED)
+    settings = load_settings(path, log_warnings=False)
+    assert [(w.section, w.line) for w in settings.warning_items] == [("logging", 2), ("queue_maintainer", 4),
+                                                                      ("transfers", 8)]
+    assert settings.warnings == tuple(w.text for w in settings.warning_items)
+    assert settings.warnings[2] == f"{path}:8 {BACKOFF}"
+    assert settings.warnings_of("transfers") == (f"{path}:8 {BACKOFF}",)
+    assert settings.agent_warnings() == settings.warnings
+
+
+def test_agent_logs_each_enabled_sections_warnings_once_at_its_start(tmp_path: Path, caplog: Any) -> None:
+    """docs/settings.md: the agent logs a section's warnings once when it starts. The transfers
+    module logged none of its own (retry_backoff_max_sec below retry_backoff_sec reached only
+    check-settings); queue_maintainer and elastic_queue logged theirs from their constructors."""
+    path = tmp_path / "settings.yml"
+    path.write_text(AGENT_LOGGED)
+    warnings = _start_agent_on(path, caplog)
+    for text in (RETENTION_WITHOUT_SCHEDULER, QM_WITHOUT_SCHEDULER, BACKOFF):
+        assert [w for w in warnings if text in w] == [w for w in warnings if w.endswith(text)], warnings
+        assert len([w for w in warnings if text in w]) == 1, (text, warnings)
+    assert f"{path}:8 {BACKOFF}" in warnings, warnings
+
+
+def test_modules_log_no_settings_warning_of_their_own(tmp_path: Path, caplog: Any) -> None:
+    """One place logs them (the agent's start): a module built on its own says none of them."""
     import logging
     from types import SimpleNamespace
 
     from balsam.site.modules.queue_maintainer import QueueMaintainerModule
 
     path = tmp_path / "settings.yml"
-    path.write_text("scheduler: null\nqueue_maintainer:\n  num_queued_jobs: 2\n")
+    path.write_text(AGENT_LOGGED)
     settings = load_settings(path, log_warnings=False)
     site = SimpleNamespace(site_path=tmp_path, site_id=1, settings_path=path, settings=settings)
     with caplog.at_level(logging.INFO):
         QueueMaintainerModule(site, settings.queue_maintainer, SimpleNamespace())
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert f"{path}:2 {QM_WITHOUT_SCHEDULER}" in warnings, warnings
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+ELASTIC_WITHOUT_SCHEDULER = ("elastic_queue: its BatchJobs would never be submitted: the scheduler module, which "
+                             "submits them, is disabled (scheduler: null or left out); they would wait in "
+                             "pending_submission")
+
+
+def test_elastic_queue_with_the_scheduler_module_disabled_is_a_warning_logged_once(tmp_path: Path,
+                                                                                  caplog: Any) -> None:
+    """elastic_queue only posts BatchJobs, as queue_maintainer does: with ``scheduler: null`` they
+    waited in pending_submission forever, and neither check-settings nor the agent said so."""
+    pytest.importorskip("balsam_elastic")
+    path = tmp_path / "settings.yml"
+    path.write_text("scheduler: null\nelastic_queue:\n  submit_queue: local\n  submit_project: local\n")
+    assert load_settings(path, log_warnings=False).warnings == (f"{path}:2 {ELASTIC_WITHOUT_SCHEDULER}",)
+    warnings = _start_agent_on(path, caplog)
+    assert [w for w in warnings if ELASTIC_WITHOUT_SCHEDULER in w] == [f"{path}:2 {ELASTIC_WITHOUT_SCHEDULER}"], warnings
+    path.write_text("scheduler: {}\nelastic_queue:\n  submit_queue: local\n  submit_project: local\n")
+    assert load_settings(path, log_warnings=False).warnings == ()
+
+
+def test_check_settings_prints_every_warning_once(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    path = site / "settings.yml"
+    path.write_text(AGENT_LOGGED)
+    result = subprocess.run([str(Path(sys.executable).parent / "balsam"), "site", "check-settings", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("Warning: ")] == [
+        f"Warning: {path}:2 {RETENTION_WITHOUT_SCHEDULER}", f"Warning: {path}:4 {QM_WITHOUT_SCHEDULER}",
+        f"Warning: {path}:8 {BACKOFF}"], result.stderr
+
+
+@pytest.mark.parametrize(
+    "text, key, line, written, read",
+    [
+        # The one-item list written as its item: the item is the scalar as written.
+        ("scheduler:\n  allowed_projects: 012345\n", "scheduler.allowed_projects[0]", 2, "012345", "5349"),
+        # A value under a key written as a number (7, 2.5): on its own line, the key as written.
+        ("filter_tags:\n  a: b\n  7: 1.10\n", "filter_tags.7", 3, "1.10", "1.1"),
+        ("filter_tags:\n  a: b\n  2.5: 0x10\n", "filter_tags.2.5", 3, "0x10", "16"),
+        ("scheduler:\n  optional_batch_job_params:\n    7: 012\n", "scheduler.optional_batch_job_params.7", 3,
+         "012", "10"),
+        # Merged in with `<<:`, written there or through an alias.
+        ("filter_tags:\n  <<: {version: 1.10}\n", "filter_tags.version", 2, "1.10", "1.1"),
+    ],
+)
+def test_more_places_a_number_read_as_another_value_is_refused(tmp_path: Path, text: str, key: str, line: int,
+                                                               written: str, read: str) -> None:
+    """Each was still taken in its read form (`allowed_projects: 012345` as '5349', a tag under the
+    key 7 as '1.1'), or named the mapping's line and ``filter_tags[7]``."""
+    errors = _error_lines(text, tmp_path)
+    assert errors == [f"{tmp_path / 'settings.yml'}:{line} {key}: expected a string, got {written}, which YAML "
+                      f"reads as the number {read}: quote it ('{written}')"], errors
+
+
+def test_a_merged_alias_is_checked_as_written(tmp_path: Path) -> None:
+    errors = _error_lines("scheduler:\n  optional_batch_job_params: &p {x: 1.10}\nfilter_tags:\n  <<: *p\n",
+                          tmp_path)
+    assert [e.split(" ", 2)[1].rstrip(":") for e in errors] == ["scheduler.optional_batch_job_params.x", "filter_tags.x"], errors
+
+
+def test_a_transfer_backends_text_option_read_as_another_number_is_refused(tmp_path: Path) -> None:
+    """``transfers.backend_options.globus.label: 1.10`` was the label '1.1' (the backend's options
+    are checked by the transfers section's validate(), which had no written numbers)."""
+    pytest.importorskip("balsam_transfer_globus")
+    errors = _error_lines("transfers:\n  backend_options:\n    globus:\n      label: 1.10\n", tmp_path)
+    assert errors == [f"{tmp_path / 'settings.yml'}:4 transfers.backend_options.globus.label: expected a string, got "
+                      f"1.10, which YAML reads as the number 1.1: quote it ('1.10')"], errors
+    settings = loads_settings("transfers:\n  backend_options:\n    globus:\n      label: '1.10'\n")
+    assert settings.transfers.backend_options["globus"]["label"] == "1.10"
+
+
+@pytest.mark.parametrize(
+    "written, read",
+    [("yes", "true"), ("off", "false"), ("~", "null"), ("2024-01-01", "a date"),
+     ("2024-01-01 10:00:00", "a date and time")],
+)
+def test_a_text_key_read_as_another_value_says_what_was_written(tmp_path: Path, written: str, read: str) -> None:
+    """It said "got true", "got null", "got datetime.date(2024, 1, 1)": not what the file has, nor
+    to quote it."""
+    errors = _error_lines(f"filter_tags:\n  a: b\n  v: {written}\n", tmp_path)
+    assert errors == [f"{tmp_path / 'settings.yml'}:3 filter_tags.v: expected a string, got {written}, which YAML "
+                      f"reads as {read}: quote it ('{written}')"], errors
+    # Written as it reads, the message stays as it was.
+    assert _error_lines("filter_tags:\n  v: true\n", tmp_path) == [
+        f"{tmp_path / 'settings.yml'}:2 filter_tags.v: expected a string, got true"]

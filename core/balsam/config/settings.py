@@ -23,7 +23,9 @@ check-settings`` and the agent read every section.
 
 from __future__ import annotations
 
+import contextvars
 import copy
+import datetime as dt
 import difflib
 import logging
 import math
@@ -49,6 +51,7 @@ __all__ = [
     "SectionSpec",
     "Settings",
     "SettingsError",
+    "SettingsWarning",
     "core_section_keys",
     "load_settings",
     "options_problems",
@@ -142,6 +145,10 @@ def _key_identity(key_node: Any, text: Any) -> Any:
 
 #: The tags of the YAML scalars the loader turns into numbers (plain ``1.10``, ``012345``, ``0x10``).
 _YAML_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+#: ... and into other values than text (``yes``, ``~``, ``2024-01-01``): for a text key, its error
+#: says what was written and to quote it ("got true" named no ``yes`` the file has).
+_YAML_READ_TAGS = _YAML_NUMBER_TAGS + ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:null",
+                                       "tag:yaml.org,2002:timestamp")
 #: First item of a ``numbers`` entry for a mapping *key* written as a number: ``(_KEY_TEXT, *path, number)``.
 _KEY_TEXT = "<key>"
 
@@ -158,9 +165,11 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
     ``duplicates``: gets (key path, line, line of the key's first place) for each key written twice
     in one mapping, which YAML loaders accept silently (the last one wins).
 
-    ``numbers``: gets key path -> the text as written of each value YAML reads as a number, for the
-    text keys that take a number as its text (:meth:`_Checker.value`); a mapping key read as a
-    number (a queue ``0x10:``) under ``(_KEY_TEXT, *path, number)``."""
+    ``numbers``: gets key path -> the text as written of each value YAML reads as a number (or as
+    true/false, null, a date), for the text keys that take a number as its text and name what was
+    written otherwise (:meth:`_Checker.value`); a mapping key read as a number (a queue ``0x10:``)
+    under ``(_KEY_TEXT, *path, number)``. A path's keys are as written (``7``, not 7), as in the
+    lines map: the checker looks a loaded key up by its text."""
     lines: dict[tuple, int] = {}
     try:
         root = yaml.compose(text, Loader=_FAST_YAML_LOADER)
@@ -171,6 +180,7 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
     lines[()] = root.start_mark.line + 1
     open_nodes: set[int] = set()  # the node being walked and the nodes that contain it
     walked: set[int] = set()
+    first_paths: dict[int, tuple] = {}  # each node's path where it was walked (for a `<<: *alias`)
     stack: list[tuple[Any, tuple, bool]] = [(root, (), False)]
     while stack:
         node, path, leaving = stack.pop()
@@ -181,6 +191,7 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
         if id(node) in walked:
             continue
         open_nodes.add(id(node))
+        first_paths.setdefault(id(node), path)
         stack.append((node, path, True))
         if isinstance(node, yaml.MappingNode):
             children = [(key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node),
@@ -207,13 +218,33 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
                     first_lines[identity] = line
         for key, line, child in reversed(children):
             lines.setdefault(path + (key,), line)
-            if numbers is not None and isinstance(child, yaml.ScalarNode) and child.tag in _YAML_NUMBER_TAGS:
+            if numbers is not None and isinstance(child, yaml.ScalarNode) and child.tag in _YAML_READ_TAGS:
                 numbers.setdefault(path + (key,), child.value)
             if id(child) in open_nodes:
                 raise _RecursiveYAML(path + (key,), lines[path + (key,)])
+            # A merge (`<<: {version: 1.10}`, `<<: *base`) puts its keys in this mapping, as the loader
+            # does; the keys written here were recorded first and win, as they do in the loaded data.
+            merged = key == "<<" and isinstance(node, yaml.MappingNode) and isinstance(child, yaml.MappingNode)
+            if merged and id(child) in walked and numbers is not None:
+                # Walked where its anchor is: its numbers are copied here, under this mapping's keys.
+                first = first_paths.get(id(child), ())
+                for known, written in list(numbers.items()):
+                    if known[:len(first)] == first and known[0] != _KEY_TEXT:
+                        numbers.setdefault(path + known[len(first):], written)
             if isinstance(child, (yaml.MappingNode, yaml.SequenceNode)) and id(child) not in walked:
-                stack.append((child, path + (key,), False))
+                stack.append((child, path if merged else path + (key,), False))
     return lines
+
+
+def _read_as(value: Any) -> str:
+    """What YAML read a plain scalar as, in words ("" for text and the like)."""
+    if value is None or isinstance(value, bool):
+        return _show(value)
+    if isinstance(value, dt.datetime):
+        return "a date and time"
+    if isinstance(value, dt.date):
+        return "a date"
+    return ""
 
 
 def _dotted(path: tuple) -> str:
@@ -325,6 +356,13 @@ class _Checker:
                     return self.fail(path, f"expected a string, got {written}, which YAML reads as the number "
                                            f"{data}: quote it ('{written}')")
                 return str(data)
+            written = self.numbers.get(path)
+            read = _read_as(data)
+            if written and read and written != _show(data):
+                # `version: yes` said "got true", `day: 2024-01-01` "got datetime.date(2024, 1, 1)":
+                # neither named what the file has, nor that quoting it keeps it as text.
+                return self.fail(path, f"expected a string, got {written}, which YAML reads as {read}: "
+                                       f"quote it ('{written}')")
             return self.fail(path, f"expected a string, got {_show(data)}")
         if origin is dict:
             key_type, value_type = typing.get_args(tp) or (str, Any)
@@ -344,7 +382,9 @@ class _Checker:
                     self.fail(path + (written,), f"a key written {written}, which YAML reads as the number {key}: "
                                              f"quote it ('{written}')")
                     continue
-                converted = self.value(item, value_type, path + (key,))
+                # Under its text, as the lines and numbers maps key it (a tag `7: 1.10` under 7 found
+                # neither: it became '1.1', and an error there named the mapping's line).
+                converted = self.value(item, value_type, path + (str(key),))
                 if converted is not self.INVALID:
                     result[str(key)] = converted
             return result
@@ -352,6 +392,8 @@ class _Checker:
             (item_type,) = typing.get_args(tp) or (Any,)
             if isinstance(data, (str, int, float)) and not isinstance(data, bool) and item_type is str:
                 data = [data]  # `allowed_projects: local` means a one-item list
+                if path in self.numbers:  # its item is the scalar as written (`allowed_projects: 012345`)
+                    self.numbers.setdefault(path + (0,), self.numbers[path])
             if not isinstance(data, list):
                 return self.fail(path, f"expected a list, got {_show(data)}")
             result_list = []
@@ -434,7 +476,14 @@ class _Checker:
             return self.INVALID
         validate = getattr(obj, "validate", None)
         if callable(validate):
-            for name, problem in (validate() or {}).items():
+            # What :func:`options_problems` (called by a section's validate()) checks against: the
+            # numbers as written under this section (`backend_options.globus.label: 1.10` became 1.1).
+            token = _VALIDATING.set((self.numbers, path))
+            try:
+                found = validate() or {}
+            finally:
+                _VALIDATING.reset(token)
+            for name, problem in found.items():
                 # With other keys of the section already wrong, only problems of keys the file sets
                 # and that passed their own checks: a default standing in for a bad value could
                 # otherwise be blamed in a cross-key check.
@@ -481,6 +530,21 @@ class _Checker:
 # -- Settings -----------------------------------------------------------------------------------
 
 
+@attrs.frozen
+class SettingsWarning:
+    """One of a settings file's warnings, kept apart: the ``section`` it is about ("" for the file
+    as a whole), its ``line`` (0: not known) and its ``text`` as shown (``"<file>:<line> <key path>:
+    why"``). Who logs it picks by section (:meth:`Settings.agent_warnings`), never by reading the
+    text back apart."""
+
+    section: str
+    line: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class Settings:
     """Loaded settings: ``settings.launcher.platform``, ``settings.scheduler.allowed_queues`` ...
 
@@ -490,9 +554,14 @@ class Settings:
     dict in settings.yml shape, or None).
     """
 
-    #: Keys that are valid but do nothing as set (``"<file>:<line> <key path>: why"``), from each
-    #: section's optional ``warnings(self) -> {field: text}``; set by :func:`parse_settings`.
-    warnings: tuple[str, ...] = ()
+    #: Keys that are valid but do nothing as set, from each section's optional ``warnings(self)`` and
+    #: ``warnings_with(sections)`` (``{field: text}``), ordered by line; set by :func:`parse_settings`.
+    warning_items: tuple[SettingsWarning, ...] = ()
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The texts of :attr:`warning_items` (``"<file>:<line> <key path>: why"``)."""
+        return tuple(item.text for item in self.warning_items)
 
     def __init__(self, sections: Optional[dict[str, Any]] = None, *, source: str = "<defaults>",
                  only: Optional[Collection[str]] = None, **overrides: Any) -> None:
@@ -524,15 +593,16 @@ class Settings:
         object.__setattr__(self, "only", tuple(only) if only is not None else None)
 
     def warnings_of(self, key: str) -> tuple[str, ...]:
-        """The :attr:`warnings` about section ``key`` (the section itself or a key in it): what the
-        agent module of that section (the agent, for ``logging``) logs when it starts."""
-        found = []
-        for line in self.warnings:
-            rest = line[len(self.source):] if line.startswith(self.source) else line
-            where = rest.split(": ", 1)[0].lstrip(":0123456789").strip()
-            if where == key or where.startswith((key + ".", key + "[")):
-                found.append(line)
-        return tuple(found)
+        """The :attr:`warnings` about section ``key`` (the section itself or a key in it)."""
+        return tuple(item.text for item in self.warning_items if item.section == key)
+
+    def agent_warnings(self) -> tuple[str, ...]:
+        """The warnings a site agent logs once when it starts (docs/settings.md, "Errors"): those
+        about ``logging`` and about each agent module's section that is enabled. The launcher's
+        sections are the launcher's; "no agent module is enabled" the agent says in its own words."""
+        modules = {spec.key for spec in section_specs() if spec.disableable}
+        return tuple(item.text for item in self.warning_items
+                     if item.section == "logging" or (item.section in modules and self.sections.get(item.section) is not None))
 
     # The core sections, spelled out for readers and type checkers.
     @property
@@ -675,28 +745,36 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
     modules = [key for key, spec in specs.items() if spec.disableable]
     if only is None and modules and all(ordered[key] is None for key in modules):
         # Valid, but an agent started on it runs on and does nothing, saying nothing about why.
-        warnings = (checker.locate((), "no agent module is enabled: the agent will do nothing (enable one of "
-                                   f"{', '.join(modules)})")[1],) + warnings
+        warnings = (_warning(checker, (), "no agent module is enabled: the agent will do nothing (enable one of "
+                             f"{', '.join(modules)})"),) + warnings
     if only is None:
         retention = _retention_warning(data, ordered, checker)
         if retention:
             warnings = warnings + (retention,)
-    object.__setattr__(settings, "warnings", warnings)
+    # In the file's order, as the errors are (the line-less ones, as the top level's, first).
+    object.__setattr__(settings, "warning_items", tuple(sorted(warnings, key=lambda item: item.line)))
     return settings
 
 
-def _retention_warning(raw: dict, sections: dict[str, Any], checker: "_Checker") -> Optional[str]:
-    """``logging.retention_days`` written, but nothing acts on it: the sweep that removes old files
-    runs in the scheduler module only (docs/settings.md), and with ``scheduler: null`` the key
-    removed nothing, silently. Written only: the default with the module off is no one's request."""
+def _warning(checker: "_Checker", path: tuple, text: str) -> SettingsWarning:
+    line, located = checker.locate(path, text)
+    return SettingsWarning(str(path[0]) if path else "", line, located)
+
+
+def _retention_warning(raw: dict, sections: dict[str, Any], checker: "_Checker") -> Optional[SettingsWarning]:
+    """``logging.retention_days`` in the file, but nothing acts on it: the sweep that removes old
+    files runs in the scheduler module only (docs/settings.md), and with ``scheduler: null`` the key
+    removed nothing, silently. Only when the file has the key: the default (30) in a file without it
+    asks for nothing. `balsam site init` writes ``retention_days: 30``, so a site made by it and
+    then given ``scheduler: null`` draws this warning until the key is set to 0 or removed."""
     written = raw.get("logging")
     log = sections.get("logging")
     if not isinstance(written, dict) or "retention_days" not in written or log is None or not log.retention_days:
         return None
     if "scheduler" not in sections or sections["scheduler"] is not None:
         return None
-    return checker.locate(("logging", "retention_days"), "no file is removed: the sweep runs in the scheduler "
-                          "module, which is disabled (scheduler: null or left out); enable it, or set retention_days to 0")[1]
+    return _warning(checker, ("logging", "retention_days"), "no file is removed: the sweep runs in the scheduler "
+                    "module, which is disabled (scheduler: null or left out); enable it, or set retention_days to 0")
 
 
 def _check_files(sections: dict[str, Any], base_dir: Path, checker: _Checker) -> None:
@@ -725,14 +803,14 @@ def _check_module_periods(key: str, section: Any, checker: _Checker) -> None:
             checker.fail((key, name), problem)
 
 
-def _section_warnings(sections: dict[str, Any], checker: "_Checker") -> tuple[str, ...]:
+def _section_warnings(sections: dict[str, Any], checker: "_Checker") -> tuple[SettingsWarning, ...]:
     """The located lines of each section's optional ``warnings(self) -> {field: text}``: keys that
     pass every check but do nothing as set (e.g. keys the chosen strategy does not read), which a
     user must hear about rather than find out (the file still loads). Then its optional
     ``warnings_with(sections) -> {field: text}`` (as ``validate_with`` for errors): a section valid
     on its own that another section leaves with nothing to act on (the queue maintainer's
     BatchJobs with the scheduler module off)."""
-    found: list[tuple[int, str]] = []
+    found: list[SettingsWarning] = []
     for key, section in sections.items():
         if section is None or not attrs.has(type(section)):
             continue
@@ -748,8 +826,8 @@ def _section_warnings(sections: dict[str, Any], checker: "_Checker") -> tuple[st
             except Exception as exc:  # a plugin's warnings must not stop settings.yml from loading
                 items = {"": f"{failed}: {type(exc).__name__}: {exc}"}
             for name, text in items.items():
-                found.append(checker.locate((key, *[part for part in str(name).split(".") if part]), str(text)))
-    return tuple(message for _, message in sorted(found, key=lambda item: item[0]))
+                found.append(_warning(checker, (key, *[part for part in str(name).split(".") if part]), str(text)))
+    return tuple(sorted(found, key=lambda item: item.line))
 
 
 #: Settings warnings already logged by this process (each once, however often the file is read).
@@ -822,11 +900,16 @@ def _bind_driver_options(sections: dict[str, Any], checker: _Checker, raw: Optio
             sections[key] = attrs.evolve(section, **{options_field: converted})
 
 
+#: (numbers, path) of the section whose ``validate()`` runs now (see :meth:`_Checker.record`).
+_VALIDATING: contextvars.ContextVar[Optional[tuple[dict[tuple, str], tuple]]] = contextvars.ContextVar(
+    "balsam_settings_validating", default=None)
+
+
 class _ProblemCollector(_Checker):
     """A checker that keeps each problem under its key path instead of locating it."""
 
-    def __init__(self) -> None:
-        super().__init__("", {})
+    def __init__(self, numbers: Optional[dict[tuple, str]] = None) -> None:
+        super().__init__("", {}, numbers)
         self.problems: dict[str, str] = {}
 
     def fail(self, path: tuple, message: str) -> Any:
@@ -839,7 +922,16 @@ def options_problems(schema: type, values: Any, path: tuple) -> dict[str, str]:
     unknown keys, validators), as {dotted key path starting with ``path``: message}. For a section
     holding the options of several drivers (``transfers.backend_options``): its ``validate()``
     returns them, and the loader reports each with file and line like scheduler.options'."""
-    collector = _ProblemCollector()
+    numbers: dict[tuple, str] = {}
+    validating = _VALIDATING.get()
+    if validating is not None:
+        # Called from a section's validate() while settings.yml is read: ``path`` is under that
+        # section, and a text option written as a number YAML reads differently is refused as
+        # anywhere else in the file (the section's path is put back by the loader).
+        written, section_path = validating
+        numbers = {key[len(section_path):]: text for key, text in written.items()
+                   if key[:len(section_path)] == section_path and key[0] != _KEY_TEXT}
+    collector = _ProblemCollector(numbers)
     collector.value({} if values is None else values, schema, tuple(path))
     return collector.problems
 

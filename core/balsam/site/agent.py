@@ -891,7 +891,7 @@ class Agent:
 
     def start(self) -> None:
         """Build the modules (unless given), call the started hook and start one thread per module."""
-        self._log_core_settings_warnings()
+        self._log_settings_warnings()
         if not self._modules_given:
             self.modules = self.build_modules()
             if not self.modules:
@@ -911,15 +911,18 @@ class Agent:
             self.threads.append(thread)
             thread.start()
 
-    def _log_core_settings_warnings(self) -> None:
-        """settings.yml's warnings about the ``logging`` section (``logging.retention_days`` with the
-        scheduler module off): an agent module logs its own section's warnings when it starts, and
-        no module owns this one, so they reached only `balsam site check-settings`."""
+    def _log_settings_warnings(self) -> None:
+        """settings.yml's warnings about what this agent runs, once, at its start: those about
+        ``logging`` (``retention_days`` with the scheduler module off) and about each enabled
+        agent module's section (``Settings.agent_warnings``). One place for all of them: modules
+        that logged their own said some (elastic_queue, queue_maintainer) and not others
+        (transfers.retry_backoff_max_sec below retry_backoff_sec reached only check-settings)."""
         try:
             settings = getattr(self.site_config, "settings", None)
         except Exception:  # unreadable now: the start already read it, and its own check reports this
             return
-        for line in settings.warnings_of("logging") if hasattr(settings, "warnings_of") else ():
+        agent_warnings = getattr(settings, "agent_warnings", None)
+        for line in agent_warnings() if callable(agent_warnings) else ():
             logger.warning("%s", line)
 
     def _log_broken_hook_plugins(self) -> None:

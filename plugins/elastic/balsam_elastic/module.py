@@ -192,12 +192,13 @@ class ElasticQueueModule(AgentModule):
         capped = options.queue_cap_warning(queue_cap)
         if capped:
             # More would wait in pending_submission (the scheduler module holds them back), reserving
-            # nodes that are not coming and never cancelled as stale.
-            self.logger.warning("%s", capped)
+            # nodes that are not coming and never cancelled as stale. Said here only for the key left
+            # at its default: set in the file, it is a settings warning (warnings_with), which the
+            # agent logs at its start with the section's others.
+            if options.max_queued_jobs == attrs.fields(type(options)).max_queued_jobs.default:
+                self.logger.warning("%s", capped)
             options = attrs.evolve(options, max_queued_jobs=queue_cap)
         self.strategy = load_strategy(options)
-        for key, text in options.warnings().items():  # once, at load (keys the strategy does not read)
-            self.logger.warning("%s elastic_queue.%s: %s", getattr(site_config, "settings_path", "settings.yml"), key, text)
         self._scheduler = scheduler
         #: The launcher's platform driver, loaded once when first needed (see :meth:`platform`).
         self._platform: Any = None

@@ -23,9 +23,7 @@ JOB_MODES = ("mpi", "serial")
 MAX_NODE_IDS = 65536
 
 
-# Not slotted: validate_with keeps what it found in the other sections for warnings() (an attribute
-# that is no option: not a key of settings.yml, nor compared, nor written out).
-@attrs.frozen(slots=False)
+@attrs.frozen
 class ElasticQueueOptions:
     service_period: int = option(60, "Seconds between two elastic-queue cycles.")
     strategy: str = option(
@@ -161,9 +159,8 @@ class ElasticQueueOptions:
 
     def warnings(self) -> dict[str, str]:
         """Keys that pass every check but do nothing as set (the settings loader locates them and
-        ``balsam site check-settings`` prints them; the module logs them once when it starts)."""
-        # Found by validate_with in the scheduler section (warnings() is not given the other sections).
-        found: dict[str, str] = dict(getattr(self, "_cross_section_warnings", {}))
+        ``balsam site check-settings`` prints them; the agent logs them once when it starts)."""
+        found: dict[str, str] = {}
         ignored = self._strategy_ignored()
         if ignored:
             shown = ", ".join(f"{key}: {_yaml_value(getattr(self, key))}" for key in ignored)
@@ -189,6 +186,25 @@ class ElasticQueueOptions:
         else:
             problems[high] = f"must be at least {low} ({getattr(self, low)})"
 
+    def warnings_with(self, sections: dict[str, Any]) -> dict[str, str]:
+        """Valid, but the other sections leave it doing less than it says (check-settings prints
+        these; the agent logs them once when it starts)."""
+        if "scheduler" in sections and sections["scheduler"] is None:
+            # It only posts BatchJobs; the scheduler module submits them: with `scheduler: null`
+            # they waited in pending_submission forever, and nothing said why.
+            return {"": "its BatchJobs would never be submitted: the scheduler module, which submits them, is "
+                        "disabled (scheduler: null or left out); they would wait in pending_submission"}
+        queues = dict(getattr(sections.get("scheduler"), "allowed_queues", None) or {})
+        limits = queues.get(self.submit_queue)
+        queue_cap = limits.get("max_queued_jobs") if isinstance(limits, dict) else getattr(limits, "max_queued_jobs", None)
+        # The module caps it (and says so at its start when the key is left at its default, not in
+        # the file: the queue's limit is then simply the one in effect); set away from its default,
+        # it does not do what it says.
+        capped = self.queue_cap_warning(queue_cap) if limits is not None else ""
+        if capped and self.max_queued_jobs != attrs.fields(type(self)).max_queued_jobs.default:
+            return {"max_queued_jobs": capped}
+        return {}
+
     def validate_with(self, sections: dict[str, Any]) -> dict[str, str]:
         """The ``scheduler`` section's queues and projects (read when settings.yml is loaded): a
         queue or project the site refuses makes every BatchJob of this module fail. Nodes and wall
@@ -204,8 +220,6 @@ class ElasticQueueOptions:
         if scheduler is None:
             return {}
         problems: dict[str, str] = {}
-        warnings: dict[str, str] = {}
-        object.__setattr__(self, "_cross_section_warnings", warnings)
         queues = dict(getattr(scheduler, "allowed_queues", None) or {})
         if self.submit_queue not in queues:
             problems["submit_queue"] = (f"queue {self.submit_queue!r} is not in the scheduler section's allowed_queues "
@@ -216,12 +230,6 @@ class ElasticQueueOptions:
             return limits.get(name) if isinstance(limits, dict) else getattr(limits, name, None)
 
         if limits is not None:
-            # The module caps it and says so when it starts; check-settings says it too, as it says of
-            # other keys set away from their defaults that do not do what they say (left at its
-            # default, the key is not in the file: the queue's limit is simply the one in effect).
-            capped = self.queue_cap_warning(limit("max_queued_jobs"))
-            if capped and self.max_queued_jobs != attrs.fields(type(self)).max_queued_jobs.default:
-                warnings["max_queued_jobs"] = capped
             try:
                 strategy = load_strategy(self)
             except (StrategyError, TypeError, ValueError):

@@ -126,9 +126,6 @@ class QueueMaintainerModule(AgentModule):
         #: before this start (settings.yml may have been fixed: a restart is how a change takes
         #: effect), even one the scheduler answers after it, is not held against the new settings.
         self._posted: collections.deque[int] = collections.deque(maxlen=RECENT_READ_LIMIT)
-        settings = getattr(site_config, "settings", None)
-        for line in settings.warnings_of(self.section) if hasattr(settings, "warnings_of") else ():
-            self.logger.warning("%s", line)  # once, at its start (docs/settings.md, "Errors")
 
     def _refused(self, body: dict) -> Optional[str]:
         """Why the site's scheduler settings refuse ``body``, or None (None too when the site's
