@@ -583,11 +583,13 @@ def item_transfer_paths(item: Mapping[str, Any], workdir: Path) -> tuple[Path, T
     if stage_in and rel.parts in ((), (".",)) and not recursive:
         local = workdir / PurePosixPath(remote).name
     if not stage_in:
-        # A link to nothing, or a loop, stays so whatever the retries (backends said "no such file
-        # or directory: <path>" while ls listed it, max_attempts times): one error naming the link.
+        # A link to nothing, or a loop: one error naming the link (backends said "no such file or
+        # directory: <path>" while ls listed it). A loop stays a loop; a target may yet appear (an
+        # NFS client's cached "not found" for a file another node just wrote, a scratch remount), so
+        # a link to nothing is retried as a missing plain file is, within max_attempts.
         broken = symlink_problem(str(local))
         if broken:
-            raise TransferError(broken, retryable=False)
+            raise TransferError(broken, retryable=not broken.endswith("a symbolic link loop"))
         return local, TransferFile(src=str(local), dest=remote, recursive=recursive)
     try:
         root = workdir.resolve()
