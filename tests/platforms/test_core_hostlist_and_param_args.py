@@ -4,7 +4,11 @@
    a backwards range (``nid[003-001]``) gave no host, a cut-off list (``nid[001-``) the hosts
    ``nid`` and ``001-``, and ``nid[00a-3]`` a bare ``int()`` ValueError. It now reads Slurm's host
    list syntax as ``scontrol show hostnames`` does (checked against the real one where it is
-   installed) and refuses anything else in one line naming the variable and its value.
+   installed), in Slurm's order with three bracket groups or more, and refuses anything else in one
+   line naming the variable and its value (the part of it around the fault, for a long one). Its
+   hosts are counted before any is made: ``a[0-65535]b[0-65535]`` (20 characters) ran out of
+   memory after a minute, and a long number made huge hosts or a bare ValueError. A host named
+   twice is one node and a WARNING; ``$COBALT_PARTNAME`` in Cray nids is refused, not read as hosts.
 2. ``launch_param_args`` turned ``{"verbose": True}`` into ``--verbose True`` (the launcher took
    ``True`` for the program to run). A boolean is now a flag, or nothing for False, on every
    launcher line: mpiexec (MPICH, Open MPI, PALS), srun and aprun.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import socket
 import subprocess
 from typing import Any
 
@@ -42,6 +47,15 @@ VALID = [
     ("rack[1-2]n[01-02]", ["rack1n01", "rack1n02", "rack2n01", "rack2n02"]),  # the first varies slowest
     ("rack[0-1]_blade[0-1]", ["rack0_blade0", "rack0_blade1", "rack1_blade0", "rack1_blade1"]),
     ("a[1-2][3-4]", ["a13", "a14", "a23", "a24"]),
+    # Three groups or more: hostlist.c takes them apart from the right, so the last varies fastest,
+    # then the first, and the one before the last slowest (scontrol 22.05 gives exactly these).
+    ("a[1-2]b[3-4]c[5-6]", ["a1b3c5", "a1b3c6", "a2b3c5", "a2b3c6", "a1b4c5", "a1b4c6", "a2b4c5", "a2b4c6"]),
+    ("a[1-3]b[3-4]c[5-6]", ["a1b3c5", "a1b3c6", "a2b3c5", "a2b3c6", "a3b3c5", "a3b3c6",
+                            "a1b4c5", "a1b4c6", "a2b4c5", "a2b4c6", "a3b4c5", "a3b4c6"]),
+    ("a[1-2]b[3-4]c[5-6]d[7-8]", ["a1b3c5d7", "a1b3c5d8", "a2b3c5d7", "a2b3c5d8", "a1b4c5d7", "a1b4c5d8", "a2b4c5d7",
+                                  "a2b4c5d8", "a1b3c6d7", "a1b3c6d8", "a2b3c6d7", "a2b3c6d8", "a1b4c6d7", "a1b4c6d8",
+                                  "a2b4c6d7", "a2b4c6d8"]),
+    ("a[000000000000000001-2]", ["a000000000000000001", "a000000000000000002"]),  # 18 digits: the most taken
     ("nid[1,3-4],gpu[01-02]", ["nid1", "nid3", "nid4", "gpu01", "gpu02"]),  # commas inside brackets
     ("a-[1-2],x[3-3]", ["a-1", "a-2", "x3"]),
     ("nid001 nid002\tnid003", ["nid001", "nid002", "nid003"]),  # blanks separate items, as in Slurm
@@ -115,6 +129,109 @@ def test_each_host_of_the_allocation_is_one_node() -> None:
     nodes = DefaultPlatform().discover_nodes({"SLURM_JOB_NODELIST": "n[1-3],n2"})
     assert [n.hostname for n in nodes] == ["n1", "n2", "n3"]
     assert [n.node_id for n in nodes] == ["0", "1", "2"]
+
+
+def test_a_range_of_as_many_hosts_as_slurm_allows_is_taken() -> None:
+    # scontrol takes a[0-65535] (65,536 hosts) and refuses a[0-65536] ("Too many hosts in range").
+    hosts = expand_hostlist("a[0-65535]")
+    assert len(hosts) == 65536 and hosts[:2] == ["a0", "a1"] and hosts[-1] == "a65535"
+
+
+#: Host lists too big to be an allocation, or with numbers no node has: each refused in one line
+#: before any host is made (before: 2**32 hosts, a MemoryError after a minute at 3 GB; the bracket
+#: of 1,000 ranges ran for minutes; 4,000 digits of padding made 65,536 hosts of 4 KB; a long
+#: number a bare int() ValueError; a host of a million characters).
+TOO_BIG = [
+    ("a[0-65535]b[0-65535]", "it names more than 1048576 hosts, more than any allocation has (the item at "
+                             "character 1 passes the limit)"),
+    ("a[0-65535]b[0-16]", "it names more than 1048576 hosts"),  # 1,114,112: before, all made
+    ("n[0-65535]," * 16 + "n0", "it names more than 1048576 hosts, more than any allocation has (the item at "
+                                "character 177 passes the limit)"),  # counted over the items
+    ("a[" + ",".join(["0-65535"] * 1000) + "]", "it names more than 1048576 hosts"),
+    ("a[0000000000000000001-3]", "'0000000000000000001-3' in [0000000000000000001-3] has a number of 19 digits, "
+                                 "more than the 18 of a node number"),
+    ("a[" + "0" * 4000 + "0-65535]", "has a number of 4001 digits, more than the 18 of a node number"),
+    ("a[1-" + "9" * 5000 + "]", "has a number of 5000 digits"),  # before: int()'s own ValueError
+    ("a[" + "9" * 5000 + "]", "has a number of 5000 digits"),
+    ("a" * 254 + "[8-10]", "would be 256 characters long, more than the 255 of a host name"),
+    ("n" * 1_000_000, "would be 1000000 characters long"),
+]
+
+
+@pytest.mark.parametrize("text, why", TOO_BIG, ids=range(len(TOO_BIG)))
+def test_a_list_of_more_hosts_or_longer_ones_than_any_allocation_is_refused_before_expanding(text: str,
+                                                                                              why: str) -> None:
+    with pytest.raises(ValueError) as error:
+        expand_hostlist(text)
+    assert type(error.value) is default_platform.HostlistError
+    message = str(error.value)
+    assert why in message and "\n" not in message and len(message) < 300, message[:500]
+
+
+def test_the_total_limit_is_the_most_hosts_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(default_platform, "MAX_HOSTS", 4)
+    assert expand_hostlist("a[1-2],b[1-2]") == ["a1", "a2", "b1", "b2"]
+    assert expand_hostlist("a[1-2]b[1-2]") == ["a1b1", "a1b2", "a2b1", "a2b2"]
+    for text, at in (("a[1-2],b[1-3]", 8), ("a[1-2]b[1-3]", 1), ("a,b,c,d,e", 9)):
+        with pytest.raises(ValueError, match=rf"it names more than 4 hosts, .* at character {at} passes the limit"):
+            expand_hostlist(text)
+    # The longest host name taken is the limit itself.
+    assert expand_hostlist("a" * 253 + "[8-10]")[-1] == "a" * 253 + "10"
+
+
+def test_the_error_of_a_long_list_quotes_the_part_around_the_fault() -> None:
+    # A real-size list (9,000 entries, 63,000 characters) with one bad range at its end: the line
+    # was 63,000 characters long.
+    text = "nid[" + ",".join(f"{i:06d}" for i in range(1, 9000)) + ",009010-009009]"
+    with pytest.raises(RuntimeError) as error:
+        DefaultPlatform().discover_nodes({"SLURM_JOB_NODELIST": text})
+    message = str(error.value)
+    assert message == f"$SLURM_JOB_NODELIST='...{text[-80:]}' is not a Slurm host list: the range 009010-009009 runs " \
+                      "backwards", message[:300]
+    # A fault at the start is quoted from the start; the entry and its bracket are cut too.
+    text = "nid[00x1," + ",".join(f"{i:06d}" for i in range(2, 9000)) + "]"
+    message = str(pytest.raises(ValueError, expand_hostlist, text).value)
+    assert message.startswith(f"'{text[:80]}...' is not a Slurm host list: '00x1' in [00x1,000002,"), message[:300]
+    assert len(message) < 250 and "\n" not in message
+
+
+def test_a_host_named_twice_is_one_node_and_one_warning_naming_it(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="balsam"):
+        nodes = DefaultPlatform().discover_nodes({"SLURM_JOB_NODELIST": "n[1-3],n2,n[3-4],n3"})
+    assert [n.hostname for n in nodes] == ["n1", "n2", "n3", "n4"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["$SLURM_JOB_NODELIST names 2 host(s) more than once (n2, n3): each is one node"], warnings
+
+
+def test_a_list_with_no_host_twice_gives_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="balsam"):
+        assert DefaultPlatform().hostnames({"SLURM_JOB_NODELIST": "n[1-3],m1"}) == ["n1", "n2", "n3", "m1"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("partition", ["1001-1003,1030", "3835", "1001-", " 3824, 3826-3827\n"])
+def test_cobalt_s_cray_node_ids_are_refused_in_one_line_naming_the_variable(partition: str) -> None:
+    # Theta KNL's $COBALT_PARTNAME: before, read as the hosts '1001-1003' and '1030', or for one nid
+    # the service node the job script runs on. The default platform's mpiexec reaches neither.
+    with pytest.raises(RuntimeError) as error:
+        DefaultPlatform().hostnames({"COBALT_PARTNAME": partition, "COBALT_JOBID": "7"})
+    message = str(error.value)
+    assert message.startswith(f"$COBALT_PARTNAME={partition!r} names Cray node ids"), message
+    assert "set launcher.platform to the machine's platform" in message and "\n" not in message
+
+
+def test_cobalt_s_host_names_are_read_as_a_host_list_naming_the_variable(tmp_path: Any) -> None:
+    platform = DefaultPlatform()
+    assert platform.hostnames({"COBALT_PARTNAME": "thetagpu[05-06]"}) == ["thetagpu05", "thetagpu06"]
+    with pytest.raises(RuntimeError, match=r"^\$COBALT_PARTNAME='gpu\[3-1\]' is not a Slurm host list: the range 3-1 "
+                                           r"runs backwards$"):
+        platform.hostnames({"COBALT_PARTNAME": "gpu[3-1]"})
+    # The node file, when Cobalt writes one (ThetaGPU, Cooley), is read first.
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("thetagpu05\nthetagpu06\n")
+    assert platform.hostnames({"COBALT_PARTNAME": "1001", "COBALT_NODEFILE": str(nodefile)}) == ["thetagpu05",
+                                                                                               "thetagpu06"]
+    assert platform.hostnames({"COBALT_PARTNAME": " "}) == [socket.gethostname()]
 
 
 # -- 2. Booleans in launch params ----------------------------------------------------------------

@@ -10,13 +10,14 @@ runs on.
 
 from __future__ import annotations
 
-import itertools
+import logging
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -49,109 +50,230 @@ _flavor_cache: dict[str, str] = {}
 #: PATH -> the mpiexec found on it (see find_mpiexec).
 _mpiexec_found: dict[str, str] = {}
 
+logger = logging.getLogger(__name__)
+
 
 class HostlistError(ValueError):
-    """A text that is not a Slurm host list: ``text`` (as given) and ``problem`` (why, one line)."""
+    """A text that is not a Slurm host list: ``text`` (as given), ``problem`` (why, one line) and
+    ``shown`` (the text, or :data:`SHOWN_CHARS` characters of it around the fault with ``...`` for
+    the rest: a list of 9,000 entries is 63,000 characters, too long for one line)."""
 
-    def __init__(self, text: str, problem: str) -> None:
-        super().__init__(f"{text!r} is not a Slurm host list: {problem}")
+    def __init__(self, text: str, problem: str, at: int = 0) -> None:
         self.text = text
         self.problem = problem
+        self.shown = _excerpt(text, at, SHOWN_CHARS)
+        super().__init__(f"{self.shown!r} is not a Slurm host list: {problem}")
+
+    def in_variable(self, variable: str) -> str:
+        """The one line for this text as the value of ``$variable`` (the launcher's error)."""
+        return f"${variable}={self.shown!r} is not a Slurm host list: {self.problem}"
 
 
 #: The most hosts one bracketed range may name: Slurm's own limit (hostlist.c ``MAX_RANGE``,
 #: ``Too many hosts in range``); beyond it the text is garbage, not an allocation.
 MAX_HOSTS_IN_RANGE = 64 * 1024
+#: The most hosts a whole host list may name: 2**20 (1,048,576). An allocation is at most a whole
+#: machine: that is about a hundred times Frontier (9,408 nodes) or Aurora (about 10,624), and six
+#: times Fugaku, the machine of the most nodes (158,976). A text past it is garbage
+#: (``a[0-65535]b[0-65535]``, 20 characters, named 2**32 hosts and ran out of memory after a minute
+#: at 3 GB), refused before any host is made; a list at the limit is about 70 MB of names.
+MAX_HOSTS = 2**20
+#: The most digits of one number in brackets, zero padding included: 18, so that every number fits
+#: a 64-bit integer, as in Slurm; node numbers have 4 to 6. A longer one is no node (4,000 digits
+#: of padding made 65,536 hosts of 4 KB; over 4,300 digits int() raised its own ValueError).
+MAX_NUMBER_DIGITS = 18
+#: The longest host name: 255 characters, a DNS name's limit (RFC 1035, 2.3.4). Checked before any
+#: host is made (65,536 copies of a 4,000-character prefix were 256 MB).
+MAX_HOST_NAME = 255
+#: The most characters of a host list an error quotes (``...`` marks the rest).
+SHOWN_CHARS = 80
 #: What separates the items of a host list at the top level (outside brackets): Slurm takes commas
 #: and blanks alike and skips empty items (``scontrol show hostnames 'a,,b c'`` gives a, b, c).
 _HOSTLIST_SEPARATORS = frozenset(", \t\n\r")
 #: One entry between brackets: a number, or a range of numbers ``low-high`` (ASCII digits: ``\d``
 #: would take other scripts' digits, which Slurm refuses).
 _BRACKET_ENTRY = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+#: A bracket group of an item (brackets are balanced once _hostlist_items has read the text).
+_BRACKET_GROUP = re.compile(r"\[([^\]]*)\]")
+
+
+def _excerpt(text: str, at: int, width: int) -> str:
+    """``text``, or ``width`` characters of it around index ``at``, ``...`` marking what is cut."""
+    if len(text) <= width:
+        return text
+    start = max(0, min(at - width // 2, len(text) - width))
+    end = start + width
+    return ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
 
 
 def expand_hostlist(text: str) -> list[str]:
     """The hosts of a Slurm host list, in its order, as ``scontrol show hostnames`` gives them.
 
     Items are separated by commas or blanks; each is name parts and bracketed lists of numbers and
-    ranges, the numbers as written (zero padding kept: ``nid[0008-0010,0012]``); several bracket
-    groups give every combination, the first varying slowest (``rack[1-2]n[01-02]`` -> rack1n01,
-    rack1n02, rack2n01, rack2n02). A name after the last bracket (``node[1-3]-ib``), which Slurm
-    itself does not allow in slurm.conf and so never writes, is expanded the same way, since it
-    can be read only one way.
+    ranges, the numbers as written (zero padding kept: ``nid[0008-0010,0012]``). Several bracket
+    groups give every combination in Slurm's order (hostlist.c takes the groups apart from the
+    right): the last group varies fastest, then the first, the second ..., the one before the last
+    slowest. With two groups, the first varies slowest (``rack[1-2]n[01-02]`` -> rack1n01,
+    rack1n02, rack2n01, rack2n02); with three, ``a[1-2]b[3-4]c[5-6]`` -> a1b3c5, a1b3c6, a2b3c5,
+    a2b3c6, a1b4c5 ... A name after the last bracket (``node[1-3]-ib``), which Slurm itself does
+    not allow in slurm.conf and so never writes, is expanded the same way, since it can be read
+    only one way.
 
-    Anything else raises :class:`HostlistError` (a ValueError) naming the text and what is wrong
-    with it: a ``[`` not closed (a cut-off ``nid[001-``), a ``]`` or ``[`` out of place, an entry in
-    brackets that is not a number or a range (``00a-3``, ``1-2-3``, empty), a range running
-    backwards (``003-001``) or naming more hosts than Slurm allows in one range, or no host at all.
-    Where Slurm's own parser reads such a text at all, it reads it wrong (``nid[001-`` gives one host
-    ``nid]``)."""
-    hosts: list[str] = []
-    for item in _hostlist_items(text):
-        hosts.extend(_expand_hostlist_item(text, item))
-    if not hosts:
+    Anything else raises :class:`HostlistError` (a ValueError) naming the text (the part around the
+    fault, when it is long) and what is wrong with it: a ``[`` not closed (a cut-off ``nid[001-``),
+    a ``]`` or ``[`` out of place, an entry in brackets that is not a number or a range (``00a-3``,
+    ``1-2-3``, empty), a number of more than :data:`MAX_NUMBER_DIGITS` digits, a range running
+    backwards (``003-001``) or naming more hosts than Slurm allows in one range, a host name longer
+    than :data:`MAX_HOST_NAME`, more than :data:`MAX_HOSTS` hosts in all, or no host at all. The
+    whole text is read and its hosts counted before any is made. Where Slurm's own parser reads
+    such a text at all, it reads it wrong (``nid[001-`` gives one host ``nid]``)."""
+    items = [_parse_hostlist_item(text, start, item) for start, item in _hostlist_items(text)]
+    total = 0
+    for start, _names, _groups, count in items:
+        total += count
+        if total > MAX_HOSTS:
+            raise HostlistError(text, f"it names more than {MAX_HOSTS} hosts, more than any allocation has (the item "
+                                      f"at character {start + 1} passes the limit)", start)
+    if not total:
         raise HostlistError(text, "it names no host")
+    hosts: list[str] = []
+    for _start, names, groups, _count in items:
+        hosts.extend(_expand_hostlist_item(names, groups))
     return hosts
 
 
-def _hostlist_items(text: str) -> list[str]:
-    """The items of ``text``, split at separators outside brackets (commas within them are the
-    bracket's own: ``nid[1,3-5],gpu2`` is two items)."""
-    items: list[str] = []
+def _hostlist_items(text: str) -> list[tuple[int, str]]:
+    """The items of ``text`` with where each starts, split at separators outside brackets (commas
+    within them are the bracket's own: ``nid[1,3-5],gpu2`` is two items)."""
+    items: list[tuple[int, str]] = []
     start, opened = 0, -1  # opened: where the bracket being read began (-1: none)
     for index, char in enumerate(text):
         if char == "[":
             if opened >= 0:
-                raise HostlistError(text, f"a '[' inside brackets, at character {index + 1}")
+                raise HostlistError(text, f"a '[' inside brackets, at character {index + 1}", index)
             opened = index
         elif char == "]":
             if opened < 0:
-                raise HostlistError(text, f"a ']' without its '[', at character {index + 1}")
+                raise HostlistError(text, f"a ']' without its '[', at character {index + 1}", index)
             opened = -1
         elif opened < 0 and char in _HOSTLIST_SEPARATORS:
-            items.append(text[start:index])
+            items.append((start, text[start:index]))
             start = index + 1
     if opened >= 0:
-        raise HostlistError(text, f"the '[' at character {opened + 1} is not closed (a cut-off list?)")
-    items.append(text[start:])
-    return [item for item in items if item]
+        raise HostlistError(text, f"the '[' at character {opened + 1} is not closed (a cut-off list?)", opened)
+    items.append((start, text[start:]))
+    return [(start, item) for start, item in items if item]
 
 
-def _expand_hostlist_item(text: str, item: str) -> list[str]:
-    # "a[1-2]b[3]" -> ["a", "1-2", "b", "3", ""]: names at even places, bracket bodies at odd ones.
-    parts = re.split(r"\[([^\]]*)\]", item)
-    choices = [[part] if index % 2 == 0 else _bracket_numbers(text, part) for index, part in enumerate(parts)]
-    return ["".join(pieces) for pieces in itertools.product(*choices)]
+#: A bracket group read: its numbers as (first, last, width) ranges (a single number is a range of
+#: one), and how many hosts they name.
+_Group = tuple[list[tuple[int, int, int]], int]
 
 
-def _bracket_numbers(text: str, body: str) -> list[str]:
-    """The numbers a bracket body names, as strings: each range's numbers padded to the width of its
-    first (``08-11`` -> 08 09 10 11; ``8-11`` -> 8 9 10 11), a single number as written."""
-    numbers: list[str] = []
+def _parse_hostlist_item(text: str, start: int, item: str) -> tuple[int, list[str], list[_Group], int]:
+    """``item`` (at ``start`` in ``text``) read: its name parts (one more than its groups), its bracket
+    groups, and how many hosts it names (the product of the groups' counts), nothing expanded yet."""
+    names: list[str] = []
+    groups: list[_Group] = []
+    count, longest, end = 1, 0, 0
+    for match in _BRACKET_GROUP.finditer(item):
+        names.append(item[end:match.start()])
+        group = _bracket_ranges(text, start + match.start(1), match.group(1))
+        groups.append(group)
+        count *= group[1]
+        # Widest number of the group: a range's numbers are padded to its first one's width, and
+        # grow to its last one's.
+        longest += max(max(width, len(str(last))) for _first, last, width in group[0])
+        end = match.end()
+        if count > MAX_HOSTS:  # stop multiplying: the total is past the limit already
+            break
+    names.append(item[end:])
+    longest += sum(map(len, names))
+    if longest > MAX_HOST_NAME and count <= MAX_HOSTS:
+        raise HostlistError(text, f"a host of {_excerpt(item, 0, 40)!r} would be {longest} characters long, more than "
+                                  f"the {MAX_HOST_NAME} of a host name", start)
+    return start, names, groups, count
+
+
+def _bracket_ranges(text: str, at: int, body: str) -> _Group:
+    """The ranges of numbers a bracket body (at ``at`` in ``text``) names, and how many numbers
+    they are. A range's numbers are padded to the width of its first (``08-11`` -> 08 09 10 11;
+    ``8-11`` -> 8 9 10 11), a single number is as written."""
+    ranges: list[tuple[int, int, int]] = []
+    count, offset = 0, 0
     for entry in body.split(","):
+        where = at + offset
+        offset += len(entry) + 1
         match = _BRACKET_ENTRY.fullmatch(entry)
         if match is None:
-            raise HostlistError(text, f"{entry!r} in [{body}] is not a number or a range of numbers like 1-3")
+            raise HostlistError(text, f"{_entry_in(entry, body, where - at)} is not a number or a range of numbers "
+                                      "like 1-3", where)
         low, high = match.groups()
-        if high is None:
-            numbers.append(low)
-            continue
-        if int(high) < int(low):
-            raise HostlistError(text, f"the range {entry} runs backwards")
-        if int(high) - int(low) + 1 > MAX_HOSTS_IN_RANGE:
-            raise HostlistError(text, f"the range {entry} names more than {MAX_HOSTS_IN_RANGE} hosts, Slurm's limit")
-        numbers.extend(f"{number:0{len(low)}d}" for number in range(int(low), int(high) + 1))
-    return numbers
+        widest = max(len(low), len(high or ""))
+        if widest > MAX_NUMBER_DIGITS:
+            # Before int(): past 4,300 digits it raises a ValueError of its own.
+            raise HostlistError(text, f"{_entry_in(entry, body, where - at)} has a number of {widest} digits, more "
+                                      f"than the {MAX_NUMBER_DIGITS} of a node number", where)
+        first, last = int(low), int(high if high is not None else low)
+        if last < first:
+            raise HostlistError(text, f"the range {entry} runs backwards", where)
+        if last - first + 1 > MAX_HOSTS_IN_RANGE:
+            raise HostlistError(text, f"the range {entry} names more than {MAX_HOSTS_IN_RANGE} hosts, Slurm's limit",
+                                where)
+        ranges.append((first, last, len(low)))
+        count += last - first + 1
+    return ranges, count
+
+
+def _entry_in(entry: str, body: str, offset: int) -> str:
+    """``'entry' in [body]`` for an error, each cut to 40 characters around the entry."""
+    return f"{_excerpt(entry, 0, 40)!r} in [{_excerpt(body, offset, 40)}]"
+
+
+def _group_numbers(group: _Group) -> list[str]:
+    return [f"{number:0{width}d}" for first, last, width in group[0] for number in range(first, last + 1)]
+
+
+def _expand_hostlist_item(names: list[str], groups: list[_Group]) -> list[str]:
+    """The hosts of an item in Slurm's order. hostlist.c takes the groups apart from the right: the
+    last one is the innermost loop; the text before it is expanded by the same rule, the group
+    before the last in the outer loop and the text left of that inside it."""
+    if not groups:
+        return names
+    *left, last = [_group_numbers(group) for group in groups]
+    prefixes = [names[0]]  # the text up to group len(left), expanded
+    for index, numbers in enumerate(left):
+        prefixes = [f"{prefix}{number}{names[index + 1]}" for number in numbers for prefix in prefixes]
+    return [f"{prefix}{number}{names[-1]}" for prefix in prefixes for number in last]
 
 
 def _hosts_of_variable(env: Mapping[str, str], variable: str) -> list[str]:
     """The hosts of the host list in ``$variable``, each once (a host named twice would be two nodes
-    to the launcher, and get twice the jobs); a one-line RuntimeError naming the variable and its
-    value when it is not a host list."""
+    to the launcher, and get twice the jobs: one WARNING names the repeated ones); a one-line
+    RuntimeError naming the variable and its value when it is not a host list."""
     try:
-        return list(dict.fromkeys(expand_hostlist(env[variable])))
+        hosts = expand_hostlist(env[variable])
     except HostlistError as exc:
-        raise RuntimeError(f"${variable}={exc.text!r} is not a Slurm host list: {exc.problem}") from None
+        raise RuntimeError(exc.in_variable(variable)) from None
+    times = Counter(hosts)  # in the order of first appearance
+    if len(times) < len(hosts):
+        repeated = [host for host, n in times.items() if n > 1]
+        shown = ", ".join(repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        logger.warning("$%s names %d host(s) more than once (%s): each is one node", variable, len(repeated), shown)
+    return list(times)
+
+
+#: ``$COBALT_PARTNAME`` in Cobalt's format on a Cray XC (Theta KNL): node ids (nids) and ranges of
+#: them, ``1001-1003,1030``: digits, dashes, commas and blanks (a cut-off ``1001-`` too). The job
+#: script runs on a shared service (MOM) node there, and the nodes are reached only through aprun:
+#: the default platform's mpiexec cannot start anything on them. Read as host names, the nids were
+#: hosts ``1001-1003`` and ``1030``; a lone nid gave the MOM node, where every job then ran.
+_CRAY_NID_CHARS = frozenset("0123456789-, \t\n\r")
+_CRAY_NIDS_PROBLEM = (
+    "$COBALT_PARTNAME={value!r} names Cray node ids (nids, Cobalt on a Cray XC such as Theta), which the default "
+    "platform cannot launch on (its mpiexec does not reach them; aprun does): set launcher.platform to the "
+    "machine's platform (see `balsam plugins ls`)"
+)
 
 
 def _read_nodefile(path: str) -> list[str]:
@@ -256,7 +378,8 @@ class DefaultPlatform(Platform):
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
         """The allocation's hosts, each once, in order; a RuntimeError naming the variable and its
-        value when the one read is not a host list (the launcher stops with that line)."""
+        value when the one read is not a host list (the launcher stops with that line), or when
+        ``$COBALT_PARTNAME`` names Cray nids (:data:`_CRAY_NIDS_PROBLEM`)."""
         for variable in ("SLURM_JOB_NODELIST", "SLURM_NODELIST"):
             if env.get(variable):
                 return _hosts_of_variable(env, variable)
@@ -266,8 +389,10 @@ class DefaultPlatform(Platform):
                 hosts = _read_nodefile(path)
                 if hosts:
                     return hosts
-        cobalt_partition = env.get("COBALT_PARTNAME")
-        if cobalt_partition and not cobalt_partition.isdecimal():
+        cobalt_partition = env.get("COBALT_PARTNAME", "")
+        if set(cobalt_partition) <= _CRAY_NID_CHARS and any(char.isdecimal() for char in cobalt_partition):
+            raise RuntimeError(_CRAY_NIDS_PROBLEM.format(value=_excerpt(cobalt_partition, 0, SHOWN_CHARS)))
+        if cobalt_partition.strip():
             return _hosts_of_variable(env, "COBALT_PARTNAME")
         return [socket.gethostname()]
 
