@@ -518,7 +518,7 @@ def checked_launch_param(spec: "LaunchSpec", keys: Sequence[str], problem_of: Ca
                          what: str) -> Optional[str]:
     """The value of the first of ``keys`` (any spelling, in :func:`first_launch_param`'s order) the
     spec's launch params set, without the blanks around it (a blank value is not set, as for the
-    platform option it overrides), or None. A value ``problem_of(value)`` finds a problem with raises
+    platform option it overrides; nor is False, :func:`launch_param_words`' rule), or None. A value ``problem_of(value)`` finds a problem with raises
     ValueError in one line naming the key, its owner (:func:`launch_param_owner`), ``what`` it is not
     and the problem: the launcher fails that job (or its serial workers' start) instead of starting
     an MPI launcher that refuses the line at once, with its own message in job.out."""
@@ -528,7 +528,12 @@ def checked_launch_param(spec: "LaunchSpec", keys: Sequence[str], problem_of: Ca
                 continue
             value = launch_param_value(key, value)
             text = "" if value is None else str(value).strip()
-            if not text:
+            # False (the bool, or "false" in any case: how a job's False is stored) is not set, the
+            # rule of launch_param_words (docs/launcher.md: {"opt": False} leaves the option out):
+            # {"cpu_bind": False} failed the job ("got 'False'") where it had meant the default.
+            # 0 is not: launch params reach a platform as strings, so a job's 0 is "0", which is a
+            # binding for aprun -cc (CPU 0) and refused by name for a PALS --cpu-bind.
+            if not text or text.lower() == "false":
                 continue
             problem = problem_of(text)
             if problem:
@@ -635,13 +640,22 @@ def pals_cpu_bind_problem(value: str) -> Optional[str]:
     bitmasks of CPUs" (a mask holds no comma: a comma can only separate ranks); that
     ``mask:0xff,0xff00`` was refused here. Masks separated by ':', as list's ranks are, stay
     accepted: refusing a form PALS takes fails every job of the launcher, while a form it refuses
-    still gets mpiexec's own error."""
+    still gets mpiexec's own error.
+
+    ``verbose``: the same source gives the form as ``[verbose,]<keyword>[:arguments]`` and hands the
+    text to the PALS service unparsed; no public source takes ``verbose`` alone (no keyword),
+    after the keyword (``depth,verbose``) or twice (``verbose,verbose,depth``), nor a mask written
+    ``0XFF`` (Chapel's launch-pals.c takes the bare keywords only): those stay refused."""
     text = str(value).strip()
     body = text[len("verbose,"):] if text.startswith("verbose,") else text
     kind, sep, sets = body.partition(":")
     forms = f"expected one of {', '.join(PALS_CPU_BIND_KINDS)}, list:<CPUs>[:<CPUs>...] or mask:<hex>[,<hex>...]"
     if not sep:
-        return None if kind in PALS_CPU_BIND_KINDS else f"{forms}, got {value!r}"
+        if kind in PALS_CPU_BIND_KINDS:
+            return None
+        # A CPU id alone (a job's 0 arrives as "0"): PALS takes CPUs only after list:.
+        hint = f" (CPUs are written list:{kind})" if kind.isdecimal() else ""
+        return f"{forms}, got {value!r}{hint}"
     if kind == "list":
         parts, pattern, what, between = sets.split(":"), _CPU_RANGES, "CPU ids and ranges like 0-7,32-39", "':'"
     elif kind == "mask":

@@ -37,6 +37,12 @@ def _option(args: list[str], name: str) -> str:
     ("cpu_bind", "threads"),            # srun's spelling, not PALS's
     ("cpu_bind", "verbose"),            # verbose leads a keyword; alone it binds nothing
     ("cpu_bind", "mask:0xff:zz"),       # a mask that is not hex
+    # Forms no public source takes (HPE's cray mpiexec: "[verbose,]<keyword>[:arguments]", handed
+    # to PALS unparsed; Chapel's launch-pals.c: the bare keywords): still refused, by name.
+    ("cpu_bind", "depth,verbose"),      # verbose after the keyword
+    ("cpu_bind", "verbose,verbose,depth"),
+    ("cpu_bind", "mask:0XFF"),          # 0X: the sources write no such mask
+    ("cpu_bind", 0),                    # a CPU id alone (a job's 0 is stored "0"): not a binding
 ])
 def test_a_cpu_bind_pals_refuses_fails_the_job_in_one_line(platform, key: str, value: str) -> None:
     with pytest.raises(ValueError) as error:
@@ -144,3 +150,50 @@ def test_theta_knl_a_cpu_affinity_aprun_refuses_fails_the_job_in_one_line(key: s
         args = ThetaKNLPlatform().mpi_launch_args(LaunchSpec(cmdline="./app", hostnames=["nid01001"],
                                                              launch_params={"cpu_affinity": good}))
         assert args[args.index("-cc") + 1] == cc
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("params", [
+    {"cpu_bind": False}, {"cpu_bind": "false"}, {"--cpu-bind": " FALSE "}, {"--cpu-bind=False": ""},
+])
+def test_a_false_cpu_bind_is_not_set(platform, params: dict) -> None:
+    # docs/launcher.md: {"opt": False} leaves the option out (launch_param_words' rule; a job's
+    # False is stored "False"). It failed the job ("got 'False'"), where before it meant the default.
+    default = _option(platform().mpi_launch_args(_spec({})), "--cpu-bind")
+    args = platform().mpi_launch_args(_spec(params))
+    assert _option(args, "--cpu-bind") == default and args.count("--cpu-bind") == 1
+    # ... and the option's own binding stands.
+    assert _option(platform({"cpu_bind": "core"}).mpi_launch_args(_spec(params)), "--cpu-bind") == "core"
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_a_cpu_id_alone_is_refused_with_the_list_form(platform) -> None:
+    # 0 is a value, not "unset": it reaches the platform as "0" (CPU 0 for aprun -cc, below).
+    with pytest.raises(ValueError, match=r"got '0' \(CPUs are written list:0\)$"):
+        platform().mpi_launch_args(_spec({"cpu_bind": "0"}))
+
+
+def test_theta_knl_a_false_cc_is_the_default_and_0_is_cpu_0() -> None:
+    from balsam_platform_theta.platform import ThetaKNLPlatform
+
+    def cc(params: dict) -> str:
+        args = ThetaKNLPlatform().mpi_launch_args(LaunchSpec(cmdline="./app", hostnames=["nid01001"],
+                                                             launch_params=params, job_id=5, app_id=APP_ID))
+        return args[args.index("-cc") + 1]
+
+    default = cc({})
+    assert default == "depth"
+    assert cc({"cc": False}) == cc({"cpu_affinity": "False"}) == cc({"-cc": "false"}) == default
+    assert cc({"cc": 0}) == cc({"cc": "0"}) == "0"
+
+
+def test_aurora_a_blank_option_keeps_the_tiles_binding_of_a_whole_node_gpu_job() -> None:
+    # A blank option is empty (the settings check reads it so): a whole-node GPU job's ranks go on
+    # the cores near their tiles, as with no option. Read as set ("  " is truthy), it gave the even
+    # spread, ranks 2 and 3 on the socket away from their tiles.
+    spec = LaunchSpec(cmdline="./app", hostnames=["x1", "x2"], ranks_per_node=4, threads_per_rank=1,
+                      gpus_per_rank=1, whole_nodes=True, job_id=1, app_id=APP_ID)
+    tiles = _option(AuroraPlatform().mpi_launch_args(spec), "--cpu-bind")
+    assert tiles == "list:1-12:13-24:25-36:37-48"
+    for blank in ("  ", "\t", " \n"):
+        assert _option(AuroraPlatform({"cpu_bind": blank}).mpi_launch_args(spec), "--cpu-bind") == tiles

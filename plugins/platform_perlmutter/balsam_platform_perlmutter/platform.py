@@ -397,7 +397,8 @@ class PerlmutterGPUPlatform(Platform):
             # walltime. Each host once, as on the default platform: one named twice is not two nodes.
             hosts = list(dict.fromkeys(expand_hostlist(nodelist)))
         except HostlistError as exc:
-            raise RuntimeError(f"${variable}={exc.text!r} is not a Slurm host list: {exc.problem}") from None
+            # The core's one line: ~80 characters around the fault (a 10,000-node list is ~100,000).
+            raise RuntimeError(exc.in_variable(variable)) from None
         nodes = [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids) for host in hosts]
         # The shared QOS (--gpus=1|2) and partial-node allocations: Slurm names the job's GPUs there,
         # and counts the job's CPUs on each node.
