@@ -24,6 +24,13 @@ from .limits import MAX_QUERY_VALUE_CHARS
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 #: Ids in a path are 64-bit integers (an id beyond the 32-bit columns simply does not exist: 404).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: The query parameters whose value is free text (a name, a path, a substring). Given empty in a
+#: listing, such a filter is no filter, as Balsam 0.7 read it (``if self.name:``; every text holds
+#: the empty text) and as its clients and ours send a filter given ``""``. Every other parameter
+#: (ids, integers, states, orderings, booleans, datetimes, ``KEY:VALUE``, ``limit``) given empty is
+#: refused, as 0.7's FastAPI refused it (``''`` is not an integer or a state), and so is every empty
+#: value of an update or delete by filter (QueryParams).
+TEXT_FILTERS = frozenset({"name", "path", "site_path", "site_name", "queue", "workdir__contains"})
 
 
 def _default(value: Any) -> Any:
@@ -163,6 +170,19 @@ class QueryParams:
                 raise ValidationFailed(
                     (["query", k], f"unknown filter parameter (valid: {', '.join(sorted(allowed))})") for k in unknown
                 )
+        # The one rule for empty values (docs/rest-api.md, "Pagination and filters"), read here for
+        # every parameter of every route, whether or not the route reads it: before, ``id=`` matched
+        # nothing, ``app_id=`` and ``limit=`` were ignored and ``state=`` was a 422, and a query
+        # delete with ``app_id=`` (an unset shell variable) deleted every job.
+        writes = isinstance(request, Request) and request.method not in ("GET", "HEAD")
+        for key, value in self.params.multi_items():
+            if value.strip():
+                continue
+            if key not in TEXT_FILTERS:
+                raise ValidationFailed.field(["query", key], "empty value: leave the parameter out for no filter")
+            if writes:
+                raise ValidationFailed.field(["query", key], "empty value: an update or delete by filter takes no "
+                                             "empty filter (it would reach every job); leave the parameter out")
 
     def _convert(self, name: str, raw: str, conv: Callable[[str], Any], what: str) -> Any:
         try:
@@ -187,7 +207,7 @@ class QueryParams:
     def int(self, name: str, default: Optional[int] = None, *, minimum: Optional[int] = None,
             maximum: Optional[int] = None, bits: int = 32) -> Optional[int]:
         raw = self._one(name)
-        if raw is None or raw == "":
+        if raw is None:  # (an empty value never comes here: see __init__)
             return default
         value = self._convert(name, raw, int_from_text, "an integer")
         if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
@@ -198,48 +218,65 @@ class QueryParams:
             raise ValidationFailed.field(["query", name], f"must be <= {maximum}, got {value}")
         return value
 
-    def int_list(self, name: str, *, bits: int = 32) -> Optional[list[int]]:
-        """Integers given as repeated and/or comma-separated values; ``bits=64`` for the ids of
-        64-bit columns (jobs, events, transfer items, sessions)."""
+    def _items(self, name: str) -> Optional[list[str]]:
+        """The items of a list parameter, given repeated and/or comma-separated (``id=1,2&id=3``),
+        blanks around the commas dropped (``id=1, 2``, ``state=READY,``). A value with no item in it
+        (``id=,``) is refused as an empty one is (QueryParams' rule for empty values)."""
         raws = self.params.getlist(name)
         if not raws:
             return None
+        out: list[str] = []
+        for raw in raws:
+            parts = [part.strip() for part in raw.split(",")]
+            items = [part for part in parts if part]
+            if not items:
+                raise ValidationFailed.field(["query", name], f"no value in {raw!r}: leave the parameter out for no filter")
+            out.extend(items)
+        return out
+
+    def int_list(self, name: str, *, bits: int = 32) -> Optional[list[int]]:
+        """Integers given as repeated and/or comma-separated values (:meth:`_items`); ``bits=64`` for
+        the ids of 64-bit columns (jobs, events, transfer items, sessions)."""
+        items = self._items(name)
+        if items is None:
+            return None
         low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         out: list[int] = []
-        for raw in raws:
-            for part in raw.split(","):
-                if part.strip():
-                    value = self._convert(name, part.strip(), int_from_text, "an integer")
-                    if not low <= value <= high:
-                        raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
-                    out.append(value)
+        for item in items:
+            value = self._convert(name, item, int_from_text, "an integer")
+            if not low <= value <= high:
+                raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
+            out.append(value)
         return out
 
     def str_list(self, name: str) -> Optional[list[str]]:
         raws = self.params.getlist(name)
         return list(raws) if raws else None
 
+    def _enum_value(self, name: str, raw: str, cls: type[enum.Enum]) -> str:
+        valid = {str(member.value) for member in cls}
+        if raw not in valid:
+            raise ValidationFailed.field(["query", name], f"expected one of {', '.join(sorted(valid))}; got {raw!r}")
+        return raw
+
     def enum_list(self, name: str, cls: type[enum.Enum]) -> Optional[list[str]]:
-        raws = self.params.getlist(name)
-        if not raws:
-            return None
-        valid = {str(m.value) for m in cls}
-        out = []
-        for raw in raws:
-            if raw not in valid:
-                raise ValidationFailed.field(["query", name], f"expected one of {', '.join(sorted(valid))}; got {raw!r}")
-            out.append(raw)
-        return out
+        """A list of enum values (``state``), repeated and/or comma-separated as the id lists are
+        (:meth:`_items`): ``state=READY,RUNNING`` was refused (422) where ``id=1,2`` was taken. No
+        state's name holds a comma, so the split reads nothing else. 422 naming the first unknown
+        value. (Text filters, ``tags=K:V`` among them, are never split: a value may hold a comma.)
+        The one reader of the listings' state lists (jobs, their counts, the query update and
+        delete, batch-jobs, transfers, the backlog, the dashboard's Jobs page)."""
+        items = self._items(name)
+        return None if items is None else [self._enum_value(name, item, cls) for item in items]
 
     def enum(self, name: str, cls: type[enum.Enum]) -> Optional[str]:
-        values = self.enum_list(name, cls)
-        if values and len(values) > 1:
-            raise ValidationFailed.field(["query", name], f"takes one value, got {len(values)}")
-        return values[0] if values else None
+        """One enum value (``state__ne``, ``direction``): never split, so ``a,b`` is refused naming it."""
+        raw = self._one(name)
+        return None if raw is None else self._enum_value(name, raw, cls)
 
     def choice(self, name: str, choices: "list[str]", default: Optional[str] = None) -> Optional[str]:
         raw = self._one(name)
-        if raw is None or raw == "":
+        if raw is None:  # (an empty value never comes here: see __init__)
             return default
         if raw not in choices:
             raise ValidationFailed.field(["query", name], f"expected one of {', '.join(choices)}; got {raw!r}")
@@ -247,13 +284,13 @@ class QueryParams:
 
     def datetime(self, name: str) -> Optional[dt.datetime]:
         raw = self._one(name)
-        if raw is None or raw == "":
+        if raw is None:  # (an empty value never comes here: see __init__)
             return None
         return self._convert(name, raw, parse_datetime, "an ISO-8601 datetime")
 
     def bool(self, name: str) -> Optional[bool]:
         raw = self._one(name)
-        if raw is None or raw == "":
+        if raw is None:  # (an empty value never comes here: see __init__)
             return None
         low = raw.lower()
         if low in ("1", "true", "yes", "on"):
@@ -286,6 +323,9 @@ class QueryParams:
             raise ValidationFailed.field(["query", name], f"at most {MAX_TAG_FILTERS} {name} filters, got {len(out)}")
         return out
 
+
+#: :meth:`QueryParams.enum_list` as a function of (q, name, cls), the routes' spelling of it.
+enum_values = QueryParams.enum_list
 
 PAGINATION = {"limit", "offset"}
 

@@ -36,8 +36,8 @@ from .db import bulk_insert, id_in, ids_in_param, ids_param, raw_cursor, update_
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .idempotency import require_all_replayed
 from .job_counts import count_matching, counts_by_state, jobs_with_each_tag
-from .http import (ID_AFTER, INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int,
-                   wire_datetime)
+from .http import (ID_AFTER, INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, enum_values, int_range_errors,
+                   is_json_int, wire_datetime)
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
                      json_value_within_limits, list_item_size_errors, list_size_errors_of_unchecked)
 from .pg_copy import NULL, allocate_ids, column_fields, copy_body, copy_rows, field_writer, text_field
@@ -253,28 +253,6 @@ def plain_job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # Filters
 # ---------------------------------------------------------------------------------------------
-
-def enum_values(q: QueryParams, name: str, cls: type) -> "list[str] | None":
-    """A list filter of enum values (``state``) given repeated and/or comma-separated, as the id
-    lists are (``QueryParams.int_list``): ``state=READY,RUNNING`` was refused (422) where
-    ``id=1,2`` was taken. No state's name holds a comma, so the split reads nothing else; blanks
-    around the commas are dropped (a blank ``state=`` is refused, as before). 422 naming the first
-    unknown value. (Text filters, ``tags=K:V`` among them, are never split: a value may hold a
-    comma.) The one place for the listings' state lists (jobs, their counts, the query update and
-    delete, batch-jobs, transfers, the backlog)."""
-    raws = q.params.getlist(name)
-    if not raws:
-        return None
-    valid = {str(member.value) for member in cls}  # type: ignore[attr-defined]
-    out: list[str] = []
-    for raw in raws:
-        parts = [part.strip() for part in raw.split(",")]
-        for value in [part for part in parts if part] if len(parts) > 1 else parts:  # ``state=READY,`` as ``id=1,``
-            if value not in valid:
-                raise ValidationFailed.field(["query", name], f"expected one of {', '.join(sorted(valid))}; got {value!r}")
-            out.append(value)
-    return out
-
 
 def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str, *, by_time: bool = False) -> sa.Select:
     """``stmt`` limited to the jobs the query's filters match. ``by_time``: the site and app tests as

@@ -373,15 +373,30 @@ QUERY_BUDGET = 14 * 1024
 MAX_QUERY_IDS = 32
 MAX_QUERY_TEXT_CHARS = 256
 MAX_QUERY_TAGS, MAX_QUERY_TAG_CHARS = 8, 64
-Q_INT_LIST = array(int32(), MAX_QUERY_IDS)
+#: How every list parameter of ids or states is read (http.QueryParams._items): OpenAPI's
+#: ``explode`` names one form; the server takes both.
+LIST_FORMS = ("repeated (name=a&name=b, as Balsam 0.7's clients send it) or comma-separated (name=a,b), or both "
+              "mixed; blanks around the commas are dropped; an empty value (name= or name=,) is refused (422)")
+
+
+def q_list(items: dict[str, Any], max_items: int) -> dict[str, Any]:
+    """A list query parameter of ids or states: repeated and/or comma-separated (LIST_FORMS)."""
+    return {**array(items, max_items), "description": LIST_FORMS}
+
+
+Q_INT_LIST = q_list(int32(), MAX_QUERY_IDS)
 #: 64-bit ids are longer (up to 20 characters): a list of them holds fewer within the budget.
 MAX_QUERY_IDS_64 = 30
-Q_ID64_LIST = array(int64(), MAX_QUERY_IDS_64)
+Q_ID64_LIST = q_list(int64(), MAX_QUERY_IDS_64)
 Q_KEY_VALUE = {**array(text(min(MAX_QUERY_TAG_CHARS, MAX_QUERY_VALUE_CHARS), pattern="^[^\\x00:]+:[^\\x00]*$"),
                        MAX_QUERY_TAGS),
                # JSON Schema cannot say "unique by the part before the colon" (http.QueryParams.key_values).
                "description": "KEY:VALUE, repeated for more keys; a key given twice with different values is "
                               "refused (422): a tag has one value"}
+#: Text filters (http.TEXT_FILTERS): a client sends one non-empty. (Given empty, a listing reads no
+#: filter, as Balsam 0.7 did; an update or delete by filter refuses it: docs/rest-api.md.)
+#: The events' site and BatchJob id lists and key/value filters (two of each kind: fewer of each).
+MAX_EVENT_QUERY_IDS, MAX_EVENT_QUERY_TAGS = 8, 7
 Q_TEXT = text(min(MAX_QUERY_TEXT_CHARS, MAX_QUERY_VALUE_CHARS), min_length=1)
 Q_DATETIME = REQUEST_DATETIME
 PAGE_PARAMS = {"limit": int32(0, MAX_PAGE_SIZE), "offset": int32(0)}
@@ -390,16 +405,17 @@ QUERIES: dict[str, dict[str, Any]] = {
     "apps": {"site_id": Q_INT_LIST, "id": Q_INT_LIST, "name": Q_TEXT, "site_path": Q_TEXT, "site_name": Q_TEXT},
     "jobs": {"id": Q_ID64_LIST, "parent_id": Q_ID64_LIST, "app_id": int32(), "site_id": Q_INT_LIST,
              "batch_job_id": int32(), "last_update_before": Q_DATETIME, "last_update_after": Q_DATETIME,
-             "workdir__contains": Q_TEXT, "state__ne": _ref("JobState"), "state": array(_ref("JobState"), len(JobState)),
+             "workdir__contains": Q_TEXT, "state__ne": _ref("JobState"), "state": q_list(_ref("JobState"), len(JobState)),
              "tags": Q_KEY_VALUE, "pending_file_cleanup": {"type": "boolean"},
              "ordering": enum(["last_update", "-last_update", "id", "-id", "state", "-state", "workdir", "-workdir"]),
              "id__gt": int64()},
     "batch-jobs": {"id": Q_INT_LIST, "site_id": Q_INT_LIST,
-                   "state": array(_ref("BatchJobState"), len(BatchJobState)),
-                   "scheduler_id": int32(), "queue": Q_TEXT, "ordering": enum(["start_time", "-start_time"]),
+                   "state": q_list(_ref("BatchJobState"), len(BatchJobState)),
+                   "scheduler_id": int32(), "queue": Q_TEXT,
+                   "ordering": enum(["start_time", "-start_time", "id", "-id"]),
                    "start_time_before": Q_DATETIME, "start_time_after": Q_DATETIME, "end_time_before": Q_DATETIME,
                    "end_time_after": Q_DATETIME, "filter_tags": Q_KEY_VALUE, "id__gt": int32()},
-    "backlog": {"state": array(_ref("JobState"), len(JobState)),
+    "backlog": {"state": q_list(_ref("JobState"), len(JobState)),
                 "tags": array(text(MAX_BACKLOG_TAG_CHARS, pattern="^[^\\x00:]+:[^\\x00]*$"), MAX_BACKLOG_TAGS),
                 # What a launcher acquiring with the same limits could lease (the acquire's rules),
                 # and the jobs of given BatchJobs (an auto-scaler's own: its running footprint).
@@ -417,12 +433,16 @@ QUERIES: dict[str, dict[str, Any]] = {
                 "hardware_threads_per_core": int32(0)},
     "sessions": {"id": Q_ID64_LIST},
     "transfers": {"id": Q_ID64_LIST, "site_id": Q_INT_LIST, "job_id": Q_ID64_LIST,
-                  "state": array(_ref("TransferItemState"), len(TransferItemState)),
+                  "state": q_list(_ref("TransferItemState"), len(TransferItemState)),
                   "direction": _ref("TransferDirection"),
                   "job_state": _ref("JobState"), "tags": Q_KEY_VALUE,
                   "ordering": enum(["id", "-id", "state", "-state"]), "id__gt": int64()},
-    "events": {"id": Q_ID64_LIST, "job_id": Q_ID64_LIST, "batch_job_id": int32(), "scheduler_id": int32(),
-               "tags": Q_KEY_VALUE, "data": Q_KEY_VALUE, "timestamp_before": Q_DATETIME,
+    # site_id and batch_job_id are lists (the route's int_list), bounded with the key/value filters
+    # so that the events' worst query string stays within QUERY_BUDGET.
+    "events": {"id": Q_ID64_LIST, "job_id": Q_ID64_LIST, "site_id": q_list(int32(), MAX_EVENT_QUERY_IDS),
+               "batch_job_id": q_list(int32(), MAX_EVENT_QUERY_IDS), "scheduler_id": int32(),
+               "tags": {**Q_KEY_VALUE, "maxItems": MAX_EVENT_QUERY_TAGS},
+               "data": {**Q_KEY_VALUE, "maxItems": MAX_EVENT_QUERY_TAGS}, "timestamp_before": Q_DATETIME,
                "timestamp_after": Q_DATETIME, "from_state": _ref("JobState"), "to_state": _ref("JobState"),
                "ordering": enum(["timestamp", "-timestamp"]), "id__gt": int64()},
     "credentials": {"kind": enum(list(CREDENTIAL_KINDS)), "site_id": int32(),

@@ -546,6 +546,13 @@ def sites_page(view: View) -> Response:
     return view.render("sites.html", title="Sites", cards=cards, active_page="sites")
 
 
+def _listed(params: StarletteQueryParams, name: str) -> list[str]:
+    """A list parameter's values as the form shows them selected: repeated and/or comma-separated,
+    as the API reads them (``QueryParams.enum_list``), without checking them (the page says why a
+    bad one is refused)."""
+    return [item.strip() for raw in params.getlist(name) for item in raw.split(",") if item.strip()]
+
+
 JOB_FILTER_NAMES = ("state", "tags", "site_id", "app_id", "batch_job_id", "workdir__contains", "parent_id")
 
 
@@ -559,6 +566,7 @@ def jobs_page(view: View) -> Response:
     more = False
     limit = DEFAULT_PAGE_SIZE
     before = after = None
+    states: list[str] = []
     with view.read() as conn:
         site_rows = _site_rows(conn, view.user.id)
         app_names = _app_names(conn, view.user.id)
@@ -570,19 +578,21 @@ def jobs_page(view: View) -> Response:
                 before, after = pq.int("before", minimum=0, bits=64), pq.int("after", minimum=0, bits=64)
                 q = view.query(raw)
                 # Checked here, as the API checks it: when the counts say nothing matches, the page is
-                # not read, and an unknown state would otherwise read as "0 matching jobs".
-                q.enum_list("state", JobState)
+                # not read, and an unknown state would otherwise read as "0 matching jobs". Read as
+                # the API reads it, so ``state=READY,RUNNING`` is both states here too (the page
+                # answered 422 for it, and its counts looked for a state named "READY,RUNNING").
+                states = q.enum_list("state", JobState) or []
                 count_all = pq.choice("count", ["all"]) == "all"
                 counts, exact = jobs_logic.count_jobs_by_state(
                     conn, view.user.id, q, window=None if count_all else jobs_logic.COUNT_SCAN_WINDOW)
-                states_wanted = raw.getlist("state")
-                if sum(n for s, n in counts.items() if not states_wanted or s in states_wanted) == 0 and exact:
+                if sum(n for s, n in counts.items() if not states or s in states) == 0 and exact:
                     rows, more = [], False  # nothing matches: no need to look for a page of it
                 else:
                     rows, more = jobs_logic.keyset_page_jobs(conn, view.user.id, q, limit, before_id=before, after_id=after)
             except APIError as exc:
                 error = error_text(exc.detail)
-    states = raw.getlist("state")
+    if error:
+        states = _listed(raw, "state")  # as given: the form shows them back
     matching = sum(n for s, n in counts.items() if not states or s in states)
     # A count over the newest jobs only may miss older matches that this very page lists: the
     # lower bound is at least the rows shown, and one more when another page follows.
@@ -740,7 +750,7 @@ def batch_jobs_page(view: View) -> Response:
     return view.render(
         "batch_jobs.html", 422 if error else 200, title="BatchJobs", active_page="batch_jobs", error=error,
         batch_jobs=bjs, count=count, page=page,
-        pages=pages, filters=raw, selected_states=raw.getlist("state"), states=[s.value for s in BatchJobState],
+        pages=pages, filters=raw, selected_states=_listed(raw, "state"), states=[s.value for s in BatchJobState],
         sites=site_rows, site_names={s.id: s.name for s in site_rows}, ran=ran,
         # past the last page (an old link, a typed number): "Newer" leads to the last page, not the one before
         prev_url=view.url("batch-jobs", raw, page=min(page - 1, pages)) if page > 1 else "",

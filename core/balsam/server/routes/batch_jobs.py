@@ -16,9 +16,9 @@ from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, missing_answers, not_found_ids, parse_partial, refusals_answered
 from ..http import (ID_AFTER, MAX_TAG_FILTERS, PAGINATION, QueryParams, check_int_fields, is_json_int, json_response,
-                    no_content, pagination, parse_bulk_patches, require_list, wire_datetime)
+                    enum_values, no_content, pagination, parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
-from ..jobs_logic import BATCH_JOB_ENDED_MSG, enum_values, json_contains, owned_site_ids, site_owned_by, utcnow
+from ..jobs_logic import BATCH_JOB_ENDED_MSG, json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sessions, sites

@@ -14,9 +14,9 @@ from balsam.states import JobState
 from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, NodeShape, backlog_by_state, parse_gpu_bound
 from ..db import count_and_page, where_in
 from ..errors import APIError, Conflict, Forbidden, NotFound, Refusal, ValidationFailed, parse_partial, refusals_answered
-from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
+from ..http import PAGINATION, enum_values, json_response, no_content, pagination, wire_datetime
 from ..idempotency import replay_one
-from ..jobs_logic import contains_text, delete_jobs_of, enum_values, site_owned_by, utcnow
+from ..jobs_logic import contains_text, delete_jobs_of, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sessions, sites
 

@@ -12,8 +12,8 @@ from balsam.states import DONE_STATES, JobState, TransferDirection, TransferItem
 
 from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
 from ..errors import Conflict, NotFound, not_found_ids, parse_partial
-from ..http import ID_AFTER, PAGINATION, json_response, pagination, parse_bulk_patches, require_list
-from ..jobs_logic import EventBuffer, enum_values, json_contains, owned_site_ids, set_states, utcnow
+from ..http import ID_AFTER, PAGINATION, enum_values, json_response, pagination, parse_bulk_patches, require_list
+from ..jobs_logic import EventBuffer, json_contains, owned_site_ids, set_states, utcnow
 from ..routing import Ctx, route
 from ..tables import jobs, transfer_items
 
