@@ -43,14 +43,20 @@ def _running(cobalt, jobid):
 
 
 def test_submit_run_history_backfill(cobalt, tmp_path):
+    # The job holds its nodes until the test has seen them busy: with a fixed sleep, a loaded machine let the job
+    # end (qstat still says "exiting", mapped to running) before nodelist answered, and the nodes showed idle.
+    # The wait is bounded (12 s, under the 15 s wall time) and then fails the job, so a broken test cannot hang.
+    release = tmp_path / "release"
     script = _script(tmp_path, "qlaunch00001", 'echo "id=$COBALT_JOBID size=$COBALT_JOBSIZE part=$COBALT_PARTNAME"; '
-                                               'cat $COBALT_NODEFILE; sleep 1.5')
+                                               'cat $COBALT_NODEFILE\n'
+                                               f'while [ ! -e "{release}" ]; do (( SECONDS < 12 )) || exit 3; sleep 0.05; done')
     assert [(w.num_nodes, w.wall_time_min) for w in cobalt.get_backfill_windows()["debug"]] == [(2, 45)]
     jobid = cobalt.submit(_request(script))
     status = wait_for(lambda: cobalt.get_statuses().get(jobid), 10, "the job in qstat")
     assert status.num_nodes == 2 and status.queue == "debug" and status.project == "proj" and status.wall_time_min == 5
     wait_for(lambda: _running(cobalt, jobid), 10, "the job to run")
     assert cobalt.get_backfill_windows() == {}  # both nodes busy
+    release.touch()
     wait_for(lambda: jobid not in cobalt.get_statuses(), 15, "the job to leave the queue")
     history = cobalt.get_history(jobid, script)
     assert history.state is BatchJobState.finished and history.start_time <= history.end_time
