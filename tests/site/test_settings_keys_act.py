@@ -319,6 +319,39 @@ def test_a_merged_alias_is_checked_as_written(tmp_path: Path) -> None:
     assert [e.split(" ", 2)[1].rstrip(":") for e in errors] == ["scheduler.optional_batch_job_params.x", "filter_tags.x"], errors
 
 
+
+_QUEUE_ANCHOR = "scheduler:\n  name: local\n  allowed_queues:\n    local: &b {max_nodes: 1, max_walltime: 1_000, max_queued_jobs: 5}\n"
+
+
+@pytest.mark.parametrize("tags", ["filter_tags:\n  max_walltime: 5\n  <<: *b\n",
+                                  "filter_tags:\n  <<: *b\n  max_walltime: 5\n",
+                                  "filter_tags:\n  <<: [{max_walltime: 1_000}, *b]\n  max_walltime: 5\n"])
+def test_a_key_written_beside_a_merge_wins_over_the_merged_number(tags: str) -> None:
+    """The key written before `<<: *b` was refused with the merged text ("got 1_000, which YAML
+    reads as the number 5"): the merge's numbers overwrote the mapping's own, which win in the data."""
+    settings = loads_settings(_QUEUE_ANCHOR + tags)
+    assert settings.filter_tags == {"max_nodes": "1", "max_walltime": "5", "max_queued_jobs": "5"}
+
+
+def test_a_merge_written_as_a_list_is_checked_as_written(tmp_path: Path) -> None:
+    """`<<: [{version: 1.10}, {b: x}]` loaded silently as the tag '1.1'; a quoted key beside it wins."""
+    errors = _error_lines("filter_tags:\n  <<: [{version: 1.10}, {b: x}]\n", tmp_path)
+    assert errors == [f"{tmp_path / 'settings.yml'}:1 filter_tags.version: expected a string, got 1.10, which YAML "
+                      f"reads as the number 1.1: quote it ('1.10')"], errors
+    settings = loads_settings("filter_tags:\n  version: '1.10'\n  <<: [{version: 1.10}, {b: x}]\n")
+    assert settings.filter_tags == {"version": "1.10", "b": "x"}
+
+
+def test_a_merge_of_a_merge_is_checked_and_its_keys_win_shallowly(tmp_path: Path) -> None:
+    """A mapping merged first inline (`<<: &m {...}`), then through its alias: only its own keys and
+    its merges' are copied (the prefix scan took the keys of the mapping it was merged into)."""
+    text = ("scheduler:\n  optional_batch_job_params:\n    w: 0x10\n    <<: &m {<<: {v: 1.10}, u: '1'}\n"
+            "filter_tags:\n  w: 7\n  <<: *m\n")
+    errors = _error_lines(text, tmp_path)
+    assert [e.split(" ", 2)[1].rstrip(":") for e in errors] == [
+        "scheduler.optional_batch_job_params.w", "scheduler.optional_batch_job_params.v", "filter_tags.v"], errors
+
+
 def test_a_transfer_backends_text_option_read_as_another_number_is_refused(tmp_path: Path) -> None:
     """``transfers.backend_options.globus.label: 1.10`` was the label '1.1' (the backend's options
     are checked by the transfers section's validate(), which had no written numbers)."""

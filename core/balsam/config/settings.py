@@ -180,10 +180,11 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
     lines[()] = root.start_mark.line + 1
     open_nodes: set[int] = set()  # the node being walked and the nodes that contain it
     walked: set[int] = set()
-    first_paths: dict[int, tuple] = {}  # each node's path where it was walked (for a `<<: *alias`)
-    stack: list[tuple[Any, tuple, bool]] = [(root, (), False)]
+    # (node, path, leaving, record): `record` is False under a merge (`<<:`), whose numbers are
+    # copied into the mapping that merges it (:func:`_merged_numbers`), which knows which keys win.
+    stack: list[tuple[Any, tuple, bool, bool]] = [(root, (), False, True)]
     while stack:
-        node, path, leaving = stack.pop()
+        node, path, leaving, record = stack.pop()
         if leaving:
             open_nodes.discard(id(node))
             walked.add(id(node))
@@ -191,8 +192,7 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
         if id(node) in walked:
             continue
         open_nodes.add(id(node))
-        first_paths.setdefault(id(node), path)
-        stack.append((node, path, True))
+        stack.append((node, path, True, record))
         if isinstance(node, yaml.MappingNode):
             children = [(key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node),
                          key_node.start_mark.line + 1, value_node) for key_node, value_node in node.value]
@@ -218,22 +218,80 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
                     first_lines[identity] = line
         for key, line, child in reversed(children):
             lines.setdefault(path + (key,), line)
-            if numbers is not None and isinstance(child, yaml.ScalarNode) and child.tag in _YAML_READ_TAGS:
+            merged = key == "<<" and isinstance(node, yaml.MappingNode)
+            if record and not merged and numbers is not None and isinstance(child, yaml.ScalarNode) \
+                    and child.tag in _YAML_READ_TAGS:
                 numbers.setdefault(path + (key,), child.value)
             if id(child) in open_nodes:
                 raise _RecursiveYAML(path + (key,), lines[path + (key,)])
-            # A merge (`<<: {version: 1.10}`, `<<: *base`) puts its keys in this mapping, as the loader
-            # does; the keys written here were recorded first and win, as they do in the loaded data.
-            merged = key == "<<" and isinstance(node, yaml.MappingNode) and isinstance(child, yaml.MappingNode)
-            if merged and id(child) in walked and numbers is not None:
-                # Walked where its anchor is: its numbers are copied here, under this mapping's keys.
-                first = first_paths.get(id(child), ())
-                for known, written in list(numbers.items()):
-                    if known[:len(first)] == first and known[0] != _KEY_TEXT:
-                        numbers.setdefault(path + known[len(first):], written)
             if isinstance(child, (yaml.MappingNode, yaml.SequenceNode)) and id(child) not in walked:
-                stack.append((child, path if merged else path + (key,), False))
+                stack.append((child, path if merged else path + (key,), False, record and not merged))
+        if record and numbers is not None and isinstance(node, yaml.MappingNode):
+            # After this mapping's own keys, which win over merged ones, as in the loaded data.
+            for relative, written in _merged_numbers(node).items():
+                numbers.setdefault(path + relative, written)
     return lines
+
+
+def _merge_sources(node: Any) -> list[Any]:
+    """The mappings a YAML mapping merges (``<<: *a``, ``<<: [*a, *b]``), the winner first."""
+    sources = []
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == "<<":
+            if isinstance(value_node, yaml.MappingNode):
+                sources.append(value_node)
+            elif isinstance(value_node, yaml.SequenceNode):  # earlier in the list wins
+                sources.extend(item for item in value_node.value if isinstance(item, yaml.MappingNode))
+    return sources
+
+
+def _merged_numbers(node: Any) -> dict[tuple, str]:
+    """Relative key path -> text as written of the numbers a mapping gets through its merges.
+
+    YAML merges are shallow: a key the mapping writes itself wins with all below it. Among merges
+    (``<<: [*a, *b]``, ``<<:`` twice) the earlier should win, but PyYAML's ``flatten_mapping``
+    keeps a key's first merged pair by the identity of the key's str object, so which one loads
+    varies (``v`` the first, ``version`` the last): every merge's number is recorded, the earlier
+    first; the checker only consults it where a number loaded, and refuses it either way. Walks
+    each merged node's subtree once per merge (a visited set: a cycle or a nest of aliases costs
+    the nodes, not the paths), not the numbers recorded so far (each merge scanned them all)."""
+    found: dict[tuple, str] = {}
+    sources = _merge_sources(node)
+    if not sources:
+        return found
+    taken = {key_node.value for key_node, _value in node.value
+             if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<"}
+    seen: set[Any] = set()
+    # (node, path, keys to skip): a merge source's keys that the mapping it merges into writes are
+    # skipped (None: not a merge source); its nested values keep all their own keys.
+    pending: list[tuple[Any, tuple, Optional[set]]] = [(source, (), taken) for source in reversed(sources)]
+    while pending:
+        current, prefix, exclude = pending.pop()
+        if isinstance(current, yaml.ScalarNode):
+            if current.tag in _YAML_READ_TAGS:
+                found.setdefault(prefix, current.value)
+            continue
+        # A node once (as the lines map walks it), a merge source once per place it merges into.
+        mark = id(current) if exclude is None else (id(current), prefix)
+        if mark in seen:
+            continue
+        seen.add(mark)
+        if isinstance(current, yaml.SequenceNode):
+            pending.extend((item, prefix + (index,), None) for index, item in reversed(list(enumerate(current.value))))
+            continue
+        if not isinstance(current, yaml.MappingNode):
+            continue
+        own = [(key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node), value_node)
+               for key_node, value_node in current.value]
+        keys = {key for key, _value in own if key != "<<"}
+        later: list[tuple[Any, tuple, Optional[set]]] = [
+            (value_node, prefix + (key,), None) for key, value_node in own
+            if key != "<<" and (exclude is None or key not in exclude)]
+        # Its merges after its own keys, without the keys it or the mapping it merges into writes.
+        blocked = keys | exclude if exclude is not None else keys
+        later.extend((source, prefix, blocked) for source in _merge_sources(current))
+        pending.extend(reversed(later))
+    return found
 
 
 def _read_as(value: Any) -> str:
@@ -943,8 +1001,8 @@ def load_settings(path: Union[str, os.PathLike], *, only: Optional[Collection[st
     ``only``: read just these sections (e.g. :data:`LAUNCHER_SECTIONS`). ``log_warnings``: log each
     of the file's :attr:`Settings.warnings` (once per process) as a WARNING of ``balsam.config``,
     which a ``balsam`` command without logging set up (``balsam site check-settings``) prints on
-    stderr; :class:`~balsam.config.SiteConfig` reads without it: an agent module logs its own
-    section's warnings into the agent's log when it starts."""
+    stderr; :class:`~balsam.config.SiteConfig` reads without it: the agent logs
+    :meth:`Settings.agent_warnings` into its log when it starts."""
     path = Path(path)
     source = str(path)
     try:
