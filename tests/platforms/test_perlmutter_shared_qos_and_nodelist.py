@@ -16,14 +16,9 @@ import pytest
 import yaml
 
 from balsam_platform_perlmutter.platform import PerlmutterCPUPlatform, PerlmutterGPUPlatform
+from test_site_init_platforms import balsam
 
 
-def balsam(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-c", "from balsam.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"balsam {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.mark.parametrize("platform", [PerlmutterGPUPlatform, PerlmutterCPUPlatform])
