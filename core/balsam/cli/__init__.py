@@ -20,10 +20,10 @@ import click
 
 from balsam import __version__
 
-from ._streams import StreamGuard, refuse_unseen_question, tell
+from ._streams import StreamGuard, changes_something, read_only, refuse_unseen_question, tell
 
 __all__ = ["APP_REF", "BATCH_JOB_ID", "BalsamGroup", "IdOrNameType", "IdType", "Interrupted", "JOB_ID", "SCHEDULER_ID",
-           "confirm_or_yes", "main", "error_line", "newest_pages"]
+           "changes_something", "confirm_or_yes", "main", "error_line", "newest_pages", "read_only", "refuse_unseen_question"]
 
 TRACEBACK_ENV = "BALSAM_CLI_TRACEBACK"
 

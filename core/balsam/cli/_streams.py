@@ -10,13 +10,20 @@ the standard streams at exit, and the data a failed write left in the buffer rai
 
 When it ends depends on what the command does, so that nothing is lost on the server:
 
-- a command that only reads and prints (:data:`STOPS_AT_CLOSED_OUTPUT`: listings, ``--watch``,
-  help) stops at the failed write: no more pages are read, a watch does not loop on;
-- every other command changes something (``job modify``, ``app rm --all``, ``site sync`` ...) and
-  goes on to its end with its output dropped, then exits 141: a closed pipe never stops it between
-  two of its requests (``app rm --all | head -1`` deleted the first app only). A confirmation it
-  cannot show is not asked: the command stops there (:func:`refuse_unseen_question`), before any
-  change.
+- a command that only reads and prints (:func:`read_only`: listings, ``--watch``, help) stops at
+  the failed write: no more pages are read, a watch does not loop on;
+- a command that changes something (:func:`changes_something`: ``job modify``, ``app rm --all``,
+  ``site sync`` ...) goes on to its end with its output dropped, then exits 141: a closed pipe
+  never stops it between two of its requests (``app rm --all | head -1`` deleted the first app
+  only). A confirmation it cannot show is not asked: the command stops there
+  (:func:`refuse_unseen_question`), before any change.
+
+A command says which it is with one of those two decorators (an attribute on the click command).
+For the core's commands that declare nothing, :data:`STOPS_AT_CLOSED_OUTPUT` says it (the rest of
+the core changes something; :func:`_is_core`). A plugin's command that declares nothing stops: a
+follow or watch loop written before this mechanism must not print into a closed pipe for ever (it
+stopped at the first failed write then too), and a command that would be left half done says so
+with ``@changes_something``.
 
 Standard error is for diagnostics: one that cannot be written (closed, a full disk, a reader gone)
 is dropped and changes no exit status (``job ls 2>/dev/full`` listed the jobs and exited 1 because
@@ -30,6 +37,12 @@ command opened took the free descriptor, where a write or a child process's outp
 Any other error writing stdout (``>/dev/full``) is one line naming it, ``Error: cannot write to
 standard output: [Errno 28] No space left on device``, status 1 (a command that changes something
 first finishes).
+
+The guarded stream's ``buffer`` is guarded the same way: click writes to ``sys.stdout.buffer``
+through a wrapper of its own when the stream's encoding is ASCII (``PYTHONIOENCODING=ascii``, a C
+locale with ``PYTHONUTF8=0``). A stdout closed at the start (``>&-``) shows no question either. The
+descriptors 1 and 2 are given back as they were when the command ends (``main([...],
+standalone_mode=False)`` in a process that goes on printing).
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ import errno
 import io
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import click
 
@@ -46,14 +59,46 @@ import click
 #: what a shell reports for a process that SIGPIPE killed (128 + 13).
 OUTPUT_CLOSED_EXIT_CODE = 141
 
-#: Commands (their path below ``balsam``) that only read and print: a closed output ends them at
-#: once. Groups (``balsam job --help``) do too. ``demo`` handles its own closed output (it names
-#: what it started and leaves running) and needs the failed write to reach it.
+#: The core's commands (their path below ``balsam``) that only read and print: a closed output
+#: ends them at once; the core's other commands change something. Groups (``balsam job --help``) do too.
+#: ``demo`` handles its own closed output (it names what it started and leaves running) and needs
+#: the failed write to reach it.
 STOPS_AT_CLOSED_OUTPUT = frozenset({
     "job ls", "job show", "app ls", "queue ls", "site ls", "site status", "site sample-settings",
     "site check-settings", "server status", "server credentials", "server user ls", "plugins ls",
     "plugins show", "transfer ls", "analytics throughput", "analytics utilization", "demo",
 })
+
+
+#: The attribute of a click command (or of its callback) that :func:`read_only` and
+#: :func:`changes_something` set: whether a closed output ends the command at once.
+STOPS_ATTRIBUTE = "balsam_stops_at_closed_output"
+
+_Declared = TypeVar("_Declared")
+
+
+def read_only(command: _Declared) -> _Declared:
+    """Declare a command that only reads and prints (a listing, a follow or watch loop): a closed
+    output (``| head``) ends it at the first failed write, status 141. Put it above or below
+    ``@click.command``. A plugin's command that declares nothing is treated so."""
+    setattr(command, STOPS_ATTRIBUTE, True)
+    return command
+
+
+def changes_something(command: _Declared) -> _Declared:
+    """Declare a command that changes something (on the server, in files): a closed output does not
+    stop it between two of its changes; it finishes with its output dropped, then exits 141. A
+    confirmation it cannot show is still refused first (:func:`refuse_unseen_question`)."""
+    setattr(command, STOPS_ATTRIBUTE, False)
+    return command
+
+
+def _declared(command: click.Command) -> Optional[bool]:
+    for holder in (command, command.callback):
+        value = getattr(holder, STOPS_ATTRIBUTE, None)
+        if value is not None:
+            return bool(value)
+    return None
 
 
 def _command_path(ctx: click.Context) -> str:
@@ -64,6 +109,13 @@ def _command_path(ctx: click.Context) -> str:
     return " ".join(reversed(names))
 
 
+def _is_core(command: click.Command) -> bool:
+    """Whether ``command`` is the core's (its callback in the ``balsam`` package; a plugin's lives
+    in its own, ``balsam_transfer_globus`` ...), whichever plugin's hook attached it or its group."""
+    module = getattr(command.callback, "__module__", None) or ""
+    return module == "balsam" or module.startswith("balsam.")
+
+
 def stops_at_closed_output(outside: bool = True) -> bool:
     """Whether the command running now ends at a failed write (see the module's docstring);
     ``outside``: the answer when no command runs (click reporting an error once it ended)."""
@@ -72,7 +124,12 @@ def stops_at_closed_output(outside: bool = True) -> bool:
         return outside
     if isinstance(ctx.command, click.Group):
         return True
-    return _command_path(ctx) in STOPS_AT_CLOSED_OUTPUT
+    declared = _declared(ctx.command)
+    if declared is not None:
+        return declared
+    if _is_core(ctx.command):  # the core's declaration: its list (the rest changes something)
+        return _command_path(ctx) in STOPS_AT_CLOSED_OUTPUT
+    return True  # a plugin's that declares nothing: a loop must not run on into a closed pipe
 
 
 def _to_devnull(fd: int) -> None:
@@ -87,11 +144,33 @@ class _GuardedStream:
     """``sys.stdout`` or ``sys.stderr`` while a command runs: a failed write points the stream's
     descriptor at /dev/null and is recorded; it raises only where the command stops at it."""
 
-    def __init__(self, stream: Any, guard: "StreamGuard", is_stdout: bool) -> None:
+    def __init__(self, stream: Any, guard: "StreamGuard", is_stdout: bool,
+                 text: "Optional[_GuardedStream]" = None) -> None:
         self._stream = stream
         self._guard = guard
         self._is_stdout = is_stdout
-        self.error: Optional[OSError] = None
+        #: The stream whose error this one shares: itself, or for a ``buffer`` its text stream (one
+        #: descriptor: a failure through either ends both).
+        self._root: _GuardedStream = text if text is not None else self
+        self._error: Optional[OSError] = None
+        self._buffer: Optional[_GuardedStream] = None
+
+    @property
+    def error(self) -> Optional[OSError]:
+        return self._root._error
+
+    @error.setter
+    def error(self, exc: Optional[OSError]) -> None:
+        self._root._error = exc
+
+    @property
+    def buffer(self) -> "_GuardedStream":
+        """The binary stream below, guarded alike: click writes there itself when the text
+        stream's encoding is ASCII (``PYTHONIOENCODING=ascii``), and the raw one failed with
+        click's silent status 1 (``app rm --all -y | head`` left 5 of 6 apps)."""
+        if self._buffer is None:
+            self._buffer = _GuardedStream(self._stream.buffer, self._guard, self._is_stdout, text=self)
+        return self._buffer
 
     def _failed(self, exc: OSError) -> None:
         if self.error is None:
@@ -145,11 +224,11 @@ class _GuardedStream:
         return getattr(self._stream, name)
 
 
-def _open_if_closed(fd: int, name: str) -> None:
+def _open_if_closed(fd: int, name: str) -> bool:
     """Give ``sys.<name>``, None when ``fd`` was closed at start (``2>&-``), a stream on /dev/null,
-    on ``fd`` itself when it is still free (so that nothing opened later takes it)."""
+    on ``fd`` itself when it is still free (so that nothing opened later takes it); whether it did."""
     if getattr(sys, name) is not None:
-        return
+        return False
     try:
         os.fstat(fd)
         taken = True  # something opened since then holds it: leave it alone
@@ -163,6 +242,14 @@ def _open_if_closed(fd: int, name: str) -> None:
     stream = open(new, "r" if fd == 0 else "w", encoding="utf-8", errors="backslashreplace", closefd=new != fd,
                   **({} if fd == 0 else {"buffering": 1}))
     setattr(sys, name, stream)
+    return True
+
+
+def _dup(fd: int) -> Optional[int]:
+    try:
+        return os.dup(fd)
+    except OSError:
+        return None
 
 
 class StreamGuard:
@@ -172,10 +259,17 @@ class StreamGuard:
         self.saved: tuple[Any, Any] = (None, None)
         self.stdout: Optional[_GuardedStream] = None
         self.stderr: Optional[_GuardedStream] = None
+        #: Whether stdout was closed when the command started (``>&-``): a question is not seen.
+        self.stdout_closed_at_start = False
+        #: Copies of descriptors 1 and 2 as they were, put back at :meth:`uninstall` (a failed write
+        #: points them at /dev/null; a process that goes on after ``main(..., standalone_mode=False)``
+        #: printed into /dev/null).
+        self._fds: dict[int, Optional[int]] = {}
 
     def install(self) -> None:
-        for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
-            _open_if_closed(fd, name)
+        opened = {name: _open_if_closed(fd, name) for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr"))}
+        self.stdout_closed_at_start = opened["stdout"]
+        self._fds = {fd: _dup(fd) for fd in (1, 2)}
         self.saved = (sys.stdout, sys.stderr)
         self.stdout = _GuardedStream(sys.stdout, self, is_stdout=True)
         self.stderr = _GuardedStream(sys.stderr, self, is_stdout=False)
@@ -186,6 +280,19 @@ class StreamGuard:
             sys.stdout = self.saved[0]
         if self.stderr is not None and sys.stderr is self.stderr:
             sys.stderr = self.saved[1]
+        for fd, (copy, stream) in zip((1, 2), ((self._fds.get(1), self.stdout), (self._fds.get(2), self.stderr))):
+            if copy is None:
+                continue
+            try:
+                if stream is not None and stream.error is not None:
+                    try:  # what is left buffered goes to /dev/null, not to the reader gone at exit
+                        stream._stream.flush()
+                    except (OSError, ValueError):
+                        pass
+                    os.dup2(copy, fd)
+            finally:
+                os.close(copy)
+        self._fds = {}
 
     @property
     def stdout_error(self) -> Optional[OSError]:
@@ -234,6 +341,10 @@ def refuse_unseen_question() -> None:
     """Before a confirmation: a question whose output is closed is not asked (no one sees it, and
     an answer read from stdin would be a guess): the command stops there, before any change."""
     stream = sys.stdout
-    error = getattr(stream, "error", None)
-    if isinstance(stream, _GuardedStream) and error is not None:
-        raise error
+    if not isinstance(stream, _GuardedStream):
+        return
+    if stream.error is not None:
+        raise stream.error
+    if stream._guard.stdout_closed_at_start:  # `>&-`: opened on /dev/null, where no one reads
+        raise click.ClickException("cannot ask: standard output was closed when the command started, so the "
+                                   "question would not be seen")

@@ -20,8 +20,27 @@ from urllib.parse import urlparse
 
 import click
 
+from ._streams import refuse_unseen_question
+
 DEFAULT_URL = "http://127.0.0.1:8765"
 MAX_PASSWORD_ATTEMPTS = 3
+
+
+def _prompt(*args: Any, **kwargs: Any) -> Any:
+    """``click.prompt``, not asked when no one sees the question (``balsam login | head -0``,
+    ``>&-``): an answer waiting on stdin is for a question not shown (pinning a certificate)."""
+    refuse_unseen_question()
+    answer = click.prompt(*args, **kwargs)
+    refuse_unseen_question()  # the question's own write failed
+    return answer
+
+
+def _confirm(*args: Any, **kwargs: Any) -> bool:
+    """``click.confirm``, not asked when no one sees the question (see :func:`_prompt`)."""
+    refuse_unseen_question()
+    answer = click.confirm(*args, **kwargs)
+    refuse_unseen_question()
+    return answer
 
 
 def normalize_url(url: str) -> str:
@@ -83,7 +102,7 @@ def _read_password(password_stdin: bool, prompt: str = "Balsam password") -> str
         if not line:
             raise click.UsageError("--password-stdin: no password on standard input")
         return line.rstrip("\r\n")
-    value = click.prompt(prompt, hide_input=True, default="", show_default=False)
+    value = _prompt(prompt, hide_input=True, default="", show_default=False)
     return value
 
 
@@ -137,7 +156,7 @@ def _server_certificate(api_root: str, stored: Any, fingerprint: Optional[str], 
         raise click.ClickException(
             "compare it with the one the server's administrator gives you, then log in again with "
             f"--fingerprint {seen}")
-    if not click.confirm("Is this the fingerprint the server's administrator gave you (pin it for this login)?",
+    if not _confirm("Is this the fingerprint the server's administrator gave you (pin it for this login)?",
                          default=False):
         raise click.ClickException("certificate not accepted; nothing stored")
     return pem
@@ -184,7 +203,7 @@ def login(url: Optional[str], force: bool, username: Optional[str], password_std
     default_user = username or (stored.username if stored and stored.username else None) or getpass.getuser()
     attempts = 1 if password_stdin else MAX_PASSWORD_ATTEMPTS
     for attempt in range(1, attempts + 1):
-        user = username or click.prompt("Balsam username", default=default_user)
+        user = username or _prompt("Balsam username", default=default_user)
         password = _read_password(password_stdin)
         try:
             result = client.password_login(user, password, refresh=True, label=f"balsam login on {socket.gethostname()}")
@@ -277,7 +296,7 @@ def _read_invitation(argument: Optional[str], from_stdin: bool, interactive: boo
     if os.environ.get(INVITATION_ENV, "").strip():
         return os.environ[INVITATION_ENV].strip()
     if interactive:
-        return click.prompt("Invitation code (Enter if you have none)", hide_input=True, default="",
+        return _prompt("Invitation code (Enter if you have none)", hide_input=True, default="",
                             show_default=False).strip() or None
     return None
 
@@ -299,16 +318,16 @@ def register(address: Optional[str], username: Optional[str], password_stdin: bo
 
     if not address:
         stored = _stored_settings()
-        address = click.prompt("Balsam server address", default=stored.api_root if stored else DEFAULT_URL)
+        address = _prompt("Balsam server address", default=stored.api_root if stored else DEFAULT_URL)
     api_root = normalize_url(address or DEFAULT_URL)
     if not username:
-        username = click.prompt("Balsam username", default=os.environ.get("USER") or None)
+        username = _prompt("Balsam username", default=os.environ.get("USER") or None)
     # Asked for (hidden) only at a terminal: scripts give it with --invitation-stdin or the environment.
     code = _read_invitation(invitation, invitation_stdin, interactive=not password_stdin and sys.stdin.isatty())
     if password_stdin:
         password = _read_password(True)
     else:
-        password = click.prompt("Balsam password", hide_input=True, confirmation_prompt=True)
+        password = _prompt("Balsam password", hide_input=True, confirmation_prompt=True)
     if not password:
         raise click.UsageError("the password must not be empty")
     client = RESTClient(api_root, retry_count=2)
