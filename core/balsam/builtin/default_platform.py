@@ -79,7 +79,7 @@ MAX_HOSTS_IN_RANGE = 64 * 1024
 #: at 3 GB), refused before any host is made; a list at the limit is about 70 MB of names.
 MAX_HOSTS = 2**20
 #: The most digits of one number in brackets, zero padding included: 18, so that every number fits
-#: a 64-bit integer, as in Slurm; node numbers have 4 to 6. A longer one is no node (4,000 digits
+#: a 64-bit integer (balsam's own bound: scontrol takes 19 digits too); node numbers have 4 to 6. A longer one is no node (4,000 digits
 #: of padding made 65,536 hosts of 4 KB; over 4,300 digits int() raised its own ValueError).
 MAX_NUMBER_DIGITS = 18
 #: The longest host name: 255 characters, a DNS name's limit (RFC 1035, 2.3.4). Checked before any
