@@ -253,7 +253,10 @@ def test_ctrl_c_with_stderr_unwritable_exits_130(jobs: list[int], redirect: str)
     import shlex
 
     line = "exec " + " ".join(shlex.quote(a) for a in [*BALSAM, "job", "rm", "-t", "exp=p", "--site", "all"])
-    proc = subprocess.Popen(["bash", "-c", f"{line} {redirect}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    # SIGINT as at a terminal: a test run started in the background (bash `&` without job control)
+    # ignores it, and an ignored SIGINT is inherited: the command then never saw the Ctrl-C.
+    proc = subprocess.Popen(["bash", "-c", f"{line} {redirect}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     seen = b""

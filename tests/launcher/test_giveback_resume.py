@@ -371,7 +371,18 @@ def test_a_release_answered_503_is_given_up_within_its_bound_with_the_real_clien
     answers, while every acquire waited: the bound of 60 s held nothing. Now a try is one request.
     The real RESTClient against a real HTTP server; its backoff sleeps move the test's clock."""
     client = RESTClient(route_503, token="t", allow_insecure_http=True)  # the default retries
-    monkeypatch.setattr(rest.time, "sleep", lambda sec: clock.__setitem__(0, clock[0] + sec))
+    # rest.time is the process's time module: only this thread's sleeps move the test's clock (an
+    # in-process server's session-watch thread, left by an earlier test of this worker, slept on
+    # it and moved the clock by 1,615 s in a CI run); other threads sleep for real.
+    mine, real_sleep = threading.get_ident(), time.sleep
+
+    def sleep(sec: float) -> None:
+        if threading.get_ident() == mine:
+            clock[0] += sec
+        else:
+            real_sleep(sec)
+
+    monkeypatch.setattr(rest.time, "sleep", sleep)
     lease = Lease()
     lease.client = client  # type: ignore[assignment]
     f = busy_fetcher(lease)
