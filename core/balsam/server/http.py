@@ -324,9 +324,6 @@ class QueryParams:
         return out
 
 
-#: :meth:`QueryParams.enum_list` as a function of (q, name, cls), the routes' spelling of it.
-enum_values = QueryParams.enum_list
-
 PAGINATION = {"limit", "offset"}
 
 

@@ -36,7 +36,7 @@ from .db import bulk_insert, id_in, ids_in_param, ids_param, raw_cursor, update_
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .idempotency import require_all_replayed
 from .job_counts import count_matching, counts_by_state, jobs_with_each_tag
-from .http import (ID_AFTER, INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, enum_values, int_range_errors,
+from .http import (ID_AFTER, INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors,
                    is_json_int, wire_datetime)
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
                      json_value_within_limits, list_item_size_errors, list_size_errors_of_unchecked)
@@ -276,7 +276,7 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str, *, by_time:
     state_ne = q.enum("state__ne", JobState)
     if state_ne is not None:
         stmt = stmt.where(jobs.c.state != state_ne)
-    states, pending_cleanup = enum_values(q, "state", JobState), q.bool("pending_file_cleanup")
+    states, pending_cleanup = q.enum_list("state", JobState), q.bool("pending_file_cleanup")
     if states == [JobState.finished.value] and pending_cleanup is True:
         # The file cleaner's listing: the jobs of its partial index (migration 0015), with the
         # index's predicate word for word (SQLite uses a partial index only then; see tables.py).
@@ -539,7 +539,7 @@ def _few_in_time_range(conn: sa.Connection, user_id: int, q: QueryParams) -> boo
     # The jobs the other plans read: the sites' (their states', their app's) through their indexes.
     app_id = q.int("app_id")
     walked = count_matching(conn, owned_site_ids(user_id), site_ids=q.int_list("site_id"),
-                            app_ids=None if app_id is None else [app_id], states=enum_values(q, "state", JobState))
+                            app_ids=None if app_id is None else [app_id], states=q.enum_list("state", JobState))
     bound = max(FEW_CHANGED, walked // 2)
     probe = sa.select(jobs.c.id).where(*conditions).limit(bound + 1).subquery()
     return conn.execute(sa.select(sa.func.count()).select_from(probe)).scalar_one() <= bound
@@ -583,7 +583,7 @@ def counted_from_counters(conn: sa.Connection, user_id: int, q: QueryParams) -> 
         return None
     app_id = q.int("app_id")
     return count_matching(conn, owned_site_ids(user_id), site_ids=q.int_list("site_id"), app_ids=None if app_id is None else [app_id],
-                          states=enum_values(q, "state", JobState), tag=next(iter(tags.items()), None))
+                          states=q.enum_list("state", JobState), tag=next(iter(tags.items()), None))
 #: Counting with other filters looks at the user's newest jobs only, this many (None: all of them).
 COUNT_SCAN_WINDOW = 10_000
 #: PostgreSQL: a filter with a tag that at most ``window // RARE_TAG_SHARE`` jobs carry (in every

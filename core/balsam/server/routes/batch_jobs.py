@@ -16,7 +16,7 @@ from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, missing_answers, not_found_ids, parse_partial, refusals_answered
 from ..http import (ID_AFTER, MAX_TAG_FILTERS, PAGINATION, QueryParams, check_int_fields, is_json_int, json_response,
-                    enum_values, no_content, pagination, parse_bulk_patches, require_list, wire_datetime)
+                    no_content, pagination, parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
 from ..jobs_logic import BATCH_JOB_ENDED_MSG, json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
@@ -104,7 +104,7 @@ def batch_jobs_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Se
     stmt = where_in(stmt, batch_jobs.c.id, q.int_list("id"))
     stmt = where_gt(stmt, batch_jobs.c.id, q.int(ID_AFTER))  # 32-bit ids, as the id filter's
     stmt = where_in(stmt, batch_jobs.c.site_id, q.int_list("site_id"))
-    stmt = where_in(stmt, batch_jobs.c.state, enum_values(q, "state", BatchJobState))
+    stmt = where_in(stmt, batch_jobs.c.state, q.enum_list("state", BatchJobState))
     stmt = where_eq(stmt, batch_jobs.c.scheduler_id, q.int("scheduler_id", bits=64))
     if q.str("queue"):
         stmt = stmt.where(batch_jobs.c.queue == q.str("queue"))

@@ -14,7 +14,7 @@ from balsam.states import JobState
 from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, NodeShape, backlog_by_state, parse_gpu_bound
 from ..db import count_and_page, where_in
 from ..errors import APIError, Conflict, Forbidden, NotFound, Refusal, ValidationFailed, parse_partial, refusals_answered
-from ..http import PAGINATION, enum_values, json_response, no_content, pagination, wire_datetime
+from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
 from ..idempotency import replay_one
 from ..jobs_logic import contains_text, delete_jobs_of, site_owned_by, utcnow
 from ..routing import Ctx, route
@@ -256,7 +256,7 @@ def site_backlog(ctx: Ctx) -> Response:
     site_id = ctx.path_int("site_id")
     q = ctx.query({"state", "tags", "max_nodes_per_job", "serial_only", "max_wall_time_min", "batch_job_id", "leased",
                    "max_gpus_per_node", *NODE_SHAPE_PARAMS})
-    states = enum_values(q, "state", JobState)
+    states = q.enum_list("state", JobState)
     raw_tags = q.params.getlist("tags")
     if len(raw_tags) > MAX_BACKLOG_TAGS:
         raise ValidationFailed.field(["query", "tags"], f"at most {MAX_BACKLOG_TAGS} tags, got {len(raw_tags)}")

@@ -12,7 +12,7 @@ from balsam.states import DONE_STATES, JobState, TransferDirection, TransferItem
 
 from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
 from ..errors import Conflict, NotFound, not_found_ids, parse_partial
-from ..http import ID_AFTER, PAGINATION, enum_values, json_response, pagination, parse_bulk_patches, require_list
+from ..http import ID_AFTER, PAGINATION, json_response, pagination, parse_bulk_patches, require_list
 from ..jobs_logic import EventBuffer, json_contains, owned_site_ids, set_states, utcnow
 from ..routing import Ctx, route
 from ..tables import jobs, transfer_items
@@ -47,7 +47,7 @@ def list_transfers(ctx: Ctx) -> Response:
         stmt = where_gt(stmt, transfer_items.c.id, q.int(ID_AFTER, bits=64))
         stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
         stmt = where_in(stmt, transfer_items.c.job_id, q.int_list("job_id", bits=64))
-        stmt = where_in(stmt, transfer_items.c.state, enum_values(q, "state", TransferItemState))
+        stmt = where_in(stmt, transfer_items.c.state, q.enum_list("state", TransferItemState))
         stmt = where_eq(stmt, transfer_items.c.direction, q.enum("direction", TransferDirection))
         stmt = where_eq(stmt, jobs.c.state, q.enum("job_state", JobState))
         tags = q.key_values("tags")
