@@ -35,6 +35,15 @@ def _failures(client: Any, job_id: int) -> list[str]:
             if e["data"].get("error")]
 
 
+def _run_until_settled(site: Any, client: Any, what: str) -> None:
+    """The site's transfers module, cycle after cycle, until no item of the site is in flight."""
+    module = transfers_module(site, client, locations=LOCATIONS)
+    try:
+        run_cycles(module, lambda: settled(client, site.site_id), what)
+    finally:
+        module.close()
+
+
 def test_a_symlinked_result_is_staged_out_as_what_it_points_to(balsam_env: Any, tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
     (scratch / "tree" / "sub").mkdir(parents=True)
@@ -56,11 +65,7 @@ def test_a_symlinked_result_is_staged_out_as_what_it_points_to(balsam_env: Any, 
         os.symlink(scratch / "run42.h5", data / job.workdir / "result.h5")  # the run linked its outputs
         os.symlink(scratch / "tree", data / job.workdir / "tree")
         finish_as_a_launcher(client, site.site_id, job.id)
-    module = transfers_module(site, client, locations=LOCATIONS)
-    try:
-        run_cycles(module, lambda: settled(client, site.site_id), "the end of the stage-outs")
-    finally:
-        module.close()
+    _run_until_settled(site, client, "the end of the stage-outs")
     for alias, job in jobs.items():
         assert (client.get(f"/jobs/{job.id}")["state"], _failures(client, job.id)) == ("JOB_FINISHED", []), alias
         shipped, tree = results / f"{alias}.h5", results / f"{alias}-tree"
@@ -84,11 +89,7 @@ def test_a_stage_in_through_a_link_out_of_the_workdir_is_still_refused(balsam_en
         jobs[alias] = job
         (Path(site.data_path) / job.workdir).mkdir(parents=True)
         os.symlink(outside, Path(site.data_path) / job.workdir / "inputs")
-    module = transfers_module(site, client, locations=LOCATIONS)
-    try:
-        run_cycles(module, lambda: settled(client, site.site_id), "the end of the stage-ins")
-    finally:
-        module.close()
+    _run_until_settled(site, client, "the end of the stage-ins")
     for alias, job in jobs.items():
         assert client.get(f"/jobs/{job.id}")["state"] == "FAILED", alias
         (error,) = _failures(client, job.id)
